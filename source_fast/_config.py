@@ -1,0 +1,38 @@
+"""Every SOURCE_FAST_* environment variable is read here and nowhere else (listed in ENV.md)."""
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+
+def backend_override() -> str | None:
+    """SOURCE_FAST_BACKEND: force one backend for every op (same effect as backend=...)."""
+    value = os.environ.get("SOURCE_FAST_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"SOURCE_FAST_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def chunk_bytes() -> int:
+    """SOURCE_FAST_CHUNK_MIB: memory budget of one materialised chunk in the torch backend."""
+    raw = os.environ.get("SOURCE_FAST_CHUNK_MIB", "256")
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"SOURCE_FAST_CHUNK_MIB must be a positive integer, got {raw!r}") from None
+    if mib <= 0:
+        raise ValueError(f"SOURCE_FAST_CHUNK_MIB must be a positive integer, got {raw!r}")
+    return mib * 2**20
+
+
+def deterministic_default() -> bool:
+    """SOURCE_FAST_DETERMINISTIC=1 forces deterministic kernels; else torch's global setting."""
+    raw = os.environ.get("SOURCE_FAST_DETERMINISTIC", "")
+    if raw:
+        return raw.strip() not in ("0", "false", "False")
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled()

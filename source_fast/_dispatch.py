@@ -1,0 +1,219 @@
+"""Backend selection: the `backend=` keyword, else SOURCE_FAST_BACKEND, else cuda → triton → cpu → torch.
+
+Each backend is a small class declaring what it supports and *why not* otherwise
+(`not_supported_reasons`). An automatic choice falls through to the next backend and logs the reasons
+once at DEBUG; an explicit choice that cannot run raises NotImplementedError listing every backend's
+reasons. `torch` always runs, so every op works on CPU.
+
+Compiled backends get a numerical self-test on first use per (op, device): a tiny case against the
+float64 reference. A failure disables that backend for that op with a warning instead of returning
+wrong numbers.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from . import _config
+
+log = logging.getLogger("source_fast")
+
+OPS = ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self")
+
+
+class Backend:
+    name = "base"
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    ops: tuple[str, ...] = OPS
+
+    def availability(self) -> str | None:
+        """None when usable in this process, else the reason it is not."""
+        return None
+
+    def extra_reasons(self, op: str, tensors: dict[str, torch.Tensor], deterministic: bool) -> list[str]:
+        return []
+
+    def not_supported_reasons(self, op: str, tensors: dict[str, torch.Tensor], deterministic: bool = False) -> list[str]:
+        reasons = []
+        why = self.availability()
+        if why:
+            return [why]
+        if op not in self.ops:
+            reasons.append(f"op {op!r} not implemented by {self.name}")
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if t.device.type not in self.devices:
+                reasons.append(f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}")
+            if t.is_floating_point() and t.dtype not in self.dtypes:
+                reasons.append(f"{name} dtype {t.dtype} not in {[str(d) for d in self.dtypes]}")
+        reasons += self.extra_reasons(op, tensors, deterministic)
+        if (self.name, op) in _disabled:
+            reasons.append(f"disabled after a failed numerical self-test: {_disabled[(self.name, op)]}")
+        return reasons
+
+    def function(self, op: str) -> Callable:
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    devices = ("cpu", "cuda", "mps", "xpu")
+
+    def function(self, op):
+        from . import _torch_ops
+
+        return getattr(_torch_ops, op)
+
+
+class TritonBackend(Backend):
+    """Kernels in kernels/<op>.py, launcher `<op>_triton`. CUDA tensors only (the CPU interpreter is
+    for tests, selected explicitly with backend="triton" under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+    def availability(self):
+        try:
+            importlib.import_module("triton")
+        except Exception as exc:  # ImportError or a broken install
+            return f"triton is not importable ({exc.__class__.__name__}: {exc})"
+        return None
+
+    def not_supported_reasons(self, op, tensors, deterministic=False):
+        if interpreting():
+            # The interpreter runs on CPU tensors; allow it only when asked for by name.
+            saved, self.devices = self.devices, ("cpu",)
+            try:
+                return super().not_supported_reasons(op, tensors, deterministic)
+            finally:
+                self.devices = saved
+        return super().not_supported_reasons(op, tensors, deterministic)
+
+    def function(self, op):
+        module = importlib.import_module(f"source_fast.kernels.{op}")
+        return getattr(module, f"{op}_triton")
+
+
+class ExtensionBackend(Backend):
+    """The compiled pybind11 module source_fast._C (CUDA and/or C++/OpenMP entry points)."""
+
+    suffix = ""
+
+    def availability(self):
+        try:
+            ext = importlib.import_module("source_fast._C")
+        except ImportError as exc:
+            return (f"compiled extension source_fast._C not built ({exc}); rebuild with "
+                    "`pip install --no-build-isolation -e .` (see README, Building)")
+        if self.name == "cuda" and not getattr(ext, "HAS_CUDA", False):
+            return "source_fast._C was built without CUDA (nvcc not found at build time)"
+        return None
+
+    def function(self, op):
+        from . import _extension
+
+        return getattr(_extension, f"{op}_{self.name}")
+
+
+class CudaBackend(ExtensionBackend):
+    name = "cuda"
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class CpuBackend(ExtensionBackend):
+    name = "cpu"
+    devices = ("cpu",)
+    dtypes = (torch.float32,)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), TorchBackend())}
+_disabled: dict[tuple[str, str], str] = {}
+_self_tested: set[tuple[str, str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
+
+
+def interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _inputs_summary(tensors):
+    return ", ".join(
+        f"{k}=({tuple(t.shape)}, {t.dtype}, {t.device})" for k, t in tensors.items() if isinstance(t, torch.Tensor)
+    )
+
+
+def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None,
+           deterministic: bool = False) -> tuple[str, Callable]:
+    """Return (backend name, function) for op on these tensors."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    requested = backend if backend is not None else _config.backend_override()
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)} or None, got {requested!r}")
+        reasons = BACKENDS[requested].not_supported_reasons(op, tensors, deterministic)
+        if reasons:
+            table = explain(op, tensors, deterministic=deterministic)
+            raise NotImplementedError(
+                f"backend {requested!r} cannot run {op} on inputs {_inputs_summary(tensors)}: "
+                f"{'; '.join(reasons)}\nAll backends:\n{table}"
+            )
+        return requested, _checked(requested, op, tensors)
+    for name, b in BACKENDS.items():
+        reasons = b.not_supported_reasons(op, tensors, deterministic)
+        if not reasons:
+            fn = _checked(name, op, tensors)
+            if (name, op) not in _disabled:
+                return name, fn
+            reasons = [_disabled[(name, op)]]
+        key = (name, op, "; ".join(reasons))
+        if key not in _logged:
+            _logged.add(key)
+            log.debug("source_fast: %s skipped for %s: %s", name, op, "; ".join(reasons))
+    raise RuntimeError(f"no backend can run {op}")  # unreachable: torch always runs
+
+
+def _checked(name: str, op: str, tensors) -> Callable:
+    fn = BACKENDS[name].function(op)
+    if name == "torch":
+        return fn
+    device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    key = (name, op, str(device))
+    if key not in _self_tested:
+        _self_tested.add(key)
+        from . import _selftest
+
+        error = _selftest.run(op, fn, device)
+        if error:
+            _disabled[(name, op)] = error
+            warnings.warn(f"source_fast: backend {name!r} disabled for {op} on {device}: {error}", RuntimeWarning,
+                          stacklevel=3)
+    return fn
+
+
+def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, deterministic: bool = False) -> str:
+    """A table: each backend, whether it would run op on these inputs, and why not."""
+    tensors = tensors or {}
+    lines = [f"{'backend':8s} | status"]
+    chosen = None
+    for name, b in BACKENDS.items():
+        reasons = b.not_supported_reasons(op, tensors, deterministic)
+        if not reasons and chosen is None:
+            chosen = name
+            status = "selected"
+        elif not reasons:
+            status = "available (lower priority)"
+        else:
+            status = "skipped: " + "; ".join(reasons)
+        lines.append(f"{name:8s} | {status}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""First-use numerical self-test of a compiled backend: a tiny case against the float64 reference.
+
+Returns None when the backend agrees, else a one-line description of the disagreement.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference, spectral
+
+_RTOL = 1e-3  # fp32 kernels on tiny shapes agree to ~1e-6; this only catches broken builds.
+
+
+def _inputs(device):
+    gen = torch.Generator().manual_seed(1234)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device)
+
+    n, t, i, o, q = 5, 3, 7, 6, 4
+    a, g, v = rnd(n, t, i), rnd(n, t, o), rnd(q, o, i)
+    q_a = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0].float().to(device)
+    q_s = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0].float().to(device)
+    lam = rnd(o, i).abs()
+    return a, g, v, q_a, q_s, lam
+
+
+def run(op: str, fn, device) -> str | None:
+    a, g, v, q_a, q_s, lam = _inputs(device)
+    try:
+        if op == "covariance":
+            x = a.reshape(-1, a.shape[-1])
+            got, want = fn(x, None), reference.covariance_ref(x)
+        elif op == "lambda_accum":
+            got, want = fn(a, g, q_a, q_s), reference.lambda_accum_ref(a, g, q_a, q_s)
+        elif op == "kron_project":
+            fns = (spectral.accumulation(0.7), spectral.propagation(0.7))
+            got = torch.stack(list(fn(v, q_s, q_a, lam, fns)))
+            want = torch.stack(list(reference.kron_project_ref(v, q_s, q_a, lam, fns)))
+        elif op == "score_pairwise":
+            got, want = fn(v, a, g), reference.score_pairwise_ref(v, a, g)
+        elif op == "score_self":
+            got, want = fn(a, g, q_s, q_a, lam), reference.score_self_ref(a, g, q_s, q_a, lam)
+        else:
+            return f"no self-test for op {op!r}"
+    except Exception as exc:  # a launch failure is a failed self-test, reported with its message
+        return f"raised {exc.__class__.__name__}: {exc}"
+    err = (got.double().cpu() - want.cpu()).abs().max().item()
+    scale = want.abs().max().item() + 1e-30
+    if not err <= _RTOL * scale:
+        return f"max error {err:.3g} vs reference scale {scale:.3g} on a tiny case"
+    return None

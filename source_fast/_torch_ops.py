@@ -1,0 +1,132 @@
+"""The `torch` backend: always available, memory-bounded (chunked), fp32 accumulation.
+
+It is the production fallback, not the oracle (that is source_fast/reference/): it never forms all
+per-example gradients at once, and it exploits structure (one token per example makes every
+per-example gradient rank one).
+
+Inputs are validated by source_fast.ops; these functions assume contiguous-or-not tensors of
+consistent shapes on one device. Accumulation dtype: float64 for float64 inputs, else float32.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import _config, spectral
+
+
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _chunk_rows(per_row_elems: int, dtype: torch.dtype, total: int) -> int:
+    """Rows per chunk so that one chunk's temporary stays within SOURCE_FAST_CHUNK_MIB."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = max(1, _config.chunk_bytes() // max(1, per_row_elems * itemsize))
+    return min(rows, max(total, 1))
+
+
+def covariance(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_r m_r x_r x_rᵀ over rows of x [R, D] -> [D, D], symmetric, accumulated in ≥ fp32."""
+    dt = acc_dtype(x) if out is None else out.dtype
+    d = x.shape[1]
+    result = torch.zeros(d, d, dtype=dt, device=x.device) if out is None else out
+    step = _chunk_rows(d, dt, x.shape[0])
+    for start in range(0, x.shape[0], step):
+        xs = x[start:start + step].to(dt)
+        if mask is not None:
+            xs = xs * mask[start:start + step].to(dt)[:, None]
+        result.addmm_(xs.T, xs)
+    # Symmetrise: addmm is symmetric in exact arithmetic only.
+    result.copy_((result + result.T) * 0.5)
+    return result
+
+
+def _rotate_tokens(a, g, q_a, q_s, dt):
+    return g.to(dt) @ q_s.to(dt), a.to(dt) @ q_a.to(dt)
+
+
+def lambda_accum(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_n (Q_Sᵀ G_n Q_A)² -> [O, I]; a [N, T, I], g [N, T, O]."""
+    dt = acc_dtype(a, g) if out is None else out.dtype
+    n, t, i = a.shape
+    o = g.shape[2]
+    result = torch.zeros(o, i, dtype=dt, device=a.device) if out is None else out
+    if t == 1:
+        # Rank-one per-example gradients: (Q_Sᵀ g)(Q_Aᵀ a)ᵀ squared is (Q_Sᵀg)²((Q_Aᵀa)²)ᵀ: one GEMM.
+        step = _chunk_rows(o + i, dt, n)
+        for start in range(0, n, step):
+            gs, as_ = _rotate_tokens(a[start:start + step, 0], g[start:start + step, 0], q_a, q_s, dt)
+            result.addmm_(gs.square().T, as_.square())
+        return result
+    step = _chunk_rows(o * i + t * (o + i), dt, n)
+    for start in range(0, n, step):
+        gs, as_ = _rotate_tokens(a[start:start + step], g[start:start + step], q_a, q_s, dt)
+        rotated = torch.bmm(gs.transpose(1, 2), as_)  # [n, O, I]: Q_Sᵀ G_n Q_A
+        result.add_(rotated.square_().sum(0))
+    return result
+
+
+def kron_project(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam: torch.Tensor,
+                 fns: Sequence[spectral.Spectral]) -> tuple[torch.Tensor, ...]:
+    """For each f: Q_S [f(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ, one rotation shared by all outputs; v [Q, O, I]."""
+    dt = acc_dtype(v, q_s, q_a, lam)
+    qs, qa = q_s.to(dt), q_a.to(dt)
+    rotated = qs.T @ v.to(dt) @ qa
+    lam_c = lam.to(dt)
+    return tuple(qs @ (spectral.evaluate(f, lam_c) * rotated) @ qa.T for f in fns)
+
+
+def pairwise_strategy(q: int, n: int, t: int, o: int, i: int) -> str:
+    """Cost model for ⟨V_q, G_n⟩: 'materialize' forms G_n in chunks (N·T·O·I + Q·N·O·I flops, one
+    large GEMM); 'tokenwise' contracts per token (Q·N·T·O·I flops, no G_n). Chooses fewer flops."""
+    materialize = n * t * o * i + q * n * o * i
+    tokenwise = q * n * t * (o * i + o)
+    return "tokenwise" if tokenwise < materialize else "materialize"
+
+
+def score_pairwise(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N]."""
+    dt = acc_dtype(v, a, g)
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    vf = v.to(dt)
+    out = torch.empty(q, n, dtype=dt, device=a.device)
+    if pairwise_strategy(q, n, t, o, i) == "tokenwise":
+        step = _chunk_rows(q * t * o, dt, n)
+        for start in range(0, n, step):
+            va = torch.einsum("qoi,nti->qnto", vf, a[start:start + step].to(dt))
+            out[:, start:start + step] = torch.einsum("qnto,nto->qn", va, g[start:start + step].to(dt))
+        return out
+    v_flat = vf.reshape(q, o * i)
+    step = _chunk_rows(o * i, dt, n)
+    for start in range(0, n, step):
+        ga, aa = g[start:start + step].to(dt), a[start:start + step].to(dt)
+        grads = torch.bmm(ga.transpose(1, 2), aa).reshape(-1, o * i)  # G_n, [n, O·I], chunk only
+        out[:, start:start + step] = v_flat @ grads.T
+    return out
+
+
+def score_self(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
+    """s[n] = Σ_ij W_ij (Q_Sᵀ G_n Q_A)²_ij -> [N] (self-influence of one EK-FAC operator)."""
+    dt = acc_dtype(a, g)
+    n, t, i = a.shape
+    o = g.shape[2]
+    w = weights.to(dt)
+    out = torch.empty(n, dtype=dt, device=a.device)
+    if t == 1:
+        # Rank one: Σ_ij W_ij (Q_Sᵀg)_i² (Q_Aᵀa)_j² = rowsum(((Q_Sᵀg)² W) ⊙ (Q_Aᵀa)²).
+        step = _chunk_rows(o + i, dt, n)
+        for start in range(0, n, step):
+            gs, as_ = _rotate_tokens(a[start:start + step, 0], g[start:start + step, 0], q_a, q_s, dt)
+            out[start:start + step] = ((gs.square() @ w) * as_.square()).sum(1)
+        return out
+    step = _chunk_rows(o * i + t * (o + i), dt, n)
+    for start in range(0, n, step):
+        gs, as_ = _rotate_tokens(a[start:start + step], g[start:start + step], q_a, q_s, dt)
+        rotated = torch.bmm(gs.transpose(1, 2), as_)
+        out[start:start + step] = (rotated.square_() * w).sum((1, 2))
+    return out

@@ -1,0 +1,19 @@
+"""Float64 pure-torch oracles, one file per op (same stem as kernels/, tests/ops/, benchmarks/).
+
+Each reference is the simplest correct code, not the fast path: `upcast=True` (default) computes in
+float64 (the oracle); `upcast=False` computes in the input dtype (a same-precision baseline for the
+low-precision tolerance rule of tests/_tolerances.py).
+"""
+from .covariance import covariance_ref
+from .kron_project import kron_project_ref
+from .lambda_accum import lambda_accum_ref
+from .score import score_pairwise_ref, score_self_ref, per_example_grads_ref
+
+__all__ = [
+    "covariance_ref",
+    "kron_project_ref",
+    "lambda_accum_ref",
+    "score_pairwise_ref",
+    "score_self_ref",
+    "per_example_grads_ref",
+]
