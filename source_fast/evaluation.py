@@ -85,7 +85,9 @@ def _to_numpy(value, name: str) -> np.ndarray:
     try:
         return np.asarray(value)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"`{name}` must be a numpy array or torch tensor, got {type(value).__name__}") from exc
+        raise TypeError(
+            f"`{name}` must be a numpy array or torch tensor, got {type(value).__name__}"
+        ) from exc
 
 
 def _as_float_matrix(value, name: str, layout: str) -> np.ndarray:
@@ -98,8 +100,9 @@ def _as_float_matrix(value, name: str, layout: str) -> np.ndarray:
     array = array.astype(np.float64)
     if not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))
+        first = tuple(bad[0].tolist())
         raise ValueError(
-            f"`{name}` must be finite, got {len(bad)} non-finite entries (first at index {tuple(bad[0])})"
+            f"`{name}` must be finite, got {len(bad)} non-finite entries (first at index {first})"
         )
     return array
 
@@ -137,17 +140,14 @@ def _spearman_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     Ties get average ranks. A column that is constant in either input has no defined correlation
     and gets NaN. Returns float64 ``[Q]``.
     """
-    # Constancy is decided on the raw values: ranks of a constant column are all (M + 1) / 2, but
-    # centring them in floating point need not give exact zeros.
-    constant = (a == a[:1]).all(axis=0) | (b == b[:1]).all(axis=0)
     rank_a = rankdata(a, method="average", axis=0)
     rank_b = rankdata(b, method="average", axis=0)
     rank_a -= rank_a.mean(axis=0)
     rank_b -= rank_b.mean(axis=0)
+    # A constant column has M equal half-integer ranks, whose mean is exact, so its centred ranks
+    # are exactly 0 and the correlation is 0 / 0 = NaN.
     with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (rank_a * rank_b).sum(axis=0) / np.sqrt((rank_a**2).sum(axis=0) * (rank_b**2).sum(axis=0))
-    rho[constant] = np.nan
-    return rho
+        return (rank_a * rank_b).sum(axis=0) / np.sqrt((rank_a**2).sum(axis=0) * (rank_b**2).sum(axis=0))
 
 
 def _bootstrap_mean_ci(values: np.ndarray, n_bootstrap: int, ci: float, seed: int) -> tuple[float, float]:
@@ -164,12 +164,21 @@ def _bootstrap_mean_ci(values: np.ndarray, n_bootstrap: int, ci: float, seed: in
     return float(low), float(high)
 
 
-def lds(scores, subset_masks, measurements, *, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0) -> dict:
+def lds(
+    scores,
+    subset_masks,
+    measurements,
+    *,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict:
     """Linear datamodeling score of removal-effect scores against retraining measurements.
 
     Args:
         scores: ``[n_query, n_train]`` removal effects ``tau(z_q, z_i)`` (``tau > 0``: removing
-            ``z_i`` raises ``f(z_q)``). numpy array or torch tensor, float16/32/64, finite.
+            ``z_i`` raises ``f(z_q)``). numpy array or torch tensor, float16/32/64 (bfloat16 tensors
+            too), finite.
         subset_masks: ``[M, n_train]`` bool (or 0/1 integer); ``True`` = example kept in subset j.
         measurements: ``[M, n_query]`` true ``f(z_q, theta(S_j))``, averaged over training seeds.
             Same dtypes as ``scores``, finite.
@@ -208,7 +217,10 @@ def lds(scores, subset_masks, measurements, *, n_bootstrap: int = 1000, ci: floa
             f"got shape {masks.shape}"
         )
     if num_subsets < 3:
-        raise ValueError(f"`subset_masks` must hold at least 3 subsets (rows) for a rank correlation, got M = {num_subsets}")
+        raise ValueError(
+            f"`subset_masks` must hold at least 3 subsets (rows) for a rank correlation, "
+            f"got M = {num_subsets}"
+        )
     if measurements.shape != (num_subsets, n_query):
         raise ValueError(
             f"`measurements` must be [M, n_query] = ({num_subsets}, {n_query}) (M from `subset_masks`, "
@@ -347,7 +359,9 @@ def _open_manifest(cache_dir: Path, identity: dict) -> int | None:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"`cache_dir` manifest {manifest_path} is unreadable ({exc}); use a fresh cache_dir") from exc
+        raise ValueError(
+            f"`cache_dir` manifest {manifest_path} is unreadable ({exc}); use a fresh cache_dir"
+        ) from exc
     mismatches = [
         f"{key}: cached {manifest.get(key)!r}, requested {value!r}"
         for key, value in identity.items()
@@ -377,7 +391,9 @@ def _call_train_fn(train_fn: Callable, mask: np.ndarray, seed: int) -> np.ndarra
 def _check_result(result: np.ndarray, subset: int, seed: int, n_query: int | None) -> None:
     expected = "1-D [n_query]" if n_query is None else f"shape ({n_query},)"
     if result.ndim != 1 or (n_query is not None and result.shape != (n_query,)):
-        raise ValueError(f"`train_fn` must return {expected}, got shape {result.shape} for subset {subset}, seed {seed}")
+        raise ValueError(
+            f"`train_fn` must return {expected}, got shape {result.shape} for subset {subset}, seed {seed}"
+        )
     if not np.isfinite(result).all():
         raise ValueError(f"`train_fn` returned non-finite measurements for subset {subset}, seed {seed}")
 
@@ -455,7 +471,11 @@ def run_counterfactual(
                 if cached is not None:
                     results[subset, seed] = cached
                     continue
-                warnings.warn(f"run_counterfactual: cached result {path} is invalid ({reason}); recomputing", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"run_counterfactual: cached result {path} is invalid ({reason}); recomputing",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             pending.append((subset, seed))
 
     def store(subset: int, seed: int, result: np.ndarray) -> None:
@@ -468,13 +488,15 @@ def run_counterfactual(
         results[subset, seed] = result
 
     total_jobs = num_subsets * num_seeds
-    with tqdm(total=total_jobs, initial=total_jobs - len(pending), desc="retraining", disable=not progress) as bar:
+    already_done = total_jobs - len(pending)
+    with tqdm(total=total_jobs, initial=already_done, desc="retraining", disable=not progress) as bar:
         if num_workers == 0:
             for subset, seed in pending:
                 store(subset, seed, _call_train_fn(train_fn, masks[subset], seed))
                 bar.update()
         elif pending:
-            with concurrent.futures.ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker) as pool:
+            pool = concurrent.futures.ProcessPoolExecutor(max_workers=num_workers, initializer=_init_worker)
+            with pool:
                 futures = {
                     pool.submit(_call_train_fn, train_fn, masks[subset], seed): (subset, seed)
                     for subset, seed in pending
@@ -488,8 +510,10 @@ def run_counterfactual(
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
 
-    stacked = np.stack([np.stack([results[subset, seed] for seed in range(num_seeds)]) for subset in range(num_subsets)])
-    return stacked.mean(axis=1)
+    per_seed = np.stack(
+        [np.stack([results[subset, seed] for seed in range(num_seeds)]) for subset in range(num_subsets)]
+    )  # [M, num_seeds, n_query]
+    return per_seed.mean(axis=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,12 +569,18 @@ def subset_removal_test(
     n_query, n_train = scores.shape
     queries = np.asarray(query_indices)
     if queries.ndim != 1 or len(queries) == 0 or queries.dtype.kind not in "iu":
-        raise ValueError(f"`query_indices` must be a non-empty 1-D sequence of integers, got {query_indices!r}")
+        raise ValueError(
+            f"`query_indices` must be a non-empty 1-D sequence of integers, got {query_indices!r}"
+        )
     if queries.min() < 0 or queries.max() >= n_query or len(np.unique(queries)) != len(queries):
-        raise ValueError(f"`query_indices` must be distinct rows of `scores` in [0, {n_query}), got {queries.tolist()}")
+        raise ValueError(
+            f"`query_indices` must be distinct rows of `scores` in [0, {n_query}), got {queries.tolist()}"
+        )
     ks = np.asarray(k_values)
     if ks.ndim != 1 or len(ks) == 0 or ks.dtype.kind not in "iu" or ks.min() < 1 or ks.max() > n_train:
-        raise ValueError(f"`k_values` must be a non-empty 1-D sequence of integers in [1, {n_train}], got {k_values!r}")
+        raise ValueError(
+            f"`k_values` must be a non-empty 1-D sequence of integers in [1, {n_train}], got {k_values!r}"
+        )
     if not callable(retrain_fn):
         raise TypeError(f"`retrain_fn` must be callable, got {type(retrain_fn).__name__}")
     if labels is not None:
@@ -577,10 +607,14 @@ def subset_removal_test(
                     predictions = np.asarray(_to_numpy(retrain_fn(keep_mask, seed), "retrain_fn result"))
                     if predictions.shape != queries.shape:
                         raise ValueError(
-                            f"`retrain_fn` must return [n_selected] = {queries.shape}, got shape {predictions.shape}"
+                            f"`retrain_fn` must return [n_selected] = {queries.shape}, "
+                            f"got shape {predictions.shape}"
                         )
                     prediction = predictions[position]
-                    flips += bool(prediction != labels[position]) if labels is not None else bool(prediction <= 0)
+                    if labels is None:
+                        flips += bool(prediction <= 0)
+                    else:
+                        flips += bool(prediction != labels[position])
                     bar.update()
                 flip_rate[k_index, position] = flips / num_seeds
     return {

@@ -1,0 +1,602 @@
+"""SourceAnalyzer: SOURCE (and the baselines that share its machinery) on any PyTorch model.
+
+    run = sf.TrainingRun(checkpoints, steps, lr, momentum=0.9, num_segments=3)
+    analyzer = sf.SourceAnalyzer(model, task, run, output_dir="out")
+    analyzer.fit(train_dataset)                                       # EK-FAC per segment
+    scores = analyzer.pairwise_scores(query_dataset, train_dataset)   # [n_query, n_train]
+    self_scores = analyzer.self_scores(train_dataset)                 # [n_train]
+
+Scores are removal effects: τ(z_q, z_m) > 0 means removing z_m would raise the query measurement
+(for f = loss, z_m helps the query). τ = Σ_ℓ (1/N_ℓ) ⟨v_ℓ, ḡ_ℓ(z_m)⟩ (SOURCE_MATH.md §2).
+
+Passes over the training data (each with a progress bar): per fitted checkpoint one for the
+covariances and one for the eigenvalue correction; per scored checkpoint one scoring pass for all
+queries at once. Per-example gradients exist only for one batch at a time.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from . import ekfac, io, ops, spectral
+from .ekfac import EKFACBlock
+from .modules import Capture, TrackedLayer, find_tracked_layers
+from .run import TrainingRun
+from .task import attention_mask, check_task, tracked_module_names
+from .walk import query_walk
+
+log = logging.getLogger("source_fast")
+
+METHODS = ("source", "fast_source", "influence", "tracin", "gradient_dot")
+
+
+class Unit:
+    """A model state at which gradients are taken: a checkpoint, or a segment's parameter average."""
+
+    def __init__(self, uid: str, load: Callable[[], dict], segment: int):
+        self.uid, self.load, self.segment = uid, load, segment
+
+
+class SourceAnalyzer:
+    """Attribution scores from a training run.
+
+    Args:
+        model: the architecture (any nn.Module); checkpoints are loaded into it. Its state is restored
+            after every call.
+        task: Kronfluence-style Task (see `source_fast.Task`).
+        run: the `TrainingRun` (checkpoints, schedule, segments).
+        output_dir: where factors and scores are stored (safetensors, atomic writes). None: memory only.
+        method: "source" (default), "fast_source" (segment-averaged parameters), "influence" (EK-FAC
+            influence function at the final model), "tracin" (Σ_c lr-mass × ⟨∇f(θ_c), ∇L(θ_c)⟩) or
+            "gradient_dot" (⟨∇f(θ_T), ∇L(θ_T)⟩); all divided by N.
+        damping: source/fast_source: optional extra damping δ ≥ 0 (default 0, the paper's).
+            influence: a float > 0 (absolute), "heuristic" (0.1 × mean Λ per layer, default) or
+            "source" (1 / Σ_k η_k, the damping SOURCE implies for one segment). Adam runs: δ of the
+            accumulation inverse (default heuristic).
+        fisher: "sampled" (labels from the model: true Fisher, default) or "empirical" (true labels).
+        batch_size: examples per batch in every pass.
+        operator: "continuous" (exp forms, default) or "discrete" (exact unrolling of each segment's
+            steps at its mean learning rate; for checks).
+        seed: seeds label sampling, per (checkpoint, batch).
+        check_finite: raise on NaN/Inf in factors, gradients and scores (default True).
+        overwrite: recompute stored factors computed under another configuration instead of raising.
+        backend / deterministic: passed to every op (see `source_fast.ops`).
+        collate_fn: DataLoader collate function for your dataset.
+        progress: show progress bars.
+    """
+
+    def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,
+                 method: str = "source", damping: float | str | None = None, fisher: str = "sampled",
+                 batch_size: int = 64, operator: str = "continuous", seed: int = 0, check_finite: bool = True,
+                 overwrite: bool = False, backend: str | None = None, deterministic: bool | None = None,
+                 collate_fn: Callable | None = None, progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_task(task)
+        if not isinstance(run, TrainingRun):
+            raise TypeError(f"run must be a source_fast.TrainingRun, got {type(run).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if fisher not in ("sampled", "empirical"):
+            raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}")
+        if operator not in ("continuous", "discrete"):
+            raise ValueError(f"operator must be 'continuous' or 'discrete', got {operator!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.damping = self._check_damping(method, damping)
+        self.model, self.task, self.run = model, task, run
+        self.method, self.fisher, self.operator = method, fisher, operator
+        self.batch_size, self.seed, self.check_finite = batch_size, int(seed), check_finite
+        self.overwrite, self.backend, self.deterministic = overwrite, backend, deterministic
+        self.collate_fn, self.progress = collate_fn, progress
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.layers: list[TrackedLayer] = find_tracked_layers(model, tracked_module_names(task))
+        self._check_checkpoint_keys()
+        self.blocks: list[dict[str, EKFACBlock]] | None = None
+        self._fit_key: tuple | None = None
+        self._state_cache: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_damping(method, damping):
+        if method == "influence":
+            if damping is None:
+                return "heuristic"
+            if isinstance(damping, str):
+                if damping not in ("heuristic", "source"):
+                    raise ValueError(f"damping must be a float > 0, 'heuristic' or 'source', got {damping!r}")
+                return damping
+            if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 \
+                    or damping != damping or damping == float("inf"):
+                raise ValueError(f"damping for method='influence' must be a finite float > 0 (a plain inverse of a "
+                                 f"PSD matrix with zero eigenvalues is undefined), 'heuristic' or 'source'; got "
+                                 f"{damping!r}")
+            return float(damping)
+        if damping is None:
+            return None
+        if isinstance(damping, str) and damping == "heuristic":
+            return damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0 \
+                or damping == float("inf"):
+            raise ValueError(f"damping must be a finite float >= 0 or None, got {damping!r}")
+        return float(damping)
+
+    def _check_checkpoint_keys(self):
+        expected = set(self.model.state_dict().keys())
+        for i, ckpt in enumerate(self.run.checkpoints):
+            if isinstance(ckpt, Mapping):
+                self._compare_keys(i, set(ckpt.keys()), expected)
+
+    @staticmethod
+    def _compare_keys(index, got, expected):
+        if got != expected:
+            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            raise ValueError(f"checkpoints[{index}] does not match the model's state_dict: missing keys "
+                             f"{missing[:8]}{'…' if len(missing) > 8 else ''}, unexpected keys "
+                             f"{unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
+
+    def _check_dataset(self, dataset, name):
+        if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"{name} must be a map-style torch Dataset (with __len__ and __getitem__), got "
+                            f"{type(dataset).__name__}")
+        try:
+            n = len(dataset)
+        except TypeError:
+            raise TypeError(f"{name} must have a length (map-style Dataset), got {type(dataset).__name__}") from None
+        if n == 0:
+            raise ValueError(f"{name} is empty (0 examples)")
+        if name == "train_dataset" and self.run.example_stages is not None and len(self.run.example_stages) != n:
+            raise ValueError(f"run.example_stages has {len(self.run.example_stages)} entries but train_dataset has "
+                             f"{n} examples; they must match")
+        return n
+
+    # ---------------------------------------------------------------------------- model states
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if next(self.model.parameters()).dtype == torch.float64 else torch.float32
+
+    @contextmanager
+    def _session(self):
+        """Eval mode, tracked weights requiring grad; model state and mode restored afterwards."""
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        was_training = self.model.training
+        flags = [(p, p.requires_grad) for layer in self.layers for p in layer.module.parameters(recurse=False)]
+        self.model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(saved)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            self.model.train(was_training)
+            self._state_cache.clear()
+
+    def _load(self, unit: Unit):
+        if unit.uid not in self._state_cache:
+            state = unit.load()
+            self._compare_keys(unit.uid, set(state.keys()), set(self.model.state_dict().keys()))
+            if len(self._state_cache) >= 8:  # bound memory: states are reloaded when evicted
+                self._state_cache.clear()
+            self._state_cache[unit.uid] = state
+        self.model.load_state_dict(self._state_cache[unit.uid])
+
+    def _units(self, kind: str) -> list[Unit]:
+        """Model states used by the method. kind: 'curvature' (factor passes), 'score' (scoring)."""
+        run = self.run
+        final = len(run.checkpoints) - 1
+        ckpt = lambda i, seg: Unit(f"ckpt{i}", lambda i=i: run.load_checkpoint(i), seg)  # noqa: E731
+        if self.method in ("influence", "gradient_dot"):
+            return [ckpt(final, 0)]
+        if self.method == "fast_source":
+            return [Unit(f"avg{s.index}", lambda s=s: run.averaged_state(s.checkpoints), s.index)
+                    for s in run.segments]
+        return [ckpt(i, s.index) for s in run.segments for i in s.checkpoints]
+
+    def _segments(self):
+        """(c, num_steps, stage) per segment used by the operators; one segment for influence."""
+        if self.method == "influence":
+            c = sum(s.c for s in self.run.segments)
+            return [(c, self.run.total_steps, 0)]
+        return [(s.c, s.num_steps, s.stage) for s in self.run.segments]
+
+    # ---------------------------------------------------------------------------------- data
+    def _loader(self, dataset):
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn)
+
+    def _to_device(self, batch):
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, Mapping):
+            return type(batch)({k: self._to_device(v) for k, v in batch.items()}) if isinstance(batch, dict) \
+                else {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+    def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0
+              ) -> Iterator[tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+        """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
+
+        loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
+        g is the gradient of the task's summed loss, i.e. per-example gradients of per-example terms.
+        """
+        offset = 0
+        with Capture(self.layers) as capture:
+            for b, batch in enumerate(tqdm(self._loader(dataset), desc=desc, disable=not self.progress,
+                                           leave=False)):
+                batch = self._to_device(batch)
+                mask = attention_mask(self.task, batch)
+                if loss == "measurement":
+                    value = self.task.compute_measurement(batch, self.model)
+                elif loss == "sampled":
+                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                        torch.manual_seed(hash((self.seed, seed_key, b)) % (2**63))
+                        value = self.task.compute_train_loss(batch, self.model, sample=True)
+                else:
+                    value = self.task.compute_train_loss(batch, self.model, sample=False)
+                if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                    raise TypeError(f"the task must return a scalar tensor (summed over the batch) from "
+                                    f"{'compute_measurement' if loss == 'measurement' else 'compute_train_loss'}, "
+                                    f"got {type(value).__name__}{tuple(getattr(value, 'shape', ()))}")
+                rows = capture.rows(value, mask)
+                size = next(iter(rows.values()))[0].shape[0]
+                yield offset, size, rows
+                offset += size
+                capture.clear()
+
+    def _stage_subset(self, dataset, stage):
+        if self.run.example_stages is None:
+            return dataset
+        idx = torch.nonzero(self.run.example_stages == stage).flatten().tolist()
+        return Subset(dataset, idx)
+
+    def _stage_sizes(self, n_train):
+        sizes = self.run.stage_sizes(n_train)
+        for j, size in enumerate(sizes):
+            if size == 0 and self.method != "influence":
+                raise ValueError(f"stage {j} has no training examples in run.example_stages")
+        return sizes
+
+    # ------------------------------------------------------------------------------------ fit
+    def _factor_config(self, n_train):
+        return {
+            "method": self.method, "fisher": self.fisher, "seed": self.seed, "n_train": n_train,
+            "layers": {layer.name: [layer.out_features, layer.in_features] for layer in self.layers},
+            "run": self.run.fingerprint(), "dtype": str(self.compute_dtype),
+        }
+
+    def _path(self, *parts):
+        return None if self.output_dir is None else self.output_dir.joinpath(*parts)
+
+    def _load_or_compute(self, path, config, keys, compute):
+        if path is not None and path.exists():
+            try:
+                tensors, _ = io.load_tensors(path, config, keys)
+                return tensors
+            except io.StoreMismatchError:
+                if not self.overwrite:
+                    raise
+            except io.CorruptStoreError as exc:
+                log.warning("source_fast: recomputing %s (%s)", path, exc)
+        tensors = compute()
+        if path is not None:
+            io.save_tensors(path, tensors, config)
+        return tensors
+
+    def fit(self, train_dataset) -> "SourceAnalyzer":
+        """Fit the EK-FAC curvature of every segment (no-op for tracin / gradient_dot)."""
+        n_train = self._check_dataset(train_dataset, "train_dataset")
+        if self.method in ("tracin", "gradient_dot"):
+            self._fit_key = (n_train,)
+            return self
+        config = self._factor_config(n_train)
+        units = self._units("curvature")
+        dt = self.compute_dtype
+        stage_of = [seg[2] for seg in self._segments()]
+        with self._session():
+            covs = {}
+            for k, unit in enumerate(units):
+                def compute(unit=unit):
+                    self._load(unit)
+                    data = self._stage_subset(train_dataset, stage_of[unit.segment])
+                    acc = {}
+                    n = 0
+                    for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
+                                                    desc=f"covariance {unit.uid} ({k + 1}/{len(units)})"):
+                        n += size
+                        for name, (a, g) in rows.items():
+                            a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                            if name not in acc:
+                                acc[name] = (torch.zeros(a2.shape[1], a2.shape[1], dtype=dt, device=a.device),
+                                             torch.zeros(g2.shape[1], g2.shape[1], dtype=dt, device=a.device))
+                            ops.covariance(a2, out=acc[name][0], backend=self.backend,
+                                           deterministic=self.deterministic)
+                            ops.covariance(g2, out=acc[name][1], backend=self.backend,
+                                           deterministic=self.deterministic)
+                    out = {}
+                    for name, (A, S) in acc.items():
+                        out[f"{name}.A"], out[f"{name}.S"] = A / n, S / n
+                        if self.check_finite:
+                            for key in ("A", "S"):
+                                if not bool(torch.isfinite(out[f"{name}.{key}"]).all()):
+                                    raise FloatingPointError(
+                                        f"covariance {key} of layer {name!r} at {unit.uid} (segment {unit.segment}) "
+                                        "contains NaN/Inf: non-finite activations or gradients in the training data "
+                                        "or model; pass check_finite=False to propagate")
+                    return out
+                keys = [f"{layer.name}.{x}" for layer in self.layers for x in "AS"]
+                covs[unit.uid] = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"),
+                                                       config, keys, compute)
+            bases = []
+            for seg in range(len(self._segments())):
+                members = [u for u in units if u.segment == seg]
+                basis = {}
+                for layer in self.layers:
+                    A = sum(covs[u.uid][f"{layer.name}.A"].double() for u in members) / len(members)
+                    S = sum(covs[u.uid][f"{layer.name}.S"].double() for u in members) / len(members)
+                    _, q_a = ekfac.eigen_basis(A, name=layer.name, segment=seg, check_finite=self.check_finite)
+                    _, q_s = ekfac.eigen_basis(S, name=layer.name, segment=seg, check_finite=self.check_finite)
+                    basis[layer.name] = (q_a.to(dt).to(self.device), q_s.to(dt).to(self.device))
+                bases.append(basis)
+            lams = {}
+            for k, unit in enumerate(units):
+                def compute(unit=unit, k=k):
+                    self._load(unit)
+                    basis = bases[unit.segment]
+                    data = self._stage_subset(train_dataset, stage_of[unit.segment])
+                    acc = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=dt,
+                                                   device=self.device) for layer in self.layers}
+                    n = 0
+                    for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
+                                                    desc=f"eigen-correction {unit.uid} ({k + 1}/{len(units)})"):
+                        n += size
+                        for name, (a, g) in rows.items():
+                            q_a, q_s = basis[name]
+                            ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
+                                             deterministic=self.deterministic)
+                    return {f"{name}.lam": lam * (self.run.loss_scale / n) for name, lam in acc.items()}
+                keys = [f"{layer.name}.lam" for layer in self.layers]
+                lams[unit.uid] = self._load_or_compute(self._path("factors", f"lambda_{unit.uid}.safetensors"),
+                                                       config, keys, compute)
+        blocks = []
+        for seg, basis in enumerate(bases):
+            members = [u for u in units if u.segment == seg]
+            seg_blocks = {}
+            for layer in self.layers:
+                lam = sum(lams[u.uid][f"{layer.name}.lam"].to(self.device) for u in members) / len(members)
+                lam = ekfac.clamp_lambda(lam, name=layer.name, segment=seg, check_finite=self.check_finite)
+                q_a, q_s = basis[layer.name]
+                seg_blocks[layer.name] = EKFACBlock(q_a, q_s, lam.to(dt))
+            blocks.append(seg_blocks)
+            if self.output_dir is not None:
+                tensors = {f"{n}.{k}": getattr(b, k) for n, b in seg_blocks.items() for k in ("q_a", "q_s", "lam")}
+                io.save_tensors(self._path("factors", f"segment_{seg}.safetensors"), tensors, config,
+                                segment=seg, layers=[layer.name for layer in self.layers])
+        self.blocks = blocks
+        self._fit_key = (n_train,)
+        return self
+
+    def _ensure_fit(self, train_dataset, n_train):
+        if self._fit_key != (n_train,):
+            log.info("source_fast: fitting curvature first (fit() was not called for this training set)")
+            self.fit(train_dataset)
+
+    # ------------------------------------------------------------------------------ operators
+    def _damping_for(self, lam: torch.Tensor, c: float) -> float:
+        d = self.damping
+        if d == "heuristic":
+            return ekfac.heuristic_damping(lam)
+        if d == "source":
+            return 1.0 / c
+        return 0.0 if d is None else float(d)
+
+    def _walk(self, u: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """v per segment (training order) for query directions u at the final model."""
+        segments = self._segments()
+        if self.method == "influence":
+            c = segments[0][0]
+            v = {}
+            for name, direction in u.items():
+                block = self.blocks[0][name]
+                fn = spectral.inverse(self._damping_for(block.lam, c))
+                v[name] = ops.kron_project(direction, block.q_s, block.q_a, block.lam, fn, backend=self.backend,
+                                           deterministic=self.deterministic)
+            return [v]
+        operators = []
+        for c, steps, _ in segments:
+            damping = 0.0 if self.damping in (None, "heuristic") else float(self.damping)
+            operators.append(ekfac.source_operators(c, damping=damping, operator=self.operator,
+                                                    eta=c / max(steps, 1), steps=steps))
+        adam, adam_damping = self._adam_terms()
+        return query_walk(u, self.blocks, operators, adam=adam, adam_damping=adam_damping, backend=self.backend)
+
+    def _adam_terms(self):
+        if self.run.optimizer != "adam":
+            return None, None
+        pbars, dampings = [], []
+        for seg in self.run.segments:
+            per_layer, damp = {}, {}
+            for layer in self.layers:
+                names = layer.param_names()
+                mats = []
+                for i in seg.checkpoints:
+                    moments = self.run.adam_second_moments[i]
+                    missing = [n for n in names.values() if n not in moments]
+                    if missing:
+                        raise ValueError(f"adam_second_moments[{i}] lacks entries for {missing}")
+                    mats.append(1.0 / (layer.to_matrix(moments[names["weight"]],
+                                                        moments.get(names.get("bias", ""), None)).double().sqrt()
+                                       + self.run.adam_eps))
+                per_layer[layer.name] = (sum(mats) / len(mats)).to(self.compute_dtype).to(self.device)
+                lam = self.blocks[seg.index][layer.name].lam
+                damp[layer.name] = ekfac.heuristic_damping(lam) if self.damping in (None, "heuristic") \
+                    else float(self.damping)
+            pbars.append(per_layer)
+            dampings.append(damp)
+        return pbars, dampings
+
+    # ----------------------------------------------------------------------------- gradients
+    def _query_grads(self, query_dataset, desc) -> dict[str, torch.Tensor]:
+        """∇f per query, per layer [Q, O, I], at the currently loaded model state."""
+        chunks: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
+            for name, (a, g) in rows.items():
+                chunks[name].append(torch.einsum("nto,nti->noi", g.to(self.compute_dtype), a.to(self.compute_dtype)))
+        grads = {name: torch.cat(parts) for name, parts in chunks.items()}
+        if self.check_finite:
+            for name, grad in grads.items():
+                if not bool(torch.isfinite(grad).all()):
+                    raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
+                                             "check_finite=False to propagate")
+        return grads
+
+    # -------------------------------------------------------------------------------- scoring
+    def pairwise_scores(self, query_dataset, train_dataset) -> torch.Tensor:
+        """Scores τ(z_q, z_m) as a CPU tensor ``[n_query, n_train]`` (fp32; float64 for a float64 model).
+
+        One pass over the training data per scored model state, for all queries at once."""
+        n_query = self._check_dataset(query_dataset, "query_dataset")
+        n_train = self._check_dataset(train_dataset, "train_dataset")
+        stage_sizes = self._stage_sizes(n_train)
+        self._ensure_fit(train_dataset, n_train)
+        units = self._units("score")
+        final_unit = Unit(f"ckpt{len(self.run.checkpoints) - 1}",
+                          lambda: self.run.load_checkpoint(len(self.run.checkpoints) - 1), -1)
+        scores = torch.zeros(n_query, n_train, dtype=self.compute_dtype, device=self.device)
+        with self._session():
+            if self.method in ("source", "fast_source", "influence"):
+                self._load(final_unit)
+                vs = self._walk(self._query_grads(query_dataset, "query gradients"))
+            for unit in units:
+                self._load(unit)
+                c, _, stage = self._segments()[unit.segment]
+                members = sum(1 for u in units if u.segment == unit.segment)
+                if self.method == "tracin":
+                    v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
+                    weight = c / members / stage_sizes[stage]
+                elif self.method == "gradient_dot":
+                    self._load(final_unit)
+                    v = self._query_grads(query_dataset, "query gradients")
+                    weight = 1.0 / n_train
+                else:
+                    v = vs[unit.segment]
+                    weight = 1.0 / members / (stage_sizes[stage] if self.method != "influence" else n_train)
+                weight *= self.run.loss_scale
+                in_stage = self._stage_mask(n_train, stage)
+                for offset, size, rows in self._rows(train_dataset, loss="empirical", desc=f"scoring {unit.uid}"):
+                    block = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
+                                                   deterministic=self.deterministic).to(self.compute_dtype)
+                                for name, (a, g) in rows.items())
+                    if in_stage is not None:
+                        block = block * in_stage[offset:offset + size].to(block.dtype)
+                    scores[:, offset:offset + size] += weight * block
+                if self.check_finite and not bool(torch.isfinite(scores).all()):
+                    raise FloatingPointError(f"scores became non-finite while scoring {unit.uid} (segment "
+                                             f"{unit.segment}): non-finite training gradients? pass "
+                                             "check_finite=False to propagate")
+        scores = scores.cpu()
+        if self.output_dir is not None:
+            io.save_tensors(self._path("scores", f"pairwise_{self.method}.safetensors"), {"scores": scores},
+                            {**self._factor_config(n_train), "n_query": n_query})
+        return scores
+
+    def _stage_mask(self, n_train, stage):
+        if self.run.example_stages is None or self.method in ("influence", "gradient_dot"):
+            return None
+        return (self.run.example_stages == stage).to(self.device)
+
+    def self_scores(self, train_dataset) -> torch.Tensor:
+        """Self-influence τ(z_m, z_m) with ∇f = the example's own training-loss gradient, ``[n_train]``.
+
+        Equal to the diagonal of pairwise_scores(train, train) when the measurement is the training loss."""
+        n_train = self._check_dataset(train_dataset, "train_dataset")
+        stage_sizes = self._stage_sizes(n_train)
+        self._ensure_fit(train_dataset, n_train)
+        out = torch.zeros(n_train, dtype=self.compute_dtype, device=self.device)
+        with self._session():
+            if self.method == "influence":
+                self._influence_self(train_dataset, out, n_train)
+            else:
+                self._walked_self(train_dataset, out, n_train, stage_sizes)
+        out = out.cpu()
+        if self.output_dir is not None:
+            io.save_tensors(self._path("scores", f"self_{self.method}.safetensors"), {"scores": out},
+                            self._factor_config(n_train))
+        return out
+
+    def _influence_self(self, train_dataset, out, n_train):
+        """⟨G_n, (H̄+δ)⁻¹ G_n⟩ in the eigenbasis: the fused score_self op (rank one: O(N·(O+I)) extra)."""
+        self._load(self._units("score")[0])
+        c = self._segments()[0][0]
+        weights = {name: 1.0 / (b.lam.clamp_min(0) + self._damping_for(b.lam, c)) for name, b in self.blocks[0].items()}
+        for offset, size, rows in self._rows(train_dataset, loss="empirical", desc="self-influence"):
+            for name, (a, g) in rows.items():
+                b = self.blocks[0][name]
+                out[offset:offset + size] += ops.score_self(a, g, b.q_s, b.q_a, weights[name], backend=self.backend,
+                                                            deterministic=self.deterministic).to(out.dtype)
+        out *= self.run.loss_scale / n_train
+
+    def _walked_self(self, train_dataset, out, n_train, stage_sizes):
+        """Per batch: gradients at every model state, then the walk with Q = batch (chunked)."""
+        units = self._units("score")
+        segments = self._segments()
+        final_unit = Unit(f"ckpt{len(self.run.checkpoints) - 1}",
+                          lambda: self.run.load_checkpoint(len(self.run.checkpoints) - 1), -1)
+        stages = self.run.example_stages
+        loader_units = [final_unit] + units
+        for start in tqdm(range(0, n_train, self.batch_size), desc="self-influence", disable=not self.progress):
+            idx = list(range(start, min(start + self.batch_size, n_train)))
+            chunk = Subset(train_dataset, idx)
+            grads = {}
+            for unit in loader_units:
+                self._load(unit)
+                grads[unit.uid if unit.segment >= 0 else "final"] = self._query_grads_quiet(chunk)
+            u = grads["final"]
+            if self.method in ("tracin", "gradient_dot"):
+                for unit in (units if self.method == "tracin" else [final_unit]):
+                    g_c = grads[unit.uid] if unit.segment >= 0 else u
+                    seg = max(unit.segment, 0)
+                    c, _, stage = segments[seg]
+                    members = sum(1 for x in units if x.segment == seg)
+                    w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
+                    val = sum((g_c[n] * g_c[n]).sum((1, 2)) for n in g_c)
+                    in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
+                    out[start:start + len(idx)] += w * self.run.loss_scale * val * in_stage
+                continue
+            vs = self._walk(u)
+            for seg, (c, _, stage) in enumerate(segments):
+                members = [x for x in units if x.segment == seg]
+                g_bar = {n: sum(grads[x.uid][n] for x in members) / len(members) for n in u}
+                val = sum((vs[seg][n] * g_bar[n]).sum((1, 2)) for n in u)
+                out[start:start + len(idx)] += (self.run.loss_scale / stage_sizes[stage]) * val * \
+                    self._chunk_stage(stages, idx, stage)
+
+    def _chunk_stage(self, stages, idx, stage):
+        if stages is None:
+            return 1.0
+        return (stages[idx] == stage).to(self.compute_dtype).to(self.device)
+
+    def _query_grads_quiet(self, dataset):
+        progress, self.progress = self.progress, False
+        try:
+            grads = {layer.name: [] for layer in self.layers}
+            for _, _, rows in self._rows(dataset, loss="empirical", desc=""):
+                for name, (a, g) in rows.items():
+                    grads[name].append(torch.einsum("nto,nti->noi", g.to(self.compute_dtype),
+                                                    a.to(self.compute_dtype)))
+            return {name: torch.cat(parts) for name, parts in grads.items()}
+        finally:
+            self.progress = progress

@@ -1,0 +1,113 @@
+"""Results on disk: atomic writes, safetensors factors with a validated manifest.
+
+Every file is written as: temp file in the same directory → flush + fsync → os.replace → fsync the
+directory, so a crash leaves either the old file or the new one, never a torn one. A stored file
+records the configuration hash it was computed under; loading it under another configuration
+raises (unless the caller asked to overwrite), and a truncated or corrupt file is reported, never
+silently counted as done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = "1"
+
+
+class StoreMismatchError(ValueError):
+    """A stored result was computed under a different configuration."""
+
+
+class CorruptStoreError(ValueError):
+    """A stored file exists but cannot be read or fails validation."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, **info: Any) -> None:
+    """Atomically write tensors as safetensors with metadata (format version, config hash, config,
+    dtypes and any extra info such as layer names or segment ids)."""
+    from safetensors.torch import save
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config_hash": config_hash(config),
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "dtypes": json.dumps({k: str(v.dtype) for k, v in tensors.items()}, sort_keys=True),
+        "info": json.dumps(info, sort_keys=True, default=str),
+    }
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(path, data)
+
+
+def load_tensors(path: str | os.PathLike, config: dict | None = None,
+                 expected_keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and validate a file written by `save_tensors`. Raises CorruptStoreError when it cannot be
+    read or lacks keys, StoreMismatchError when its config hash differs from `config`'s."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CorruptStoreError(f"stored file {str(path)!r} is unreadable or truncated ({exc}); delete it or pass "
+                                "overwrite=True to recompute") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CorruptStoreError(f"stored file {str(path)!r} has format_version {meta.get('format_version')!r}, "
+                                f"expected {FORMAT_VERSION!r}")
+    if config is not None and meta.get("config_hash") != config_hash(config):
+        stored = json.loads(meta.get("config", "{}"))
+        diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != json.loads(
+            json.dumps(config.get(k), default=str)))
+        raise StoreMismatchError(f"stored file {str(path)!r} was computed with a different configuration "
+                                 f"(differs in: {diff}); use another output_dir or overwrite=True")
+    if expected_keys is not None:
+        missing = [k for k in expected_keys if k not in tensors]
+        if missing:
+            raise CorruptStoreError(f"stored file {str(path)!r} lacks tensors {missing[:5]}")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CorruptStoreError(f"stored file {str(path)!r}: tensor {k!r} contains non-finite values")
+    return tensors, {"config": json.loads(meta.get("config", "{}")), "info": json.loads(meta.get("info", "{}"))}

@@ -1,0 +1,211 @@
+"""Tracked layers: turning module inputs and output gradients into token rows.
+
+Every supported layer is seen as a matrix W ∈ R^{O×I} acting on token rows a ∈ R^I (bias folded
+in as a trailing column of ones), with output pseudo-gradients g ∈ R^O; a per-example gradient is
+G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
+
+- nn.Linear: any leading dims; dims after the batch are tokens.
+- nn.Conv2d (groups=1, zero padding): unfolded patches are tokens (positions as tokens).
+- transformers' Conv1D (GPT-2): y = x W + b with W stored [I, O]; same rows as Linear.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # Matched by name so transformers stays optional.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def supported(module: nn.Module) -> str | None:
+    """Why `module` cannot be tracked, or None when it can."""
+    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
+        return None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
+        if isinstance(module.padding, str):
+            return f"Conv2d with padding={module.padding!r} (give explicit padding)"
+        return None
+    return f"{type(module).__name__} is not a supported module type (nn.Linear, nn.Conv2d, transformers Conv1D)"
+
+
+@dataclass
+class TrackedLayer:
+    name: str
+    module: nn.Module
+    kind: str  # "linear" | "conv2d" | "conv1d"
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def in_features(self) -> int:
+        """I, including the bias column."""
+        w = self.module.weight
+        if self.kind == "linear":
+            base = w.shape[1]
+        elif self.kind == "conv1d":
+            base = w.shape[0]
+        else:
+            base = w.shape[1] * w.shape[2] * w.shape[3]
+        return base + int(self.has_bias)
+
+    @property
+    def out_features(self) -> int:
+        w = self.module.weight
+        return w.shape[1] if self.kind == "conv1d" else w.shape[0]
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Module input -> activation rows [B, T, I] (bias column appended)."""
+        if self.kind == "conv2d":
+            m = self.module
+            rows = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
+        else:
+            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
+        return rows
+
+    def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
+        """Gradient w.r.t. the module output -> rows [B, T, O]."""
+        if self.kind == "conv2d":
+            return gy.reshape(gy.shape[0], gy.shape[1], -1).transpose(1, 2)
+        return gy.reshape(gy.shape[0], -1, gy.shape[-1])
+
+    def param_grad(self) -> torch.Tensor:
+        """The module's accumulated .grad in the [O, I] bias-last layout (used by oracles and tests)."""
+        w = self.module.weight.grad
+        if self.kind == "conv1d":
+            w = w.T
+        w = w.reshape(w.shape[0], -1)
+        if self.has_bias:
+            w = torch.cat([w, self.module.bias.grad[:, None]], dim=1)
+        return w
+
+    def parameters_as_matrix(self) -> torch.Tensor:
+        w = self.module.weight.detach()
+        if self.kind == "conv1d":
+            w = w.T
+        w = w.reshape(w.shape[0], -1)
+        if self.has_bias:
+            w = torch.cat([w, self.module.bias.detach()[:, None]], dim=1)
+        return w
+
+    def param_names(self) -> dict[str, str]:
+        """Parameter full names ('weight'/'bias' -> state_dict key)."""
+        names = {"weight": f"{self.name}.weight"}
+        if self.has_bias:
+            names["bias"] = f"{self.name}.bias"
+        return names
+
+    def to_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Any per-parameter tensor (e.g. Adam's v̂) in the [O, I] bias-last layout."""
+        w = weight.T if self.kind == "conv1d" else weight
+        w = w.reshape(w.shape[0], -1)
+        if bias is not None:
+            w = torch.cat([w, bias[:, None]], dim=1)
+        return w
+
+
+def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> list[TrackedLayer]:
+    """Tracked layers of `model`: the named ones (each must be supported) or every supported one."""
+    layers = []
+    modules = dict(model.named_modules())
+    if names is not None:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"get_influence_tracked_modules() must return a list of module names, got {names!r}")
+        for name in names:
+            if name not in modules:
+                raise ValueError(f"tracked module {name!r} (from get_influence_tracked_modules) is not in the model; "
+                                 f"available: {sorted(k for k in modules if k)[:20]}")
+            why = supported(modules[name])
+            if why:
+                raise ValueError(f"tracked module {name!r}: {why}")
+        selected = [(n, modules[n]) for n in names]
+    else:
+        selected = [(n, m) for n, m in model.named_modules() if n and supported(m) is None]
+    for name, module in selected:
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d" if isinstance(module, nn.Conv2d) else "conv1d"
+        layers.append(TrackedLayer(name, module, kind))
+    if not layers:
+        raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track (nn.Linear, "
+                         "nn.Conv2d, transformers Conv1D)")
+    return layers
+
+
+class Capture:
+    """Forward hooks that keep each tracked layer's input rows and output tensor, so that
+    `grads(loss)` yields per-layer (a [B,T,I], g [B,T,O]) token rows for one batch."""
+
+    def __init__(self, layers: list[TrackedLayer]):
+        self.layers = layers
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def _hook(self, layer):
+        def hook(module, inputs, output):
+            self._inputs[layer.name] = inputs[0].detach()
+            self._outputs[layer.name] = output
+        return hook
+
+    def clear(self):
+        self._inputs.clear()
+        self._outputs.clear()
+
+    def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.name not in self._inputs:
+            raise RuntimeError(f"tracked module {layer.name!r} was not called in the forward pass")
+        rows = layer.input_rows(self._inputs[layer.name])
+        if mask is not None:
+            rows = apply_mask(rows, mask, layer.name)
+        return rows
+
+    def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None):
+        """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows."""
+        names = [layer.name for layer in self.layers]
+        missing = [n for n in names if n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"tracked modules {missing} were not called in the forward pass")
+        outputs = [self._outputs[n] for n in names]
+        if not loss.requires_grad:
+            raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
+                               "be part of its graph")
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        result = {}
+        for layer, out, gy in zip(self.layers, outputs, grads):
+            if gy is None:
+                gy = torch.zeros_like(out)
+            result[layer.name] = (self.activations(layer, mask), layer.output_rows(gy.detach()))
+        return result
+
+
+def apply_mask(rows: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Zero the activation rows of masked tokens ([B, T] mask, 1 = keep)."""
+    if mask.dim() != 2 or mask.shape[0] != rows.shape[0]:
+        raise ValueError(f"attention mask must be [batch, tokens] = [{rows.shape[0]}, {rows.shape[1]}] for "
+                         f"layer {name!r}, got {tuple(mask.shape)}")
+    if mask.shape[1] != rows.shape[1]:
+        # Conv layers or layers whose tokens are not the sequence: masks do not apply.
+        return rows
+    return rows * mask.to(rows.dtype)[:, :, None]

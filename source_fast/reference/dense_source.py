@@ -1,0 +1,164 @@
+"""Dense float64 oracle of the whole SOURCE pipeline, for tests on tiny models.
+
+It shares no code path with the production pipeline beyond the Task protocol and `TrainingRun`'s
+segmentation: it takes every per-example gradient one example at a time with autograd on the
+parameters, builds every segment's EK-FAC matrix densely (flat parameter space, block diagonal
+over layers), forms exp(−cH̄) and (I − exp(−cH̄))H̄⁻¹ by dense eigendecomposition and evaluates
+
+    τ(z_q, z_m) = Σ_ℓ (1/N_ℓ) ∇f(z_q)ᵀ S_L ··· S_{ℓ+1} R_ℓ ḡ_ℓ(z_m)
+
+as explicit matrix products. Empirical Fisher only (true labels), so no sampling enters.
+Cost is O(P³) in the number of tracked parameters P: keep P ≲ 2000.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+
+def _layers(model, names=None):
+    mods = dict(model.named_modules())
+    if names is None:
+        names = [n for n, m in mods.items() if n and (isinstance(m, (nn.Linear, nn.Conv2d)) or
+                                                     type(m).__name__ == "Conv1D")]
+    return [(n, mods[n]) for n in names]
+
+
+def _as_matrix(module, weight, bias):
+    w = weight.T if type(module).__name__ == "Conv1D" else weight
+    w = w.reshape(w.shape[0], -1)
+    return torch.cat([w, bias[:, None]], 1) if bias is not None else w
+
+
+def _example_terms(model, task, example, layers, kind):
+    """One example: per layer (G [O, I], a rows [T, I], g rows [T, O]) for the task's loss or measurement."""
+    batch = default_collate([example])
+    acts, outs = {}, {}
+    hooks = []
+    for name, m in layers:
+        def hook(mod, inp, out, name=name):
+            acts[name], outs[name] = inp[0].detach(), out
+            out.retain_grad()
+        hooks.append(m.register_forward_hook(hook))
+    model.zero_grad(set_to_none=True)
+    value = task.compute_measurement(batch, model) if kind == "measurement" else \
+        task.compute_train_loss(batch, model, sample=False)
+    value.backward()
+    for h in hooks:
+        h.remove()
+    result = {}
+    for name, m in layers:
+        G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None).double()
+        x = acts[name].double()
+        if isinstance(m, nn.Conv2d):
+            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)[0].T
+            g = outs[name].grad.double()[0].reshape(outs[name].shape[1], -1).T
+        else:
+            a = x.reshape(-1, x.shape[-1])
+            g = outs[name].grad.double().reshape(-1, outs[name].shape[-1])
+        if m.bias is not None:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        result[name] = (G, a, g)
+    return result
+
+
+def _sym_eigh(m):
+    w, v = torch.linalg.eigh((m + m.T) / 2)
+    return w.clamp_min(0), v
+
+
+def dense_source_scores(model: nn.Module, task, run, query_dataset, train_dataset, *, method: str = "source",
+                        damping: float = 0.0, module_names=None) -> torch.Tensor:
+    """Float64 scores [n_query, n_train] for method "source" or "influence" (damped inverse, > 0)."""
+    model = model.double()
+    layers = _layers(model, module_names)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def load(i):
+        model.load_state_dict({k: v.double() if v.is_floating_point() else v
+                               for k, v in run.load_checkpoint(i).items()})
+
+    n_train = len(train_dataset)
+    final = len(run.checkpoints) - 1
+    seg_list = run.segments if method == "source" else [None]
+    seg_ckpts = [s.checkpoints for s in run.segments] if method == "source" else [(final,)]
+    stages = run.example_stages
+    stage_sizes = run.stage_sizes(n_train)
+
+    # Per checkpoint: per-example training gradients, flattened over layers: [N, P].
+    per_ckpt = {}
+    covs = {}
+    for seg, members in enumerate(seg_ckpts):
+        stage = seg_list[seg].stage if method == "source" else 0
+        in_stage = [stages is None or method != "source" or int(stages[n]) == stage for n in range(n_train)]
+        for i in members:
+            load(i)
+            flats, A, S = [], {}, {}
+            for n in range(n_train):
+                terms = _example_terms(model, task, train_dataset[n], layers, "loss")
+                flats.append(torch.cat([terms[name][0].reshape(-1) for name, _ in layers]))
+                if not in_stage[n]:
+                    continue
+                for name, _ in layers:
+                    _, a, g = terms[name]
+                    A[name] = A.get(name, 0) + a.T @ a
+                    S[name] = S.get(name, 0) + g.T @ g
+            per_ckpt[i] = torch.stack(flats)
+            count = sum(in_stage)
+            covs[i] = ({k: v / count for k, v in A.items()}, {k: v / count for k, v in S.items()})
+    load(final)
+    queries = torch.stack([torch.cat([t[0].reshape(-1) for t in
+                                      _example_terms(model, task, query_dataset[q], layers, "measurement").values()])
+                           for q in range(len(query_dataset))])
+    model.load_state_dict(saved)
+
+    # Dense segment curvature H̄_ℓ, block diagonal over layers.
+    sizes = [(_as_matrix(m, m.weight, m.bias).shape) for _, m in layers]
+    hessians = []
+    for seg, members in enumerate(seg_ckpts):
+        stage = seg_list[seg].stage if method == "source" else 0
+        keep = torch.ones(n_train, dtype=torch.bool) if stages is None or method != "source" else stages == stage
+        blocks, offset = [], 0
+        for (name, _), (o, i) in zip(layers, sizes):
+            A = sum(covs[c][0][name] for c in members) / len(members)
+            S = sum(covs[c][1][name] for c in members) / len(members)
+            _, qa = _sym_eigh(A)
+            _, qs = _sym_eigh(S)
+            basis = torch.kron(qs, qa)
+            lam = 0
+            for c in members:
+                grads = per_ckpt[c][keep][:, offset:offset + o * i]
+                lam = lam + ((grads @ basis) ** 2).mean(0)
+            lam = run.loss_scale * lam / len(members)
+            blocks.append(basis @ torch.diag(lam) @ basis.T)
+            offset += o * i
+        hessians.append(torch.block_diag(*blocks))
+
+    def matfun(h, fn):
+        w, v = _sym_eigh(h)
+        return v @ torch.diag(fn(w)) @ v.T
+
+    if method == "influence":
+        inv = matfun(hessians[0], lambda w: 1.0 / (w + damping))
+        g = run.loss_scale * per_ckpt[final]
+        return queries @ inv @ g.T / n_train
+
+    scores = torch.zeros(len(query_dataset), n_train, dtype=torch.float64)
+    propagate = torch.eye(queries.shape[1], dtype=torch.float64)  # S_L ··· S_{ℓ+1}
+    for seg in reversed(range(len(seg_list))):
+        c = seg_list[seg].c
+        h = hessians[seg]
+
+        def r_fn(w, c=c):
+            x = c * w
+            return torch.where(x < 1e-12, torch.full_like(w, c), -torch.expm1(-x) / torch.where(w > 0, w, 1.0))
+
+        R = matfun(h, r_fn)
+        g_bar = run.loss_scale * sum(per_ckpt[i] for i in seg_ckpts[seg]) / len(seg_ckpts[seg])
+        stage = seg_list[seg].stage
+        mask = torch.ones(n_train, dtype=torch.float64) if stages is None else (stages == stage).double()
+        scores += (queries @ propagate @ R @ g_bar.T) * mask / stage_sizes[stage]
+        propagate = propagate @ matfun(h, lambda w, c=c: torch.exp(-c * w))
+    return scores
