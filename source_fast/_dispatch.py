@@ -38,7 +38,8 @@ class Backend:
     def extra_reasons(self, op: str, tensors: dict[str, torch.Tensor], deterministic: bool) -> list[str]:
         return []
 
-    def not_supported_reasons(self, op: str, tensors: dict[str, torch.Tensor], deterministic: bool = False) -> list[str]:
+    def not_supported_reasons(self, op: str, tensors: dict[str, torch.Tensor], deterministic: bool = False,
+                              explicit: bool = False) -> list[str]:
         reasons = []
         why = self.availability()
         if why:
@@ -86,15 +87,17 @@ class TritonBackend(Backend):
             return f"triton is not importable ({exc.__class__.__name__}: {exc})"
         return None
 
-    def not_supported_reasons(self, op, tensors, deterministic=False):
+    def not_supported_reasons(self, op, tensors, deterministic=False, explicit=False):
         if interpreting():
+            if not explicit:
+                return ["the Triton CPU interpreter (TRITON_INTERPRET=1) is for tests: request backend='triton'"]
             # The interpreter runs on CPU tensors; allow it only when asked for by name.
             saved, self.devices = self.devices, ("cpu",)
             try:
-                return super().not_supported_reasons(op, tensors, deterministic)
+                return super().not_supported_reasons(op, tensors, deterministic, explicit)
             finally:
                 self.devices = saved
-        return super().not_supported_reasons(op, tensors, deterministic)
+        return super().not_supported_reasons(op, tensors, deterministic, explicit)
 
     def function(self, op):
         module = importlib.import_module(f"source_fast.kernels.{op}")
@@ -161,7 +164,7 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)} or None, got {requested!r}")
-        reasons = BACKENDS[requested].not_supported_reasons(op, tensors, deterministic)
+        reasons = BACKENDS[requested].not_supported_reasons(op, tensors, deterministic, explicit=True)
         if reasons:
             table = explain(op, tensors, deterministic=deterministic)
             raise NotImplementedError(

@@ -1,0 +1,83 @@
+"""Tiny models, tasks and training runs shared by the pipeline tests."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+
+
+class ClassificationTask(sf.Task):
+    """Summed cross-entropy; sample=True draws labels from the model's predictive distribution."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        logits = model(x)
+        if sample:
+            with torch.no_grad():
+                y = torch.multinomial(F.softmax(logits.double(), -1), 1).flatten()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return F.cross_entropy(model(x), y, reduction="sum")
+
+
+class RegressionTask(sf.Task):
+    """Gaussian NLL (unit variance): 0.5 (f − y)² summed; sample=True draws y ~ N(f, 1)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        pred = model(x)
+        if sample:
+            with torch.no_grad():
+                y = pred + torch.randn_like(pred)
+        return 0.5 * ((pred - y) ** 2).sum()
+
+    def compute_measurement(self, batch, model):
+        x, y = batch
+        return 0.5 * ((model(x) - y) ** 2).sum()
+
+
+def mlp(d_in=4, hidden=5, d_out=3, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_out)).to(dtype)
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, kernel_size=3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def classification_data(n=24, d_in=4, classes=3, dtype=torch.float64, seed=0, image=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=gen, dtype=dtype) if image else torch.randn(n, d_in, generator=gen,
+                                                                                      dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return TensorDataset(x, y)
+
+
+def train_run(model, dataset, *, steps=30, every=5, lr=0.3, momentum=0.0, lr_schedule=None, batch=None):
+    """Full-batch (or fixed mini-batch) SGD; returns (checkpoints, steps, per-step lrs)."""
+    x, y = dataset.tensors
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    lrs = [lr_schedule(k) if lr_schedule else lr for k in range(steps)]
+    ckpts, ckpt_steps = [], []
+    for k in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lrs[k]
+        idx = slice(None) if batch is None else slice((k * batch) % len(x), (k * batch) % len(x) + batch)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if (k + 1) % every == 0:
+            ckpts.append({key: v.detach().clone() for key, v in model.state_dict().items()})
+            ckpt_steps.append(k + 1)
+    return ckpts, ckpt_steps, lrs

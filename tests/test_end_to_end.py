@@ -1,0 +1,172 @@
+"""The whole pipeline against the dense float64 oracle, and the §5 invariances at pipeline level."""
+import pytest
+import torch
+from scipy.stats import spearmanr
+from torch.utils.data import Subset
+
+import source_fast as sf
+from source_fast.reference.dense_source import dense_source_scores
+
+from _models import ClassificationTask, TinyCNN, classification_data, mlp, train_run
+
+
+def _setup(model, data, **train_kw):
+    ckpts, steps, lrs = train_run(model, data, **train_kw)
+    return ckpts, steps, lrs
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _rank_checks(scores, oracle, k=10):
+    for q in range(scores.shape[0]):
+        rho = spearmanr(scores[q].double().numpy(), oracle[q].numpy()).statistic
+        assert rho >= 0.999, f"query {q}: Spearman {rho:.5f} < 0.999"
+        top = set(torch.topk(scores[q].double(), k).indices.tolist())
+        top_ref = set(torch.topk(oracle[q], k).indices.tolist())
+        assert len(top & top_ref) / k >= 0.9, f"query {q}: top-{k} overlap {len(top & top_ref)}/{k}"
+
+
+@pytest.fixture(scope="module")
+def mlp_run():
+    data = classification_data(n=24)
+    model = mlp()
+    ckpts, steps, lrs = _setup(model, data, steps=30, every=5, lr=0.3, lr_schedule=lambda k: 0.3 * (1 - k / 40))
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    return model, data, run
+
+
+@pytest.mark.parametrize("method", ["source", "influence"])
+def test_mlp_matches_dense_oracle_float64(mlp_run, method):
+    model, data, run = mlp_run
+    queries = Subset(data, range(5))
+    kw = {"damping": 0.01} if method == "influence" else {}
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, fisher="empirical", batch_size=7,
+                                 progress=False, **kw)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
+    assert scores.dtype == torch.float64
+    assert _rel(scores, oracle) <= 1e-6
+
+
+def test_cnn_matches_dense_oracle_float64():
+    data = classification_data(n=16, image=True)
+    torch.manual_seed(1)
+    model = TinyCNN().double()
+    ckpts, steps, lrs = _setup(model, data, steps=12, every=4, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+
+
+def test_mlp_float32_ranks_match_oracle():
+    data64 = classification_data(n=40, d_in=6)
+    model = mlp(d_in=6, hidden=8)
+    ckpts, steps, lrs = _setup(model, data64, steps=30, every=5, lr=0.3)
+    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    queries64 = Subset(data64, range(6))
+    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64)
+    ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
+    x, y = data64.tensors
+    data32 = torch.utils.data.TensorDataset(x.float(), y)
+    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=3)
+    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, fisher="empirical", batch_size=16,
+                                 progress=False)
+    scores = analyzer.pairwise_scores(Subset(data32, range(6)), data32)
+    assert scores.dtype == torch.float32
+    _rank_checks(scores, oracle)
+
+
+def test_self_scores_equal_pairwise_diagonal_for_every_method(mlp_run):
+    model, data, run = mlp_run
+    for method in ("source", "fast_source", "influence", "tracin", "gradient_dot"):
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, batch_size=7, progress=False)
+        pairwise = analyzer.pairwise_scores(data, data)
+        self_scores = analyzer.self_scores(data)
+        assert torch.allclose(self_scores, torch.diagonal(pairwise), rtol=1e-9, atol=1e-14), method
+
+
+def test_scaling_loss_by_k_and_lr_by_one_over_k_changes_nothing(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    k = 7.0
+    scaled = sf.TrainingRun(run.checkpoints, run.steps, lr=list(run.lrs / k), num_segments=3, loss_scale=k)
+    base = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, progress=False)
+    other = sf.SourceAnalyzer(model, ClassificationTask(), scaled, batch_size=8, progress=False)
+    a, b = base.pairwise_scores(queries, data), other.pairwise_scores(queries, data)
+    assert torch.allclose(a, b, rtol=1e-9, atol=1e-14)
+    # ... while changing only the loss scale does change them (the check can fail).
+    wrong = sf.TrainingRun(run.checkpoints, run.steps, lr=list(run.lrs), num_segments=3, loss_scale=k)
+    c = sf.SourceAnalyzer(model, ClassificationTask(), wrong, batch_size=8, progress=False).pairwise_scores(queries,
+                                                                                                            data)
+    assert not torch.allclose(a * k, c, rtol=1e-3)
+
+
+def test_duplicating_a_checkpoint_changes_no_score(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(3))
+    c, s = run.checkpoints, run.steps
+    # Two one-checkpoint segments vs. the same segments with the first checkpoint duplicated.
+    plain = sf.TrainingRun([c[1], c[5]], [s[1], s[5]], lr=list(run.lrs), num_segments=[s[1]])
+    dup = sf.TrainingRun([c[1], c[1], c[5]], [s[0], s[1], s[5]], lr=list(run.lrs), num_segments=[s[1]])
+    # Empirical Fisher: with sampled labels each checkpoint draws its own labels (seeded per checkpoint).
+    a = sf.SourceAnalyzer(model, ClassificationTask(), plain, fisher="empirical", batch_size=8, progress=False)
+    b = sf.SourceAnalyzer(model, ClassificationTask(), dup, fisher="empirical", batch_size=8, progress=False)
+    assert torch.allclose(a.pairwise_scores(queries, data), b.pairwise_scores(queries, data), rtol=1e-9, atol=1e-14)
+
+
+def test_sampled_fisher_is_seeded(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(3))
+    make = lambda seed: sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, seed=seed,  # noqa: E731
+                                          progress=False).pairwise_scores(queries, data)
+    first, again, other = make(0), make(0), make(1)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_large_lr_mass_approaches_influence_function(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    one = sf.TrainingRun([run.checkpoints[-1]], [run.steps[-1]], lr=1e8, num_segments=1)
+    source = sf.SourceAnalyzer(model, ClassificationTask(), one, fisher="empirical", batch_size=8, progress=False)
+    influence = sf.SourceAnalyzer(model, ClassificationTask(), one, method="influence", damping=1e-12,
+                                  fisher="empirical", batch_size=8, progress=False)
+    a, b = source.pairwise_scores(queries, data), influence.pairwise_scores(queries, data)
+    assert _rel(a, b) < 1e-4
+
+
+def test_small_lr_mass_approaches_gradient_dot(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    one = sf.TrainingRun([run.checkpoints[-1]], [run.steps[-1]], lr=1e-9, num_segments=1)
+    source = sf.SourceAnalyzer(model, ClassificationTask(), one, batch_size=8, progress=False)
+    dot = sf.SourceAnalyzer(model, ClassificationTask(), one, method="gradient_dot", batch_size=8, progress=False)
+    c = one.segments[0].c
+    ratio = source.pairwise_scores(queries, data) / (c * dot.pairwise_scores(queries, data))
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+
+
+def test_multi_stage_matches_oracle_and_masks_other_stages():
+    data = classification_data(n=20)
+    model = mlp()
+    ckpts, steps, lrs = _setup(model, data, steps=24, every=4, lr=0.3)
+    stages = [0] * 12 + [1] * 8
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3, stage_boundaries=[12], example_stages=stages)
+    assert [s.stage for s in run.segments] == [0, 0, 1] or [s.stage for s in run.segments] == [0, 1, 1]
+    assert all(s.end <= 12 or s.start >= 12 for s in run.segments), "segments must not cross the stage boundary"
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=6, progress=False)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+    # The oracle zeroes stage-2 segments' contributions for stage-1 examples and uses N_ℓ per stage,
+    # independently of the pipeline; an unmasked pipeline would not match it (checked below).
+    unmasked = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=[s.end for s in run.segments[:-1]])
+    plain = sf.SourceAnalyzer(model, ClassificationTask(), unmasked, fisher="empirical", batch_size=6,
+                              progress=False).pairwise_scores(queries, data)
+    assert _rel(plain, oracle) > 1e-2
