@@ -171,7 +171,10 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
                 f"backend {requested!r} cannot run {op} on inputs {_inputs_summary(tensors)}: "
                 f"{'; '.join(reasons)}\nAll backends:\n{table}"
             )
-        return requested, _checked(requested, op, tensors)
+        fn = _checked(requested, op, tensors)
+        if (requested, op) in _disabled:
+            raise NotImplementedError(f"backend {requested!r} cannot run {op}: {_disabled[(requested, op)]}")
+        return requested, fn
     for name, b in BACKENDS.items():
         reasons = b.not_supported_reasons(op, tensors, deterministic)
         if not reasons:
@@ -187,7 +190,13 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
 
 
 def _checked(name: str, op: str, tensors) -> Callable:
-    fn = BACKENDS[name].function(op)
+    try:
+        fn = BACKENDS[name].function(op)
+    except Exception as exc:  # a partial or broken build: disable, explain, fall through
+        _disabled[(name, op)] = f"loading its entry point raised {exc.__class__.__name__}: {exc}"
+        warnings.warn(f"source_fast: backend {name!r} disabled for {op}: {_disabled[(name, op)]}", RuntimeWarning,
+                      stacklevel=3)
+        return BACKENDS["torch"].function(op)
     if name == "torch":
         return fn
     device = next((t.device for t in tensors.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))

@@ -7,6 +7,7 @@
 """
 import os
 import random
+import sys
 
 import pytest
 
@@ -20,6 +21,12 @@ except Exception:  # torch missing: let the import errors surface in the tests t
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests run against the installed package. The repository root must not be on sys.path: its
+# Triton folder `kernels/` would shadow the PyPI package `kernels` that transformers probes for
+# (`python -m pytest` puts the working directory first).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 
 def pytest_collection_modifyitems(config, items):

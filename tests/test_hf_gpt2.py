@@ -1,0 +1,114 @@
+"""A GPT-2-style model from a transformers config (random init, no download) end to end."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+import source_fast as sf
+from source_fast.reference.dense_source import dense_source_scores
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQ = 20, 6
+
+
+class TokenDataset(Dataset):
+    def __init__(self, ids, mask):
+        self.ids, self.mask = ids, mask
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+
+
+class LMTask(sf.Task):
+    """Next-token NLL summed over tokens (and examples); padded positions ignored."""
+
+    def __init__(self, modules):
+        self.modules = modules
+
+    def _loss(self, batch, model, sample):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        if sample:
+            with torch.no_grad():
+                drawn = torch.multinomial(F.softmax(logits.reshape(-1, VOCAB).double(), -1), 1).reshape(labels.shape)
+                labels = drawn.masked_fill(labels == -100, -100)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum")
+
+    def compute_train_loss(self, batch, model, sample=False):
+        return self._loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        return self._loss(batch, model, False)
+
+    def get_influence_tracked_modules(self):
+        return self.modules
+
+    def get_attention_mask(self, batch):
+        return batch["attention_mask"]
+
+
+def _gpt2(dtype):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def _train(model, data, steps=8, every=2, lr=0.5):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    task = LMTask(None)
+    ckpts, ckpt_steps = [], []
+    for k in range(steps):
+        opt.zero_grad()
+        (task.compute_train_loss(batch, model) / len(data)).backward()
+        opt.step()
+        if (k + 1) % every == 0:
+            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+            ckpt_steps.append(k + 1)
+    return ckpts, ckpt_steps
+
+
+def _conv1d_names(model):
+    return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+
+
+def test_gpt2_matches_dense_oracle_float64():
+    model = _gpt2(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (10, SEQ), generator=gen)
+    data = TokenDataset(ids, torch.ones_like(ids))
+    ckpts, steps = _train(model, data)
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    names = _conv1d_names(model)
+    assert len(names) == 4
+    task = LMTask(names)
+    queries = Subset(data, range(2))
+    analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=4, progress=False)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data, module_names=names)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
+
+
+def test_gpt2_with_padding_runs_end_to_end(tmp_path):
+    model = _gpt2(torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (12, SEQ), generator=gen)
+    lengths = torch.randint(3, SEQ + 1, (12,), generator=gen)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    data = TokenDataset(ids, mask)
+    ckpts, steps = _train(model, data)
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    analyzer = sf.SourceAnalyzer(model, LMTask(None), run, output_dir=tmp_path, batch_size=5, progress=False)
+    tracked = [layer.name for layer in analyzer.layers]
+    assert "lm_head" in tracked and any(".attn.c_attn" in n for n in tracked)  # Linear + Conv1D both tracked
+    pairwise = analyzer.pairwise_scores(data, data)
+    self_scores = analyzer.self_scores(data)
+    assert pairwise.shape == (12, 12) and torch.isfinite(pairwise).all()
+    assert torch.allclose(self_scores, torch.diagonal(pairwise), rtol=1e-4, atol=1e-7)
+    assert (tmp_path / "factors" / "segment_1.safetensors").exists()
