@@ -57,6 +57,9 @@ def eigen_basis(cov: torch.Tensor, *, name: str, segment: int, check_finite: boo
                                  "(non-finite activations or gradients in the data?); pass check_finite=False to "
                                  "propagate")
     cov64 = (cov64 + cov64.T) * 0.5
+    if not check_finite and not bool(torch.isfinite(cov64).all()):
+        nan = torch.full_like(cov64, float("nan"))  # propagate, as asked: every score touching it is NaN
+        return nan[0], nan
     try:
         evals, evecs = torch.linalg.eigh(cov64)
     except torch.linalg.LinAlgError as exc:

@@ -127,7 +127,7 @@ class TrainingRun:
             values = [lr(k) for k in range(total)]
         elif isinstance(lr, (int, float)) and not isinstance(lr, bool):
             values = [float(lr)] * total
-        elif isinstance(lr, (Sequence, np.ndarray, torch.Tensor)):
+        elif isinstance(lr, (Sequence, np.ndarray, torch.Tensor)) and not isinstance(lr, (str, bytes)):
             values = [float(x) for x in lr]
             if len(values) < total:
                 raise ValueError(f"lr must have at least one entry per update (steps[-1] = {total}), got {len(values)}")

@@ -1,0 +1,152 @@
+"""Bad input gets a clear error naming the argument, what was expected and what was given.
+
+Each row: (description, callable building the bad call, exception type, message regex). The table
+in README.md ("Errors") lists the same cases.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import source_fast as sf
+from source_fast import ops, spectral
+
+from _models import ClassificationTask, classification_data, mlp
+
+
+def _ckpts(model, n=3):
+    return [{k: v.clone() for k, v in model.state_dict().items()} for _ in range(n)]
+
+
+MODEL = mlp()
+CKPTS = _ckpts(MODEL)
+DATA = classification_data(n=10)
+
+
+def run(**kw):
+    args = dict(checkpoints=CKPTS, steps=[2, 4, 6], lr=0.1, num_segments=3)
+    args.update(kw)
+    return sf.TrainingRun(**args)
+
+
+def analyzer(model=MODEL, task=None, training_run=None, **kw):
+    return sf.SourceAnalyzer(model, task or ClassificationTask(), training_run or run(), progress=False, **kw)
+
+
+class NoMeasurement:
+    def compute_train_loss(self, batch, model, sample=False):
+        return torch.zeros(())
+
+
+class VectorLossTask(ClassificationTask):
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+BAD_INPUTS = [
+    # TrainingRun
+    ("empty checkpoint list", lambda: run(checkpoints=[], steps=[]), ValueError, "at least one checkpoint"),
+    ("checkpoints not a list", lambda: run(checkpoints=CKPTS[0]), TypeError, "checkpoints must be a list"),
+    ("checkpoint of wrong type", lambda: run(checkpoints=[1, 2, 3]), TypeError, r"checkpoints\[0\] must be"),
+    ("steps length mismatch", lambda: run(steps=[2, 4]), ValueError, "one entry per checkpoint"),
+    ("steps out of order", lambda: run(steps=[2, 6, 4]), ValueError, "strictly increasing"),
+    ("negative step", lambda: run(steps=[-1, 4, 6]), ValueError, r"steps\[0\] must be an integer >= 0"),
+    ("negative learning rate", lambda: run(lr=-0.1), ValueError, "lr at step 0 must be a finite number >= 0"),
+    ("non-finite learning rate", lambda: run(lr=[0.1] * 3 + [math.nan] * 3), ValueError, "lr at step 3"),
+    ("lr schedule too short", lambda: run(lr=[0.1] * 5), ValueError, "at least one entry per update"),
+    ("lr of wrong type", lambda: run(lr="fast"), TypeError, "lr must be a float"),
+    ("more segments than checkpoints", lambda: run(num_segments=4), ValueError,
+     r"num_segments \(4\) must not exceed the number of checkpoints \(3\)"),
+    ("zero segments", lambda: run(num_segments=0), ValueError, "num_segments must be >= 1"),
+    ("segment without checkpoint", lambda: run(num_segments=[1]), ValueError, "contains no checkpoint"),
+    ("momentum out of range", lambda: run(momentum=1.0), ValueError, r"momentum must be a number in \[0, 1\)"),
+    ("stage boundary outside run", lambda: run(stage_boundaries=[6], example_stages=[0] * 10), ValueError,
+     r"stage_boundaries\[0\] must be a step in"),
+    ("stages without example_stages", lambda: run(stage_boundaries=[3]), ValueError, "example_stages is required"),
+    ("example stage out of range", lambda: run(stage_boundaries=[3], example_stages=[0, 2]), ValueError,
+     r"example_stages values must be in \[0, 1\]"),
+    ("non-positive loss scale", lambda: run(loss_scale=0), ValueError, "loss_scale must be a finite number > 0"),
+    ("adam without moments", lambda: run(optimizer="adam"), ValueError, "needs adam_second_moments"),
+    ("unknown optimizer", lambda: run(optimizer="lion"), ValueError, "optimizer must be 'sgd' or 'adam'"),
+    # SourceAnalyzer
+    ("model not a module", lambda: analyzer(model="net"), TypeError, "model must be a torch.nn.Module"),
+    ("task missing a method", lambda: analyzer(task=NoMeasurement()), TypeError,
+     r"task must implement compute_measurement"),
+    ("run of wrong type", lambda: sf.SourceAnalyzer(MODEL, ClassificationTask(), {"steps": 1}), TypeError,
+     "run must be a source_fast.TrainingRun"),
+    ("unknown method", lambda: analyzer(method="magic"), ValueError, "method must be one of"),
+    ("unknown fisher", lambda: analyzer(fisher="exact"), ValueError, "fisher must be 'sampled' or 'empirical'"),
+    ("bad batch size", lambda: analyzer(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
+    ("negative damping", lambda: analyzer(damping=-1.0), ValueError, "damping must be a finite float >= 0"),
+    ("zero damping for influence", lambda: analyzer(method="influence", damping=0.0), ValueError,
+     "damping for method='influence' must be a finite float > 0"),
+    ("model without supported modules", lambda: analyzer(model=nn.Sequential(nn.Tanh())), ValueError,
+     "has no supported modules"),
+    ("unknown tracked module", lambda: analyzer(task=type("T", (ClassificationTask,), {
+        "get_influence_tracked_modules": lambda self: ["nope"]})()), ValueError, "tracked module 'nope'"),
+    ("mismatched checkpoint keys", lambda: analyzer(training_run=run(
+        checkpoints=[{"0.weight": torch.zeros(5, 4)}] + CKPTS[1:])), ValueError,
+     r"checkpoints\[0\] does not match the model's state_dict: missing keys"),
+    ("empty dataset", lambda: analyzer().fit(TensorDataset(torch.zeros(0, 4), torch.zeros(0).long())),
+     ValueError, "train_dataset is empty"),
+    ("dataset without length", lambda: analyzer().fit(iter([1, 2])), TypeError, "map-style"),
+    ("example_stages length mismatch", lambda: analyzer(training_run=run(
+        stage_boundaries=[3], example_stages=[0, 1], num_segments=2)).fit(DATA), ValueError,
+     "example_stages has 2 entries but train_dataset has 10"),
+    ("task returning a vector", lambda: analyzer(task=VectorLossTask()).fit(DATA), TypeError,
+     "must return a scalar tensor"),
+    # ops
+    ("op input not a tensor", lambda: ops.covariance([[1.0]]), TypeError, "x must be a torch.Tensor"),
+    ("op input wrong ndim", lambda: ops.covariance(torch.zeros(3)), ValueError, "x must have 2 dimensions"),
+    ("op integer dtype", lambda: ops.covariance(torch.zeros(3, 3, dtype=torch.long)), TypeError,
+     "x must have dtype in"),
+    ("op shape mismatch", lambda: ops.score_pairwise(torch.zeros(2, 3, 4), torch.zeros(5, 1, 4),
+                                                     torch.zeros(5, 1, 2)), ValueError,
+     r"v must have size 2 in dimension 1"),
+    ("op dtype mismatch", lambda: ops.lambda_accum(torch.zeros(2, 1, 3), torch.zeros(2, 1, 2, dtype=torch.float64),
+                                                   torch.eye(3), torch.eye(2)), TypeError,
+     "a and g must share a dtype"),
+    ("op unknown backend", lambda: ops.covariance(torch.zeros(3, 3), backend="fpga"), ValueError,
+     "backend must be one of"),
+    ("spectral zero damping inverse", lambda: spectral.inverse(0), ValueError, "needs damping > 0"),
+]
+
+
+@pytest.mark.parametrize("build, exc, pattern", [pytest.param(b, e, p, id=d) for d, b, e, p in BAD_INPUTS])
+def test_bad_input_raises_clear_error(build, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        build()
+
+
+def test_non_finite_factors_raise_naming_layer_and_checkpoint():
+    model = mlp()
+    ckpts = _ckpts(model)
+    ckpts[1] = {k: v.clone() for k, v in ckpts[1].items()}
+    ckpts[1]["0.weight"][0, 0] = float("nan")
+    bad = sf.TrainingRun(ckpts, [2, 4, 6], lr=0.1, num_segments=3)
+    a = sf.SourceAnalyzer(model, ClassificationTask(), bad, fisher="empirical", progress=False)
+    with pytest.raises(FloatingPointError, match=r"layer '.*' at ckpt1 \(segment 1\) contains NaN/Inf"):
+        a.fit(DATA)
+
+
+def test_non_finite_data_propagates_when_checks_are_off():
+    x, y = DATA.tensors
+    x = x.clone()
+    x[0, 0] = float("inf")
+    a = sf.SourceAnalyzer(mlp(), ClassificationTask(), run(), fisher="empirical", progress=False,
+                          check_finite=False)
+    scores = a.pairwise_scores(TensorDataset(x[1:3], y[1:3]), TensorDataset(x, y))  # the user asked to propagate
+    assert not torch.isfinite(scores).all()
+    with pytest.raises(FloatingPointError, match="contains NaN/Inf"):
+        sf.SourceAnalyzer(mlp(), ClassificationTask(), run(), fisher="empirical", progress=False).fit(
+            TensorDataset(x, y))
+
+
+def test_checkpoint_file_missing_is_reported(tmp_path):
+    missing = tmp_path / "nope.pt"
+    r = run(checkpoints=[str(missing)] + CKPTS[1:])
+    with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: file .*nope.pt"):
+        analyzer(training_run=r).fit(DATA)
