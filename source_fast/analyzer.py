@@ -70,13 +70,15 @@ class SourceAnalyzer:
         backend / deterministic: passed to every op (see `source_fast.ops`).
         collate_fn: DataLoader collate function for your dataset.
         progress: show progress bars.
+        score_block: training examples per stored score block (rounded up to whole batches; default
+            about 4096). The unit of resumption for pairwise and self scores.
     """
 
     def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,
                  method: str = "source", damping: float | str | None = None, fisher: str = "sampled",
                  batch_size: int = 64, operator: str = "continuous", seed: int = 0, check_finite: bool = True,
                  overwrite: bool = False, backend: str | None = None, deterministic: bool | None = None,
-                 collate_fn: Callable | None = None, progress: bool = True):
+                 collate_fn: Callable | None = None, progress: bool = True, score_block: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_task(task)
@@ -96,11 +98,17 @@ class SourceAnalyzer:
         self.batch_size, self.seed, self.check_finite = batch_size, int(seed), check_finite
         self.overwrite, self.backend, self.deterministic = overwrite, backend, deterministic
         self.collate_fn, self.progress = collate_fn, progress
+        if score_block is not None and (isinstance(score_block, bool) or not isinstance(score_block, int)
+                                        or score_block < 1):
+            raise ValueError(f"score_block must be an integer >= 1 or None, got {score_block!r}")
+        # Whole batches per block, so a resumed run makes exactly the same batches (bitwise results).
+        target = score_block if score_block is not None else 4096
+        self.score_block = batch_size * max(1, -(-target // batch_size))
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.layers: list[TrackedLayer] = find_tracked_layers(model, tracked_module_names(task))
         self._check_checkpoint_keys()
         self.blocks: list[dict[str, EKFACBlock]] | None = None
-        self._fit_key: tuple | None = None
+        self._n_fit: int | None = None  # N of the fitted training set: every score's 1/N uses it
         self._state_cache: dict[str, dict] = {}
 
     # ------------------------------------------------------------------------------ validation
@@ -300,7 +308,7 @@ class SourceAnalyzer:
         """Fit the EK-FAC curvature of every segment (no-op for tracin / gradient_dot)."""
         n_train = self._check_dataset(train_dataset, "train_dataset")
         if self.method in ("tracin", "gradient_dot"):
-            self._fit_key = (n_train,)
+            self._n_fit = n_train
             return self
         config = self._factor_config(n_train)
         units = self._units("curvature")
@@ -386,13 +394,16 @@ class SourceAnalyzer:
                 io.save_tensors(self._path("factors", f"segment_{seg}.safetensors"), tensors, config,
                                 segment=seg, layers=[layer.name for layer in self.layers])
         self.blocks = blocks
-        self._fit_key = (n_train,)
+        self._n_fit = n_train
         return self
 
-    def _ensure_fit(self, train_dataset, n_train):
-        if self._fit_key != (n_train,):
+    def _ensure_fit(self, train_dataset):
+        """Fit on train_dataset unless fit() already ran; returns N and N_ℓ per stage of the fitted set
+        (scoring a subset of the training set keeps the full set's 1/N)."""
+        if self._n_fit is None:
             log.info("source_fast: fitting curvature first (fit() was not called for this training set)")
             self.fit(train_dataset)
+        return self._n_fit, self._stage_sizes(self._n_fit)
 
     # ------------------------------------------------------------------------------ operators
     def _damping_for(self, lam: torch.Tensor, c: float) -> float:
@@ -467,51 +478,93 @@ class SourceAnalyzer:
     def pairwise_scores(self, query_dataset, train_dataset) -> torch.Tensor:
         """Scores τ(z_q, z_m) as a CPU tensor ``[n_query, n_train]`` (fp32; float64 for a float64 model).
 
-        One pass over the training data per scored model state, for all queries at once."""
+        Training examples are processed in blocks of ``score_block`` examples; within a block every
+        scored model state makes one pass, for all queries at once. With an output_dir, each finished
+        block is flushed to ``scores/pairwise_<method>.npy`` before it is marked done, and a rerun with
+        the same configuration resumes from the finished blocks."""
         n_query = self._check_dataset(query_dataset, "query_dataset")
         n_train = self._check_dataset(train_dataset, "train_dataset")
-        stage_sizes = self._stage_sizes(n_train)
-        self._ensure_fit(train_dataset, n_train)
+        n_fit, stage_sizes = self._ensure_fit(train_dataset)
+        config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
+                  "operator": self.operator}
+        store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
         units = self._units("score")
-        final_unit = Unit(f"ckpt{len(self.run.checkpoints) - 1}",
-                          lambda: self.run.load_checkpoint(len(self.run.checkpoints) - 1), -1)
-        scores = torch.zeros(n_query, n_train, dtype=self.compute_dtype, device=self.device)
+        final_unit = self._final_unit()
         with self._session():
-            if self.method in ("source", "fast_source", "influence"):
-                self._load(final_unit)
-                vs = self._walk(self._query_grads(query_dataset, "query gradients"))
-            for unit in units:
+            if store is None or store.pending():
+                plan = self._score_plan(query_dataset, units, final_unit, stage_sizes, n_fit)
+            for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
+                cols = self._block_columns(b, n_train)
+                block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
+                for unit, v, weight, stage in plan:
+                    self._load(unit)
+                    in_stage = self._stage_mask(n_train, stage)
+                    for offset, size, rows in self._rows(Subset(train_dataset, cols), loss="empirical",
+                                                        desc=f"scoring {unit.uid} block {b + 1}"):
+                        part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
+                                                      deterministic=self.deterministic).to(self.compute_dtype)
+                                   for name, (a, g) in rows.items())
+                        if in_stage is not None:
+                            part = part * in_stage[cols[offset]:cols[offset] + size].to(part.dtype)
+                        block[:, offset:offset + size] += weight * part
+                if self.check_finite and not bool(torch.isfinite(block).all()):
+                    raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
+                                             "non-finite training gradients? pass check_finite=False to propagate")
+                self._emit(store, b, block)
+        return self._result(store)
+
+    # Scores of one block are a sum over (model state, direction, weight, stage) terms.
+    def _score_plan(self, query_dataset, units, final_unit, stage_sizes, n_train):
+        plan = []
+        if self.method in ("source", "fast_source", "influence"):
+            self._load(final_unit)
+            vs = self._walk(self._query_grads(query_dataset, "query gradients"))
+        for unit in units:
+            c, _, stage = self._segments()[unit.segment]
+            members = sum(1 for u in units if u.segment == unit.segment)
+            if self.method == "tracin":
                 self._load(unit)
-                c, _, stage = self._segments()[unit.segment]
-                members = sum(1 for u in units if u.segment == unit.segment)
-                if self.method == "tracin":
-                    v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
-                    weight = c / members / stage_sizes[stage]
-                elif self.method == "gradient_dot":
-                    self._load(final_unit)
-                    v = self._query_grads(query_dataset, "query gradients")
-                    weight = 1.0 / n_train
-                else:
-                    v = vs[unit.segment]
-                    weight = 1.0 / members / (stage_sizes[stage] if self.method != "influence" else n_train)
-                weight *= self.run.loss_scale
-                in_stage = self._stage_mask(n_train, stage)
-                for offset, size, rows in self._rows(train_dataset, loss="empirical", desc=f"scoring {unit.uid}"):
-                    block = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
-                                                   deterministic=self.deterministic).to(self.compute_dtype)
-                                for name, (a, g) in rows.items())
-                    if in_stage is not None:
-                        block = block * in_stage[offset:offset + size].to(block.dtype)
-                    scores[:, offset:offset + size] += weight * block
-                if self.check_finite and not bool(torch.isfinite(scores).all()):
-                    raise FloatingPointError(f"scores became non-finite while scoring {unit.uid} (segment "
-                                             f"{unit.segment}): non-finite training gradients? pass "
-                                             "check_finite=False to propagate")
-        scores = scores.cpu()
-        if self.output_dir is not None:
-            io.save_tensors(self._path("scores", f"pairwise_{self.method}.safetensors"), {"scores": scores},
-                            {**self._factor_config(n_train), "n_query": n_query})
-        return scores
+                v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
+                weight = c / members / stage_sizes[stage]
+            elif self.method == "gradient_dot":
+                self._load(final_unit)
+                v = self._query_grads(query_dataset, "query gradients")
+                weight = 1.0 / n_train
+            else:
+                v = vs[unit.segment]
+                weight = 1.0 / members / (stage_sizes[stage] if self.method != "influence" else n_train)
+            plan.append((unit, v, weight * self.run.loss_scale, stage))
+        return plan
+
+    def _final_unit(self) -> Unit:
+        last = len(self.run.checkpoints) - 1
+        return Unit(f"ckpt{last}", lambda: self.run.load_checkpoint(last), -1)
+
+    def _num_blocks(self, n_train):
+        return (n_train + self.score_block - 1) // self.score_block
+
+    def _block_columns(self, b, n_train):
+        return list(range(b * self.score_block, min((b + 1) * self.score_block, n_train)))
+
+    def _store(self, name, shape, config):
+        self._pending_result = torch.empty(shape, dtype=self.compute_dtype)
+        if self.output_dir is None:
+            return None
+        dtype = "float64" if self.compute_dtype == torch.float64 else "float32"
+        return io.ScoreStore(self._path("scores"), name, shape, dtype, self.score_block, config,
+                             overwrite=self.overwrite)
+
+    def _emit(self, store, b, block):
+        if store is None:
+            cols = slice(b * self.score_block, b * self.score_block + block.shape[-1])
+            self._pending_result[..., cols] = block.cpu()
+        else:
+            store.write(b, block.cpu().numpy())
+
+    def _result(self, store):
+        if store is None:
+            return self._pending_result
+        return torch.from_numpy(store.scores[...].copy())
 
     def _stage_mask(self, n_train, stage):
         if self.run.example_stages is None or self.method in ("influence", "gradient_dot"):
@@ -521,68 +574,72 @@ class SourceAnalyzer:
     def self_scores(self, train_dataset) -> torch.Tensor:
         """Self-influence τ(z_m, z_m) with ∇f = the example's own training-loss gradient, ``[n_train]``.
 
-        Equal to the diagonal of pairwise_scores(train, train) when the measurement is the training loss."""
+        Equal to the diagonal of pairwise_scores(train, train) when the measurement is the training
+        loss. Stored and resumable in blocks like `pairwise_scores`."""
         n_train = self._check_dataset(train_dataset, "train_dataset")
-        stage_sizes = self._stage_sizes(n_train)
-        self._ensure_fit(train_dataset, n_train)
-        out = torch.zeros(n_train, dtype=self.compute_dtype, device=self.device)
+        n_fit, stage_sizes = self._ensure_fit(train_dataset)
+        config = {**self._factor_config(n_fit), "n_scored": n_train, "damping": self.damping,
+                  "operator": self.operator}
+        store = self._store(f"self_{self.method}", (n_train,), config)
         with self._session():
-            if self.method == "influence":
-                self._influence_self(train_dataset, out, n_train)
-            else:
-                self._walked_self(train_dataset, out, n_train, stage_sizes)
-        out = out.cpu()
-        if self.output_dir is not None:
-            io.save_tensors(self._path("scores", f"self_{self.method}.safetensors"), {"scores": out},
-                            self._factor_config(n_train))
-        return out
+            for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
+                cols = self._block_columns(b, n_train)
+                block = torch.zeros(len(cols), dtype=self.compute_dtype, device=self.device)
+                if self.method == "influence":
+                    self._influence_self(Subset(train_dataset, cols), block, n_fit)
+                else:
+                    for start in range(0, len(cols), self.batch_size):
+                        idx = cols[start:start + self.batch_size]
+                        block[start:start + len(idx)] = self._walked_self(Subset(train_dataset, idx), idx,
+                                                                          n_fit, stage_sizes)
+                if self.check_finite and not bool(torch.isfinite(block).all()):
+                    raise FloatingPointError(f"self-influence of training examples {cols[0]}..{cols[-1]} is "
+                                             "non-finite; pass check_finite=False to propagate")
+                self._emit(store, b, block)
+        return self._result(store)
 
-    def _influence_self(self, train_dataset, out, n_train):
-        """⟨G_n, (H̄+δ)⁻¹ G_n⟩ in the eigenbasis: the fused score_self op (rank one: O(N·(O+I)) extra)."""
+    def _influence_self(self, chunk, out, n_train):
+        """⟨G_n, (H̄+δ)⁻¹ G_n⟩ in the eigenbasis: the fused score_self op (rank one: a GEMM, no G_n)."""
         self._load(self._units("score")[0])
         c = self._segments()[0][0]
         weights = {name: 1.0 / (b.lam.clamp_min(0) + self._damping_for(b.lam, c)) for name, b in self.blocks[0].items()}
-        for offset, size, rows in self._rows(train_dataset, loss="empirical", desc="self-influence"):
+        for offset, size, rows in self._rows(chunk, loss="empirical", desc="self-influence"):
             for name, (a, g) in rows.items():
                 b = self.blocks[0][name]
                 out[offset:offset + size] += ops.score_self(a, g, b.q_s, b.q_a, weights[name], backend=self.backend,
                                                             deterministic=self.deterministic).to(out.dtype)
         out *= self.run.loss_scale / n_train
 
-    def _walked_self(self, train_dataset, out, n_train, stage_sizes):
-        """Per batch: gradients at every model state, then the walk with Q = batch (chunked)."""
+    def _walked_self(self, chunk, idx, n_train, stage_sizes):
+        """One batch: gradients at every model state, then the walk with Q = batch."""
         units = self._units("score")
         segments = self._segments()
-        final_unit = Unit(f"ckpt{len(self.run.checkpoints) - 1}",
-                          lambda: self.run.load_checkpoint(len(self.run.checkpoints) - 1), -1)
+        final_unit = self._final_unit()
         stages = self.run.example_stages
-        loader_units = [final_unit] + units
-        for start in tqdm(range(0, n_train, self.batch_size), desc="self-influence", disable=not self.progress):
-            idx = list(range(start, min(start + self.batch_size, n_train)))
-            chunk = Subset(train_dataset, idx)
-            grads = {}
-            for unit in loader_units:
-                self._load(unit)
-                grads[unit.uid if unit.segment >= 0 else "final"] = self._query_grads_quiet(chunk)
-            u = grads["final"]
-            if self.method in ("tracin", "gradient_dot"):
-                for unit in (units if self.method == "tracin" else [final_unit]):
-                    g_c = grads[unit.uid] if unit.segment >= 0 else u
-                    seg = max(unit.segment, 0)
-                    c, _, stage = segments[seg]
-                    members = sum(1 for x in units if x.segment == seg)
-                    w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
-                    val = sum((g_c[n] * g_c[n]).sum((1, 2)) for n in g_c)
-                    in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
-                    out[start:start + len(idx)] += w * self.run.loss_scale * val * in_stage
-                continue
-            vs = self._walk(u)
-            for seg, (c, _, stage) in enumerate(segments):
-                members = [x for x in units if x.segment == seg]
-                g_bar = {n: sum(grads[x.uid][n] for x in members) / len(members) for n in u}
-                val = sum((vs[seg][n] * g_bar[n]).sum((1, 2)) for n in u)
-                out[start:start + len(idx)] += (self.run.loss_scale / stage_sizes[stage]) * val * \
-                    self._chunk_stage(stages, idx, stage)
+        grads = {}
+        for unit in [final_unit] + units:
+            self._load(unit)
+            grads[unit.uid if unit.segment >= 0 else "final"] = self._query_grads_quiet(chunk)
+        u = grads["final"]
+        out = torch.zeros(len(idx), dtype=self.compute_dtype, device=self.device)
+        if self.method in ("tracin", "gradient_dot"):
+            for unit in (units if self.method == "tracin" else [final_unit]):
+                g_c = grads[unit.uid] if unit.segment >= 0 else u
+                seg = max(unit.segment, 0)
+                c, _, stage = segments[seg]
+                members = sum(1 for x in units if x.segment == seg)
+                w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
+                val = sum((g_c[n] * g_c[n]).sum((1, 2)) for n in g_c)
+                in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
+                out += w * self.run.loss_scale * val * in_stage
+            return out
+        vs = self._walk(u)
+        for seg, (c, _, stage) in enumerate(segments):
+            members = [x for x in units if x.segment == seg]
+            g_bar = {n: sum(grads[x.uid][n] for x in members) / len(members) for n in u}
+            val = sum((vs[seg][n] * g_bar[n]).sum((1, 2)) for n in u)
+            out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
+        return out
 
     def _chunk_stage(self, stages, idx, stage):
         if stages is None:

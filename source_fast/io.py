@@ -111,3 +111,84 @@ def load_tensors(path: str | os.PathLike, config: dict | None = None,
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CorruptStoreError(f"stored file {str(path)!r}: tensor {k!r} contains non-finite values")
     return tensors, {"config": json.loads(meta.get("config", "{}")), "info": json.loads(meta.get("info", "{}"))}
+
+
+class ScoreStore:
+    """A score matrix on disk, written in column blocks (blocks of training examples), resumable.
+
+    Layout in ``directory``: ``<name>.npy`` (numpy memmap of the scores), ``<name>.done.npy`` (one
+    byte per block) and ``<name>.json`` (manifest: config, shape, dtype, block size; written
+    atomically). A block's scores are flushed to disk *before* its done byte is set and flushed, so
+    a crash at any point leaves every block marked done complete; blocks are written, never added
+    to, so recomputing an unmarked block is idempotent. Reopening under another configuration raises
+    StoreMismatchError unless ``overwrite=True``; unreadable or inconsistent files raise
+    CorruptStoreError (or are recreated with ``overwrite=True``).
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, shape: tuple[int, ...], dtype: str, block: int,
+                 config: dict, *, overwrite: bool = False):
+        import numpy as np
+        from numpy.lib.format import open_memmap
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shape, self.block = tuple(int(s) for s in shape), int(block)
+        self.num_blocks = (self.shape[-1] + self.block - 1) // self.block
+        self.paths = {k: self.directory / f"{name}{suffix}" for k, suffix in
+                      (("scores", ".npy"), ("done", ".done.npy"), ("manifest", ".json"))}
+        manifest = {"format_version": FORMAT_VERSION, "config_hash": config_hash(config), "config": config,
+                    "shape": list(self.shape), "dtype": dtype, "block": self.block}
+        manifest = json.loads(json.dumps(manifest, default=str))
+        existing = self._read_manifest()
+        reuse = existing is not None and not overwrite
+        if reuse and existing != manifest:
+            if existing.get("config_hash") != manifest["config_hash"]:
+                raise StoreMismatchError(f"scores in {str(self.directory)!r} ({name}) were computed with a different "
+                                         "configuration; use another output_dir or overwrite=True")
+            raise CorruptStoreError(f"score manifest {str(self.paths['manifest'])!r} disagrees with the request "
+                                    f"(shape/dtype/block): {existing.get('shape')} vs {list(self.shape)}")
+        if reuse:
+            try:
+                self.scores = open_memmap(self.paths["scores"], mode="r+")
+                self.done = open_memmap(self.paths["done"], mode="r+")
+            except Exception as exc:
+                raise CorruptStoreError(f"stored scores in {str(self.directory)!r} ({name}) are unreadable ({exc}); "
+                                        "pass overwrite=True to recompute") from exc
+            if self.scores.shape != self.shape or str(self.scores.dtype) != dtype or \
+                    self.done.shape != (self.num_blocks,):
+                raise CorruptStoreError(f"stored scores {str(self.paths['scores'])!r} have shape {self.scores.shape} "
+                                        f"/ dtype {self.scores.dtype}, expected {self.shape} / {dtype}")
+        else:
+            for path in self.paths.values():
+                if path.exists():
+                    path.unlink()
+            self.scores = open_memmap(self.paths["scores"], mode="w+", dtype=np.dtype(dtype), shape=self.shape)
+            self.done = open_memmap(self.paths["done"], mode="w+", dtype=np.uint8, shape=(self.num_blocks,))
+            self.scores.flush()
+            self.done.flush()
+            _fsync_dir(self.directory)
+            atomic_write_json(self.paths["manifest"], manifest)
+
+    def _read_manifest(self):
+        path = self.paths["manifest"]
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CorruptStoreError(f"score manifest {str(path)!r} is unreadable ({exc}); pass overwrite=True") from exc
+
+    def columns(self, b: int) -> slice:
+        return slice(b * self.block, min((b + 1) * self.block, self.shape[-1]))
+
+    def pending(self) -> list[int]:
+        return [b for b in range(self.num_blocks) if not self.done[b]]
+
+    def write(self, b: int, values) -> None:
+        self.scores[..., self.columns(b)] = values
+        self.scores.flush()  # data first ...
+        self.done[b] = 1
+        self.done.flush()  # ... then its done byte
+
+    def complete(self) -> bool:
+        return bool(self.done.all())
