@@ -375,6 +375,12 @@ class SourceAnalyzer:
                             q_a, q_s = basis[name]
                             ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
                                              deterministic=self.deterministic)
+                    if self.check_finite:
+                        for name, lam in acc.items():
+                            if not bool(torch.isfinite(lam).all()):
+                                raise FloatingPointError(
+                                    f"eigenvalue correction Λ of layer {name!r} at {unit.uid} (segment "
+                                    f"{unit.segment}) contains NaN/Inf; pass check_finite=False to propagate")
                     return {f"{name}.lam": lam * (self.run.loss_scale / n) for name, lam in acc.items()}
                 keys = [f"{layer.name}.lam" for layer in self.layers]
                 lams[unit.uid] = self._load_or_compute(self._path("factors", f"lambda_{unit.uid}.safetensors"),
