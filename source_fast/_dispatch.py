@@ -77,7 +77,6 @@ class TritonBackend(Backend):
     for tests, selected explicitly with backend="triton" under TRITON_INTERPRET=1)."""
 
     name = "triton"
-    devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
     def availability(self):
@@ -87,16 +86,14 @@ class TritonBackend(Backend):
             return f"triton is not importable ({exc.__class__.__name__}: {exc})"
         return None
 
+    @property
+    def devices(self):
+        # The CPU interpreter runs on CPU tensors; it is allowed only when asked for by name.
+        return ("cpu",) if interpreting() else ("cuda",)
+
     def not_supported_reasons(self, op, tensors, deterministic=False, explicit=False):
-        if interpreting():
-            if not explicit:
-                return ["the Triton CPU interpreter (TRITON_INTERPRET=1) is for tests: request backend='triton'"]
-            # The interpreter runs on CPU tensors; allow it only when asked for by name.
-            saved, self.devices = self.devices, ("cpu",)
-            try:
-                return super().not_supported_reasons(op, tensors, deterministic, explicit)
-            finally:
-                self.devices = saved
+        if interpreting() and not explicit:
+            return ["the Triton CPU interpreter (TRITON_INTERPRET=1) is for tests: request backend='triton'"]
         return super().not_supported_reasons(op, tensors, deterministic, explicit)
 
     def function(self, op):

@@ -35,9 +35,9 @@ def covariance(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Ten
     step = _chunk_rows(d, dt, x.shape[0])
     for start in range(0, x.shape[0], step):
         xs = x[start:start + step].to(dt)
-        if mask is not None:
-            xs = xs * mask[start:start + step].to(dt)[:, None]
-        result.addmm_(xs.T, xs)
+        # The mask weighs one factor only: Σ m x xᵀ (linear in m, as the contract says).
+        weighted = xs if mask is None else xs * mask[start:start + step].to(dt)[:, None]
+        result.addmm_(weighted.T, xs)
     # Symmetrise: addmm is symmetric in exact arithmetic only.
     result.copy_((result + result.T) * 0.5)
     return result

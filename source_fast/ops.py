@@ -87,6 +87,8 @@ def lambda_accum(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch
         check_tensor("out", out, ndim=2, dtypes=(torch.float32, torch.float64), shape=(g.shape[2], a.shape[2]))
     check_same_device(a=a, g=g, q_a=q_a, q_s=q_s, out=out)
     tensors = {"a": a, "g": g, "q_a": q_a, "q_s": q_s}
+    if out is not None:  # a float64 accumulator must reach a backend that accumulates in float64
+        tensors["out"] = out
     return _run("lambda_accum", tensors, backend, deterministic, a, g, q_a, q_s, *([out] if out is not None else []))
 
 

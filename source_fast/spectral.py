@@ -90,14 +90,19 @@ def evaluate(spec: Spectral, sigma: torch.Tensor) -> torch.Tensor:
     if kind == "source_r":
         return _one_minus_exp_over(s + spec.damping, spec.c)
     # Discrete (exact unrolling of K steps with constant η): 1 − ησ may be negative (unstable step).
-    base = 1.0 - spec.eta * s
-    powered = base ** spec.steps
+    x = spec.eta * s
+    stable = x < 1
+    # For 0 ≤ ησ < 1: base^K = exp(K log1p(−ησ)) and 1 − base^K = −expm1(K log1p(−ησ)): no
+    # cancellation near σ = 0. For ησ ≥ 1 the direct form has none to fear.
+    log_base = torch.log1p(-torch.where(stable, x, torch.zeros_like(x)))
+    powered = torch.where(stable, torch.exp(spec.steps * log_base), (1.0 - x) ** spec.steps)
     if kind == "discrete_s":
         return powered
-    # discrete_r = η Σ_{j<K} base^j; evaluated as (1 − base^K)/σ, with its limit ηK at σ → 0.
-    small = s * spec.eta * max(spec.steps, 1) < 1e-8
-    safe = torch.where(small, torch.ones_like(s), s)
-    return torch.where(small, torch.full_like(s, spec.eta * spec.steps), (1.0 - powered) / safe)
+    one_minus = torch.where(stable, -torch.expm1(spec.steps * log_base), 1.0 - powered)
+    # discrete_r = η Σ_{j<K} base^j = (1 − base^K)/σ, with its limit ηK at σ = 0.
+    zero = s == 0
+    safe = torch.where(zero, torch.ones_like(s), s)
+    return torch.where(zero, torch.full_like(s, spec.eta * spec.steps), one_minus / safe)
 
 
 def _one_minus_exp_over(s: torch.Tensor, c: float) -> torch.Tensor:

@@ -1,0 +1,316 @@
+"""Shared pieces of the Triton kernels: block sizes, dtype codes, the spectral epilogue and one
+generic batched GEMM (`bmm`) used for the token rotations of lambda_accum and score_self and for
+all four stages of kron_project.
+
+Rules every kernel in this folder follows (STYLE.md §6.4-6.6):
+- accumulation is fp32 (`tl.float32`) for fp16/bf16/fp32 inputs; float64 is not supported here
+  (dispatch routes it to the torch backend);
+- fp32 `tl.dot` runs with ``input_precision="ieee"`` (never TF32): fp32 results must match the
+  float64 oracle to ~1e-6;
+- every load and store is masked (the interpreter does not check bounds) and row offsets are
+  int64 (rows × stride can pass 2^31);
+- no float atomics and no autotuning: each output element is produced by one program in a fixed
+  order, so results are bitwise reproducible on the same device/software (any split reduction
+  goes through a workspace summed in a fixed order).
+
+Block sizes: under ``TRITON_INTERPRET=1`` every (program × K-step) costs ~2-3 ms of Python, so
+blocks are as large as the (tiny, test-sized) problem; on a GPU they are fixed tile shapes that
+keep register use moderate (no autotune: another config is another reduction order).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# Environment and block sizes
+# ---------------------------------------------------------------------------------------------
+
+MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def clamp_pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, next_pow2(n)))
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of `bmm`. tl.dot needs every block ≥ 16."""
+    if interpreting():
+        return clamp_pow2(m, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(k, 16, 128)
+    return 64, 64, 32
+
+
+def covariance_blocks(r: int, d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_R): square D×D output tiles (mirrored), BLOCK_R rows per K-step."""
+    if interpreting():
+        return clamp_pow2(d, 16, 64), clamp_pow2(r, 16, 128)
+    return 64, 32
+
+
+def pair_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
+    """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self,
+    score_pairwise): an O×I tile of (rotated) per-example gradient lives in registers."""
+    if interpreting():
+        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64)
+    return 64, 64, 32
+
+
+def pairwise_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
+    """(BLOCK_O, BLOCK_I, BLOCK_T) of score_pairwise: smaller than `pair_blocks` on a GPU because a
+    [BLOCK_Q, BLOCK_O, BLOCK_I] block of queries sits in registers next to the G_n tile."""
+    if interpreting():
+        return pair_blocks(o, i, t)
+    return 32, 32, 32
+
+
+def pairwise_q_block(q: int) -> int:
+    """Queries contracted per step against one on-chip G_n tile (a [BQ, BO, BI] register block)."""
+    if interpreting():
+        return clamp_pow2(q, 1, 16)
+    return clamp_pow2(q, 1, 4)
+
+
+def num_warps() -> int:
+    return 4
+
+
+def split_count(work_items: int, tiles: int, device: torch.device, *, min_per_split: int = 4,
+                max_splits: int = 64) -> int:
+    """How many fixed-order partial sums to split a long reduction (over rows or examples) into
+    when the output alone has too few tiles to fill the GPU. Always 1 in the interpreter. The
+    partials go to a workspace summed in a fixed order, so the split keeps results deterministic
+    (it depends only on shapes and the device's SM count, never on timing)."""
+    if interpreting() or device.type != "cuda":
+        return 1
+    want = triton.cdiv(2 * num_sms(device), max(tiles, 1))
+    return int(max(1, min(want, max_splits, work_items // max(min_per_split, 1))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dtype codes for tl.dot operands
+# ---------------------------------------------------------------------------------------------
+
+DOT_F32 = 0  # IEEE fp32 (no TF32)
+DOT_F16 = 1
+DOT_BF16 = 2
+
+
+def dot_code(dtype: torch.dtype) -> int:
+    """Operand dtype of tl.dot for inputs stored as `dtype`: fp16/bf16 stay in their dtype (tensor
+    cores, fp32 accumulation), anything else computes in IEEE fp32."""
+    if dtype == torch.float16:
+        return DOT_F16
+    if dtype == torch.bfloat16:
+        return DOT_BF16
+    if dtype == torch.float32:
+        return DOT_F32
+    raise TypeError(f"the triton backend supports float16, bfloat16 and float32 inputs, got {dtype}")
+
+
+def storage_dtype(code: int) -> torch.dtype:
+    return {DOT_F32: torch.float32, DOT_F16: torch.float16, DOT_BF16: torch.bfloat16}[code]
+
+
+@triton.jit
+def to_dot(x, DOT: tl.constexpr):
+    """Cast a tile to the tl.dot operand dtype selected by DOT."""
+    if DOT == 1:
+        y = x.to(tl.float16)
+    elif DOT == 2:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def mma(a, b, acc, DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; fp32 operands in IEEE precision (never TF32)."""
+    if DOT == 0:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(to_dot(a, DOT), to_dot(b, DOT), acc)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectral functions f(σ) (source_fast/spectral.py) evaluated on chip
+# ---------------------------------------------------------------------------------------------
+
+F_NONE = 0      # no scaling (also `identity`)
+F_TABLE = 1     # multiply by a precomputed f(Λ) table (host-evaluated: discrete_s, discrete_r)
+F_INVERSE = 2   # 1 / (σ + δ)
+F_EXP = 3       # exp(−c σ)
+F_SOURCE_R = 4  # −expm1(−c (σ + δ)) / (σ + δ), limit c at σ + δ = 0
+
+
+def spectral_code(spec) -> int:
+    """Kernel code of a `spectral.Spectral`; F_TABLE means: evaluate on the host with
+    `spectral.evaluate` and pass the table."""
+    return {
+        "identity": F_NONE,
+        "inverse": F_INVERSE,
+        "exp": F_EXP,
+        "source_r": F_SOURCE_R,
+        "discrete_s": F_TABLE,
+        "discrete_r": F_TABLE,
+    }[spec.kind]
+
+
+@triton.jit
+def spectral_eval(sigma, c, damping, FKIND: tl.constexpr):
+    """f(σ) elementwise in fp32 for FKIND in {F_INVERSE, F_EXP, F_SOURCE_R}; σ clamped at 0.
+
+    source_r: with x = c·(σ+δ), r = (1 − e^{−x})/(σ+δ). For x < 0.5 the Taylor series
+    c·Σ_{k≤10} (−x)^k/(k+1)! (Horner form, truncation < x^11/12! ≈ 1e-12) replaces the
+    subtraction 1 − e^{−x}, which would cancel (there is no expm1 without libdevice); for x ≥ 0.5
+    1 − e^{−x} ≥ 0.39 and the fp32 subtraction loses at most ~2 ulp. Limit c at σ+δ = 0, 0 at c = 0.
+    """
+    s = tl.maximum(sigma.to(tl.float32), 0.0)
+    if FKIND == 2:
+        f = 1.0 / (s + damping)
+    elif FKIND == 3:
+        f = tl.exp(-(c * s))
+    else:
+        sd = s + damping
+        x = c * sd
+        xs = tl.minimum(x, 0.5)  # the series branch only; keeps the unused lanes finite
+        p = 1.0 - xs / 11.0
+        p = 1.0 - (xs / 10.0) * p
+        p = 1.0 - (xs / 9.0) * p
+        p = 1.0 - (xs / 8.0) * p
+        p = 1.0 - (xs / 7.0) * p
+        p = 1.0 - (xs / 6.0) * p
+        p = 1.0 - (xs / 5.0) * p
+        p = 1.0 - (xs / 4.0) * p
+        p = 1.0 - (xs / 3.0) * p
+        p = 1.0 - (xs / 2.0) * p
+        small = x < 0.5
+        safe = tl.where(small, 1.0, sd)
+        f = tl.where(small, c * p, (1.0 - tl.exp(-x)) / safe)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic batched GEMM: C[b] (+)= A[b] @ (F ⊙ B[b]), optional squaring epilogue
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bmm_kernel(a_ptr, b_ptr, c_ptr, f_ptr, M, N, K,
+                stride_ab, stride_am, stride_ak,
+                stride_bb, stride_bk, stride_bn,
+                stride_cb, stride_cm, stride_cn,
+                stride_fk, stride_fn,
+                spec_c, spec_damping,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT: tl.constexpr, FKIND: tl.constexpr, SQUARE: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """C[b, m, n] (+)= (Σ_k A[b, m, k] · F[k, n] · B[b, k, n])^(2 if SQUARE) in fp32.
+
+    F is 1 (FKIND = F_NONE), a table read from f_ptr (F_TABLE) or f(Λ) evaluated from Λ at f_ptr
+    (a B-operand prologue: kron_project's spectral scaling costs no extra pass over memory).
+    Strides are arbitrary (transposes are views; a batch stride of 0 broadcasts an operand).
+    Grid: (m-tiles × n-tiles, batch).
+    """
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_m = offs_m.to(tl.int64)
+    cols_n = offs_n.to(tl.int64)
+    a_base = a_ptr + pid_b * stride_ab
+    b_base = b_ptr + pid_b * stride_bb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k64 = kk.to(tl.int64)
+        a_mask = (offs_m[:, None] < M) & (kk[None, :] < K)
+        b_mask = (kk[:, None] < K) & (offs_n[None, :] < N)
+        a = tl.load(a_base + rows_m[:, None] * stride_am + k64[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b = tl.load(b_base + k64[:, None] * stride_bk + cols_n[None, :] * stride_bn, mask=b_mask, other=0.0)
+        if FKIND != 0:
+            f_in = tl.load(f_ptr + k64[:, None] * stride_fk + cols_n[None, :] * stride_fn, mask=b_mask, other=0.0)
+            if FKIND == 1:
+                scale = f_in.to(tl.float32)
+            else:
+                scale = spectral_eval(f_in, spec_c, spec_damping, FKIND)
+            b = b.to(tl.float32) * scale
+        acc = mma(a, b, acc, DOT)
+    if SQUARE:
+        acc = acc * acc
+    c_ptrs = c_ptr + pid_b * stride_cb + rows_m[:, None] * stride_cm + cols_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _batched_strides(t: torch.Tensor, batch: int) -> tuple[int, int, int]:
+    """(batch, row, col) strides of a [1 or batch, rows, cols] view; a size-1 batch broadcasts."""
+    sb = 0 if t.shape[0] == 1 and batch != 1 else t.stride(0)
+    return sb, t.stride(1), t.stride(2)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F32, fkind: int = F_NONE,
+        f: torch.Tensor | None = None, spec_c: float = 0.0, spec_damping: float = 0.0, square: bool = False,
+        accumulate: bool = False) -> torch.Tensor:
+    """out[b] (+)= (a[b] @ (F ⊙ b[b]))^(2 if square), fp32 accumulation, for 3-D views
+    a [B|1, M, K], b [B|1, K, N], out [B, M, N] (any strides; F is [K, N], see `_bmm_kernel`)."""
+    batch, m, n = out.shape
+    k = a.shape[2]
+    if a.shape[1] != m or b.shape[1] != k or b.shape[2] != n:
+        raise ValueError(f"bmm: incompatible shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)}")
+    if out.numel() == 0:
+        return out
+    if k == 0:
+        if not accumulate:
+            out.zero_()
+        return out
+    bm, bn, bk = gemm_blocks(m, n, k)
+    f_arg = f if f is not None else out
+    sfk, sfn = (f.stride(0), f.stride(1)) if f is not None else (0, 0)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    for b0 in range(0, batch, MAX_GRID_YZ):
+        b1 = min(batch, b0 + MAX_GRID_YZ)
+        a_v = a if a.shape[0] == 1 else a[b0:b1]
+        b_v = b if b.shape[0] == 1 else b[b0:b1]
+        c_v = out[b0:b1]
+        sab, sam, sak = _batched_strides(a_v, b1 - b0)
+        sbb, sbk, sbn = _batched_strides(b_v, b1 - b0)
+        _bmm_kernel[(tiles, b1 - b0)](
+            a_v, b_v, c_v, f_arg, m, n, k,
+            sab, sam, sak, sbb, sbk, sbn,
+            c_v.stride(0), c_v.stride(1), c_v.stride(2), sfk, sfn,
+            float(spec_c), float(spec_damping),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=fkind, SQUARE=square, ACCUMULATE=accumulate,
+            num_warps=num_warps(),
+        )
+    return out
+
+
+def chunk_examples(n: int, per_example_bytes: int) -> int:
+    """Examples per chunk so that one chunk's temporaries stay within SOURCE_FAST_CHUNK_MIB."""
+    from source_fast import _config
+
+    return max(1, min(max(n, 1), _config.chunk_bytes() // max(1, per_example_bytes)))

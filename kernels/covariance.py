@@ -1,0 +1,122 @@
+"""covariance: C = Σ_r m_r x_r x_rᵀ over token rows (the K-FAC factors A and S), a tiled SYRK.
+
+Math (SOURCE_MATH.md §3 step 1, §7): x [R, D], optional row weights m [R] (bool or float, linear in
+m as in `reference.covariance_ref`), C [D, D] symmetric. fp32 accumulation for fp16/bf16/fp32 x,
+fp32 result.
+
+Kernel: one program per unordered pair of D-tiles (bi ≤ bj) — only the upper triangle of tiles is
+computed (half the flops of a GEMM) and each tile is stored twice, at (bi, bj) and transposed at
+(bj, bi), so the result is exactly symmetric; a diagonal tile is symmetrised as (C + Cᵀ)/2. With
+`out`, the kernel reproduces the torch backend's semantics out ← sym(out + C) in the same pass
+(each program owns both mirrored tiles, so no two programs touch one element). Long row
+reductions on a GPU are split into a fixed number of partial sums summed in a fixed order
+(deterministic, no atomics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+
+@triton.jit
+def _covariance_kernel(x_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
+                       stride_xr, stride_os, stride_or,
+                       BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ x[r, J] for the tile pair (bi, bj) = pairs[pid].
+
+    x operands are cast to the DOT dtype (x stays in its own precision; mask-weighted rows are
+    rounded once to that dtype), accumulation in fp32. ACCUMULATE: out ← (out + outᵀ)/2 + C.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    bi = tl.load(pairs_ptr + 2 * pid)
+    bj = tl.load(pairs_ptr + 2 * pid + 1)
+    offs_i = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_j = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_start = split * rows_per_split
+    r_stop = tl.minimum(r_start + rows_per_split, R)
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        rr = r0 + offs_r
+        r_ok = rr < r_stop
+        rows = rr.to(tl.int64) * stride_xr
+        xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D), other=0.0)
+        xj = tl.load(x_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D), other=0.0)
+        if HAS_MASK:
+            m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
+            xj = xj.to(tl.float32) * m[:, None]
+        acc = _common.mma(tl.trans(xi), xj, acc, DOT)
+    is_diag = bi == bj
+    acc = tl.where(is_diag, (acc + tl.trans(acc)) * 0.5, acc)
+    base = out_ptr + split * stride_os
+    rows_i = offs_i.to(tl.int64) * stride_or
+    rows_j = offs_j.to(tl.int64) * stride_or
+    ptr_ij = base + rows_i[:, None] + offs_j[None, :]  # out[I, J] as [BLOCK_D(i), BLOCK_D(j)]
+    ptr_ji = base + rows_j[None, :] + offs_i[:, None]  # out[J, I] viewed transposed, same layout
+    mask = (offs_i[:, None] < D) & (offs_j[None, :] < D)
+    if ACCUMULATE:
+        old_ij = tl.load(ptr_ij, mask=mask, other=0.0)
+        old_ji = tl.load(ptr_ji, mask=mask, other=0.0)
+        acc = (old_ij + old_ji) * 0.5 + acc
+    tl.store(ptr_ij, acc, mask=mask)
+    tl.store(ptr_ji, acc, mask=mask & (bi != bj))
+
+
+def _tile_pairs(tiles: int, device: torch.device) -> torch.Tensor:
+    pairs = [(i, j) for i in range(tiles) for j in range(i, tiles)]
+    return torch.tensor(pairs, dtype=torch.int32, device=device).reshape(-1)
+
+
+def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | None, splits: int | None) -> torch.Tensor:
+    x = x.contiguous()
+    r, d = x.shape
+    m = None if mask is None else mask.to(torch.float32).contiguous()
+    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous()):
+        # Accumulators the kernel cannot update in place (float64, strided): same semantics via a temporary.
+        c = _covariance(x, m, None, splits)
+        out.copy_((out + out.T) * 0.5 + c.to(out.dtype))
+        return out
+    if d == 0:
+        return out if out is not None else torch.zeros(0, 0, dtype=torch.float32, device=x.device)
+    block_d, block_r = _common.covariance_blocks(r, d)
+    tiles = triton.cdiv(d, block_d)
+    pairs = _tile_pairs(tiles, x.device)
+    n_pairs = pairs.numel() // 2
+    if splits is None:
+        splits = _common.split_count(triton.cdiv(r, block_r), n_pairs, x.device)
+    splits = max(1, min(int(splits), max(r, 1)))
+    rows_per_split = triton.cdiv(max(r, 1), splits)
+    rows_per_split = triton.cdiv(rows_per_split, block_r) * block_r
+    splits = triton.cdiv(max(r, 1), rows_per_split)
+    if splits == 1:
+        target = out if out is not None else torch.empty(d, d, dtype=torch.float32, device=x.device)
+        ws, accumulate = target.unsqueeze(0), out is not None
+    else:
+        ws, accumulate = torch.empty(splits, d, d, dtype=torch.float32, device=x.device), False
+    _covariance_kernel[(n_pairs, splits)](
+        x, m if m is not None else x, ws, pairs, r, d, rows_per_split,
+        x.stride(0), ws.stride(0), ws.stride(1),
+        BLOCK_D=block_d, BLOCK_R=block_r, DOT=_common.dot_code(x.dtype),
+        HAS_MASK=m is not None, ACCUMULATE=accumulate, num_warps=_common.num_warps(),
+    )
+    if splits == 1:
+        return ws[0]
+    c = ws.sum(0)  # fixed-order reduction of mirrored (hence exactly symmetric) partials
+    if out is None:
+        return c
+    out.copy_((out + out.T) * 0.5 + c)
+    return out
+
+
+def covariance_triton(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_r m_r x_r x_rᵀ over rows of x [R, D] -> [D, D] fp32, exactly symmetric.
+
+    With `out` ([D, D]), returns `out` updated in place as sym(out + C) = (out + outᵀ)/2 + C, as
+    the torch backend does. Accumulation fp32 (x in fp16/bf16/fp32).
+    """
+    return _covariance(x, mask, out, None)

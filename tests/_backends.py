@@ -1,0 +1,134 @@
+"""Which backends can run in this test process, as pytest params, and a GPU compile check.
+
+- "torch": always;
+- "triton": triton imports and (CUDA is present, or TRITON_INTERPRET=1 — tests/conftest.py sets it
+  without CUDA, and dispatch then accepts CPU tensors for backend="triton"); marked `interpreter`
+  when interpreted;
+- "cpu" / "cuda": the compiled extension, whenever `source_fast._dispatch.BACKENDS[name]
+  .availability()` is None (picked up automatically once built; "cuda" also needs a CUDA device).
+
+`require(...)` turns a backend that does not support an input (a dtype it does not declare) into a
+skip with the backend's own reasons — except a backend disabled by the numerical self-test, which
+is a failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from source_fast import _dispatch
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def available_backends(device: str = "cpu") -> list[str]:
+    """Backends that can run ops on `device` ("cpu" or "cuda") in this process, priority order."""
+    names = []
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        return names
+    for name in _dispatch.BACKENDS:
+        if name == "torch":
+            names.append(name)
+        elif name == "triton":
+            if _triton_importable() and ((device == "cuda" and has_cuda) or (device == "cpu" and interpreting())):
+                names.append(name)
+        elif name in ("cpu", "cuda"):
+            if name != device or _dispatch.BACKENDS[name].availability() is not None:
+                continue
+            names.append(name)
+    return names
+
+
+def backend_params(device: str = "cpu") -> list:
+    """pytest.param per available backend, id = backend name; Triton under the interpreter is
+    marked `interpreter`. For device="cuda" without a CUDA device every candidate is listed (the
+    `gpu` tests then show up as skipped by conftest rather than as an empty parameter set)."""
+    params = []
+    names = available_backends(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        names = ["cuda", "triton", "torch"]
+    for name in names:
+        marks = [pytest.mark.interpreter] if name == "triton" and device == "cpu" and interpreting() else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def require(backend: str, op: str, tensors: dict, deterministic: bool = False) -> None:
+    """Skip if `backend` declares it does not support these inputs; fail if it was disabled by the
+    dispatch self-test (a wrong-numbers backend must never turn into a skip)."""
+    reasons = _dispatch.BACKENDS[backend].not_supported_reasons(op, tensors, deterministic, explicit=True)
+    if any("disabled" in r for r in reasons):
+        pytest.fail(f"backend {backend!r} was disabled for {op}: {'; '.join(reasons)}")
+    if reasons:
+        pytest.skip(f"{backend} does not support these inputs: {'; '.join(reasons)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile check of Triton kernels for a GPU target, without a GPU
+# ---------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import importlib, json, sys
+    from triton.compiler import ASTSource, compile as tcompile
+    from triton.backends.compiler import GPUTarget
+    cases = json.loads(sys.argv[1])
+    for module, kernel, signature, constexprs, arch in cases:
+        fn = getattr(importlib.import_module(module), kernel)
+        sig = dict(signature)
+        sig.update({k: "constexpr" for k in constexprs})
+        compiled = tcompile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+        assert "cubin" in compiled.asm, (kernel, constexprs)
+    print("compiled", len(cases))
+""")
+
+
+def compile_for_gpu(cases: list[tuple[str, str, dict, dict, int]], timeout: float = 240.0) -> None:
+    """Compile Triton kernels to cubin for NVIDIA targets in a subprocess without TRITON_INTERPRET
+    (the interpreter accepts code the compiler rejects: Python-int loop variables, mixed int
+    widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm).
+    Needs only the triton wheel (it bundles ptxas), no GPU."""
+    if not _triton_importable():
+        pytest.skip("triton is not importable")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"Triton compile for GPU failed:\n{proc.stderr[-6000:]}")
+
+
+BMM_SIGNATURE = dict(
+    a_ptr="*fp16", b_ptr="*fp32", c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
+    stride_ab="i64", stride_am="i32", stride_ak="i32", stride_bb="i32", stride_bk="i32", stride_bn="i32",
+    stride_cb="i64", stride_cm="i32", stride_cn="i32", stride_fk="i32", stride_fn="i32",
+    spec_c="fp32", spec_damping="fp32",
+)
+
+
+def bmm_cases(dot_types: dict, fkinds=(0,), square=(False,), accumulate=(False,), arch: int = 90) -> list:
+    """Compile cases of kernels/_common.py's `_bmm_kernel` for several operand dtypes and flags."""
+    cases = []
+    for dot, ptr in dot_types.items():
+        for fk in fkinds:
+            for sq in square:
+                for acc in accumulate:
+                    sig = dict(BMM_SIGNATURE, a_ptr=ptr)
+                    const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT=dot, FKIND=fk, SQUARE=sq, ACCUMULATE=acc)
+                    cases.append(("source_fast.kernels._common", "_bmm_kernel", sig, const, arch))
+    return cases

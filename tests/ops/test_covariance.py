@@ -1,0 +1,166 @@
+"""covariance: every available backend against the float64 reference (source_fast/reference/covariance.py)."""
+import pytest
+import torch
+
+from _backends import backend_params, compile_for_gpu, require
+from _asserts import assert_close_report
+from _tolerances import assert_matches_oracle
+from source_fast import ops, reference
+
+BACKENDS = backend_params("cpu")
+GPU_BACKENDS = backend_params("cuda")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+SHAPES = [  # (R, D): size 1, odd primes, D above the interpreter's 64-wide tile (mirrored tiles)
+    pytest.param(1, 1, id="r1-d1"),
+    pytest.param(7, 13, id="r7-d13"),
+    pytest.param(97, 41, id="r97-d41"),
+    pytest.param(131, 80, id="r131-d80"),
+]
+MASKS = ["none", "bool", "float"]
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(r, d, dtype, mask_kind, device="cpu"):
+    x = torch.randn(r, d, device=device).to(dtype)
+    if mask_kind == "none":
+        return x, None
+    if mask_kind == "bool":
+        mask = torch.rand(r, device=device) > 0.3
+        mask[0] = True
+        return x, mask
+    return x, torch.rand(r, device=device) * 2.0  # float row weights
+
+
+def _check(backend, x, mask, dtype, out=None, name=None):
+    require(backend, "covariance", {"x": x} if out is None else {"x": x, "out": out})
+    got = ops.covariance(x, mask, out=out, backend=backend)
+    oracle = reference.covariance_ref(x, mask)
+    baseline = reference.covariance_ref(x, mask, upcast=False) if dtype in (torch.float16, torch.bfloat16) else None
+    return got, assert_matches_oracle(got, oracle, op="covariance", backend=backend, dtype=dtype, baseline=baseline,
+                                      name=name)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("r,d", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_matches_oracle(request, backend, dtype, r, d, mask_kind):
+    x, mask = _inputs(r, d, dtype, mask_kind)
+    got, _ = _check(backend, x, mask, dtype)
+    assert got.dtype == torch.float32 and got.shape == (d, d)
+    assert torch.equal(got, got.T), "covariance must be exactly symmetric"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=["out-fp32", "out-fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_out_accumulates(backend, out_dtype):
+    """out ← sym(out + C) = (out + outᵀ)/2 + C, updated in place and returned."""
+    x, mask = _inputs(53, 41, torch.float32, "bool")
+    start = torch.randn(41, 41, dtype=out_dtype)  # deliberately not symmetric
+    out = start.clone()
+    require(backend, "covariance", {"x": x, "out": out})
+    ret = ops.covariance(x, mask, out=out, backend=backend)
+    assert ret.data_ptr() == out.data_ptr()
+    s = start.double()
+    expected = (s + s.T) / 2 + reference.covariance_ref(x, mask)
+    assert_matches_oracle(out, expected, op="covariance", backend=backend, dtype=torch.float32)
+    assert torch.equal(out, out.T)
+    # a second call keeps accumulating
+    ops.covariance(x, mask, out=out, backend=backend)
+    assert_matches_oracle(out, expected + reference.covariance_ref(x, mask), op="covariance", backend=backend,
+                          dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_deterministic(backend):
+    x, mask = _inputs(131, 80, torch.float32, "bool")
+    require(backend, "covariance", {"x": x})
+    runs = [ops.covariance(x, mask, backend=backend, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_fills_uninitialized_output(backend):
+    """Under use_deterministic_algorithms(True) torch.empty is NaN-filled: any unwritten element shows."""
+    x, mask = _inputs(97, 80, torch.float32, "bool")
+    require(backend, "covariance", {"x": x})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = ops.covariance(x, mask, backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isfinite(got).all()
+    assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend=backend,
+                          dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_strided_input(backend):
+    x = torch.randn(80, 29)[:, ::2]  # row stride 29, column stride 2
+    require(backend, "covariance", {"x": x})
+    assert_matches_oracle(ops.covariance(x, backend=backend), reference.covariance_ref(x), op="covariance",
+                          backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("with_out", [False, True], ids=["fresh", "out"])
+def test_covariance_triton_split_rows(splits, with_out):
+    """The GPU path for long row reductions (fixed-order partial sums), forced in the interpreter."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels.covariance import _covariance
+
+    x, mask = _inputs(200, 41, torch.float32, "float")
+    out = torch.randn(41, 41) if with_out else None
+    start = None if out is None else out.clone().double()
+    got = _covariance(x, mask, out, splits)
+    expected = reference.covariance_ref(x, mask)
+    if start is not None:
+        expected = expected + (start + start.T) / 2
+        assert got.data_ptr() == out.data_ptr()
+    assert_matches_oracle(got, expected, op="covariance", backend="triton", dtype=torch.float32)
+    assert torch.equal(got, got.T)
+
+
+@pytest.mark.slow
+def test_covariance_kernel_compiles_for_gpu():
+    cases = []
+    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+        for has_mask in (False, True):
+            sig = dict(x_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
+                       rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
+            const = dict(BLOCK_D=64, BLOCK_R=32, DOT=dot, HAS_MASK=has_mask, ACCUMULATE=has_mask)
+            cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90))
+    compile_for_gpu(cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_covariance_bf16_gpu(backend):
+    x, mask = _inputs(517, 131, torch.bfloat16, "bool", device="cuda")
+    _check(backend, x, mask, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_covariance_index_space_above_2_31_gpu(backend):
+    """R·D > 2^31 elements: row offsets must be int64."""
+    r, d = (1 << 22) + 17, 520
+    x = torch.empty(r, d, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    require(backend, "covariance", {"x": x})
+    got = ops.covariance(x, backend=backend)
+    want = torch.zeros(d, d, dtype=torch.float64, device="cuda")
+    for start in range(0, r, 1 << 20):
+        xs = x[start:start + (1 << 20)].double()
+        want += xs.T @ xs
+    # 4M-row fp32 reductions: rounding grows like sqrt(R / BLOCK_R) ulps, above the 1e-5 table value.
+    assert_close_report(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4, name="covariance R*D > 2^31")

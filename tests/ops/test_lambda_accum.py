@@ -1,0 +1,181 @@
+"""lambda_accum: every available backend against the float64 reference (source_fast/reference/lambda_accum.py)."""
+import pytest
+import torch
+
+from _backends import backend_params, bmm_cases, compile_for_gpu, require
+from _tolerances import assert_matches_oracle
+from source_fast import ops, reference
+
+BACKENDS = backend_params("cpu")
+GPU_BACKENDS = backend_params("cuda")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+SHAPES = [  # (N, T, I, O): sizes 1, odd primes, T = 1 (rank-one path) and T > 1 (fused path),
+    # I above the interpreter's 64-wide tile, T above its 64-token block, I ≠ O both ways
+    pytest.param(1, 1, 1, 1, id="n1-t1-i1-o1"),
+    pytest.param(7, 1, 41, 13, id="n7-t1-i41-o13"),
+    pytest.param(7, 3, 41, 13, id="n7-t3-i41-o13"),
+    pytest.param(1, 3, 13, 41, id="n1-t3-i13-o41"),
+    pytest.param(3, 5, 80, 20, id="n3-t5-i80-o20"),
+    pytest.param(2, 70, 17, 9, id="n2-t70-i17-o9"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _basis(n, device="cpu"):
+    """Eigenvectors of a random SPD matrix, as torch.linalg.eigh returns them: column-major."""
+    m = torch.randn(n, n, device=device)
+    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
+    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
+    return q
+
+
+def _inputs(n, t, i, o, dtype, device="cpu"):
+    a = torch.randn(n, t, i, device=device).to(dtype)
+    g = torch.randn(n, t, o, device=device).to(dtype)
+    return a, g, _basis(i, device), _basis(o, device)
+
+
+def _tensors(a, g, q_a, q_s):
+    return {"a": a, "g": g, "q_a": q_a, "q_s": q_s}
+
+
+def _check(backend, a, g, q_a, q_s, dtype):
+    require(backend, "lambda_accum", _tensors(a, g, q_a, q_s))
+    got = ops.lambda_accum(a, g, q_a, q_s, backend=backend)
+    oracle = reference.lambda_accum_ref(a, g, q_a, q_s)
+    baseline = None
+    if dtype in (torch.float16, torch.bfloat16):
+        baseline = reference.lambda_accum_ref(a, g, q_a, q_s, upcast=False)
+    assert_matches_oracle(got, oracle, op="lambda_accum", backend=backend, dtype=dtype, baseline=baseline)
+    return got
+
+
+@pytest.mark.parametrize("n,t,i,o", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_accum_matches_oracle(backend, dtype, n, t, i, o):
+    got = _check(backend, *_inputs(n, t, i, o, dtype), dtype)
+    assert got.dtype == torch.float32 and got.shape == (o, i)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_accum_noncontiguous_eigenvectors(backend, t):
+    """Column-major q_a/q_s (as eigh returns them) give the same numbers as their contiguous copies."""
+    a, g, q_a, q_s = _inputs(7, t, 41, 13, torch.float32)
+    assert not q_a.is_contiguous() and not q_s.is_contiguous()
+    got = _check(backend, a, g, q_a, q_s, torch.float32)
+    dense = ops.lambda_accum(a, g, q_a.contiguous(), q_s.contiguous(), backend=backend)
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6 * float(dense.abs().max()))
+    # the transposed basis (a different matrix) must give a different answer: strides are honoured
+    wrong = ops.lambda_accum(a, g, q_a.T, q_s.T, backend=backend)
+    assert not torch.allclose(wrong, got, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=["out-fp32", "out-fp64"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_accum_out_accumulates(backend, out_dtype, t):
+    a, g, q_a, q_s = _inputs(7, t, 41, 13, torch.float32)
+    start = torch.rand(13, 41, dtype=out_dtype)
+    out = start.clone()
+    # A float64 accumulator is part of the dispatch: only backends that accumulate in float64 take it.
+    require(backend, "lambda_accum", {**_tensors(a, g, q_a, q_s), "out": out})
+    ret = ops.lambda_accum(a, g, q_a, q_s, out=out, backend=backend)
+    assert ret.data_ptr() == out.data_ptr() and ret.dtype == out_dtype
+    one = reference.lambda_accum_ref(a, g, q_a, q_s)
+    assert_matches_oracle(out, start.double() + one, op="lambda_accum", backend=backend, dtype=torch.float32)
+    ops.lambda_accum(a, g, q_a, q_s, out=out, backend=backend)
+    assert_matches_oracle(out, start.double() + 2 * one, op="lambda_accum", backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_accum_deterministic(backend, t):
+    a, g, q_a, q_s = _inputs(7, t, 80, 20, torch.float32)
+    require(backend, "lambda_accum", _tensors(a, g, q_a, q_s))
+    runs = [ops.lambda_accum(a, g, q_a, q_s, backend=backend, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_accum_fills_uninitialized_output(backend, t):
+    a, g, q_a, q_s = _inputs(5, t, 80, 20, torch.float32)
+    require(backend, "lambda_accum", _tensors(a, g, q_a, q_s))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled
+    try:
+        got = ops.lambda_accum(a, g, q_a, q_s, backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isfinite(got).all()
+    assert_matches_oracle(got, reference.lambda_accum_ref(a, g, q_a, q_s), op="lambda_accum", backend=backend,
+                          dtype=torch.float32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("t", [1, 3])
+def test_lambda_accum_triton_chunks_and_splits(monkeypatch, t):
+    """Chunking over examples and the GPU's split-over-n partials, forced in the interpreter."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, lambda_accum
+
+    monkeypatch.setattr(_common, "chunk_examples", lambda n, per_example: 3)
+    monkeypatch.setattr(_common, "split_count", lambda *args, **kwargs: 2)
+    a, g, q_a, q_s = _inputs(8, t, 41, 13, torch.float32)
+    out = torch.ones(13, 41)
+    lambda_accum.lambda_accum_triton(a, g, q_a, q_s, out)
+    assert_matches_oracle(out, 1.0 + reference.lambda_accum_ref(a, g, q_a, q_s), op="lambda_accum",
+                          backend="triton", dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_lambda_accum_kernels_compile_for_gpu():
+    cases = []
+    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+        sig = dict(gs_ptr=ptr, as_ptr=ptr, out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32", n_per_split="i32",
+                   stride_os="i32", stride_oo="i32")
+        const = dict(BLOCK_O=64, BLOCK_I=64, BLOCK_T=32, DOT=dot, ACCUMULATE=True)
+        cases.append(("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90))
+    cases += bmm_cases({0: "*fp32", 1: "*fp16", 2: "*bf16"}, square=(False, True), accumulate=(False, True))
+    compile_for_gpu(cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_lambda_accum_bf16_gpu(backend, t):
+    _check(backend, *_inputs(33, t, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_lambda_accum_index_space_above_2_31_gpu(backend, monkeypatch):
+    """N·T·I > 2^31 token elements in one launch (int64 row offsets): the chunk budget is raised so
+    that no backend splits the examples. Compared with float64 sums over chunks."""
+    monkeypatch.setenv("SOURCE_FAST_CHUNK_MIB", "16384")
+    n, t, i, o = 4100, 1024, 520, 8
+    a = torch.empty(n, t, i, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    g = torch.empty(n, t, o, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    q_a, q_s = _basis(i, "cuda"), _basis(o, "cuda")
+    require(backend, "lambda_accum", _tensors(a, g, q_a, q_s))
+    got = ops.lambda_accum(a, g, q_a, q_s, backend=backend)
+    want = torch.zeros(o, i, dtype=torch.float64, device="cuda")
+    for start in range(0, n, 64):
+        want += reference.lambda_accum_ref(a[start:start + 64], g[start:start + 64], q_a, q_s)
+    baseline_chunks = torch.zeros_like(want)
+    for start in range(0, n, 64):
+        baseline_chunks += reference.lambda_accum_ref(a[start:start + 64], g[start:start + 64], q_a, q_s,
+                                                      upcast=False).double()
+    assert_matches_oracle(got, want, op="lambda_accum", backend=backend, dtype=torch.float16,
+                          baseline=baseline_chunks)

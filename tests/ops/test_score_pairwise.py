@@ -1,0 +1,137 @@
+"""score_pairwise: every available backend against the float64 reference (source_fast/reference/score.py)."""
+import pytest
+import torch
+
+from _backends import backend_params, compile_for_gpu, require
+from _tolerances import assert_matches_oracle
+from source_fast import ops, reference
+
+BACKENDS = backend_params("cpu")
+GPU_BACKENDS = backend_params("cuda")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+SHAPES = [  # (Q, N, T, I, O): sizes 1, odd primes, T = 1 and T > 1, I ≠ O both ways, I above the
+    # interpreter's 64-wide tile, T above its 64-token block, Q above its 16-query block
+    pytest.param(1, 1, 1, 1, 1, id="q1-n1-t1-i1-o1"),
+    pytest.param(3, 7, 1, 41, 13, id="q3-n7-t1-i41-o13"),
+    pytest.param(2, 7, 3, 41, 13, id="q2-n7-t3-i41-o13"),
+    pytest.param(1, 3, 3, 13, 41, id="q1-n3-t3-i13-o41"),
+    pytest.param(5, 3, 5, 80, 20, id="q5-n3-t5-i80-o20"),
+    pytest.param(17, 2, 70, 17, 9, id="q17-n2-t70-i17-o9"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _inputs(q, n, t, i, o, dtype, device="cpu"):
+    v = torch.randn(q, o, i, device=device).to(dtype)
+    a = torch.randn(n, t, i, device=device).to(dtype)
+    g = torch.randn(n, t, o, device=device).to(dtype)
+    return v, a, g
+
+
+def _check(backend, v, a, g, dtype):
+    require(backend, "score_pairwise", {"v": v, "a": a, "g": g})
+    got = ops.score_pairwise(v, a, g, backend=backend)
+    oracle = reference.score_pairwise_ref(v, a, g)
+    baseline = reference.score_pairwise_ref(v, a, g, upcast=False) if dtype in (torch.float16, torch.bfloat16) else None
+    assert_matches_oracle(got, oracle, op="score_pairwise", backend=backend, dtype=dtype, baseline=baseline)
+    return got, oracle
+
+
+@pytest.mark.parametrize("q,n,t,i,o", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_pairwise_matches_oracle(backend, dtype, q, n, t, i, o):
+    got, _ = _check(backend, *_inputs(q, n, t, i, o, dtype), dtype)
+    assert got.dtype == torch.float32 and got.shape == (q, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_pairwise_rankings(backend):
+    """Users act on rankings: Spearman ≥ 0.9999 with the oracle and identical top-10 per query."""
+    v, a, g = _inputs(3, 64, 2, 13, 7, torch.float32)
+    got, oracle = _check(backend, v, a, g, torch.float32)
+    for qi in range(v.shape[0]):
+        rank_got = got[qi].double().argsort().argsort().double()
+        rank_ref = oracle[qi].argsort().argsort().double()
+        spearman = torch.corrcoef(torch.stack([rank_got, rank_ref]))[0, 1].item()
+        assert spearman >= 0.9999, f"query {qi}: Spearman {spearman}"
+        top_got = set(got[qi].topk(10).indices.tolist())
+        top_ref = set(oracle[qi].topk(10).indices.tolist())
+        assert top_got == top_ref, f"query {qi}: top-10 differ: {sorted(top_got ^ top_ref)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_pairwise_strided_inputs(backend):
+    """Non-contiguous views (a transposed query batch, a token-strided slice) are read correctly."""
+    v = torch.randn(13, 41, 3).permute(2, 0, 1)  # [3, 13, 41], not contiguous
+    a = torch.randn(5, 6, 41)[:, ::2]             # [5, 3, 41], token stride 2
+    g = torch.randn(5, 3, 13)
+    assert not v.is_contiguous() and not a.is_contiguous()
+    _check(backend, v, a, g, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_pairwise_deterministic(backend):
+    v, a, g = _inputs(17, 3, 5, 80, 20, torch.float32)
+    require(backend, "score_pairwise", {"v": v, "a": a, "g": g})
+    runs = [ops.score_pairwise(v, a, g, backend=backend, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_pairwise_fills_uninitialized_output(backend):
+    v, a, g = _inputs(17, 3, 5, 80, 20, torch.float32)
+    require(backend, "score_pairwise", {"v": v, "a": a, "g": g})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled
+    try:
+        got = ops.score_pairwise(v, a, g, backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isfinite(got).all()
+    assert_matches_oracle(got, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend=backend,
+                          dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_score_pairwise_kernel_compiles_for_gpu():
+    cases = []
+    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+        for block_q in (1, 4):
+            sig = dict(v_ptr="*fp32", a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
+                       I="i32")
+            const = dict(BLOCK_Q=block_q, BLOCK_O=32, BLOCK_I=32, BLOCK_T=32, DOT=dot)
+            cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90))
+    compile_for_gpu(cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 9])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_score_pairwise_bf16_gpu(backend, t):
+    _check(backend, *_inputs(7, 45, t, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_score_pairwise_index_space_above_2_31_gpu(backend):
+    """N·T·I > 2^31 token elements (int64 row offsets); checked on a sample of examples."""
+    n, t, i, o, q = 4100, 1024, 520, 8, 3
+    a = torch.empty(n, t, i, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    g = torch.empty(n, t, o, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    v = torch.randn(q, o, i, device="cuda")
+    require(backend, "score_pairwise", {"v": v, "a": a, "g": g})
+    got = ops.score_pairwise(v, a, g, backend=backend)
+    sample = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
+    oracle = reference.score_pairwise_ref(v, a[sample], g[sample])
+    baseline = reference.score_pairwise_ref(v, a[sample], g[sample], upcast=False)
+    assert_matches_oracle(got[:, sample], oracle, op="score_pairwise", backend=backend, dtype=torch.float16,
+                          baseline=baseline)

@@ -1,0 +1,143 @@
+"""score_self: every available backend against the float64 reference (source_fast/reference/score.py)."""
+import pytest
+import torch
+
+from _backends import backend_params, bmm_cases, compile_for_gpu, require
+from _tolerances import assert_matches_oracle
+from source_fast import ops, reference
+
+BACKENDS = backend_params("cpu")
+GPU_BACKENDS = backend_params("cuda")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+SHAPES = [  # (N, T, I, O)
+    pytest.param(1, 1, 1, 1, id="n1-t1-i1-o1"),
+    pytest.param(7, 1, 41, 13, id="n7-t1-i41-o13"),
+    pytest.param(7, 3, 41, 13, id="n7-t3-i41-o13"),
+    pytest.param(1, 3, 13, 41, id="n1-t3-i13-o41"),
+    pytest.param(3, 5, 80, 20, id="n3-t5-i80-o20"),
+    pytest.param(2, 70, 17, 9, id="n2-t70-i17-o9"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _basis(n, device="cpu"):
+    m = torch.randn(n, n, device=device)
+    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
+    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
+    return q
+
+
+def _inputs(n, t, i, o, dtype, device="cpu"):
+    a = torch.randn(n, t, i, device=device).to(dtype)
+    g = torch.randn(n, t, o, device=device).to(dtype)
+    weights = torch.rand(o, i, device=device) * 2.0  # f(Λ) ≥ 0
+    return a, g, _basis(o, device), _basis(i, device), weights
+
+
+def _tensors(a, g, q_s, q_a, weights):
+    return {"a": a, "g": g, "q_s": q_s, "q_a": q_a, "weights": weights}
+
+
+def _check(backend, a, g, q_s, q_a, weights, dtype):
+    require(backend, "score_self", _tensors(a, g, q_s, q_a, weights))
+    got = ops.score_self(a, g, q_s, q_a, weights, backend=backend)
+    oracle = reference.score_self_ref(a, g, q_s, q_a, weights)
+    baseline = None
+    if dtype in (torch.float16, torch.bfloat16):
+        baseline = reference.score_self_ref(a, g, q_s, q_a, weights, upcast=False)
+    assert_matches_oracle(got, oracle, op="score_self", backend=backend, dtype=dtype, baseline=baseline)
+    return got
+
+
+@pytest.mark.parametrize("n,t,i,o", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_self_matches_oracle(backend, dtype, n, t, i, o):
+    got = _check(backend, *_inputs(n, t, i, o, dtype), dtype)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_self_noncontiguous_eigenvectors(backend, t):
+    a, g, q_s, q_a, w = _inputs(7, t, 41, 13, torch.float32)
+    assert not q_a.is_contiguous() and not q_s.is_contiguous()
+    got = _check(backend, a, g, q_s, q_a, w, torch.float32)
+    dense = ops.score_self(a, g, q_s.contiguous(), q_a.contiguous(), w, backend=backend)
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6 * float(dense.abs().max()))
+    wrong = ops.score_self(a, g, q_s.T, q_a.T, w, backend=backend)
+    assert not torch.allclose(wrong, got, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_self_identity_weights_is_gradient_norm(backend):
+    """W = 1: the rotation is orthogonal, so s[n] = ‖G_n‖_F² (a basis-free check of the rotation)."""
+    a, g, q_s, q_a, _ = _inputs(5, 3, 41, 13, torch.float32)
+    w = torch.ones(13, 41)
+    require(backend, "score_self", _tensors(a, g, q_s, q_a, w))
+    got = ops.score_self(a, g, q_s, q_a, w, backend=backend)
+    norms = reference.per_example_grads_ref(a, g).square().sum((1, 2))
+    assert_matches_oracle(got, norms, op="score_self", backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_self_deterministic(backend):
+    a, g, q_s, q_a, w = _inputs(5, 5, 80, 20, torch.float32)
+    require(backend, "score_self", _tensors(a, g, q_s, q_a, w))
+    runs = [ops.score_self(a, g, q_s, q_a, w, backend=backend, deterministic=True) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_self_fills_uninitialized_output(backend, t):
+    a, g, q_s, q_a, w = _inputs(5, t, 80, 20, torch.float32)
+    require(backend, "score_self", _tensors(a, g, q_s, q_a, w))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled
+    try:
+        got = ops.score_self(a, g, q_s, q_a, w, backend=backend)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.isfinite(got).all()
+    assert_matches_oracle(got, reference.score_self_ref(a, g, q_s, q_a, w), op="score_self", backend=backend,
+                          dtype=torch.float32)
+
+
+@pytest.mark.interpreter
+def test_score_self_triton_chunks(monkeypatch):
+    """Several chunks of examples (each rotated separately) fill one output, forced in the interpreter."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, score_self
+
+    monkeypatch.setattr(_common, "chunk_examples", lambda n, per_example: 3)
+    a, g, q_s, q_a, w = _inputs(8, 3, 41, 13, torch.float32)
+    got = score_self.score_self_triton(a, g, q_s, q_a, w)
+    assert_matches_oracle(got, reference.score_self_ref(a, g, q_s, q_a, w), op="score_self", backend="triton",
+                          dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_score_self_kernels_compile_for_gpu():
+    cases = []
+    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+        sig = dict(gs_ptr=ptr, as_ptr=ptr, w_ptr="*fp32", out_ptr="*fp32", T="i32", O="i32", I="i32")
+        const = dict(BLOCK_O=64, BLOCK_I=64, BLOCK_T=32, DOT=dot)
+        cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90))
+    cases += bmm_cases({1: "*fp16"}, arch=80)
+    compile_for_gpu(cases)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_score_self_bf16_gpu(backend, t):
+    _check(backend, *_inputs(33, t, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
