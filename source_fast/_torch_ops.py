@@ -130,3 +130,34 @@ def score_self(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.T
         rotated = torch.bmm(gs.transpose(1, 2), as_)
         out[start:start + step] = (rotated.square_() * w).sum((1, 2))
     return out
+
+
+def score_lowrank(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Low-rank queries V_q = U_q W_qᵀ: scores[q, n] = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r.
+
+    Q·N·T·R·(O + I) flops instead of ≥ Q·N·O·I: neither V_q nor G_n is ever formed."""
+    dt = acc_dtype(u, w, a, g)
+    q, o, r = u.shape
+    n, t, i = a.shape
+    out = torch.empty(q, n, dtype=dt, device=a.device)
+    uf, wf = u.to(dt), w.to(dt)
+    step = _chunk_rows(2 * q * t * r, dt, n)
+    for start in range(0, n, step):
+        gu = torch.einsum("nto,qor->qntr", g[start:start + step].to(dt), uf)
+        aw = torch.einsum("nti,qir->qntr", a[start:start + step].to(dt), wf)
+        out[:, start:start + step] = (gu * aw).sum((2, 3))
+    return out
+
+
+def score_per_token(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-token scores [Q, N, T]: g_{n,t}ᵀ V_q a_{n,t} (token-wise contraction, chunked over N)."""
+    dt = acc_dtype(v, a, g)
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    out = torch.empty(q, n, t, dtype=dt, device=a.device)
+    vf = v.to(dt)
+    step = _chunk_rows(q * t * o, dt, n)
+    for start in range(0, n, step):
+        va = torch.einsum("qoi,nti->qnto", vf, a[start:start + step].to(dt))
+        out[:, start:start + step] = torch.einsum("qnto,nto->qnt", va, g[start:start + step].to(dt))
+    return out

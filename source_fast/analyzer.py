@@ -494,12 +494,38 @@ class SourceAnalyzer:
         config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
         store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
+        pending = range(self._num_blocks(n_train)) if store is None else store.pending()
+        for b, block in self._pairwise_blocks(query_dataset, train_dataset, pending, n_fit, stage_sizes):
+            self._emit(store, b, block)
+        return self._result(store)
+
+    def top_k(self, query_dataset, train_dataset, k: int, *, largest: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming top-k training examples per query: (scores, indices), each ``[n_query, k]``.
+
+        The score matrix is never held whole: blocks of ``score_block`` training examples are scored
+        and merged into a running top-k, so memory is O(n_query · (k + score_block)) for any N.
+        ``largest=False`` gives the strongest opponents (most negative τ). Ties keep the lower index."""
+        self._check_dataset(query_dataset, "query_dataset")
+        n_train = self._check_dataset(train_dataset, "train_dataset")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_train:
+            raise ValueError(f"k must be an integer in [1, n_train={n_train}], got {k!r}")
+        n_fit, stage_sizes = self._ensure_fit(train_dataset)
+        values = indices = None
+        for b, block in self._pairwise_blocks(query_dataset, train_dataset, range(self._num_blocks(n_train)),
+                                              n_fit, stage_sizes):
+            values, indices = ops.topk_update(values, indices, block.cpu(), b * self.score_block, k, largest)
+        return values, indices
+
+    def _pairwise_blocks(self, query_dataset, train_dataset, pending, n_fit, stage_sizes):
+        """Yield (block index, scores [n_query, block]) for the pending blocks of training examples."""
+        n_query, n_train = len(query_dataset), len(train_dataset)
         units = self._units("score")
         final_unit = self._final_unit()
         with self._session():
-            if store is None or store.pending():
+            if pending:
                 plan = self._score_plan(query_dataset, units, final_unit, stage_sizes, n_fit)
-            for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
+            for b in pending:
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
                 for unit, v, weight, stage in plan:
@@ -516,8 +542,7 @@ class SourceAnalyzer:
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")
-                self._emit(store, b, block)
-        return self._result(store)
+                yield b, block
 
     # Scores of one block are a sum over (model state, direction, weight, stage) terms.
     def _score_plan(self, query_dataset, units, final_unit, stage_sizes, n_train):

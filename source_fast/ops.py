@@ -152,6 +152,37 @@ def score_self(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.T
     return _run("score_self", tensors, backend, deterministic, a, g, q_s, q_a, weights)
 
 
+def score_lowrank(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Scores for low-rank query directions V_q ≈ U_q W_qᵀ without forming V_q or G_n.
+
+    Args:
+        u: ``[Q, O, R]``; w: ``[Q, I, R]``; a: ``[N, T, I]``; g: ``[N, T, O]``.
+    Returns:
+        ``[Q, N]``, scores[q, n] = Σ_t (U_qᵀ g_{n,t}) · (W_qᵀ a_{n,t}). torch backend only (for now).
+    """
+    _check_tokens(a, g)
+    check_tensor("u", u, ndim=3, shape=(None, g.shape[2], None))
+    check_tensor("w", w, ndim=3, shape=(u.shape[0], a.shape[2], u.shape[2]))
+    check_same_device(u=u, w=w, a=a, g=g)
+    from . import _torch_ops
+
+    return _torch_ops.score_lowrank(u, w, a, g)
+
+
+def score_per_token(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-token contributions ``[Q, N, T]`` to score_pairwise (which is their sum over T).
+
+    Args:
+        v: ``[Q, O, I]``; a: ``[N, T, I]``; g: ``[N, T, O]``. torch backend only (for now).
+    """
+    _check_tokens(a, g)
+    check_tensor("v", v, ndim=3, shape=(None, g.shape[2], a.shape[2]))
+    check_same_device(v=v, a=a, g=g)
+    from . import _torch_ops
+
+    return _torch_ops.score_per_token(v, a, g)
+
+
 def topk_update(values: torch.Tensor | None, indices: torch.Tensor | None, new_scores: torch.Tensor, offset: int,
                 k: int, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Streaming top-k over training examples: merge a block of scores ``[Q, n_block]`` whose first

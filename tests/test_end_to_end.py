@@ -170,3 +170,16 @@ def test_multi_stage_matches_oracle_and_masks_other_stages():
     plain = sf.SourceAnalyzer(model, ClassificationTask(), unmasked, fisher="empirical", batch_size=6,
                               progress=False).pairwise_scores(queries, data)
     assert _rel(plain, oracle) > 1e-2
+
+
+def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run):
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=3, score_block=5, progress=False)
+    full = analyzer.pairwise_scores(queries, data)
+    for largest in (True, False):
+        values, indices = analyzer.top_k(queries, data, 6, largest=largest)
+        want = torch.topk(full, 6, dim=1, largest=largest)
+        assert torch.equal(indices, want.indices) and torch.allclose(values, want.values, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="k must be an integer in"):
+        analyzer.top_k(queries, data, 0)

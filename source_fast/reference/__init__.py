@@ -7,7 +7,8 @@ low-precision tolerance rule of tests/_tolerances.py).
 from .covariance import covariance_ref
 from .kron_project import kron_project_ref
 from .lambda_accum import lambda_accum_ref
-from .score import score_pairwise_ref, score_self_ref, per_example_grads_ref
+from .score import (per_example_grads_ref, score_lowrank_ref, score_pairwise_ref, score_per_token_ref,
+                    score_self_ref)
 
 __all__ = [
     "covariance_ref",
@@ -16,4 +17,6 @@ __all__ = [
     "score_pairwise_ref",
     "score_self_ref",
     "per_example_grads_ref",
+    "score_lowrank_ref",
+    "score_per_token_ref",
 ]

@@ -26,3 +26,17 @@ def score_self_ref(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
     grads = per_example_grads_ref(a, g, upcast=upcast)
     rotated = q_s.to(dt).T @ grads @ q_a.to(dt)
     return torch.einsum("oi,noi->n", weights.to(dt), rotated * rotated)
+
+
+def score_lowrank_ref(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *,
+                      upcast: bool = True) -> torch.Tensor:
+    """Low-rank queries V_q = U_q W_qᵀ (u: [Q, O, R], w: [Q, I, R]) -> scores [Q, N]."""
+    dt = compute_dtype(a, upcast)
+    v = torch.einsum("qor,qir->qoi", u.to(dt), w.to(dt))
+    return score_pairwise_ref(v, a, g, upcast=upcast)
+
+
+def score_per_token_ref(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
+    """Per-token scores [Q, N, T]: g_{n,t}ᵀ V_q a_{n,t} (their sum over t is score_pairwise)."""
+    dt = compute_dtype(a, upcast)
+    return torch.einsum("nto,qoi,nti->qnt", g.to(dt), v.to(dt), a.to(dt))
