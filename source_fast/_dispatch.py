@@ -132,6 +132,9 @@ class CpuBackend(ExtensionBackend):
     name = "cpu"
     devices = ("cpu",)
     dtypes = (torch.float32,)
+    # Only the ops where C++/OpenMP beats the torch backend on CPU (measured 1.2-3.9x, README);
+    # kron_project is BLAS GEMMs either way, so torch runs it.
+    ops = ("covariance", "lambda_accum", "score_pairwise", "score_self")
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), TorchBackend())}

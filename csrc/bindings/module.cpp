@@ -1,0 +1,356 @@
+// The only PYBIND11_MODULE of source_fast: `source_fast._C`.
+//
+// Torch-free by design (BUILD_NOTES.md): tensors cross as integer data pointers, sizes, strides in
+// elements and dtype codes (sf::DType), CUDA streams as integers. source_fast/_extension.py is the
+// torch-side layer that allocates outputs and workspaces and calls these functions.
+// Failed structural checks raise ValueError naming the argument, expected and got; CUDA and other
+// runtime failures raise RuntimeError. The GIL is released while kernels run.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "covariance/covariance.h"
+#include "kron_project/kron_project.h"
+#include "lambda_accum/lambda_accum.h"
+#include "score_pairwise/score_pairwise.h"
+#include "score_self/score_self.h"
+#include "source_fast/common.h"
+#include "source_fast/cpu_microkernel.h"
+#include "source_fast/spectral.h"
+
+namespace py = pybind11;
+using sf::index_t;
+using ptr_t = std::uintptr_t;
+
+namespace {
+
+#ifdef SOURCE_FAST_WITH_CUDA
+constexpr bool kHasCuda = true;
+#define SF_CUDA_ONLY(expr) (expr)
+#define SF_CUDA_ONLY_VALUE(expr) (expr)
+#else
+constexpr bool kHasCuda = false;
+#define SF_CUDA_ONLY(expr)                                                                                 \
+  ::sf::Status(::sf::Code::kUnsupported,                                                                  \
+               "source_fast._C was built without CUDA; rebuild with SOURCE_FAST_BUILD_CUDA=1 and nvcc on " \
+               "PATH: pip install --no-build-isolation -e .")
+#define SF_CUDA_ONLY_VALUE(expr) (throw std::runtime_error("source_fast._C was built without CUDA"), index_t{0})
+#endif
+
+void raise_if_error(const sf::Status& s) {
+  if (s.ok()) return;
+  if (s.code() == sf::Code::kInvalidArgument || s.code() == sf::Code::kOverflow) throw py::value_error(s.message());
+  throw std::runtime_error(s.message());
+}
+
+void check_dtype(const char* name, int code, std::initializer_list<int> allowed) {
+  raise_if_error(sf::check_dtype(name, code, allowed));
+}
+
+void check_threads(int n) {
+  if (n < 1) throw py::value_error(sf::str_cat("num_threads: expected >= 1, got ", n));
+}
+
+template <typename T>
+T* as_ptr(ptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+constexpr std::initializer_list<int> kCudaDtypes = {sf::kFloat32, sf::kFloat16, sf::kBFloat16};
+
+std::vector<sf::SpectralSpec> parse_fns(const std::vector<std::tuple<int, double, double, double, std::int64_t>>& fns) {
+  if (fns.empty()) throw py::value_error("fns: expected a non-empty list of (kind, c, damping, eta, steps), got []");
+  std::vector<sf::SpectralSpec> out;
+  for (std::size_t k = 0; k < fns.size(); ++k) {
+    sf::SpectralSpec s{std::get<0>(fns[k]), std::get<1>(fns[k]), std::get<2>(fns[k]), std::get<3>(fns[k]),
+                       std::get<4>(fns[k])};
+    raise_if_error(sf::check_spectral(s, static_cast<int>(k)));
+    out.push_back(s);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "source_fast compiled kernels (torch-free; see source_fast/_extension.py for the torch layer)";
+  m.attr("HAS_CUDA") = py::bool_(kHasCuda);
+  m.attr("CPU_VECTOR_WIDTH") = py::int_(sf::cpu::VL);
+#ifdef _OPENMP
+  m.attr("HAS_OPENMP") = py::bool_(true);
+#else
+  m.attr("HAS_OPENMP") = py::bool_(false);
+#endif
+  m.attr("DTYPE_FLOAT32") = py::int_(static_cast<int>(sf::kFloat32));
+  m.attr("DTYPE_FLOAT16") = py::int_(static_cast<int>(sf::kFloat16));
+  m.attr("DTYPE_BFLOAT16") = py::int_(static_cast<int>(sf::kBFloat16));
+  m.attr("DTYPE_FLOAT64") = py::int_(static_cast<int>(sf::kFloat64));
+
+  // ------------------------------------------------------------------ CPU (float32)
+  m.def(
+      "covariance_cpu",
+      [](ptr_t x, index_t R, index_t D, index_t sxr, index_t sxc, int x_dtype, ptr_t mask, index_t smask,
+         int mask_dtype, ptr_t out, index_t ldo, int out_dtype, bool accumulate, int num_threads) {
+        check_dtype("x", x_dtype, {sf::kFloat32});
+        if (mask) check_dtype("mask", mask_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::covariance_cpu(as_ptr<const float>(x), R, D, sxr, sxc, as_ptr<const float>(mask), smask,
+                                 as_ptr<float>(out), ldo, accumulate, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("x"), py::arg("R"), py::arg("D"), py::arg("sxr"), py::arg("sxc"), py::arg("x_dtype"), py::arg("mask"),
+      py::arg("smask"), py::arg("mask_dtype"), py::arg("out"), py::arg("ldo"), py::arg("out_dtype"),
+      py::arg("accumulate"), py::arg("num_threads"),
+      "out[D, D] (+)= Σ_r mask_r x_r x_rᵀ (accumulate also symmetrises out first).");
+
+  m.def(
+      "lambda_accum_rotated_cpu",
+      [](ptr_t gs, index_t sgn, index_t sgt, index_t sgo, ptr_t as, index_t san, index_t sat, index_t sai, int dtype,
+         index_t N, index_t T, index_t O, index_t I, ptr_t out, index_t ldo, int out_dtype, int num_threads) {
+        check_dtype("gs/as", dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::lambda_accum_rotated_cpu(as_ptr<const float>(gs), sgn, sgt, sgo, as_ptr<const float>(as), san, sat,
+                                           sai, N, T, O, I, as_ptr<float>(out), ldo, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("gs"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("as_"), py::arg("san"), py::arg("sat"),
+      py::arg("sai"), py::arg("dtype"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"),
+      py::arg("ldo"), py::arg("out_dtype"), py::arg("num_threads"),
+      "out[O, I] += Σ_n (Σ_t gs[n,t,:] ⊗ as[n,t,:])² on rotated tokens gs = g Q_S, as = a Q_A.");
+
+  m.def(
+      "score_self_rotated_cpu",
+      [](ptr_t gs, index_t sgn, index_t sgt, index_t sgo, ptr_t as, index_t san, index_t sat, index_t sai, int dtype,
+         index_t N, index_t T, index_t O, index_t I, ptr_t w, index_t sw0, index_t sw1, int w_dtype, ptr_t out,
+         index_t so, int out_dtype, int num_threads) {
+        check_dtype("gs/as", dtype, {sf::kFloat32});
+        check_dtype("weights", w_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::score_self_rotated_cpu(as_ptr<const float>(gs), sgn, sgt, sgo, as_ptr<const float>(as), san, sat, sai,
+                                         N, T, O, I, as_ptr<const float>(w), sw0, sw1, as_ptr<float>(out), so,
+                                         num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("gs"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("as_"), py::arg("san"), py::arg("sat"),
+      py::arg("sai"), py::arg("dtype"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("w"),
+      py::arg("sw0"), py::arg("sw1"), py::arg("w_dtype"), py::arg("out"), py::arg("so"), py::arg("out_dtype"),
+      py::arg("num_threads"), "out[n] = Σ_ij W_ij (Σ_t gs[n,t,i] as[n,t,j])² on rotated tokens.");
+
+  m.def(
+      "score_pairwise_cpu",
+      [](ptr_t v, index_t svq, index_t svo, index_t svi, ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g,
+         index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I,
+         ptr_t out, index_t so_q, index_t so_n, int out_dtype, int num_threads) {
+        check_dtype("v/a/g", dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::score_pairwise_cpu(as_ptr<const float>(v), svq, svo, svi, as_ptr<const float>(a), san, sat, sai,
+                                     as_ptr<const float>(g), sgn, sgt, sgo, Q, N, T, O, I, as_ptr<float>(out), so_q,
+                                     so_n, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("a"), py::arg("san"), py::arg("sat"),
+      py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
+      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
+      py::arg("out_dtype"), py::arg("num_threads"), "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] (token-wise, fused).");
+
+  m.def(
+      "spectral_eval_cpu",
+      [](const std::tuple<int, double, double, double, std::int64_t>& fn, ptr_t sigma, index_t n, index_t stride,
+         int sigma_dtype, ptr_t out, int out_dtype) {
+        check_dtype("sigma", sigma_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        const sf::SpectralF32 f = sf::to_f32_spec(parse_fns({fn})[0]);
+        raise_if_error(sf::check_strided("sigma", {n}, {stride}));
+        raise_if_error(sf::check_ptr("sigma", as_ptr<const float>(sigma), n));
+        raise_if_error(sf::check_ptr("out", as_ptr<float>(out), n));
+        const float* in = as_ptr<const float>(sigma);
+        float* o = as_ptr<float>(out);
+        py::gil_scoped_release release;
+        for (index_t k = 0; k < n; ++k) o[k] = sf::spectral_eval(f, in[k * stride]);
+      },
+      py::arg("fn"), py::arg("sigma"), py::arg("n"), py::arg("stride"), py::arg("sigma_dtype"), py::arg("out"),
+      py::arg("out_dtype"),
+      "out[k] = f(sigma[k]) in fp32: the same code the CUDA epilogue runs (fn = (kind, c, damping, eta, steps)).");
+
+  // ------------------------------------------------------------------ CUDA (fp32/fp16/bf16 in, fp32 out)
+  m.def(
+      "covariance_cuda_workspace",
+      [](index_t R, index_t D) -> index_t { return SF_CUDA_ONLY_VALUE(sf::covariance_cuda_workspace(R, D)); },
+      py::arg("R"), py::arg("D"));
+  m.def(
+      "covariance_cuda",
+      [](ptr_t x, index_t R, index_t D, index_t sxr, index_t sxc, int x_dtype, ptr_t mask, index_t smask,
+         int mask_dtype, ptr_t out, index_t ldo, int out_dtype, bool accumulate, ptr_t workspace,
+         index_t workspace_numel, std::intptr_t stream) {
+        check_dtype("x", x_dtype, kCudaDtypes);
+        if (mask) check_dtype("mask", mask_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::covariance_cuda(as_ptr<const void>(x), x_dtype, R, D, sxr, sxc,
+                                               as_ptr<const float>(mask), smask, as_ptr<float>(out), ldo, accumulate,
+                                               as_ptr<float>(workspace), workspace_numel, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("x"), py::arg("R"), py::arg("D"), py::arg("sxr"), py::arg("sxc"), py::arg("x_dtype"), py::arg("mask"),
+      py::arg("smask"), py::arg("mask_dtype"), py::arg("out"), py::arg("ldo"), py::arg("out_dtype"),
+      py::arg("accumulate"), py::arg("workspace"), py::arg("workspace_numel"), py::arg("stream"));
+
+  m.def(
+      "lambda_accum_cuda_workspace",
+      [](index_t N, index_t T, index_t O, index_t I) -> index_t {
+        return SF_CUDA_ONLY_VALUE(sf::lambda_accum_cuda_workspace(N, T, O, I));
+      },
+      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"));
+  m.def(
+      "lambda_accum_cuda",
+      [](ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g, index_t sgn, index_t sgt, index_t sgo, int dtype,
+         ptr_t q_a, index_t sqa0, index_t sqa1, ptr_t q_s, index_t sqs0, index_t sqs1, int q_dtype, index_t N,
+         index_t T, index_t O, index_t I, ptr_t out, index_t ldo, int out_dtype, ptr_t workspace,
+         index_t workspace_numel, std::intptr_t stream) {
+        check_dtype("a/g", dtype, kCudaDtypes);
+        check_dtype("q_a/q_s", q_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::lambda_accum_cuda(as_ptr<const void>(a), san, sat, sai, as_ptr<const void>(g), sgn, sgt,
+                                                 sgo, dtype, as_ptr<const float>(q_a), sqa0, sqa1,
+                                                 as_ptr<const float>(q_s), sqs0, sqs1, N, T, O, I, as_ptr<float>(out),
+                                                 ldo, as_ptr<float>(workspace), workspace_numel, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("a"), py::arg("san"), py::arg("sat"), py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"),
+      py::arg("sgo"), py::arg("dtype"), py::arg("q_a"), py::arg("sqa0"), py::arg("sqa1"), py::arg("q_s"),
+      py::arg("sqs0"), py::arg("sqs1"), py::arg("q_dtype"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"),
+      py::arg("out"), py::arg("ldo"), py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_numel"),
+      py::arg("stream"));
+
+  m.def(
+      "score_self_cuda_workspace",
+      [](index_t N, index_t T, index_t O, index_t I) -> index_t {
+        return SF_CUDA_ONLY_VALUE(sf::score_self_cuda_workspace(N, T, O, I));
+      },
+      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"));
+  m.def(
+      "score_self_cuda",
+      [](ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g, index_t sgn, index_t sgt, index_t sgo, int dtype,
+         ptr_t q_s, index_t sqs0, index_t sqs1, ptr_t q_a, index_t sqa0, index_t sqa1, int q_dtype, ptr_t w,
+         index_t sw0, index_t sw1, int w_dtype, index_t N, index_t T, index_t O, index_t I, ptr_t out, index_t so,
+         int out_dtype, ptr_t workspace, index_t workspace_numel, std::intptr_t stream) {
+        check_dtype("a/g", dtype, kCudaDtypes);
+        check_dtype("q_s/q_a", q_dtype, {sf::kFloat32});
+        check_dtype("weights", w_dtype, {sf::kFloat32});
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::score_self_cuda(as_ptr<const void>(a), san, sat, sai, as_ptr<const void>(g), sgn, sgt,
+                                               sgo, dtype, as_ptr<const float>(q_s), sqs0, sqs1,
+                                               as_ptr<const float>(q_a), sqa0, sqa1, as_ptr<const float>(w), sw0, sw1,
+                                               N, T, O, I, as_ptr<float>(out), so, as_ptr<float>(workspace),
+                                               workspace_numel, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("a"), py::arg("san"), py::arg("sat"), py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"),
+      py::arg("sgo"), py::arg("dtype"), py::arg("q_s"), py::arg("sqs0"), py::arg("sqs1"), py::arg("q_a"),
+      py::arg("sqa0"), py::arg("sqa1"), py::arg("q_dtype"), py::arg("w"), py::arg("sw0"), py::arg("sw1"),
+      py::arg("w_dtype"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so"),
+      py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_numel"), py::arg("stream"));
+
+  m.def(
+      "score_pairwise_cuda_workspace",
+      [](index_t Q, index_t N, index_t T, index_t O, index_t I) -> index_t {
+        return SF_CUDA_ONLY_VALUE(sf::score_pairwise_cuda_workspace(Q, N, T, O, I));
+      },
+      py::arg("Q"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"));
+  m.def(
+      "score_pairwise_cuda",
+      [](ptr_t v, index_t svq, index_t svo, index_t svi, ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g,
+         index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I,
+         ptr_t out, index_t so_q, index_t so_n, int out_dtype, ptr_t workspace, index_t workspace_numel,
+         std::intptr_t stream) {
+        check_dtype("v/a/g", dtype, kCudaDtypes);
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::score_pairwise_cuda(as_ptr<const void>(v), svq, svo, svi, as_ptr<const void>(a), san,
+                                                   sat, sai, as_ptr<const void>(g), sgn, sgt, sgo, dtype, Q, N, T, O, I,
+                                                   as_ptr<float>(out), so_q, so_n, as_ptr<float>(workspace),
+                                                   workspace_numel, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("a"), py::arg("san"), py::arg("sat"),
+      py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
+      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
+      py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_numel"), py::arg("stream"));
+
+  m.def(
+      "kron_project_cuda_workspace",
+      [](index_t Q, index_t O, index_t I) -> index_t {
+        return SF_CUDA_ONLY_VALUE(sf::kron_project_cuda_workspace(Q, O, I));
+      },
+      py::arg("Q"), py::arg("O"), py::arg("I"));
+  m.def(
+      "kron_project_cuda",
+      [](ptr_t v, index_t svq, index_t svo, index_t svi, int dtype, ptr_t q_s, index_t sqs0, index_t sqs1, ptr_t q_a,
+         index_t sqa0, index_t sqa1, ptr_t lam, index_t sl0, index_t sl1, int f32_dtype,
+         const std::vector<std::tuple<int, double, double, double, std::int64_t>>& fns, index_t Q, index_t O,
+         index_t I, const std::vector<ptr_t>& outs, int out_dtype, ptr_t workspace, index_t workspace_numel,
+         std::intptr_t stream) {
+        check_dtype("v", dtype, kCudaDtypes);
+        check_dtype("q_s/q_a/lam", f32_dtype, {sf::kFloat32});
+        check_dtype("outs", out_dtype, {sf::kFloat32});
+        std::vector<sf::SpectralSpec> specs = parse_fns(fns);
+        if (outs.size() != specs.size())
+          throw py::value_error(sf::str_cat("outs: expected ", specs.size(), " output pointers (one per f), got ",
+                                            outs.size()));
+        std::vector<float*> out_ptrs;
+        for (ptr_t p : outs) out_ptrs.push_back(as_ptr<float>(p));
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::kron_project_cuda(as_ptr<const void>(v), svq, svo, svi, dtype,
+                                                 as_ptr<const float>(q_s), sqs0, sqs1, as_ptr<const float>(q_a), sqa0,
+                                                 sqa1, as_ptr<const float>(lam), sl0, sl1, specs.data(),
+                                                 static_cast<int>(specs.size()), Q, O, I, out_ptrs.data(),
+                                                 as_ptr<float>(workspace), workspace_numel, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("dtype"), py::arg("q_s"), py::arg("sqs0"),
+      py::arg("sqs1"), py::arg("q_a"), py::arg("sqa0"), py::arg("sqa1"), py::arg("lam"), py::arg("sl0"),
+      py::arg("sl1"), py::arg("f32_dtype"), py::arg("fns"), py::arg("Q"), py::arg("O"), py::arg("I"),
+      py::arg("outs"), py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_numel"), py::arg("stream"));
+}

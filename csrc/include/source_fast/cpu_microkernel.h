@@ -1,0 +1,115 @@
+// Register-blocked fp32 building blocks for the C++/OpenMP kernels (torch-free, host only).
+//
+// Layout convention (BLIS/GotoBLAS): an "A panel" holds MR rows broadcast one scalar at a time,
+// packed k-major as [K][MR]; a "B panel" holds NR = NV * VL columns loaded as NV vectors, packed
+// k-major as [K][NR] and 64-byte aligned. A micro-kernel keeps the MR x NR tile in registers.
+// Vector width follows the target the module is compiled for (-march=native by default, see
+// CMakeLists.txt SOURCE_FAST_CPU_NATIVE): AVX-512 16 lanes, AVX/AVX2 8, otherwise 4.
+//
+// Every reduction here runs in a fixed order that depends only on the shapes, never on the thread
+// count or schedule: results are bitwise reproducible.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "source_fast/common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace sf {
+namespace cpu {
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+constexpr int MR = 12;  // 24 accumulators + 2 B vectors + 1 broadcast of 32 zmm
+#elif defined(__AVX__)
+constexpr int VL = 8;
+constexpr int MR = 6;  // 12 accumulators of 16 ymm
+#else
+constexpr int VL = 4;
+constexpr int MR = 4;
+#endif
+constexpr int NV = 2;
+constexpr int NR = NV * VL;
+// Rows of the "square" kernels, which hold two tiles (the product and its running square sum).
+constexpr int MR2 = MR / 2;
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef float vfu __attribute__((vector_size(VL * sizeof(float)), aligned(4), may_alias));
+
+static inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+static inline vf loada(const float* p) { return *reinterpret_cast<const vf*>(__builtin_assume_aligned(p, 64)); }
+static inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+static inline vf splat(float x) { return vf{} + x; }
+static inline float hsum(vf v) {
+  // Fixed pairwise order: deterministic.
+  float buf[VL];
+  std::memcpy(buf, &v, sizeof(buf));
+  for (int w = VL / 2; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) buf[j] += buf[j + w];
+  return buf[0];
+}
+
+// 64-byte aligned scratch buffer (packing panels).
+struct AlignedBuffer {
+  float* ptr = nullptr;
+  std::size_t n = 0;
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(std::size_t count) { reset(count); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(ptr); }
+  bool reset(std::size_t count) {
+    if (count <= n && ptr) return true;
+    std::free(ptr);
+    std::size_t bytes = ((count * sizeof(float) + 63) / 64) * 64;
+    ptr = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    n = ptr ? count : 0;
+    return ptr != nullptr;
+  }
+  float* data() { return ptr; }
+};
+
+// c[m][v] (+)= sum_k A[k][m] * B[k][v*VL : (v+1)*VL]  for k in [0, K).
+template <int M>
+static inline __attribute__((always_inline)) void gemm_tile(index_t K, const float* __restrict A,
+                                                              const float* __restrict B, vf (&c)[M][NV]) {
+  for (index_t k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = loada(B + k * NR + v * VL);
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      vf a = splat(A[k * M + m]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[m][v] += a * b[v];
+    }
+  }
+}
+
+template <int M>
+static inline void zero_tile(vf (&c)[M][NV]) {
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) c[m][v] = vf{};
+}
+
+// Number of threads for an OpenMP region: 1 below `threshold` units of work (a parallel region on a
+// tiny input costs ~100 us under load), else min(requested, available).
+static inline int threads_for(double work, double threshold, int requested) {
+  if (requested <= 1 || work < threshold) return 1;
+#ifdef _OPENMP
+  return requested;
+#else
+  return 1;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace sf

@@ -1,0 +1,27 @@
+// score_pairwise: scores[q, n] = ⟨V_q, G_n⟩ = Σ_t g_{n,t}ᵀ V_q a_{n,t} (SOURCE_MATH.md §7).
+#pragma once
+
+#include <cstdint>
+
+#include "source_fast/common.h"
+
+namespace sf {
+
+// CPU, float32, token-wise contraction (Q·N·T·O·I flops, no G_n): v [Q, O, I], a [N, T, I], g [N, T, O]
+// (strides in elements); out [Q, N] (strides so_q, so_n) is overwritten.
+Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a, index_t san,
+                          index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt, index_t sgo,
+                          index_t Q, index_t N, index_t T, index_t O, index_t I, float* out, index_t so_q,
+                          index_t so_n, int num_threads);
+
+// CUDA: G_n tiles are formed on the fly in shared memory (no N x O x I buffer) and contracted with
+// V; v, a, g of dtype `dtype`; out float32 [Q, N] overwritten. workspace:
+// score_pairwise_cuda_workspace(Q, N, T, O, I) floats.
+index_t score_pairwise_cuda_workspace(index_t Q, index_t N, index_t T, index_t O, index_t I);
+Status score_pairwise_cuda(const void* v, index_t svq, index_t svo, index_t svi, const void* a, index_t san,
+                           index_t sat, index_t sai, const void* g, index_t sgn, index_t sgt, index_t sgo,
+                           int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
+                           index_t so_q, index_t so_n, float* workspace, index_t workspace_numel,
+                           std::intptr_t stream);
+
+}  // namespace sf

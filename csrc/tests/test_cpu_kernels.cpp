@@ -1,0 +1,219 @@
+// Host C++ test of the CPU kernels against naive double-precision loops (run by ctest).
+// Odd shapes around the register-tile sizes, strided (column-major) inputs, masks, accumulation,
+// and bitwise reproducibility across thread counts.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "covariance/covariance.h"
+#include "lambda_accum/lambda_accum.h"
+#include "score_pairwise/score_pairwise.h"
+#include "score_self/score_self.h"
+
+using sf::index_t;
+
+namespace {
+
+int g_failures = 0;
+std::mt19937 g_rng(1234);
+
+std::vector<float> randn(index_t n) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> v(static_cast<std::size_t>(n));
+  for (auto& x : v) x = d(g_rng);
+  return v;
+}
+
+void expect_ok(const sf::Status& s, const std::string& what) {
+  if (!s.ok()) {
+    std::printf("FAIL %s: status %d: %s\n", what.c_str(), static_cast<int>(s.code()), s.message().c_str());
+    ++g_failures;
+  }
+}
+
+// max |got - want| <= tol * max |want|
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tol, const std::string& what) {
+  double err = 0, scale = 1e-30;
+  for (std::size_t k = 0; k < want.size(); ++k) {
+    err = std::fmax(err, std::fabs(got[k] - want[k]));
+    scale = std::fmax(scale, std::fabs(want[k]));
+  }
+  bool ok = err <= tol * scale && std::isfinite(err);
+  std::printf("%s %s: max err %.3g (scale %.3g)\n", ok ? "ok  " : "FAIL", what.c_str(), err, scale);
+  if (!ok) ++g_failures;
+}
+
+void expect_equal(const std::vector<float>& x, const std::vector<float>& y, const std::string& what) {
+  bool ok = x.size() == y.size();
+  for (std::size_t k = 0; ok && k < x.size(); ++k) ok = (x[k] == y[k]);
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++g_failures;
+}
+
+void test_covariance(index_t R, index_t D, bool masked, bool col_major, bool accumulate) {
+  // x stored row-major [R, D] or column-major (strides (1, R)).
+  std::vector<float> x = randn(R * D);
+  const index_t sxr = col_major ? 1 : D, sxc = col_major ? R : 1;
+  std::vector<float> mask(static_cast<std::size_t>(R));
+  for (index_t r = 0; r < R; ++r) mask[r] = masked ? static_cast<float>((r % 3) * 0.5) : 1.0f;
+  std::vector<float> out = randn(D * D);
+  std::vector<double> want(static_cast<std::size_t>(D * D));
+  for (index_t i = 0; i < D; ++i)
+    for (index_t j = 0; j < D; ++j) {
+      double s = accumulate ? 0.5 * (static_cast<double>(out[i * D + j]) + out[j * D + i]) : 0.0;
+      for (index_t r = 0; r < R; ++r) s += static_cast<double>(mask[r]) * x[r * sxr + i * sxc] * x[r * sxr + j * sxc];
+      want[i * D + j] = s;
+    }
+  std::vector<float> out2 = out;
+  std::string name = "covariance R=" + std::to_string(R) + " D=" + std::to_string(D) + (masked ? " mask" : "") +
+                     (col_major ? " colmajor" : "") + (accumulate ? " accumulate" : "");
+  expect_ok(sf::covariance_cpu(x.data(), R, D, sxr, sxc, masked ? mask.data() : nullptr, 1, out.data(), D, accumulate, 2),
+            name);
+  expect_close(out, want, 1e-5, name);
+  bool sym = true;
+  for (index_t i = 0; i < D; ++i)
+    for (index_t j = 0; j < D; ++j) sym = sym && out[i * D + j] == out[j * D + i];
+  if (!sym) {
+    std::printf("FAIL %s: not exactly symmetric\n", name.c_str());
+    ++g_failures;
+  }
+  expect_ok(sf::covariance_cpu(x.data(), R, D, sxr, sxc, masked ? mask.data() : nullptr, 1, out2.data(), D, accumulate, 1),
+            name);
+  expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+}
+
+// gs [N, T, O], as [N, T, I] rotated tokens (contiguous).
+std::vector<double> naive_rotated_grads(const std::vector<float>& gs, const std::vector<float>& as, index_t N, index_t T,
+                                        index_t O, index_t I) {
+  std::vector<double> r(static_cast<std::size_t>(N * O * I), 0.0);
+  for (index_t n = 0; n < N; ++n)
+    for (index_t o = 0; o < O; ++o)
+      for (index_t i = 0; i < I; ++i) {
+        double s = 0;
+        for (index_t t = 0; t < T; ++t) s += static_cast<double>(gs[(n * T + t) * O + o]) * as[(n * T + t) * I + i];
+        r[(n * O + o) * I + i] = s;
+      }
+  return r;
+}
+
+void test_lambda(index_t N, index_t T, index_t O, index_t I) {
+  std::vector<float> gs = randn(N * T * O), as = randn(N * T * I), out = randn(O * I);
+  std::vector<double> grads = naive_rotated_grads(gs, as, N, T, O, I);
+  std::vector<double> want(out.begin(), out.end());
+  for (index_t n = 0; n < N; ++n)
+    for (index_t k = 0; k < O * I; ++k) want[k] += grads[n * O * I + k] * grads[n * O * I + k];
+  std::vector<float> out2 = out;
+  std::string name = "lambda_accum N=" + std::to_string(N) + " T=" + std::to_string(T) + " O=" + std::to_string(O) +
+                     " I=" + std::to_string(I);
+  expect_ok(sf::lambda_accum_rotated_cpu(gs.data(), T * O, O, 1, as.data(), T * I, I, 1, N, T, O, I, out.data(), I, 2),
+            name);
+  expect_close(out, want, 1e-5, name);
+  expect_ok(sf::lambda_accum_rotated_cpu(gs.data(), T * O, O, 1, as.data(), T * I, I, 1, N, T, O, I, out2.data(), I, 1),
+            name);
+  expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+}
+
+void test_score_self(index_t N, index_t T, index_t O, index_t I) {
+  std::vector<float> gs = randn(N * T * O), as = randn(N * T * I), w = randn(O * I);
+  for (auto& x : w) x = std::fabs(x);
+  std::vector<double> grads = naive_rotated_grads(gs, as, N, T, O, I);
+  std::vector<double> want(static_cast<std::size_t>(N), 0.0);
+  for (index_t n = 0; n < N; ++n)
+    for (index_t k = 0; k < O * I; ++k) want[n] += w[k] * grads[n * O * I + k] * grads[n * O * I + k];
+  // Weights passed transposed-strided: w_t[i][o] with strides (1, O) reading w[o][i] = w_t[i * O + o].
+  std::vector<float> wt(static_cast<std::size_t>(O * I));
+  for (index_t o = 0; o < O; ++o)
+    for (index_t i = 0; i < I; ++i) wt[i * O + o] = w[o * I + i];
+  std::vector<float> out(static_cast<std::size_t>(N), NAN), out2(static_cast<std::size_t>(N), NAN);
+  std::string name = "score_self N=" + std::to_string(N) + " T=" + std::to_string(T) + " O=" + std::to_string(O) +
+                     " I=" + std::to_string(I);
+  expect_ok(sf::score_self_rotated_cpu(gs.data(), T * O, O, 1, as.data(), T * I, I, 1, N, T, O, I, wt.data(), 1, O,
+                                       out.data(), 1, 2),
+            name);
+  expect_close(out, want, 1e-5, name);
+  expect_ok(sf::score_self_rotated_cpu(gs.data(), T * O, O, 1, as.data(), T * I, I, 1, N, T, O, I, wt.data(), 1, O,
+                                       out2.data(), 1, 1),
+            name);
+  expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+}
+
+void test_score_pairwise(index_t Q, index_t N, index_t T, index_t O, index_t I) {
+  std::vector<float> v = randn(Q * O * I), a = randn(N * T * I), g = randn(N * T * O);
+  std::vector<double> want(static_cast<std::size_t>(Q * N), 0.0);
+  for (index_t q = 0; q < Q; ++q)
+    for (index_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (index_t t = 0; t < T; ++t)
+        for (index_t o = 0; o < O; ++o) {
+          double va = 0;
+          for (index_t i = 0; i < I; ++i) va += static_cast<double>(v[(q * O + o) * I + i]) * a[(n * T + t) * I + i];
+          s += va * g[(n * T + t) * O + o];
+        }
+      want[q * N + n] = s;
+    }
+  // Output written transposed (strides (1, Q)) to exercise output strides.
+  std::vector<float> out_t(static_cast<std::size_t>(Q * N), NAN), out2(static_cast<std::size_t>(Q * N), NAN);
+  std::string name = "score_pairwise Q=" + std::to_string(Q) + " N=" + std::to_string(N) + " T=" + std::to_string(T) +
+                     " O=" + std::to_string(O) + " I=" + std::to_string(I);
+  expect_ok(sf::score_pairwise_cpu(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I,
+                                   out_t.data(), 1, Q, 2),
+            name);
+  std::vector<float> out(static_cast<std::size_t>(Q * N));
+  for (index_t q = 0; q < Q; ++q)
+    for (index_t n = 0; n < N; ++n) out[q * N + n] = out_t[n * Q + q];
+  expect_close(out, want, 1e-5, name);
+  expect_ok(sf::score_pairwise_cpu(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I,
+                                   out2.data(), N, 1, 1),
+            name);
+  expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+}
+
+void test_errors() {
+  float x[4] = {0, 0, 0, 0};
+  sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
+  bool ok = !s.ok() && s.code() == sf::Code::kInvalidArgument && s.message().find("x") != std::string::npos;
+  std::printf("%s negative stride rejected: %s\n", ok ? "ok  " : "FAIL", s.message().c_str());
+  if (!ok) ++g_failures;
+  s = sf::covariance_cpu(x, 2, 2, 2, 1, nullptr, 0, x, 1, false, 1);
+  ok = !s.ok() && s.message().find("out") != std::string::npos;
+  std::printf("%s short leading dimension rejected: %s\n", ok ? "ok  " : "FAIL", s.message().c_str());
+  if (!ok) ++g_failures;
+}
+
+}  // namespace
+
+int main() {
+  for (index_t D : {1, 7, 33, 61})
+    for (index_t R : {1, 5, 300}) test_covariance(R, D, false, false, false);
+  test_covariance(517, 45, true, true, true);
+  test_covariance(1000, 70, true, false, false);  // above the OpenMP threshold: 2 threads really run
+  test_covariance(0, 9, false, false, true);
+  for (index_t T : {1, 3})
+    for (index_t O : {1, 13})
+      for (index_t I : {1, 37}) test_lambda(11, T, O, I);
+  test_lambda(300, 1, 29, 70);
+  test_lambda(40, 9, 29, 70);
+  test_lambda(200, 4, 45, 90);   // multi-threaded
+  test_lambda(700, 1, 45, 90);
+  for (index_t T : {1, 4}) {
+    test_score_self(1, T, 5, 3);
+    test_score_self(19, T, 13, 41);
+  }
+  test_score_self(150, 4, 40, 130);  // multi-threaded
+  test_score_self(700, 1, 40, 130);
+  test_score_pairwise(1, 1, 1, 1, 1);
+  test_score_pairwise(3, 17, 1, 13, 37);
+  test_score_pairwise(2, 9, 3, 30, 11);
+  test_score_pairwise(5, 70, 2, 7, 65);
+  test_score_pairwise(4, 100, 2, 30, 170);  // multi-threaded
+  test_errors();
+  if (g_failures) {
+    std::printf("%d FAILURES\n", g_failures);
+    return 1;
+  }
+  std::printf("all CPU kernel tests passed\n");
+  return 0;
+}

@@ -1,0 +1,328 @@
+"""Torch-side layer of the compiled module `source_fast._C` (the `cpu` and `cuda` backends).
+
+`_C` is torch-free (BUILD_NOTES.md): it takes integer data pointers, sizes, strides in elements,
+dtype codes and, for CUDA, the current stream as an integer. This module allocates outputs and
+workspaces with torch, normalises layouts and calls it. Each `<op>_cpu` / `<op>_cuda` has the
+signature and semantics of `source_fast._torch_ops.<op>`; inputs arrive validated by
+`source_fast.ops` (shapes, devices), and dtypes are those the backend declares in `_dispatch.py`.
+
+What runs where:
+
+* ``cpu`` (float32, OpenMP; threads = ``torch.get_num_threads()``):
+  - covariance: blocked SYRK (upper triangle only, mirrored), any input strides.
+  - lambda_accum / score_self: the rotations g Q_S and a Q_A are torch GEMMs (BLAS wins those);
+    the per-example outer product, square and reduction run fused in C++, so the ``[n, O, I]``
+    chunk of rotated gradients the torch backend materialises is never written.
+  - score_pairwise: fused token-wise contraction when the flop model picks it
+    (``_torch_ops.pairwise_strategy``); the "materialize" regime (T > 1 with many queries) is two
+    BLAS GEMMs, which this function leaves to torch.
+  - kron_project: the GEMMs are torch (BLAS); only f(Λ) comes from the module (its fp32
+    spectral_eval, shared with the CUDA epilogue). Same speed as the torch backend.
+* ``cuda`` (float32/float16/bfloat16 inputs, float32 accumulation and outputs): the whole op runs in
+  the module's kernels (tiled shared-memory GEMMs for rotations, fused epilogues, split-K partials
+  reduced in a fixed order). No float atomics: results are bitwise reproducible run to run.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+from . import _torch_ops, spectral
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_KIND_CODES = {"identity": 0, "inverse": 1, "exp": 2, "source_r": 3, "discrete_s": 4, "discrete_r": 5}
+_F32 = torch.float32
+
+
+def _lib():
+    return importlib.import_module("source_fast._C")
+
+
+def _code(t: torch.Tensor) -> int:
+    try:
+        return _DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {t.dtype} for the compiled extension") from None
+
+
+def _require_f32(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype != _F32:
+            raise TypeError(f"{name}: the cpu backend accepts float32 only, got {t.dtype}")
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Row-major with unit column stride (a leading dimension >= columns is fine)."""
+    return t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1) and t.stride(0) >= max(t.shape[1], 1)
+
+
+def _direct_out(out: torch.Tensor) -> bool:
+    """The kernels accumulate into fp32 row-major outputs; anything else gets a temporary added."""
+    return out.dtype == _F32 and _rows_contiguous(out)
+
+
+def _mask_f32(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.to(_F32)
+
+
+def _spectral_tuple(f: spectral.Spectral) -> tuple[int, float, float, float, int]:
+    return (_KIND_CODES[f.kind], float(f.c), float(f.damping), float(f.eta), int(f.steps))
+
+
+# ----------------------------------------------------------------------------------------- CPU
+
+
+def covariance_cpu(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_r m_r x_r x_rᵀ -> [D, D] fp32; with `out`, out <- (out + outᵀ)/2 + C in place (an out that is
+    not fp32 row-major gets the fp32 sum added)."""
+    _require_f32(x=x)
+    r, d = x.shape
+    m = _mask_f32(mask)
+    direct = out is None or _direct_out(out)
+    target = torch.empty(d, d, dtype=_F32) if out is None or not direct else out
+    accumulate = out is not None and direct
+    _lib().covariance_cpu(
+        x.data_ptr(), r, d, x.stride(0), x.stride(1), 0,
+        0 if m is None else m.data_ptr(), 0 if m is None else m.stride(0), 0,
+        target.data_ptr(), target.stride(0), 0, accumulate, _threads(),
+    )
+    if out is None:
+        return target
+    if not direct:
+        out.copy_((out + out.T) * 0.5 + target)
+    return out
+
+
+def _rotated_chunks(a, g, q_a, q_s, dt):
+    """(start, stop, gs [n, T, O], as [n, T, I]) per memory-bounded chunk of examples (BLAS rotations)."""
+    n, t, i = a.shape
+    o = g.shape[2]
+    step = _torch_ops._chunk_rows(t * (o + i), dt, n)
+    qs, qa = q_s.to(dt), q_a.to(dt)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        gs = torch.matmul(g[start:stop].to(dt), qs)
+        as_ = torch.matmul(a[start:stop].to(dt), qa)
+        yield start, stop, gs.contiguous(), as_.contiguous()
+
+
+def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_n (Q_Sᵀ G_n Q_A)² -> [O, I] fp32 (added into `out` when given)."""
+    _require_f32(a=a, g=g, q_a=q_a, q_s=q_s)
+    n, t, i = a.shape
+    o = g.shape[2]
+    direct = out is None or _direct_out(out)
+    target = torch.zeros(o, i, dtype=_F32) if not direct or out is None else out
+    lib = _lib()
+    for _, _, gs, as_ in _rotated_chunks(a, g, q_a, q_s, _F32):
+        nc = gs.shape[0]
+        lib.lambda_accum_rotated_cpu(
+            gs.data_ptr(), t * o, o, 1, as_.data_ptr(), t * i, i, 1, 0, nc, t, o, i,
+            target.data_ptr(), target.stride(0), 0, _threads(),
+        )
+    if out is None:
+        return target
+    if not direct:
+        out.add_(target)
+    return out
+
+
+def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor,
+                   weights: torch.Tensor) -> torch.Tensor:
+    """s[n] = Σ_ij W_ij (Q_Sᵀ G_n Q_A)²_ij -> [N] fp32."""
+    _require_f32(a=a, g=g, q_s=q_s, q_a=q_a, weights=weights)
+    n, t, i = a.shape
+    o = g.shape[2]
+    out = torch.empty(n, dtype=_F32)
+    lib = _lib()
+    for start, stop, gs, as_ in _rotated_chunks(a, g, q_a, q_s, _F32):
+        part = out[start:stop]
+        lib.score_self_rotated_cpu(
+            gs.data_ptr(), t * o, o, 1, as_.data_ptr(), t * i, i, 1, 0, stop - start, t, o, i,
+            weights.data_ptr(), weights.stride(0), weights.stride(1), 0, part.data_ptr(), part.stride(0), 0,
+            _threads(),
+        )
+    return out
+
+
+def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
+    _require_f32(v=v, a=a, g=g)
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    if _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
+        return _torch_ops.score_pairwise(v, a, g)  # two BLAS GEMMs: nothing to fuse
+    out = torch.empty(q, n, dtype=_F32)
+    # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
+    step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)
+    lib = _lib()
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ac, gc, part = a[start:stop], g[start:stop], out[:, start:stop]
+        lib.score_pairwise_cpu(
+            v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
+            ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
+            gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), 0,
+            q, stop - start, t, o, i, part.data_ptr(), part.stride(0), part.stride(1), 0, _threads(),
+        )
+    return out
+
+
+def spectral_weights_cpu(f: spectral.Spectral, lam: torch.Tensor) -> torch.Tensor:
+    """f(Λ) in fp32 by the module's spectral_eval (the code the CUDA epilogue runs)."""
+    lam_c = lam.to(_F32).contiguous().reshape(-1)
+    w = torch.empty_like(lam_c)
+    _lib().spectral_eval_cpu(_spectral_tuple(f), lam_c.data_ptr(), lam_c.numel(), 1, 0, w.data_ptr(), 0)
+    return w.reshape(lam.shape)
+
+
+def kron_project_cpu(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam: torch.Tensor,
+                     fns: Sequence[spectral.Spectral]) -> tuple[torch.Tensor, ...]:
+    """For each f: Q_S [f(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ -> [Q, O, I] fp32.
+
+    The four GEMMs are torch (BLAS: a hand-written GEMM does not beat it); f(Λ) comes from the
+    module's spectral_eval, which keeps the discrete forms accurate in fp32 (log1p/expm1)."""
+    _require_f32(v=v, q_s=q_s, q_a=q_a, lam=lam)
+    rotated = q_s.T @ v @ q_a
+    return tuple(q_s @ (spectral_weights_cpu(f, lam) * rotated) @ q_a.T for f in fns)
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _workspace(numel: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(max(int(numel), 1), dtype=_F32, device=device)
+
+
+def covariance_cuda(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_r m_r x_r x_rᵀ -> [D, D] fp32 (fp32/fp16/bf16 x); with `out`, out <- (out + outᵀ)/2 + C."""
+    dev = x.device
+    xc = x.contiguous()
+    r, d = xc.shape
+    m = None if mask is None else mask.to(_F32).contiguous()
+    direct = out is None or _direct_out(out)
+    target = torch.empty(d, d, dtype=_F32, device=dev) if out is None or not direct else out
+    lib = _lib()
+    with torch.cuda.device(dev):
+        ws_numel = lib.covariance_cuda_workspace(r, d)
+        ws = _workspace(ws_numel, dev)
+        lib.covariance_cuda(
+            xc.data_ptr(), r, d, xc.stride(0), xc.stride(1), _code(xc),
+            0 if m is None else m.data_ptr(), 1, 0,
+            target.data_ptr(), target.stride(0), 0, out is not None and direct,
+            ws.data_ptr(), ws.numel(), _stream(dev),
+        )
+    if out is None:
+        return target
+    if not direct:
+        out.copy_((out + out.T) * 0.5 + target)
+    return out
+
+
+def lambda_accum_cuda(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_n (Q_Sᵀ G_n Q_A)² -> [O, I] fp32 (fp32/fp16/bf16 tokens; added into `out` when given)."""
+    dev = a.device
+    n, t, i = a.shape
+    o = g.shape[2]
+    ac, gc = a.contiguous(), g.contiguous()
+    qa, qs = q_a.to(_F32), q_s.to(_F32)  # any strides: column-major eigenvectors are read as such
+    direct = out is None or _direct_out(out)
+    target = torch.zeros(o, i, dtype=_F32, device=dev) if out is None or not direct else out
+    lib = _lib()
+    with torch.cuda.device(dev):
+        step = _torch_ops._chunk_rows(t * (o + i), _F32, n)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            nc = stop - start
+            ws = _workspace(lib.lambda_accum_cuda_workspace(nc, t, o, i), dev)
+            a_c, g_c = ac[start:stop], gc[start:stop]
+            lib.lambda_accum_cuda(
+                a_c.data_ptr(), a_c.stride(0), a_c.stride(1), a_c.stride(2),
+                g_c.data_ptr(), g_c.stride(0), g_c.stride(1), g_c.stride(2), _code(a_c),
+                qa.data_ptr(), qa.stride(0), qa.stride(1), qs.data_ptr(), qs.stride(0), qs.stride(1), 0,
+                nc, t, o, i, target.data_ptr(), target.stride(0), 0, ws.data_ptr(), ws.numel(), _stream(dev),
+            )
+    if out is None:
+        return target
+    if not direct:
+        out.add_(target)
+    return out
+
+
+def score_self_cuda(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """s[n] = Σ_ij W_ij (Q_Sᵀ G_n Q_A)²_ij -> [N] fp32."""
+    dev = a.device
+    n, t, i = a.shape
+    o = g.shape[2]
+    ac, gc = a.contiguous(), g.contiguous()
+    qa, qs, w = q_a.to(_F32), q_s.to(_F32), weights.to(_F32)
+    out = torch.empty(n, dtype=_F32, device=dev)
+    lib = _lib()
+    with torch.cuda.device(dev):
+        step = _torch_ops._chunk_rows(t * (o + i), _F32, n)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            nc = stop - start
+            ws = _workspace(lib.score_self_cuda_workspace(nc, t, o, i), dev)
+            a_c, g_c, part = ac[start:stop], gc[start:stop], out[start:stop]
+            lib.score_self_cuda(
+                a_c.data_ptr(), a_c.stride(0), a_c.stride(1), a_c.stride(2),
+                g_c.data_ptr(), g_c.stride(0), g_c.stride(1), g_c.stride(2), _code(a_c),
+                qs.data_ptr(), qs.stride(0), qs.stride(1), qa.data_ptr(), qa.stride(0), qa.stride(1), 0,
+                w.data_ptr(), w.stride(0), w.stride(1), 0, nc, t, o, i, part.data_ptr(), part.stride(0), 0,
+                ws.data_ptr(), ws.numel(), _stream(dev),
+            )
+    return out
+
+
+def score_pairwise_cuda(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = ⟨V_q, G_n⟩ -> [Q, N] fp32 (G_n tiles formed on the fly in shared memory)."""
+    dev = a.device
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    dt = v.dtype if v.dtype == a.dtype == g.dtype else _F32
+    vc, ac, gc = v.to(dt).contiguous(), a.to(dt).contiguous(), g.to(dt).contiguous()
+    out = torch.empty(q, n, dtype=_F32, device=dev)
+    lib = _lib()
+    with torch.cuda.device(dev):
+        ws = _workspace(lib.score_pairwise_cuda_workspace(q, n, t, o, i), dev)
+        lib.score_pairwise_cuda(
+            vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
+            ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
+            gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), _code(vc),
+            q, n, t, o, i, out.data_ptr(), out.stride(0), out.stride(1), 0, ws.data_ptr(), ws.numel(), _stream(dev),
+        )
+    return out
+
+
+def kron_project_cuda(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam: torch.Tensor,
+                      fns: Sequence[spectral.Spectral]) -> tuple[torch.Tensor, ...]:
+    """For each f: Q_S [f(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ -> [Q, O, I] fp32; one rotation shared by all f."""
+    dev = v.device
+    q, o, i = v.shape
+    vc = v.contiguous()
+    qs, qa, lm = q_s.to(_F32), q_a.to(_F32), lam.to(_F32)
+    outs = tuple(torch.empty(q, o, i, dtype=_F32, device=dev) for _ in fns)
+    lib = _lib()
+    with torch.cuda.device(dev):
+        ws = _workspace(lib.kron_project_cuda_workspace(q, o, i), dev)
+        lib.kron_project_cuda(
+            vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2), _code(vc),
+            qs.data_ptr(), qs.stride(0), qs.stride(1), qa.data_ptr(), qa.stride(0), qa.stride(1),
+            lm.data_ptr(), lm.stride(0), lm.stride(1), 0, [_spectral_tuple(f) for f in fns],
+            q, o, i, [t.data_ptr() for t in outs], 0, ws.data_ptr(), ws.numel(), _stream(dev),
+        )
+    return outs
