@@ -30,7 +30,7 @@ from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
 from .task import attention_mask, check_task, tracked_module_names
-from .walk import query_walk
+from .walk import query_walk, rotate_in, rotated_walk
 
 log = logging.getLogger("source_fast")
 
@@ -266,7 +266,7 @@ class SourceAnalyzer:
                 capture.clear()
 
     def _stage_subset(self, dataset, stage):
-        if self.run.example_stages is None:
+        if self.run.example_stages is None or stage is None:
             return dataset
         idx = torch.nonzero(self.run.example_stages == stage).flatten().tolist()
         return Subset(dataset, idx)
@@ -313,7 +313,9 @@ class SourceAnalyzer:
         config = self._factor_config(n_train)
         units = self._units("curvature")
         dt = self.compute_dtype
-        stage_of = [seg[2] for seg in self._segments()]
+        # Each segment's curvature comes from its stage's data; the influence function (one segment
+        # over the whole run) uses every training example.
+        stage_of = [None] if self.method == "influence" else [seg[2] for seg in self._segments()]
         with self._session():
             covs = {}
             for k, unit in enumerate(units):
@@ -432,13 +434,15 @@ class SourceAnalyzer:
                 v[name] = ops.kron_project(direction, block.q_s, block.q_a, block.lam, fn, backend=self.backend,
                                            deterministic=self.deterministic)
             return [v]
-        operators = []
-        for c, steps, _ in segments:
-            damping = 0.0 if self.damping in (None, "heuristic") else float(self.damping)
-            operators.append(ekfac.source_operators(c, damping=damping, operator=self.operator,
-                                                    eta=c / max(steps, 1), steps=steps))
         adam, adam_damping = self._adam_terms()
-        return query_walk(u, self.blocks, operators, adam=adam, adam_damping=adam_damping, backend=self.backend)
+        return query_walk(u, self.blocks, self._operators(), adam=adam, adam_damping=adam_damping,
+                          backend=self.backend)
+
+    def _operators(self):
+        """(r, s) spectral functions per segment (SGD forms)."""
+        damping = 0.0 if self.damping in (None, "heuristic") else float(self.damping)
+        return [ekfac.source_operators(c, damping=damping, operator=self.operator, eta=c / max(steps, 1),
+                                       steps=steps) for c, steps, _ in self._segments()]
 
     def _adam_terms(self):
         if self.run.optimizer != "adam":
@@ -528,11 +532,14 @@ class SourceAnalyzer:
             for b in pending:
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
-                for unit, v, weight, stage in plan:
+                for unit, v, weight, stage, basis in plan:
                     self._load(unit)
                     in_stage = self._stage_mask(n_train, stage)
                     for offset, size, rows in self._rows(Subset(train_dataset, cols), loss="empirical",
                                                         desc=f"scoring {unit.uid} block {b + 1}"):
+                        if basis is not None:
+                            rows = {n: (a.to(self.compute_dtype) @ basis[n].q_a, g.to(self.compute_dtype) @ basis[n].q_s)
+                                    for n, (a, g) in rows.items()}
                         part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
                                                       deterministic=self.deterministic).to(self.compute_dtype)
                                    for name, (a, g) in rows.items())
@@ -546,13 +553,32 @@ class SourceAnalyzer:
 
     # Scores of one block are a sum over (model state, direction, weight, stage) terms.
     def _score_plan(self, query_dataset, units, final_unit, stage_sizes, n_train):
+        """(model state, direction per layer, weight, stage, basis per layer or None) per scored state.
+
+        With a basis, directions are W = f(Λ) ⊙ (Q_Sᵀ ∇f Q_A) in that segment's eigenbasis and the
+        training rows are rotated (a Q_A, g Q_S) before scoring: ⟨v, G⟩ = ⟨W, Q_Sᵀ G Q_A⟩."""
         plan = []
+        walked = bases = None
         if self.method in ("source", "fast_source", "influence"):
             self._load(final_unit)
-            vs = self._walk(self._query_grads(query_dataset, "query gradients"))
+            u = self._query_grads(query_dataset, "query gradients")
+            if self.method == "influence":
+                c = self._segments()[0][0]
+                blocks = self.blocks[0]
+                walked = [{n: spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)), blocks[n].lam)
+                           * rotate_in(x, blocks[n]) for n, x in u.items()}]
+                bases = self.blocks
+            elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
+                walked = self._walk(u)
+            else:
+                last = self.blocks[-1]
+                walked = rotated_walk({n: rotate_in(x, last[n]) for n, x in u.items()}, self.blocks,
+                                      self._operators())
+                bases = self.blocks
         for unit in units:
             c, _, stage = self._segments()[unit.segment]
             members = sum(1 for u in units if u.segment == unit.segment)
+            basis = None
             if self.method == "tracin":
                 self._load(unit)
                 v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
@@ -562,9 +588,10 @@ class SourceAnalyzer:
                 v = self._query_grads(query_dataset, "query gradients")
                 weight = 1.0 / n_train
             else:
-                v = vs[unit.segment]
+                v = walked[unit.segment]
+                basis = bases[unit.segment] if bases is not None else None
                 weight = 1.0 / members / (stage_sizes[stage] if self.method != "influence" else n_train)
-            plan.append((unit, v, weight * self.run.loss_scale, stage))
+            plan.append((unit, v, weight * self.run.loss_scale, stage, basis))
         return plan
 
     def _final_unit(self) -> Unit:
@@ -642,33 +669,52 @@ class SourceAnalyzer:
         out *= self.run.loss_scale / n_train
 
     def _walked_self(self, chunk, idx, n_train, stage_sizes):
-        """One batch: gradients at every model state, then the walk with Q = batch."""
+        """One batch: token rows at every model state, then the walk with Q = batch.
+
+        SGD runs walk in the eigenbases: ũ_ℓ = Q_Sᵀ u Q_A, the score of segment ℓ is
+        Σ r(Λ_ℓ) ⊙ ũ_ℓ ⊙ (Q_Sᵀ ḡ_ℓ Q_A), and ũ moves to the next basis with the cross-basis products
+        (Q_S^{ℓ−1}ᵀ Q_S^ℓ)[s(Λ_ℓ) ⊙ ũ_ℓ](Q_A^ℓᵀ Q_A^{ℓ−1}). With one token per example the final
+        gradient rotates as a rank-one factor (O² + I² per example, not O²I + OI²) and each ḡ_ℓ is
+        scored token-wise against W_ℓ without being formed, so only the L − 1 cross-basis products
+        are full two-sided products (walk-then-score in parameter space needs 3L)."""
         units = self._units("score")
         segments = self._segments()
         final_unit = self._final_unit()
         stages = self.run.example_stages
-        grads = {}
+        rows = {}
         for unit in [final_unit] + units:
             self._load(unit)
-            grads[unit.uid if unit.segment >= 0 else "final"] = self._query_grads_quiet(chunk)
-        u = grads["final"]
+            rows[unit.uid if unit.segment >= 0 else "final"] = self._example_rows(chunk)
         out = torch.zeros(len(idx), dtype=self.compute_dtype, device=self.device)
         if self.method in ("tracin", "gradient_dot"):
             for unit in (units if self.method == "tracin" else [final_unit]):
-                g_c = grads[unit.uid] if unit.segment >= 0 else u
                 seg = max(unit.segment, 0)
                 c, _, stage = segments[seg]
                 members = sum(1 for x in units if x.segment == seg)
                 w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
-                val = sum((g_c[n] * g_c[n]).sum((1, 2)) for n in g_c)
+                val = sum(_per_example_grads(a, g).square().sum((1, 2))
+                          for a, g in rows[unit.uid if unit.segment >= 0 else "final"].values())
                 in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
                 out += w * self.run.loss_scale * val * in_stage
             return out
-        vs = self._walk(u)
-        for seg, (c, _, stage) in enumerate(segments):
+        if self.run.optimizer == "adam":  # the walk leaves the eigenbasis (elementwise p̄ ⊙ diag H)
+            u = {name: _per_example_grads(a, g) for name, (a, g) in rows["final"].items()}
+            vs = self._walk(u)
+            for seg, (c, _, stage) in enumerate(segments):
+                members = [x for x in units if x.segment == seg]
+                val = sum((vs[seg][n] * sum(_per_example_grads(*rows[x.uid][n]) for x in members)).sum((1, 2))
+                          for n in u) / len(members)
+                out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
+            return out
+        last = len(segments) - 1
+        u_rot = {name: _rotate(a, g, self.blocks[last][name]) for name, (a, g) in rows["final"].items()}
+        walked = rotated_walk(u_rot, self.blocks, self._operators())
+        for seg, (_, _, stage) in enumerate(segments):
             members = [x for x in units if x.segment == seg]
-            g_bar = {n: sum(grads[x.uid][n] for x in members) / len(members) for n in u}
-            val = sum((vs[seg][n] * g_bar[n]).sum((1, 2)) for n in u)
+            val = 0
+            for name, w in walked[seg].items():
+                block = self.blocks[seg][name]
+                val = val + sum(_rotated_dot(w, *rows[x.uid][name], block) for x in members) / len(members)
             out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
         return out
 
@@ -677,14 +723,34 @@ class SourceAnalyzer:
             return 1.0
         return (stages[idx] == stage).to(self.compute_dtype).to(self.device)
 
-    def _query_grads_quiet(self, dataset):
+    def _example_rows(self, dataset):
+        """Token rows {layer: (a [n,T,I], g [n,T,O])} of the training loss (true labels), no progress bar."""
         progress, self.progress = self.progress, False
         try:
-            grads = {layer.name: [] for layer in self.layers}
+            parts = {layer.name: ([], []) for layer in self.layers}
             for _, _, rows in self._rows(dataset, loss="empirical", desc=""):
                 for name, (a, g) in rows.items():
-                    grads[name].append(torch.einsum("nto,nti->noi", g.to(self.compute_dtype),
-                                                    a.to(self.compute_dtype)))
-            return {name: torch.cat(parts) for name, parts in grads.items()}
+                    parts[name][0].append(a.to(self.compute_dtype))
+                    parts[name][1].append(g.to(self.compute_dtype))
+            return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
         finally:
             self.progress = progress
+
+
+def _per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """G_n = Σ_t g_{n,t} a_{n,t}ᵀ -> [n, O, I] (one batch only)."""
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+def _rotated_dot(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
+    """Per example ⟨W_n, Q_Sᵀ G_n Q_A⟩ = Σ_t (Q_Sᵀ g_{n,t})ᵀ W_n (Q_Aᵀ a_{n,t}) -> [n], without forming G_n."""
+    gs, as_ = g @ block.q_s.to(g.dtype), a @ block.q_a.to(a.dtype)
+    return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
+
+
+def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
+    """Q_Sᵀ G_n Q_A for one batch -> [n, O, I]; rank one per example when T = 1."""
+    gs, as_ = g @ block.q_s.to(g.dtype), a @ block.q_a.to(a.dtype)
+    if a.shape[1] == 1:
+        return gs[:, 0, :, None] * as_[:, 0, None, :]
+    return torch.bmm(gs.transpose(1, 2), as_)

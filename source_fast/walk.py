@@ -57,3 +57,39 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
             out[seg][name] = v
             current[name] = nxt.to(direction.dtype)
     return out
+
+
+def rotate_in(v: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
+    """Q_Sᵀ V Q_A for a batch V [Q, O, I], as two large GEMMs (the batch folded into the rows)."""
+    q, o, i = v.shape
+    right = (v.reshape(q * o, i) @ block.q_a.to(v.dtype)).reshape(q, o, i)
+    return (block.q_s.T.to(v.dtype) @ right.transpose(0, 1).reshape(o, q * i)).reshape(o, q, i).transpose(0, 1)
+
+
+def change_basis(x: torch.Tensor, src: EKFACBlock, dst: EKFACBlock) -> torch.Tensor:
+    """A batch X [Q, O, I] given in src's eigenbasis, expressed in dst's: (Q_S'ᵀ Q_S) X (Q_Aᵀ Q_A')."""
+    m_s = (dst.q_s.T @ src.q_s).to(x.dtype)
+    m_a = (src.q_a.T @ dst.q_a).to(x.dtype)
+    return rotate_in(x, EKFACBlock(m_a, m_s.T, src.lam))
+
+
+def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
+                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]]) -> list[LayerTensors]:
+    """The query walk without leaving the eigenbases (SGD segments).
+
+    u_rot: per layer, the query directions already rotated into the *last* segment's basis.
+    Returns per segment (training order) W_ℓ = r_ℓ(Λ_ℓ) ⊙ ũ_ℓ in segment ℓ's basis, so that
+    ⟨v_ℓ, G⟩ = ⟨W_ℓ, Q_Sᵀ G Q_A⟩: scoring against training rows rotated by that basis (cheap:
+    a Q_A and g Q_S) replaces rotating every v_ℓ back. ũ moves between bases with one cross-basis
+    product per boundary, so a walk over L segments costs L − 1 two-sided products, not 3L.
+    """
+    out: list[LayerTensors] = [dict() for _ in blocks]
+    for name, current in u_rot.items():
+        for seg in reversed(range(len(blocks))):
+            block = blocks[seg][name]
+            r, s = operators[seg]
+            lam = block.lam.to(current.dtype)
+            out[seg][name] = spectral.evaluate(r, lam) * current
+            if seg > 0:
+                current = change_basis(spectral.evaluate(s, lam) * current, block, blocks[seg - 1][name])
+    return out

@@ -183,3 +183,18 @@ def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run):
         assert torch.equal(indices, want.indices) and torch.allclose(values, want.values, rtol=0, atol=0)
     with pytest.raises(ValueError, match="k must be an integer in"):
         analyzer.top_k(queries, data, 0)
+
+
+def test_influence_on_a_staged_run_fits_curvature_on_all_examples():
+    data = classification_data(n=20)
+    model = mlp()
+    ckpts, steps, lrs = train_run(model, data, steps=24, every=4, lr=0.3)
+    staged = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2, stage_boundaries=[12],
+                            example_stages=[0] * 12 + [1] * 8)
+    plain = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    queries = Subset(data, range(3))
+    a = sf.SourceAnalyzer(model, ClassificationTask(), staged, method="influence", damping=0.01, fisher="empirical",
+                          progress=False).pairwise_scores(queries, data)
+    b = sf.SourceAnalyzer(model, ClassificationTask(), plain, method="influence", damping=0.01, fisher="empirical",
+                          progress=False).pairwise_scores(queries, data)
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)

@@ -111,3 +111,12 @@ def test_atomic_write_over_a_memory_mapped_file(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(io.StoreMismatchError):
         io.load_tensors(path, {"v": 2})
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        io.atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
