@@ -1,0 +1,482 @@
+"""source_fast vs Kronfluence 1.0.1 on CPU: wall time and peak memory per stage.
+
+Same model, weights, data, Task instance class, batch size and torch thread count for both libraries.
+Workloads (defaults; --smoke shrinks everything to a few seconds):
+
+  cls  MLP 784→512→256→10, cross-entropy, 5,000 train / 200 query examples (random inputs, labels from
+       a random teacher MLP)
+  reg  MLP 64→128→128→1, Gaussian NLL (sum of ½(y−f)²), 5,000 / 200 (targets from a random teacher)
+
+Each model is trained 3 epochs of SGD (momentum 0.9, batch 100, 150 steps) and checkpointed 6 times
+(steps 25, 50, …, 150). Measured, each in a fresh subprocess (so ru_maxrss is that stage's peak):
+
+  kronfluence  influence  EK-FAC (true Fisher, heuristic damping)  fit / pairwise / self
+  source_fast  influence  EK-FAC (same)                            fit / pairwise / self
+  source_fast  source     SOURCE, L=3 segments, C=6 checkpoints    fit / pairwise / self
+
+Stage boundaries: Kronfluence "fit" = fit_all_factors (covariances, eigendecomposition, Λ); its
+"pairwise"/"self" calls load the factors from disk. source_fast "fit" = SourceAnalyzer.fit; its
+"pairwise"/"self" stages include re-loading the stored factors (a fit() that reads them back, with the
+eigendecompositions redone) before the scores, to match. Scores are written to disk by both.
+
+    python benchmarks/bench_vs_kronfluence.py                 # full run (~10+ min on 2 cores)
+    python benchmarks/bench_vs_kronfluence.py --smoke         # CI: seconds, in one process; no files unless --out-dir
+    python benchmarks/bench_vs_kronfluence.py --threads 2 --workloads cls
+
+Results: benchmarks/results/vs_kronfluence_cpu.csv and .md (full run). Without Kronfluence installed
+(requirements-kronfluence.txt) its rows are reported as skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULT_PREFIX = "BENCH_RESULT "
+
+FULL = {"n_train": 5000, "n_query": 200, "cls_dims": (784, 512, 256, 10), "reg_dims": (64, 128, 128, 1)}
+SMOKE = {"n_train": 256, "n_query": 8, "cls_dims": (784, 32, 16, 10), "reg_dims": (16, 32, 32, 1)}
+EPOCHS, TRAIN_BATCH, NUM_CHECKPOINTS, NUM_SEGMENTS, MOMENTUM = 3, 100, 6, 3, 0.9
+LR = {"cls": 0.05, "reg": 0.01}
+
+COLUMNS = ["workload", "library", "method", "stage", "seconds", "peak_rss_mib", "threads", "cpu_model",
+           "torch_version", "kronfluence_version", "source_fast_commit", "date",
+           # extra context
+           "cpu_seconds", "rss_before_mib", "loadavg_1m", "n_train", "n_query", "batch_size", "sf_backend", "status"]
+
+# (library, method) measured, in order; stages per pair.
+PLAN = [("kronfluence", "influence"), ("source_fast", "influence"), ("source_fast", "source")]
+STAGES = ("fit", "pairwise", "self")
+
+
+# ------------------------------------------------------------------------------ shared definitions
+def _set_threads(threads: int):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def build_model(dims):
+    from torch import nn
+
+    layers = []
+    for k in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[k], dims[k + 1]))
+        if k < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def make_task(workload: str):
+    """A kronfluence.Task when Kronfluence is importable (the same class for both libraries), else the
+    protocol-identical source_fast.Task."""
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from kronfluence import Task as Base
+    except ImportError:
+        from source_fast.task import Task as Base
+
+    if workload == "cls":
+        class ClassificationTask(Base):
+            def compute_train_loss(self, batch, model, sample=False):
+                x, y = batch
+                logits = model(x)
+                if sample:
+                    with torch.no_grad():
+                        y = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
+                return F.cross_entropy(logits, y, reduction="sum")
+
+            def compute_measurement(self, batch, model):
+                x, y = batch
+                return F.cross_entropy(model(x), y, reduction="sum")
+
+        return ClassificationTask()
+
+    class RegressionTask(Base):
+        """Gaussian NLL with unit variance, summed: ½ Σ (y − f)² (constants dropped)."""
+
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            pred = model(x)
+            if sample:
+                with torch.no_grad():
+                    y = pred.detach() + torch.randn_like(pred)
+            return 0.5 * (pred - y).square().sum()
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return 0.5 * (model(x) - y).square().sum()
+
+    return RegressionTask()
+
+
+def prepare_workload(workload: str, sizes: dict, path: Path):
+    """Data from a random teacher, 3 epochs of SGD with momentum, 6 checkpoints; saved to `path`."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0 if workload == "cls" else 1)
+    dims = sizes["cls_dims"] if workload == "cls" else sizes["reg_dims"]
+    n = sizes["n_train"] + sizes["n_query"]
+    x = torch.randn(n, dims[0], generator=gen)
+    torch.manual_seed(100)
+    teacher = build_model(dims)
+    with torch.no_grad():
+        out = teacher(x)
+        y = out.argmax(-1) if workload == "cls" else out + 0.1 * torch.randn(out.shape, generator=gen)
+    torch.manual_seed(200)
+    model = build_model(dims)
+    opt = torch.optim.SGD(model.parameters(), lr=LR[workload], momentum=MOMENTUM)
+    n_train = sizes["n_train"]
+    total = EPOCHS * ((n_train + TRAIN_BATCH - 1) // TRAIN_BATCH)
+    every = max(1, total // NUM_CHECKPOINTS)
+    ckpt_steps = [every * (k + 1) for k in range(NUM_CHECKPOINTS - 1)] + [total]
+    checkpoints, step = [], 0
+    for _ in range(EPOCHS):
+        perm = torch.randperm(n_train, generator=gen)
+        for start in range(0, n_train, TRAIN_BATCH):
+            idx = perm[start:start + TRAIN_BATCH]
+            pred = model(x[idx])
+            loss = F.cross_entropy(pred, y[idx]) if workload == "cls" else 0.5 * (pred - y[idx]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step in ckpt_steps:
+                checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    torch.save({"x": x, "y": y, "dims": dims, "n_train": n_train, "checkpoints": checkpoints, "steps": ckpt_steps,
+                "lr": LR[workload]}, path)
+
+
+def _datasets(blob):
+    from torch.utils.data import TensorDataset
+
+    n = blob["n_train"]
+    x, y = blob["x"], blob["y"]
+    return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+
+
+# ------------------------------------------------------------------------------------ worker side
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def worker(spec: dict) -> dict:
+    """One (library, method, stage) in this fresh process. Returns seconds and peak RSS."""
+    _set_threads(spec["threads"])
+    import time
+
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    blob = torch.load(spec["data"], weights_only=False)
+    train, query = _datasets(blob)
+    task = make_task(spec["workload"])
+    model = build_model(blob["dims"])
+    model.load_state_dict(blob["checkpoints"][-1])
+    out_dir = Path(spec["out_dir"])
+    bs, stage = spec["batch_size"], spec["stage"]
+
+    if spec["library"] == "kronfluence":
+        import warnings
+
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments, ScoreArguments
+
+        warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler deprecation
+        model = prepare_model(model, task)
+        factor_args, score_args = FactorArguments(strategy="ekfac"), ScoreArguments()
+        before, cpu0 = _rss_mib(), _cpu_seconds()
+        t0 = time.perf_counter()
+        analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(out_dir))
+        if stage == "fit":
+            analyzer.fit_all_factors("ekfac", train, per_device_batch_size=bs, factor_args=factor_args,
+                                     overwrite_output_dir=True)
+        elif stage == "pairwise":
+            analyzer.compute_pairwise_scores("pairwise", "ekfac", query, train,
+                                             per_device_query_batch_size=len(query),
+                                             per_device_train_batch_size=bs, score_args=score_args,
+                                             overwrite_output_dir=True)
+        else:
+            analyzer.compute_self_scores("self", "ekfac", train, per_device_train_batch_size=bs,
+                                         score_args=score_args, overwrite_output_dir=True)
+        seconds = time.perf_counter() - t0
+        backend = ""
+    else:
+        import source_fast as sf
+        from source_fast import _dispatch
+
+        run = sf.TrainingRun(blob["checkpoints"], blob["steps"], lr=blob["lr"], momentum=MOMENTUM,
+                             num_segments=NUM_SEGMENTS)
+        if stage != "fit":  # stored scores of an earlier run would be resumed, not recomputed
+            shutil.rmtree(out_dir / spec["method"] / "scores", ignore_errors=True)
+        before, cpu0 = _rss_mib(), _cpu_seconds()
+        t0 = time.perf_counter()
+        analyzer = sf.SourceAnalyzer(model, task, run, output_dir=out_dir / spec["method"], method=spec["method"],
+                                     batch_size=bs, progress=False, backend=spec["sf_backend"])
+        analyzer.fit(train)  # for pairwise/self: reads the stored factors back (timed, like Kronfluence's load)
+        if stage == "pairwise":
+            analyzer.pairwise_scores(query, train)
+        elif stage == "self":
+            analyzer.self_scores(train)
+        seconds = time.perf_counter() - t0
+        backend = _backends_used(spec["sf_backend"])
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu0, "peak_rss_mib": _rss_mib(),
+            "rss_before_mib": before, "sf_backend": backend, "loadavg_1m": os.getloadavg()[0]}
+
+
+def _backends_used(requested) -> str:
+    """Which source_fast backend each op ran on (fp32 CPU inputs of the T = 1 shapes used here)."""
+    import torch
+    from source_fast import _dispatch
+
+    a, g = torch.zeros(4, 1, 3), torch.zeros(4, 1, 2)
+    probes = {"covariance": {"x": torch.zeros(4, 3)}, "lambda_accum": {"a": a, "g": g},
+              "kron_project": {"v": torch.zeros(1, 2, 3)}, "score_pairwise": {"v": torch.zeros(1, 2, 3), "a": a, "g": g},
+              "score_self": {"a": a, "g": g}}
+    used = []
+    for op, tensors in probes.items():
+        try:
+            name = _dispatch.select(op, tensors, backend=requested)[0]
+        except NotImplementedError:  # an explicit backend without this op: the analyzer would fail, too
+            name = "n/a"
+        used.append(f"{op}={name}")
+    return " ".join(used)
+
+
+# ------------------------------------------------------------------------------------ parent side
+def _versions():
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        kf = version("kronfluence")
+    except Exception:
+        kf = "not installed"
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"torch_version": torch.__version__, "kronfluence_version": kf, "cpu_model": cpu,
+            "source_fast_commit": _git_commit()}
+
+
+def _git_commit() -> str:
+    """HEAD's commit read from .git directly (no git process)."""
+    git = REPO / ".git"
+    try:
+        if git.is_file():  # worktree: "gitdir: …"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head[:12]
+        ref = head.split(":", 1)[1].strip()
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()[:12]
+        packed = git / "packed-refs"
+        if packed.exists():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0][:12]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
+def _kronfluence_available() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "from kronfluence.analyzer import Analyzer, prepare_model"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def _run_stage(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(spec["threads"])
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"stage {spec['library']}/{spec['method']}/{spec['stage']} failed (exit {proc.returncode}):\n"
+                       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def _fmt_table(rows):
+    head = f"{'workload':8s} {'library':12s} {'method':10s} {'stage':9s} {'seconds':>9s} {'peak RSS MiB':>13s} " \
+           f"{'Δ RSS MiB':>10s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sec = f"{r['seconds']:9.2f}" if isinstance(r["seconds"], float) else f"{r['seconds']!s:>9s}"
+        peak = f"{r['peak_rss_mib']:13.0f}" if isinstance(r["peak_rss_mib"], float) else f"{'-':>13s}"
+        growth = f"{r['peak_rss_mib'] - r['rss_before_mib']:10.0f}" if isinstance(r["peak_rss_mib"], float) \
+            else f"{'-':>10s}"
+        lines.append(f"{r['workload']:8s} {r['library']:12s} {r['method']:10s} {r['stage']:9s} {sec} {peak} {growth}")
+    return "\n".join(lines)
+
+
+def _summary(rows):
+    """Speed-ups against the issue's targets: influence ≥ 5× per stage; SOURCE (C=6) faster than KF influence."""
+    def get(w, lib, method, stage):
+        for r in rows:
+            if (r["workload"], r["library"], r["method"], r["stage"]) == (w, lib, method, stage) \
+                    and isinstance(r["seconds"], float):
+                return r["seconds"]
+        return None
+
+    out = []
+    for w in sorted({r["workload"] for r in rows}):
+        for stage in STAGES:
+            kf, inf, src = (get(w, "kronfluence", "influence", stage), get(w, "source_fast", "influence", stage),
+                            get(w, "source_fast", "source", stage))
+            if kf is None:
+                continue
+            parts = [f"{w} {stage:8s}: Kronfluence influence {kf:8.2f} s"]
+            if inf:
+                parts.append(f"source_fast influence {inf:7.2f} s ({kf / inf:6.1f}× {'OK' if kf / inf >= 5 else 'MISS'} "
+                             f"target ≥5×)")
+            if src:
+                parts.append(f"SOURCE C=6 {src:7.2f} s ({kf / src:5.2f}× {'OK' if src < kf else 'MISS'} target >1×)")
+            out.append(" | ".join(parts))
+    return out
+
+
+def _write(rows, out_dir: Path, summary, args):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "vs_kronfluence_cpu.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{r[k]:.3f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+    first = rows[0]
+    md = [f"# source_fast vs Kronfluence {first['kronfluence_version']} on CPU",
+          "",
+          f"{first['cpu_model']}, {first['threads']} torch threads, torch {first['torch_version']}, source_fast "
+          f"{first['source_fast_commit']} (backends: `{next((r['sf_backend'] for r in rows if r['sf_backend']), '?')}`), "
+          f"{first['date']}. Batch size {first['batch_size']} for both libraries; {first['n_train']} train / "
+          f"{first['n_query']} query examples. One run each, every stage in a fresh process (peak RSS = that "
+          f"process's ru_maxrss; Δ = growth during the stage).",
+          "",
+          "Workloads: `cls` MLP 784→512→256→10 (cross-entropy), `reg` MLP 64→128→128→1 (Gaussian NLL). "
+          "`influence` = EK-FAC influence at the final checkpoint (true Fisher, heuristic damping) in both "
+          "libraries; `source` = SOURCE with L=3 segments over C=6 checkpoints.",
+          "",
+          "| workload | library | method | stage | seconds | peak RSS (MiB) | Δ RSS (MiB) |",
+          "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if isinstance(r["seconds"], float):
+            md.append(f"| {r['workload']} | {r['library']} | {r['method']} | {r['stage']} | {r['seconds']:.2f} | "
+                      f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - r['rss_before_mib']:.0f} |")
+        else:
+            md.append(f"| {r['workload']} | {r['library']} | {r['method']} | {r['stage']} | {r['status']} | | |")
+    md += ["", "Against the targets (influence ≥ 5× faster than Kronfluence per stage; SOURCE C=6 faster than "
+           "Kronfluence's single-checkpoint influence):", ""]
+    md += [f"- {line}" for line in summary]
+    extra = f" --sf-backend {args.sf_backend}" if args.sf_backend else ""
+    md += ["", f"Reproduce: `python benchmarks/bench_vs_kronfluence.py --threads {args.threads} "
+           f"--batch-size {args.batch_size}{extra}`"]
+    (out_dir / "vs_kronfluence_cpu.md").write_text("\n".join(md) + "\n")
+    return csv_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for both libraries (default 2)")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per batch, both libraries")
+    parser.add_argument("--workloads", default="cls,reg", help="comma list of cls, reg")
+    parser.add_argument("--libraries", default="kronfluence,source_fast", help="comma list")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); for CI")
+    parser.add_argument("--out-dir", default=None,
+                        help="where the CSV/markdown go (default benchmarks/results; --smoke: none unless given)")
+    parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--sf-backend", default=None, choices=["cuda", "triton", "cpu", "torch"],
+                        help="source_fast backend (default: automatic selection)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the stages in this process (no per-stage peak memory; default with --smoke)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        print(RESULT_PREFIX + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    _set_threads(args.threads)
+    sizes = SMOKE if args.smoke else FULL
+    libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
+    has_kf = _kronfluence_available()
+    in_process = args.in_process or args.smoke
+    meta = _versions()
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_vs_kf_") as tmp:
+        work = Path(args.work_dir) if args.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+            data = work / f"{workload}.pt"
+            prepare_workload(workload, sizes, data)
+            for library, method in PLAN:
+                if library not in libraries:
+                    continue
+                for stage in STAGES:
+                    row = {"workload": workload, "library": library, "method": method, "stage": stage,
+                           "threads": args.threads, "date": date, "n_train": sizes["n_train"],
+                           "n_query": sizes["n_query"], "batch_size": args.batch_size, **meta,
+                           "seconds": "", "cpu_seconds": "", "peak_rss_mib": "", "rss_before_mib": "",
+                           "loadavg_1m": "", "sf_backend": "", "status": "ok"}
+                    if library == "kronfluence" and not has_kf:
+                        row["status"] = "skipped (kronfluence not installed)"
+                    else:
+                        spec = {"workload": workload, "library": library, "method": method, "stage": stage,
+                                "threads": args.threads, "batch_size": args.batch_size, "data": str(data),
+                                "sf_backend": args.sf_backend,
+                                "out_dir": str(work / f"{workload}_{library}")}
+                        row.update(worker(spec) if in_process else _run_stage(spec, args.timeout))
+                    rows.append(row)
+                    if isinstance(row["seconds"], float):
+                        print(f"{workload:4s} {library:12s} {method:10s} {stage:9s} {row['seconds']:9.2f} s  "
+                              f"peak {row['peak_rss_mib']:7.0f} MiB", flush=True)
+                    else:
+                        print(f"{workload:4s} {library:12s} {method:10s} {stage:9s} {row['status']}", flush=True)
+    print()
+    print(_fmt_table(rows))
+    summary = _summary(rows)
+    if summary:
+        print()
+        print("\n".join(summary))
+    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else str(HERE / "results"))
+    if out_dir is not None:
+        path = _write(rows, Path(out_dir), summary, args)
+        print(f"\nwrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Every benchmark script runs in --smoke mode: exit 0, the correctness gate passes for the torch backend,
+nothing fails the gate, and nothing is written to benchmarks/results (smoke timings are not measurements)."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+SCRIPTS = ["bench_covariance.py", "bench_lambda_accum.py", "bench_kron_project.py", "bench_score_pairwise.py",
+           "bench_score_self.py", "bench_scoring_memory.py"]
+
+
+def _results_state():
+    """The files these scripts write (other benchmarks may write results/ concurrently)."""
+    d = BENCH / "results"
+    return {p.name: p.stat().st_mtime_ns for p in d.glob("ops_*")} if d.exists() else {}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_smoke(script):
+    env = dict(os.environ)
+    env.pop("SOURCE_FAST_BACKEND", None)  # the scripts choose backends explicitly
+    before = _results_state()
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke"], check=False, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{out[-4000:]}"
+    gates = [line for line in proc.stdout.splitlines() if line.startswith("GATE ")]
+    assert any(re.match(r"GATE \S+ torch float(32|64): PASS", line) for line in gates), \
+        f"{script}: no passing torch gate line:\n{out[-4000:]}"
+    assert not [line for line in gates if "FAILED" in line], f"{script}: gate failures:\n{out[-4000:]}"
+    assert "SMOKE" in proc.stdout
+    assert _results_state() == before, f"{script} --smoke wrote to benchmarks/results"
