@@ -66,6 +66,7 @@ def lambda_accum(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch
         gs, as_ = _rotate_tokens(a[start:start + step], g[start:start + step], q_a, q_s, dt)
         rotated = torch.bmm(gs.transpose(1, 2), as_)  # [n, O, I]: Q_Sᵀ G_n Q_A
         result.add_(rotated.square_().sum(0))
+        del gs, as_, rotated  # free this chunk before the next is allocated (peak = one chunk)
     return result
 
 
@@ -99,6 +100,7 @@ def score_pairwise(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.T
         for start in range(0, n, step):
             va = torch.einsum("qoi,nti->qnto", vf, a[start:start + step].to(dt))
             out[:, start:start + step] = torch.einsum("qnto,nto->qn", va, g[start:start + step].to(dt))
+            del va
         return out
     v_flat = vf.reshape(q, o * i)
     step = _chunk_rows(o * i, dt, n)
@@ -106,6 +108,7 @@ def score_pairwise(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.T
         ga, aa = g[start:start + step].to(dt), a[start:start + step].to(dt)
         grads = torch.bmm(ga.transpose(1, 2), aa).reshape(-1, o * i)  # G_n, [n, O·I], chunk only
         out[:, start:start + step] = v_flat @ grads.T
+        del ga, aa, grads
     return out
 
 
@@ -129,6 +132,7 @@ def score_self(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.T
         gs, as_ = _rotate_tokens(a[start:start + step], g[start:start + step], q_a, q_s, dt)
         rotated = torch.bmm(gs.transpose(1, 2), as_)
         out[start:start + step] = (rotated.square_() * w).sum((1, 2))
+        del gs, as_, rotated
     return out
 
 
