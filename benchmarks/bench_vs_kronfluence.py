@@ -8,9 +8,10 @@ Workloads (defaults; --smoke shrinks everything to a few seconds):
   reg  MLP 64→128→128→1, Gaussian NLL (sum of ½(y−f)²), 5,000 / 200 (targets from a random teacher)
 
 Each model is trained 3 epochs of SGD (momentum 0.9, batch 100, 150 steps) and checkpointed 6 times
-(steps 25, 50, …, 150). Measured, each in a fresh subprocess (so ru_maxrss is that stage's peak):
+(steps 25, 50, …, 150). Measured, each in a fresh subprocess (peak RSS = its VmHWM; also its CPU time):
 
   kronfluence  influence  EK-FAC (true Fisher, heuristic damping)  fit / pairwise / self
+                                                                   (all 200 queries in one query batch)
   source_fast  influence  EK-FAC (same)                            fit / pairwise / self
   source_fast  source     SOURCE, L=3 segments, C=6 checkpoints    fit / pairwise / self
 
@@ -176,9 +177,19 @@ def _cpu_seconds() -> float:
 
 
 def _rss_mib() -> float:
+    """Peak resident memory of this process (MiB): VmHWM of /proc/self/status.
+
+    Not ru_maxrss: Linux carries the parent's high-water mark into a fork+exec'd child, so
+    ru_maxrss never reads below the parent's RSS at the time of the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux; see above
 
 
 def worker(spec: dict) -> dict:
@@ -376,17 +387,26 @@ def _write(rows, out_dir: Path, summary, args):
         for r in rows:
             writer.writerow({k: (f"{r[k]:.3f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
     first = rows[0]
+    loads = [r["loadavg_1m"] for r in rows if isinstance(r["loadavg_1m"], float)] or [0.0]
+    where = "all stages in one process (--in-process / --smoke: peak RSS is cumulative)" if args.in_process \
+        or args.smoke else "every stage in a fresh process"
     md = [f"# source_fast vs Kronfluence {first['kronfluence_version']} on CPU",
           "",
           f"{first['cpu_model']}, {first['threads']} torch threads, torch {first['torch_version']}, source_fast "
           f"{first['source_fast_commit']} (backends: `{next((r['sf_backend'] for r in rows if r['sf_backend']), '?')}`), "
           f"{first['date']}. Batch size {first['batch_size']} for both libraries; {first['n_train']} train / "
-          f"{first['n_query']} query examples. One run each, every stage in a fresh process (peak RSS = that "
-          f"process's ru_maxrss; Δ = growth during the stage).",
+          f"{first['n_query']} query examples. One run each, {where} (peak RSS = that "
+          f"process's VmHWM; Δ = growth during the stage, after imports and data loading). 1-minute load "
+          f"average at the end of each stage {min(loads):.1f}–{max(loads):.1f} (the benchmark's own 2 threads "
+          f"count ~2; more means other jobs shared the cores: compare with care). CSV: loadavg_1m, cpu_seconds "
+          f"(the stage's user+sys CPU time).",
           "",
-          "Workloads: `cls` MLP 784→512→256→10 (cross-entropy), `reg` MLP 64→128→128→1 (Gaussian NLL). "
+          f"Workloads: `cls` MLP {'→'.join(map(str, args.sizes['cls_dims']))} (cross-entropy), `reg` MLP "
+          f"{'→'.join(map(str, args.sizes['reg_dims']))} (Gaussian NLL). "
           "`influence` = EK-FAC influence at the final checkpoint (true Fisher, heuristic damping) in both "
-          "libraries; `source` = SOURCE with L=3 segments over C=6 checkpoints.",
+          "libraries; `source` = SOURCE with L=3 segments over C=6 checkpoints. Kronfluence runs with its default "
+          "FactorArguments/ScoreArguments (fp32 gradients, fp64 eigendecomposition) and all queries in one query "
+          "batch (a single pass over the training data, its fastest setting).",
           "",
           "| workload | library | method | stage | seconds | peak RSS (MiB) | Δ RSS (MiB) |",
           "|---|---|---|---|---:|---:|---:|"]
@@ -430,6 +450,7 @@ def main(argv=None):
 
     _set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
+    args.sizes = sizes
     libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
     has_kf = _kronfluence_available()
     in_process = args.in_process or args.smoke

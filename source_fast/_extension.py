@@ -157,7 +157,9 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     _require_f32(v=v, a=a, g=g)
     q, o, i = v.shape
     n, t, _ = a.shape
-    if _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
+    # With one token the two strategies cost the same flops (within Q·N·O), and the fused kernel runs
+    # ~2x faster than BLAS here (measured: benchmarks/results/vs_kronfluence_cpu.md): always fuse.
+    if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
         return _torch_ops.score_pairwise(v, a, g)  # two BLAS GEMMs: nothing to fuse
     out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.

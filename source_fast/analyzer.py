@@ -30,7 +30,7 @@ from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
 from .task import attention_mask, check_task, tracked_module_names
-from .walk import query_walk, rotate_in, rotated_walk
+from .walk import query_walk, rotated_walk
 
 log = logging.getLogger("source_fast")
 
@@ -470,12 +470,14 @@ class SourceAnalyzer:
         return pbars, dampings
 
     # ----------------------------------------------------------------------------- gradients
-    def _query_grads(self, query_dataset, desc) -> dict[str, torch.Tensor]:
-        """∇f per query, per layer [Q, O, I], at the currently loaded model state."""
+    def _query_grads(self, query_dataset, desc, basis: dict[str, EKFACBlock] | None = None) -> dict[str, torch.Tensor]:
+        """∇f per query, per layer [Q, O, I], at the currently loaded model state; with `basis`,
+        rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token)."""
         chunks: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
         for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             for name, (a, g) in rows.items():
-                chunks[name].append(torch.einsum("nto,nti->noi", g.to(self.compute_dtype), a.to(self.compute_dtype)))
+                a, g = a.to(self.compute_dtype), g.to(self.compute_dtype)
+                chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
         grads = {name: torch.cat(parts) for name, parts in chunks.items()}
         if self.check_finite:
             for name, grad in grads.items():
@@ -561,19 +563,18 @@ class SourceAnalyzer:
         walked = bases = None
         if self.method in ("source", "fast_source", "influence"):
             self._load(final_unit)
-            u = self._query_grads(query_dataset, "query gradients")
             if self.method == "influence":
                 c = self._segments()[0][0]
                 blocks = self.blocks[0]
+                u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks)
                 walked = [{n: spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)), blocks[n].lam)
-                           * rotate_in(x, blocks[n]) for n, x in u.items()}]
+                           * x for n, x in u_rot.items()}]
                 bases = self.blocks
             elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
-                walked = self._walk(u)
+                walked = self._walk(self._query_grads(query_dataset, "query gradients"))
             else:
-                last = self.blocks[-1]
-                walked = rotated_walk({n: rotate_in(x, last[n]) for n, x in u.items()}, self.blocks,
-                                      self._operators())
+                u_rot = self._query_grads(query_dataset, "query gradients", basis=self.blocks[-1])
+                walked = rotated_walk(u_rot, self.blocks, self._operators())
                 bases = self.blocks
         for unit in units:
             c, _, stage = self._segments()[unit.segment]

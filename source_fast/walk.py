@@ -60,10 +60,10 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
 
 
 def rotate_in(v: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
-    """Q_Sᵀ V Q_A for a batch V [Q, O, I], as two large GEMMs (the batch folded into the rows)."""
+    """Q_Sᵀ V Q_A for a batch V [Q, O, I]: one large GEMM (batch folded into the rows), one batched."""
     q, o, i = v.shape
     right = (v.reshape(q * o, i) @ block.q_a.to(v.dtype)).reshape(q, o, i)
-    return (block.q_s.T.to(v.dtype) @ right.transpose(0, 1).reshape(o, q * i)).reshape(o, q, i).transpose(0, 1)
+    return torch.matmul(block.q_s.T.to(v.dtype), right)
 
 
 def change_basis(x: torch.Tensor, src: EKFACBlock, dst: EKFACBlock) -> torch.Tensor:
