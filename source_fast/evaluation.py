@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io as io_module
 import json
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +53,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
+
+from .io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["draw_subset_masks", "lds", "run_counterfactual", "subset_removal_test"]
 
@@ -282,44 +283,14 @@ def draw_subset_masks(n_train: int, num_subsets: int, alpha: float = 0.5, seed: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (POSIX; other systems have no directory fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write ``path`` so that a crash leaves either the old file or the complete new one.
-
-    ``write(file)`` fills a temporary file in the same directory (``os.replace`` is atomic only
-    within one file system); it is flushed and fsynced before the rename, and the directory is
-    fsynced after it so the rename itself survives a power loss.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    _atomic_write(path, lambda file: file.write(json.dumps(payload, indent=2, sort_keys=True).encode()))
+    atomic_write_json(path, payload)
 
 
 def _write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    _atomic_write(path, lambda file: np.save(file, array, allow_pickle=False))
+    buffer = io_module.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _masks_hash(masks: np.ndarray) -> str:
