@@ -132,3 +132,11 @@ def bmm_cases(dot_types: dict, fkinds=(0,), square=(False,), accumulate=(False,)
                     const = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, DOT=dot, FKIND=fk, SQUARE=sq, ACCUMULATE=acc)
                     cases.append(("source_fast.kernels._common", "_bmm_kernel", sig, const, arch))
     return cases
+
+
+def eigh_basis(n, device="cpu"):
+    """Eigenvectors of a random SPD matrix, as torch.linalg.eigh returns them: column-major."""
+    m = torch.randn(n, n, device=device)
+    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
+    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
+    return q

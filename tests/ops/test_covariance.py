@@ -18,14 +18,6 @@ SHAPES = [  # (R, D): size 1, odd primes, D above the interpreter's 64-wide tile
 ]
 MASKS = ["none", "bool", "float"]
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _inputs(r, d, dtype, mask_kind, device="cpu"):
     x = torch.randn(r, d, device=device).to(dtype)
     if mask_kind == "none":

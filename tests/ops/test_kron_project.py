@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import backend_params, bmm_cases, compile_for_gpu, require
+from _backends import eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference, spectral
 
@@ -31,21 +31,6 @@ DISCRETE = [
     pytest.param(spectral.Spectral("discrete_s", eta=0.5, steps=9), id="discrete_s"),
     pytest.param(spectral.Spectral("discrete_r", eta=0.5, steps=9), id="discrete_r"),
 ]
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _basis(n, device="cpu"):
-    m = torch.randn(n, n, device=device)
-    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
-    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
-    return q
-
-
 def _lam(o, i, device="cpu"):
     """Eigenvalues over 12 decades, with an exact 0 and a round-off negative (clamped to 0)."""
     lam = torch.logspace(-9, 3, o * i, device=device)[torch.randperm(o * i, device=device)].reshape(o, i)
@@ -57,7 +42,7 @@ def _lam(o, i, device="cpu"):
 
 def _inputs(q, i, o, dtype, device="cpu"):
     v = torch.randn(q, o, i, device=device).to(dtype)
-    return v, _basis(o, device), _basis(i, device), _lam(o, i, device)
+    return v, eigh_basis(o, device), eigh_basis(i, device), _lam(o, i, device)
 
 
 def _tensors(v, q_s, q_a, lam):

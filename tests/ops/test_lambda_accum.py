@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import backend_params, bmm_cases, compile_for_gpu, require
+from _backends import eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -20,26 +20,10 @@ SHAPES = [  # (N, T, I, O): sizes 1, odd primes, T = 1 (rank-one path) and T > 1
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _basis(n, device="cpu"):
-    """Eigenvectors of a random SPD matrix, as torch.linalg.eigh returns them: column-major."""
-    m = torch.randn(n, n, device=device)
-    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
-    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
-    return q
-
-
 def _inputs(n, t, i, o, dtype, device="cpu"):
     a = torch.randn(n, t, i, device=device).to(dtype)
     g = torch.randn(n, t, o, device=device).to(dtype)
-    return a, g, _basis(i, device), _basis(o, device)
+    return a, g, eigh_basis(i, device), eigh_basis(o, device)
 
 
 def _tensors(a, g, q_a, q_s):
@@ -167,7 +151,7 @@ def test_lambda_accum_index_space_above_2_31_gpu(backend, monkeypatch):
     n, t, i, o = 4100, 1024, 520, 8
     a = torch.empty(n, t, i, dtype=torch.float16, device="cuda").uniform_(-1, 1)
     g = torch.empty(n, t, o, dtype=torch.float16, device="cuda").uniform_(-1, 1)
-    q_a, q_s = _basis(i, "cuda"), _basis(o, "cuda")
+    q_a, q_s = eigh_basis(i, "cuda"), eigh_basis(o, "cuda")
     require(backend, "lambda_accum", _tensors(a, g, q_a, q_s))
     got = ops.lambda_accum(a, g, q_a, q_s, backend=backend)
     want = torch.zeros(o, i, dtype=torch.float64, device="cuda")

@@ -20,14 +20,6 @@ SHAPES = [  # (Q, N, T, I, O): sizes 1, odd primes, T = 1 and T > 1, I ≠ O bot
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _inputs(q, n, t, i, o, dtype, device="cpu"):
     v = torch.randn(q, o, i, device=device).to(dtype)
     a = torch.randn(n, t, i, device=device).to(dtype)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import backend_params, bmm_cases, compile_for_gpu, require
+from _backends import eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -19,26 +19,11 @@ SHAPES = [  # (N, T, I, O)
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _basis(n, device="cpu"):
-    m = torch.randn(n, n, device=device)
-    q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
-    assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
-    return q
-
-
 def _inputs(n, t, i, o, dtype, device="cpu"):
     a = torch.randn(n, t, i, device=device).to(dtype)
     g = torch.randn(n, t, o, device=device).to(dtype)
     weights = torch.rand(o, i, device=device) * 2.0  # f(Λ) ≥ 0
-    return a, g, _basis(o, device), _basis(i, device), weights
+    return a, g, eigh_basis(o, device), eigh_basis(i, device), weights
 
 
 def _tensors(a, g, q_s, q_a, weights):
