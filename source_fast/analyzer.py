@@ -201,8 +201,8 @@ class SourceAnalyzer:
             self._state_cache[unit.uid] = state
         self.model.load_state_dict(self._state_cache[unit.uid])
 
-    def _units(self, kind: str) -> list[Unit]:
-        """Model states used by the method. kind: 'curvature' (factor passes), 'score' (scoring)."""
+    def _units(self) -> list[Unit]:
+        """Model states whose gradients the method uses (the same for curvature and scoring)."""
         run = self.run
         final = len(run.checkpoints) - 1
         ckpt = lambda i, seg: Unit(f"ckpt{i}", lambda i=i: run.load_checkpoint(i), seg)  # noqa: E731
@@ -311,7 +311,7 @@ class SourceAnalyzer:
             self._n_fit = n_train
             return self
         config = self._factor_config(n_train)
-        units = self._units("curvature")
+        units = self._units()
         dt = self.compute_dtype
         # Each segment's curvature comes from its stage's data; the influence function (one segment
         # over the whole run) uses every training example.
@@ -423,17 +423,7 @@ class SourceAnalyzer:
         return 0.0 if d is None else float(d)
 
     def _walk(self, u: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """v per segment (training order) for query directions u at the final model."""
-        segments = self._segments()
-        if self.method == "influence":
-            c = segments[0][0]
-            v = {}
-            for name, direction in u.items():
-                block = self.blocks[0][name]
-                fn = spectral.inverse(self._damping_for(block.lam, c))
-                v[name] = ops.kron_project(direction, block.q_s, block.q_a, block.lam, fn, backend=self.backend,
-                                           deterministic=self.deterministic)
-            return [v]
+        """Adam runs: v per segment (training order) in parameter space for query directions u."""
         adam, adam_damping = self._adam_terms()
         return query_walk(u, self.blocks, self._operators(), adam=adam, adam_damping=adam_damping,
                           backend=self.backend)
@@ -526,7 +516,7 @@ class SourceAnalyzer:
     def _pairwise_blocks(self, query_dataset, train_dataset, pending, n_fit, stage_sizes):
         """Yield (block index, scores [n_query, block]) for the pending blocks of training examples."""
         n_query, n_train = len(query_dataset), len(train_dataset)
-        units = self._units("score")
+        units = self._units()
         final_unit = self._final_unit()
         with self._session():
             if pending:
@@ -659,7 +649,7 @@ class SourceAnalyzer:
 
     def _influence_self(self, chunk, out, n_train):
         """⟨G_n, (H̄+δ)⁻¹ G_n⟩ in the eigenbasis: the fused score_self op (rank one: a GEMM, no G_n)."""
-        self._load(self._units("score")[0])
+        self._load(self._units()[0])
         c = self._segments()[0][0]
         weights = {name: 1.0 / (b.lam.clamp_min(0) + self._damping_for(b.lam, c)) for name, b in self.blocks[0].items()}
         for offset, size, rows in self._rows(chunk, loss="empirical", desc="self-influence"):
@@ -678,7 +668,7 @@ class SourceAnalyzer:
         gradient rotates as a rank-one factor (O² + I² per example, not O²I + OI²) and each ḡ_ℓ is
         scored token-wise against W_ℓ without being formed, so only the L − 1 cross-basis products
         are full two-sided products (walk-then-score in parameter space needs 3L)."""
-        units = self._units("score")
+        units = self._units()
         segments = self._segments()
         final_unit = self._final_unit()
         stages = self.run.example_stages
