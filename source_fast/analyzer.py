@@ -673,9 +673,14 @@ class SourceAnalyzer:
         final_unit = self._final_unit()
         stages = self.run.example_stages
         rows = {}
-        for unit in [final_unit] + units:
+        for unit in units:
             self._load(unit)
-            rows[unit.uid if unit.segment >= 0 else "final"] = self._example_rows(chunk)
+            rows[unit.uid] = self._example_rows(chunk)
+        if final_unit.uid in rows:  # the final model is also a scored checkpoint (source, influence)
+            rows["final"] = rows[final_unit.uid]
+        else:
+            self._load(final_unit)
+            rows["final"] = self._example_rows(chunk)
         out = torch.zeros(len(idx), dtype=self.compute_dtype, device=self.device)
         if self.method in ("tracin", "gradient_dot"):
             for unit in (units if self.method == "tracin" else [final_unit]):
