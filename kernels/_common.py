@@ -150,6 +150,23 @@ def mma(a, b, acc, DOT: tl.constexpr):
     return out
 
 
+@triton.jit
+def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
+                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+    """One example's gradient tile G[offs_o, offs_i] = Σ_t g[row0 + t, offs_o] a[row0 + t, offs_i] in
+    fp32 registers (g [N·T, O], a [N·T, I] contiguous; row0 int64); tokens in BLOCK_T steps, masked."""
+    offs_t = tl.arange(0, BLOCK_T)
+    tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + offs_t
+        t_ok = tt < T
+        rows = row0 + tt.to(tl.int64)
+        g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        tile = mma(tl.trans(g), a, tile, DOT)
+    return tile
+
+
 # ---------------------------------------------------------------------------------------------
 # Spectral functions f(σ) (source_fast/spectral.py) evaluated on chip
 # ---------------------------------------------------------------------------------------------

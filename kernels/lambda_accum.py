@@ -44,7 +44,6 @@ def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
     tiles_i = tl.cdiv(I, BLOCK_I)
     offs_o = (pid // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = (pid % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_t = tl.arange(0, BLOCK_T)
     o_ok = offs_o < O
     i_ok = offs_i < I
     n_start = split * n_per_split
@@ -52,14 +51,8 @@ def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
     row0 = n_start.to(tl.int64) * T  # int64 token-row offset of example n (N·T may pass 2^31)
     lam = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for n in range(n_start, n_stop):
-        m = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            tt = t0 + offs_t
-            t_ok = tt < T
-            rows = row0 + tt.to(tl.int64)
-            g = tl.load(gs_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
-            a = tl.load(as_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-            m = _common.mma(tl.trans(g), a, m, DOT)
+        m = _common.example_grad_tile(gs_ptr, as_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
+                                      BLOCK_O, BLOCK_I, BLOCK_T, DOT)
         lam += m * m
         row0 += T
     ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_o.to(tl.int64)[:, None] * stride_oo + offs_i[None, :]

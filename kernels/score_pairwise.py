@@ -37,7 +37,6 @@ def _score_pairwise_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I,
     v [Q, O, I], out [Q, N], all contiguous."""
     n = tl.program_id(0)
     row0 = n.to(tl.int64) * T
-    offs_t = tl.arange(0, BLOCK_T)
     offs_q = tl.arange(0, BLOCK_Q)
     for o0 in range(0, O, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -45,15 +44,8 @@ def _score_pairwise_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I,
         for i0 in range(0, I, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             i_ok = offs_i < I
-            grad = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                tt = t0 + offs_t
-                t_ok = tt < T
-                rows = row0 + tt.to(tl.int64)
-                g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :],
-                              other=0.0)
-                a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-                grad = _common.mma(tl.trans(g), a, grad, DOT)
+            grad = _common.example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
+                                             BLOCK_O, BLOCK_I, BLOCK_T, DOT)
             first = (o0 == 0) & (i0 == 0)
             oi = offs_o.to(tl.int64)[:, None] * I + offs_i[None, :]  # [BO, BI] offset inside V_q
             oi_ok = o_ok[:, None] & i_ok[None, :]

@@ -33,7 +33,6 @@ def _score_self_kernel(gs_ptr, as_ptr, w_ptr, out_ptr, T, O, I,
     """
     n = tl.program_id(0)
     row0 = n.to(tl.int64) * T
-    offs_t = tl.arange(0, BLOCK_T)
     total = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for o0 in range(0, O, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -41,15 +40,8 @@ def _score_self_kernel(gs_ptr, as_ptr, w_ptr, out_ptr, T, O, I,
         for i0 in range(0, I, BLOCK_I):
             offs_i = i0 + tl.arange(0, BLOCK_I)
             i_ok = offs_i < I
-            m = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                tt = t0 + offs_t
-                t_ok = tt < T
-                rows = row0 + tt.to(tl.int64)
-                g = tl.load(gs_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :],
-                              other=0.0)
-                a = tl.load(as_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-                m = _common.mma(tl.trans(g), a, m, DOT)
+            m = _common.example_grad_tile(gs_ptr, as_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
+                                          BLOCK_O, BLOCK_I, BLOCK_T, DOT)
             w = tl.load(w_ptr + offs_o.to(tl.int64)[:, None] * I + offs_i[None, :], mask=o_ok[:, None] & i_ok[None, :],
                         other=0.0).to(tl.float32)
             total += w * (m * m)

@@ -43,32 +43,7 @@ __global__ void __launch_bounds__(kThreads) lambda_fused_kernel(const float* __r
 
   for (index_t n = n_begin; n < n_end; ++n) {
     float r[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) r[i][j] = 0.0f;
-    for (index_t t0 = 0; t0 < T; t0 += kBK) {
-      const int tc = static_cast<int>(T - t0 < kBK ? T - t0 : kBK);
-      for (int e = tid; e < kTile * tc; e += kThreads) {
-        const int tt = e / kTile, cc = e % kTile;
-        const index_t row = n * T + t0 + tt;
-        Gs[tt][cc] = (o0 + cc < O) ? gs[row * O + o0 + cc] : 0.0f;
-        Xs[tt][cc] = (i0 + cc < I) ? as[row * I + i0 + cc] : 0.0f;
-      }
-      __syncthreads();
-      for (int tt = 0; tt < tc; ++tt) {
-        float a[4], b[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = Gs[tt][ty * 4 + i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) b[j] = Xs[tt][tx * 4 + j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) r[i][j] = fmaf(a[i], b[j], r[i][j]);
-      }
-      __syncthreads();
-    }
+    example_gradient_tile(gs, as, n, T, O, I, o0, i0, Gs, Xs, tid, tx, ty, r);
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll

@@ -278,6 +278,41 @@ inline Status check_workspace(index_t have, index_t need, const float* ptr) {
   return Status();
 }
 
+// Per-example gradient tile in registers: r[i][j] = Σ_t gs[n,t,o0+4ty+i] · as[n,t,i0+4tx+j] for one
+// example n, tokens staged kBK at a time through shared memory (Gs, Xs). Shared by lambda_accum
+// (which squares and sums r over examples) and score_self (which weighs r² and sums per example).
+__device__ __forceinline__ void example_gradient_tile(const float* __restrict__ gs, const float* __restrict__ as,
+                                                      index_t n, index_t T, index_t O, index_t I, index_t o0,
+                                                      index_t i0, float (*Gs)[kTile + 4], float (*Xs)[kTile + 4],
+                                                      int tid, int tx, int ty, float r[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) r[i][j] = 0.0f;
+  for (index_t t0 = 0; t0 < T; t0 += kBK) {
+    const int tc = static_cast<int>(T - t0 < kBK ? T - t0 : kBK);
+    for (int e = tid; e < kTile * tc; e += kThreads) {
+      const int tt = e / kTile, cc = e % kTile;
+      const index_t row = n * T + t0 + tt;
+      Gs[tt][cc] = (o0 + cc < O) ? gs[row * O + o0 + cc] : 0.0f;
+      Xs[tt][cc] = (i0 + cc < I) ? as[row * I + i0 + cc] : 0.0f;
+    }
+    __syncthreads();
+    for (int tt = 0; tt < tc; ++tt) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = Gs[tt][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Xs[tt][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) r[i][j] = fmaf(a[i], b[j], r[i][j]);
+    }
+    __syncthreads();
+  }
+}
+
 }  // namespace cuda
 }  // namespace sf
 
