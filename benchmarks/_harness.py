@@ -160,6 +160,19 @@ def orthogonal(gen: torch.Generator, n: int, device, dtype=torch.float32) -> tor
     return q.to(device=device, dtype=dtype)
 
 
+def token_inputs(gen: torch.Generator, p: dict, device, dtype) -> dict[str, torch.Tensor]:
+    """Token rows a [N, T, I], g [N, T, O] and orthogonal bases q_a [I, I], q_s [O, O] (drawn in this order)."""
+    return {"a": randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dtype),
+            "g": randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dtype),
+            "q_a": orthogonal(gen, p["I"], device, dtype), "q_s": orthogonal(gen, p["O"], device, dtype)}
+
+
+def gpu_token_cases() -> list[Case]:
+    """The large per-example shapes (N·O·I up to ~8.6e9) shared by lambda_accum and score_self on CUDA."""
+    return [case(f"T={t}", dtype, N=n, T=t, I=i, O=o) for dtype in ("float32", "bfloat16") for t in (1, 16)
+            for n, i, o in ((1024, 513, 257), (8192, 1025, 1024), (2048, 4097, 1024))]
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -39,13 +39,7 @@ class LambdaAccumBench(H.OpBench):
                 out.append(case(f"T={t}", N=512, T=t, I=i, O=o))
         if device.type != "cuda":
             return out
-        big = []
-        for dtype in ("float32", "bfloat16"):
-            for t in (1, 16):
-                big += [case(f"T={t}", dtype, N=1024, T=t, I=513, O=257),
-                        case(f"T={t}", dtype, N=8192, T=t, I=1025, O=1024),
-                        case(f"T={t}", dtype, N=2048, T=t, I=4097, O=1024)]
-        return big
+        return H.gpu_token_cases()
 
     def gate_case(self, dtype):
         return case("T=3", dtype, N=12, T=3, I=17, O=9)
@@ -53,9 +47,7 @@ class LambdaAccumBench(H.OpBench):
     def make_inputs(self, c, device):
         gen = H.seeded(1)
         p, dt = c.p, c.torch_dtype
-        return {"a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
-                "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt),
-                "q_a": H.orthogonal(gen, p["I"], device, dt), "q_s": H.orthogonal(gen, p["O"], device, dt)}
+        return H.token_inputs(gen, p, device, dt)
 
     def reference(self, x):
         from source_fast.reference import lambda_accum_ref

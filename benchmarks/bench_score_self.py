@@ -34,13 +34,7 @@ class ScoreSelfBench(H.OpBench):
         out = [case(f"T={t}", N=1024, T=t, I=513, O=257) for t in (1, 16)]
         if device.type != "cuda":
             return out
-        big = []
-        for dtype in ("float32", "bfloat16"):
-            for t in (1, 16):
-                big += [case(f"T={t}", dtype, N=1024, T=t, I=513, O=257),
-                        case(f"T={t}", dtype, N=8192, T=t, I=1025, O=1024),
-                        case(f"T={t}", dtype, N=2048, T=t, I=4097, O=1024)]
-        return big
+        return H.gpu_token_cases()
 
     def gate_case(self, dtype):
         return case("T=3", dtype, N=12, T=3, I=17, O=9)
@@ -48,10 +42,9 @@ class ScoreSelfBench(H.OpBench):
     def make_inputs(self, c, device):
         gen = H.seeded(4)
         p, dt = c.p, c.torch_dtype
-        return {"a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
-                "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt),
-                "q_s": H.orthogonal(gen, p["O"], device, dt), "q_a": H.orthogonal(gen, p["I"], device, dt),
-                "weights": (1.0 / (H.randn(gen, p["O"], p["I"], device=device).abs() + 0.1)).to(dt)}
+        x = H.token_inputs(gen, p, device, dt)
+        x["weights"] = (1.0 / (H.randn(gen, p["O"], p["I"], device=device).abs() + 0.1)).to(dt)
+        return x
 
     def reference(self, x):
         from source_fast.reference import score_self_ref

@@ -235,7 +235,6 @@ def worker(spec: dict) -> dict:
         backend = ""
     else:
         import source_fast as sf
-        from source_fast import _dispatch
 
         run = sf.TrainingRun(blob["checkpoints"], blob["steps"], lr=blob["lr"], momentum=MOMENTUM,
                              num_segments=NUM_SEGMENTS)
