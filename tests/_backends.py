@@ -140,3 +140,14 @@ def eigh_basis(n, device="cpu"):
     q = torch.linalg.eigh(m @ m.T + n * torch.eye(n, device=device))[1]
     assert n == 1 or not q.is_contiguous(), "eigh is expected to return column-major eigenvectors"
     return q
+
+
+TOKEN_SHAPES = [  # (N, T, I, O): sizes 1, odd primes, T = 1 (rank-one path) and T > 1 (fused path),
+    # I above the interpreter's 64-wide tile, T above its 64-token block, I ≠ O both ways
+    pytest.param(1, 1, 1, 1, id="n1-t1-i1-o1"),
+    pytest.param(7, 1, 41, 13, id="n7-t1-i41-o13"),
+    pytest.param(7, 3, 41, 13, id="n7-t3-i41-o13"),
+    pytest.param(1, 3, 13, 41, id="n1-t3-i13-o41"),
+    pytest.param(3, 5, 80, 20, id="n3-t5-i80-o20"),
+    pytest.param(2, 70, 17, 9, id="n2-t70-i17-o9"),
+]

@@ -2,21 +2,14 @@
 import pytest
 import torch
 
-from _backends import eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
+from _backends import TOKEN_SHAPES, eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
 BACKENDS = backend_params("cpu")
 GPU_BACKENDS = backend_params("cuda")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-SHAPES = [  # (N, T, I, O)
-    pytest.param(1, 1, 1, 1, id="n1-t1-i1-o1"),
-    pytest.param(7, 1, 41, 13, id="n7-t1-i41-o13"),
-    pytest.param(7, 3, 41, 13, id="n7-t3-i41-o13"),
-    pytest.param(1, 3, 13, 41, id="n1-t3-i13-o41"),
-    pytest.param(3, 5, 80, 20, id="n3-t5-i80-o20"),
-    pytest.param(2, 70, 17, 9, id="n2-t70-i17-o9"),
-]
+SHAPES = TOKEN_SHAPES  # (N, T, I, O), shared with the other per-example ops
 
 
 def _inputs(n, t, i, o, dtype, device="cpu"):
