@@ -28,6 +28,19 @@ def chunk_bytes() -> int:
     return mib * 2**20
 
 
+def stack_bytes() -> int:
+    """SOURCE_FAST_STACK_MIB: memory budget for the token rows of one segment's checkpoints held together
+    while scoring a block (stacked along the token axis, so each segment costs one contraction)."""
+    raw = os.environ.get("SOURCE_FAST_STACK_MIB", "1024")
+    try:
+        mib = int(raw)
+    except ValueError:
+        raise ValueError(f"SOURCE_FAST_STACK_MIB must be a non-negative integer, got {raw!r}") from None
+    if mib < 0:
+        raise ValueError(f"SOURCE_FAST_STACK_MIB must be a non-negative integer, got {raw!r}")
+    return mib * 2**20
+
+
 def deterministic_default() -> bool:
     """SOURCE_FAST_DETERMINISTIC=1 forces deterministic kernels; else torch's global setting."""
     raw = os.environ.get("SOURCE_FAST_DETERMINISTIC", "")

@@ -13,11 +13,12 @@ What runs where:
   - lambda_accum / score_self: the rotations g Q_S and a Q_A are torch GEMMs (BLAS wins those);
     the per-example outer product, square and reduction run fused in C++, so the ``[n, O, I]``
     chunk of rotated gradients the torch backend materialises is never written.
-  - score_pairwise: fused token-wise contraction when the flop model picks it
-    (``_torch_ops.pairwise_strategy``); the "materialize" regime (T > 1 with many queries) is two
-    BLAS GEMMs, which this function leaves to torch.
+  - score_pairwise: the flop model (``_torch_ops.pairwise_strategy``) picks the fused token-wise
+    contraction (T = 1, or few queries) or the materialised kernel, which forms rows of G_n for a block
+    of examples in cache and contracts them with V (T > 1: sequences, a segment's checkpoints stacked).
   - kron_project: the GEMMs are torch (BLAS); only f(Λ) comes from the module (its fp32
     spectral_eval, shared with the CUDA epilogue). Same speed as the torch backend.
+  - score_lowrank, score_per_token: no C++ CPU kernels; the torch backend serves CPU tensors.
 * ``cuda`` (float32/float16/bfloat16 inputs, float32 accumulation and outputs): the whole op runs in
   the module's kernels (tiled shared-memory GEMMs for rotations, fused epilogues, split-K partials
   reduced in a fixed order). No float atomics: results are bitwise reproducible run to run.
@@ -157,10 +158,11 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     _require_f32(v=v, a=a, g=g)
     q, o, i = v.shape
     n, t, _ = a.shape
-    # With one token the two strategies cost the same flops (within Q·N·O), and the fused kernel runs
-    # ~2x faster than BLAS here (measured: benchmarks/results/vs_kronfluence_cpu.md): always fuse.
+    # Token-wise (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the
+    # shared flop model; with one token they cost the same and the token-wise kernel runs.
+    kernel = "score_pairwise_cpu"
     if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
-        return _torch_ops.score_pairwise(v, a, g)  # two BLAS GEMMs: nothing to fuse
+        kernel = "score_pairwise_materialized_cpu"
     out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
     step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)
@@ -168,7 +170,7 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     for start in range(0, n, step):
         stop = min(n, start + step)
         ac, gc, part = a[start:stop], g[start:stop], out[:, start:stop]
-        lib.score_pairwise_cpu(
+        getattr(lib, kernel)(
             v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
             ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
             gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), 0,

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import ekfac, io, ops, spectral
+from . import _config, ekfac, io, ops, spectral
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
@@ -467,14 +467,12 @@ class SourceAnalyzer:
         for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             for name, (a, g) in rows.items():
                 a, g = a.to(self.compute_dtype), g.to(self.compute_dtype)
-                chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
-        grads = {name: torch.cat(parts) for name, parts in chunks.items()}
-        if self.check_finite:
-            for name, grad in grads.items():
-                if not bool(torch.isfinite(grad).all()):
+                # Checked on the token rows (T·(O+I) per query, not O·I): a product of finite rows is finite.
+                if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
                                              "check_finite=False to propagate")
-        return grads
+                chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
+        return {name: torch.cat(parts) for name, parts in chunks.items()}
 
     # -------------------------------------------------------------------------------- scoring
     def pairwise_scores(self, query_dataset, train_dataset) -> torch.Tensor:
@@ -524,14 +522,10 @@ class SourceAnalyzer:
             for b in pending:
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
-                for unit, v, weight, stage, basis in plan:
-                    self._load(unit)
+                for members, v, weight, stage, basis in _group_plan(plan):
                     in_stage = self._stage_mask(n_train, stage)
-                    for offset, size, rows in self._rows(Subset(train_dataset, cols), loss="empirical",
-                                                        desc=f"scoring {unit.uid} block {b + 1}"):
-                        if basis is not None:
-                            rows = {n: (a.to(self.compute_dtype) @ basis[n].q_a, g.to(self.compute_dtype) @ basis[n].q_s)
-                                    for n, (a, g) in rows.items()}
+                    for offset, size, rows in self._stacked_rows(members, Subset(train_dataset, cols), basis,
+                                                                 f"block {b + 1}"):
                         part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
                                                       deterministic=self.deterministic).to(self.compute_dtype)
                                    for name, (a, g) in rows.items())
@@ -542,6 +536,40 @@ class SourceAnalyzer:
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")
                 yield b, block
+
+    def _stacked_rows(self, members, dataset, basis, desc):
+        """Yield (offset, size, rows) for scoring `dataset` against one direction shared by `members`
+        (the checkpoints of one segment): rows rotated into `basis` when given, and the members' rows of a
+        batch stacked along the token axis, so ⟨W, Σ_k G_n^(k)⟩ is one contraction (the materialised
+        kernel forms Σ_k G_n^(k) in cache) instead of one per checkpoint. If the stacked rows of the block
+        would exceed SOURCE_FAST_STACK_MIB, the members are scored one after another instead (same sum)."""
+        def member_rows(unit):
+            self._load(unit)
+            for offset, size, rows in self._rows(dataset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
+                if basis is not None:
+                    rows = {n: (a.to(self.compute_dtype) @ basis[n].q_a, g.to(self.compute_dtype) @ basis[n].q_s)
+                            for n, (a, g) in rows.items()}
+                yield offset, size, rows
+
+        first = member_rows(members[0])
+        if len(members) == 1:
+            yield from first
+            return
+        budget, used, held = _config.stack_bytes(), 0, []
+        for item in first:
+            held.append(item)
+            used += sum(a.numel() * a.element_size() + g.numel() * g.element_size() for a, g in item[2].values())
+            if used * len(members) > budget:  # too large to hold: one member at a time
+                yield from held
+                yield from first
+                for unit in members[1:]:
+                    yield from member_rows(unit)
+                return
+        stacks = [held] + [list(member_rows(unit)) for unit in members[1:]]
+        for parts in zip(*stacks):
+            offset, size = parts[0][0], parts[0][1]
+            yield offset, size, {name: (torch.cat([p[2][name][0] for p in parts], 1),
+                                        torch.cat([p[2][name][1] for p in parts], 1)) for name in parts[0][2]}
 
     # Scores of one block are a sum over (model state, direction, weight, stage) terms.
     def _score_plan(self, query_dataset, units, final_unit, stage_sizes, n_train):
@@ -731,6 +759,19 @@ class SourceAnalyzer:
             return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
         finally:
             self.progress = progress
+
+
+def _group_plan(plan):
+    """Merge consecutive plan entries that score against the same direction with the same weight, stage
+    and basis (the checkpoints of one segment): [(units, v, weight, stage, basis)]."""
+    groups = []
+    for unit, v, weight, stage, basis in plan:
+        last = groups[-1] if groups else None
+        if last is not None and last[1] is v and last[2] == weight and last[3] == stage and last[4] is basis:
+            last[0].append(unit)
+        else:
+            groups.append(([unit], v, weight, stage, basis))
+    return groups
 
 
 def _per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,28 @@ def test_mlp_matches_dense_oracle_float64(mlp_run, method):
     assert _rel(scores, oracle) <= 1e-6
 
 
+@pytest.mark.parametrize("stack_mib", ["1024", "0"], ids=["stacked", "one-checkpoint-at-a-time"])
+def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatch, stack_mib):
+    """A segment's checkpoints are scored as one contraction (rows stacked along tokens) when they fit
+    SOURCE_FAST_STACK_MIB, else one after another: both equal the oracle, and each other to round-off."""
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    monkeypatch.setenv("SOURCE_FAST_STACK_MIB", stack_mib)
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False)
+    tokens, score_pairwise = set(), sf.ops.score_pairwise
+
+    def recording(v, a, g, **kw):
+        tokens.add(a.shape[1])
+        return score_pairwise(v, a, g, **kw)
+
+    monkeypatch.setattr(sf.ops, "score_pairwise", recording)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+    # 6 checkpoints in 3 segments, one token per example: 2 tokens per row when stacked
+    assert tokens == ({2} if stack_mib != "0" else {1})
+
+
 def test_cnn_matches_dense_oracle_float64():
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)

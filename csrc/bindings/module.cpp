@@ -156,27 +156,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sw0"), py::arg("sw1"), py::arg("w_dtype"), py::arg("out"), py::arg("so"), py::arg("out_dtype"),
       py::arg("num_threads"), "out[n] = Σ_ij W_ij (Σ_t gs[n,t,i] as[n,t,j])² on rotated tokens.");
 
-  m.def(
-      "score_pairwise_cpu",
-      [](ptr_t v, index_t svq, index_t svo, index_t svi, ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g,
-         index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I,
-         ptr_t out, index_t so_q, index_t so_n, int out_dtype, int num_threads) {
-        check_dtype("v/a/g", dtype, {sf::kFloat32});
-        check_dtype("out", out_dtype, {sf::kFloat32});
-        check_threads(num_threads);
-        sf::Status s;
-        {
-          py::gil_scoped_release release;
-          s = sf::score_pairwise_cpu(as_ptr<const float>(v), svq, svo, svi, as_ptr<const float>(a), san, sat, sai,
-                                     as_ptr<const float>(g), sgn, sgt, sgo, Q, N, T, O, I, as_ptr<float>(out), so_q,
-                                     so_n, num_threads);
-        }
-        raise_if_error(s);
-      },
-      py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("a"), py::arg("san"), py::arg("sat"),
-      py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
-      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
-      py::arg("out_dtype"), py::arg("num_threads"), "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] (token-wise, fused).");
+  // The two CPU strategies of score_pairwise share one signature.
+  using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,
+                                       index_t, const float*, index_t, index_t, index_t, index_t, index_t, index_t,
+                                       index_t, index_t, float*, index_t, index_t, int);
+  const std::tuple<const char*, PairwiseCpuFn, const char*> pairwise_cpu[] = {
+      {"score_pairwise_cpu", &sf::score_pairwise_cpu, "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] (token-wise, fused)."},
+      {"score_pairwise_materialized_cpu", &sf::score_pairwise_materialized_cpu,
+       "out[q, n] = ⟨V_q, Σ_t g[n,t] a[n,t]ᵀ⟩ (rows of G_n formed in cache; for T > 1)."},
+  };
+  for (const auto& [name, fn, doc] : pairwise_cpu) {
+    m.def(
+        name,
+        [fn](ptr_t v, index_t svq, index_t svo, index_t svi, ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g,
+             index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I,
+             ptr_t out, index_t so_q, index_t so_n, int out_dtype, int num_threads) {
+          check_dtype("v/a/g", dtype, {sf::kFloat32});
+          check_dtype("out", out_dtype, {sf::kFloat32});
+          check_threads(num_threads);
+          sf::Status s;
+          {
+            py::gil_scoped_release release;
+            s = fn(as_ptr<const float>(v), svq, svo, svi, as_ptr<const float>(a), san, sat, sai,
+                   as_ptr<const float>(g), sgn, sgt, sgo, Q, N, T, O, I, as_ptr<float>(out), so_q, so_n, num_threads);
+          }
+          raise_if_error(s);
+        },
+        py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("a"), py::arg("san"), py::arg("sat"),
+        py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
+        py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
+        py::arg("out_dtype"), py::arg("num_threads"), doc);
+  }
 
   m.def(
       "spectral_eval_cpu",

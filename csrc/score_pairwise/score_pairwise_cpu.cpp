@@ -118,3 +118,140 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 }
 
 }  // namespace sf
+
+// ------------------------------------------------------------------------------------------------
+// Materialised strategy, for T > 1 (sequences, or the checkpoints of one SOURCE segment stacked as
+// tokens): scores[q, n] = Σ_o Σ_i V[q,o,i] G_n[o,i] with G_n = Σ_t g_{n,t} a_{n,t}ᵀ. One row o of
+// G for a block of MAT_NCB panels of examples is formed at a time in a per-task buffer (never
+// N x O x I in memory) and contracted with MR queries at a time by the micro-kernel:
+// Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I.
+//
+// Tasks are (column block, group of query blocks); each owns its scores and sums over o then i in a
+// fixed order, so the result is bitwise independent of the thread count.
+namespace sf {
+namespace {
+
+constexpr index_t MAT_NCB = 4;  // panels per column block: one G row block is I x 4·NR floats (L2)
+
+}  // namespace
+
+Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                       index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
+                                       index_t sgt, index_t sgo, index_t Q, index_t N, index_t T, index_t O,
+                                       index_t I, float* out, index_t so_q, index_t so_n, int num_threads) {
+  SF_RETURN_IF_ERROR(check_strided("v", {Q, O, I}, {svq, svo, svi}));
+  SF_RETURN_IF_ERROR(check_strided("a", {N, T, I}, {san, sat, sai}));
+  SF_RETURN_IF_ERROR(check_strided("g", {N, T, O}, {sgn, sgt, sgo}));
+  SF_RETURN_IF_ERROR(check_strided("out", {Q, N}, {so_q, so_n}));
+  SF_RETURN_IF_ERROR(check_ptr("v", v, Q * O * I));
+  SF_RETURN_IF_ERROR(check_ptr("a", a, N * T * I));
+  SF_RETURN_IF_ERROR(check_ptr("g", g, N * T * O));
+  SF_RETURN_IF_ERROR(check_ptr("out", out, Q * N));
+  if (Q == 0 || N == 0) return Status();
+  if (T == 0 || O == 0 || I == 0) {
+    for (index_t q = 0; q < Q; ++q)
+      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
+    return Status();
+  }
+
+  const index_t n_panels = ceil_div(N, NR);
+  const index_t n_cb = ceil_div(n_panels, MAT_NCB);
+  const index_t n_qb = ceil_div(Q, MR);
+  const int nt = threads_for(static_cast<double>(Q) * N * O * I, 2.0e6, num_threads);
+  // Query blocks are split into at most `nt` groups: enough parallelism when there is one column block,
+  // and each task re-forms the G rows of its column block only once per group (overhead T / (MR·blocks)).
+  const index_t n_groups = std::min<index_t>(n_qb, nt);
+  AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][t][i][NR]
+  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][t][o][NR]
+  AlignedBuffer cbuf(static_cast<std::size_t>(n_qb * n_panels * MR * NR));  // [qb][panel][MR][NR]
+  if (!apack.data() || !gpack.data() || !cbuf.data())
+    return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
+  float* Ap = apack.data();
+  float* Gp = gpack.data();
+  float* C = cbuf.data();
+  int alloc_failed = 0;
+
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (index_t p = 0; p < n_panels; ++p) {
+      for (index_t t = 0; t < T; ++t) {
+        float* ad = Ap + (p * T + t) * I * NR;
+        float* gd = Gp + (p * T + t) * O * NR;
+        for (int j = 0; j < NR; ++j) {
+          const index_t n = p * NR + j;
+          const bool valid = n < N;  // padded examples are zero: their G is zero
+          const float* ar = a + (valid ? n : 0) * san + t * sat;
+          const float* gr = g + (valid ? n : 0) * sgn + t * sgt;
+          for (index_t i = 0; i < I; ++i) ad[i * NR + j] = valid ? ar[i * sai] : 0.0f;
+          for (index_t o = 0; o < O; ++o) gd[o * NR + j] = valid ? gr[o * sgo] : 0.0f;
+        }
+      }
+    }
+    AlignedBuffer rowbuf(static_cast<std::size_t>(MAT_NCB * I * NR));  // G rows: [pp][i][NR]
+    AlignedBuffer abuf(static_cast<std::size_t>(I * MR));             // V rows o of MR queries: [i][MR]
+    float* B = rowbuf.data();
+    float* A = abuf.data();
+    if (!A || !B) {
+#pragma omp atomic write
+      alloc_failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (index_t task = 0; task < n_cb * n_groups; ++task) {
+      if (!A || !B) continue;
+      const index_t cb = task / n_groups, grp = task % n_groups;
+      const index_t p0 = cb * MAT_NCB, np = std::min(MAT_NCB, n_panels - p0);
+      const index_t qb0 = grp * n_qb / n_groups, qb1 = (grp + 1) * n_qb / n_groups;
+      for (index_t o = 0; o < O; ++o) {
+        // Row o of G_n for the block's examples: Σ_t g[n,t,o] a[n,t,:], vectorised over examples.
+        for (index_t pp = 0; pp < np; ++pp) {
+          float* bd = B + pp * I * NR;
+          for (index_t t = 0; t < T; ++t) {
+            const float* ad = Ap + ((p0 + pp) * T + t) * I * NR;
+            const float* gt = Gp + ((p0 + pp) * T + t) * O * NR + o * NR;
+            vf gv[NV];
+            for (int w = 0; w < NV; ++w) gv[w] = loada(gt + w * VL);
+            for (index_t i = 0; i < I; ++i)
+              for (int w = 0; w < NV; ++w) {
+                vf* d = reinterpret_cast<vf*>(bd + i * NR + w * VL);
+                const vf x = gv[w] * loada(ad + i * NR + w * VL);
+                *d = t == 0 ? x : *d + x;
+              }
+          }
+        }
+        for (index_t qb = qb0; qb < qb1; ++qb) {
+          const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
+          for (index_t i = 0; i < I; ++i) {
+            float* d = A + i * MR;
+            index_t m = 0;
+            for (; m < rows; ++m) d[m] = v[(q0 + m) * svq + o * svo + i * svi];
+            for (; m < MR; ++m) d[m] = 0.0f;
+          }
+          for (index_t pp = 0; pp < np; ++pp) {
+            float* c = C + (qb * n_panels + p0 + pp) * MR * NR;
+            vf acc[MR][NV];
+            if (o == 0) {
+              zero_tile(acc);
+            } else {
+              for (int m = 0; m < MR; ++m)
+                for (int w = 0; w < NV; ++w) acc[m][w] = loada(c + m * NR + w * VL);
+            }
+            gemm_tile<MR>(I, A, B + pp * I * NR, acc);
+            for (int m = 0; m < MR; ++m)
+              for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + m * NR + w * VL) = acc[m][w];
+          }
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (index_t q = 0; q < Q; ++q) {
+      const index_t qb = q / MR, m = q % MR;
+      for (index_t n = 0; n < N; ++n)
+        out[q * so_q + n * so_n] = C[((qb * n_panels + n / NR) * MR + m) * NR + n % NR];
+    }
+  }
+  if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
+  return Status();
+}
+
+}  // namespace sf

@@ -154,21 +154,25 @@ void test_score_pairwise(index_t Q, index_t N, index_t T, index_t O, index_t I) 
         }
       want[q * N + n] = s;
     }
-  // Output written transposed (strides (1, Q)) to exercise output strides.
-  std::vector<float> out_t(static_cast<std::size_t>(Q * N), NAN), out2(static_cast<std::size_t>(Q * N), NAN);
-  std::string name = "score_pairwise Q=" + std::to_string(Q) + " N=" + std::to_string(N) + " T=" + std::to_string(T) +
-                     " O=" + std::to_string(O) + " I=" + std::to_string(I);
-  expect_ok(sf::score_pairwise_cpu(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I,
-                                   out_t.data(), 1, Q, 2),
-            name);
-  std::vector<float> out(static_cast<std::size_t>(Q * N));
-  for (index_t q = 0; q < Q; ++q)
-    for (index_t n = 0; n < N; ++n) out[q * N + n] = out_t[n * Q + q];
-  expect_close(out, want, 1e-5, name);
-  expect_ok(sf::score_pairwise_cpu(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I,
-                                   out2.data(), N, 1, 1),
-            name);
-  expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+  // Both strategies (token-wise, materialised); output written transposed (strides (1, Q)) to exercise
+  // output strides.
+  for (auto fn : {&sf::score_pairwise_cpu, &sf::score_pairwise_materialized_cpu}) {
+    std::vector<float> out_t(static_cast<std::size_t>(Q * N), NAN), out2(static_cast<std::size_t>(Q * N), NAN);
+    std::string name = std::string(fn == &sf::score_pairwise_cpu ? "score_pairwise" : "score_pairwise_materialized") +
+                       " Q=" + std::to_string(Q) + " N=" + std::to_string(N) + " T=" + std::to_string(T) +
+                       " O=" + std::to_string(O) + " I=" + std::to_string(I);
+    expect_ok(fn(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I, out_t.data(), 1,
+                 Q, 2),
+              name);
+    std::vector<float> out(static_cast<std::size_t>(Q * N));
+    for (index_t q = 0; q < Q; ++q)
+      for (index_t n = 0; n < N; ++n) out[q * N + n] = out_t[n * Q + q];
+    expect_close(out, want, 1e-5, name);
+    expect_ok(fn(v.data(), O * I, I, 1, a.data(), T * I, I, 1, g.data(), T * O, O, 1, Q, N, T, O, I, out2.data(), N, 1,
+                 1),
+              name);
+    expect_equal(out, out2, name + " 1 thread == 2 threads (bitwise)");
+  }
 }
 
 void test_errors() {
@@ -209,6 +213,7 @@ int main() {
   test_score_pairwise(2, 9, 3, 30, 11);
   test_score_pairwise(5, 70, 2, 7, 65);
   test_score_pairwise(4, 100, 2, 30, 170);  // multi-threaded
+  test_score_pairwise(27, 300, 3, 9, 21);   // several query and column blocks
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);

@@ -77,6 +77,28 @@ def test_score_pairwise_deterministic(backend):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.parametrize("q,n,t", [(3, 1, 2), (13, 129, 2), (25, 300, 3)], ids=["q3-n1", "q13-n129", "q25-n300"])
+def test_score_pairwise_cpu_materialized_strategy(q, n, t):
+    """T > 1 picks the materialised C++ kernel (rows of G_n formed in cache): correct across query
+    blocks and column blocks, and bitwise the same for 1 and 2 threads."""
+    from source_fast import _torch_ops
+
+    v, a, g = _inputs(q, n, t, 23, 17, torch.float32)
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    assert _torch_ops.pairwise_strategy(q, n, t, 17, 23) == "materialize"
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_score_pairwise_fills_uninitialized_output(backend):
     v, a, g = _inputs(17, 3, 5, 80, 20, torch.float32)
