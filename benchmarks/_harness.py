@@ -422,6 +422,8 @@ def unavailable(bench: OpBench, impl: str, inputs: dict[str, Any]) -> str | None
     """None if impl can run on these inputs, else why not."""
     if impl not in BACKEND_ORDER:
         return None
+    if hasattr(bench, "unavailable"):  # an internal primitive that is not a dispatched op
+        return bench.unavailable(impl, inputs)
     from source_fast import _dispatch
 
     if impl == "triton" and _dispatch.interpreting():

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from . import _torch_ops, spectral
+from . import _linalg, _torch_ops, spectral
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _KIND_CODES = {"identity": 0, "inverse": 1, "exp": 2, "source_r": 3, "discrete_s": 4, "discrete_r": 5}
@@ -101,15 +101,16 @@ def covariance_cpu(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch
 
 
 def _rotated_chunks(a, g, q_a, q_s, dt):
-    """(start, stop, gs [n, T, O], as [n, T, I]) per memory-bounded chunk of examples (BLAS rotations)."""
+    """(start, stop, gs [n, T, O], as [n, T, I]) per memory-bounded chunk of examples (rotations by
+    _linalg.matmul: the compiled GEMM where it pays)."""
     n, t, i = a.shape
     o = g.shape[2]
     step = _torch_ops._chunk_rows(t * (o + i), dt, n)
     qs, qa = q_s.to(dt), q_a.to(dt)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        gs = torch.matmul(g[start:stop].to(dt), qs)
-        as_ = torch.matmul(a[start:stop].to(dt), qa)
+        gs = _linalg.matmul(g[start:stop].to(dt), qs)
+        as_ = _linalg.matmul(a[start:stop].to(dt), qa)
         yield start, stop, gs.contiguous(), as_.contiguous()
 
 
@@ -330,3 +331,35 @@ def kron_project_cuda(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam
             q, o, i, [t.data_ptr() for t in outs], 0, ws.data_ptr(), ws.numel(), _stream(dev),
         )
     return outs
+
+
+# ----------------------------------------------------------------------------------- CPU GEMM
+def gemm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for float32 CPU tensors: [M,K]@[K,N], [B,M,K]@[K,N], [M,K]@[B,K,N] or [B,M,K]@[B,K,N].
+
+    Any strides. A shared left factor (2-D @ 3-D) runs as out[b]ᵀ = b[b]ᵀ aᵀ, so the shared operand is
+    the one packed once for the whole batch."""
+    _require_f32(a=a, b=b)
+    lib = _lib()
+    if a.dim() == 2 and b.dim() == 3:
+        batch, k, n = b.shape
+        m = a.shape[0]
+        out = torch.empty(batch, m, n, dtype=_F32)
+        lib.gemm_batched_cpu(batch, b.data_ptr(), b.stride(0), b.stride(2), b.stride(1), a.data_ptr(), 0, a.stride(1),
+                             a.stride(0), out.data_ptr(), out.stride(0), out.stride(2), out.stride(1), n, m, k,
+                             _threads())
+        return out
+    if a.dim() == 3 and b.dim() == 2:
+        try:  # fold the batch into the rows: one tall GEMM (a [B, 1, K] would waste an MR-row tile per entry)
+            return gemm_cpu(a.view(-1, a.shape[2]), b).view(a.shape[0], a.shape[1], b.shape[1])
+        except RuntimeError:  # not viewable as rows: one product per batch entry, b packed once
+            pass
+    a3 = a if a.dim() == 3 else a.unsqueeze(0)
+    batch, m, k = a3.shape
+    n = b.shape[-1]
+    sbb = b.stride(0) if b.dim() == 3 else 0
+    out = torch.empty(batch, m, n, dtype=_F32)
+    lib.gemm_batched_cpu(batch, a3.data_ptr(), a3.stride(0), a3.stride(1), a3.stride(2), b.data_ptr(), sbb,
+                         b.stride(-2), b.stride(-1), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), m, n,
+                         k, _threads())
+    return out if a.dim() == 3 else out[0]

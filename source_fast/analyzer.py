@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import _config, ekfac, io, ops, spectral
+from . import _config, _linalg, ekfac, io, ops, spectral
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
 from .task import attention_mask, check_task, tracked_module_names
-from .walk import query_walk, rotated_walk
+from .walk import WalkPlan, query_walk, rotated_walk
 
 log = logging.getLogger("source_fast")
 
@@ -547,8 +547,8 @@ class SourceAnalyzer:
             self._load(unit)
             for offset, size, rows in self._rows(dataset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
                 if basis is not None:
-                    rows = {n: (a.to(self.compute_dtype) @ basis[n].q_a, g.to(self.compute_dtype) @ basis[n].q_s)
-                            for n, (a, g) in rows.items()}
+                    rows = {n: (_linalg.matmul(a.to(self.compute_dtype), basis[n].q_a),
+                                _linalg.matmul(g.to(self.compute_dtype), basis[n].q_s)) for n, (a, g) in rows.items()}
                 yield offset, size, rows
 
         first = member_rows(members[0])
@@ -658,6 +658,9 @@ class SourceAnalyzer:
         config = {**self._factor_config(n_fit), "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
         store = self._store(f"self_{self.method}", (n_train,), config)
+        plan = None  # spectral weights and basis changes of the walk, shared by every batch
+        if self.method in ("source", "fast_source") and self.run.optimizer != "adam":
+            plan = WalkPlan(self.blocks, self._operators(), self.compute_dtype)
         with self._session():
             for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
                 cols = self._block_columns(b, n_train)
@@ -668,7 +671,7 @@ class SourceAnalyzer:
                     for start in range(0, len(cols), self.batch_size):
                         idx = cols[start:start + self.batch_size]
                         block[start:start + len(idx)] = self._walked_self(Subset(train_dataset, idx), idx,
-                                                                          n_fit, stage_sizes)
+                                                                          n_fit, stage_sizes, plan)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"self-influence of training examples {cols[0]}..{cols[-1]} is "
                                              "non-finite; pass check_finite=False to propagate")
@@ -687,7 +690,7 @@ class SourceAnalyzer:
                                                             deterministic=self.deterministic).to(out.dtype)
         out *= self.run.loss_scale / n_train
 
-    def _walked_self(self, chunk, idx, n_train, stage_sizes):
+    def _walked_self(self, chunk, idx, n_train, stage_sizes, plan):
         """One batch: token rows at every model state, then the walk with Q = batch.
 
         SGD runs walk in the eigenbases: ũ_ℓ = Q_Sᵀ u Q_A, the score of segment ℓ is
@@ -732,13 +735,15 @@ class SourceAnalyzer:
             return out
         last = len(segments) - 1
         u_rot = {name: _rotate(a, g, self.blocks[last][name]) for name, (a, g) in rows["final"].items()}
-        walked = rotated_walk(u_rot, self.blocks, self._operators())
+        walked = rotated_walk(u_rot, self.blocks, self._operators(), plan=plan)
         for seg, (_, _, stage) in enumerate(segments):
             members = [x for x in units if x.segment == seg]
             val = 0
             for name, w in walked[seg].items():
-                block = self.blocks[seg][name]
-                val = val + sum(_rotated_dot(w, *rows[x.uid][name], block) for x in members) / len(members)
+                # The members' rows stacked along tokens: one pass over W_ℓ for the whole segment.
+                a = torch.cat([rows[x.uid][name][0] for x in members], 1)
+                g = torch.cat([rows[x.uid][name][1] for x in members], 1)
+                val = val + _rotated_dot(w, a, g, self.blocks[seg][name]) / len(members)
             out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
         return out
 
@@ -781,13 +786,13 @@ def _per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _rotated_dot(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
     """Per example ⟨W_n, Q_Sᵀ G_n Q_A⟩ = Σ_t (Q_Sᵀ g_{n,t})ᵀ W_n (Q_Aᵀ a_{n,t}) -> [n], without forming G_n."""
-    gs, as_ = g @ block.q_s.to(g.dtype), a @ block.q_a.to(a.dtype)
+    gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
 
 
 def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
     """Q_Sᵀ G_n Q_A for one batch -> [n, O, I]; rank one per example when T = 1."""
-    gs, as_ = g @ block.q_s.to(g.dtype), a @ block.q_a.to(a.dtype)
+    gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     if a.shape[1] == 1:
         return gs[:, 0, :, None] * as_[:, 0, None, :]
     return torch.bmm(gs.transpose(1, 2), as_)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from . import ops, spectral
+from . import _linalg, ops, spectral
 from .ekfac import EKFACBlock
 
 LayerTensors = dict[str, torch.Tensor]
@@ -61,20 +61,41 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
 
 def rotate_in(v: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
     """Q_Sᵀ V Q_A for a batch V [Q, O, I]: one large GEMM (batch folded into the rows), one batched."""
-    q, o, i = v.shape
-    right = (v.reshape(q * o, i) @ block.q_a.to(v.dtype)).reshape(q, o, i)
-    return torch.matmul(block.q_s.T.to(v.dtype), right)
+    return _two_sided(v, block.q_s.T, block.q_a)
+
+
+def _two_sided(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left · X_q · right for a batch X [Q, O, I]."""
+    return _linalg.matmul(left.to(x.dtype), _linalg.matmul(x, right.to(x.dtype)))
 
 
 def change_basis(x: torch.Tensor, src: EKFACBlock, dst: EKFACBlock) -> torch.Tensor:
     """A batch X [Q, O, I] given in src's eigenbasis, expressed in dst's: (Q_S'ᵀ Q_S) X (Q_Aᵀ Q_A')."""
-    m_s = (dst.q_s.T @ src.q_s).to(x.dtype)
-    m_a = (src.q_a.T @ dst.q_a).to(x.dtype)
-    return rotate_in(x, EKFACBlock(m_a, m_s.T, src.lam))
+    return _two_sided(x, dst.q_s.T @ src.q_s, src.q_a.T @ dst.q_a)
+
+
+class WalkPlan:
+    """What a rotated walk needs per segment and layer, computed once and reused by every batch:
+    r(Λ_ℓ) and s(Λ_ℓ) in the walk dtype, and the cross-basis matrices to the previous segment."""
+
+    def __init__(self, blocks: Sequence[dict[str, EKFACBlock]],
+                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], dtype: torch.dtype):
+        self.num_segments = len(blocks)
+        self.r: list[dict[str, torch.Tensor]] = []
+        self.s: list[dict[str, torch.Tensor]] = []
+        self.to_previous: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
+        for seg, (r, s) in enumerate(operators):
+            lam = {name: b.lam.to(dtype) for name, b in blocks[seg].items()}
+            self.r.append({name: spectral.evaluate(r, x) for name, x in lam.items()})
+            self.s.append({name: spectral.evaluate(s, x) for name, x in lam.items()})
+            self.to_previous.append({} if seg == 0 else {
+                name: ((blocks[seg - 1][name].q_s.T @ b.q_s).to(dtype), (b.q_a.T @ blocks[seg - 1][name].q_a).to(dtype))
+                for name, b in blocks[seg].items()})
 
 
 def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
-                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]]) -> list[LayerTensors]:
+                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
+                 plan: WalkPlan | None = None) -> list[LayerTensors]:
     """The query walk without leaving the eigenbases (SGD segments).
 
     u_rot: per layer, the query directions already rotated into the *last* segment's basis.
@@ -82,14 +103,17 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     ⟨v_ℓ, G⟩ = ⟨W_ℓ, Q_Sᵀ G Q_A⟩: scoring against training rows rotated by that basis (cheap:
     a Q_A and g Q_S) replaces rotating every v_ℓ back. ũ moves between bases with one cross-basis
     product per boundary, so a walk over L segments costs L − 1 two-sided products, not 3L.
+    `plan`: a `WalkPlan` of these blocks and operators, to reuse across batches.
     """
+    if plan is None:
+        plan = WalkPlan(blocks, operators, next(iter(u_rot.values())).dtype)
     out: list[LayerTensors] = [dict() for _ in blocks]
     for name, current in u_rot.items():
+        owned = False  # the caller's tensor is never modified in place
         for seg in reversed(range(len(blocks))):
-            block = blocks[seg][name]
-            r, s = operators[seg]
-            lam = block.lam.to(current.dtype)
-            out[seg][name] = spectral.evaluate(r, lam) * current
+            out[seg][name] = plan.r[seg][name] * current
             if seg > 0:
-                current = change_basis(spectral.evaluate(s, lam) * current, block, blocks[seg - 1][name])
+                damped = current.mul_(plan.s[seg][name]) if owned else plan.s[seg][name] * current
+                current = _two_sided(damped, *plan.to_previous[seg][name])
+                owned = True
     return out

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "covariance/covariance.h"
+#include "gemm/gemm.h"
 #include "kron_project/kron_project.h"
 #include "lambda_accum/lambda_accum.h"
 #include "score_pairwise/score_pairwise.h"
@@ -155,6 +156,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sai"), py::arg("dtype"), py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("w"),
       py::arg("sw0"), py::arg("sw1"), py::arg("w_dtype"), py::arg("out"), py::arg("so"), py::arg("out_dtype"),
       py::arg("num_threads"), "out[n] = Σ_ij W_ij (Σ_t gs[n,t,i] as[n,t,j])² on rotated tokens.");
+
+  m.def(
+      "gemm_batched_cpu",
+      [](index_t batch, ptr_t a, index_t sab, index_t sam, index_t sak, ptr_t b, index_t sbb, index_t sbk,
+         index_t sbn, ptr_t c, index_t scb, index_t scm, index_t scn, index_t M, index_t N, index_t K,
+         int num_threads) {
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::gemm_batched_cpu(batch, as_ptr<const float>(a), sab, sam, sak, as_ptr<const float>(b), sbb, sbk,
+                                   sbn, as_ptr<float>(c), scb, scm, scn, M, N, K, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("batch"), py::arg("a"), py::arg("sab"), py::arg("sam"), py::arg("sak"), py::arg("b"), py::arg("sbb"),
+      py::arg("sbk"), py::arg("sbn"), py::arg("c"), py::arg("scb"), py::arg("scm"), py::arg("scn"), py::arg("M"),
+      py::arg("N"), py::arg("K"), py::arg("num_threads"), "C[b] = A[b] @ B[b] (float32; batch stride 0 broadcasts).");
 
   // The two CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,

@@ -1,0 +1,75 @@
+"""csrc/gemm (the CPU GEMM behind basis rotations and the rotated walk) vs float64 torch products."""
+import pytest
+import torch
+
+from _backends import require
+from source_fast import _linalg
+
+pytestmark = pytest.mark.usefixtures("_needs_extension")
+
+
+@pytest.fixture
+def _needs_extension():
+    require("cpu", "score_pairwise", {"v": torch.zeros(1, 1, 1), "a": torch.zeros(1, 1, 1), "g": torch.zeros(1, 1, 1)})
+
+
+def _check(got, want):
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    scale = max(want.abs().max().item(), 1.0)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * scale), (got.double() - want).abs().max()
+
+
+CASES = [  # (a shape, b shape): every operand layout the pipeline uses, sizes 1, odd, above one block
+    pytest.param((1, 1), (1, 1), id="1x1x1"),
+    pytest.param((13, 41), (41, 37), id="2d"),
+    pytest.param((3, 29, 400), (400, 70), id="3d@2d-K-above-block"),
+    pytest.param((5, 1, 41), (41, 600), id="3d@2d-one-row-N-above-block"),
+    pytest.param((23, 29), (4, 29, 31), id="2d@3d-shared-left"),
+    pytest.param((4, 13, 17), (4, 17, 19), id="3d@3d"),
+    pytest.param((7, 0), (0, 5), id="K0"),
+]
+
+
+@pytest.mark.parametrize("a_shape,b_shape", CASES)
+def test_gemm_matches_float64(a_shape, b_shape):
+    from source_fast import _extension
+
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    _check(_extension.gemm_cpu(a, b), a.double() @ b.double())
+
+
+def test_gemm_strided_operands():
+    from source_fast import _extension
+
+    a = torch.randn(6, 40, 30).transpose(1, 2)[::2]  # [3, 30, 40], not viewable as rows
+    b = torch.randn(50, 40).T                        # column-major, like torch.linalg.eigh's vectors
+    _check(_extension.gemm_cpu(a, b), a.double() @ b.double())
+    left = torch.randn(30, 33).T[:, ::2]             # [33, 15]... strided shared left factor
+    x = torch.randn(3, 15, 20)
+    _check(_extension.gemm_cpu(left, x), left.double() @ x.double())
+
+
+def test_gemm_bitwise_independent_of_threads():
+    from source_fast import _extension
+
+    a, b = torch.randn(2, 100, 500), torch.randn(500, 90)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _extension.gemm_cpu(a, b)
+        torch.set_num_threads(2)
+        two = _extension.gemm_cpu(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_linalg_matmul_routes_and_falls_back():
+    """Large fp32 CPU products use the compiled GEMM; float64, autograd and narrow outputs use torch."""
+    a, b = torch.randn(64, 300), torch.randn(300, 200)
+    assert _linalg._compiled_ok(a, b)
+    _check(_linalg.matmul(a, b), a.double() @ b.double())
+    assert not _linalg._compiled_ok(a.double(), b.double())
+    assert not _linalg._compiled_ok(a, b[:, :8])            # 8 columns: padding would dominate
+    assert not _linalg._compiled_ok(a.requires_grad_(), b)  # autograd needs torch
+    assert not _linalg._compiled_ok(torch.randn(3, 4, 5), torch.randn(2, 5, 6))  # batch mismatch
