@@ -87,6 +87,36 @@ def pairwise_q_block(q: int) -> int:
     return clamp_pow2(q, 1, 4)
 
 
+def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_T, BLOCK_O, BLOCK_I, BLOCK_R, RESIDENT) of score_lowrank.
+
+    A tile of BLOCK_N examples × BLOCK_T tokens is BLOCK_N·BLOCK_T token rows (the M of both tl.dot,
+    ≥ 16); BLOCK_R ranks are the N of the dots; BLOCK_O / BLOCK_I are their K. RESIDENT: U_q and
+    W_q fit one [BLOCK_O, BLOCK_R] / [BLOCK_I, BLOCK_R] tile each, so they are loaded once per
+    program and stay in registers for the whole token loop (else they stream from L2 per K-step)."""
+    if interpreting():
+        block_t = clamp_pow2(t, 1, 64)
+        block_n = clamp_pow2(n, max(1, 16 // block_t), max(1, 256 // block_t))
+        block_o, block_i, block_r = clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(r, 16, 64)
+    else:
+        block_t = clamp_pow2(t, 1, 64)
+        block_n = 64 // block_t  # 64 token rows per tile
+        block_r = clamp_pow2(r, 16, 64)
+        small = o <= 64 and i <= 64
+        block_o = clamp_pow2(o, 16, 64) if small else 32
+        block_i = clamp_pow2(i, 16, 64) if small else 32
+    resident = o <= block_o and i <= block_i and r <= block_r
+    return block_n, block_t, block_o, block_i, block_r, resident
+
+
+def per_token_blocks(rows: int, o: int, i: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_O, BLOCK_I) of score_per_token: BLOCK_M token rows × one query per program,
+    V_q streamed in [BLOCK_I, BLOCK_O] tiles (it is reused by every row tile, from L2)."""
+    if interpreting():
+        return clamp_pow2(rows, 16, 128), clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64)
+    return 64, clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 32)
+
+
 def num_warps() -> int:
     return 4
 

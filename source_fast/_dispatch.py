@@ -22,7 +22,8 @@ from . import _config
 
 log = logging.getLogger("source_fast")
 
-OPS = ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self")
+OPS = ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self", "score_lowrank",
+       "score_per_token")
 
 
 class Backend:
@@ -133,7 +134,8 @@ class CpuBackend(ExtensionBackend):
     devices = ("cpu",)
     dtypes = (torch.float32,)
     # Only the ops where C++/OpenMP beats the torch backend on CPU (measured 1.2-3.9x, README);
-    # kron_project is BLAS GEMMs either way, so torch runs it.
+    # kron_project is BLAS GEMMs either way, so torch runs it, and score_lowrank / score_per_token
+    # have no C++ CPU kernels (the torch backend serves CPU tensors).
     ops = ("covariance", "lambda_accum", "score_pairwise", "score_self")
 
 

@@ -313,6 +313,45 @@ def score_pairwise_cuda(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> to
     return out
 
 
+def score_lowrank_cuda(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r -> [Q, N] fp32 (V_q = U_q W_qᵀ and G_n never
+    formed). Any strides are read as such; mixed input dtypes compute from fp32 copies."""
+    dev = a.device
+    q, o, r = u.shape
+    n, t, i = a.shape
+    dt = a.dtype if u.dtype == w.dtype == a.dtype == g.dtype else _F32
+    uc, wc, ac, gc = u.to(dt), w.to(dt), a.to(dt), g.to(dt)
+    out = torch.empty(q, n, dtype=_F32, device=dev)
+    with torch.cuda.device(dev):
+        _lib().score_lowrank_cuda(
+            uc.data_ptr(), uc.stride(0), uc.stride(1), uc.stride(2),
+            wc.data_ptr(), wc.stride(0), wc.stride(1), wc.stride(2),
+            ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
+            gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), _code(ac),
+            q, n, t, o, i, r, out.data_ptr(), out.stride(0), out.stride(1), 0, _stream(dev),
+        )
+    return out
+
+
+def score_per_token_cuda(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} -> [Q, N, T] fp32. Any strides are read as such; mixed input
+    dtypes compute from fp32 copies."""
+    dev = a.device
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    dt = a.dtype if v.dtype == a.dtype == g.dtype else _F32
+    vc, ac, gc = v.to(dt), a.to(dt), g.to(dt)
+    out = torch.empty(q, n, t, dtype=_F32, device=dev)
+    with torch.cuda.device(dev):
+        _lib().score_per_token_cuda(
+            vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
+            ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
+            gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), _code(ac),
+            q, n, t, o, i, out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), 0, _stream(dev),
+        )
+    return out
+
+
 def kron_project_cuda(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam: torch.Tensor,
                       fns: Sequence[spectral.Spectral]) -> tuple[torch.Tensor, ...]:
     """For each f: Q_S [f(Λ) ⊙ (Q_Sᵀ V Q_A)] Q_Aᵀ -> [Q, O, I] fp32; one rotation shared by all f."""

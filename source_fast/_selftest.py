@@ -41,6 +41,12 @@ def run(op: str, fn, device) -> str | None:
             got, want = fn(v, a, g), reference.score_pairwise_ref(v, a, g)
         elif op == "score_self":
             got, want = fn(a, g, q_s, q_a, lam), reference.score_self_ref(a, g, q_s, q_a, lam)
+        elif op == "score_lowrank":
+            # rank-3 factors as strided views of v (no extra random draws): u [Q, O, 3], w [Q, I, 3]
+            u, w = v[:, :, :3], v.transpose(1, 2)[:, :, 3:6]
+            got, want = fn(u, w, a, g), reference.score_lowrank_ref(u, w, a, g)
+        elif op == "score_per_token":
+            got, want = fn(v, a, g), reference.score_per_token_ref(v, a, g)
         else:
             return f"no self-test for op {op!r}"
     except Exception as exc:  # a launch failure is a failed self-test, reported with its message

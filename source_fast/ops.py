@@ -152,35 +152,47 @@ def score_self(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.T
     return _run("score_self", tensors, backend, deterministic, a, g, q_s, q_a, weights)
 
 
-def score_lowrank(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Scores for low-rank query directions V_q ≈ U_q W_qᵀ without forming V_q or G_n.
+def score_lowrank(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
+                  deterministic: bool | None = None) -> torch.Tensor:
+    """Scores for low-rank query directions V_q = U_q W_qᵀ without forming V_q or G_n:
+    scores[q, n] = ⟨U_q W_qᵀ, G_n⟩ = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r.
+
+    Q·N·T·R·(O + I) multiply-adds instead of ≥ Q·N·O·I for dense directions.
 
     Args:
-        u: ``[Q, O, R]``; w: ``[Q, I, R]``; a: ``[N, T, I]``; g: ``[N, T, O]``.
+        u: ``[Q, O, R]``; w: ``[Q, I, R]``; a: ``[N, T, I]``; g: ``[N, T, O]`` (a and g share a dtype).
     Returns:
-        ``[Q, N]``, scores[q, n] = Σ_t (U_qᵀ g_{n,t}) · (W_qᵀ a_{n,t}). torch backend only (for now).
+        ``[Q, N]`` fp32 (float64 for float64 inputs).
+    Raises:
+        TypeError/ValueError on wrong types, shapes, dtypes or devices.
+    Example:
+        >>> s = score_lowrank(torch.randn(2, 6, 3), torch.randn(2, 9, 3), torch.randn(5, 4, 9),
+        ...                   torch.randn(5, 4, 6))  # doctest: +SKIP
     """
     _check_tokens(a, g)
     check_tensor("u", u, ndim=3, shape=(None, g.shape[2], None))
     check_tensor("w", w, ndim=3, shape=(u.shape[0], a.shape[2], u.shape[2]))
     check_same_device(u=u, w=w, a=a, g=g)
-    from . import _torch_ops
-
-    return _torch_ops.score_lowrank(u, w, a, g)
+    return _run("score_lowrank", {"u": u, "w": w, "a": a, "g": g}, backend, deterministic, u, w, a, g)
 
 
-def score_per_token(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-token contributions ``[Q, N, T]`` to score_pairwise (which is their sum over T).
+def score_per_token(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, *, backend: str | None = None,
+                    deterministic: bool | None = None) -> torch.Tensor:
+    """Per-token contributions out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} to score_pairwise (their sum over t).
 
     Args:
-        v: ``[Q, O, I]``; a: ``[N, T, I]``; g: ``[N, T, O]``. torch backend only (for now).
+        v: ``[Q, O, I]`` query directions; a: ``[N, T, I]``; g: ``[N, T, O]`` (a and g share a dtype).
+    Returns:
+        ``[Q, N, T]`` fp32 (float64 for float64 inputs).
+    Raises:
+        TypeError/ValueError on wrong types, shapes, dtypes or devices.
+    Example:
+        >>> s = score_per_token(torch.randn(2, 6, 9), torch.randn(5, 4, 9), torch.randn(5, 4, 6))  # doctest: +SKIP
     """
     _check_tokens(a, g)
     check_tensor("v", v, ndim=3, shape=(None, g.shape[2], a.shape[2]))
     check_same_device(v=v, a=a, g=g)
-    from . import _torch_ops
-
-    return _torch_ops.score_per_token(v, a, g)
+    return _run("score_per_token", {"v": v, "a": a, "g": g}, backend, deterministic, v, a, g)
 
 
 def topk_update(values: torch.Tensor | None, indices: torch.Tensor | None, new_scores: torch.Tensor, offset: int,
@@ -217,6 +229,8 @@ def explain(op: str, *args, deterministic: bool = False, **named) -> str:
         "kron_project": ("v", "q_s", "q_a", "lam"),
         "score_pairwise": ("v", "a", "g"),
         "score_self": ("a", "g", "q_s", "q_a", "weights"),
+        "score_lowrank": ("u", "w", "a", "g"),
+        "score_per_token": ("v", "a", "g"),
     }
     if op not in names:
         raise ValueError(f"op must be one of {tuple(names)}, got {op!r}")

@@ -83,7 +83,8 @@ def test_nvcc_compiles(cu, tmp_path):
 
 
 def test_every_op_has_cuda_and_header():
-    for op in ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self"):
+    for op in ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self", "score_lowrank",
+               "score_per_token"):
         assert (ROOT / "csrc" / op / f"{op}.cu").exists(), op
         assert (ROOT / "csrc" / op / f"{op}.h").exists(), op
 

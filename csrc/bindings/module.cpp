@@ -18,7 +18,9 @@
 #include "gemm/gemm.h"
 #include "kron_project/kron_project.h"
 #include "lambda_accum/lambda_accum.h"
+#include "score_lowrank/score_lowrank.h"
 #include "score_pairwise/score_pairwise.h"
+#include "score_per_token/score_per_token.h"
 #include "score_self/score_self.h"
 #include "source_fast/common.h"
 #include "source_fast/cpu_microkernel.h"
@@ -344,6 +346,51 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
       py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
       py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_numel"), py::arg("stream"));
+
+  m.def(
+      "score_lowrank_cuda",
+      [](ptr_t u, index_t suq, index_t suo, index_t sur, ptr_t w, index_t swq, index_t swi, index_t swr, ptr_t a,
+         index_t san, index_t sat, index_t sai, ptr_t g, index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q,
+         index_t N, index_t T, index_t O, index_t I, index_t R, ptr_t out, index_t so_q, index_t so_n, int out_dtype,
+         std::intptr_t stream) {
+        check_dtype("u/w/a/g", dtype, kCudaDtypes);
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::score_lowrank_cuda(as_ptr<const void>(u), suq, suo, sur, as_ptr<const void>(w), swq,
+                                                  swi, swr, as_ptr<const void>(a), san, sat, sai,
+                                                  as_ptr<const void>(g), sgn, sgt, sgo, dtype, Q, N, T, O, I, R,
+                                                  as_ptr<float>(out), so_q, so_n, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("u"), py::arg("suq"), py::arg("suo"), py::arg("sur"), py::arg("w"), py::arg("swq"), py::arg("swi"),
+      py::arg("swr"), py::arg("a"), py::arg("san"), py::arg("sat"), py::arg("sai"), py::arg("g"), py::arg("sgn"),
+      py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"), py::arg("N"), py::arg("T"), py::arg("O"),
+      py::arg("I"), py::arg("R"), py::arg("out"), py::arg("so_q"), py::arg("so_n"), py::arg("out_dtype"),
+      py::arg("stream"), "out[q, n] = Σ_t Σ_r (U_qᵀ g[n,t])_r (W_qᵀ a[n,t])_r (low-rank queries, fused).");
+
+  m.def(
+      "score_per_token_cuda",
+      [](ptr_t v, index_t svq, index_t svo, index_t svi, ptr_t a, index_t san, index_t sat, index_t sai, ptr_t g,
+         index_t sgn, index_t sgt, index_t sgo, int dtype, index_t Q, index_t N, index_t T, index_t O, index_t I,
+         ptr_t out, index_t so_q, index_t so_n, index_t so_t, int out_dtype, std::intptr_t stream) {
+        check_dtype("v/a/g", dtype, kCudaDtypes);
+        check_dtype("out", out_dtype, {sf::kFloat32});
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = SF_CUDA_ONLY(sf::score_per_token_cuda(as_ptr<const void>(v), svq, svo, svi, as_ptr<const void>(a), san,
+                                                    sat, sai, as_ptr<const void>(g), sgn, sgt, sgo, dtype, Q, N, T,
+                                                    O, I, as_ptr<float>(out), so_q, so_n, so_t, stream));
+        }
+        raise_if_error(s);
+      },
+      py::arg("v"), py::arg("svq"), py::arg("svo"), py::arg("svi"), py::arg("a"), py::arg("san"), py::arg("sat"),
+      py::arg("sai"), py::arg("g"), py::arg("sgn"), py::arg("sgt"), py::arg("sgo"), py::arg("dtype"), py::arg("Q"),
+      py::arg("N"), py::arg("T"), py::arg("O"), py::arg("I"), py::arg("out"), py::arg("so_q"), py::arg("so_n"),
+      py::arg("so_t"), py::arg("out_dtype"), py::arg("stream"), "out[q, n, t] = g[n,t]ᵀ V_q a[n,t] (per token, fused).");
 
   m.def(
       "kron_project_cuda_workspace",

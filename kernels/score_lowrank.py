@@ -1,0 +1,130 @@
+"""score_lowrank: scores for low-rank query directions V_q = U_q W_qᵀ, neither V_q nor G_n formed.
+
+Math (SOURCE_MATH.md §7): u [Q, O, R], w [Q, I, R], a [N, T, I], g [N, T, O];
+scores[q, n] = ⟨U_q W_qᵀ, G_n⟩ = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r, result [Q, N] fp32.
+
+Strategy: one program per (query q, block of BLOCK_N examples). It walks the examples' tokens in
+steps of BLOCK_T, so each step is a tile of BLOCK_N·BLOCK_T token rows (the M of the dots); per
+step it forms gu = g_rows U_q and aw = a_rows W_q ([M, BLOCK_R], tl.dot, fp32 accumulators), reduces
+gu ⊙ aw over the ranks to one value per token row and those over the tile's tokens to one value
+per example, added to the program's fp32 accumulator. When U_q and W_q fit one tile each
+(RESIDENT, see `_common.lowrank_blocks`) they are loaded once per program, before the token loop;
+otherwise they are streamed in K-tiles (from L2) inside it, ranks in BLOCK_R steps.
+Each score is written once, by its own program, after a fixed-order reduction: deterministic, no
+atomics, `torch.empty` output fully written.
+
+Cost: Q·N·T·R·(O + I) MACs instead of ≥ Q·N·O·I for a dense V_q. Grid: axis 0 = q (fastest), so
+the Q programs reading one block of tokens run together and share it through L2; axis 1 = example
+blocks (chunked by the launcher below the 65535 limit).
+
+Precision: the dots run in the input dtype for fp16/bf16 when u, w, a, g share it (fp32
+accumulation), else in IEEE fp32 (never TF32); gu ⊙ aw and all reductions are fp32. Output fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+
+@triton.jit
+def _score_lowrank_kernel(u_ptr, w_ptr, a_ptr, g_ptr, out_ptr, N, T, O, I, R, n_start,
+                          s_uq, s_uo, s_ur, s_wq, s_wi, s_wr, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq, s_on,
+                          BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr,
+                          BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr, RESIDENT: tl.constexpr,
+                          DOT: tl.constexpr):
+    """out[q, n] = Σ_t Σ_r (g[n, t] U_q)_r (a[n, t] W_q)_r for q = program_id(0) and the BLOCK_N examples
+    n_start + program_id(1)·BLOCK_N + [0, BLOCK_N); every tensor strided (strides in elements)."""
+    q = tl.program_id(0).to(tl.int64)
+    n0 = n_start + tl.program_id(1).to(tl.int64) * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_N * BLOCK_T)
+    ex = n0 + offs_m // BLOCK_T  # example of each token row (int64)
+    tok = offs_m % BLOCK_T       # token of each row within the step
+    ex_ok = ex < N
+    a_row = a_ptr + ex * s_an
+    g_row = g_ptr + ex * s_gn
+    u_q = u_ptr + q * s_uq
+    w_q = w_ptr + q * s_wq
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_i = tl.arange(0, BLOCK_I)
+    offs_r = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if RESIDENT:
+        # U_q [O, R] and W_q [I, R] in one tile each: loaded once, kept for every token step.
+        r_ok = offs_r < R
+        u = tl.load(u_q + offs_o.to(tl.int64)[:, None] * s_uo + offs_r[None, :] * s_ur,
+                    mask=(offs_o < O)[:, None] & r_ok[None, :], other=0.0)
+        w = tl.load(w_q + offs_i.to(tl.int64)[:, None] * s_wi + offs_r[None, :] * s_wr,
+                    mask=(offs_i < I)[:, None] & r_ok[None, :], other=0.0)
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + tok
+            row_ok = ex_ok & (tt < T)
+            t64 = tt.to(tl.int64)
+            g = tl.load(g_row[:, None] + t64[:, None] * s_gt + offs_o.to(tl.int64)[None, :] * s_go,
+                        mask=row_ok[:, None] & (offs_o < O)[None, :], other=0.0)
+            a = tl.load(a_row[:, None] + t64[:, None] * s_at + offs_i.to(tl.int64)[None, :] * s_ai,
+                        mask=row_ok[:, None] & (offs_i < I)[None, :], other=0.0)
+            gu = _common.mma(g, u, tl.zeros((BLOCK_N * BLOCK_T, BLOCK_R), dtype=tl.float32), DOT)
+            aw = _common.mma(a, w, tl.zeros((BLOCK_N * BLOCK_T, BLOCK_R), dtype=tl.float32), DOT)
+            per_row = tl.sum(gu * aw, axis=1)  # [BLOCK_N·BLOCK_T]
+            acc += tl.sum(tl.reshape(per_row, (BLOCK_N, BLOCK_T)), axis=1)
+    else:
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + tok
+            row_ok = ex_ok & (tt < T)
+            t64 = tt.to(tl.int64)
+            g_rows = g_row + t64 * s_gt
+            a_rows = a_row + t64 * s_at
+            per_row = tl.zeros((BLOCK_N * BLOCK_T,), dtype=tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                rr = r0 + offs_r
+                r_ok = rr < R
+                gu = tl.zeros((BLOCK_N * BLOCK_T, BLOCK_R), dtype=tl.float32)
+                for o0 in range(0, O, BLOCK_O):
+                    oo = o0 + offs_o
+                    o_ok = oo < O
+                    g = tl.load(g_rows[:, None] + oo.to(tl.int64)[None, :] * s_go,
+                                mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+                    u = tl.load(u_q + oo.to(tl.int64)[:, None] * s_uo + rr[None, :] * s_ur,
+                                mask=o_ok[:, None] & r_ok[None, :], other=0.0)
+                    gu = _common.mma(g, u, gu, DOT)
+                aw = tl.zeros((BLOCK_N * BLOCK_T, BLOCK_R), dtype=tl.float32)
+                for i0 in range(0, I, BLOCK_I):
+                    ii = i0 + offs_i
+                    i_ok = ii < I
+                    a = tl.load(a_rows[:, None] + ii.to(tl.int64)[None, :] * s_ai,
+                                mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+                    w = tl.load(w_q + ii.to(tl.int64)[:, None] * s_wi + rr[None, :] * s_wr,
+                                mask=i_ok[:, None] & r_ok[None, :], other=0.0)
+                    aw = _common.mma(a, w, aw, DOT)
+                per_row += tl.sum(gu * aw, axis=1)
+            acc += tl.sum(tl.reshape(per_row, (BLOCK_N, BLOCK_T)), axis=1)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + q * s_oq + offs_n * s_on, acc, mask=offs_n < N)
+
+
+def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r -> [Q, N] fp32; u [Q, O, R], w [Q, I, R],
+    a [N, T, I], g [N, T, O] (any strides; fp16/bf16/fp32)."""
+    q, o, r = u.shape
+    n, t, i = a.shape
+    out = torch.empty(q, n, dtype=torch.float32, device=a.device)
+    if out.numel() == 0:
+        return out
+    if t == 0 or o == 0 or i == 0 or r == 0:
+        return out.zero_()
+    same = u.dtype == w.dtype == a.dtype == g.dtype
+    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    block_n, block_t, block_o, block_i, block_r, resident = _common.lowrank_blocks(n, t, o, i, r)
+    blocks = triton.cdiv(n, block_n)
+    for b0 in range(0, blocks, _common.MAX_GRID_YZ):
+        nb = min(blocks - b0, _common.MAX_GRID_YZ)
+        _score_lowrank_kernel[(q, nb)](
+            u, w, a, g, out, n, t, o, i, r, b0 * block_n,
+            *u.stride(), *w.stride(), *a.stride(), *g.stride(), *out.stride(),
+            BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
+            RESIDENT=resident, DOT=dot, num_warps=_common.num_warps(),
+        )
+    return out

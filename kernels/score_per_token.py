@@ -1,0 +1,85 @@
+"""score_per_token: per-token scores out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} (their sum over t is score_pairwise).
+
+Math (SOURCE_MATH.md §7): v [Q, O, I], a [N, T, I], g [N, T, O]; result [Q, N, T] fp32.
+
+Strategy (the token-wise contraction of score_pairwise, without the sum over t): one program per
+(query q, tile of BLOCK_M token rows of the flattened N·T rows). For each O-tile it forms
+va = a_rows V_qᵀ[:, O-tile] ([BLOCK_M, BLOCK_O], tl.dot over I in BLOCK_I steps, fp32 accumulator),
+multiplies it by the rows' g[O-tile] and reduces over O into one fp32 value per token row, which is
+written once, by its own program: deterministic, no atomics, `torch.empty` output fully written.
+
+Cost: Q·N·T·O·I MACs (the per-token output admits no G_n shortcut). Grid: axis 0 = q (fastest), so
+the Q programs reading one tile of token rows run together and share it through L2; axis 1 = row
+tiles (chunked by the launcher below the 65535 limit). Row offsets are int64.
+
+Precision: the dot runs in the input dtype for fp16/bf16 when v, a, g share it (fp32 accumulation),
+else in IEEE fp32 (never TF32); the product with g and the reduction are fp32. Output fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+
+@triton.jit
+def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_start,
+                            s_vq, s_vo, s_vi, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq,
+                            BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr):
+    """out[q, row] = Σ_o g[row, o] Σ_i V[q, o, i] a[row, i] for q = program_id(0) and the BLOCK_M token
+    rows row_start + program_id(1)·BLOCK_M + [0, BLOCK_M) (row = n·T + t; a, g, v strided; out
+    [Q, N·T] with row stride s_oq and unit column stride)."""
+    q = tl.program_id(0).to(tl.int64)
+    rows = row_start + tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < ROWS
+    ex = rows // T
+    tok = rows % T
+    a_rows = a_ptr + ex * s_an + tok * s_at
+    g_rows = g_ptr + ex * s_gn + tok * s_gt
+    v_q = v_ptr + q * s_vq
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_i = tl.arange(0, BLOCK_I)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_O):
+        oo = o0 + offs_o
+        o_ok = oo < O
+        o64 = oo.to(tl.int64)
+        va = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
+        for i0 in range(0, I, BLOCK_I):
+            ii = i0 + offs_i
+            i_ok = ii < I
+            i64 = ii.to(tl.int64)
+            a = tl.load(a_rows[:, None] + i64[None, :] * s_ai, mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+            vt = tl.load(v_q + i64[:, None] * s_vi + o64[None, :] * s_vo, mask=i_ok[:, None] & o_ok[None, :],
+                         other=0.0)  # V_qᵀ tile [BLOCK_I, BLOCK_O]
+            va = _common.mma(a, vt, va, DOT)
+        g = tl.load(g_rows[:, None] + o64[None, :] * s_go, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        total += tl.sum(va * g.to(tl.float32), axis=1)
+    tl.store(out_ptr + q * s_oq + rows, total, mask=row_ok)
+
+
+def score_per_token_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} -> [Q, N, T] fp32; v [Q, O, I], a [N, T, I], g [N, T, O]
+    (any strides; fp16/bf16/fp32)."""
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    out = torch.empty(q, n, t, dtype=torch.float32, device=a.device)
+    if out.numel() == 0:
+        return out
+    if o == 0 or i == 0:
+        return out.zero_()
+    same = v.dtype == a.dtype == g.dtype
+    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    rows = n * t
+    block_m, block_o, block_i = _common.per_token_blocks(rows, o, i)
+    tiles = triton.cdiv(rows, block_m)
+    for b0 in range(0, tiles, _common.MAX_GRID_YZ):
+        nb = min(tiles - b0, _common.MAX_GRID_YZ)
+        _score_per_token_kernel[(q, nb)](
+            v, a, g, out, t, o, i, rows, b0 * block_m,
+            *v.stride(), *a.stride(), *g.stride(), out.stride(0),
+            BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, num_warps=_common.num_warps(),
+        )
+    return out
