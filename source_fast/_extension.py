@@ -376,11 +376,12 @@ def kron_project_cuda(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam
 def gemm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for float32 CPU tensors: [M,K]@[K,N], [B,M,K]@[K,N], [M,K]@[B,K,N] or [B,M,K]@[B,K,N].
 
-    Any strides. A shared left factor (2-D @ 3-D) runs as out[b]ᵀ = b[b]ᵀ aᵀ, so the shared operand is
-    the one packed once for the whole batch."""
+    Any strides. A shared left factor (2-D @ 3-D) with fewer batch entries than threads runs as
+    out[b]ᵀ = b[b]ᵀ aᵀ, so the shared operand is packed once and the row tiles of all entries are split
+    between threads; with enough entries each thread multiplies whole entries of its own."""
     _require_f32(a=a, b=b)
     lib = _lib()
-    if a.dim() == 2 and b.dim() == 3:
+    if a.dim() == 2 and b.dim() == 3 and b.shape[0] < _threads():
         batch, k, n = b.shape
         m = a.shape[0]
         out = torch.empty(batch, m, n, dtype=_F32)
@@ -393,12 +394,11 @@ def gemm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return gemm_cpu(a.view(-1, a.shape[2]), b).view(a.shape[0], a.shape[1], b.shape[1])
         except RuntimeError:  # not viewable as rows: one product per batch entry, b packed once
             pass
-    a3 = a if a.dim() == 3 else a.unsqueeze(0)
-    batch, m, k = a3.shape
-    n = b.shape[-1]
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = a.shape[0] if a.dim() == 3 else (b.shape[0] if b.dim() == 3 else 1)
+    sab = a.stride(0) if a.dim() == 3 else 0  # batch stride 0: the operand is shared by every entry
     sbb = b.stride(0) if b.dim() == 3 else 0
     out = torch.empty(batch, m, n, dtype=_F32)
-    lib.gemm_batched_cpu(batch, a3.data_ptr(), a3.stride(0), a3.stride(1), a3.stride(2), b.data_ptr(), sbb,
-                         b.stride(-2), b.stride(-1), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), m, n,
-                         k, _threads())
-    return out if a.dim() == 3 else out[0]
+    lib.gemm_batched_cpu(batch, a.data_ptr(), sab, a.stride(-2), a.stride(-1), b.data_ptr(), sbb, b.stride(-2),
+                         b.stride(-1), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), m, n, k, _threads())
+    return out if (a.dim() == 3 or b.dim() == 3) else out[0]

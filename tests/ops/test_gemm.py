@@ -25,6 +25,8 @@ CASES = [  # (a shape, b shape): every operand layout the pipeline uses, sizes 1
     pytest.param((3, 29, 400), (400, 70), id="3d@2d-K-above-block"),
     pytest.param((5, 1, 41), (41, 600), id="3d@2d-one-row-N-above-block"),
     pytest.param((23, 29), (4, 29, 31), id="2d@3d-shared-left"),
+    pytest.param((23, 29), (1, 29, 31), id="2d@3d-one-entry-transposed"),
+    pytest.param((40, 300), (3, 300, 50), id="2d@3d-per-entry-threads"),
     pytest.param((4, 13, 17), (4, 17, 19), id="3d@3d"),
     pytest.param((7, 0), (0, 5), id="K0"),
 ]
@@ -52,16 +54,18 @@ def test_gemm_strided_operands():
 def test_gemm_bitwise_independent_of_threads():
     from source_fast import _extension
 
-    a, b = torch.randn(2, 100, 500), torch.randn(500, 90)
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _extension.gemm_cpu(a, b)
-        torch.set_num_threads(2)
-        two = _extension.gemm_cpu(a, b)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    # (row tiles split between threads, whole entries per thread, shared left factor run transposed)
+    for a, b in [(torch.randn(2, 100, 500), torch.randn(500, 90)), (torch.randn(3, 100, 500), torch.randn(3, 500, 90)),
+                 (torch.randn(100, 500), torch.randn(1, 500, 90))]:
+        try:
+            torch.set_num_threads(1)
+            one = _extension.gemm_cpu(a, b)
+            torch.set_num_threads(2)
+            two = _extension.gemm_cpu(a, b)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
 
 
 def test_linalg_matmul_routes_and_falls_back():
