@@ -131,7 +131,7 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 namespace sf {
 namespace {
 
-constexpr index_t MAT_NCB = 4;  // panels per column block: one G row block is I x 4·NR floats (L2)
+constexpr index_t MAT_NCB = 8;  // panels per column block: one G row block is I x 8·NR floats (L2)
 
 }  // namespace
 
