@@ -180,5 +180,5 @@ def test_score_per_token_deterministic_gpu(backend, dtype):
     v, a, g = _inputs(9, 200, 5, 130, 70, dtype, device="cuda")
     require(backend, OP, {"v": v, "a": a, "g": g})
     first = ops.score_per_token(v, a, g, backend=backend, deterministic=True)
-    for _ in range(20):
+    for _ in range(49):  # 50 runs in all
         assert torch.equal(first, ops.score_per_token(v, a, g, backend=backend, deterministic=True))
