@@ -101,14 +101,8 @@ Status score_pairwise_cuda(const void* v, index_t svq, index_t svo, index_t svi,
                            index_t sat, index_t sai, const void* g, index_t sgn, index_t sgt, index_t sgo, int dtype,
                            index_t Q, index_t N, index_t T, index_t O, index_t I, float* out, index_t so_q,
                            index_t so_n, float* workspace, index_t workspace_numel, std::intptr_t stream_handle) {
-  SF_RETURN_IF_ERROR(check_strided("v", {Q, O, I}, {svq, svo, svi}));
-  SF_RETURN_IF_ERROR(check_strided("a", {N, T, I}, {san, sat, sai}));
-  SF_RETURN_IF_ERROR(check_strided("g", {N, T, O}, {sgn, sgt, sgo}));
-  SF_RETURN_IF_ERROR(check_strided("out", {Q, N}, {so_q, so_n}));
-  SF_RETURN_IF_ERROR(check_ptr("v", v, Q * O * I));
-  SF_RETURN_IF_ERROR(check_ptr("a", a, N * T * I));
-  SF_RETURN_IF_ERROR(check_ptr("g", g, N * T * O));
-  SF_RETURN_IF_ERROR(check_ptr("out", out, Q * N));
+  SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
+                                         so_q, so_n));
   if (Q == 0 || N == 0) return Status();
   const PairPlan pl = plan(Q, N, O, I);
   SF_RETURN_IF_ERROR(check_workspace(workspace_numel, pl.splits * Q * N, workspace));

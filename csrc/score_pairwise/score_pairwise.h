@@ -7,6 +7,21 @@
 
 namespace sf {
 
+// Shapes, strides and pointers of the score_pairwise arguments (shared by every backend's entry point).
+inline Status check_pairwise_args(const void* v, index_t svq, index_t svo, index_t svi, const void* a, index_t san,
+                                  index_t sat, index_t sai, const void* g, index_t sgn, index_t sgt, index_t sgo,
+                                  index_t Q, index_t N, index_t T, index_t O, index_t I, const void* out,
+                                  index_t so_q, index_t so_n) {
+  SF_RETURN_IF_ERROR(check_strided("v", {Q, O, I}, {svq, svo, svi}));
+  SF_RETURN_IF_ERROR(check_strided("a", {N, T, I}, {san, sat, sai}));
+  SF_RETURN_IF_ERROR(check_strided("g", {N, T, O}, {sgn, sgt, sgo}));
+  SF_RETURN_IF_ERROR(check_strided("out", {Q, N}, {so_q, so_n}));
+  SF_RETURN_IF_ERROR(check_ptr("v", v, Q * O * I));
+  SF_RETURN_IF_ERROR(check_ptr("a", a, N * T * I));
+  SF_RETURN_IF_ERROR(check_ptr("g", g, N * T * O));
+  return check_ptr("out", out, Q * N);
+}
+
 // CPU, float32, token-wise contraction (Q·N·T·O·I flops, no G_n): v [Q, O, I], a [N, T, I], g [N, T, O]
 // (strides in elements); out [Q, N] (strides so_q, so_n) is overwritten.
 Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a, index_t san,
