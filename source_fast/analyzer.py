@@ -347,9 +347,11 @@ class SourceAnalyzer:
                                         "contains NaN/Inf: non-finite activations or gradients in the training data "
                                         "or model; pass check_finite=False to propagate")
                     return out
-                keys = [f"{layer.name}.{x}" for layer in self.layers for x in "AS"]
-                covs[unit.uid] = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"),
-                                                       config, keys, compute)
+                # Stored as packed upper triangles (symmetric factors: half the bytes on disk).
+                keys = [f"{layer.name}.{x}_triu" for layer in self.layers for x in "AS"]
+                packed = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"), config,
+                                               keys, lambda compute=compute: _pack_symmetric(compute()))
+                covs[unit.uid] = _unpack_symmetric(packed)
             bases = []
             for seg in range(len(self._segments())):
                 members = [u for u in units if u.segment == seg]
@@ -541,35 +543,41 @@ class SourceAnalyzer:
         """Yield (offset, size, rows) for scoring `dataset` against one direction shared by `members`
         (the checkpoints of one segment): rows rotated into `basis` when given, and the members' rows of a
         batch stacked along the token axis, so ⟨W, Σ_k G_n^(k)⟩ is one contraction (the materialised
-        kernel forms Σ_k G_n^(k) in cache) instead of one per checkpoint. If the stacked rows of the block
-        would exceed SOURCE_FAST_STACK_MIB, the members are scored one after another instead (same sum)."""
-        def member_rows(unit):
+        kernel forms Σ_k G_n^(k) in cache) instead of one per checkpoint.
+
+        The members' rows are held for a run of whole batches at a time, as many as fit
+        SOURCE_FAST_STACK_MIB (at least one batch; at 0 the members are scored one after another)."""
+        def member_rows(unit, subset):
             self._load(unit)
-            for offset, size, rows in self._rows(dataset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
+            for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
                 if basis is not None:
                     rows = {n: (_linalg.matmul(a.to(self.compute_dtype), basis[n].q_a),
                                 _linalg.matmul(g.to(self.compute_dtype), basis[n].q_s)) for n, (a, g) in rows.items()}
                 yield offset, size, rows
 
-        first = member_rows(members[0])
-        if len(members) == 1:
-            yield from first
+        budget = _config.stack_bytes()
+        if len(members) == 1 or budget == 0:
+            for unit in members:
+                yield from member_rows(unit, dataset)
             return
-        budget, used, held = _config.stack_bytes(), 0, []
-        for item in first:
-            held.append(item)
-            used += sum(a.numel() * a.element_size() + g.numel() * g.element_size() for a, g in item[2].values())
-            if used * len(members) > budget:  # too large to hold: one member at a time
-                yield from held
-                yield from first
-                for unit in members[1:]:
-                    yield from member_rows(unit)
-                return
-        stacks = [held] + [list(member_rows(unit)) for unit in members[1:]]
-        for parts in zip(*stacks):
-            offset, size = parts[0][0], parts[0][1]
-            yield offset, size, {name: (torch.cat([p[2][name][0] for p in parts], 1),
-                                        torch.cat([p[2][name][1] for p in parts], 1)) for name in parts[0][2]}
+        start, total = 0, len(dataset)
+        while start < total:
+            # The first member's batches until the held rows of all members would exceed the budget.
+            first, held, used = member_rows(members[0], Subset(dataset, range(start, total))), [], 0
+            for item in first:
+                held.append(item)
+                used += sum(a.numel() * a.element_size() + g.numel() * g.element_size() for a, g in item[2].values())
+                if used * len(members) >= budget:
+                    break
+            first.close()
+            stop = start + sum(size for _, size, _ in held)
+            part = Subset(dataset, range(start, stop))  # whole batches: the other members' batches align
+            stacks = [held] + [list(member_rows(unit, part)) for unit in members[1:]]
+            for parts in zip(*stacks):
+                yield start + parts[0][0], parts[0][1], {
+                    name: (torch.cat([p[2][name][0] for p in parts], 1), torch.cat([p[2][name][1] for p in parts], 1))
+                    for name in parts[0][2]}
+            start = stop
 
     # Scores of one block are a sum over (model state, direction, weight, stage) terms.
     def _score_plan(self, query_dataset, units, final_unit, stage_sizes, n_train):
@@ -764,6 +772,28 @@ class SourceAnalyzer:
             return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
         finally:
             self.progress = progress
+
+
+def _pack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"x.A": [D, D]} -> {"x.A_triu": [D(D+1)/2]} (row-major upper triangle)."""
+    out = {}
+    for key, m in tensors.items():
+        rows, cols = torch.triu_indices(m.shape[0], m.shape[0], device=m.device)
+        out[f"{key}_triu"] = m[rows, cols].contiguous()
+    return out
+
+
+def _unpack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of _pack_symmetric."""
+    out = {}
+    for key, packed in tensors.items():
+        d = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
+        rows, cols = torch.triu_indices(d, d, device=packed.device)
+        m = torch.zeros(d, d, dtype=packed.dtype, device=packed.device)
+        m[rows, cols] = packed
+        m[cols, rows] = packed
+        out[key[:-len("_triu")]] = m
+    return out
 
 
 def _group_plan(plan):

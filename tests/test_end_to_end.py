@@ -50,13 +50,16 @@ def test_mlp_matches_dense_oracle_float64(mlp_run, method):
     assert _rel(scores, oracle) <= 1e-6
 
 
-@pytest.mark.parametrize("stack_mib", ["1024", "0"], ids=["stacked", "one-checkpoint-at-a-time"])
-def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatch, stack_mib):
-    """A segment's checkpoints are scored as one contraction (rows stacked along tokens) when they fit
-    SOURCE_FAST_STACK_MIB, else one after another: both equal the oracle, and each other to round-off."""
+@pytest.mark.parametrize("stack", ["whole-block", "few-batches", "off"])
+def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatch, stack):
+    """A segment's checkpoints are scored as one contraction (rows stacked along tokens) for as many whole
+    batches as SOURCE_FAST_STACK_MIB holds, or one after another at 0: all equal the oracle."""
     model, data, run = mlp_run
     queries = Subset(data, range(4))
-    monkeypatch.setenv("SOURCE_FAST_STACK_MIB", stack_mib)
+    if stack == "few-batches":  # a few KiB: the block is scored in runs of one or two batches
+        monkeypatch.setattr(sf._config, "stack_bytes", lambda: 3000)
+    else:
+        monkeypatch.setenv("SOURCE_FAST_STACK_MIB", "1024" if stack == "whole-block" else "0")
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False)
     tokens, score_pairwise = set(), sf.ops.score_pairwise
 
@@ -69,7 +72,7 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
     assert _rel(scores, oracle) <= 1e-6
     # 6 checkpoints in 3 segments, one token per example: 2 tokens per row when stacked
-    assert tokens == ({2} if stack_mib != "0" else {1})
+    assert tokens == ({1} if stack == "off" else {2})
 
 
 def test_cnn_matches_dense_oracle_float64():
