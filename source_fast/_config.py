@@ -31,7 +31,7 @@ def chunk_bytes() -> int:
 def stack_bytes() -> int:
     """SOURCE_FAST_STACK_MIB: memory budget for the token rows of one segment's checkpoints held together
     while scoring (stacked along the token axis, so each segment costs one contraction; 0 = off)."""
-    raw = os.environ.get("SOURCE_FAST_STACK_MIB", "256")
+    raw = os.environ.get("SOURCE_FAST_STACK_MIB", "64")
     try:
         mib = int(raw)
     except ValueError:

@@ -146,9 +146,10 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
   const index_t n_cb = ceil_div(n_panels, MAT_NCB);
   const index_t n_qb = ceil_div(Q, MR);
   const int nt = threads_for(static_cast<double>(Q) * N * O * I, 2.0e6, num_threads);
-  // Query blocks are split into at most `nt` groups: enough parallelism when there is one column block,
-  // and each task re-forms the G rows of its column block only once per group (overhead T / (MR·blocks)).
-  const index_t n_groups = std::min<index_t>(n_qb, nt);
+  // Tasks are whole column blocks when there are enough of them (the G rows of a block are formed once,
+  // T·I per example and row o); with fewer blocks than threads the query blocks are split into groups,
+  // each re-forming the block's G rows (overhead T / (MR · query blocks per group)).
+  const index_t n_groups = n_cb >= nt ? 1 : std::min<index_t>(n_qb, nt);
   AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][t][i][NR]
   AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][t][o][NR]
   AlignedBuffer cbuf(static_cast<std::size_t>(n_qb * n_panels * MR * NR));  // [qb][panel][MR][NR]
