@@ -71,6 +71,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _process
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULT_PREFIX = "BENCH_RESULT "
@@ -91,9 +93,6 @@ COLUMNS = ["library", "run", "stage", "seconds", "cpu_seconds", "peak_rss_mib", 
 
 
 # ------------------------------------------------------------------------------ shared definitions
-def _set_threads(threads: int):
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def gpt2_config(sizes: dict):
@@ -209,12 +208,6 @@ def prepare_workload(sizes: dict, work: Path, hf_checkpoints: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------ worker side
-def _rss_mib() -> float:
-    """Peak resident memory of this process (MiB): VmHWM of /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 def _io() -> dict:
@@ -230,11 +223,6 @@ def _io() -> dict:
     return out
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    self_, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _dir_size(path: Path) -> tuple[int, int]:
@@ -253,7 +241,7 @@ class _Meter:
     def __init__(self):
         self.stages: dict[str, float] = {}
         self.t0 = time.perf_counter()
-        self.cpu0 = _cpu_seconds()
+        self.cpu0 = _process.cpu_seconds(children=True)
         self.io0 = _io()
 
     def stage(self, name, fn, *args, **kwargs):
@@ -267,7 +255,7 @@ class _Meter:
         seconds = time.perf_counter() - self.t0
         io1 = _io()
         size, files = _dir_size(out_dir)
-        return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - self.cpu0, "peak_rss_mib": _rss_mib(),
+        return {"seconds": seconds, "cpu_seconds": _process.cpu_seconds(children=True) - self.cpu0, "peak_rss_mib": _process.rss_mib(),
                 "write_bytes": io1.get("write_bytes", 0) - self.io0.get("write_bytes", 0),
                 "cancelled_write_bytes": io1.get("cancelled_write_bytes", 0)
                 - self.io0.get("cancelled_write_bytes", 0),
@@ -363,7 +351,7 @@ def _source_fast_worker(spec: dict, blob) -> dict:
     model.eval()
     out_dir = Path(spec["out_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)
-    before = _rss_mib()
+    before = _process.rss_mib()
     meter = _Meter()
     run = sf.TrainingRun(checkpoints, blob["steps"], lr=blob["lr"], momentum=blob["momentum"],
                          num_segments=NUM_SEGMENTS)
@@ -422,7 +410,7 @@ def _bergson_worker(spec: dict, blob) -> dict:
                                    query=QuerySetConfig(dataset=str(data_dir / "query"), aggregation="none"))
     command = ApproxUnrolling(index_cfg, hessian_cfg, au_cfg)
     torch.manual_seed(0)
-    before = _rss_mib()
+    before = _process.rss_mib()
     meter = _Meter()
     # Stage timers around the pipeline's own steps (the names it calls, patched in its module).
     groups = {"precompute_checkpoint_hessians": "fit", "aggregate_segment_covariances": "fit",
@@ -457,7 +445,7 @@ def _bergson_worker(spec: dict, blob) -> dict:
 
 
 def worker(spec: dict) -> dict:
-    _set_threads(spec["threads"])
+    _process.set_threads(spec["threads"])
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -526,29 +514,9 @@ def _versions(bergson_python: Path | None) -> dict:
     except OSError:
         pass
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "cpu_model": cpu, "source_fast_commit": _git_commit()}
+            "cpu_model": cpu, "source_fast_commit": _process.git_commit()}
 
 
-def _git_commit() -> str:
-    """HEAD's commit read from .git directly (no git process)."""
-    git = REPO / ".git"
-    try:
-        if git.is_file():
-            git = Path(git.read_text().split(":", 1)[1].strip())
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head[:12]
-        ref = head.split(":", 1)[1].strip()
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        packed = git / "packed-refs"
-        if packed.exists():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0][:12]
-    except (OSError, IndexError):
-        pass
-    return "unknown"
 
 
 def _bergson_status(python: Path) -> tuple[bool, str]:
@@ -789,7 +757,7 @@ def main(argv=None):
         print(RESULT_PREFIX + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    _set_threads(args.threads)
+    _process.set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
     args.sizes = sizes
     if args.bergson_token_batch is None:

@@ -41,6 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _process
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULT_PREFIX = "BENCH_RESULT "
@@ -61,9 +63,6 @@ STAGES = ("fit", "pairwise", "self")
 
 
 # ------------------------------------------------------------------------------ shared definitions
-def _set_threads(threads: int):
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
 
 
 def build_model(dims):
@@ -169,32 +168,13 @@ def _datasets(blob):
 
 
 # ------------------------------------------------------------------------------------ worker side
-def _cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
-def _rss_mib() -> float:
-    """Peak resident memory of this process (MiB): VmHWM of /proc/self/status.
-
-    Not ru_maxrss: Linux carries the parent's high-water mark into a fork+exec'd child, so
-    ru_maxrss never reads below the parent's RSS at the time of the fork."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux; see above
 
 
 def worker(spec: dict) -> dict:
     """One (library, method, stage) in this fresh process. Returns seconds and peak RSS."""
-    _set_threads(spec["threads"])
+    _process.set_threads(spec["threads"])
     import time
 
     import torch
@@ -217,7 +197,7 @@ def worker(spec: dict) -> dict:
         warnings.simplefilter("ignore", FutureWarning)  # torch.cuda.amp.GradScaler deprecation
         model = prepare_model(model, task)
         factor_args, score_args = FactorArguments(strategy="ekfac"), ScoreArguments()
-        before, cpu0 = _rss_mib(), _cpu_seconds()
+        before, cpu0 = _process.rss_mib(), _process.cpu_seconds()
         t0 = time.perf_counter()
         analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(out_dir))
         if stage == "fit":
@@ -240,7 +220,7 @@ def worker(spec: dict) -> dict:
                              num_segments=NUM_SEGMENTS)
         if stage != "fit":  # stored scores of an earlier run would be resumed, not recomputed
             shutil.rmtree(out_dir / spec["method"] / "scores", ignore_errors=True)
-        before, cpu0 = _rss_mib(), _cpu_seconds()
+        before, cpu0 = _process.rss_mib(), _process.cpu_seconds()
         t0 = time.perf_counter()
         analyzer = sf.SourceAnalyzer(model, task, run, output_dir=out_dir / spec["method"], method=spec["method"],
                                      batch_size=bs, progress=False, backend=spec["sf_backend"])
@@ -251,7 +231,7 @@ def worker(spec: dict) -> dict:
             analyzer.self_scores(train)
         seconds = time.perf_counter() - t0
         backend = _backends_used(spec["sf_backend"])
-    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu0, "peak_rss_mib": _rss_mib(),
+    return {"seconds": seconds, "cpu_seconds": _process.cpu_seconds() - cpu0, "peak_rss_mib": _process.rss_mib(),
             "rss_before_mib": before, "sf_backend": backend, "loadavg_1m": os.getloadavg()[0]}
 
 
@@ -293,29 +273,9 @@ def _versions():
     except OSError:
         pass
     return {"torch_version": torch.__version__, "kronfluence_version": kf, "cpu_model": cpu,
-            "source_fast_commit": _git_commit()}
+            "source_fast_commit": _process.git_commit()}
 
 
-def _git_commit() -> str:
-    """HEAD's commit read from .git directly (no git process)."""
-    git = REPO / ".git"
-    try:
-        if git.is_file():  # worktree: "gitdir: …"
-            git = Path(git.read_text().split(":", 1)[1].strip())
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head[:12]
-        ref = head.split(":", 1)[1].strip()
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        packed = git / "packed-refs"
-        if packed.exists():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0][:12]
-    except (OSError, IndexError):
-        pass
-    return "unknown"
 
 
 def _kronfluence_available() -> bool:
@@ -447,7 +407,7 @@ def main(argv=None):
         print(RESULT_PREFIX + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    _set_threads(args.threads)
+    _process.set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
     args.sizes = sizes
     libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
