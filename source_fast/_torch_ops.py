@@ -159,9 +159,15 @@ def score_per_token(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.
     q, o, i = v.shape
     n, t, _ = a.shape
     out = torch.empty(q, n, t, dtype=dt, device=a.device)
-    vf = v.to(dt)
+    v_rows = v.to(dt).reshape(q * o, i)
     step = _chunk_rows(q * t * o, dt, n)
     for start in range(0, n, step):
-        va = torch.einsum("qoi,nti->qnto", vf, a[start:start + step].to(dt))
-        out[:, start:start + step] = torch.einsum("qnto,nto->qnt", va, g[start:start + step].to(dt))
+        ac, gc = a[start:start + step].to(dt), g[start:start + step].to(dt)
+        m = ac.shape[0]
+        # One large GEMM over all (example, token) rows and (query, output) columns, then the g-weighted
+        # sum over outputs as a batched matrix-vector product (einsum's form ran ~1.4x slower on CPU).
+        va = (ac.reshape(m * t, i) @ v_rows.T).reshape(m * t, q, o)
+        per_row = torch.bmm(va, gc.reshape(m * t, o, 1))  # [m·t, Q, 1]: one pass over va
+        out[:, start:start + step] = per_row.reshape(m, t, q).permute(2, 0, 1)
+        del va
     return out
