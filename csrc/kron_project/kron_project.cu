@@ -19,6 +19,36 @@ __global__ void __launch_bounds__(256) spectral_weights_kernel(SpectralF32 f, co
   w[e] = spectral_eval(f, lam[o * sl0 + i * sl1]);
 }
 
+// C[q] = A[q] · B[q] for q < Q with C [Q, O, I] contiguous (every GEMM of the op writes that layout);
+// A is M=O rows by K, B is K by N=I, given by strides (batch stride 0: shared by every q). `bscale`
+// [K, I] (row-major) multiplies B elementwise as it is loaded (the spectral epilogue).
+template <typename TA>
+Status batched_rotation(const TA* A, index_t sAb, index_t sAm, index_t sAk, const float* B, index_t sBb, index_t sBk,
+                        index_t sBn, index_t K, float* C, index_t Q, index_t O, index_t I, cudaStream_t stream,
+                        const float* bscale = nullptr) {
+  GemmParams<TA, float> p;
+  p.A = A;
+  p.sAb = sAb;
+  p.sAm = sAm;
+  p.sAk = sAk;
+  p.B = B;
+  p.sBb = sBb;
+  p.sBk = sBk;
+  p.sBn = sBn;
+  p.bscale = bscale;
+  p.sbk = bscale ? I : 0;
+  p.sbn = bscale ? 1 : 0;
+  p.C = C;
+  p.sCb = O * I;
+  p.sCm = I;
+  p.sCn = 1;
+  p.M = O;
+  p.N = I;
+  p.K = K;
+  p.batch = Q;
+  return launch_gemm(p, stream);
+}
+
 }  // namespace
 
 index_t kron_project_cuda_workspace(index_t Q, index_t O, index_t I) { return 2 * Q * O * I + O * I; }
@@ -46,90 +76,20 @@ Status kron_project_cuda(const void* v, index_t svq, index_t svo, index_t svi, i
   float* wts = rot + QOI;       // f(Λ)
   return dispatch_float(dtype, "v", [&](auto tag) -> Status {
     using TT = typename decltype(tag)::type;
-    {  // t1[q] = V[q] Q_A
-      GemmParams<TT, float> p;
-      p.A = static_cast<const TT*>(v);
-      p.sAb = svq;
-      p.sAm = svo;
-      p.sAk = svi;
-      p.B = q_a;
-      p.sBk = sqa0;
-      p.sBn = sqa1;
-      p.C = t1;
-      p.sCb = O * I;
-      p.sCm = I;
-      p.sCn = 1;
-      p.M = O;
-      p.N = I;
-      p.K = I;
-      p.batch = Q;
-      SF_RETURN_IF_ERROR(launch_gemm(p, stream));
-    }
-    {  // rot[q] = Q_Sᵀ t1[q]
-      GemmParams<float, float> p;
-      p.A = q_s;  // A(m, k) = Q_S[k, m]
-      p.sAm = sqs1;
-      p.sAk = sqs0;
-      p.B = t1;
-      p.sBb = O * I;
-      p.sBk = I;
-      p.sBn = 1;
-      p.C = rot;
-      p.sCb = O * I;
-      p.sCm = I;
-      p.sCn = 1;
-      p.M = O;
-      p.N = I;
-      p.K = O;
-      p.batch = Q;
-      SF_RETURN_IF_ERROR(launch_gemm(p, stream));
-    }
+    const index_t OI = O * I;
+    // t1[q] = V[q] Q_A, then rot[q] = Q_Sᵀ t1[q] (A(m, k) = Q_S[k, m])
+    SF_RETURN_IF_ERROR(batched_rotation(static_cast<const TT*>(v), svq, svo, svi, q_a, 0, sqa0, sqa1, I, t1, Q, O, I,
+                                        stream));
+    SF_RETURN_IF_ERROR(batched_rotation(q_s, 0, sqs1, sqs0, t1, OI, I, 1, O, rot, Q, O, I, stream));
     for (int k = 0; k < n_fns; ++k) {
       const SpectralF32 f = to_f32_spec(fns[k]);
       spectral_weights_kernel<<<static_cast<unsigned>(ceil_div(O * I, 256)), 256, 0, stream>>>(f, lam, sl0, sl1, O, I,
                                                                                               wts);
       SF_CUDA_CHECK_LAUNCH("spectral_weights_kernel");
-      {  // t1[q] = Q_S (f(Λ) ⊙ rot[q])
-        GemmParams<float, float> p;
-        p.A = q_s;
-        p.sAm = sqs0;
-        p.sAk = sqs1;
-        p.B = rot;
-        p.sBb = O * I;
-        p.sBk = I;
-        p.sBn = 1;
-        p.bscale = wts;
-        p.sbk = I;
-        p.sbn = 1;
-        p.C = t1;
-        p.sCb = O * I;
-        p.sCm = I;
-        p.sCn = 1;
-        p.M = O;
-        p.N = I;
-        p.K = O;
-        p.batch = Q;
-        SF_RETURN_IF_ERROR(launch_gemm(p, stream));
-      }
-      {  // outs[k][q] = t1[q] Q_Aᵀ
-        GemmParams<float, float> p;
-        p.A = t1;
-        p.sAb = O * I;
-        p.sAm = I;
-        p.sAk = 1;
-        p.B = q_a;  // B(k, n) = Q_A[n, k]
-        p.sBk = sqa1;
-        p.sBn = sqa0;
-        p.C = outs[k];
-        p.sCb = O * I;
-        p.sCm = I;
-        p.sCn = 1;
-        p.M = O;
-        p.N = I;
-        p.K = I;
-        p.batch = Q;
-        SF_RETURN_IF_ERROR(launch_gemm(p, stream));
-      }
+      // t1[q] = Q_S (f(Λ) ⊙ rot[q]), then outs[k][q] = t1[q] Q_Aᵀ (B(k, n) = Q_A[n, k])
+      SF_RETURN_IF_ERROR(batched_rotation(q_s, 0, sqs0, sqs1, rot, OI, I, 1, O, t1, Q, O, I, stream, wts));
+      SF_RETURN_IF_ERROR(batched_rotation(static_cast<const float*>(t1), OI, I, 1, q_a, 0, sqa1, sqa0, I, outs[k], Q, O,
+                                          I, stream));
     }
     return Status();
   });
