@@ -57,3 +57,40 @@ def git_commit() -> str:
     except (OSError, IndexError):
         pass
     return "unknown"
+
+
+# ------------------------------------------------------------------ one measurement per fresh process
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def worker_env(threads: int, **extra: str) -> dict:
+    """Environment of a worker process: the thread count pinned, no Triton interpreter."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.update(extra)
+    return env
+
+
+def run_worker(script: str, spec: dict, *, python: str | None = None, env: dict | None = None,
+               timeout: float | None = None, cwd: str | None = None, what: str = "worker") -> dict:
+    """Run `python script --worker <spec json>` and return the dict it printed (see `answer`)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([python or sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def answer(worker, spec_json: str) -> int:
+    """Worker side of `run_worker`: run worker(spec) and print its result line."""
+    import json
+
+    print(RESULT_PREFIX + json.dumps(worker(json.loads(spec_json))), flush=True)
+    return 0

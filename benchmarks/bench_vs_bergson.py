@@ -75,7 +75,6 @@ import _process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULT_PREFIX = "BENCH_RESULT "
 DEFAULT_BERGSON_PYTHON = REPO / ".venv-bergson" / "bin" / "python"
 
 FULL = {"n_train": 1000, "n_query": 50, "doc_len": (30, 40), "vocab": 1000, "n_positions": 64, "n_embd": 64,
@@ -533,16 +532,9 @@ def _bergson_status(python: Path) -> tuple[bool, str]:
 
 
 def _run_worker(python: str, spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(spec["threads"])
     # Anything a library caches (Hugging Face datasets/hub) stays in the scratch folder, and nothing is fetched.
-    env["HF_HOME"] = str(Path(spec["work"]) / "hf_home")
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    env["WANDB_MODE"] = "disabled"
+    env = _process.worker_env(spec["threads"], HF_HOME=str(Path(spec["work"]) / "hf_home"), HF_HUB_OFFLINE="1",
+                              HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     # The worker's cwd is the scratch folder: the repo root holds a `kernels/` package that would shadow
     # the Hugging Face `kernels` distribution transformers probes for.
     import threading
@@ -558,21 +550,15 @@ def _run_worker(python: str, spec: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     sampler.start()
     try:
-        proc = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, env=env, timeout=timeout, cwd=spec["work"])
+        result = _process.run_worker(__file__, spec, python=python, env=env, timeout=timeout, cwd=spec["work"],
+                                     what=f"{spec['library']} worker")
     finally:
         stop.set()
         sampler.join()
-    wall = time.perf_counter() - t0
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            result = json.loads(line[len(RESULT_PREFIX):])
-            result["process_seconds"] = wall
-            result["load_mean"] = sum(samples) / len(samples) if samples else float("nan")
-            result["load_max"] = max(samples) if samples else float("nan")
-            return result
-    raise RuntimeError(f"{spec['library']} worker failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                       f"{proc.stderr[-6000:]}")
+    result["process_seconds"] = time.perf_counter() - t0
+    result["load_mean"] = sum(samples) / len(samples) if samples else float("nan")
+    result["load_max"] = max(samples) if samples else float("nan")
+    return result
 
 
 def _fmt_bytes(b) -> str:
@@ -754,8 +740,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker is not None:
-        print(RESULT_PREFIX + json.dumps(worker(json.loads(args.worker))), flush=True)
-        return 0
+        return _process.answer(worker, args.worker)
 
     _process.set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import json
 import os
 import platform
 import shutil
@@ -45,7 +44,6 @@ import _process
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULT_PREFIX = "BENCH_RESULT "
 
 FULL = {"n_train": 5000, "n_query": 200, "cls_dims": (784, 512, 256, 10), "reg_dims": (64, 128, 128, 1)}
 SMOKE = {"n_train": 256, "n_query": 8, "cls_dims": (784, 32, 16, 10), "reg_dims": (16, 32, 32, 1)}
@@ -285,17 +283,8 @@ def _kronfluence_available() -> bool:
 
 
 def _run_stage(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    raise RuntimeError(f"stage {spec['library']}/{spec['method']}/{spec['stage']} failed (exit {proc.returncode}):\n"
-                       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return _process.run_worker(__file__, spec, env=_process.worker_env(spec["threads"]), timeout=timeout,
+                               what=f"stage {spec['library']}/{spec['method']}/{spec['stage']}")
 
 
 def _fmt_table(rows):
@@ -404,8 +393,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker is not None:
-        print(RESULT_PREFIX + json.dumps(worker(json.loads(args.worker))), flush=True)
-        return 0
+        return _process.answer(worker, args.worker)
 
     _process.set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
