@@ -78,13 +78,7 @@ Status covariance_cpu(const float* x, index_t R, index_t D, index_t sxr, index_t
       for (index_t it = 0; it < n_row_tiles; ++it) {
         float* dst = Ap + it * MR * kc;
         const index_t i0 = it * MR, in = std::min<index_t>(MR, D - i0);
-        for (index_t k = 0; k < kc; ++k) {
-          const float* src = x + (r0 + k) * sxr + i0 * sxc;
-          float* d = dst + k * MR;
-          index_t m = 0;
-          for (; m < in; ++m) d[m] = src[m * sxc];
-          for (; m < MR; ++m) d[m] = 0.0f;
-        }
+        pack_a_panel(x + r0 * sxr + i0 * sxc, sxc, sxr, in, kc, dst);
       }
 #pragma omp for schedule(static)
       for (index_t t = 0; t < n_tiles; ++t) {

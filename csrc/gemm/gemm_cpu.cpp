@@ -44,12 +44,7 @@ inline void pack_b_panel(Operand B, index_t N, index_t k0, index_t kc, index_t n
 inline void row_tile(Operand A, float* C, index_t scm, index_t scn, index_t M, index_t N, index_t k0, index_t kc,
                      index_t n0, index_t panels, index_t m0, const float* Bp, float* Ap) {
   const index_t rows = std::min<index_t>(MR, M - m0);
-  for (index_t k = 0; k < kc; ++k) {
-    float* d = Ap + k * MR;
-    index_t m = 0;
-    for (; m < rows; ++m) d[m] = A.p[(m0 + m) * A.s0 + (k0 + k) * A.s1];
-    for (; m < MR; ++m) d[m] = 0.0f;
-  }
+  pack_a_panel(A.p + m0 * A.s0 + k0 * A.s1, A.s0, A.s1, rows, kc, Ap);
   for (index_t p = 0; p < panels; ++p) {
     const index_t c0 = n0 + p * NR, cols = std::min<index_t>(NR, N - c0);
     float* cp = C + m0 * scm + c0 * scn;

@@ -75,12 +75,7 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
       const float* vq = v + q * svq;
       for (index_t o0 = 0; o0 < O; o0 += MR) {
         const index_t rows = std::min<index_t>(MR, O - o0);
-        for (index_t i = 0; i < I; ++i) {
-          float* d = A + i * MR;
-          index_t m = 0;
-          for (; m < rows; ++m) d[m] = vq[(o0 + m) * svo + i * svi];
-          for (; m < MR; ++m) d[m] = 0.0f;
-        }
+        pack_a_panel(vq + o0 * svo, svo, svi, rows, I, A);
         for (index_t pp = 0; pp < np; ++pp) {
           const index_t p = p0 + pp;
           vf acc[MR][NV];
@@ -210,12 +205,7 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
         }
         for (index_t qb = qb0; qb < qb1; ++qb) {
           const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
-          for (index_t i = 0; i < I; ++i) {
-            float* d = A + i * MR;
-            index_t m = 0;
-            for (; m < rows; ++m) d[m] = v[(q0 + m) * svq + o * svo + i * svi];
-            for (; m < MR; ++m) d[m] = 0.0f;
-          }
+          pack_a_panel(v + q0 * svq + o * svo, svq, svi, rows, I, A);
           for (index_t pp = 0; pp < np; ++pp) {
             float* c = C + (qb * n_panels + p0 + pp) * MR * NR;
             vf acc[MR][NV];

@@ -77,6 +77,16 @@ struct AlignedBuffer {
   float* data() { return ptr; }
 };
 
+// Packs an A panel: dst[k][m] = src[m * s_row + k * s_k] for m < rows (zero rows up to MR), k < K.
+static inline void pack_a_panel(const float* src, index_t s_row, index_t s_k, index_t rows, index_t K, float* dst) {
+  for (index_t k = 0; k < K; ++k) {
+    float* d = dst + k * MR;
+    index_t m = 0;
+    for (; m < rows; ++m) d[m] = src[m * s_row + k * s_k];
+    for (; m < MR; ++m) d[m] = 0.0f;
+  }
+}
+
 // c[m][v] (+)= sum_k A[k][m] * B[k][v*VL : (v+1)*VL]  for k in [0, K).
 template <int M>
 static inline __attribute__((always_inline)) void gemm_tile(index_t K, const float* __restrict A,
