@@ -322,9 +322,8 @@ def _source_fast_worker(spec: dict, blob) -> dict:
 
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            with torch.no_grad():
-                drawn = torch.multinomial(F.softmax(logits.detach().reshape(-1, logits.shape[-1]), -1), 1)
-                labels = drawn.view(logits.shape[:2]).masked_fill(mask[:, 1:] == 0, -100)
+            with torch.no_grad():  # sf.sample_labels: inverse CDF, the distribution of torch.multinomial
+                labels = sf.sample_labels(logits).masked_fill(mask[:, 1:] == 0, -100)
             return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                                    reduction="sum")
 

@@ -28,17 +28,28 @@ def chunk_bytes() -> int:
     return mib * 2**20
 
 
-def stack_bytes() -> int:
-    """SOURCE_FAST_STACK_MIB: memory budget for the token rows of one segment's checkpoints held together
-    while scoring (stacked along the token axis, so each segment costs one contraction; 0 = off)."""
-    raw = os.environ.get("SOURCE_FAST_STACK_MIB", "64")
+def _mib(name: str, default: str) -> int:
+    raw = os.environ.get(name, default)
     try:
         mib = int(raw)
     except ValueError:
-        raise ValueError(f"SOURCE_FAST_STACK_MIB must be a non-negative integer, got {raw!r}") from None
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}") from None
     if mib < 0:
-        raise ValueError(f"SOURCE_FAST_STACK_MIB must be a non-negative integer, got {raw!r}")
+        raise ValueError(f"{name} must be a non-negative integer, got {raw!r}")
     return mib * 2**20
+
+
+def row_cache_bytes() -> int:
+    """SOURCE_FAST_ROW_CACHE_MIB: memory budget for token rows kept from a segment's covariance passes
+    for its eigenvalue-correction passes (same batches, same sampled labels, so the same rows: the
+    cached batches skip a forward and backward pass; 0 = off)."""
+    return _mib("SOURCE_FAST_ROW_CACHE_MIB", "1024")
+
+
+def stack_bytes() -> int:
+    """SOURCE_FAST_STACK_MIB: memory budget for the token rows of one segment's checkpoints held together
+    while scoring (stacked along the token axis, so each segment costs one contraction; 0 = off)."""
+    return _mib("SOURCE_FAST_STACK_MIB", "64")
 
 
 def deterministic_default() -> bool:

@@ -234,17 +234,22 @@ class SourceAnalyzer:
             return type(batch)(self._to_device(v) for v in batch)
         return batch
 
-    def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0
+    def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0
               ) -> Iterator[tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
         g is the gradient of the task's summed loss, i.e. per-example gradients of per-example terms.
+        first_batch: start at that batch (the same batches and label seeds as a full pass).
         """
-        offset = 0
+        offset = first_batch * self.batch_size
+        if offset >= len(dataset):
+            return
+        if first_batch:
+            dataset = Subset(dataset, range(offset, len(dataset)))
         with Capture(self.layers) as capture:
             for b, batch in enumerate(tqdm(self._loader(dataset), desc=desc, disable=not self.progress,
-                                           leave=False)):
+                                           leave=False), start=first_batch):
                 batch = self._to_device(batch)
                 mask = attention_mask(self.task, batch)
                 if loss == "measurement":
@@ -317,78 +322,28 @@ class SourceAnalyzer:
         # over the whole run) uses every training example.
         stage_of = [None] if self.method == "influence" else [seg[2] for seg in self._segments()]
         with self._session():
-            covs = {}
-            for k, unit in enumerate(units):
-                def compute(unit=unit):
-                    self._load(unit)
-                    data = self._stage_subset(train_dataset, stage_of[unit.segment])
-                    acc = {}
-                    n = 0
-                    for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
-                                                    desc=f"covariance {unit.uid} ({k + 1}/{len(units)})"):
-                        n += size
-                        for name, (a, g) in rows.items():
-                            a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-                            if name not in acc:
-                                acc[name] = (torch.zeros(a2.shape[1], a2.shape[1], dtype=dt, device=a.device),
-                                             torch.zeros(g2.shape[1], g2.shape[1], dtype=dt, device=a.device))
-                            ops.covariance(a2, out=acc[name][0], backend=self.backend,
-                                           deterministic=self.deterministic)
-                            ops.covariance(g2, out=acc[name][1], backend=self.backend,
-                                           deterministic=self.deterministic)
-                    out = {}
-                    for name, (A, S) in acc.items():
-                        out[f"{name}.A"], out[f"{name}.S"] = A / n, S / n
-                        if self.check_finite:
-                            for key in ("A", "S"):
-                                if not bool(torch.isfinite(out[f"{name}.{key}"]).all()):
-                                    raise FloatingPointError(
-                                        f"covariance {key} of layer {name!r} at {unit.uid} (segment {unit.segment}) "
-                                        "contains NaN/Inf: non-finite activations or gradients in the training data "
-                                        "or model; pass check_finite=False to propagate")
-                    return out
-                # Stored as packed upper triangles (symmetric factors: half the bytes on disk).
-                keys = [f"{layer.name}.{x}_triu" for layer in self.layers for x in "AS"]
-                packed = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"), config,
-                                               keys, lambda compute=compute: _pack_symmetric(compute()))
-                covs[unit.uid] = _unpack_symmetric(packed)
-            bases = []
+            covs, lams, bases = {}, {}, []
+            # Per segment: covariance passes, basis, eigen-correction passes. The two passes of a unit
+            # draw the same batches with the same label seeds, so rows kept from the first (within
+            # SOURCE_FAST_ROW_CACHE_MIB) are reused by the second instead of recomputed.
             for seg in range(len(self._segments())):
-                members = [u for u in units if u.segment == seg]
+                members = [(k, unit) for k, unit in enumerate(units) if unit.segment == seg]
+                cache = _RowCache(_config.row_cache_bytes())
+                for k, unit in members:
+                    covs[unit.uid] = self._fit_covariance(train_dataset, unit, k, len(units), config,
+                                                          stage_of[unit.segment], cache)
                 basis = {}
                 for layer in self.layers:
-                    A = sum(covs[u.uid][f"{layer.name}.A"].double() for u in members) / len(members)
-                    S = sum(covs[u.uid][f"{layer.name}.S"].double() for u in members) / len(members)
+                    A = sum(covs[u.uid][f"{layer.name}.A"].double() for _, u in members) / len(members)
+                    S = sum(covs[u.uid][f"{layer.name}.S"].double() for _, u in members) / len(members)
                     _, q_a = ekfac.eigen_basis(A, name=layer.name, segment=seg, check_finite=self.check_finite)
                     _, q_s = ekfac.eigen_basis(S, name=layer.name, segment=seg, check_finite=self.check_finite)
                     basis[layer.name] = (q_a.to(dt).to(self.device), q_s.to(dt).to(self.device))
                 bases.append(basis)
-            lams = {}
-            for k, unit in enumerate(units):
-                def compute(unit=unit, k=k):
-                    self._load(unit)
-                    basis = bases[unit.segment]
-                    data = self._stage_subset(train_dataset, stage_of[unit.segment])
-                    acc = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=dt,
-                                                   device=self.device) for layer in self.layers}
-                    n = 0
-                    for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
-                                                    desc=f"eigen-correction {unit.uid} ({k + 1}/{len(units)})"):
-                        n += size
-                        for name, (a, g) in rows.items():
-                            q_a, q_s = basis[name]
-                            ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
-                                             deterministic=self.deterministic)
-                    if self.check_finite:
-                        for name, lam in acc.items():
-                            if not bool(torch.isfinite(lam).all()):
-                                raise FloatingPointError(
-                                    f"eigenvalue correction Λ of layer {name!r} at {unit.uid} (segment "
-                                    f"{unit.segment}) contains NaN/Inf; pass check_finite=False to propagate")
-                    return {f"{name}.lam": lam * (self.run.loss_scale / n) for name, lam in acc.items()}
-                keys = [f"{layer.name}.lam" for layer in self.layers]
-                lams[unit.uid] = self._load_or_compute(self._path("factors", f"lambda_{unit.uid}.safetensors"),
-                                                       config, keys, compute)
+                for k, unit in members:
+                    lams[unit.uid] = self._fit_lambda(train_dataset, unit, k, len(units), config,
+                                                      stage_of[unit.segment], basis, cache)
+                cache.clear()
         blocks = []
         for seg, basis in enumerate(bases):
             members = [u for u in units if u.segment == seg]
@@ -406,6 +361,78 @@ class SourceAnalyzer:
         self.blocks = blocks
         self._n_fit = n_train
         return self
+
+    def _fit_covariance(self, train_dataset, unit, k, n_units, config, stage, cache):
+        """A unit's activation and gradient covariances (A, S), stored as packed upper triangles."""
+        dt = self.compute_dtype
+
+        def compute():
+            self._load(unit)
+            data = self._stage_subset(train_dataset, stage)
+            acc = {}
+            n = 0
+            for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
+                                            desc=f"covariance {unit.uid} ({k + 1}/{n_units})"):
+                n += size
+                cache.offer(unit.uid, size, rows)
+                for name, (a, g) in rows.items():
+                    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
+                    if name not in acc:
+                        acc[name] = (torch.zeros(a2.shape[1], a2.shape[1], dtype=dt, device=a.device),
+                                     torch.zeros(g2.shape[1], g2.shape[1], dtype=dt, device=a.device))
+                    ops.covariance(a2, out=acc[name][0], backend=self.backend, deterministic=self.deterministic)
+                    ops.covariance(g2, out=acc[name][1], backend=self.backend, deterministic=self.deterministic)
+            out = {}
+            for name, (A, S) in acc.items():
+                out[f"{name}.A"], out[f"{name}.S"] = A / n, S / n
+                if self.check_finite:
+                    for key in ("A", "S"):
+                        if not bool(torch.isfinite(out[f"{name}.{key}"]).all()):
+                            raise FloatingPointError(
+                                f"covariance {key} of layer {name!r} at {unit.uid} (segment {unit.segment}) "
+                                "contains NaN/Inf: non-finite activations or gradients in the training data "
+                                "or model; pass check_finite=False to propagate")
+            return _pack_symmetric(out)
+        # Stored as packed upper triangles (symmetric factors: half the bytes on disk).
+        keys = [f"{layer.name}.{x}_triu" for layer in self.layers for x in "AS"]
+        packed = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"), config, keys,
+                                       compute)
+        return _unpack_symmetric(packed)
+
+    def _fit_lambda(self, train_dataset, unit, k, n_units, config, stage, basis, cache):
+        """A unit's eigenvalue correction Λ in its segment's basis (cached rows first, then the rest)."""
+        dt = self.compute_dtype
+
+        def compute():
+            acc = {layer.name: torch.zeros(layer.out_features, layer.in_features, dtype=dt, device=self.device)
+                   for layer in self.layers}
+            n = 0
+
+            def accumulate(rows):
+                for name, (a, g) in rows.items():
+                    q_a, q_s = basis[name]
+                    ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
+                                     deterministic=self.deterministic)
+            cached = 0
+            for size, rows in cache.take(unit.uid):
+                n += size
+                cached += 1
+                accumulate(rows)
+            self._load(unit)
+            data = self._stage_subset(train_dataset, stage)
+            for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k, first_batch=cached,
+                                            desc=f"eigen-correction {unit.uid} ({k + 1}/{n_units})"):
+                n += size
+                accumulate(rows)
+            if self.check_finite:
+                for name, lam in acc.items():
+                    if not bool(torch.isfinite(lam).all()):
+                        raise FloatingPointError(
+                            f"eigenvalue correction Λ of layer {name!r} at {unit.uid} (segment "
+                            f"{unit.segment}) contains NaN/Inf; pass check_finite=False to propagate")
+            return {f"{name}.lam": lam * (self.run.loss_scale / n) for name, lam in acc.items()}
+        keys = [f"{layer.name}.lam" for layer in self.layers]
+        return self._load_or_compute(self._path("factors", f"lambda_{unit.uid}.safetensors"), config, keys, compute)
 
     def _ensure_fit(self, train_dataset):
         """Fit on train_dataset unless fit() already ran; returns N and N_ℓ per stage of the fitted set
@@ -880,3 +907,35 @@ def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor
     if a.shape[1] == 1:
         return gs[:, 0, :, None] * as_[:, 0, None, :]
     return torch.bmm(gs.transpose(1, 2), as_)
+
+
+class _RowCache:
+    """Token rows of a segment's covariance passes kept for its eigen-correction passes, up to a byte
+    budget: a prefix of whole batches per unit (the rest of a pass is recomputed from that batch on)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget, self.used = budget_bytes, 0
+        self._rows: dict[str, list] = {}
+        self._closed: set[str] = set()  # units whose prefix ended (a later batch did not fit)
+
+    def offer(self, uid: str, size: int, rows: dict) -> None:
+        if uid in self._closed:
+            return
+        nbytes = _rows_nbytes(rows)
+        if self.used + nbytes > self.budget:
+            self._closed.add(uid)
+            return
+        self.used += nbytes
+        self._rows.setdefault(uid, []).append((size, rows))
+
+    def take(self, uid: str):
+        """Yield the unit's cached batches in order, releasing each once used."""
+        entries = self._rows.pop(uid, [])
+        entries.reverse()
+        while entries:
+            yield entries.pop()
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._closed.clear()
+        self.used = 0

@@ -22,7 +22,7 @@ from torch.utils.data import Subset, TensorDataset
 from . import io
 from .analyzer import SourceAnalyzer
 from .run import TrainingRun
-from .task import Task
+from .task import Task, sample_labels
 
 
 class DigitsTask(Task):
@@ -33,7 +33,7 @@ class DigitsTask(Task):
         logits = model(x)
         if sample:
             with torch.no_grad():
-                y = torch.multinomial(F.softmax(logits, -1), 1).flatten()
+                y = sample_labels(logits)
         return F.cross_entropy(logits, y, reduction="sum")
 
     def compute_measurement(self, batch, model):

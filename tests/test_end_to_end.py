@@ -5,6 +5,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import Subset
 
 import source_fast as sf
+from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _models import ClassificationTask, TinyCNN, classification_data, mlp, train_run
@@ -152,6 +153,40 @@ def test_sampled_fisher_is_seeded(mlp_run):
     first, again, other = make(0), make(0), make(1)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("method", ["source", "fast_source", "influence"])
+def test_row_cache_between_fit_passes_changes_nothing(mlp_run, monkeypatch, method):
+    """Rows kept from the covariance passes for the eigen-correction passes (all, a prefix of batches, or
+    none) give bitwise the same factors: same batches, same label seeds. The partial cache must skip the
+    cached batches' forward passes and recompute exactly the rest."""
+    model, data, run = mlp_run
+
+    def fit(budget):
+        monkeypatch.setattr(_config, "row_cache_bytes", lambda: budget)
+        forwards = []
+        handle = model.register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, batch_size=7,
+                                         damping=0.01 if method == "influence" else None, progress=False)
+            analyzer.fit(data)
+        finally:
+            handle.remove()
+        return analyzer.blocks, len(forwards)
+
+    batches = -(-len(data) // 7)  # 24 examples: 3 of 7 and one of 3
+    n_units, n_segments = {"source": (6, 3), "fast_source": (3, 3), "influence": (1, 1)}[method]
+    reference, forwards_off = fit(0)
+    assert forwards_off == 2 * n_units * batches
+    # One full batch of rows: 7 examples x (a 4+1, g 5 | a 5+1, g 3) float64 = 1064 bytes. A 1500-byte
+    # budget keeps the first batch of each segment's first unit and nothing else.
+    for budget, expect in [(2**30, n_units * batches), (1500, 2 * n_units * batches - n_segments)]:
+        blocks, forwards = fit(budget)
+        assert forwards == expect, (budget, forwards, expect)
+        for seg, ref in zip(blocks, reference):
+            for name, block in seg.items():
+                for key in ("q_a", "q_s", "lam"):
+                    assert torch.equal(getattr(block, key), getattr(ref[name], key)), (budget, name, key)
 
 
 def test_large_lr_mass_approaches_influence_function(mlp_run):

@@ -110,17 +110,57 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 
 // ------------------------------------------------------------------------------------------------
 // Materialised strategy, for T > 1 (sequences, or the checkpoints of one SOURCE segment stacked as
-// tokens): scores[q, n] = Σ_o Σ_i V[q,o,i] G_n[o,i] with G_n = Σ_t g_{n,t} a_{n,t}ᵀ. One row o of
-// G for a block of MAT_NCB panels of examples is formed at a time in a per-task buffer (never
-// N x O x I in memory) and contracted with MR queries at a time by the micro-kernel:
+// tokens): scores[q, n] = Σ_o Σ_i V[q,o,i] G_n[o,i] with G_n = Σ_t g_{n,t} a_{n,t}ᵀ. FMO rows of G for
+// a block of panels of NR examples are formed at a time in a per-task buffer (never N x O x I in
+// memory) by a register-tiled rank-T update (examples along the vector lanes, so the rows come out
+// in the B-panel layout [i][NR]) and contracted with MR queries at a time by the micro-kernel:
 // Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I.
 //
-// Tasks are (column block, group of query blocks); each owns its scores and sums over o then i in a
-// fixed order, so the result is bitwise independent of the thread count.
+// Tasks are (column block, group of G rows); with few column blocks the rows o are split into groups
+// (a number fixed by the shapes only) whose partial scores are summed in group order at the end, so
+// the result is bitwise independent of the thread count.
 namespace sf {
 namespace {
 
-constexpr index_t MAT_NCB = 8;  // panels per column block: one G row block is I x 8·NR floats (L2)
+// Register tile of the G formation: FMO rows x FMI columns x VL examples (24 of 32 zmm on AVX-512).
+constexpr index_t FMO = VL >= 16 ? 4 : 3;
+constexpr index_t FMI = VL >= 16 ? 6 : 4;
+constexpr index_t MAT_MAX_NCB = 8;                   // panels per column block, at most
+constexpr std::size_t MAT_ROWBUF_BYTES = 256 << 10;  // FMO G rows of a column block stay in L2
+constexpr index_t MAT_TARGET_TASKS = 8;              // split O when there are fewer column blocks
+
+// dst[m][i][NR] = Σ_t g[m][t][NR] ⊙ a[i][t][NR] for m < FMO, i < I_pad (lanes are examples).
+// ap: [I_pad][T][NR]; gp: [FMO][T][NR] (the panel's first row); dst rows dst_m apart. Token-major
+// within a row keeps every stream of the rank-T update contiguous (no 4 KiB-strided set conflicts).
+static inline void form_g_rows(index_t T, index_t I_pad, const float* __restrict ap, const float* __restrict gp,
+                               float* __restrict dst, index_t dst_m) {
+  for (int w = 0; w < NV; ++w)
+    for (index_t i0 = 0; i0 < I_pad; i0 += FMI) {
+      vf acc[FMO][FMI];
+#pragma GCC unroll 8
+      for (index_t m = 0; m < FMO; ++m)
+#pragma GCC unroll 8
+        for (index_t k = 0; k < FMI; ++k) acc[m][k] = vf{};
+      for (index_t t = 0; t < T; ++t) {
+        const float* at = ap + (i0 * T + t) * NR + w * VL;
+        const float* gt = gp + t * NR + w * VL;
+        vf gv[FMO];
+#pragma GCC unroll 8
+        for (index_t m = 0; m < FMO; ++m) gv[m] = loada(gt + m * T * NR);
+#pragma GCC unroll 8
+        for (index_t k = 0; k < FMI; ++k) {
+          const vf av = loada(at + k * T * NR);
+#pragma GCC unroll 8
+          for (index_t m = 0; m < FMO; ++m) acc[m][k] += gv[m] * av;
+        }
+      }
+#pragma GCC unroll 8
+      for (index_t m = 0; m < FMO; ++m)
+#pragma GCC unroll 8
+        for (index_t k = 0; k < FMI; ++k)
+          *reinterpret_cast<vf*>(dst + m * dst_m + (i0 + k) * NR + w * VL) = acc[m][k];
+    }
+}
 
 }  // namespace
 
@@ -137,17 +177,20 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
     return Status();
   }
 
+  const index_t I_pad = ceil_div(I, FMI) * FMI, O_pad = ceil_div(O, FMO) * FMO;
   const index_t n_panels = ceil_div(N, NR);
-  const index_t n_cb = ceil_div(n_panels, MAT_NCB);
+  const index_t panel_bytes = FMO * I_pad * NR * static_cast<index_t>(sizeof(float));
+  const index_t ncb = std::max<index_t>(1, std::min<index_t>(MAT_MAX_NCB, MAT_ROWBUF_BYTES / panel_bytes));
+  const index_t n_cb = ceil_div(n_panels, ncb);
   const index_t n_qb = ceil_div(Q, MR);
-  const int nt = threads_for(static_cast<double>(Q) * N * O * I, 2.0e6, num_threads);
-  // Tasks are whole column blocks when there are enough of them (the G rows of a block are formed once,
-  // T·I per example and row o); with fewer blocks than threads the query blocks are split into groups,
-  // each re-forming the block's G rows (overhead T / (MR · query blocks per group)).
-  const index_t n_groups = n_cb >= nt ? 1 : std::min<index_t>(n_qb, nt);
-  AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][t][i][NR]
-  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][t][o][NR]
-  AlignedBuffer cbuf(static_cast<std::size_t>(n_qb * n_panels * MR * NR));  // [qb][panel][MR][NR]
+  const index_t n_ob = O_pad / FMO;
+  // Row groups: a function of the shapes only (never of the thread count), for bitwise reproducibility.
+  const index_t n_og = std::max<index_t>(1, std::min<index_t>(n_ob, ceil_div(MAT_TARGET_TASKS, n_cb)));
+  const int nt = threads_for(static_cast<double>(Q + T) * N * O * I, 2.0e6, num_threads);
+  AlignedBuffer apack(static_cast<std::size_t>(n_panels * I_pad * T * NR));  // [panel][i][t][NR]
+  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * O_pad * T * NR));  // [panel][o][t][NR]
+  const std::size_t c_group = static_cast<std::size_t>(n_qb * n_panels * MR * NR);
+  AlignedBuffer cbuf(n_og * c_group);  // [group][qb][panel][MR][NR]
   if (!apack.data() || !gpack.data() || !cbuf.data())
     return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
   float* Ap = apack.data();
@@ -159,21 +202,38 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
   {
 #pragma omp for schedule(static)
     for (index_t p = 0; p < n_panels; ++p) {
+      float* ad = Ap + p * I_pad * T * NR;
+      float* gd = Gp + p * O_pad * T * NR;
+      // Examples innermost: each write is a contiguous NR-float row; padding (examples beyond N, rows
+      // beyond O, columns beyond I) is zero.
+      const int valid = static_cast<int>(std::min<index_t>(NR, N - p * NR));
       for (index_t t = 0; t < T; ++t) {
-        float* ad = Ap + (p * T + t) * I * NR;
-        float* gd = Gp + (p * T + t) * O * NR;
-        for (int j = 0; j < NR; ++j) {
-          const index_t n = p * NR + j;
-          const bool valid = n < N;  // padded examples are zero: their G is zero
-          const float* ar = a + (valid ? n : 0) * san + t * sat;
-          const float* gr = g + (valid ? n : 0) * sgn + t * sgt;
-          for (index_t i = 0; i < I; ++i) ad[i * NR + j] = valid ? ar[i * sai] : 0.0f;
-          for (index_t o = 0; o < O; ++o) gd[o * NR + j] = valid ? gr[o * sgo] : 0.0f;
+        const float* ar = a + p * NR * san + t * sat;
+        const float* gr = g + p * NR * sgn + t * sgt;
+        for (index_t i = 0; i < I_pad; ++i) {
+          float* d = ad + (i * T + t) * NR;
+          if (i < I) {
+            int j = 0;
+            for (; j < valid; ++j) d[j] = ar[j * san + i * sai];
+            for (; j < NR; ++j) d[j] = 0.0f;
+          } else {
+            for (int j = 0; j < NR; ++j) d[j] = 0.0f;
+          }
+        }
+        for (index_t o = 0; o < O_pad; ++o) {
+          float* d = gd + (o * T + t) * NR;
+          if (o < O) {
+            int j = 0;
+            for (; j < valid; ++j) d[j] = gr[j * sgn + o * sgo];
+            for (; j < NR; ++j) d[j] = 0.0f;
+          } else {
+            for (int j = 0; j < NR; ++j) d[j] = 0.0f;
+          }
         }
       }
     }
-    AlignedBuffer rowbuf(static_cast<std::size_t>(MAT_NCB * I * NR));  // G rows: [pp][i][NR]
-    AlignedBuffer abuf(static_cast<std::size_t>(I * MR));             // V rows o of MR queries: [i][MR]
+    AlignedBuffer rowbuf(static_cast<std::size_t>(FMO * ncb * I_pad * NR));  // G rows: [m][pp][i][NR]
+    AlignedBuffer abuf(static_cast<std::size_t>(I * MR));                    // V rows o of MR queries: [i][MR]
     float* B = rowbuf.data();
     float* A = abuf.data();
     if (!A || !B) {
@@ -181,52 +241,49 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
       alloc_failed = 1;
     }
 #pragma omp for schedule(static)
-    for (index_t task = 0; task < n_cb * n_groups; ++task) {
+    for (index_t task = 0; task < n_cb * n_og; ++task) {
       if (!A || !B) continue;
-      const index_t cb = task / n_groups, grp = task % n_groups;
-      const index_t p0 = cb * MAT_NCB, np = std::min(MAT_NCB, n_panels - p0);
-      const index_t qb0 = grp * n_qb / n_groups, qb1 = (grp + 1) * n_qb / n_groups;
-      for (index_t o = 0; o < O; ++o) {
-        // Row o of G_n for the block's examples: Σ_t g[n,t,o] a[n,t,:], vectorised over examples.
-        for (index_t pp = 0; pp < np; ++pp) {
-          float* bd = B + pp * I * NR;
-          for (index_t t = 0; t < T; ++t) {
-            const float* ad = Ap + ((p0 + pp) * T + t) * I * NR;
-            const float* gt = Gp + ((p0 + pp) * T + t) * O * NR + o * NR;
-            vf gv[NV];
-            for (int w = 0; w < NV; ++w) gv[w] = loada(gt + w * VL);
-            for (index_t i = 0; i < I; ++i)
-              for (int w = 0; w < NV; ++w) {
-                vf* d = reinterpret_cast<vf*>(bd + i * NR + w * VL);
-                const vf x = gv[w] * loada(ad + i * NR + w * VL);
-                *d = t == 0 ? x : *d + x;
+      const index_t cb = task / n_og, grp = task % n_og;
+      const index_t p0 = cb * ncb, np = std::min(ncb, n_panels - p0);
+      const index_t ob0 = grp * n_ob / n_og, ob1 = (grp + 1) * n_ob / n_og;
+      float* Cg = C + grp * c_group;
+      for (index_t ob = ob0; ob < ob1; ++ob) {
+        const index_t o0 = ob * FMO;
+        for (index_t pp = 0; pp < np; ++pp)
+          form_g_rows(T, I_pad, Ap + (p0 + pp) * I_pad * T * NR, Gp + ((p0 + pp) * O_pad + o0) * T * NR,
+                      B + pp * I_pad * NR, ncb * I_pad * NR);
+        for (index_t m = 0; m < FMO && o0 + m < O; ++m) {
+          const index_t o = o0 + m;
+          const bool first = o == ob0 * FMO;
+          for (index_t qb = 0; qb < n_qb; ++qb) {
+            const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
+            pack_a_panel(v + q0 * svq + o * svo, svq, svi, rows, I, A);
+            for (index_t pp = 0; pp < np; ++pp) {
+              float* c = Cg + (qb * n_panels + p0 + pp) * MR * NR;
+              vf acc[MR][NV];
+              if (first) {
+                zero_tile(acc);
+              } else {
+                for (int r = 0; r < MR; ++r)
+                  for (int w = 0; w < NV; ++w) acc[r][w] = loada(c + r * NR + w * VL);
               }
-          }
-        }
-        for (index_t qb = qb0; qb < qb1; ++qb) {
-          const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
-          pack_a_panel(v + q0 * svq + o * svo, svq, svi, rows, I, A);
-          for (index_t pp = 0; pp < np; ++pp) {
-            float* c = C + (qb * n_panels + p0 + pp) * MR * NR;
-            vf acc[MR][NV];
-            if (o == 0) {
-              zero_tile(acc);
-            } else {
-              for (int m = 0; m < MR; ++m)
-                for (int w = 0; w < NV; ++w) acc[m][w] = loada(c + m * NR + w * VL);
+              gemm_tile<MR>(I, A, B + (m * ncb + pp) * I_pad * NR, acc);
+              for (int r = 0; r < MR; ++r)
+                for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + r * NR + w * VL) = acc[r][w];
             }
-            gemm_tile<MR>(I, A, B + pp * I * NR, acc);
-            for (int m = 0; m < MR; ++m)
-              for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + m * NR + w * VL) = acc[m][w];
           }
         }
       }
     }
 #pragma omp for schedule(static)
     for (index_t q = 0; q < Q; ++q) {
-      const index_t qb = q / MR, m = q % MR;
-      for (index_t n = 0; n < N; ++n)
-        out[q * so_q + n * so_n] = C[((qb * n_panels + n / NR) * MR + m) * NR + n % NR];
+      const index_t qb = q / MR, r = q % MR;
+      for (index_t n = 0; n < N; ++n) {
+        const std::size_t at = static_cast<std::size_t>(((qb * n_panels + n / NR) * MR + r) * NR + n % NR);
+        float total = C[at];
+        for (index_t grp = 1; grp < n_og; ++grp) total += C[grp * c_group + at];
+        out[q * so_q + n * so_n] = total;
+      }
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
