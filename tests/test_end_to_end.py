@@ -76,6 +76,24 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
+@pytest.mark.parametrize("rotate", ["rows", "direction"])
+@pytest.mark.parametrize("method", ["source", "influence"])
+def test_rows_or_direction_rotated_give_the_same_scores(mlp_run, monkeypatch, rotate, method):
+    """Scoring in a segment's eigenbasis rotates either every training row or the direction back (the
+    cost model's choice per layer): both equal the oracle."""
+    from source_fast import analyzer as analyzer_module
+
+    monkeypatch.setattr(analyzer_module, "_rotate_direction_back", lambda *shape: rotate == "direction")
+    model, data, run = mlp_run
+    queries = Subset(data, range(4))
+    kw = {"damping": 0.01} if method == "influence" else {}
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, fisher="empirical", batch_size=7,
+                                 progress=False, **kw)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
+    assert _rel(scores, oracle) <= 1e-6
+
+
 def test_cnn_matches_dense_oracle_float64():
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)

@@ -110,56 +110,68 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 
 // ------------------------------------------------------------------------------------------------
 // Materialised strategy, for T > 1 (sequences, or the checkpoints of one SOURCE segment stacked as
-// tokens): scores[q, n] = Σ_o Σ_i V[q,o,i] G_n[o,i] with G_n = Σ_t g_{n,t} a_{n,t}ᵀ. FMO rows of G for
-// a block of panels of NR examples are formed at a time in a per-task buffer (never N x O x I in
-// memory) by a register-tiled rank-T update (examples along the vector lanes, so the rows come out
-// in the B-panel layout [i][NR]) and contracted with MR queries at a time by the micro-kernel:
+// tokens): scores[q, n] = Σ_k V[q, k] G_n[k] over k = (o, i), with G_n = Σ_t g_{n,t} a_{n,t}ᵀ.
 // Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I.
 //
-// Tasks are (column block, group of G rows); with few column blocks the rows o are split into groups
-// (a number fixed by the shapes only) whose partial scores are summed in group order at the end, so
-// the result is bitwise independent of the thread count.
+// A task owns a block of examples. For a chunk of rows o it forms each example's G_n rows with the
+// register-tiled micro-kernel (MR rows of g broadcast, VL-wide rows of a loaded straight from the
+// input, K = T), into a buffer that stays in L2, then contracts them with V by a dot-product tile
+// (MQ queries x MN examples, vectors along k) into per-(q, n) vector partial sums. Every score is
+// summed in one task, in increasing k, then reduced by a fixed horizontal sum: bitwise independent of
+// the thread count and of the block sizes.
 namespace sf {
 namespace {
 
-// Register tile of the G formation: FMO rows x FMI columns x VL examples (24 of 32 zmm on AVX-512).
-constexpr index_t FMO = VL >= 16 ? 4 : 3;
-constexpr index_t FMI = VL >= 16 ? 6 : 4;
-constexpr index_t MAT_MAX_NCB = 8;                   // panels per column block, at most
-constexpr std::size_t MAT_ROWBUF_BYTES = 256 << 10;  // FMO G rows of a column block stay in L2
-constexpr index_t MAT_TARGET_TASKS = 8;              // split O when there are fewer column blocks
+#if defined(__AVX512F__)
+constexpr index_t MQ = 4, MN = 6;  // 24 accumulators + 6 G vectors + 1 V vector of 32 zmm
+#else
+constexpr index_t MQ = 2, MN = 4;  // 8 accumulators + 4 + 1 of 16 ymm
+#endif
+constexpr index_t MAT_KC = 1024;                      // k per contraction step: MN + MQ rows of 4 KiB in L1
+constexpr std::size_t MAT_BLOCK_BYTES = 1536 << 10;   // G rows of one task's chunk (L2)
+constexpr index_t MAT_MAX_NB = 96;                    // examples per task, at most
 
-// dst[m][i][NR] = Σ_t g[m][t][NR] ⊙ a[i][t][NR] for m < FMO, i < I_pad (lanes are examples).
-// ap: [I_pad][T][NR]; gp: [FMO][T][NR] (the panel's first row); dst rows dst_m apart. Token-major
-// within a row keeps every stream of the rank-T update contiguous (no 4 KiB-strided set conflicts).
-static inline void form_g_rows(index_t T, index_t I_pad, const float* __restrict ap, const float* __restrict gp,
-                               float* __restrict dst, index_t dst_m) {
-  for (int w = 0; w < NV; ++w)
-    for (index_t i0 = 0; i0 < I_pad; i0 += FMI) {
-      vf acc[FMO][FMI];
-#pragma GCC unroll 8
-      for (index_t m = 0; m < FMO; ++m)
-#pragma GCC unroll 8
-        for (index_t k = 0; k < FMI; ++k) acc[m][k] = vf{};
-      for (index_t t = 0; t < T; ++t) {
-        const float* at = ap + (i0 * T + t) * NR + w * VL;
-        const float* gt = gp + t * NR + w * VL;
-        vf gv[FMO];
-#pragma GCC unroll 8
-        for (index_t m = 0; m < FMO; ++m) gv[m] = loada(gt + m * T * NR);
-#pragma GCC unroll 8
-        for (index_t k = 0; k < FMI; ++k) {
-          const vf av = loada(at + k * T * NR);
-#pragma GCC unroll 8
-          for (index_t m = 0; m < FMO; ++m) acc[m][k] += gv[m] * av;
-        }
-      }
-#pragma GCC unroll 8
-      for (index_t m = 0; m < FMO; ++m)
-#pragma GCC unroll 8
-        for (index_t k = 0; k < FMI; ++k)
-          *reinterpret_cast<vf*>(dst + m * dst_m + (i0 + k) * NR + w * VL) = acc[m][k];
+// dst[m][w] = Σ_t g[t, m] a[t, w] for m < M rows of g (gp[t * sgt + m * sgo]) and W vectors of a
+// (ap[t * sat + w * VL]); rows m >= rows are not stored.
+template <int W>
+static inline void form_tile(index_t T, const float* __restrict gp, index_t sgt, index_t sgo,
+                             const float* __restrict ap, index_t sat, float* __restrict dst, index_t dst_row,
+                             index_t rows) {
+  vf acc[MR][W];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int w = 0; w < W; ++w) acc[m][w] = vf{};
+  for (index_t t = 0; t < T; ++t) {
+    vf b[W];
+#pragma GCC unroll 2
+    for (int w = 0; w < W; ++w) b[w] = loadu(ap + t * sat + w * VL);
+    const float* gt = gp + t * sgt;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const vf x = splat(gt[m * sgo]);
+#pragma GCC unroll 2
+      for (int w = 0; w < W; ++w) acc[m][w] += x * b[w];
     }
+  }
+  for (index_t m = 0; m < rows; ++m)
+    for (int w = 0; w < W; ++w) storeu(dst + m * dst_row + w * VL, acc[m][w]);
+}
+
+// acc[x][j] += Σ_k v_x[k] ⊙ g_j[k] over k < kc (a multiple of VL), lane-wise.
+static inline void dot_tile(index_t kc, const float* const* __restrict vr, const float* const* __restrict gr,
+                            vf (&acc)[MQ][MN]) {
+  for (index_t k = 0; k < kc; k += VL) {
+    vf gv[MN];
+#pragma GCC unroll 8
+    for (index_t j = 0; j < MN; ++j) gv[j] = loadu(gr[j] + k);
+#pragma GCC unroll 8
+    for (index_t x = 0; x < MQ; ++x) {
+      const vf v = loadu(vr[x] + k);
+#pragma GCC unroll 8
+      for (index_t j = 0; j < MN; ++j) acc[x][j] += v * gv[j];
+    }
+  }
 }
 
 }  // namespace
@@ -177,113 +189,112 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
     return Status();
   }
 
-  const index_t I_pad = ceil_div(I, FMI) * FMI, O_pad = ceil_div(O, FMO) * FMO;
-  const index_t n_panels = ceil_div(N, NR);
-  const index_t panel_bytes = FMO * I_pad * NR * static_cast<index_t>(sizeof(float));
-  const index_t ncb = std::max<index_t>(1, std::min<index_t>(MAT_MAX_NCB, MAT_ROWBUF_BYTES / panel_bytes));
-  const index_t n_cb = ceil_div(n_panels, ncb);
-  const index_t n_qb = ceil_div(Q, MR);
-  const index_t n_ob = O_pad / FMO;
-  // Row groups: a function of the shapes only (never of the thread count), for bitwise reproducibility.
-  const index_t n_og = std::max<index_t>(1, std::min<index_t>(n_ob, ceil_div(MAT_TARGET_TASKS, n_cb)));
+  // Columns padded to whole vectors. a is read in place when its rows already are (else copied per
+  // example, zero-padded); V likewise (else packed once, zero-padded, [Q][O][IP]).
+  const index_t IP = ceil_div(I, VL) * VL;
+  const bool a_direct = sai == 1 && IP == I;
+  const bool v_direct = svi == 1 && svo == I && IP == I;
   const int nt = threads_for(static_cast<double>(Q + T) * N * O * I, 2.0e6, num_threads);
-  AlignedBuffer apack(static_cast<std::size_t>(n_panels * I_pad * T * NR));  // [panel][i][t][NR]
-  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * O_pad * T * NR));  // [panel][o][t][NR]
-  const std::size_t c_group = static_cast<std::size_t>(n_qb * n_panels * MR * NR);
-  AlignedBuffer cbuf(n_og * c_group);  // [group][qb][panel][MR][NR]
-  if (!apack.data() || !gpack.data() || !cbuf.data())
+  const index_t row_bytes = IP * static_cast<index_t>(sizeof(float));
+  const index_t nb_mem = std::max<index_t>(MN, static_cast<index_t>(MAT_BLOCK_BYTES) / (MR * row_bytes) / MN * MN);
+  const index_t NB = std::min({ceil_div(ceil_div(N, nt), MN) * MN, nb_mem, MAT_MAX_NB});
+  const index_t OC = std::min(ceil_div(O, MR) * MR,
+                              std::max<index_t>(MR, static_cast<index_t>(MAT_BLOCK_BYTES) / (NB * row_bytes) / MR * MR));
+  const index_t n_tasks = ceil_div(N, NB);
+  AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(Q * O * IP));
+  if (!v_direct && !vpack.data())
     return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
-  float* Ap = apack.data();
-  float* Gp = gpack.data();
-  float* C = cbuf.data();
+  float* Vp = vpack.data();
   int alloc_failed = 0;
 
 #pragma omp parallel num_threads(nt)
   {
+    if (!v_direct) {
 #pragma omp for schedule(static)
-    for (index_t p = 0; p < n_panels; ++p) {
-      float* ad = Ap + p * I_pad * T * NR;
-      float* gd = Gp + p * O_pad * T * NR;
-      // Examples innermost: each write is a contiguous NR-float row; padding (examples beyond N, rows
-      // beyond O, columns beyond I) is zero.
-      const int valid = static_cast<int>(std::min<index_t>(NR, N - p * NR));
-      for (index_t t = 0; t < T; ++t) {
-        const float* ar = a + p * NR * san + t * sat;
-        const float* gr = g + p * NR * sgn + t * sgt;
-        for (index_t i = 0; i < I_pad; ++i) {
-          float* d = ad + (i * T + t) * NR;
-          if (i < I) {
-            int j = 0;
-            for (; j < valid; ++j) d[j] = ar[j * san + i * sai];
-            for (; j < NR; ++j) d[j] = 0.0f;
-          } else {
-            for (int j = 0; j < NR; ++j) d[j] = 0.0f;
-          }
+      for (index_t q = 0; q < Q; ++q)
+        for (index_t o = 0; o < O; ++o) {
+          float* d = Vp + (q * O + o) * IP;
+          const float* src = v + q * svq + o * svo;
+          for (index_t i = 0; i < I; ++i) d[i] = src[i * svi];
+          for (index_t i = I; i < IP; ++i) d[i] = 0.0f;
         }
-        for (index_t o = 0; o < O_pad; ++o) {
-          float* d = gd + (o * T + t) * NR;
-          if (o < O) {
-            int j = 0;
-            for (; j < valid; ++j) d[j] = gr[j * sgn + o * sgo];
-            for (; j < NR; ++j) d[j] = 0.0f;
-          } else {
-            for (int j = 0; j < NR; ++j) d[j] = 0.0f;
-          }
-        }
-      }
     }
-    AlignedBuffer rowbuf(static_cast<std::size_t>(FMO * ncb * I_pad * NR));  // G rows: [m][pp][i][NR]
-    AlignedBuffer abuf(static_cast<std::size_t>(I * MR));                    // V rows o of MR queries: [i][MR]
-    float* B = rowbuf.data();
-    float* A = abuf.data();
-    if (!A || !B) {
+    AlignedBuffer gbuf(static_cast<std::size_t>(NB * OC * IP));  // G_n rows of the chunk: [j][o][IP]
+    AlignedBuffer abuf(a_direct ? 1 : static_cast<std::size_t>(T * IP));
+    AlignedBuffer tailbuf(static_cast<std::size_t>(T * MR));  // the last, partial row block of g, [t][MR]
+    AlignedBuffer cbuf(static_cast<std::size_t>(Q * NB * VL));  // vector partial sums [q][j][VL]
+    AlignedBuffer zbuf(static_cast<std::size_t>(MAT_KC));
+    float *Gb = gbuf.data(), *Ab = abuf.data(), *Tb = tailbuf.data(), *Cv = cbuf.data(), *Z = zbuf.data();
+    if (!Gb || !Ab || !Tb || !Cv || !Z) {
 #pragma omp atomic write
       alloc_failed = 1;
+    } else {
+      std::memset(Z, 0, sizeof(float) * MAT_KC);
     }
 #pragma omp for schedule(static)
-    for (index_t task = 0; task < n_cb * n_og; ++task) {
-      if (!A || !B) continue;
-      const index_t cb = task / n_og, grp = task % n_og;
-      const index_t p0 = cb * ncb, np = std::min(ncb, n_panels - p0);
-      const index_t ob0 = grp * n_ob / n_og, ob1 = (grp + 1) * n_ob / n_og;
-      float* Cg = C + grp * c_group;
-      for (index_t ob = ob0; ob < ob1; ++ob) {
-        const index_t o0 = ob * FMO;
-        for (index_t pp = 0; pp < np; ++pp)
-          form_g_rows(T, I_pad, Ap + (p0 + pp) * I_pad * T * NR, Gp + ((p0 + pp) * O_pad + o0) * T * NR,
-                      B + pp * I_pad * NR, ncb * I_pad * NR);
-        for (index_t m = 0; m < FMO && o0 + m < O; ++m) {
-          const index_t o = o0 + m;
-          const bool first = o == ob0 * FMO;
-          for (index_t qb = 0; qb < n_qb; ++qb) {
-            const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
-            pack_a_panel(v + q0 * svq + o * svo, svq, svi, rows, I, A);
-            for (index_t pp = 0; pp < np; ++pp) {
-              float* c = Cg + (qb * n_panels + p0 + pp) * MR * NR;
-              vf acc[MR][NV];
-              if (first) {
-                zero_tile(acc);
-              } else {
-                for (int r = 0; r < MR; ++r)
-                  for (int w = 0; w < NV; ++w) acc[r][w] = loada(c + r * NR + w * VL);
+    for (index_t task = 0; task < n_tasks; ++task) {
+      if (!Gb || !Ab || !Tb || !Cv || !Z) continue;
+      const index_t n0 = task * NB, nb = std::min(NB, N - n0);
+      std::memset(Cv, 0, sizeof(float) * Q * NB * VL);
+      for (index_t oc0 = 0; oc0 < O; oc0 += OC) {
+        const index_t orows = std::min(OC, O - oc0);
+        for (index_t j = 0; j < nb; ++j) {
+          const index_t n = n0 + j;
+          const float* an = a + n * san;
+          index_t a_row = sat;
+          if (!a_direct) {
+            for (index_t t = 0; t < T; ++t) {
+              float* d = Ab + t * IP;
+              for (index_t i = 0; i < I; ++i) d[i] = an[t * sat + i * sai];
+              for (index_t i = I; i < IP; ++i) d[i] = 0.0f;
+            }
+            an = Ab;
+            a_row = IP;
+          }
+          float* gj = Gb + j * OC * IP;
+          for (index_t o = oc0; o < oc0 + orows; o += MR) {
+            const index_t rows = std::min<index_t>(MR, O - o);
+            const float* gp = g + n * sgn + o * sgo;
+            index_t g_t = sgt, g_o = sgo;
+            if (rows < MR) {  // zero-padded copy: the tile reads MR rows
+              pack_a_panel(gp, sgo, sgt, rows, T, Tb);
+              gp = Tb;
+              g_t = MR;
+              g_o = 1;
+            }
+            float* dst = gj + (o - oc0) * IP;
+            index_t i0 = 0;
+            for (; i0 + 2 * VL <= IP; i0 += 2 * VL) form_tile<2>(T, gp, g_t, g_o, an + i0, a_row, dst + i0, IP, rows);
+            if (i0 < IP) form_tile<1>(T, gp, g_t, g_o, an + i0, a_row, dst + i0, IP, rows);
+          }
+        }
+        const index_t K = orows * IP;  // this chunk's k, contiguous in G rows and in V rows
+        for (index_t k0 = 0; k0 < K; k0 += MAT_KC) {
+          const index_t kc = std::min(MAT_KC, K - k0);
+          for (index_t j0 = 0; j0 < nb; j0 += MN) {
+            const float* gr[MN];
+            for (index_t jj = 0; jj < MN; ++jj) gr[jj] = j0 + jj < nb ? Gb + (j0 + jj) * OC * IP + k0 : Z;
+            for (index_t q0 = 0; q0 < Q; q0 += MQ) {
+              const float* vr[MQ];
+              for (index_t x = 0; x < MQ; ++x) {
+                const index_t q = q0 + x;
+                vr[x] = q >= Q ? Z : (v_direct ? v + q * svq : Vp + q * O * IP) + oc0 * IP + k0;
               }
-              gemm_tile<MR>(I, A, B + (m * ncb + pp) * I_pad * NR, acc);
-              for (int r = 0; r < MR; ++r)
-                for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + r * NR + w * VL) = acc[r][w];
+              vf acc[MQ][MN];
+              for (index_t x = 0; x < MQ; ++x)
+                for (index_t jj = 0; jj < MN; ++jj)
+                  acc[x][jj] = (q0 + x < Q && j0 + jj < nb) ? loada(Cv + ((q0 + x) * NB + j0 + jj) * VL) : vf{};
+              dot_tile(kc, vr, gr, acc);
+              for (index_t x = 0; x < MQ; ++x)
+                for (index_t jj = 0; jj < MN; ++jj)
+                  if (q0 + x < Q && j0 + jj < nb)
+                    *reinterpret_cast<vf*>(Cv + ((q0 + x) * NB + j0 + jj) * VL) = acc[x][jj];
             }
           }
         }
       }
-    }
-#pragma omp for schedule(static)
-    for (index_t q = 0; q < Q; ++q) {
-      const index_t qb = q / MR, r = q % MR;
-      for (index_t n = 0; n < N; ++n) {
-        const std::size_t at = static_cast<std::size_t>(((qb * n_panels + n / NR) * MR + r) * NR + n % NR);
-        float total = C[at];
-        for (index_t grp = 1; grp < n_og; ++grp) total += C[grp * c_group + at];
-        out[q * so_q + n * so_n] = total;
-      }
+      for (index_t q = 0; q < Q; ++q)
+        for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = hsum(loada(Cv + (q * NB + j) * VL));
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");

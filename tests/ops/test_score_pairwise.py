@@ -77,6 +77,34 @@ def test_score_pairwise_deterministic(backend):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+@pytest.mark.parametrize("q,n,t,o,i,layout", [
+    (5, 37, 4, 25, 32, "contiguous"),     # rows read in place; a partial block of 12 rows of g
+    (13, 40, 3, 30, 1024, "contiguous"),  # G rows formed and contracted in several chunks of o
+    (6, 19, 5, 14, 48, "strided"),        # non-contiguous V, a and g: packed copies
+], ids=["in-place", "o-chunks", "strided"])
+def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
+    """The materialised kernel's paths (in-place rows, padded copies, several row chunks per block):
+    each equals the float64 oracle and is bitwise the same for 1 and 2 threads."""
+    v, a, g = _inputs(q, n, t, i, o, torch.float32)
+    if layout == "strided":
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+        a = a.transpose(0, 1).contiguous().transpose(0, 1)
+        g = torch.randn(o, n, t).permute(1, 2, 0)
+        assert not (v.is_contiguous() or a.is_contiguous() or g.is_contiguous())
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
 @pytest.mark.parametrize("q,n,t", [(3, 1, 2), (13, 129, 2), (25, 300, 3)], ids=["q3-n1", "q13-n129", "q25-n300"])
 def test_score_pairwise_cpu_materialized_strategy(q, n, t):
     """T > 1 picks the materialised C++ kernel (rows of G_n formed in cache): correct across query
