@@ -110,15 +110,138 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 
 // ------------------------------------------------------------------------------------------------
 // Materialised strategy, for T > 1 (sequences, or the checkpoints of one SOURCE segment stacked as
-// tokens): scores[q, n] = Σ_k V[q, k] G_n[k] over k = (o, i), with G_n = Σ_t g_{n,t} a_{n,t}ᵀ.
-// Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I.
+// tokens): scores[q, n] = Σ_o Σ_i V[q,o,i] G_n[o,i] with G_n = Σ_t g_{n,t} a_{n,t}ᵀ, never N x O x I in
+// memory: Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I. Two layouts, by T:
 //
-// A task owns a block of examples. For a chunk of rows o it forms each example's G_n rows with the
-// register-tiled micro-kernel (MR rows of g broadcast, VL-wide rows of a loaded straight from the
-// input, K = T), into a buffer that stays in L2, then contracts them with V by a dot-product tile
-// (MQ queries x MN examples, vectors along k) into per-(q, n) vector partial sums. Every score is
-// summed in one task, in increasing k, then reduced by a fixed horizontal sum: bitwise independent of
-// the thread count and of the block sizes.
+// * "lanes": examples along the vector lanes. One row o of G for a block of
+//   panels is formed in cache (T·I per example) and contracted with MR queries at a time by the
+//   broadcast micro-kernel, V packed per (row, query block): near peak when Q·O·I is large (the
+//   MLP's SOURCE segments: T = 2, Q = 200, O·I = 400k).
+// * "rows": a task owns a block of examples; each example's G rows are formed
+//   by the register-tiled micro-kernel straight from its rows (K = T), then contracted by a
+//   dot-product tile (MQ queries x MN examples, vectors along k). 2-3x faster than "lanes" for long
+//   token rows and small layers (GPT-2 benchmark: T = 80, O·I = 12k-16k), where forming G dominates,
+//   and up to 10x for few queries (Q = 16). use_rows_layout() picks by the shapes only.
+//
+// Both sum every score in a fixed order that depends on the shapes only: bitwise independent of the
+// thread count.
+namespace sf {
+namespace {
+
+// The "rows" layout streams V once per block of examples: it wins while V stays in cache or forming G
+// dominates (measured on 2 Zen 5 cores: equal at T = 2 with a 2.4 MB V, 2.3-5x faster at T >= 4 or
+// Q = 16; 1.4-2.3x slower for Q = 200 and a 321 MB V up to T = 16).
+constexpr double MAT_ROWS_MAX_V_BYTES = 8.0 * (1 << 20);
+static inline bool use_rows_layout(index_t Q, index_t T, index_t O, index_t I) {
+  return 4.0 * static_cast<double>(Q) * O * I <= MAT_ROWS_MAX_V_BYTES || 4 * T >= Q;
+}
+constexpr index_t MAT_NCB = 8;  // panels per column block: one G row block is I x 8·NR floats (L2)
+
+}  // namespace
+
+static Status materialized_lanes(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                       index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
+                                       index_t sgt, index_t sgo, index_t Q, index_t N, index_t T, index_t O,
+                                       index_t I, float* out, index_t so_q, index_t so_n, int num_threads) {
+
+  const index_t n_panels = ceil_div(N, NR);
+  const index_t n_cb = ceil_div(n_panels, MAT_NCB);
+  const index_t n_qb = ceil_div(Q, MR);
+  const int nt = threads_for(static_cast<double>(Q) * N * O * I, 2.0e6, num_threads);
+  // Tasks are whole column blocks when there are enough of them (the G rows of a block are formed once,
+  // T·I per example and row o); with fewer blocks than threads the query blocks are split into groups,
+  // each re-forming the block's G rows (overhead T / (MR · query blocks per group)).
+  const index_t n_groups = n_cb >= nt ? 1 : std::min<index_t>(n_qb, nt);
+  AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][t][i][NR]
+  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][t][o][NR]
+  AlignedBuffer cbuf(static_cast<std::size_t>(n_qb * n_panels * MR * NR));  // [qb][panel][MR][NR]
+  if (!apack.data() || !gpack.data() || !cbuf.data())
+    return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
+  float* Ap = apack.data();
+  float* Gp = gpack.data();
+  float* C = cbuf.data();
+  int alloc_failed = 0;
+
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp for schedule(static)
+    for (index_t p = 0; p < n_panels; ++p) {
+      for (index_t t = 0; t < T; ++t) {
+        float* ad = Ap + (p * T + t) * I * NR;
+        float* gd = Gp + (p * T + t) * O * NR;
+        for (int j = 0; j < NR; ++j) {
+          const index_t n = p * NR + j;
+          const bool valid = n < N;  // padded examples are zero: their G is zero
+          const float* ar = a + (valid ? n : 0) * san + t * sat;
+          const float* gr = g + (valid ? n : 0) * sgn + t * sgt;
+          for (index_t i = 0; i < I; ++i) ad[i * NR + j] = valid ? ar[i * sai] : 0.0f;
+          for (index_t o = 0; o < O; ++o) gd[o * NR + j] = valid ? gr[o * sgo] : 0.0f;
+        }
+      }
+    }
+    AlignedBuffer rowbuf(static_cast<std::size_t>(MAT_NCB * I * NR));  // G rows: [pp][i][NR]
+    AlignedBuffer abuf(static_cast<std::size_t>(I * MR));             // V rows o of MR queries: [i][MR]
+    float* B = rowbuf.data();
+    float* A = abuf.data();
+    if (!A || !B) {
+#pragma omp atomic write
+      alloc_failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (index_t task = 0; task < n_cb * n_groups; ++task) {
+      if (!A || !B) continue;
+      const index_t cb = task / n_groups, grp = task % n_groups;
+      const index_t p0 = cb * MAT_NCB, np = std::min(MAT_NCB, n_panels - p0);
+      const index_t qb0 = grp * n_qb / n_groups, qb1 = (grp + 1) * n_qb / n_groups;
+      for (index_t o = 0; o < O; ++o) {
+        // Row o of G_n for the block's examples: Σ_t g[n,t,o] a[n,t,:], vectorised over examples.
+        for (index_t pp = 0; pp < np; ++pp) {
+          float* bd = B + pp * I * NR;
+          for (index_t t = 0; t < T; ++t) {
+            const float* ad = Ap + ((p0 + pp) * T + t) * I * NR;
+            const float* gt = Gp + ((p0 + pp) * T + t) * O * NR + o * NR;
+            vf gv[NV];
+            for (int w = 0; w < NV; ++w) gv[w] = loada(gt + w * VL);
+            for (index_t i = 0; i < I; ++i)
+              for (int w = 0; w < NV; ++w) {
+                vf* d = reinterpret_cast<vf*>(bd + i * NR + w * VL);
+                const vf x = gv[w] * loada(ad + i * NR + w * VL);
+                *d = t == 0 ? x : *d + x;
+              }
+          }
+        }
+        for (index_t qb = qb0; qb < qb1; ++qb) {
+          const index_t q0 = qb * MR, rows = std::min<index_t>(MR, Q - q0);
+          pack_a_panel(v + q0 * svq + o * svo, svq, svi, rows, I, A);
+          for (index_t pp = 0; pp < np; ++pp) {
+            float* c = C + (qb * n_panels + p0 + pp) * MR * NR;
+            vf acc[MR][NV];
+            if (o == 0) {
+              zero_tile(acc);
+            } else {
+              for (int m = 0; m < MR; ++m)
+                for (int w = 0; w < NV; ++w) acc[m][w] = loada(c + m * NR + w * VL);
+            }
+            gemm_tile<MR>(I, A, B + pp * I * NR, acc);
+            for (int m = 0; m < MR; ++m)
+              for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + m * NR + w * VL) = acc[m][w];
+          }
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (index_t q = 0; q < Q; ++q) {
+      const index_t qb = q / MR, m = q % MR;
+      for (index_t n = 0; n < N; ++n)
+        out[q * so_q + n * so_n] = C[((qb * n_panels + n / NR) * MR + m) * NR + n % NR];
+    }
+  }
+  if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
+  return Status();
+}
+
+}  // namespace sf
+
 namespace sf {
 namespace {
 
@@ -176,18 +299,10 @@ static inline void dot_tile(index_t kc, const float* const* __restrict vr, const
 
 }  // namespace
 
-Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+static Status materialized_rows(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
                                        index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
                                        index_t sgt, index_t sgo, index_t Q, index_t N, index_t T, index_t O,
                                        index_t I, float* out, index_t so_q, index_t so_n, int num_threads) {
-  SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
-                                         so_q, so_n));
-  if (Q == 0 || N == 0) return Status();
-  if (T == 0 || O == 0 || I == 0) {
-    for (index_t q = 0; q < Q; ++q)
-      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
-    return Status();
-  }
 
   // Columns padded to whole vectors. a is read in place when its rows already are (else copied per
   // example, zero-padded); V likewise (else packed once, zero-padded, [Q][O][IP]).
@@ -299,6 +414,26 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
   return Status();
+}
+
+}  // namespace sf
+
+namespace sf {
+
+Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                       index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
+                                       index_t sgt, index_t sgo, index_t Q, index_t N, index_t T, index_t O,
+                                       index_t I, float* out, index_t so_q, index_t so_n, int num_threads) {
+  SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
+                                         so_q, so_n));
+  if (Q == 0 || N == 0) return Status();
+  if (T == 0 || O == 0 || I == 0) {
+    for (index_t q = 0; q < Q; ++q)
+      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
+    return Status();
+  }
+  auto kernel = use_rows_layout(Q, T, O, I) ? materialized_rows : materialized_lanes;
+  return kernel(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out, so_q, so_n, num_threads);
 }
 
 }  // namespace sf

@@ -81,9 +81,11 @@ def test_score_pairwise_deterministic(backend):
     (5, 37, 4, 25, 32, "contiguous"),     # rows read in place; a partial block of 12 rows of g
     (13, 40, 3, 30, 1024, "contiguous"),  # G rows formed and contracted in several chunks of o
     (6, 19, 5, 14, 48, "strided"),        # non-contiguous V, a and g: packed copies
-], ids=["in-place", "o-chunks", "strided"])
+    (40, 33, 2, 300, 200, "contiguous"),  # V of 9.6 MB and 4T < Q: the "lanes" layout
+], ids=["in-place", "o-chunks", "strided", "lanes"])
 def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
-    """The materialised kernel's paths (in-place rows, padded copies, several row chunks per block):
+    """The materialised kernel's paths ("rows" layout: in-place rows, padded copies, several row chunks
+    per block; the "lanes" layout for a large V and few tokens):
     each equals the float64 oracle and is bitwise the same for 1 and 2 threads."""
     v, a, g = _inputs(q, n, t, i, o, torch.float32)
     if layout == "strided":
