@@ -154,6 +154,31 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
     return out
 
 
+# The sparse-g kernel (csrc/score_pairwise/score_pairwise_sparse_cpu.cpp) runs at ~0.85x the dense
+# token-wise kernel's speed per flop: 1.5x faster overall at half zeros, a loss above ~0.85 nonzero.
+SPARSE_G_MAX_DENSITY = 0.7
+SPARSE_G_MIN_ENTRIES = 4096  # below this the choice costs more than it can save
+
+
+def _density(g: torch.Tensor) -> float:
+    return float(torch.count_nonzero(g)) / max(g.numel(), 1)
+
+
+def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
+    """v [Q, O, I] with queries innermost and rows padded to whole 32-wide panels ([O][I][Qs]) as the
+    sparse kernel reads it; a view already laid out so (the pipeline stores directions that way) is
+    used as it is, anything else is copied."""
+    q, o, i = v.shape
+    qp = -(-q // 32) * 32
+    s_q, s_o, s_i = v.stride()
+    end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + qp  # the last row's padded panel
+    if s_q == 1 and s_i >= qp and s_o == i * s_i and end * v.element_size() <= v.untyped_storage().nbytes():
+        return v
+    buf = torch.zeros(o, i, qp, dtype=v.dtype)
+    buf[..., :q] = v.permute(1, 2, 0)
+    return buf[..., :q].permute(2, 0, 1)
+
+
 def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
     _require_f32(v=v, a=a, g=g)
@@ -164,6 +189,10 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     kernel = "score_pairwise_cpu"
     if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
         kernel = "score_pairwise_materialized_cpu"
+    elif t == 1 and n * o >= SPARSE_G_MIN_ENTRIES and _density(g) <= SPARSE_G_MAX_DENSITY:
+        # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted.
+        kernel = "score_pairwise_sparse_g_cpu"
+        v = _sparse_layout(v)
     out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
     step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)

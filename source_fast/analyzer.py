@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import _config, _linalg, ekfac, io, ops, spectral
+from . import _config, _extension, _linalg, ekfac, io, ops, spectral
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
@@ -111,6 +111,7 @@ class SourceAnalyzer:
         self._n_fit: int | None = None  # N of the fitted training set: every score's 1/N uses it
         self._state_cache: dict[str, dict] = {}
         self._query_tokens = 1  # tokens per query row (set by _query_grads): a cost-model hint
+        self._query_g_density: dict[str, float] = {}  # nonzero fraction of query output gradients, per layer
 
     # ------------------------------------------------------------------------------ validation
     @staticmethod
@@ -494,15 +495,19 @@ class SourceAnalyzer:
         """∇f per query, per layer [Q, O, I], at the currently loaded model state; with `basis`,
         rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token)."""
         chunks: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
+        self._query_g_zeros: dict[str, tuple[int, int]] = {}
         for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
+                zeros, total = self._query_g_zeros.get(name, (0, 0))
+                self._query_g_zeros[name] = (zeros + int((g == 0).sum()), total + g.numel())
                 a, g = a.to(self.compute_dtype), g.to(self.compute_dtype)
                 # Checked on the token rows (T·(O+I) per query, not O·I): a product of finite rows is finite.
                 if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
                                              "check_finite=False to propagate")
                 chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
+        self._query_g_density = {name: 1.0 - z / max(t, 1) for name, (z, t) in self._query_g_zeros.items()}
         return {name: torch.cat(parts) for name, parts in chunks.items()}
 
     # -------------------------------------------------------------------------------- scoring
@@ -571,22 +576,44 @@ class SourceAnalyzer:
                 yield b, block
 
     def _cheaper_rotation(self, group, n_train):
-        """A group scored in an eigenbasis takes, per layer, the cheaper of two equal contractions:
-        rotate every training token row (a Q_A, g Q_S: members·N·T·(I² + O²) flops), or rotate the
-        direction back once (V = Q_S W Q_Aᵀ: Q·O·I·(O + I)), e.g. 12× fewer for 50 queries on 1000
-        35-token documents; the MLP's one token per example keeps its rows rotated. T is the query rows'
-        token count (the only length known before the training pass)."""
+        """A group scored in an eigenbasis contracts, per layer, one of three equal forms (`_rotation_plan`):
+
+        - "rows": rotate every training token row (a Q_A, g Q_S: members·N·T·(I² + O²) flops);
+        - "direction": rotate the direction back once (V = Q_S W Q_Aᵀ: Q·O·I·(O + I)), e.g. 12× fewer
+          flops for 50 queries on 1000 35-token documents;
+        - "output": rotate the direction back on its output side only (V' = Q_S W: Q·O²·I) and the rows'
+          activations only, so the output gradients keep their exact zeros (ReLU-gated layers: about
+          half) and the CPU's sparse kernel skips them (Q·I·nnz(g) instead of Q·N·O·I).
+        T and the zero fraction come from the query rows (known before the training pass)."""
         members, v, weight, stage, basis = group
         if basis is None:
             return group
         v, basis = dict(v), dict(basis)
+        sparse_ok = self._sparse_kernel_usable()
         for layer in self.layers:
             name = layer.name
-            if _rotate_direction_back(*v[name].shape, len(members), n_train, self._query_tokens):
+            plan = _rotation_plan(*v[name].shape, len(members), n_train, self._query_tokens,
+                                  self._query_g_density.get(name, 1.0), sparse_ok)
+            if plan == "direction":
                 block = basis.pop(name)
                 v[name] = _linalg.matmul(block.q_s.to(v[name].dtype),
                                          _linalg.matmul(v[name], block.q_a.T.to(v[name].dtype)))
+            elif plan == "output":
+                block = basis[name]
+                basis[name] = _InputSideOnly(block)
+                v[name] = _queries_innermost(_linalg.matmul(block.q_s.to(v[name].dtype), v[name]))
         return members, v, weight, stage, basis
+
+    def _sparse_kernel_usable(self) -> bool:
+        """Whether score_pairwise would reach the CPU sparse-g kernel (fp32 on the CPU, compiled)."""
+        if self.device.type != "cpu" or self.compute_dtype != torch.float32:
+            return False
+        backend = self.backend or _config.backend_override()
+        if backend not in (None, "cpu"):
+            return False
+        from . import _dispatch
+
+        return _dispatch.BACKENDS["cpu"].availability() is None and ("cpu", "score_pairwise") not in _dispatch._disabled
 
     def _stacked_rows(self, members, dataset, basis, desc):
         """Yield (offset, size, rows) for scoring `dataset` against one direction shared by `members`
@@ -600,9 +627,8 @@ class SourceAnalyzer:
             self._load(unit)
             for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
                 if basis:  # layers missing from it are scored against a direction in the original basis
-                    rows = {n: (_linalg.matmul(a.to(self.compute_dtype), basis[n].q_a),
-                                _linalg.matmul(g.to(self.compute_dtype), basis[n].q_s)) if n in basis else (a, g)
-                            for n, (a, g) in rows.items()}
+                    rows = {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
+                            if n in basis else (a, g) for n, (a, g) in rows.items()}
                 yield offset, size, rows
 
         def as_lists(parts):  # one (offset, size, rows) per member of the same batch -> member lists
@@ -899,9 +925,40 @@ def _unpack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def _rotate_direction_back(q: int, o: int, i: int, members: int, n: int, t: int) -> bool:
-    """Cost model of `_cheaper_rotation`: Q·O·I·(O + I) for the direction vs members·N·T·(I² + O²)."""
-    return q * o * i * (o + i) < members * n * t * (i * i + o * o)
+def _rotation_plan(q: int, o: int, i: int, members: int, n: int, t: int, g_density: float,
+                   sparse_ok: bool) -> str:
+    """Cost model of `_cheaper_rotation`: 'rows', 'direction' or 'output' (see there)."""
+    rows = members * n * t * (i * i + o * o)
+    direction = q * o * i * (o + i)
+    if direction < rows:
+        return "direction"
+    # Output side: one token per row and a single member (stacked members are T > 1: no sparse kernel).
+    if sparse_ok and t == 1 and members == 1 and g_density <= _extension.SPARSE_G_MAX_DENSITY \
+            and q * o * o * i + n * i * i < (1.0 - g_density) * q * n * o * i:
+        return "output"
+    return "rows"
+
+
+class _InputSideOnly:
+    """A basis entry whose training rows rotate their activations only (a Q_A; g stays as it is)."""
+
+    def __init__(self, block: EKFACBlock):
+        self.block = block
+
+
+def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(entry, _InputSideOnly):
+        return _linalg.matmul(a, entry.block.q_a.to(a.dtype)), g
+    return _linalg.matmul(a, entry.q_a.to(a.dtype)), _linalg.matmul(g, entry.q_s.to(g.dtype))
+
+
+def _queries_innermost(v: torch.Tensor) -> torch.Tensor:
+    """v [Q, O, I] as a view of a zero-padded [O, I, Q rounded up to 32] buffer: the layout the sparse
+    kernel reads its query panels from (same values; any backend accepts the strided view)."""
+    q, o, i = v.shape
+    buf = torch.zeros(o, i, -(-q // 32) * 32, dtype=v.dtype, device=v.device)
+    buf[..., :q] = v.permute(1, 2, 0)
+    return buf[..., :q].permute(2, 0, 1)
 
 
 def _group_plan(plan):

@@ -76,14 +76,14 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
-@pytest.mark.parametrize("rotate", ["rows", "direction"])
+@pytest.mark.parametrize("rotate", ["rows", "direction", "output"])
 @pytest.mark.parametrize("method", ["source", "influence"])
 def test_rows_or_direction_rotated_give_the_same_scores(mlp_run, monkeypatch, rotate, method):
-    """Scoring in a segment's eigenbasis rotates either every training row or the direction back (the
-    cost model's choice per layer): both equal the oracle."""
+    """Scoring in a segment's eigenbasis rotates every training row, the direction back, or the direction's
+    output side and the rows' activations (the cost model's choice per layer): all equal the oracle."""
     from source_fast import analyzer as analyzer_module
 
-    monkeypatch.setattr(analyzer_module, "_rotate_direction_back", lambda *shape: rotate == "direction")
+    monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: rotate)
     model, data, run = mlp_run
     queries = Subset(data, range(4))
     kw = {"damping": 0.01} if method == "influence" else {}
@@ -92,6 +92,37 @@ def test_rows_or_direction_rotated_give_the_same_scores(mlp_run, monkeypatch, ro
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
     assert _rel(scores, oracle) <= 1e-6
+
+
+def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch):
+    """A ReLU MLP in float32: the influence scores take the output-side rotation, whose exact zeros in g
+    reach the CPU sparse-g kernel when it is built; ranks match the float64 oracle either way."""
+    from source_fast import _extension
+    from source_fast import analyzer as analyzer_module
+
+    plans, sparse_calls = [], []
+    plan, layout = analyzer_module._rotation_plan, _extension._sparse_layout
+    monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    monkeypatch.setattr(_extension, "_sparse_layout", lambda v: sparse_calls.append(1) or layout(v))
+    data64 = classification_data(n=256, d_in=6)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+    ckpts, steps, lrs = _setup(model, data64, steps=20, every=20, lr=0.3)
+    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=1)
+    queries64 = Subset(data64, range(40))
+    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method="influence",
+                                 damping=0.01)
+    ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
+    x, y = data64.tensors
+    data32 = torch.utils.data.TensorDataset(x.float(), y)
+    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=1)
+    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method="influence", damping=0.01,
+                                 fisher="empirical", batch_size=256, progress=False)
+    scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    assert 0.2 < analyzer._query_g_density["0"] < 0.8  # the ReLU zeroes part of the first layer's g
+    if analyzer._sparse_kernel_usable():
+        assert plans[0] == "output" and sparse_calls, (plans, len(sparse_calls))
+    _rank_checks(scores, oracle)
 
 
 def test_cnn_matches_dense_oracle_float64():

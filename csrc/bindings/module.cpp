@@ -177,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sbk"), py::arg("sbn"), py::arg("c"), py::arg("scb"), py::arg("scm"), py::arg("scn"), py::arg("M"),
       py::arg("N"), py::arg("K"), py::arg("num_threads"), "C[b] = A[b] @ B[b] (float32; batch stride 0 broadcasts).");
 
-  // The two CPU strategies of score_pairwise share one signature.
+  // The CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,
                                        index_t, const float*, index_t, index_t, index_t, index_t, index_t, index_t,
                                        index_t, index_t, float*, index_t, index_t, int);
@@ -185,6 +185,8 @@ PYBIND11_MODULE(_C, m) {
       {"score_pairwise_cpu", &sf::score_pairwise_cpu, "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] (token-wise, fused)."},
       {"score_pairwise_materialized_cpu", &sf::score_pairwise_materialized_cpu,
        "out[q, n] = ⟨V_q, Σ_t g[n,t] a[n,t]ᵀ⟩ (rows of G_n formed in cache; for T > 1)."},
+      {"score_pairwise_sparse_g_cpu", &sf::score_pairwise_sparse_g_cpu,
+       "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] over the nonzero g[n,t,o] only (ReLU-gated layers)."},
   };
   for (const auto& [name, fn, doc] : pairwise_cpu) {
     m.def(

@@ -107,6 +107,64 @@ def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
                           dtype=torch.float32)
 
 
+@pytest.mark.parametrize("q,n,o,i,density,layout", [
+    (7, 300, 29, 41, 0.4, "contiguous"),   # V packed per call
+    (40, 257, 64, 33, 0.5, "queries-innermost"),  # V read in place (the pipeline's layout)
+    (3, 129, 40, 17, 0.0, "contiguous"),   # all of g zero
+], ids=["packed", "in-place", "all-zero"])
+def test_score_pairwise_cpu_sparse_g(q, n, o, i, density, layout):
+    """With one token and mostly-zero g (ReLU-gated layers) the CPU backend contracts only the nonzero
+    g[n, o]: equal to the float64 oracle, bitwise the same for 1 and 2 threads."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(q, o, i, generator=gen)
+    a = torch.randn(n, 1, i, generator=gen)
+    g = torch.randn(n, 1, o, generator=gen) * (torch.rand(n, 1, o, generator=gen) < density)
+    if layout == "queries-innermost":
+        v = _extension._sparse_layout(v)
+        assert v.stride(0) == 1
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    calls = []
+    lib = _extension._lib()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(lib, name)
+
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(_extension, "_lib", lambda: Spy())
+                runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls.count("score_pairwise_sparse_g_cpu") == 2, calls  # one call per run (after any self-test)
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
+def test_score_pairwise_sparse_g_kernel_sums_tokens():
+    """The sparse-g kernel also handles T > 1 (each token's nonzero g, summed per example)."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(1)
+    v, a = torch.randn(5, 23, 19, generator=gen), torch.randn(37, 3, 19, generator=gen)
+    g = torch.randn(37, 3, 23, generator=gen) * (torch.rand(37, 3, 23, generator=gen) < 0.3)
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    out = torch.empty(5, 37)
+    _extension._lib().score_pairwise_sparse_g_cpu(
+        v.data_ptr(), *v.stride(), a.data_ptr(), *a.stride(), g.data_ptr(), *g.stride(), 0, 5, 37, 3, 23, 19,
+        out.data_ptr(), *out.stride(), 0, 2)
+    assert_matches_oracle(out, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
 @pytest.mark.parametrize("q,n,t", [(3, 1, 2), (13, 129, 2), (25, 300, 3)], ids=["q3-n1", "q13-n129", "q25-n300"])
 def test_score_pairwise_cpu_materialized_strategy(q, n, t):
     """T > 1 picks the materialised C++ kernel (rows of G_n formed in cache): correct across query

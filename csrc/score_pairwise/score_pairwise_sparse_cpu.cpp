@@ -1,0 +1,180 @@
+// score_pairwise on CPU for output gradients with many exact zeros (ReLU-gated layers: about half of
+// g is 0.0): scores[q, n] = Σ_t Σ_o g[n,t,o] · (V[q,o,:] · a[n,t,:]), computed only for the nonzero
+// g[n,t,o]: Q·I·nnz(g) flops instead of Q·N·T·O·I.
+//
+// A task owns a block of examples, with its token rows transposed ([i][row]). For each output row o,
+// the rows whose g[., o] is nonzero are compressed into a contiguous buffer (AVX-512 vcompressps, one
+// mask per 16 rows shared by every i) and multiplied by V[:, o, :] with the broadcast micro-kernel
+// (MR compressed rows x NR queries, K = I); the epilogue adds g[r, o] · tile into the example's score
+// row. Every score is summed in one task, over o then rows in increasing order: bitwise independent of
+// the thread count and block size.
+//
+// V is read as [O][I][queries] (queries innermost, rows of at least ceil(Q / NR) · NR readable
+// floats) when it comes that way (svq == 1, svi >= that, svo == I · svi: the pipeline stores it so);
+// otherwise it is packed once per call.
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "score_pairwise/score_pairwise.h"
+#include "source_fast/cpu_microkernel.h"
+
+namespace sf {
+namespace {
+
+using namespace cpu;
+constexpr index_t SP_CHUNK = 16;        // rows per compression mask
+constexpr index_t SP_MAX_EXAMPLES = 1024;  // examples per block, at most (V streams once per block)
+
+// Rows r < R of chunk c whose g is nonzero: bit j of the mask = row c·16 + j.
+static inline uint32_t nonzero_mask(const float* x) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+#else
+  uint32_t m = 0;
+  for (int j = 0; j < SP_CHUNK; ++j) m |= static_cast<uint32_t>(x[j] != 0.0f) << j;
+  return m;
+#endif
+}
+
+// dst[0 .. popcount(mask)) = src[j] for the set bits j in order; may write up to 16 floats.
+static inline void compress16(const float* src, uint32_t mask, float* dst) {
+#if defined(__AVX512F__)
+  _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(static_cast<__mmask16>(mask), _mm512_loadu_ps(src)));
+#else
+  int k = 0;
+  for (int j = 0; j < SP_CHUNK; ++j)
+    if (mask >> j & 1u) dst[k++] = src[j];
+#endif
+}
+
+}  // namespace
+
+Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                   index_t san, index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt,
+                                   index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
+                                   index_t so_q, index_t so_n, int num_threads) {
+  SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
+                                         so_q, so_n));
+  if (Q == 0 || N == 0) return Status();
+  if (T == 0 || O == 0 || I == 0) {
+    for (index_t q = 0; q < Q; ++q)
+      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
+    return Status();
+  }
+  const index_t Qp = ceil_div(Q, NR) * NR;
+  const bool v_direct = svq == 1 && svi >= Qp && svo == I * svi;
+  AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
+  if (!v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
+  const float* VT = v_direct ? v : vpack.data();
+  const index_t ldv = v_direct ? svi : Qp, vo = v_direct ? svo : I * Qp;
+  const int nt = threads_for(static_cast<double>(Q) * N * T * O * I, 2.0e6, num_threads);
+  // Tasks are (block of examples, group of query panels): few, large example blocks (V is read once
+  // per block) and query groups for the threads. Neither size changes the result.
+  const index_t NB = std::max<index_t>(1, std::min<index_t>(SP_MAX_EXAMPLES, ceil_div(N, nt)));
+  const index_t n_blocks = ceil_div(N, NB), n_qpanels = Qp / NR;
+  const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * nt, n_blocks));
+  const index_t n_tasks = n_blocks * n_groups;
+  const index_t RBp = ceil_div(NB * T, SP_CHUNK) * SP_CHUNK;  // rows per task, padded to whole masks
+  const index_t LDC = RBp + MR + SP_CHUNK;                   // compressed rows: padding to MR + store slack
+  int alloc_failed = 0;
+
+#pragma omp parallel num_threads(nt)
+  {
+    if (!v_direct) {
+      float* Vp = vpack.data();
+#pragma omp for schedule(static)
+      for (index_t o = 0; o < O; ++o)
+        for (index_t i = 0; i < I; ++i) {
+          float* d = Vp + (o * I + i) * Qp;
+          for (index_t q = 0; q < Q; ++q) d[q] = v[q * svq + o * svo + i * svi];
+          for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
+        }
+    }
+    AlignedBuffer at_buf(static_cast<std::size_t>(I * RBp)), gt_buf(static_cast<std::size_t>(O * RBp));
+    AlignedBuffer c_buf(static_cast<std::size_t>(I * LDC)), s_buf(static_cast<std::size_t>(NB * Qp));
+    AlignedBuffer gv_buf(static_cast<std::size_t>(LDC));
+    std::unique_ptr<index_t[]> idx(new (std::nothrow) index_t[LDC]);
+    std::unique_ptr<uint32_t[]> masks(new (std::nothrow) uint32_t[RBp / SP_CHUNK]);
+    std::unique_ptr<index_t[]> pos(new (std::nothrow) index_t[RBp / SP_CHUNK]);
+    float *At = at_buf.data(), *Gt = gt_buf.data(), *C = c_buf.data(), *S = s_buf.data(), *Gv = gv_buf.data();
+    const bool ok = At && Gt && C && S && Gv && idx && masks && pos;
+    if (!ok) {
+#pragma omp atomic write
+      alloc_failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (index_t task = 0; task < n_tasks; ++task) {
+      if (!ok) continue;
+      const index_t blk = task / n_groups, grp = task % n_groups;
+      const index_t n0 = blk * NB, nb = std::min(NB, N - n0), R = nb * T;
+      const index_t qp0 = grp * n_qpanels / n_groups * NR, qp1 = (grp + 1) * n_qpanels / n_groups * NR;
+      // Token rows of the block, transposed and zero-padded: At[i][r], Gt[o][r], r = (n - n0)·T + t.
+      for (index_t r = 0; r < RBp; ++r) {
+        const bool valid = r < R;
+        const float* ar = a + (n0 + (valid ? r / T : 0)) * san + (valid ? r % T : 0) * sat;
+        const float* gr = g + (n0 + (valid ? r / T : 0)) * sgn + (valid ? r % T : 0) * sgt;
+        for (index_t i = 0; i < I; ++i) At[i * RBp + r] = valid ? ar[i * sai] : 0.0f;
+        for (index_t o = 0; o < O; ++o) Gt[o * RBp + r] = valid ? gr[o * sgo] : 0.0f;
+      }
+      std::memset(S, 0, sizeof(float) * nb * Qp);
+      const index_t n_chunks = RBp / SP_CHUNK;
+      for (index_t o = 0; o < O; ++o) {
+        const float* go = Gt + o * RBp;
+        index_t cnt = 0;
+        for (index_t c = 0; c < n_chunks; ++c) {
+          const uint32_t m = nonzero_mask(go + c * SP_CHUNK);
+          masks[c] = m;
+          pos[c] = cnt;
+          compress16(go + c * SP_CHUNK, m, Gv + cnt);
+          for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
+        }
+        if (cnt == 0) continue;
+        const index_t cntp = ceil_div(cnt, MR) * MR;
+        for (index_t i = 0; i < I; ++i) {
+          const float* src = At + i * RBp;
+          float* dst = C + i * LDC;
+          for (index_t c = 0; c < n_chunks; ++c)
+            if (masks[c]) compress16(src + c * SP_CHUNK, masks[c], dst + pos[c]);
+          for (index_t k = cnt; k < cntp; ++k) dst[k] = 0.0f;
+        }
+        const float* vo_ptr = VT + o * vo;
+        for (index_t q0 = qp0; q0 < qp1; q0 += NR) {  // V[:, o, q-panel] (I·NR floats) stays in L2
+          for (index_t p = 0; p < cntp; p += MR) {
+            vf acc[MR][NV];
+            zero_tile(acc);
+            const float* b = vo_ptr + q0;
+            const float* ap = C + p;
+            for (index_t i = 0; i < I; ++i) {
+              vf bv[NV];
+#pragma GCC unroll 4
+              for (int w = 0; w < NV; ++w) bv[w] = loadu(b + i * ldv + w * VL);
+              const float* ai = ap + i * LDC;
+#pragma GCC unroll 16
+              for (int m = 0; m < MR; ++m) {
+                const vf x = splat(ai[m]);
+#pragma GCC unroll 4
+                for (int w = 0; w < NV; ++w) acc[m][w] += x * bv[w];
+              }
+            }
+            for (index_t m = 0; m < MR && p + m < cnt; ++m) {
+              const index_t k = p + m;
+              float* s = S + (idx[k] / T) * Qp + q0;
+              const vf gk = splat(Gv[k]);
+              for (int w = 0; w < NV; ++w) storeu(s + w * VL, loadu(s + w * VL) + gk * acc[m][w]);
+            }
+          }
+        }
+      }
+      for (index_t j = 0; j < nb; ++j)
+        for (index_t q = qp0; q < std::min(qp1, Q); ++q) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+    }
+  }
+  if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
+  return Status();
+}
+
+}  // namespace sf
