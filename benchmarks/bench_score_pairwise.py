@@ -14,8 +14,9 @@ available source_fast backend and two Kronfluence baselines:
                            ``einsum("qio,tio->qt", V, G)``, one batch of b examples at a time (b = N unless
                            [b, O, I] exceeds 1 GiB on CPU / 4 GiB on CUDA).
 
-Shapes: CPU Q ∈ {16, 200}, N=1024, T ∈ {1, 16}, I=513, O=257. CUDA adds N·O·I up to ~8.6e9, fp32 and bf16.
-Flop model: min(token-wise 2·Q·N·T·O·(I+1), materialising 2·N·T·O·I + 2·Q·N·O·I) (the cost model of
+Shapes: CPU Q ∈ {16, 200}, N=1024, T ∈ {1, 16}, I=513, O=257, and T=1 with half of g exactly zero (Z=50: a
+ReLU-gated layer, where the CPU backend contracts only the nonzero g; its GFLOP/s are dense-equivalent).
+CUDA adds N·O·I up to ~8.6e9, fp32 and bf16. Flop model: min(token-wise 2·Q·N·T·O·(I+1), materialising 2·N·T·O·I + 2·Q·N·O·I) (the cost model of
 source_fast._torch_ops.pairwise_strategy). Bytes: V, a, g read, scores (fp32) written.
 
     python benchmarks/bench_score_pairwise.py            # full run
@@ -40,7 +41,8 @@ class ScorePairwiseBench(H.OpBench):
             return [case("T=1", Q=3, N=8, T=1, I=9, O=5), case("T=4", Q=3, N=8, T=4, I=9, O=5)]
         out = [case(f"T={t}", Q=q, N=1024, T=t, I=513, O=257) for q in (16, 200) for t in (1, 16)]
         if device.type != "cuda":
-            return out
+            # ReLU-gated output gradients: half of g exactly zero (the CPU backend's sparse-g kernel).
+            return out + [case("T=1 g half zeros", Q=q, N=1024, T=1, I=513, O=257, Z=50) for q in (16, 200)]
         big = []
         for dtype in ("float32", "bfloat16"):
             for t in (1, 16):
@@ -55,9 +57,13 @@ class ScorePairwiseBench(H.OpBench):
     def make_inputs(self, c, device):
         gen = H.seeded(3)
         p, dt = c.p, c.torch_dtype
-        return {"v": H.randn(gen, p["Q"], p["O"], p["I"], device=device, dtype=dt),
-                "a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
-                "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt)}
+        x = {"v": H.randn(gen, p["Q"], p["O"], p["I"], device=device, dtype=dt),
+             "a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
+             "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt)}
+        if p.get("Z"):  # Z % of g exactly zero, as after a ReLU
+            keep = torch.rand(x["g"].shape, generator=gen).to(device) >= p["Z"] / 100
+            x["g"] = x["g"] * keep.to(dt)
+        return x
 
     def reference(self, x):
         from source_fast.reference import score_pairwise_ref

@@ -158,6 +158,7 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
 # token-wise kernel's speed per flop: 1.5x faster overall at half zeros, a loss above ~0.85 nonzero.
 SPARSE_G_MAX_DENSITY = 0.7
 SPARSE_G_MIN_ENTRIES = 4096  # below this the choice costs more than it can save
+SPARSE_G_MIN_QUERIES = 16    # its compression costs ~N·O·I/16 operations: amortised over enough queries
 
 
 def _density(g: torch.Tensor) -> float:
@@ -165,11 +166,11 @@ def _density(g: torch.Tensor) -> float:
 
 
 def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
-    """v [Q, O, I] with queries innermost and rows padded to whole 32-wide panels ([O][I][Qs]) as the
+    """v [Q, O, I] with queries innermost and rows padded to whole 16-wide vectors ([O][I][Qs]) as the
     sparse kernel reads it; a view already laid out so (the pipeline stores directions that way) is
     used as it is, anything else is copied."""
     q, o, i = v.shape
-    qp = -(-q // 32) * 32
+    qp = -(-q // 16) * 16
     s_q, s_o, s_i = v.stride()
     end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + qp  # the last row's padded panel
     if s_q == 1 and s_i >= qp and s_o == i * s_i and end * v.element_size() <= v.untyped_storage().nbytes():
@@ -189,7 +190,7 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     kernel = "score_pairwise_cpu"
     if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
         kernel = "score_pairwise_materialized_cpu"
-    elif t == 1 and n * o >= SPARSE_G_MIN_ENTRIES and _density(g) <= SPARSE_G_MAX_DENSITY:
+    elif t == 1 and q >= SPARSE_G_MIN_QUERIES and n * o >= SPARSE_G_MIN_ENTRIES and _density(g) <= SPARSE_G_MAX_DENSITY:
         # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted.
         kernel = "score_pairwise_sparse_g_cpu"
         v = _sparse_layout(v)

@@ -318,6 +318,10 @@ class SourceAnalyzer:
             self._n_fit = n_train
             return self
         config = self._factor_config(n_train)
+        stored = self._load_segment_blocks(config)
+        if stored is not None:  # a finished fit under this configuration: nothing to recompute
+            self.blocks, self._n_fit = stored, n_train
+            return self
         units = self._units()
         dt = self.compute_dtype
         # Each segment's curvature comes from its stage's data; the influence function (one segment
@@ -354,7 +358,8 @@ class SourceAnalyzer:
                 lam = sum(lams[u.uid][f"{layer.name}.lam"].to(self.device) for u in members) / len(members)
                 lam = ekfac.clamp_lambda(lam, name=layer.name, segment=seg, check_finite=self.check_finite)
                 q_a, q_s = basis[layer.name]
-                seg_blocks[layer.name] = EKFACBlock(q_a, q_s, lam.to(dt))
+                # Contiguous, exactly as a later fit() loads them back: bitwise the same scores either way.
+                seg_blocks[layer.name] = EKFACBlock(q_a.contiguous(), q_s.contiguous(), lam.to(dt).contiguous())
             blocks.append(seg_blocks)
             if self.output_dir is not None:
                 tensors = {f"{n}.{k}": getattr(b, k) for n, b in seg_blocks.items() for k in ("q_a", "q_s", "lam")}
@@ -363,6 +368,26 @@ class SourceAnalyzer:
         self.blocks = blocks
         self._n_fit = n_train
         return self
+
+    def _load_segment_blocks(self, config):
+        """Every segment's stored EK-FAC blocks when all were written under `config`, else None (a
+        missing, partial or corrupt set is recomputed from the per-checkpoint factors; a different
+        configuration raises there unless overwrite=True)."""
+        if self.output_dir is None:
+            return None
+        keys = [f"{layer.name}.{k}" for layer in self.layers for k in ("q_a", "q_s", "lam")]
+        blocks = []
+        for seg in range(len(self._segments())):
+            path = self._path("factors", f"segment_{seg}.safetensors")
+            if not path.exists():
+                return None
+            try:
+                tensors, _ = io.load_tensors(path, config, keys)
+            except (io.StoreMismatchError, io.CorruptStoreError):
+                return None
+            blocks.append({layer.name: EKFACBlock(*(tensors[f"{layer.name}.{k}"].to(self.compute_dtype).to(self.device)
+                                                    for k in ("q_a", "q_s", "lam"))) for layer in self.layers})
+        return blocks
 
     def _fit_covariance(self, train_dataset, unit, k, n_units, config, stage, cache):
         """A unit's activation and gradient covariances (A, S), stored as packed upper triangles."""
@@ -601,7 +626,7 @@ class SourceAnalyzer:
             elif plan == "output":
                 block = basis[name]
                 basis[name] = _InputSideOnly(block)
-                v[name] = _queries_innermost(_linalg.matmul(block.q_s.to(v[name].dtype), v[name]))
+                v[name] = _left_product_queries_innermost(block.q_s.to(v[name].dtype), v[name])
         return members, v, weight, stage, basis
 
     def _sparse_kernel_usable(self) -> bool:
@@ -952,13 +977,16 @@ def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor,
     return _linalg.matmul(a, entry.q_a.to(a.dtype)), _linalg.matmul(g, entry.q_s.to(g.dtype))
 
 
-def _queries_innermost(v: torch.Tensor) -> torch.Tensor:
-    """v [Q, O, I] as a view of a zero-padded [O, I, Q rounded up to 32] buffer: the layout the sparse
-    kernel reads its query panels from (same values; any backend accepts the strided view)."""
-    q, o, i = v.shape
-    buf = torch.zeros(o, i, -(-q // 32) * 32, dtype=v.dtype, device=v.device)
-    buf[..., :q] = v.permute(1, 2, 0)
-    return buf[..., :q].permute(2, 0, 1)
+def _left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """left @ v[q] for every query, as a [Q, O, I] view of a zero-padded [O, I, Q rounded up to 16]
+    buffer: the layout the sparse kernel reads its query panels from (any backend accepts the view).
+    One 2-D GEMM left · [O', I·Qs] writes it directly (v is permuted first, the same copy either way)."""
+    q, o_in, i = v.shape
+    qs = -(-q // 16) * 16
+    permuted = torch.zeros(o_in, i, qs, dtype=v.dtype, device=v.device)
+    permuted[..., :q] = v.permute(1, 2, 0)
+    out = _linalg.matmul(left, permuted.reshape(o_in, i * qs)).reshape(left.shape[0], i, qs)
+    return out[..., :q].permute(2, 0, 1)
 
 
 def _group_plan(plan):

@@ -76,10 +76,30 @@ def test_corrupt_score_file_is_reported_and_corrupt_factor_recomputed(tmp_path):
     fresh, _ = _analyzer(tmp_path)
     with pytest.raises(io.CorruptStoreError, match="unreadable|shape"):
         fresh.pairwise_scores(Subset(data, range(3)), data)
-    factor = tmp_path / "factors" / "lambda_ckpt0.safetensors"
-    factor.write_bytes(b"garbage")
+    # A corrupt segment file sends fit() back to the per-checkpoint factors, where the corrupt one is recomputed.
+    for name in ("lambda_ckpt0", "segment_0"):
+        (tmp_path / "factors" / f"{name}.safetensors").write_bytes(b"garbage")
     recomputed, _ = _analyzer(tmp_path, overwrite=True)
     assert torch.equal(recomputed.pairwise_scores(Subset(data, range(3)), data), first)
+
+
+def test_finished_fit_is_loaded_not_recomputed(tmp_path):
+    """A second fit() under the same configuration loads every segment's blocks (no pass over the data,
+    no eigendecomposition) and scores bitwise the same; another configuration is refused as before."""
+    analyzer, data = _analyzer(tmp_path)
+    first = analyzer.pairwise_scores(Subset(data, range(3)), data)
+    again, _ = _analyzer(tmp_path)
+    forwards = []
+    handle = again.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        again.fit(data)
+    finally:
+        handle.remove()
+    assert forwards == []
+    assert torch.equal(again.pairwise_scores(Subset(data, range(3)), data), first)
+    other, _ = _analyzer(tmp_path, seed=1)
+    with pytest.raises(io.StoreMismatchError, match="different configuration"):
+        other.fit(data)
 
 
 def test_unfinished_blocks_are_recomputed_not_trusted(tmp_path):

@@ -38,7 +38,7 @@ Status score_pairwise_materialized_cpu(const float* v, index_t svq, index_t svo,
 
 // CPU, float32, for output gradients with many exact zeros (ReLU-gated layers): Q·I·nnz(g) flops.
 // Same arguments; fastest with v stored queries-innermost ([O][I][Qs], svq == 1, svi == Qs, svo == I·Qs,
-// Qs >= Q rounded up to 32, every row's Qs floats readable), else V is packed once per call.
+// Qs >= Q rounded up to 16, every row's Qs floats readable), else V is packed once per call.
 Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
                                    index_t san, index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt,
                                    index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,

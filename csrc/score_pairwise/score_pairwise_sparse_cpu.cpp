@@ -9,7 +9,7 @@
 // row. Every score is summed in one task, over o then rows in increasing order: bitwise independent of
 // the thread count and block size.
 //
-// V is read as [O][I][queries] (queries innermost, rows of at least ceil(Q / NR) · NR readable
+// V is read as [O][I][queries] (queries innermost, rows of at least ceil(Q / VL) · VL readable
 // floats) when it comes that way (svq == 1, svi >= that, svo == I · svi: the pipeline stores it so);
 // otherwise it is packed once per call.
 #include <algorithm>
@@ -51,6 +51,36 @@ static inline void compress16(const float* src, uint32_t mask, float* dst) {
 #endif
 }
 
+// S[idx[m] / T][0 .. W·VL) += gv[m] · Σ_i C[i][m] · V[i][0 .. W·VL) for the rows m < rows of one
+// panel of MR compressed rows (C with row stride ldc, V with row stride ldv).
+template <int W>
+static inline void sparse_tile(index_t I, const float* __restrict b, index_t ldv, const float* __restrict c,
+                               index_t ldc, const index_t* idx, const float* gv, index_t rows, index_t T,
+                               float* __restrict S, index_t lds) {
+  vf acc[MR][W];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int w = 0; w < W; ++w) acc[m][w] = vf{};
+  for (index_t i = 0; i < I; ++i) {
+    vf bv[W];
+#pragma GCC unroll 2
+    for (int w = 0; w < W; ++w) bv[w] = loadu(b + i * ldv + w * VL);
+    const float* ci = c + i * ldc;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const vf x = splat(ci[m]);
+#pragma GCC unroll 2
+      for (int w = 0; w < W; ++w) acc[m][w] += x * bv[w];
+    }
+  }
+  for (index_t m = 0; m < rows; ++m) {
+    float* s = S + (idx[m] / T) * lds;
+    const vf gk = splat(gv[m]);
+    for (int w = 0; w < W; ++w) storeu(s + w * VL, loadu(s + w * VL) + gk * acc[m][w]);
+  }
+}
+
 }  // namespace
 
 Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
@@ -65,7 +95,7 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
       for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
     return Status();
   }
-  const index_t Qp = ceil_div(Q, NR) * NR;
+  const index_t Qp = ceil_div(Q, VL) * VL;  // whole vectors; a last half-width panel when Qp % NR != 0
   const bool v_direct = svq == 1 && svi >= Qp && svo == I * svi;
   AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
   if (!v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
@@ -75,7 +105,7 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
   // Tasks are (block of examples, group of query panels): few, large example blocks (V is read once
   // per block) and query groups for the threads. Neither size changes the result.
   const index_t NB = std::max<index_t>(1, std::min<index_t>(SP_MAX_EXAMPLES, ceil_div(N, nt)));
-  const index_t n_blocks = ceil_div(N, NB), n_qpanels = Qp / NR;
+  const index_t n_blocks = ceil_div(N, NB), n_qpanels = ceil_div(Qp, NR);
   const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
   const index_t RBp = ceil_div(NB * T, SP_CHUNK) * SP_CHUNK;  // rows per task, padded to whole masks
@@ -111,7 +141,8 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
       if (!ok) continue;
       const index_t blk = task / n_groups, grp = task % n_groups;
       const index_t n0 = blk * NB, nb = std::min(NB, N - n0), R = nb * T;
-      const index_t qp0 = grp * n_qpanels / n_groups * NR, qp1 = (grp + 1) * n_qpanels / n_groups * NR;
+      const index_t qp0 = grp * n_qpanels / n_groups * NR;
+      const index_t qp1 = std::min(Qp, (grp + 1) * n_qpanels / n_groups * NR);
       // Token rows of the block, transposed and zero-padded: At[i][r], Gt[o][r], r = (n - n0)·T + t.
       for (index_t r = 0; r < RBp; ++r) {
         const bool valid = r < R;
@@ -144,28 +175,12 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
         const float* vo_ptr = VT + o * vo;
         for (index_t q0 = qp0; q0 < qp1; q0 += NR) {  // V[:, o, q-panel] (I·NR floats) stays in L2
           for (index_t p = 0; p < cntp; p += MR) {
-            vf acc[MR][NV];
-            zero_tile(acc);
-            const float* b = vo_ptr + q0;
-            const float* ap = C + p;
-            for (index_t i = 0; i < I; ++i) {
-              vf bv[NV];
-#pragma GCC unroll 4
-              for (int w = 0; w < NV; ++w) bv[w] = loadu(b + i * ldv + w * VL);
-              const float* ai = ap + i * LDC;
-#pragma GCC unroll 16
-              for (int m = 0; m < MR; ++m) {
-                const vf x = splat(ai[m]);
-#pragma GCC unroll 4
-                for (int w = 0; w < NV; ++w) acc[m][w] += x * bv[w];
-              }
-            }
-            for (index_t m = 0; m < MR && p + m < cnt; ++m) {
-              const index_t k = p + m;
-              float* s = S + (idx[k] / T) * Qp + q0;
-              const vf gk = splat(Gv[k]);
-              for (int w = 0; w < NV; ++w) storeu(s + w * VL, loadu(s + w * VL) + gk * acc[m][w]);
-            }
+            if (q0 + NR <= Qp)
+              sparse_tile<NV>(I, vo_ptr + q0, ldv, C + p, LDC, idx.get() + p, Gv + p, std::min<index_t>(MR, cnt - p), T,
+                              S + q0, Qp);
+            else
+              sparse_tile<1>(I, vo_ptr + q0, ldv, C + p, LDC, idx.get() + p, Gv + p, std::min<index_t>(MR, cnt - p), T,
+                             S + q0, Qp);
           }
         }
       }
