@@ -17,10 +17,6 @@
 #include <memory>
 #include <new>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "source_fast/common.h"
 
 #ifdef _OPENMP
@@ -74,23 +70,10 @@ struct AlignedBuffer {
     if (count <= n && ptr) return true;
     std::free(ptr);
     std::size_t bytes = ((count * sizeof(float) + 63) / 64) * 64;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    // Large scratch buffers read with page-sized strides (transposed rows, packed panels) miss the L1
-    // TLB on every step with 4 KiB pages; transparent huge pages (in "madvise" mode by default) fix that.
-    if (bytes >= kHugeThreshold) {
-      bytes = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-      ptr = static_cast<float*>(std::aligned_alloc(kHugePage, bytes));
-      if (ptr) madvise(ptr, bytes, MADV_HUGEPAGE);
-      n = ptr ? count : 0;
-      return ptr != nullptr;
-    }
-#endif
     ptr = static_cast<float*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
     n = ptr ? count : 0;
     return ptr != nullptr;
   }
-  static constexpr std::size_t kHugePage = std::size_t(2) << 20;
-  static constexpr std::size_t kHugeThreshold = std::size_t(4) << 20;
   float* data() { return ptr; }
 };
 
