@@ -141,6 +141,7 @@ class CpuBackend(ExtensionBackend):
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), TorchBackend())}
 _disabled: dict[tuple[str, str], str] = {}
+_auto_choice: dict[tuple, tuple[str, Callable]] = {}  # see select(); keyed on the backends and disabled set too
 _self_tested: set[tuple[str, str, str]] = set()
 _logged: set[tuple[str, str, str]] = set()
 
@@ -177,11 +178,19 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
         if (requested, op) in _disabled:
             raise NotImplementedError(f"backend {requested!r} cannot run {op}: {_disabled[(requested, op)]}")
         return requested, fn
+    # The automatic choice depends only on these (the pipeline makes thousands of identical calls).
+    key = (op, deterministic, interpreting(), id(_disabled), len(_disabled),
+           tuple((n, id(b)) for n, b in BACKENDS.items()),
+           tuple((k, t.device, t.dtype) for k, t in tensors.items() if isinstance(t, torch.Tensor)))
+    hit = _auto_choice.get(key)
+    if hit is not None:
+        return hit
     for name, b in BACKENDS.items():
         reasons = b.not_supported_reasons(op, tensors, deterministic)
         if not reasons:
             fn = _checked(name, op, tensors)
             if (name, op) not in _disabled:
+                _auto_choice[key] = (name, fn)
                 return name, fn
             reasons = [_disabled[(name, op)]]
         key = (name, op, "; ".join(reasons))

@@ -57,12 +57,11 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     classes = logits.shape[-1]
-    flat = logits.detach().reshape(-1, classes)
-    cdf = torch.softmax(flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32), -1).cumsum_(-1)
+    x = logits.detach()
+    cdf = torch.softmax(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32), -1).cumsum_(-1)
     # u scaled by the row's total so rounding in the cumulative sum cannot leave mass unreachable.
-    u = torch.rand(flat.shape[0], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    labels = torch.searchsorted(cdf, u, right=True).clamp_max_(classes - 1)
-    return labels.view(logits.shape[:-1])
+    u = torch.rand(*cdf.shape[:-1], 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(classes - 1).squeeze(-1)
 
 
 def check_task(task: Any) -> None:
