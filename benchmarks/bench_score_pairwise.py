@@ -15,7 +15,8 @@ available source_fast backend and two Kronfluence baselines:
                            [b, O, I] exceeds 1 GiB on CPU / 4 GiB on CUDA).
 
 Shapes: CPU Q ∈ {16, 200}, N=1024, T ∈ {1, 16}, I=513, O=257, and T=1 with half of g exactly zero (Z=50: a
-ReLU-gated layer, where the CPU backend contracts only the nonzero g; its GFLOP/s are dense-equivalent).
+ReLU-gated layer, where the CPU backend contracts only the nonzero g; its GFLOP/s are dense-equivalent; V is
+then given queries-innermost, the layout the pipeline stores it in, to every implementation).
 CUDA adds N·O·I up to ~8.6e9, fp32 and bf16. Flop model: min(token-wise 2·Q·N·T·O·(I+1), materialising 2·N·T·O·I + 2·Q·N·O·I) (the cost model of
 source_fast._torch_ops.pairwise_strategy). Bytes: V, a, g read, scores (fp32) written.
 
@@ -60,9 +61,13 @@ class ScorePairwiseBench(H.OpBench):
         x = {"v": H.randn(gen, p["Q"], p["O"], p["I"], device=device, dtype=dt),
              "a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
              "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt)}
-        if p.get("Z"):  # Z % of g exactly zero, as after a ReLU
+        if p.get("Z"):  # Z % of g exactly zero, as after a ReLU; V stored queries-innermost as the pipeline does
             keep = torch.rand(x["g"].shape, generator=gen).to(device) >= p["Z"] / 100
             x["g"] = x["g"] * keep.to(dt)
+            q, o, i = x["v"].shape
+            buf = torch.zeros(o, i, -(-q // 16) * 16, device=device, dtype=dt)
+            buf[..., :q] = x["v"].permute(1, 2, 0)
+            x["v"] = buf[..., :q].permute(2, 0, 1)
         return x
 
     def reference(self, x):

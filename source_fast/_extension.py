@@ -158,7 +158,8 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
 # token-wise kernel's speed per flop: 1.5x faster overall at half zeros, a loss above ~0.85 nonzero.
 SPARSE_G_MAX_DENSITY = 0.7
 SPARSE_G_MIN_ENTRIES = 4096  # below this the choice costs more than it can save
-SPARSE_G_MIN_QUERIES = 16    # its compression costs ~N·O·I/16 operations: amortised over enough queries
+SPARSE_G_MIN_QUERIES = 32    # its compression costs ~N·O·I/16 operations: amortised over enough queries
+# (bench_score_pairwise.py, Q = 16: 1.6x slower than the dense kernel; Q = 200: faster)
 
 
 def _density(g: torch.Tensor) -> float:
