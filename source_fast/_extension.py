@@ -176,8 +176,9 @@ def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
     end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + qp  # the last row's padded panel
     if s_q == 1 and s_i >= qp and s_o == i * s_i and end * v.element_size() <= v.untyped_storage().nbytes():
         return v
-    buf = torch.zeros(o, i, qp, dtype=v.dtype)
+    buf = torch.empty(o, i, qp, dtype=v.dtype)
     buf[..., :q] = v.permute(1, 2, 0)
+    buf[..., q:] = 0
     return buf[..., :q].permute(2, 0, 1)
 
 

@@ -983,8 +983,9 @@ def _left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor) -> torc
     One 2-D GEMM left · [O', I·Qs] writes it directly (v is permuted first, the same copy either way)."""
     q, o_in, i = v.shape
     qs = -(-q // 16) * 16
-    permuted = torch.zeros(o_in, i, qs, dtype=v.dtype, device=v.device)
+    permuted = torch.empty(o_in, i, qs, dtype=v.dtype, device=v.device)
     permuted[..., :q] = v.permute(1, 2, 0)
+    permuted[..., q:] = 0  # only the padding: zero-filling all of it first would write it twice
     out = _linalg.matmul(left, permuted.reshape(o_in, i * qs)).reshape(left.shape[0], i, qs)
     return out[..., :q].permute(2, 0, 1)
 
