@@ -703,7 +703,7 @@ class SourceAnalyzer:
                 walked = self._walk(self._query_grads(query_dataset, "query gradients"))
             else:
                 u_rot = self._query_grads(query_dataset, "query gradients", basis=self.blocks[-1])
-                walked = rotated_walk(u_rot, self.blocks, self._operators())
+                walked = rotated_walk(u_rot, self.blocks, self._operators(), consume=True)
                 bases = self.blocks
         for unit in units:
             c, _, stage = self._segments()[unit.segment]

@@ -95,7 +95,7 @@ class WalkPlan:
 
 def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
                  operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
-                 plan: WalkPlan | None = None) -> list[LayerTensors]:
+                 plan: WalkPlan | None = None, consume: bool = False) -> list[LayerTensors]:
     """The query walk without leaving the eigenbases (SGD segments).
 
     u_rot: per layer, the query directions already rotated into the *last* segment's basis.
@@ -104,13 +104,18 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     a Q_A and g Q_S) replaces rotating every v_ℓ back. ũ moves between bases with one cross-basis
     product per boundary, so a walk over L segments costs L − 1 two-sided products, not 3L.
     `plan`: a `WalkPlan` of these blocks and operators, to reuse across batches.
+    `consume`: u_rot's tensors may be overwritten (the caller no longer needs them): two fewer
+    allocations of the largest tensors per layer (the first damping and the last W, done in place).
     """
     if plan is None:
         plan = WalkPlan(blocks, operators, next(iter(u_rot.values())).dtype)
     out: list[LayerTensors] = [dict() for _ in blocks]
     for name, current in u_rot.items():
-        owned = False  # the caller's tensor is never modified in place
+        owned = consume  # else the caller's tensor is never modified in place
         for seg in reversed(range(len(blocks))):
+            if seg == 0 and owned:  # the last use of `current`
+                out[seg][name] = current.mul_(plan.r[seg][name])
+                break
             out[seg][name] = plan.r[seg][name] * current
             if seg > 0:
                 damped = current.mul_(plan.s[seg][name]) if owned else plan.s[seg][name] * current
