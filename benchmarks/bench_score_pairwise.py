@@ -64,10 +64,9 @@ class ScorePairwiseBench(H.OpBench):
         if p.get("Z"):  # Z % of g exactly zero, as after a ReLU; V stored queries-innermost as the pipeline does
             keep = torch.rand(x["g"].shape, generator=gen).to(device) >= p["Z"] / 100
             x["g"] = x["g"] * keep.to(dt)
-            q, o, i = x["v"].shape
-            buf = torch.zeros(o, i, -(-q // 16) * 16, device=device, dtype=dt)
-            buf[..., :q] = x["v"].permute(1, 2, 0)
-            x["v"] = buf[..., :q].permute(2, 0, 1)
+            from source_fast import _extension
+
+            x["v"] = _extension._sparse_layout(x["v"])
         return x
 
     def reference(self, x):

@@ -162,24 +162,40 @@ SPARSE_G_MIN_QUERIES = 32    # its compression costs ~N·O·I/16 operations: amo
 # (bench_score_pairwise.py, Q = 16: 1.6x slower than the dense kernel; Q = 200: faster)
 
 
+def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
+    """Whether score_pairwise_cpu contracts only the nonzero g (also the pipeline's cost model, so it
+    plans the output-side rotation only where this kernel will run): one token per row, enough
+    queries and entries, few enough nonzero output gradients."""
+    return t == 1 and q >= SPARSE_G_MIN_QUERIES and entries >= SPARSE_G_MIN_ENTRIES and density <= SPARSE_G_MAX_DENSITY
+
+
 def _density(g: torch.Tensor) -> float:
     return float(torch.count_nonzero(g)) / max(g.numel(), 1)
 
 
-def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
-    """v [Q, O, I] with queries innermost and rows padded to whole 16-wide vectors ([O][I][Qs]) as the
-    sparse kernel reads it; a view already laid out so (the pipeline stores directions that way) is
-    used as it is, anything else is copied."""
+QUERY_PAD = 16  # queries-innermost rows are padded to whole 16-float vectors (the kernel's panels)
+
+
+def queries_innermost_buffer(v: torch.Tensor) -> torch.Tensor:
+    """v [Q, O, I] copied to a [O, I, Qs] buffer, Qs = Q rounded up to QUERY_PAD, zero padding."""
     q, o, i = v.shape
-    qp = -(-q // 16) * 16
+    buf = torch.empty(o, i, -(-q // QUERY_PAD) * QUERY_PAD, dtype=v.dtype, device=v.device)
+    buf[..., :q] = v.permute(1, 2, 0)
+    buf[..., q:] = 0
+    return buf
+
+
+def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
+    """v [Q, O, I] with queries innermost and rows padded ([O][I][Qs], see queries_innermost_buffer) as
+    the sparse kernel reads it; a view already laid out so (the pipeline stores directions that way)
+    is used as it is, anything else is copied."""
+    q, o, i = v.shape
+    qp = -(-q // QUERY_PAD) * QUERY_PAD
     s_q, s_o, s_i = v.stride()
     end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + qp  # the last row's padded panel
     if s_q == 1 and s_i >= qp and s_o == i * s_i and end * v.element_size() <= v.untyped_storage().nbytes():
         return v
-    buf = torch.empty(o, i, qp, dtype=v.dtype)
-    buf[..., :q] = v.permute(1, 2, 0)
-    buf[..., q:] = 0
-    return buf[..., :q].permute(2, 0, 1)
+    return queries_innermost_buffer(v)[..., :q].permute(2, 0, 1)
 
 
 def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -192,7 +208,7 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     kernel = "score_pairwise_cpu"
     if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
         kernel = "score_pairwise_materialized_cpu"
-    elif t == 1 and q >= SPARSE_G_MIN_QUERIES and n * o >= SPARSE_G_MIN_ENTRIES and _density(g) <= SPARSE_G_MAX_DENSITY:
+    elif t == 1 and sparse_g_applies(q, t, n * o, _density(g)):
         # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted.
         kernel = "score_pairwise_sparse_g_cpu"
         v = _sparse_layout(v)

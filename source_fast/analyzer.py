@@ -520,19 +520,20 @@ class SourceAnalyzer:
         """∇f per query, per layer [Q, O, I], at the currently loaded model state; with `basis`,
         rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token)."""
         chunks: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
-        self._query_g_zeros: dict[str, tuple[int, int]] = {}
+        nonzero = dict.fromkeys(chunks, 0)
+        entries = dict.fromkeys(chunks, 0)
         for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
-                zeros, total = self._query_g_zeros.get(name, (0, 0))
-                self._query_g_zeros[name] = (zeros + int((g == 0).sum()), total + g.numel())
+                nonzero[name] += int(torch.count_nonzero(g))
+                entries[name] += g.numel()
                 a, g = a.to(self.compute_dtype), g.to(self.compute_dtype)
                 # Checked on the token rows (T·(O+I) per query, not O·I): a product of finite rows is finite.
                 if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
                                              "check_finite=False to propagate")
                 chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
-        self._query_g_density = {name: 1.0 - z / max(t, 1) for name, (z, t) in self._query_g_zeros.items()}
+        self._query_g_density = {name: nonzero[name] / max(entries[name], 1) for name in chunks}
         return {name: torch.cat(parts) for name, parts in chunks.items()}
 
     # -------------------------------------------------------------------------------- scoring
@@ -957,8 +958,8 @@ def _rotation_plan(q: int, o: int, i: int, members: int, n: int, t: int, g_densi
     direction = q * o * i * (o + i)
     if direction < rows:
         return "direction"
-    # Output side: one token per row and a single member (stacked members are T > 1: no sparse kernel).
-    if sparse_ok and t == 1 and members == 1 and g_density <= _extension.SPARSE_G_MAX_DENSITY \
+    # Output side: where the sparse kernel runs, for a single member (stacked members are T > 1).
+    if sparse_ok and members == 1 and _extension.sparse_g_applies(q, t, n * o, g_density) \
             and q * o * o * i + n * i * i < (1.0 - g_density) * q * n * o * i:
         return "output"
     return "rows"
@@ -978,15 +979,12 @@ def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor,
 
 
 def _left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """left @ v[q] for every query, as a [Q, O, I] view of a zero-padded [O, I, Q rounded up to 16]
-    buffer: the layout the sparse kernel reads its query panels from (any backend accepts the view).
-    One 2-D GEMM left · [O', I·Qs] writes it directly (v is permuted first, the same copy either way)."""
+    """left @ v[q] for every query, as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer: the layout
+    the sparse kernel reads its query panels from (any backend accepts the view). One 2-D GEMM
+    left · [O', I·Qs] writes it directly (v is permuted first, the same copy either way)."""
     q, o_in, i = v.shape
-    qs = -(-q // 16) * 16
-    permuted = torch.empty(o_in, i, qs, dtype=v.dtype, device=v.device)
-    permuted[..., :q] = v.permute(1, 2, 0)
-    permuted[..., q:] = 0  # only the padding: zero-filling all of it first would write it twice
-    out = _linalg.matmul(left, permuted.reshape(o_in, i * qs)).reshape(left.shape[0], i, qs)
+    permuted = _extension.queries_innermost_buffer(v)
+    out = _linalg.matmul(left, permuted.reshape(o_in, -1)).reshape(left.shape[0], i, -1)
     return out[..., :q].permute(2, 0, 1)
 
 

@@ -151,3 +151,17 @@ TOKEN_SHAPES = [  # (N, T, I, O): sizes 1, odd primes, T = 1 (rank-one path) and
     pytest.param(3, 5, 80, 20, id="n3-t5-i80-o20"),
     pytest.param(2, 70, 17, 9, id="n2-t70-i17-o9"),
 ]
+
+
+def at_thread_counts(fn, counts=(1, 2)) -> list:
+    """fn() run once per torch thread count (compiled CPU kernels must be bitwise independent of it);
+    the caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for k in counts:
+            torch.set_num_threads(k)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -38,8 +38,16 @@ def mlp_run():
     return model, data, run
 
 
+@pytest.mark.parametrize("rotate", ["cost-model", "rows", "direction", "output"])
 @pytest.mark.parametrize("method", ["source", "influence"])
-def test_mlp_matches_dense_oracle_float64(mlp_run, method):
+def test_mlp_matches_dense_oracle_float64(mlp_run, monkeypatch, method, rotate):
+    """Scoring in a segment's eigenbasis rotates every training row, the direction back, or the direction's
+    output side and the rows' activations (the cost model's choice per layer, or each forced): all equal
+    the oracle."""
+    if rotate != "cost-model":
+        from source_fast import analyzer as analyzer_module
+
+        monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: rotate)
     model, data, run = mlp_run
     queries = Subset(data, range(5))
     kw = {"damping": 0.01} if method == "influence" else {}
@@ -74,24 +82,6 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert _rel(scores, oracle) <= 1e-6
     # 6 checkpoints in 3 segments, one token per example: 2 tokens per row when stacked
     assert tokens == ({1} if stack == "off" else {2})
-
-
-@pytest.mark.parametrize("rotate", ["rows", "direction", "output"])
-@pytest.mark.parametrize("method", ["source", "influence"])
-def test_rows_or_direction_rotated_give_the_same_scores(mlp_run, monkeypatch, rotate, method):
-    """Scoring in a segment's eigenbasis rotates every training row, the direction back, or the direction's
-    output side and the rows' activations (the cost model's choice per layer): all equal the oracle."""
-    from source_fast import analyzer as analyzer_module
-
-    monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: rotate)
-    model, data, run = mlp_run
-    queries = Subset(data, range(4))
-    kw = {"damping": 0.01} if method == "influence" else {}
-    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, fisher="empirical", batch_size=7,
-                                 progress=False, **kw)
-    scores = analyzer.pairwise_scores(queries, data)
-    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
-    assert _rel(scores, oracle) <= 1e-6
 
 
 def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch):

@@ -260,23 +260,8 @@ template <int W>
 static inline void form_tile(index_t T, const float* __restrict gp, index_t sgt, index_t sgo,
                              const float* __restrict ap, index_t sat, float* __restrict dst, index_t dst_row,
                              index_t rows) {
-  vf acc[MR][W];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 2
-    for (int w = 0; w < W; ++w) acc[m][w] = vf{};
-  for (index_t t = 0; t < T; ++t) {
-    vf b[W];
-#pragma GCC unroll 2
-    for (int w = 0; w < W; ++w) b[w] = loadu(ap + t * sat + w * VL);
-    const float* gt = gp + t * sgt;
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const vf x = splat(gt[m * sgo]);
-#pragma GCC unroll 2
-      for (int w = 0; w < W; ++w) acc[m][w] += x * b[w];
-    }
-  }
+  vf acc[MR][W] = {};
+  strided_tile<W>(T, gp, sgt, sgo, ap, sat, acc);
   for (index_t m = 0; m < rows; ++m)
     for (int w = 0; w < W; ++w) storeu(dst + m * dst_row + w * VL, acc[m][w]);
 }

@@ -57,23 +57,8 @@ template <int W>
 static inline void sparse_tile(index_t I, const float* __restrict b, index_t ldv, const float* __restrict c,
                                index_t ldc, const index_t* idx, const float* gv, index_t rows, index_t T,
                                float* __restrict S, index_t lds) {
-  vf acc[MR][W];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 2
-    for (int w = 0; w < W; ++w) acc[m][w] = vf{};
-  for (index_t i = 0; i < I; ++i) {
-    vf bv[W];
-#pragma GCC unroll 2
-    for (int w = 0; w < W; ++w) bv[w] = loadu(b + i * ldv + w * VL);
-    const float* ci = c + i * ldc;
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      const vf x = splat(ci[m]);
-#pragma GCC unroll 2
-      for (int w = 0; w < W; ++w) acc[m][w] += x * bv[w];
-    }
-  }
+  vf acc[MR][W] = {};
+  strided_tile<W>(I, c, ldc, 1, b, ldv, acc);
   for (index_t m = 0; m < rows; ++m) {
     float* s = S + (idx[m] / T) * lds;
     const vf gk = splat(gv[m]);

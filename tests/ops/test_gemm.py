@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import require
+from _backends import at_thread_counts, require
 from source_fast import _linalg
 
 pytestmark = pytest.mark.usefixtures("_needs_extension")
@@ -54,17 +54,10 @@ def test_gemm_strided_operands():
 def test_gemm_bitwise_independent_of_threads():
     from source_fast import _extension
 
-    threads = torch.get_num_threads()
     # (row tiles split between threads, whole entries per thread, shared left factor run transposed)
     for a, b in [(torch.randn(2, 100, 500), torch.randn(500, 90)), (torch.randn(3, 100, 500), torch.randn(3, 500, 90)),
                  (torch.randn(100, 500), torch.randn(1, 500, 90))]:
-        try:
-            torch.set_num_threads(1)
-            one = _extension.gemm_cpu(a, b)
-            torch.set_num_threads(2)
-            two = _extension.gemm_cpu(a, b)
-        finally:
-            torch.set_num_threads(threads)
+        one, two = at_thread_counts(lambda: _extension.gemm_cpu(a, b))  # noqa: B023 (called at once)
         assert torch.equal(one, two)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import backend_params, compile_for_gpu, require
+from _backends import at_thread_counts, backend_params, compile_for_gpu, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -94,14 +94,7 @@ def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
         g = torch.randn(o, n, t).permute(1, 2, 0)
         assert not (v.is_contiguous() or a.is_contiguous() or g.is_contiguous())
     require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for k in (1, 2):
-            torch.set_num_threads(k)
-            runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
     assert torch.equal(runs[0], runs[1])
     assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
                           dtype=torch.float32)
@@ -133,16 +126,9 @@ def test_score_pairwise_cpu_sparse_g(q, n, o, i, density, layout):
             calls.append(name)
             return getattr(lib, name)
 
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for k in (1, 2):
-            torch.set_num_threads(k)
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(_extension, "_lib", lambda: Spy())
-                runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_extension, "_lib", lambda: Spy())
+        runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
     assert calls.count("score_pairwise_sparse_g_cpu") == 2, calls  # one call per run (after any self-test)
     assert torch.equal(runs[0], runs[1])
     assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
@@ -174,14 +160,7 @@ def test_score_pairwise_cpu_materialized_strategy(q, n, t):
     v, a, g = _inputs(q, n, t, 23, 17, torch.float32)
     require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
     assert _torch_ops.pairwise_strategy(q, n, t, 17, 23) == "materialize"
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for k in (1, 2):
-            torch.set_num_threads(k)
-            runs.append(ops.score_pairwise(v, a, g, backend="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
     assert torch.equal(runs[0], runs[1])
     assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
                           dtype=torch.float32)

@@ -104,6 +104,27 @@ static inline __attribute__((always_inline)) void gemm_tile(index_t K, const flo
   }
 }
 
+// c[m][w] (+)= sum_k A[k * a_k + m * a_m] * B[k * ldb + w * VL] for m < MR, w < W, k < K: the
+// broadcast micro-kernel on operands read in place (strided A rows, unaligned B rows), for kernels
+// whose operands are not packed panels (G formation from token rows, compressed sparse rows).
+template <int W>
+static inline __attribute__((always_inline)) void strided_tile(index_t K, const float* __restrict A, index_t a_k,
+                                                                 index_t a_m, const float* __restrict B, index_t ldb,
+                                                                 vf (&c)[MR][W]) {
+  for (index_t k = 0; k < K; ++k) {
+    vf b[W];
+#pragma GCC unroll 2
+    for (int w = 0; w < W; ++w) b[w] = loadu(B + k * ldb + w * VL);
+    const float* ak = A + k * a_k;
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const vf x = splat(ak[m * a_m]);
+#pragma GCC unroll 2
+      for (int w = 0; w < W; ++w) c[m][w] += x * b[w];
+    }
+  }
+}
+
 template <int M>
 static inline void zero_tile(vf (&c)[M][NV]) {
   for (int m = 0; m < M; ++m)
