@@ -421,32 +421,44 @@ def kron_project_cuda(v: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, lam
 
 
 # ----------------------------------------------------------------------------------- CPU GEMM
-def gemm_cpu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def gemm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b for float32 CPU tensors: [M,K]@[K,N], [B,M,K]@[K,N], [M,K]@[B,K,N] or [B,M,K]@[B,K,N].
 
     Any strides. A shared left factor (2-D @ 3-D) with fewer batch entries than threads runs as
     out[b]ᵀ = b[b]ᵀ aᵀ, so the shared operand is packed once and the row tiles of all entries are split
-    between threads; with enough entries each thread multiplies whole entries of its own."""
+    between threads; with enough entries each thread multiplies whole entries of its own.
+    `out`: a float32 tensor of the result's shape (any strides, not overlapping a or b) written in place
+    and returned: callers reuse buffers (on this kind of host, first-touch page faults of a fresh
+    300 MB result cost about as much as a third of the product)."""
     _require_f32(a=a, b=b)
     lib = _lib()
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = a.shape[0] if a.dim() == 3 else (b.shape[0] if b.dim() == 3 else 1)
+    shape = (batch, m, n) if (a.dim() == 3 or b.dim() == 3) else (m, n)
+    if out is None:
+        out = torch.empty(shape, dtype=_F32)
+    else:
+        _require_f32(out=out)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out: expected shape {shape}, got {tuple(out.shape)}")
+    out3 = out if out.dim() == 3 else out[None]
     if a.dim() == 2 and b.dim() == 3 and b.shape[0] < _threads():
-        batch, k, n = b.shape
-        m = a.shape[0]
-        out = torch.empty(batch, m, n, dtype=_F32)
         lib.gemm_batched_cpu(batch, b.data_ptr(), b.stride(0), b.stride(2), b.stride(1), a.data_ptr(), 0, a.stride(1),
-                             a.stride(0), out.data_ptr(), out.stride(0), out.stride(2), out.stride(1), n, m, k,
+                             a.stride(0), out3.data_ptr(), out3.stride(0), out3.stride(2), out3.stride(1), n, m, k,
                              _threads())
         return out
     if a.dim() == 3 and b.dim() == 2:
         try:  # fold the batch into the rows: one tall GEMM (a [B, 1, K] would waste an MR-row tile per entry)
-            return gemm_cpu(a.view(-1, a.shape[2]), b).view(a.shape[0], a.shape[1], b.shape[1])
+            flat_out = out.view(-1, n)
+            flat_a = a.view(-1, k)
         except RuntimeError:  # not viewable as rows: one product per batch entry, b packed once
             pass
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    batch = a.shape[0] if a.dim() == 3 else (b.shape[0] if b.dim() == 3 else 1)
+        else:
+            gemm_cpu(flat_a, b, out=flat_out)
+            return out
     sab = a.stride(0) if a.dim() == 3 else 0  # batch stride 0: the operand is shared by every entry
     sbb = b.stride(0) if b.dim() == 3 else 0
-    out = torch.empty(batch, m, n, dtype=_F32)
     lib.gemm_batched_cpu(batch, a.data_ptr(), sab, a.stride(-2), a.stride(-1), b.data_ptr(), sbb, b.stride(-2),
-                         b.stride(-1), out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), m, n, k, _threads())
-    return out if (a.dim() == 3 or b.dim() == 3) else out[0]
+                         b.stride(-1), out3.data_ptr(), out3.stride(0), out3.stride(1), out3.stride(2), m, n, k,
+                         _threads())
+    return out

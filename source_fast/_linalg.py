@@ -18,13 +18,16 @@ _MIN_COLUMNS = 16    # the micro-kernel pads columns to whole 32-wide panels
 _state: dict[str, object] = {}
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for 2-D/3-D operands (3-D @ 3-D needs equal batch sizes); torch.matmul semantics."""
-    if _compiled_ok(a, b):
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for 2-D/3-D operands (3-D @ 3-D needs equal batch sizes); torch.matmul semantics.
+    `out`: a tensor of the result's shape and dtype (not overlapping a or b), written and returned."""
+    if _compiled_ok(a, b) and (out is None or out.dtype == torch.float32):
         from . import _extension
 
-        return _extension.gemm_cpu(a, b)
-    return torch.matmul(a, b)
+        return _extension.gemm_cpu(a, b, out=out)
+    if out is None:
+        return torch.matmul(a, b)
+    return torch.matmul(a, b, out=out)
 
 
 def _compiled_ok(a: torch.Tensor, b: torch.Tensor) -> bool:

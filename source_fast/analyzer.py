@@ -519,10 +519,13 @@ class SourceAnalyzer:
     def _query_grads(self, query_dataset, desc, basis: dict[str, EKFACBlock] | None = None) -> dict[str, torch.Tensor]:
         """∇f per query, per layer [Q, O, I], at the currently loaded model state; with `basis`,
         rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token)."""
-        chunks: dict[str, list[torch.Tensor]] = {layer.name: [] for layer in self.layers}
-        nonzero = dict.fromkeys(chunks, 0)
-        entries = dict.fromkeys(chunks, 0)
-        for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
+        n_query = len(query_dataset)
+        # Written batch by batch into one [Q, O, I] tensor per layer (no list of parts and a concatenated
+        # copy: these are the largest tensors of a scoring call).
+        grads: dict[str, torch.Tensor] = {}
+        nonzero = {layer.name: 0 for layer in self.layers}
+        entries = dict.fromkeys(nonzero, 0)
+        for offset, size, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
                 nonzero[name] += int(torch.count_nonzero(g))
@@ -532,9 +535,16 @@ class SourceAnalyzer:
                 if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
                                              "check_finite=False to propagate")
-                chunks[name].append(_per_example_grads(a, g) if basis is None else _rotate(a, g, basis[name]))
-        self._query_g_density = {name: nonzero[name] / max(entries[name], 1) for name in chunks}
-        return {name: torch.cat(parts) for name, parts in chunks.items()}
+                if name not in grads:
+                    grads[name] = torch.empty(n_query, g.shape[2], a.shape[2], dtype=self.compute_dtype,
+                                              device=self.device)
+                out = grads[name][offset:offset + size]
+                if basis is None:
+                    _per_example_grads(a, g, out=out)
+                else:
+                    _rotate(a, g, basis[name], out=out)
+        self._query_g_density = {name: nonzero[name] / max(entries[name], 1) for name in nonzero}
+        return grads
 
     # -------------------------------------------------------------------------------- scoring
     def pairwise_scores(self, query_dataset, train_dataset) -> torch.Tensor:
@@ -582,6 +592,7 @@ class SourceAnalyzer:
             if pending:
                 plan = self._score_plan(query_dataset, units, final_unit, stage_sizes, n_fit)
                 groups = [self._cheaper_rotation(group, n_train) for group in _group_plan(plan)]
+                del plan  # directions the rotation replaced are freed now, not after scoring
             for b in pending:
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
@@ -697,8 +708,9 @@ class SourceAnalyzer:
                 c = self._segments()[0][0]
                 blocks = self.blocks[0]
                 u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks)
-                walked = [{n: spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)), blocks[n].lam)
-                           * x for n, x in u_rot.items()}]
+                walked = [{n: x.mul_(spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)),
+                                                       blocks[n].lam).to(x.dtype))
+                           for n, x in u_rot.items()}]  # in place: u_rot is ours and used once
                 bases = self.blocks
             elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
                 walked = self._walk(self._query_grads(query_dataset, "query gradients"))
@@ -978,14 +990,28 @@ def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor,
     return _linalg.matmul(a, entry.q_a.to(a.dtype)), _linalg.matmul(g, entry.q_s.to(g.dtype))
 
 
+_LEFT_PRODUCT_CHUNK_BYTES = 16 << 20
+
+
 def _left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """left @ v[q] for every query, as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer: the layout
-    the sparse kernel reads its query panels from (any backend accepts the view). One 2-D GEMM
-    left · [O', I·Qs] writes it directly (v is permuted first, the same copy either way)."""
-    q, o_in, i = v.shape
-    permuted = _extension.queries_innermost_buffer(v)
-    out = _linalg.matmul(left, permuted.reshape(o_in, -1)).reshape(left.shape[0], i, -1)
-    return out[..., :q].permute(2, 0, 1)
+    """left @ v[q] for every query (left square), as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer:
+    the layout the sparse kernel reads its query panels from (any backend accepts the view).
+
+    v is permuted into the buffer, then each run of i columns, a 2-D [O, i·Qs] block, is multiplied
+    through a chunk-sized scratch and copied back: one buffer of the result's size in all (a second
+    one would cost its first-touch page faults and peak memory; the copy-back is ~10 % of that)."""
+    q, o, i = v.shape
+    buf = _extension.queries_innermost_buffer(v)
+    qs = buf.shape[2]
+    left = left.to(buf.dtype)
+    cols = max(1, min(i, _LEFT_PRODUCT_CHUNK_BYTES // max(1, o * qs * buf.element_size())))
+    scratch = torch.empty(o, cols * qs, dtype=buf.dtype, device=buf.device)
+    for i0 in range(0, i, cols):
+        part = buf[:, i0:i0 + cols]
+        width = part.shape[1] * qs
+        tmp = _linalg.matmul(left, part.reshape(o, width), out=scratch[:, :width])
+        part.copy_(tmp.view(o, -1, qs))
+    return buf[..., :q].permute(2, 0, 1)
 
 
 def _group_plan(plan):
@@ -1001,9 +1027,9 @@ def _group_plan(plan):
     return groups
 
 
-def _per_example_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """G_n = Σ_t g_{n,t} a_{n,t}ᵀ -> [n, O, I] (one batch only)."""
-    return torch.bmm(g.transpose(1, 2), a)
+def _per_example_grads(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """G_n = Σ_t g_{n,t} a_{n,t}ᵀ -> [n, O, I] (one batch only), into `out` when given."""
+    return torch.bmm(g.transpose(1, 2), a, out=out)
 
 
 def _rotated_dot(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
@@ -1012,12 +1038,12 @@ def _rotated_dot(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, block: EKFAC
     return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
 
 
-def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
-    """Q_Sᵀ G_n Q_A for one batch -> [n, O, I]; rank one per example when T = 1."""
+def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q_Sᵀ G_n Q_A for one batch -> [n, O, I] (into `out` when given); rank one per example when T = 1."""
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     if a.shape[1] == 1:
-        return gs[:, 0, :, None] * as_[:, 0, None, :]
-    return torch.bmm(gs.transpose(1, 2), as_)
+        return torch.mul(gs[:, 0, :, None], as_[:, 0, None, :], out=out)
+    return torch.bmm(gs.transpose(1, 2), as_, out=out)
 
 
 class _RowCache:

@@ -70,3 +70,37 @@ def test_linalg_matmul_routes_and_falls_back():
     assert not _linalg._compiled_ok(a, b[:, :8])            # 8 columns: padding would dominate
     assert not _linalg._compiled_ok(a.requires_grad_(), b)  # autograd needs torch
     assert not _linalg._compiled_ok(torch.randn(3, 4, 5), torch.randn(2, 5, 6))  # batch mismatch
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((13, 41), (41, 37)), ((3, 29, 400), (400, 70)),
+                                             ((23, 29), (4, 29, 31)), ((23, 29), (1, 29, 31)),
+                                             ((4, 13, 17), (4, 17, 19))])
+def test_gemm_writes_into_out(a_shape, b_shape):
+    """out= (the walk's buffer reuse): written in place, strided outputs included, same bits as a fresh result."""
+    from source_fast import _extension
+
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    fresh = _extension.gemm_cpu(a, b)
+    out = torch.full(fresh.shape, float("nan"))
+    assert _extension.gemm_cpu(a, b, out=out) is out
+    assert torch.equal(out, fresh)
+    strided = torch.full(fresh.shape[:-2] + (fresh.shape[-1], fresh.shape[-2]), float("nan")).transpose(-1, -2)
+    _extension.gemm_cpu(a, b, out=strided)
+    _check(strided, a.double() @ b.double())
+    with pytest.raises(ValueError, match="out: expected shape"):
+        _extension.gemm_cpu(a, b, out=torch.empty(3, 3))
+    with pytest.raises(TypeError, match="out: the cpu backend accepts float32"):
+        _extension.gemm_cpu(a, b, out=fresh.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_two_sided_in_place_matches_out_of_place(dtype, monkeypatch):
+    """The walk's basis change over its own buffer, a chunk of queries at a time (chunks of 3 here)."""
+    from source_fast import walk
+
+    monkeypatch.setattr(walk, "_IN_PLACE_CHUNK_BYTES", 3 * 40 * 70 * torch.finfo(dtype).bits // 8)
+    x, left, right = torch.randn(8, 40, 70, dtype=dtype), torch.randn(40, 40), torch.randn(70, 70)
+    want = left.double() @ x.double() @ right.double()
+    got = walk._two_sided_(x, left, right)
+    assert got.data_ptr() == x.data_ptr()
+    _check(got.float(), want)
