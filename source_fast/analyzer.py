@@ -30,7 +30,7 @@ from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
 from .task import attention_mask, check_task, tracked_module_names
-from .walk import WalkPlan, query_walk, rotated_walk
+from .walk import WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
 
 log = logging.getLogger("source_fast")
 
@@ -785,7 +785,8 @@ class SourceAnalyzer:
         plan = None  # spectral weights and basis changes of the walk, shared by every batch
         if self.method in ("source", "fast_source") and self.run.optimizer != "adam":
             plan = WalkPlan(self.blocks, self._operators(), self.compute_dtype)
-        with self._session():
+        self._self_workspace = {}  # the walk's buffers, reused by every batch of this call
+        with self._session(), _released(self, "_self_workspace"):
             for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(len(cols), dtype=self.compute_dtype, device=self.device)
@@ -858,17 +859,23 @@ class SourceAnalyzer:
                 out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
             return out
         last = len(segments) - 1
-        u_rot = {name: _rotate(a, g, self.blocks[last][name]) for name, (a, g) in rows["final"].items()}
-        walked = rotated_walk(u_rot, self.blocks, self._operators(), plan=plan)
-        for seg, (_, _, stage) in enumerate(segments):
+        # Buffers kept across batches (the walk's directions are the largest tensors here).
+        workspace = self._self_workspace
+        u_rot = {name: _rotate(a, g, self.blocks[last][name],
+                               out=workspace_buffer(workspace, f"u:{name}", (a.shape[0], g.shape[2], a.shape[2]),
+                                                    dtype=a.dtype, device=a.device))
+                 for name, (a, g) in rows["final"].items()}
+
+        def score(seg, name, w):  # W_ℓ of one layer: scored at once, its buffer is reused
             members = [x for x in units if x.segment == seg]
-            val = 0
-            for name, w in walked[seg].items():
-                # The members' rows stacked along tokens: one pass over W_ℓ for the whole segment.
-                a = torch.cat([rows[x.uid][name][0] for x in members], 1)
-                g = torch.cat([rows[x.uid][name][1] for x in members], 1)
-                val = val + _rotated_dot(w, a, g, self.blocks[seg][name]) / len(members)
-            out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
+            stage = segments[seg][2]
+            # The members' rows stacked along tokens: one pass over W_ℓ for the whole segment.
+            a = torch.cat([rows[x.uid][name][0] for x in members], 1)
+            g = torch.cat([rows[x.uid][name][1] for x in members], 1)
+            val = _rotated_dot(w, a, g, self.blocks[seg][name]) / len(members)
+            out.add_((self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage))
+
+        rotated_walk_visit(u_rot, plan, score, workspace=workspace)
         return out
 
     def _chunk_stage(self, stages, idx, stage):
@@ -888,6 +895,15 @@ class SourceAnalyzer:
             return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
         finally:
             self.progress = progress
+
+
+@contextmanager
+def _released(obj, attr: str):
+    """Reset obj.attr to an empty dict on exit (a per-call workspace must not outlive the call)."""
+    try:
+        yield
+    finally:
+        setattr(obj, attr, {})
 
 
 def _rows_nbytes(rows) -> int:

@@ -72,23 +72,33 @@ def _two_sided(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torc
 _IN_PLACE_CHUNK_BYTES = 32 << 20  # scratch of one chunk of queries: stays a reused heap block, not a fresh mmap
 
 
-def _two_sided_(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def _two_sided_(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                scratch: torch.Tensor | None = None) -> torch.Tensor:
     """left · X_q · right written over X (contiguous [Q, O, I]), a chunk of queries at a time.
 
     Why: the walk's directions are its largest tensors; two fresh [Q, O, I] results per segment
     boundary cost their first-touch page faults (on the benchmark host about a third of the products'
-    time) and peak memory. Here only one chunk-sized scratch buffer is allocated."""
+    time) and peak memory. Here only one chunk-sized scratch buffer is used (`scratch`, from
+    `two_sided_scratch`, to reuse one across calls)."""
     if not x.is_contiguous() or left.shape[0] != left.shape[1] or right.shape[0] != right.shape[1]:
         return _two_sided(x, left, right)
     left, right = left.to(x.dtype), right.to(x.dtype)
-    q, o, i = x.shape
-    chunk = max(1, min(q, _IN_PLACE_CHUNK_BYTES // max(1, o * i * x.element_size())))
-    scratch = torch.empty((chunk, o, i), dtype=x.dtype, device=x.device)
+    q = x.shape[0]
+    if scratch is None or scratch.shape[1:] != x.shape[1:] or scratch.dtype != x.dtype:
+        scratch = two_sided_scratch(x)
+    chunk = scratch.shape[0]
     for q0 in range(0, q, chunk):
         part = x[q0:q0 + chunk]
         tmp = _linalg.matmul(part, right, out=scratch[:part.shape[0]])
         _linalg.matmul(left, tmp, out=part)
     return x
+
+
+def two_sided_scratch(x: torch.Tensor) -> torch.Tensor:
+    """The chunk buffer `_two_sided_` uses for a batch shaped like x [Q, O, I]."""
+    q, o, i = x.shape
+    chunk = max(1, min(q, _IN_PLACE_CHUNK_BYTES // max(1, o * i * x.element_size())))
+    return torch.empty((chunk, o, i), dtype=x.dtype, device=x.device)
 
 
 def change_basis(x: torch.Tensor, src: EKFACBlock, dst: EKFACBlock) -> torch.Tensor:
@@ -144,3 +154,36 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
                 current = _two_sided_(damped, *plan.to_previous[seg][name])
                 owned = True
     return out
+
+
+def rotated_walk_visit(u_rot: LayerTensors, plan: WalkPlan, visit, *,
+                       workspace: dict[str, torch.Tensor] | None = None) -> None:
+    """`rotated_walk` without keeping its results: for each layer and segment ℓ = L..1, calls
+    visit(ℓ, layer, W_ℓ) with W_ℓ = r_ℓ(Λ_ℓ) ⊙ ũ_ℓ in a buffer that the next visit overwrites.
+
+    u_rot is consumed (overwritten). Callers that score each W_ℓ at once (self-influence, one batch of
+    training examples at a time) hold two [Q, O, I] tensors per layer instead of L + 1, and with a
+    `workspace` dict kept across batches they allocate none after the first batch (fresh buffers of
+    this size cost their page faults on every batch)."""
+    workspace = {} if workspace is None else workspace
+    for name, current in u_rot.items():
+        w = workspace_buffer(workspace, f"w:{name}", tuple(current.shape), dtype=current.dtype,
+                             device=current.device)
+        scratch = workspace.get(f"scratch:{name}")
+        for seg in reversed(range(plan.num_segments)):
+            visit(seg, name, torch.mul(current, plan.r[seg][name], out=w))
+            if seg > 0:
+                if scratch is None or scratch.shape[1:] != current.shape[1:] or scratch.dtype != current.dtype:
+                    scratch = workspace[f"scratch:{name}"] = two_sided_scratch(current)
+                _two_sided_(current.mul_(plan.s[seg][name]), *plan.to_previous[seg][name], scratch=scratch)
+
+
+def workspace_buffer(workspace: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], *,
+                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A contiguous [shape[0], ...] buffer from workspace[key], reallocated only when it does not fit
+    (a later, smaller batch gets a leading slice)."""
+    buf = workspace.get(key)
+    if buf is None or tuple(buf.shape[1:]) != tuple(shape[1:]) or buf.dtype != dtype or buf.device != device \
+            or buf.shape[0] < shape[0]:
+        buf = workspace[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf[:shape[0]]

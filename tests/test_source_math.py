@@ -203,3 +203,33 @@ def test_momentum_uses_effective_learning_rate_mass():
 
     assert source(eta * steps / (1 - beta)) == pytest.approx(tau_exact, rel=0.05)
     assert abs(source(eta * steps) - tau_exact) > 0.3 * abs(tau_exact)
+
+
+# ------------------------------------------- the eigenbasis walks equal the parameter-space walk
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_rotated_walks_equal_the_parameter_space_walk(dtype):
+    """rotated_walk (kept results) and rotated_walk_visit (one reused W buffer, u consumed, a workspace
+    reused by a second, smaller batch) give W_ℓ with ⟨v_ℓ, G⟩ = ⟨W_ℓ, Q_Sᵀ G Q_A⟩ for query_walk's v_ℓ."""
+    from source_fast.walk import WalkPlan, rotated_walk, rotated_walk_visit
+
+    blocks = [{"w": _random_block(5, 7, seed=s)} for s in range(3)]
+    operators = [source_operators(c) for c in (0.3, 1.1, 0.7)]
+    cast = [{"w": b["w"].to(dtype=dtype)} for b in blocks]
+    plan = WalkPlan(cast, operators, dtype)
+    workspace = {}
+    for q in (6, 4):  # the second batch reuses the first one's buffers
+        u = torch.randn(q, 5, 7, dtype=F64)
+        want = query_walk({"w": u}, blocks, operators)
+        last = blocks[-1]["w"]
+        u_rot = (last.q_s.T @ u @ last.q_a).to(dtype)
+        kept = rotated_walk({"w": u_rot.clone()}, cast, operators, plan=plan)
+        visited = {}
+        rotated_walk_visit({"w": u_rot}, plan, lambda seg, name, w: visited.__setitem__(seg, w.clone()),
+                           workspace=workspace)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+        for seg, block in enumerate(blocks):
+            b = block["w"]
+            back = b.q_s @ visited[seg].double() @ b.q_a.T  # W_ℓ rotated back to parameter space
+            assert torch.allclose(back, want[seg]["w"], **tol)
+            assert torch.allclose(kept[seg]["w"].double(), visited[seg].double(), **tol)
+    assert workspace["w:w"].shape[0] == 6  # allocated once, for the larger batch
