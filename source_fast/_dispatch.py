@@ -95,6 +95,11 @@ class TritonBackend(Backend):
     def not_supported_reasons(self, op, tensors, deterministic=False, explicit=False):
         if interpreting() and not explicit:
             return ["the Triton CPU interpreter (TRITON_INTERPRET=1) is for tests: request backend='triton'"]
+        # Tensors on a device Triton does not run on decide it without importing triton (~0.1-0.3 s).
+        off_device = [f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}"
+                      for name, t in tensors.items() if t is not None and t.device.type not in self.devices]
+        if off_device:
+            return off_device
         return super().not_supported_reasons(op, tensors, deterministic, explicit)
 
     def function(self, op):

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import _config, _extension, _linalg, ekfac, io, ops, spectral
+from .directions import RankOneDirections, as_dense, left_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
@@ -516,16 +517,16 @@ class SourceAnalyzer:
         return pbars, dampings
 
     # ----------------------------------------------------------------------------- gradients
-    def _query_grads(self, query_dataset, desc, basis: dict[str, EKFACBlock] | None = None) -> dict[str, torch.Tensor]:
+    def _query_grads(self, query_dataset, desc, basis: dict[str, EKFACBlock] | None = None, *,
+                     factors: bool = False) -> dict[str, torch.Tensor | RankOneDirections]:
         """∇f per query, per layer [Q, O, I], at the currently loaded model state; with `basis`,
-        rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token)."""
-        n_query = len(query_dataset)
-        # Written batch by batch into one [Q, O, I] tensor per layer (no list of parts and a concatenated
-        # copy: these are the largest tensors of a scoring call).
-        grads: dict[str, torch.Tensor] = {}
-        nonzero = {layer.name: 0 for layer in self.layers}
-        entries = dict.fromkeys(nonzero, 0)
-        for offset, size, rows in self._rows(query_dataset, loss="measurement", desc=desc):
+        rotated into it (Q_Sᵀ ∇f Q_A, from the rotated rows: rank one per query with one token).
+        factors=True: a layer whose queries all have one token is returned as its rank-one factors
+        (`RankOneDirections`, rotated rows only) instead of the [Q, O, I] tensor."""
+        rows_per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {layer.name: [] for layer in self.layers}
+        nonzero = dict.fromkeys(rows_per_layer, 0)
+        entries = dict.fromkeys(rows_per_layer, 0)
+        for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
                 nonzero[name] += int(torch.count_nonzero(g))
@@ -535,15 +536,27 @@ class SourceAnalyzer:
                 if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
                     raise FloatingPointError(f"query gradients of layer {name!r} contain NaN/Inf; pass "
                                              "check_finite=False to propagate")
-                if name not in grads:
-                    grads[name] = torch.empty(n_query, g.shape[2], a.shape[2], dtype=self.compute_dtype,
-                                              device=self.device)
-                out = grads[name][offset:offset + size]
-                if basis is None:
-                    _per_example_grads(a, g, out=out)
-                else:
-                    _rotate(a, g, basis[name], out=out)
+                if basis is not None:
+                    a, g = _rotate_rows(a, g, basis[name])
+                rows_per_layer[name].append((a, g))  # T·(O+I) per query: small next to O·I
         self._query_g_density = {name: nonzero[name] / max(entries[name], 1) for name in nonzero}
+        grads: dict[str, torch.Tensor | RankOneDirections] = {}
+        for name, parts in rows_per_layer.items():
+            if factors and all(a.shape[1] == 1 for a, _ in parts):
+                grads[name] = RankOneDirections(torch.cat([g[:, 0] for _, g in parts]),
+                                                torch.cat([a[:, 0] for a, _ in parts]))
+                continue
+            # Written batch by batch into one [Q, O, I] tensor (no list of parts and a concatenated copy:
+            # these are the largest tensors of a scoring call).
+            _, g0 = parts[0]
+            out = torch.empty(sum(a.shape[0] for a, _ in parts), g0.shape[2], parts[0][0].shape[2],
+                              dtype=self.compute_dtype, device=self.device)
+            offset = 0
+            for a, g in parts:
+                _per_example_grads(a, g, out=out[offset:offset + a.shape[0]])
+                offset += a.shape[0]
+            grads[name] = out
+            parts.clear()
         return grads
 
     # -------------------------------------------------------------------------------- scoring
@@ -624,7 +637,7 @@ class SourceAnalyzer:
         T and the zero fraction come from the query rows (known before the training pass)."""
         members, v, weight, stage, basis = group
         if basis is None:
-            return group
+            return members, {name: as_dense(x) for name, x in v.items()}, weight, stage, basis
         v, basis = dict(v), dict(basis)
         sparse_ok = self._sparse_kernel_usable()
         for layer in self.layers:
@@ -633,12 +646,14 @@ class SourceAnalyzer:
                                   self._query_g_density.get(name, 1.0), sparse_ok)
             if plan == "direction":
                 block = basis.pop(name)
-                v[name] = _linalg.matmul(block.q_s.to(v[name].dtype),
-                                         _linalg.matmul(v[name], block.q_a.T.to(v[name].dtype)))
+                dense = as_dense(v[name])
+                v[name] = _linalg.matmul(block.q_s.to(dense.dtype), _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
             elif plan == "output":
                 block = basis[name]
                 basis[name] = _InputSideOnly(block)
-                v[name] = _left_product_queries_innermost(block.q_s.to(v[name].dtype), v[name])
+                v[name] = left_product_queries_innermost(block.q_s, v[name])
+            else:
+                v[name] = as_dense(v[name])
         return members, v, weight, stage, basis
 
     def _sparse_kernel_usable(self) -> bool:
@@ -707,10 +722,12 @@ class SourceAnalyzer:
             if self.method == "influence":
                 c = self._segments()[0][0]
                 blocks = self.blocks[0]
-                u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks)
-                walked = [{n: x.mul_(spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)),
-                                                       blocks[n].lam).to(x.dtype))
-                           for n, x in u_rot.items()}]  # in place: u_rot is ours and used once
+                u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks, factors=True)
+                weights = {n: spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)), blocks[n].lam)
+                           for n in u_rot}
+                # In place where dense: u_rot is ours and used once.
+                walked = [{n: x.weighted(weights[n]) if isinstance(x, RankOneDirections) else x.mul_(weights[n].to(x.dtype))
+                           for n, x in u_rot.items()}]
                 bases = self.blocks
             elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
                 walked = self._walk(self._query_grads(query_dataset, "query gradients"))
@@ -1006,30 +1023,6 @@ def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor,
     return _linalg.matmul(a, entry.q_a.to(a.dtype)), _linalg.matmul(g, entry.q_s.to(g.dtype))
 
 
-_LEFT_PRODUCT_CHUNK_BYTES = 16 << 20
-
-
-def _left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """left @ v[q] for every query (left square), as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer:
-    the layout the sparse kernel reads its query panels from (any backend accepts the view).
-
-    v is permuted into the buffer, then each run of i columns, a 2-D [O, i·Qs] block, is multiplied
-    through a chunk-sized scratch and copied back: one buffer of the result's size in all (a second
-    one would cost its first-touch page faults and peak memory; the copy-back is ~10 % of that)."""
-    q, o, i = v.shape
-    buf = _extension.queries_innermost_buffer(v)
-    qs = buf.shape[2]
-    left = left.to(buf.dtype)
-    cols = max(1, min(i, _LEFT_PRODUCT_CHUNK_BYTES // max(1, o * qs * buf.element_size())))
-    scratch = torch.empty(o, cols * qs, dtype=buf.dtype, device=buf.device)
-    for i0 in range(0, i, cols):
-        part = buf[:, i0:i0 + cols]
-        width = part.shape[1] * qs
-        tmp = _linalg.matmul(left, part.reshape(o, width), out=scratch[:, :width])
-        part.copy_(tmp.view(o, -1, qs))
-    return buf[..., :q].permute(2, 0, 1)
-
-
 def _group_plan(plan):
     """Merge consecutive plan entries that score against the same direction with the same weight, stage
     and basis (the checkpoints of one segment): [(units, v, weight, stage, basis)]."""
@@ -1045,6 +1038,8 @@ def _group_plan(plan):
 
 def _per_example_grads(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """G_n = Σ_t g_{n,t} a_{n,t}ᵀ -> [n, O, I] (one batch only), into `out` when given."""
+    if a.shape[1] == 1:  # an outer product: bmm with K = 1 is several times slower than broadcasting
+        return torch.mul(g[:, 0, :, None], a[:, 0, None, :], out=out)
     return torch.bmm(g.transpose(1, 2), a, out=out)
 
 

@@ -1,0 +1,94 @@
+"""Query directions as the scoring pipeline holds them ([Q, O, I] per layer), and the output-side
+rotation W ↦ Q_S W into the queries-innermost layout the CPU sparse-g kernel reads.
+
+`RankOneDirections` keeps W_q = weight ⊙ (g_q a_qᵀ) as its factors: with one token per query the
+rotated query gradient is rank one, and the influence walk only multiplies it by f(Λ). Its output-side
+product is formed a block of columns at a time, so the dense [Q, O, I] tensor never exists (it and
+its queries-innermost copy were the two largest allocations of an influence scoring call).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _extension, _linalg
+
+_CHUNK_BYTES = 16 << 20  # one block of columns of the queries-innermost product (a reused heap block)
+
+
+class RankOneDirections:
+    """W[q] = weight ⊙ (g[q] a[q]ᵀ) for g [Q, O], a [Q, I], weight [O, I] or None (= ones)."""
+
+    def __init__(self, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None = None):
+        if g.dim() != 2 or a.dim() != 2 or g.shape[0] != a.shape[0]:
+            raise ValueError(f"g and a must be [Q, O] and [Q, I] with the same Q, got {tuple(g.shape)} and "
+                             f"{tuple(a.shape)}")
+        if weight is not None and tuple(weight.shape) != (g.shape[1], a.shape[1]):
+            raise ValueError(f"weight must be [O, I] = [{g.shape[1]}, {a.shape[1]}], got {tuple(weight.shape)}")
+        self.g, self.a, self.weight = g, a, weight
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.g.shape[0], self.g.shape[1], self.a.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.g.dtype
+
+    def weighted(self, weight: torch.Tensor) -> "RankOneDirections":
+        w = weight.to(self.dtype) if self.weight is None else self.weight * weight.to(self.dtype)
+        return RankOneDirections(self.g, self.a, w)
+
+    def dense(self) -> torch.Tensor:
+        out = torch.mul(self.g[:, :, None], self.a[:, None, :])
+        return out if self.weight is None else out.mul_(self.weight)
+
+    def left_product_queries_innermost(self, left: torch.Tensor) -> torch.Tensor:
+        """left @ W[q] for every query, like `left_product_queries_innermost(left, self.dense())`: each
+        block of columns of weight ⊙ (g aᵀ) is formed in a small scratch (queries innermost) and
+        multiplied straight into the result buffer."""
+        q, o, i = self.shape
+        qs = -(-q // _extension.QUERY_PAD) * _extension.QUERY_PAD
+        left = left.to(self.dtype)
+        buf = torch.empty(left.shape[0], i, qs, dtype=self.dtype, device=self.g.device)
+        cols = _columns_per_chunk(o, i, qs, buf.element_size())
+        scratch = torch.zeros(o, cols, qs, dtype=self.dtype, device=self.g.device)  # padding lanes stay 0
+        g_t, a_t = self.g.T.contiguous(), self.a.T.contiguous()  # [O, Q], [I, Q]
+        for i0 in range(0, i, cols):
+            width = min(cols, i - i0)
+            part = scratch[:, :width]
+            torch.mul(g_t[:, None, :], a_t[None, i0:i0 + width, :], out=part[..., :q])
+            if self.weight is not None:
+                part[..., :q].mul_(self.weight[:, i0:i0 + width, None])
+            _linalg.matmul(left, part.view(o, width * qs), out=buf[:, i0:i0 + width].view(-1, width * qs))
+        return buf[..., :q].permute(2, 0, 1)
+
+
+def left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor | RankOneDirections) -> torch.Tensor:
+    """left @ v[q] for every query (left square), as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer:
+    the layout the sparse kernel reads its query panels from (any backend accepts the view).
+
+    v is permuted into the buffer, then each run of i columns, a 2-D [O, i·Qs] block, is multiplied
+    through a chunk-sized scratch and copied back: one buffer of the result's size in all (a second
+    one would cost its first-touch page faults and peak memory; the copy-back is ~10 % of that)."""
+    if isinstance(v, RankOneDirections):
+        return v.left_product_queries_innermost(left)
+    q, o, i = v.shape
+    buf = _extension.queries_innermost_buffer(v)
+    qs = buf.shape[2]
+    left = left.to(buf.dtype)
+    cols = _columns_per_chunk(o, i, qs, buf.element_size())
+    scratch = torch.empty(o, cols * qs, dtype=buf.dtype, device=buf.device)
+    for i0 in range(0, i, cols):
+        part = buf[:, i0:i0 + cols]
+        width = part.shape[1] * qs
+        tmp = _linalg.matmul(left, part.reshape(o, width), out=scratch[:, :width])
+        part.copy_(tmp.view(o, -1, qs))
+    return buf[..., :q].permute(2, 0, 1)
+
+
+def as_dense(v: torch.Tensor | RankOneDirections) -> torch.Tensor:
+    return v.dense() if isinstance(v, RankOneDirections) else v
+
+
+def _columns_per_chunk(o: int, i: int, qs: int, element_size: int) -> int:
+    return max(1, min(i, _CHUNK_BYTES // max(1, o * qs * element_size)))
