@@ -94,11 +94,14 @@ Status gemm_batched_cpu(index_t batch, const float* A, index_t sab, index_t sam,
 
   const index_t m_tiles = ceil_div(M, MR);
   const index_t k_end = std::max<index_t>(K, 1);  // one (empty) block when K == 0: C is zero-filled
+  // Depth blocks of equal size (785 = 262 + 262 + 261, not 384 + 384 + 17: a thin last block reloads and
+  // stores every C tile for little work).
+  const index_t kb = ceil_div(ceil_div(k_end, ceil_div(k_end, KC)), 4) * 4;
   // One thread below ~20 MFLOP: a parallel region with two barriers per block costs more than it saves.
   const int nt = threads_for(static_cast<double>(batch) * M * N * std::max<index_t>(K, 1), 1.0e7, num_threads);
   const bool shared_b = sbb == 0 || batch == 1;
   const bool per_entry = !shared_b && batch >= nt;
-  const std::size_t b_block = static_cast<std::size_t>(std::min(K, KC) * NC + NR);
+  const std::size_t b_block = static_cast<std::size_t>(std::min(K, KC) * NC + NR);  // kb <= KC
   AlignedBuffer shared_buf(per_entry ? 0 : b_block);
   if (!per_entry && !shared_buf.data()) return Status(Code::kUnsupported, "gemm_batched_cpu: out of memory");
   int alloc_failed = 0;
@@ -120,8 +123,8 @@ Status gemm_batched_cpu(index_t batch, const float* A, index_t sab, index_t sam,
         const Operand Ab{A + b * sab, sam, sak}, Bb{B + b * sbb, sbk, sbn};
         for (index_t n0 = 0; n0 < N; n0 += NC) {
           const index_t panels = ceil_div(std::min(NC, N - n0), NR);
-          for (index_t k0 = 0; k0 < k_end; k0 += KC) {
-            const index_t kc = std::min(KC, K - k0);
+          for (index_t k0 = 0; k0 < k_end; k0 += kb) {
+            const index_t kc = std::min(kb, K - k0);
             for (index_t p = 0; p < panels; ++p) pack_b_panel(Bb, N, k0, kc, n0, p, Bp);
             for (index_t mt = 0; mt < m_tiles; ++mt)
               row_tile(Ab, C + b * scb, scm, scn, M, N, k0, kc, n0, panels, mt * MR, Bp, Ap);
@@ -134,8 +137,8 @@ Status gemm_batched_cpu(index_t batch, const float* A, index_t sab, index_t sam,
         const Operand Bb{B + ob * sbb, sbk, sbn};
         for (index_t n0 = 0; n0 < N; n0 += NC) {
           const index_t panels = ceil_div(std::min(NC, N - n0), NR);
-          for (index_t k0 = 0; k0 < k_end; k0 += KC) {
-            const index_t kc = std::min(KC, K - k0);
+          for (index_t k0 = 0; k0 < k_end; k0 += kb) {
+            const index_t kc = std::min(kb, K - k0);
 #pragma omp for schedule(static)
             for (index_t p = 0; p < panels; ++p) pack_b_panel(Bb, N, k0, kc, n0, p, Bp);
             // implicit barrier: the block is packed
