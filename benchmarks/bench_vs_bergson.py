@@ -806,7 +806,11 @@ def main(argv=None):
     print("\n".join(summary))
     if args.smoke:
         print("SMOKE: tiny sizes, timings are not measurements")
-    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke else str(HERE / "results"))
+    partial = set(results) != {"source_fast", "bergson"}  # one library only (asked for, or Bergson missing)
+    out_dir = args.out_dir if args.out_dir is not None else (None if args.smoke or partial else str(HERE / "results"))
+    if out_dir is None and partial and not args.smoke:
+        # The committed table compares both libraries from one run: a one-library run must not replace it.
+        print("\none library only: results not written; pass --out-dir to keep them")
     if out_dir is not None and results:
         path = _write(rows, results, agreement, summary, meta, args, info, bergson_note, Path(out_dir))
         print(f"\nwrote {path} and {path.with_suffix('.md')}")
