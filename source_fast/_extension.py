@@ -164,13 +164,19 @@ SPARSE_G_MIN_QUERIES = 32    # its compression costs ~N·O·I/16 operations: amo
 
 def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
     """Whether score_pairwise_cpu contracts only the nonzero g (also the pipeline's cost model, so it
-    plans the output-side rotation only where this kernel will run): one token per row, enough
-    queries and entries, few enough nonzero output gradients."""
-    return t == 1 and q >= SPARSE_G_MIN_QUERIES and entries >= SPARSE_G_MIN_ENTRIES and density <= SPARSE_G_MAX_DENSITY
+    plans the output-side rotation only where this kernel will run): enough queries and (example, o)
+    entries, few enough of them nonzero. `density`: the fraction of (n, o) with any nonzero g[n, :, o]
+    (with T > 1 the kernel forms one row of G_n per such entry: (Q + T)·I flops each, against
+    (Q + T)·I per entry for the dense materialised kernel, so the same rule holds for every T)."""
+    return q >= SPARSE_G_MIN_QUERIES and entries >= SPARSE_G_MIN_ENTRIES and density <= SPARSE_G_MAX_DENSITY
 
 
 def _density(g: torch.Tensor) -> float:
-    return float(torch.count_nonzero(g)) / max(g.numel(), 1)
+    """Fraction of (example, output) entries with a nonzero g over the tokens ([N, T, O])."""
+    nonzero = g != 0
+    if g.dim() == 3 and g.shape[1] > 1:
+        nonzero = nonzero.any(dim=1)
+    return float(torch.count_nonzero(nonzero)) / max(nonzero.numel(), 1)
 
 
 QUERY_PAD = 16  # queries-innermost rows are padded to whole 16-float vectors (the kernel's panels)
@@ -206,12 +212,14 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     # Token-wise (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the
     # shared flop model; with one token they cost the same and the token-wise kernel runs.
     kernel = "score_pairwise_cpu"
-    if t > 1 and _torch_ops.pairwise_strategy(q, n, t, o, i) != "tokenwise":
-        kernel = "score_pairwise_materialized_cpu"
-    elif t == 1 and sparse_g_applies(q, t, n * o, _density(g)):
-        # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted.
+    strategy = _torch_ops.pairwise_strategy(q, n, t, o, i) if t > 1 else "tokenwise"
+    if (t == 1 or strategy != "tokenwise") and sparse_g_applies(q, t, n * o, _density(g)):
+        # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted (T > 1:
+        # only the rows of G_n whose g[n, :, o] is not all zero, e.g. a segment's stacked checkpoints).
         kernel = "score_pairwise_sparse_g_cpu"
         v = _sparse_layout(v)
+    elif t > 1 and strategy != "tokenwise":
+        kernel = "score_pairwise_materialized_cpu"
     out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
     step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)

@@ -11,11 +11,11 @@ E = exp(−c p̄ ⊙ diag H̄) elementwise in parameter space,
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Container, Sequence
 
 import torch
 
-from . import _linalg, ops, spectral
+from . import _linalg, directions, ops, spectral
 from .ekfac import EKFACBlock
 
 LayerTensors = dict[str, torch.Tensor]
@@ -127,7 +127,8 @@ class WalkPlan:
 
 def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
                  operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
-                 plan: WalkPlan | None = None, consume: bool = False) -> list[LayerTensors]:
+                 plan: WalkPlan | None = None, consume: bool = False,
+                 queries_innermost: Container[tuple[int, str]] = ()) -> list[LayerTensors]:
     """The query walk without leaving the eigenbases (SGD segments).
 
     u_rot: per layer, the query directions already rotated into the *last* segment's basis.
@@ -138,6 +139,9 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     `plan`: a `WalkPlan` of these blocks and operators, to reuse across batches.
     `consume`: u_rot's tensors may be overwritten (the caller no longer needs them): two fewer
     allocations of the largest tensors per layer (the first damping and the last W, done in place).
+    `queries_innermost`: (segment, layer) pairs whose W is written as a view of a zero-padded
+    [O, I, Qs] buffer (`directions.queries_innermost_empty`), the layout the output-side rotation and
+    the CPU sparse kernel work on in place.
     """
     if plan is None:
         plan = WalkPlan(blocks, operators, next(iter(u_rot.values())).dtype)
@@ -145,10 +149,13 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     for name, current in u_rot.items():
         owned = consume  # else the caller's tensor is never modified in place
         for seg in reversed(range(len(blocks))):
-            if seg == 0 and owned:  # the last use of `current`
+            if (seg, name) in queries_innermost:
+                w = directions.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
+                out[seg][name] = torch.mul(current, plan.r[seg][name], out=w)
+            elif seg == 0 and owned:  # the last use of `current`
                 out[seg][name] = current.mul_(plan.r[seg][name])
-                break
-            out[seg][name] = plan.r[seg][name] * current
+            else:
+                out[seg][name] = plan.r[seg][name] * current
             if seg > 0:
                 damped = current.mul_(plan.s[seg][name]) if owned else plan.s[seg][name] * current
                 current = _two_sided_(damped, *plan.to_previous[seg][name])

@@ -84,34 +84,47 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
-def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch):
-    """A ReLU MLP in float32: the influence scores take the output-side rotation, whose exact zeros in g
-    reach the CPU sparse-g kernel when it is built; ranks match the float64 oracle either way."""
+@pytest.mark.parametrize("method", ["influence", "source"])
+def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, method):
+    """A ReLU MLP in float32: the first layer takes the output-side rotation, whose exact zeros in g reach
+    the CPU sparse-g kernel when it is built (influence: one token per row; SOURCE: a segment's two
+    checkpoints stacked, one formed row of G_n per (n, o) with any nonzero g); ranks match the float64
+    oracle either way."""
     from source_fast import _extension
     from source_fast import analyzer as analyzer_module
 
-    plans, sparse_calls = [], []
-    plan, layout = analyzer_module._rotation_plan, _extension._sparse_layout
+    plans, sparse_tokens = [], []
+    plan, layout, kernel = analyzer_module._rotation_plan, _extension._sparse_layout, _extension._lib
     monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
-    monkeypatch.setattr(_extension, "_sparse_layout", lambda v: sparse_calls.append(1) or layout(v))
+
+    class Spy:  # records the token count of every sparse-kernel call
+        def __getattr__(self, name):
+            fn = getattr(kernel(), name)
+            if name != "score_pairwise_sparse_g_cpu":
+                return fn
+            return lambda *args: sparse_tokens.append(args[15]) or fn(*args)
+
+    monkeypatch.setattr(_extension, "_lib", lambda: Spy())
     data64 = classification_data(n=256, d_in=6)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
-    ckpts, steps, lrs = _setup(model, data64, steps=20, every=20, lr=0.3)
-    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=1)
+    every, segments = (20, 1) if method == "influence" else (5, 2)  # SOURCE: 4 checkpoints, 2 per segment
+    ckpts, steps, lrs = _setup(model, data64, steps=20, every=every, lr=0.3)
+    kw = {"damping": 0.01} if method == "influence" else {}
+    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=segments)
     queries64 = Subset(data64, range(40))
-    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method="influence",
-                                 damping=0.01)
+    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method=method, **kw)
     ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
     x, y = data64.tensors
     data32 = torch.utils.data.TensorDataset(x.float(), y)
-    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=1)
-    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method="influence", damping=0.01,
-                                 fisher="empirical", batch_size=256, progress=False)
+    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=segments)
+    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method=method, fisher="empirical",
+                                 batch_size=256, progress=False, **kw)
     scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
     assert 0.2 < analyzer._query_g_density["0"] < 0.8  # the ReLU zeroes part of the first layer's g
-    if analyzer._sparse_kernel_usable():
-        assert plans[0] == "output" and sparse_calls, (plans, len(sparse_calls))
+    if analyzer._sparse_kernel_usable():  # g unrotated (output side or whole direction rotated back)
+        assert {"output", "direction"} & set(plans) and sparse_tokens, (plans, sparse_tokens)
+        assert set(sparse_tokens) == ({1} if method == "influence" else {2})
     _rank_checks(scores, oracle)
 
 

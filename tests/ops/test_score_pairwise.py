@@ -151,6 +151,43 @@ def test_score_pairwise_sparse_g_kernel_sums_tokens():
                           dtype=torch.float32)
 
 
+@pytest.mark.parametrize("n,t,strided", [(300, 2, False), (1100, 3, True), (37, 2, False)],
+                         ids=["t2", "t3-strided-a-blocks", "t2-few-examples"])
+def test_score_pairwise_cpu_sparse_g_grouped_tokens(n, t, strided):
+    """T > 1 with the same ReLU pattern on every token (a segment's stacked checkpoints): the dispatcher
+    picks the sparse kernel by the fraction of (n, o) with any nonzero g, which forms one row of G_n per
+    such entry; equal to the float64 oracle, bitwise the same for 1 and 2 threads, a read in place or
+    strided, several example blocks."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(2)
+    q, o, i = 40, 48, 37
+    v = _extension._sparse_layout(torch.randn(q, o, i, generator=gen))
+    a = torch.randn(n, t, i, generator=gen)
+    if strided:
+        a = torch.randn(n, t, 2 * i, generator=gen)[..., ::2]
+    pattern = torch.rand(n, 1, o, generator=gen) < 0.45
+    g = torch.randn(n, t, o, generator=gen) * pattern
+    assert _extension._density(g) < _extension.SPARSE_G_MAX_DENSITY  # the union over tokens
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    calls = []
+    lib = _extension._lib()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(lib, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_extension, "_lib", lambda: Spy())
+        runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
+    if n * o >= _extension.SPARSE_G_MIN_ENTRIES:
+        assert "score_pairwise_sparse_g_cpu" in calls and "score_pairwise_materialized_cpu" not in calls, calls
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
 @pytest.mark.parametrize("q,n,t", [(3, 1, 2), (13, 129, 2), (25, 300, 3)], ids=["q3-n1", "q13-n129", "q25-n300"])
 def test_score_pairwise_cpu_materialized_strategy(q, n, t):
     """T > 1 picks the materialised C++ kernel (rows of G_n formed in cache): correct across query
