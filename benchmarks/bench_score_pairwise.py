@@ -16,7 +16,9 @@ available source_fast backend and two Kronfluence baselines:
 
 Shapes: CPU Q ∈ {16, 200}, N=1024, T ∈ {1, 16}, I=513, O=257, and T=1 with half of g exactly zero (Z=50: a
 ReLU-gated layer, where the CPU backend contracts only the nonzero g; its GFLOP/s are dense-equivalent; V is
-then given queries-innermost, the layout the pipeline stores it in, to every implementation).
+then given queries-innermost, the layout the pipeline stores it in, to every implementation); and T=2 with the
+same zeros on both tokens (ZT=1: a SOURCE segment's two checkpoints stacked, scored by one formed row of G_n
+per nonzero (n, o)).
 CUDA adds N·O·I up to ~8.6e9, fp32 and bf16. Flop model: min(token-wise 2·Q·N·T·O·(I+1), materialising 2·N·T·O·I + 2·Q·N·O·I) (the cost model of
 source_fast._torch_ops.pairwise_strategy). Bytes: V, a, g read, scores (fp32) written.
 
@@ -42,8 +44,10 @@ class ScorePairwiseBench(H.OpBench):
             return [case("T=1", Q=3, N=8, T=1, I=9, O=5), case("T=4", Q=3, N=8, T=4, I=9, O=5)]
         out = [case(f"T={t}", Q=q, N=1024, T=t, I=513, O=257) for q in (16, 200) for t in (1, 16)]
         if device.type != "cuda":
-            # ReLU-gated output gradients: half of g exactly zero (the CPU backend's sparse-g kernel).
-            return out + [case("T=1 g half zeros", Q=q, N=1024, T=1, I=513, O=257, Z=50) for q in (16, 200)]
+            # ReLU-gated output gradients: half of g exactly zero (the CPU backend's sparse-g kernel); and
+            # two tokens with the same zeros (a segment's two checkpoints stacked: ZT=1).
+            return out + [case("T=1 g half zeros", Q=q, N=1024, T=1, I=513, O=257, Z=50) for q in (16, 200)] \
+                + [case("T=2 g half zeros, same on both tokens", Q=200, N=1024, T=2, I=513, O=257, Z=50, ZT=1)]
         big = []
         for dtype in ("float32", "bfloat16"):
             for t in (1, 16):
@@ -62,7 +66,8 @@ class ScorePairwiseBench(H.OpBench):
              "a": H.randn(gen, p["N"], p["T"], p["I"], device=device, dtype=dt),
              "g": H.randn(gen, p["N"], p["T"], p["O"], device=device, dtype=dt)}
         if p.get("Z"):  # Z % of g exactly zero, as after a ReLU; V stored queries-innermost as the pipeline does
-            keep = torch.rand(x["g"].shape, generator=gen).to(device) >= p["Z"] / 100
+            shape = (p["N"], 1, p["O"]) if p.get("ZT") else x["g"].shape  # ZT: one pattern for every token
+            keep = torch.rand(shape, generator=gen).to(device) >= p["Z"] / 100
             x["g"] = x["g"] * keep.to(dt)
             from source_fast import _extension
 
