@@ -113,6 +113,7 @@ class SourceAnalyzer:
         self._state_cache: dict[str, dict] = {}
         self._query_tokens = 1  # tokens per query row (set by _query_grads): a cost-model hint
         self._query_g_density: dict[str, float] = {}  # nonzero fraction of query output gradients, per layer
+        self._self_workspace: dict[str, torch.Tensor] = {}  # self-influence walk buffers, within one call
 
     # ------------------------------------------------------------------------------ validation
     @staticmethod
@@ -604,7 +605,7 @@ class SourceAnalyzer:
         with self._session():
             if pending:
                 plan = self._score_plan(query_dataset, units, final_unit, stage_sizes, n_fit, n_train)
-                rotated: dict[tuple[int, str], torch.Tensor] = {}  # a direction shared by groups: rotated once
+                rotated: dict[int, torch.Tensor] = {}  # a direction shared by groups: rotated once
                 groups = [self._cheaper_rotation(group, n_train, rotated) for group in _group_plan(plan)]
                 del rotated
                 del plan  # directions the rotation replaced are freed now, not after scoring
@@ -655,7 +656,7 @@ class SourceAnalyzer:
             elif plan == "output":
                 block = basis[name]
                 basis[name] = _InputSideOnly(block)
-                key = (id(v[name]), plan)
+                key = id(v[name])  # alive in the plan until all groups are built: ids are not reused
                 if rotated is not None and key in rotated:  # (in place: never rotate a direction twice)
                     v[name] = rotated[key]
                 else:
