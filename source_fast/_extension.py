@@ -154,8 +154,9 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
     return out
 
 
-# The sparse-g kernel (csrc/score_pairwise/score_pairwise_sparse_cpu.cpp) runs at ~0.85x the dense
-# token-wise kernel's speed per flop: 1.5x faster overall at half zeros, a loss above ~0.85 nonzero.
+# The sparse-g kernel (csrc/score_pairwise/score_pairwise_sparse_cpu.cpp) runs at ~0.85-0.9x the dense
+# kernels' speed per flop (≈ 340-360 GFLOP/s on 2 cores): 1.5-1.7x faster overall at half zeros, a loss
+# above ~0.85 nonzero.
 SPARSE_G_MAX_DENSITY = 0.7
 SPARSE_G_MIN_ENTRIES = 4096  # below this the choice costs more than it can save
 SPARSE_G_MIN_QUERIES = 32    # its compression costs ~N·O·I/16 operations: amortised over enough queries

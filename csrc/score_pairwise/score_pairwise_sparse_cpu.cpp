@@ -1,20 +1,18 @@
 // score_pairwise on CPU for output gradients with many exact zeros (ReLU-gated layers: about half of
-// g is 0.0): scores[q, n] = Σ_o V[q,o,:] · (Σ_t g[n,t,o] a[n,t,:]), computed only where g[n,:,o] is
-// nonzero.
+// g is 0.0): scores[q, n] = Σ_o V[q,o,:] · R_{n,o}, with R_{n,o} = Σ_t g[n,t,o] a[n,t,:] the row o of
+// G_n = Σ_t g aᵀ, computed only for the (n, o) where some g[n,t,o] is nonzero: (Q + T)·I flops per such
+// row instead of Q·N·O·I (+ T·N·O·I) in all.
 //
-// T == 1: the rows of a whose g[n,o] is nonzero are compressed and contracted; the epilogue multiplies
-// by g[n,o] (Q·I·nnz(g) flops instead of Q·N·O·I).
-// T > 1 (e.g. a segment's checkpoints stacked as tokens): one row per example and output o where any
-// g[n,t,o] is nonzero, formed as Σ_t g[n,t,o] a[n,t,:] (the row of G_n = Σ_t g aᵀ) and contracted:
-// Q·I·nnz_n,o flops. ReLU patterns barely move between nearby checkpoints (≈ 52 % of (n, o) nonzero for
-// two checkpoints at 50 % each), so this about halves the dense materialised contraction.
+// T == 1 is a ReLU layer's rows; T > 1 e.g. a SOURCE segment's checkpoints stacked as tokens. ReLU
+// patterns barely move between nearby checkpoints (≈ 52 % of (n, o) nonzero for two checkpoints at
+// 50 % each), so the stacked case also about halves the dense materialised contraction.
 //
-// A task owns a block of examples, with its token rows transposed ([i][row]). For each output row o,
-// the rows whose g[., o] is nonzero are compressed into a contiguous buffer (AVX-512 vcompressps, one
-// mask per 16 rows shared by every i) and multiplied by V[:, o, :] with the broadcast micro-kernel
-// (MR compressed rows x NR queries, K = I); the epilogue adds g[r, o] · tile into the example's score
-// row. Every score is summed in one task, over o then rows in increasing order: bitwise independent of
-// the thread count and block size.
+// A task owns a block of examples (their g transposed, [t][o][example], for 16-wide nonzero masks) and
+// a group of query panels. For each output o it lists the examples with a nonzero g[n, :, o], forms
+// their rows R (vectorised over i, a read in place) and multiplies them by V[o] with the broadcast
+// micro-kernel (MR rows of R x NR queries, K = I), adding each tile row into its example's scores.
+// Every score is summed in one task, over o in increasing order: bitwise independent of the thread
+// count and block size.
 //
 // V is read as [O][I][queries] (queries innermost, rows of at least ceil(Q / VL) · VL readable
 // floats) when it comes that way (svq == 1, svi >= that, svo == I · svi: the pipeline stores it so);
@@ -33,10 +31,10 @@ namespace sf {
 namespace {
 
 using namespace cpu;
-constexpr index_t SP_CHUNK = 16;        // rows per compression mask
+constexpr index_t SP_CHUNK = 16;        // examples per nonzero mask
 constexpr index_t SP_MAX_EXAMPLES = 512;  // examples per block, at most (V streams once per block)
 
-// Rows r < R of chunk c whose g is nonzero: bit j of the mask = row c·16 + j.
+// Bit j: x[j] != 0 (16 examples' g at one output).
 static inline uint32_t nonzero_mask(const float* x) {
 #if defined(__AVX512F__)
   return _mm512_cmp_ps_mask(_mm512_loadu_ps(x), _mm512_setzero_ps(), _CMP_NEQ_UQ);
@@ -47,40 +45,24 @@ static inline uint32_t nonzero_mask(const float* x) {
 #endif
 }
 
-// dst[0 .. popcount(mask)) = src[j] for the set bits j in order; may write up to 16 floats.
-static inline void compress16(const float* src, uint32_t mask, float* dst) {
-#if defined(__AVX512F__)
-  _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(static_cast<__mmask16>(mask), _mm512_loadu_ps(src)));
-#else
-  int k = 0;
-  for (int j = 0; j < SP_CHUNK; ++j)
-    if (mask >> j & 1u) dst[k++] = src[j];
-#endif
-}
-
-// S[idx[m] / T][0 .. W·VL) += gv[m] · Σ_i C(i, m) · V[i][0 .. W·VL) for the rows m < rows of one
-// panel of MR compressed rows, C(i, m) = c[i * c_i + m * c_m] (V with row stride ldv).
+// S[idx[m]][0 .. W·VL) += Σ_i R[m][i] · V[i][0 .. W·VL) for the rows m < rows of one panel of MR formed
+// rows (R with row stride ldr, V with row stride ldv).
 template <int W>
-static inline void sparse_tile(index_t I, const float* __restrict b, index_t ldv, const float* __restrict c,
-                               index_t c_i, index_t c_m, const index_t* idx, const float* gv, index_t rows,
-                               index_t T, float* __restrict S, index_t lds) {
+static inline void sparse_tile(index_t I, const float* __restrict b, index_t ldv, const float* __restrict r,
+                               index_t ldr, const index_t* idx, index_t rows, float* __restrict S, index_t lds) {
   vf acc[MR][W] = {};
-  strided_tile<W>(I, c, c_i, c_m, b, ldv, acc);
+  strided_tile<W>(I, r, 1, ldr, b, ldv, acc);
   for (index_t m = 0; m < rows; ++m) {
-    float* s = S + (idx[m] / T) * lds;
-    const vf gk = splat(gv[m]);
-    for (int w = 0; w < W; ++w) storeu(s + w * VL, loadu(s + w * VL) + gk * acc[m][w]);
+    float* s = S + idx[m] * lds;
+    for (int w = 0; w < W; ++w) storeu(s + w * VL, loadu(s + w * VL) + acc[m][w]);
   }
 }
 
-// One task of the grouped (T > 1) path: examples n0 .. n0 + nb, query panels [qp0, qp1); S[j][q] is set.
-// Per output o, the examples with any nonzero g[n, :, o] get their row of G_n formed in place,
-// R[k][i] = Σ_t g[n_k, t, o] a[n_k, t, i] (vectorised over i, a read as it is: T·I flops per row), and
-// the rows are contracted with V[o] by the broadcast micro-kernel (MR rows of R x NR queries).
-static void grouped_block(const float* a, index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
-                          index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T, index_t O, index_t I,
-                          index_t RBp, index_t LDR, const float* VT, index_t vo, index_t ldv, index_t qp0,
-                          index_t qp1, index_t Qp, float* Ar, float* Gt, float* R, float* S, float* Gv, index_t* idx) {
+// One task: examples n0 .. n0 + nb, query panels [qp0, qp1); S[j][q] is set (see the header).
+static void score_block(const float* a, index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
+                        index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T, index_t O, index_t I,
+                        index_t RBp, index_t LDR, const float* VT, index_t vo, index_t ldv, index_t qp0, index_t qp1,
+                        index_t Qp, float* Ar, float* Gt, float* R, float* S, index_t* idx) {
   // g transposed per token, examples innermost and zero-padded: Gt[t][o][j] (the masks read 16 examples).
   for (index_t t = 0; t < T; ++t) {
     float* gt = Gt + t * O * RBp;
@@ -100,7 +82,6 @@ static void grouped_block(const float* a, index_t san, index_t sat, index_t sai,
   const index_t a_n = a_direct ? san : T * I, a_t = a_direct ? sat : I;
   std::memset(S, 0, sizeof(float) * nb * Qp);
   const index_t n_chunks = RBp / SP_CHUNK;
-  for (index_t k = 0; k < RBp + MR; ++k) Gv[k] = 1.0f;  // g is folded into the formed rows
   for (index_t o = 0; o < O; ++o) {
     index_t cnt = 0;
     for (index_t c = 0; c < n_chunks; ++c) {  // examples with any nonzero g[n, :, o]
@@ -133,9 +114,9 @@ static void grouped_block(const float* a, index_t san, index_t sat, index_t sai,
       for (index_t p = 0; p < cntp; p += MR) {
         const index_t rows = std::min<index_t>(MR, cnt - p);
         if (q0 + NR <= Qp)
-          sparse_tile<NV>(I, vo_ptr + q0, ldv, R + p * LDR, 1, LDR, idx + p, Gv + p, rows, 1, S + q0, Qp);
+          sparse_tile<NV>(I, vo_ptr + q0, ldv, R + p * LDR, LDR, idx + p, rows, S + q0, Qp);
         else
-          sparse_tile<1>(I, vo_ptr + q0, ldv, R + p * LDR, 1, LDR, idx + p, Gv + p, rows, 1, S + q0, Qp);
+          sparse_tile<1>(I, vo_ptr + q0, ldv, R + p * LDR, LDR, idx + p, rows, S + q0, Qp);
       }
     }
   }
@@ -171,11 +152,8 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
   const index_t n_blocks = ceil_div(N, NB), n_qpanels = ceil_div(Qp, NR);
   const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
-  const bool grouped = T > 1;  // one formed row per (example, o), see the header
-  // Rows per task, padded to whole masks: token rows (T == 1) or examples (grouped).
-  const index_t RBp = grouped ? ceil_div(NB, SP_CHUNK) * SP_CHUNK : ceil_div(NB * T, SP_CHUNK) * SP_CHUNK;
-  const index_t LDC = RBp + MR + SP_CHUNK;                   // compressed rows: padding to MR + store slack
-  const index_t LDR = ceil_div(I, VL) * VL;                  // grouped: one formed row of G_n, [k][LDR]
+  const index_t RBp = ceil_div(NB, SP_CHUNK) * SP_CHUNK;  // examples per task, padded to whole masks
+  const index_t LDR = ceil_div(I, VL) * VL;              // one formed row of G_n
   int alloc_failed = 0;
 
 #pragma omp parallel num_threads(nt)
@@ -190,19 +168,14 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
           for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
         }
     }
-    // T == 1: transposed token rows At[i][r], Gt[o][r] and compressed rows C[i][k]. Grouped: Gt[t][o][j]
-    // (j = example), a copied to At only when its rows are strided, formed rows R[k][i] in C.
-    const index_t tl = grouped ? T : 1;
-    AlignedBuffer at_buf(static_cast<std::size_t>(grouped ? (sai == 1 ? 1 : NB * T * I) : I * RBp));
-    AlignedBuffer gt_buf(static_cast<std::size_t>(tl * O * RBp));
-    AlignedBuffer c_buf(static_cast<std::size_t>(grouped ? (RBp + MR) * LDR : I * LDC));
+    // Gt[t][o][j] (j = example in the block), a copied to Ar only when its rows are strided, formed rows R.
+    AlignedBuffer ar_buf(static_cast<std::size_t>(sai == 1 ? 1 : NB * T * I));
+    AlignedBuffer gt_buf(static_cast<std::size_t>(T * O * RBp));
+    AlignedBuffer r_buf(static_cast<std::size_t>((RBp + MR) * LDR));
     AlignedBuffer s_buf(static_cast<std::size_t>(NB * Qp));
-    AlignedBuffer gv_buf(static_cast<std::size_t>(LDC));  // >= RBp + MR
-    std::unique_ptr<index_t[]> idx(new (std::nothrow) index_t[LDC]);
-    std::unique_ptr<uint32_t[]> masks(new (std::nothrow) uint32_t[RBp / SP_CHUNK]);
-    std::unique_ptr<index_t[]> pos(new (std::nothrow) index_t[RBp / SP_CHUNK]);
-    float *At = at_buf.data(), *Gt = gt_buf.data(), *C = c_buf.data(), *S = s_buf.data(), *Gv = gv_buf.data();
-    const bool ok = At && Gt && C && S && Gv && idx && masks && pos;
+    std::unique_ptr<index_t[]> idx(new (std::nothrow) index_t[RBp + MR]);
+    float *Ar = ar_buf.data(), *Gt = gt_buf.data(), *Rf = r_buf.data(), *S = s_buf.data();
+    const bool ok = Ar && Gt && Rf && S && idx;
     if (!ok) {
 #pragma omp atomic write
       alloc_failed = 1;
@@ -211,57 +184,11 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
     for (index_t task = 0; task < n_tasks; ++task) {
       if (!ok) continue;
       const index_t blk = task / n_groups, grp = task % n_groups;
-      const index_t n0 = blk * NB, nb = std::min(NB, N - n0), R = nb * T;
+      const index_t n0 = blk * NB, nb = std::min(NB, N - n0);
       const index_t qp0 = grp * n_qpanels / n_groups * NR;
       const index_t qp1 = std::min(Qp, (grp + 1) * n_qpanels / n_groups * NR);
-      if (grouped) {
-        grouped_block(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDR, VT, vo, ldv, qp0, qp1, Qp, At,
-                      Gt, C, S, Gv, idx.get());
-        for (index_t j = 0; j < nb; ++j)
-          for (index_t q = qp0; q < std::min(qp1, Q); ++q) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
-        continue;
-      }
-      // Token rows of the block, transposed and zero-padded: At[i][r], Gt[o][r], r = (n - n0)·T + t.
-      for (index_t r = 0; r < RBp; ++r) {
-        const bool valid = r < R;
-        const float* ar = a + (n0 + (valid ? r / T : 0)) * san + (valid ? r % T : 0) * sat;
-        const float* gr = g + (n0 + (valid ? r / T : 0)) * sgn + (valid ? r % T : 0) * sgt;
-        for (index_t i = 0; i < I; ++i) At[i * RBp + r] = valid ? ar[i * sai] : 0.0f;
-        for (index_t o = 0; o < O; ++o) Gt[o * RBp + r] = valid ? gr[o * sgo] : 0.0f;
-      }
-      std::memset(S, 0, sizeof(float) * nb * Qp);
-      const index_t n_chunks = RBp / SP_CHUNK;
-      for (index_t o = 0; o < O; ++o) {
-        const float* go = Gt + o * RBp;
-        index_t cnt = 0;
-        for (index_t c = 0; c < n_chunks; ++c) {
-          const uint32_t m = nonzero_mask(go + c * SP_CHUNK);
-          masks[c] = m;
-          pos[c] = cnt;
-          compress16(go + c * SP_CHUNK, m, Gv + cnt);
-          for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
-        }
-        if (cnt == 0) continue;
-        const index_t cntp = ceil_div(cnt, MR) * MR;
-        for (index_t i = 0; i < I; ++i) {
-          const float* src = At + i * RBp;
-          float* dst = C + i * LDC;
-          for (index_t c = 0; c < n_chunks; ++c)
-            if (masks[c]) compress16(src + c * SP_CHUNK, masks[c], dst + pos[c]);
-          for (index_t k = cnt; k < cntp; ++k) dst[k] = 0.0f;
-        }
-        const float* vo_ptr = VT + o * vo;
-        for (index_t q0 = qp0; q0 < qp1; q0 += NR) {  // V[:, o, q-panel] (I·NR floats) stays in L2
-          for (index_t p = 0; p < cntp; p += MR) {
-            if (q0 + NR <= Qp)
-              sparse_tile<NV>(I, vo_ptr + q0, ldv, C + p, LDC, 1, idx.get() + p, Gv + p, std::min<index_t>(MR, cnt - p),
-                              T, S + q0, Qp);
-            else
-              sparse_tile<1>(I, vo_ptr + q0, ldv, C + p, LDC, 1, idx.get() + p, Gv + p, std::min<index_t>(MR, cnt - p),
-                             T, S + q0, Qp);
-          }
-        }
-      }
+      score_block(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDR, VT, vo, ldv, qp0, qp1, Qp, Ar, Gt,
+                  Rf, S, idx.get());
       for (index_t j = 0; j < nb; ++j)
         for (index_t q = qp0; q < std::min(qp1, Q); ++q) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
     }
