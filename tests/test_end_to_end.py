@@ -263,7 +263,17 @@ def test_small_lr_mass_approaches_gradient_dot(mlp_run):
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
 
 
-def test_multi_stage_matches_oracle_and_masks_other_stages():
+def _force_rotation(monkeypatch, rotate):
+    if rotate != "cost-model":
+        from source_fast import analyzer as analyzer_module
+
+        monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: rotate)
+
+
+@pytest.mark.parametrize("rotate", ["cost-model", "output"])
+def test_multi_stage_matches_oracle_and_masks_other_stages(monkeypatch, rotate):
+    """("output": every direction written by the walk in the queries-innermost layout and rotated in place.)"""
+    _force_rotation(monkeypatch, rotate)
     data = classification_data(n=20)
     model = mlp()
     ckpts, steps, lrs = _setup(model, data, steps=24, every=4, lr=0.3)
@@ -284,7 +294,10 @@ def test_multi_stage_matches_oracle_and_masks_other_stages():
     assert _rel(plain, oracle) > 1e-2
 
 
-def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run):
+@pytest.mark.parametrize("rotate", ["cost-model", "output"])
+def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run, monkeypatch, rotate):
+    """(Several training blocks: directions rotated in place once are reused by every block.)"""
+    _force_rotation(monkeypatch, rotate)
     model, data, run = mlp_run
     queries = Subset(data, range(4))
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=3, score_block=5, progress=False)
