@@ -47,17 +47,20 @@ class Backend:
             return [why]
         if op not in self.ops:
             reasons.append(f"op {op!r} not implemented by {self.name}")
+        reasons += self.device_reasons(tensors)
         for name, t in tensors.items():
             if t is None:
                 continue
-            if t.device.type not in self.devices:
-                reasons.append(f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}")
             if t.is_floating_point() and t.dtype not in self.dtypes:
                 reasons.append(f"{name} dtype {t.dtype} not in {[str(d) for d in self.dtypes]}")
         reasons += self.extra_reasons(op, tensors, deterministic)
         if (self.name, op) in _disabled:
             reasons.append(f"disabled after a failed numerical self-test: {_disabled[(self.name, op)]}")
         return reasons
+
+    def device_reasons(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        return [f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}"
+                for name, t in tensors.items() if t is not None and t.device.type not in self.devices]
 
     def function(self, op: str) -> Callable:
         raise NotImplementedError
@@ -96,8 +99,7 @@ class TritonBackend(Backend):
         if interpreting() and not explicit:
             return ["the Triton CPU interpreter (TRITON_INTERPRET=1) is for tests: request backend='triton'"]
         # Tensors on a device Triton does not run on decide it without importing triton (~0.1-0.3 s).
-        off_device = [f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}"
-                      for name, t in tensors.items() if t is not None and t.device.type not in self.devices]
+        off_device = self.device_reasons(tensors)
         if off_device:
             return off_device
         return super().not_supported_reasons(op, tensors, deterministic, explicit)

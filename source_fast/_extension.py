@@ -183,26 +183,34 @@ def _density(g: torch.Tensor) -> float:
 QUERY_PAD = 16  # queries-innermost rows are padded to whole 16-float vectors (the kernel's panels)
 
 
-def queries_innermost_buffer(v: torch.Tensor) -> torch.Tensor:
-    """v [Q, O, I] copied to a [O, I, Qs] buffer, Qs = Q rounded up to QUERY_PAD, zero padding."""
-    q, o, i = v.shape
-    buf = torch.empty(o, i, -(-q // QUERY_PAD) * QUERY_PAD, dtype=v.dtype, device=v.device)
-    buf[..., :q] = v.permute(1, 2, 0)
+def padded_queries(q: int) -> int:
+    return -(-q // QUERY_PAD) * QUERY_PAD
+
+
+def queries_innermost_empty(q: int, o: int, i: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised [Q, O, I] view of a [O, I, Qs] buffer (Qs = padded_queries(Q)) whose padding
+    lanes are zero: the layout the sparse kernel reads in place."""
+    buf = torch.empty(o, i, padded_queries(q), dtype=dtype, device=device)
     buf[..., q:] = 0
-    return buf
+    return buf[..., :q].permute(2, 0, 1)
+
+
+def is_queries_innermost(v: torch.Tensor) -> bool:
+    """Whether v [Q, O, I] is already laid out as `queries_innermost_empty` makes it (rows readable up to
+    their padded width)."""
+    q, o, i = v.shape
+    s_q, s_o, s_i = v.stride()
+    end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + padded_queries(q)  # the last row's padded panel
+    return s_q == 1 and s_i >= padded_queries(q) and s_o == i * s_i \
+        and end * v.element_size() <= v.untyped_storage().nbytes()
 
 
 def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
-    """v [Q, O, I] with queries innermost and rows padded ([O][I][Qs], see queries_innermost_buffer) as
-    the sparse kernel reads it; a view already laid out so (the pipeline stores directions that way)
-    is used as it is, anything else is copied."""
-    q, o, i = v.shape
-    qp = -(-q // QUERY_PAD) * QUERY_PAD
-    s_q, s_o, s_i = v.stride()
-    end = v.storage_offset() + (o - 1) * s_o + (i - 1) * s_i + qp  # the last row's padded panel
-    if s_q == 1 and s_i >= qp and s_o == i * s_i and end * v.element_size() <= v.untyped_storage().nbytes():
+    """v [Q, O, I] as the sparse kernel reads it (see queries_innermost_empty): a view already laid out
+    so (the pipeline stores directions that way) is used as it is, anything else is copied."""
+    if is_queries_innermost(v):
         return v
-    return queries_innermost_buffer(v)[..., :q].permute(2, 0, 1)
+    return queries_innermost_empty(*v.shape, dtype=v.dtype, device=v.device).copy_(v)
 
 
 def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

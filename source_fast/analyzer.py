@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import _config, _extension, _linalg, ekfac, io, ops, spectral
-from .directions import RankOneDirections, as_dense, is_queries_innermost, left_product_queries_innermost
+from .directions import RankOneDirections, as_dense, left_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
@@ -113,7 +113,6 @@ class SourceAnalyzer:
         self._state_cache: dict[str, dict] = {}
         self._query_tokens = 1  # tokens per query row (set by _query_grads): a cost-model hint
         self._query_g_density: dict[str, float] = {}  # nonzero fraction of query output gradients, per layer
-        self._self_workspace: dict[str, torch.Tensor] = {}  # self-influence walk buffers, within one call
 
     # ------------------------------------------------------------------------------ validation
     @staticmethod
@@ -645,9 +644,8 @@ class SourceAnalyzer:
         sparse_ok = self._sparse_kernel_usable()
         for layer in self.layers:
             name = layer.name
-            plan = _rotation_plan(*v[name].shape, len(members), n_train, self._query_tokens,
-                                  self._query_g_density.get(name, 1.0), sparse_ok)
-            if plan != "output" and isinstance(v[name], torch.Tensor) and is_queries_innermost(v[name]):
+            plan = self._layer_rotation(name, v[name].shape, len(members), n_train, sparse_ok)
+            if plan != "output" and isinstance(v[name], torch.Tensor) and _extension.is_queries_innermost(v[name]):
                 v[name] = v[name].contiguous()  # laid out for a plan this one overrides (not expected)
             if plan == "direction":
                 block = basis.pop(name)
@@ -666,6 +664,11 @@ class SourceAnalyzer:
             else:
                 v[name] = as_dense(v[name])
         return members, v, weight, stage, basis
+
+    def _layer_rotation(self, name, shape, members, n_train, sparse_ok) -> str:
+        """`_rotation_plan` for one layer's directions (shape [Q, O, I]) with the query rows' T and zeros."""
+        return _rotation_plan(*shape, members, n_train, self._query_tokens, self._query_g_density.get(name, 1.0),
+                              sparse_ok)
 
     def _sparse_kernel_usable(self) -> bool:
         """Whether score_pairwise would reach the CPU sparse-g kernel (fp32 on the CPU, compiled)."""
@@ -747,9 +750,8 @@ class SourceAnalyzer:
                 # Layers that `_cheaper_rotation` will rotate on the output side get W in that layout.
                 sparse_ok = self._sparse_kernel_usable()
                 output_side = {(seg, name) for seg in range(len(self.blocks)) for name, x in u_rot.items()
-                               if _rotation_plan(*x.shape, sum(1 for u in units if u.segment == seg), n_scored,
-                                                 self._query_tokens, self._query_g_density.get(name, 1.0),
-                                                 sparse_ok) == "output"}
+                               if self._layer_rotation(name, x.shape, sum(1 for u in units if u.segment == seg),
+                                                       n_scored, sparse_ok) == "output"}
                 walked = rotated_walk(u_rot, self.blocks, self._operators(), consume=True,
                                       queries_innermost=output_side)
                 bases = self.blocks
@@ -820,8 +822,8 @@ class SourceAnalyzer:
         plan = None  # spectral weights and basis changes of the walk, shared by every batch
         if self.method in ("source", "fast_source") and self.run.optimizer != "adam":
             plan = WalkPlan(self.blocks, self._operators(), self.compute_dtype)
-        self._self_workspace = {}  # the walk's buffers, reused by every batch of this call
-        with self._session(), _released(self, "_self_workspace"):
+        workspace: dict[str, torch.Tensor] = {}  # the walk's buffers, reused by every batch of this call
+        with self._session():
             for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(len(cols), dtype=self.compute_dtype, device=self.device)
@@ -831,7 +833,7 @@ class SourceAnalyzer:
                     for start in range(0, len(cols), self.batch_size):
                         idx = cols[start:start + self.batch_size]
                         block[start:start + len(idx)] = self._walked_self(Subset(train_dataset, idx), idx,
-                                                                          n_fit, stage_sizes, plan)
+                                                                          n_fit, stage_sizes, plan, workspace)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"self-influence of training examples {cols[0]}..{cols[-1]} is "
                                              "non-finite; pass check_finite=False to propagate")
@@ -850,7 +852,7 @@ class SourceAnalyzer:
                                                             deterministic=self.deterministic).to(out.dtype)
         out *= self.run.loss_scale / n_train
 
-    def _walked_self(self, chunk, idx, n_train, stage_sizes, plan):
+    def _walked_self(self, chunk, idx, n_train, stage_sizes, plan, workspace):
         """One batch: token rows at every model state, then the walk with Q = batch.
 
         SGD runs walk in the eigenbases: ũ_ℓ = Q_Sᵀ u Q_A, the score of segment ℓ is
@@ -894,8 +896,7 @@ class SourceAnalyzer:
                 out += (self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage)
             return out
         last = len(segments) - 1
-        # Buffers kept across batches (the walk's directions are the largest tensors here).
-        workspace = self._self_workspace
+        # `workspace`: buffers kept across batches (the walk's directions are the largest tensors here).
         u_rot = {name: _rotate(a, g, self.blocks[last][name],
                                out=workspace_buffer(workspace, f"u:{name}", (a.shape[0], g.shape[2], a.shape[2]),
                                                     dtype=a.dtype, device=a.device))
@@ -930,15 +931,6 @@ class SourceAnalyzer:
             return {name: (torch.cat(a), torch.cat(g)) for name, (a, g) in parts.items()}
         finally:
             self.progress = progress
-
-
-@contextmanager
-def _released(obj, attr: str):
-    """Reset obj.attr to an empty dict on exit (a per-call workspace must not outlive the call)."""
-    try:
-        yield
-    finally:
-        setattr(obj, attr, {})
 
 
 def _rows_nbytes(rows) -> int:

@@ -47,7 +47,7 @@ class RankOneDirections:
         block of columns of weight ⊙ (g aᵀ) is formed in a small scratch (queries innermost) and
         multiplied straight into the result buffer."""
         q, o, i = self.shape
-        qs = -(-q // _extension.QUERY_PAD) * _extension.QUERY_PAD
+        qs = _extension.padded_queries(q)
         left = left.to(self.dtype)
         buf = torch.empty(left.shape[0], i, qs, dtype=self.dtype, device=self.g.device)
         cols = _columns_per_chunk(o, i, qs, buf.element_size())
@@ -63,37 +63,20 @@ class RankOneDirections:
         return buf[..., :q].permute(2, 0, 1)
 
 
-def queries_innermost_empty(q: int, o: int, i: int, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised [Q, O, I] view of a [O, I, Qs] buffer whose padding lanes (queries Q..Qs) are zero:
-    the layout `left_product_queries_innermost` returns and the sparse kernel reads in place. The walk
-    writes the directions of output-side layers straight into it (no [Q, O, I] tensor and copy)."""
-    qs = -(-q // _extension.QUERY_PAD) * _extension.QUERY_PAD
-    buf = torch.empty(o, i, qs, dtype=dtype, device=device)
-    buf[..., q:] = 0
-    return buf[..., :q].permute(2, 0, 1)
-
-
-def is_queries_innermost(v: torch.Tensor) -> bool:
-    return _extension._sparse_layout(v) is v
-
-
 def left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor | RankOneDirections) -> torch.Tensor:
     """left @ v[q] for every query (left square), as a [Q, O, I] view of a zero-padded [O, I, Qs] buffer:
     the layout the sparse kernel reads its query panels from (any backend accepts the view).
 
-    v is permuted into the buffer (or, already laid out so, used as it is: the result then overwrites
+    v is copied into that layout (or, already laid out so, used as it is: the result then overwrites
     it), then each run of i columns, a 2-D [O, i·Qs] block, is multiplied through a chunk-sized scratch
     and copied back: one buffer of the result's size in all (a second one would cost its first-touch
     page faults and peak memory; the copy-back is ~10 % of that)."""
     if isinstance(v, RankOneDirections):
         return v.left_product_queries_innermost(left)
     q, o, i = v.shape
-    if is_queries_innermost(v):  # already laid out (the walk wrote it so): multiplied in place
-        qs = v.stride(2)
-        buf = torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))
-    else:
-        buf = _extension.queries_innermost_buffer(v)
-        qs = buf.shape[2]
+    v = _extension._sparse_layout(v)  # in place when the walk already wrote it so
+    qs = v.stride(2)
+    buf = torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))  # the padded [O, I, Qs] buffer behind the view
     left = left.to(buf.dtype)
     cols = _columns_per_chunk(o, i, qs, buf.element_size())
     scratch = torch.empty(o, cols * qs, dtype=buf.dtype, device=buf.device)

@@ -15,7 +15,7 @@ from typing import Container, Sequence
 
 import torch
 
-from . import _linalg, directions, ops, spectral
+from . import _extension, _linalg, ops, spectral
 from .ekfac import EKFACBlock
 
 LayerTensors = dict[str, torch.Tensor]
@@ -78,14 +78,14 @@ def _two_sided_(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
 
     Why: the walk's directions are its largest tensors; two fresh [Q, O, I] results per segment
     boundary cost their first-touch page faults (on the benchmark host about a third of the products'
-    time) and peak memory. Here only one chunk-sized scratch buffer is used (`scratch`, from
-    `two_sided_scratch`, to reuse one across calls)."""
+    time) and peak memory. Here only one chunk-sized scratch buffer is used (`scratch` [chunk, O, I],
+    to reuse one across calls)."""
     if not x.is_contiguous() or left.shape[0] != left.shape[1] or right.shape[0] != right.shape[1]:
         return _two_sided(x, left, right)
     left, right = left.to(x.dtype), right.to(x.dtype)
     q = x.shape[0]
-    if scratch is None or scratch.shape[1:] != x.shape[1:] or scratch.dtype != x.dtype:
-        scratch = two_sided_scratch(x)
+    if scratch is None:
+        scratch = torch.empty(_two_sided_chunk(x), *x.shape[1:], dtype=x.dtype, device=x.device)
     chunk = scratch.shape[0]
     for q0 in range(0, q, chunk):
         part = x[q0:q0 + chunk]
@@ -94,11 +94,10 @@ def _two_sided_(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
     return x
 
 
-def two_sided_scratch(x: torch.Tensor) -> torch.Tensor:
-    """The chunk buffer `_two_sided_` uses for a batch shaped like x [Q, O, I]."""
+def _two_sided_chunk(x: torch.Tensor) -> int:
+    """Queries per chunk of `_two_sided_` for a batch shaped like x [Q, O, I]."""
     q, o, i = x.shape
-    chunk = max(1, min(q, _IN_PLACE_CHUNK_BYTES // max(1, o * i * x.element_size())))
-    return torch.empty((chunk, o, i), dtype=x.dtype, device=x.device)
+    return max(1, min(q, _IN_PLACE_CHUNK_BYTES // max(1, o * i * x.element_size())))
 
 
 def change_basis(x: torch.Tensor, src: EKFACBlock, dst: EKFACBlock) -> torch.Tensor:
@@ -140,7 +139,7 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     `consume`: u_rot's tensors may be overwritten (the caller no longer needs them): two fewer
     allocations of the largest tensors per layer (the first damping and the last W, done in place).
     `queries_innermost`: (segment, layer) pairs whose W is written as a view of a zero-padded
-    [O, I, Qs] buffer (`directions.queries_innermost_empty`), the layout the output-side rotation and
+    [O, I, Qs] buffer (`_extension.queries_innermost_empty`), the layout the output-side rotation and
     the CPU sparse kernel work on in place.
     """
     if plan is None:
@@ -150,7 +149,7 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
         owned = consume  # else the caller's tensor is never modified in place
         for seg in reversed(range(len(blocks))):
             if (seg, name) in queries_innermost:
-                w = directions.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
+                w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
                 out[seg][name] = torch.mul(current, plan.r[seg][name], out=w)
             elif seg == 0 and owned:  # the last use of `current`
                 out[seg][name] = current.mul_(plan.r[seg][name])
@@ -174,14 +173,12 @@ def rotated_walk_visit(u_rot: LayerTensors, plan: WalkPlan, visit, *,
     this size cost their page faults on every batch)."""
     workspace = {} if workspace is None else workspace
     for name, current in u_rot.items():
-        w = workspace_buffer(workspace, f"w:{name}", tuple(current.shape), dtype=current.dtype,
-                             device=current.device)
-        scratch = workspace.get(f"scratch:{name}")
+        kw = dict(dtype=current.dtype, device=current.device)
+        w = workspace_buffer(workspace, f"w:{name}", tuple(current.shape), **kw)
+        scratch = workspace_buffer(workspace, f"scratch:{name}", (_two_sided_chunk(current), *current.shape[1:]), **kw)
         for seg in reversed(range(plan.num_segments)):
             visit(seg, name, torch.mul(current, plan.r[seg][name], out=w))
             if seg > 0:
-                if scratch is None or scratch.shape[1:] != current.shape[1:] or scratch.dtype != current.dtype:
-                    scratch = workspace[f"scratch:{name}"] = two_sided_scratch(current)
                 _two_sided_(current.mul_(plan.s[seg][name]), *plan.to_previous[seg][name], scratch=scratch)
 
 

@@ -13,6 +13,7 @@ is a failure.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -165,3 +166,27 @@ def at_thread_counts(fn, counts=(1, 2)) -> list:
         return results
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def recording_lib_calls():
+    """Within the block, every call into the compiled module source_fast._C made through
+    `_extension._lib()` is recorded as (name, args) in the yielded list."""
+    from source_fast import _extension
+
+    lib, calls = _extension._lib, []  # resolved on use: the block may run without the module built
+
+    class Recorder:
+        def __getattr__(self, name):
+            attr = getattr(lib(), name)
+            if not callable(attr):
+                return attr
+
+            def call(*args):
+                calls.append((name, args))
+                return attr(*args)
+            return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_extension, "_lib", lambda: Recorder())
+        yield calls

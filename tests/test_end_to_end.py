@@ -8,6 +8,7 @@ import source_fast as sf
 from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
+from _backends import recording_lib_calls
 from _models import ClassificationTask, TinyCNN, classification_data, mlp, train_run
 
 
@@ -90,21 +91,11 @@ def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, meth
     the CPU sparse-g kernel when it is built (influence: one token per row; SOURCE: a segment's two
     checkpoints stacked, one formed row of G_n per (n, o) with any nonzero g); ranks match the float64
     oracle either way."""
-    from source_fast import _extension
     from source_fast import analyzer as analyzer_module
 
-    plans, sparse_tokens = [], []
-    plan, layout, kernel = analyzer_module._rotation_plan, _extension._sparse_layout, _extension._lib
+    plans = []
+    plan = analyzer_module._rotation_plan
     monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
-
-    class Spy:  # records the token count of every sparse-kernel call
-        def __getattr__(self, name):
-            fn = getattr(kernel(), name)
-            if name != "score_pairwise_sparse_g_cpu":
-                return fn
-            return lambda *args: sparse_tokens.append(args[15]) or fn(*args)
-
-    monkeypatch.setattr(_extension, "_lib", lambda: Spy())
     data64 = classification_data(n=256, d_in=6)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
@@ -120,7 +111,9 @@ def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, meth
     run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=segments)
     analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method=method, fisher="empirical",
                                  batch_size=256, progress=False, **kw)
-    scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    with recording_lib_calls() as recorded:
+        scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    sparse_tokens = [args[15] for name, args in recorded if name == "score_pairwise_sparse_g_cpu"]  # T
     assert 0.2 < analyzer._query_g_density["0"] < 0.8  # the ReLU zeroes part of the first layer's g
     if analyzer._sparse_kernel_usable():  # g unrotated (output side or whole direction rotated back)
         assert {"output", "direction"} & set(plans) and sparse_tokens, (plans, sparse_tokens)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import at_thread_counts, backend_params, compile_for_gpu, require
+from _backends import at_thread_counts, backend_params, compile_for_gpu, recording_lib_calls, require
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -118,17 +118,9 @@ def test_score_pairwise_cpu_sparse_g(q, n, o, i, density, layout):
         v = _extension._sparse_layout(v)
         assert v.stride(0) == 1
     require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
-    calls = []
-    lib = _extension._lib()
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(lib, name)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_extension, "_lib", lambda: Spy())
+    with recording_lib_calls() as recorded:
         runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
+    calls = [name for name, _ in recorded]
     assert calls.count("score_pairwise_sparse_g_cpu") == 2, calls  # one call per run (after any self-test)
     assert torch.equal(runs[0], runs[1])
     assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
@@ -170,17 +162,9 @@ def test_score_pairwise_cpu_sparse_g_grouped_tokens(n, t, strided):
     g = torch.randn(n, t, o, generator=gen) * pattern
     assert _extension._density(g) < _extension.SPARSE_G_MAX_DENSITY  # the union over tokens
     require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
-    calls = []
-    lib = _extension._lib()
-
-    class Spy:
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(lib, name)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_extension, "_lib", lambda: Spy())
+    with recording_lib_calls() as recorded:
         runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
+    calls = [name for name, _ in recorded]
     if n * o >= _extension.SPARSE_G_MIN_ENTRIES:
         assert "score_pairwise_sparse_g_cpu" in calls and "score_pairwise_materialized_cpu" not in calls, calls
     assert torch.equal(runs[0], runs[1])
