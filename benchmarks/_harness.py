@@ -261,9 +261,11 @@ def git_commit() -> str:
         try:
             out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], check=False, cwd=REPO,
                                  capture_output=True, text=True, timeout=10)
-            _COMMIT = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+            _COMMIT = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else ""
         except (OSError, subprocess.SubprocessError):
-            _COMMIT = "unknown"
+            _COMMIT = ""
+        # a copy of the tree without .git (a lent GPU machine): the caller names the commit
+        _COMMIT = _COMMIT or os.environ.get("SOURCE_FAST_GIT_COMMIT", "") or "unknown"
     return _COMMIT
 
 
@@ -743,7 +745,17 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
             if not ok:
                 failures += 1
 
-    # 2. memory and timing of what passed
+    # 2. memory and timing of what passed; each row is upserted as soon as it is measured, so a run cut
+    # short (a device lease, a timeout) keeps what it finished
+    out = args.out or ("" if args.smoke else str(default_results_path(device)))
+    out = "" if out == "-" else out
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        if out:
+            upsert_csv(Path(out), [row])
+            render_markdown(Path(out))
+
     cache: dict[Case, dict] = {}
     for c in cases:
         for impl in names:
@@ -753,7 +765,7 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
             if device.type != "cuda" and not args.smoke:
                 note = "; ".join(x for x in (note, f"load1={load1()}") if x)
             if not passed[(impl, c.dtype)]:
-                rows.append(finish_row(bench.op, impl, c, env, {"status": "FAILED (correctness gate)"}, note))
+                record(finish_row(bench.op, impl, c, env, {"status": "FAILED (correctness gate)"}, note))
                 continue
             print(f"  measuring {bench.op} {impl} {c.mode} {c.dtype} {c.shape_params} ...", flush=True)
             if isolate:
@@ -776,12 +788,11 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
                 part["status"] = "smoke"
             if str(part.get("status", "")).startswith("ERROR"):
                 failures += 1
-            rows.append(finish_row(bench.op, impl, c, env, part, note))
+            record(finish_row(bench.op, impl, c, env, part, note))
     cache.clear()
 
     print()
     print_table(rows, args.smoke, device.type == "cuda")
-    out = args.out or ("" if args.smoke else str(default_results_path(device)))
-    if out and out != "-" and rows:
-        write_results(rows, Path(out))
+    if out and rows:
+        print(f"wrote {out} and {Path(out).with_suffix('.md')}")
     return 1 if failures else 0

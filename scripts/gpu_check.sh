@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should check, in priority order, each step under a time limit, inside one
+# overall deadline (a lease is short): build the CUDA extension, measure the device's ceilings, run the `gpu`
+# tests, then the op benchmarks (each row is written as soon as it is measured, so a cut-off run keeps them).
+#
+#   OUT=gpu_out DEADLINE_S=420 SOURCE_FAST_GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash scripts/gpu_check.sh
+#
+# Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
+# to $OUT (at most 8 files): env.txt build.log roofline.json gpu_tests.log bench.log ops_gpu.csv ops_gpu.md.
+# Copy roofline.json and ops_gpu.csv into benchmarks/results/ (roofline_<gpu>.json, ops_<gpu>.csv) afterwards.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+START=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-420}
+export PYTHONUNBUFFERED=1
+left() { echo $((DEADLINE_S - ($(date +%s) - START))); }
+step() { echo "== $(date -u +%T) [$(left) s left] $*"; }
+# run under min(cap, time left - reserve); skipped when under 10 s would remain
+limited() { local cap=$1; shift; local t; t=$(left); t=$((t < cap ? t : cap)); if [ "$t" -lt 10 ]; then
+  echo "skipped (deadline): $*"; return 124; fi; timeout "$t" "$@"; }
+
+step "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__,
+'| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name(),
+'| sm', torch.cuda.get_device_capability())"
+  nvcc --version | tail -2; nproc; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step "build (CUDA on, sm_80 + sm_90)"
+limited 240 env SOURCE_FAST_BUILD_EXT=1 SOURCE_FAST_BUILD_CUDA=1 CUDAARCHS="80;90" MAX_JOBS="$(nproc)" \
+  "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+rc=$?; tail -3 "$OUT/build.log"; [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$OUT/build.log"; exit 1; }
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
+from source_fast import _dispatch
+for name, backend in _dispatch.BACKENDS.items():
+    print(f"backend {name}: {backend.availability() or 'available'}")
+EOF
+
+step "device ceilings"
+limited 60 "$PY" benchmarks/bench_roofline.py --out "$OUT/roofline.json"
+
+step "gpu tests (determinism last)"
+limited "${TESTS_S:-240}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 tests \
+  --ignore=tests/ops/test_determinism_gpu.py > "$OUT/gpu_tests.log" 2>&1
+echo "pytest rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
+limited "${DETERMINISM_S:-90}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 \
+  tests/ops/test_determinism_gpu.py >> "$OUT/gpu_tests.log" 2>&1
+echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
+
+for op in ${BENCH_OPS:-score_pairwise lambda_accum kron_project covariance score_self score_lowrank score_per_token}; do
+  step "bench $op"
+  limited "${BENCH_S:-75}" "$PY" benchmarks/bench_$op.py --device cuda --out "$OUT/ops_gpu.csv" >> "$OUT/bench.log" 2>&1
+  echo "rc=$?"; grep -E "^GATE|ERROR" "$OUT/bench.log" | grep -v PASS | tail -5
+done
+step "done"
+grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40
