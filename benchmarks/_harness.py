@@ -257,6 +257,8 @@ _COMMIT: str | None = None
 
 def git_commit() -> str:
     global _COMMIT
+    if _COMMIT is None and os.environ.get("SOURCE_FAST_GIT_COMMIT"):  # a tree copied to a GPU machine
+        _COMMIT = os.environ["SOURCE_FAST_GIT_COMMIT"]
     if _COMMIT is None:
         try:
             out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], check=False, cwd=REPO,
@@ -264,8 +266,7 @@ def git_commit() -> str:
             _COMMIT = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else ""
         except (OSError, subprocess.SubprocessError):
             _COMMIT = ""
-        # a copy of the tree without .git (a lent GPU machine): the caller names the commit
-        _COMMIT = _COMMIT or os.environ.get("SOURCE_FAST_GIT_COMMIT", "") or "unknown"
+        _COMMIT = _COMMIT or "unknown"
     return _COMMIT
 
 
@@ -376,8 +377,20 @@ def host_bench(fn: Callable[[], Any], *, rep_s: float = 2.0, warmup_s: float = 0
     return [float(x) for x in q]
 
 
+SLOW_CALL_MS = 50.0  # above this, a few event-timed calls instead of do_bench (its estimate alone runs 5)
+
+
 def cuda_bench(fn: Callable[[], Any]) -> list[float]:
-    """triton.testing.do_bench quantiles (ms) [p50, p20, p80] (it flushes L2 between runs)."""
+    """triton.testing.do_bench quantiles (ms) [p50, p20, p80] (it flushes L2 between runs); calls slower
+    than SLOW_CALL_MS are timed 3 times with CUDA events (a lease is short, and their spread is small)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    probe_ms = start.elapsed_time(end)
+    if probe_ms > SLOW_CALL_MS:  # the probe was the warm-up
+        return _cuda_event_bench(fn, reps=3 if probe_ms < 1000 else 1, warm=False)
     try:
         from triton.testing import do_bench
     except Exception:  # noqa: BLE001 - no (working) triton: CUDA events, same quantiles
@@ -385,8 +398,9 @@ def cuda_bench(fn: Callable[[], Any]) -> list[float]:
     return [float(x) for x in do_bench(fn, warmup=25, rep=100, quantiles=list(QUANTILES))]
 
 
-def _cuda_event_bench(fn, reps: int = 20) -> list[float]:
-    fn()
+def _cuda_event_bench(fn, reps: int = 20, warm: bool = True) -> list[float]:
+    if warm:
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -690,6 +704,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shape, one iteration, gate still runs; CI mode")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:k]")
     p.add_argument("--impls", default="", help="comma list of implementations (backends and baselines)")
+    p.add_argument("--dtypes", default="", help="comma list: only the cases of these dtypes (e.g. bfloat16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default; smoke: 1)")
     p.add_argument("--out", default="", help="CSV to upsert (default benchmarks/results/ops_<device>.csv; "
                                               "smoke runs write only when given); '-' writes nothing")
@@ -716,6 +731,8 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
     env = environment(device)
     names = impl_names(bench, [s for s in args.impls.split(",") if s])
     cases = bench.cases(device, args.smoke)
+    if args.dtypes:
+        cases = [c for c in cases if c.dtype in args.dtypes.split(",")]
     print(f"# {bench.op} on {env['device_name']} ({device}), threads={env['threads']}, torch {env['torch']}, "
           f"triton {env['triton'] or '-'}, cuda {env['cuda'] or '-'}, commit {env['git_commit']}"
           f"{', SMOKE' if args.smoke else ''}{', isolated subprocesses' if isolate else ''}", flush=True)

@@ -62,7 +62,7 @@ class CovarianceBench(H.OpBench):
         return ops.covariance(inputs["x"], inputs["mask"], backend=backend)
 
     def dispatch_tensors(self, inputs):
-        return {"x": inputs["x"]}
+        return {"x": inputs["x"], "mask": inputs.get("mask")}
 
     def baselines(self):
         return {"kronfluence_addmm": kronfluence_covariance}

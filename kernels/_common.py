@@ -57,6 +57,11 @@ def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
     return 64, 64, 32
 
 
+# Tensor-core steps summed in one accumulator before it is added to the running total (covariance's row
+# reduction): bounds the chain along which the MMA accumulator's truncation compounds.
+PROMOTE_STEPS = 4
+
+
 def covariance_blocks(r: int, d: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_R): square D×D output tiles (mirrored), BLOCK_R rows per K-step."""
     if interpreting():

@@ -24,7 +24,7 @@ from . import _common
 @triton.jit
 def _covariance_kernel(x_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
                        stride_xr, stride_os, stride_or,
-                       BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr, DOT: tl.constexpr,
                        HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr):
     """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ x[r, J] for the tile pair (bi, bj) = pairs[pid].
 
@@ -41,16 +41,25 @@ def _covariance_kernel(x_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
     r_start = split * rows_per_split
     r_stop = tl.minimum(r_start + rows_per_split, R)
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    for r0 in range(r_start, r_stop, BLOCK_R):
-        rr = r0 + offs_r
-        r_ok = rr < r_stop
-        rows = rr.to(tl.int64) * stride_xr
-        xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D), other=0.0)
-        xj = tl.load(x_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D), other=0.0)
-        if HAS_MASK:
-            m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
-            xj = xj.to(tl.float32) * m[:, None]
-        acc = _common.mma(tl.trans(xi), xj, acc, DOT)
+    # Two-level sum: tensor-core accumulators lose low bits on every step (a 4M-row fp16 covariance came
+    # out 0.4 % low on an H200 with one accumulator), so each CHUNK_R rows are summed apart, then added
+    # to `acc` with ordinary fp32 rounding.
+    for c0 in range(r_start, r_stop, CHUNK_R):
+        part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        c_stop = tl.minimum(c0 + CHUNK_R, r_stop)
+        for r0 in range(c0, c_stop, BLOCK_R):
+            rr = r0 + offs_r
+            r_ok = rr < c_stop
+            rows = rr.to(tl.int64) * stride_xr
+            xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D),
+                         other=0.0)
+            xj = tl.load(x_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
+                         other=0.0)
+            if HAS_MASK:
+                m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
+                xj = xj.to(tl.float32) * m[:, None]
+            part = _common.mma(tl.trans(xi), xj, part, DOT)
+        acc += part
     is_diag = bi == bj
     acc = tl.where(is_diag, (acc + tl.trans(acc)) * 0.5, acc)
     base = out_ptr + split * stride_os
@@ -101,7 +110,7 @@ def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | 
     _covariance_kernel[(n_pairs, splits)](
         x, m if m is not None else x, ws, pairs, r, d, rows_per_split,
         x.stride(0), ws.stride(0), ws.stride(1),
-        BLOCK_D=block_d, BLOCK_R=block_r, DOT=_common.dot_code(x.dtype),
+        BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=_common.dot_code(x.dtype),
         HAS_MASK=m is not None, ACCUMULATE=accumulate, num_warps=_common.num_warps(),
     )
     if splits == 1:

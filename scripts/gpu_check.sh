@@ -42,6 +42,7 @@ EOF
 step "device ceilings"
 limited 60 "$PY" benchmarks/bench_roofline.py --out "$OUT/roofline.json"
 
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
 step "gpu tests (determinism last)"
 limited "${TESTS_S:-240}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 tests \
   --ignore=tests/ops/test_determinism_gpu.py > "$OUT/gpu_tests.log" 2>&1
@@ -49,10 +50,17 @@ echo "pytest rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -
 limited "${DETERMINISM_S:-90}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 \
   tests/ops/test_determinism_gpu.py >> "$OUT/gpu_tests.log" 2>&1
 echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
+fi
 
-for op in ${BENCH_OPS:-score_pairwise lambda_accum kron_project covariance score_self score_lowrank score_per_token}; do
-  step "bench $op"
-  limited "${BENCH_S:-75}" "$PY" benchmarks/bench_$op.py --device cuda --out "$OUT/ops_gpu.csv" >> "$OUT/bench.log" 2>&1
+# BENCH_PLAN: ";"-separated "op[:extra args]" entries, e.g. "score_pairwise:--dtypes bfloat16;score_self"
+PLAN=${BENCH_PLAN:-score_pairwise;lambda_accum;kron_project;covariance;score_self;score_lowrank;score_per_token}
+IFS=';' read -r -a ENTRIES <<< "$PLAN"
+for entry in "${ENTRIES[@]}"; do
+  op=${entry%%:*}; extra=""; [ "$op" != "$entry" ] && extra=${entry#*:}
+  step "bench $op $extra"
+  # shellcheck disable=SC2086  # extra is a list of arguments
+  limited "${BENCH_S:-75}" "$PY" benchmarks/bench_$op.py --device cuda --out "$OUT/ops_gpu.csv" $extra \
+    >> "$OUT/bench.log" 2>&1
   echo "rc=$?"; grep -E "^GATE|ERROR" "$OUT/bench.log" | grep -v PASS | tail -5
 done
 step "done"

@@ -60,3 +60,9 @@ def deterministic_default() -> bool:
     import torch
 
     return torch.are_deterministic_algorithms_enabled()
+
+
+def measured_dispatch() -> bool:
+    """SOURCE_FAST_MEASURED_DISPATCH=0 turns off the automatic dispatch's skipping of GPU backends that the
+    committed benchmarks measured slower than the torch backend (source_fast/_measured_gpu.py)."""
+    return os.environ.get("SOURCE_FAST_MEASURED_DISPATCH", "1").strip() not in ("0", "false", "False", "off")

@@ -5,6 +5,11 @@ Each backend is a small class declaring what it supports and *why not* otherwise
 once at DEBUG; an explicit choice that cannot run raises NotImplementedError listing every backend's
 reasons. `torch` always runs, so every op works on CPU.
 
+On CUDA tensors the automatic choice also skips a compiled backend that the committed GPU benchmarks measured
+slower than the torch backend for that op, dtype and regime (`measured_slowdown`, table in _measured_gpu.py,
+generated from benchmarks/results/ops_<gpu>.csv); an explicit backend= still runs it, and
+SOURCE_FAST_MEASURED_DISPATCH=0 restores the plain priority order.
+
 Compiled backends get a numerical self-test on first use per (op, device): a tiny case against the
 float64 reference. A failure disables that backend for that op with a warning instead of returning
 wrong numbers.
@@ -51,9 +56,14 @@ class Backend:
         for name, t in tensors.items():
             if t is None:
                 continue
-            if t.is_floating_point() and t.dtype not in self.dtypes:
+            if t.is_floating_point() and t.dtype not in self.dtypes and name != "mask":  # masks are converted
                 reasons.append(f"{name} dtype {t.dtype} not in {[str(d) for d in self.dtypes]}")
         reasons += self.extra_reasons(op, tensors, deterministic)
+        if not explicit and not reasons and any(isinstance(t, torch.Tensor) and t.device.type == "cuda"
+                                                for t in tensors.values()) and _config.measured_dispatch():
+            slower = measured_slowdown(op, self.name, tensors)
+            if slower:
+                reasons.append(slower)
         if (self.name, op) in _disabled:
             reasons.append(f"disabled after a failed numerical self-test: {_disabled[(self.name, op)]}")
         return reasons
@@ -159,6 +169,40 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+# The tensor whose dtype is "the op's dtype", and the one whose axis 1 is the token axis.
+_PRINCIPAL = {"covariance": "x", "lambda_accum": "a", "kron_project": "v", "score_pairwise": "a", "score_self": "a",
+              "score_lowrank": "a", "score_per_token": "a"}
+
+
+def regime(op: str, tensors: dict[str, torch.Tensor]) -> str:
+    """The benchmark regime an input falls in (benchmarks/make_dispatch_table.py uses the same names)."""
+    if op == "covariance":
+        return "mask" if tensors.get("mask") is not None else "nomask"
+    if op == "kron_project":
+        return ""
+    a = tensors.get("a")
+    return "" if a is None or a.ndim != 3 else ("T=1" if a.shape[1] == 1 else "T>1")
+
+
+def measured_slowdown(op: str, backend: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why the automatic choice skips `backend` for these inputs on a GPU, or None: the committed
+    benchmarks measured it slower than the torch backend for (op, dtype, regime). fp16 reads the bf16 entry
+    (the same tensor-core paths); an unmeasured key is never skipped."""
+    from . import _measured_gpu
+
+    t = tensors.get(_PRINCIPAL[op])
+    if t is None:
+        return None
+    dtype = {torch.float16: "bfloat16"}.get(t.dtype, str(t.dtype).replace("torch.", ""))
+    key = (op, backend, dtype, regime(op, tensors))
+    speed = _measured_gpu.SPEEDUP_VS_TORCH.get(key)
+    if speed is None or speed >= 1.0:
+        return None
+    where = f"{dtype}, {key[3]}" if key[3] else dtype
+    return (f"measured at {speed:.2f}x the torch backend's speed for {op} ({where}) on {_measured_gpu.SOURCE} "
+            f"(benchmarks/results); pass backend={backend!r} to use it anyway")
+
+
 def _inputs_summary(tensors):
     return ", ".join(
         f"{k}=({tuple(t.shape)}, {t.dtype}, {t.device})" for k, t in tensors.items() if isinstance(t, torch.Tensor)
@@ -188,7 +232,8 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
     # The automatic choice depends only on these (the pipeline makes thousands of identical calls).
     key = (op, deterministic, interpreting(), id(_disabled), len(_disabled),
            tuple((n, id(b)) for n, b in BACKENDS.items()),
-           tuple((k, t.device, t.dtype) for k, t in tensors.items() if isinstance(t, torch.Tensor)))
+           tuple((k, t.device, t.dtype) for k, t in tensors.items() if isinstance(t, torch.Tensor)),
+           regime(op, tensors), _config.measured_dispatch())
     hit = _auto_choice.get(key)
     if hit is not None:
         return hit

@@ -51,7 +51,11 @@ def covariance(x: torch.Tensor, mask: torch.Tensor | None = None, *, out: torch.
     if out is not None:
         check_tensor("out", out, ndim=2, dtypes=(torch.float32, torch.float64), shape=(x.shape[1], x.shape[1]))
     check_same_device(x=x, mask=mask, out=out)
-    tensors = {"x": x} if out is None else {"x": x, "out": out}
+    tensors = {"x": x}
+    if mask is not None:  # any dtype (backends convert it); its presence picks the measured GPU regime
+        tensors["mask"] = mask
+    if out is not None:
+        tensors["out"] = out
     return _run("covariance", tensors, backend, deterministic, x, mask, out)
 
 

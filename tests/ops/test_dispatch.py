@@ -156,3 +156,73 @@ def test_explicit_request_of_a_broken_backend_raises(monkeypatch):
     with pytest.warns(RuntimeWarning, match="disabled"):
         with pytest.raises(NotImplementedError, match="fake"):
             ops.covariance(x, backend="fake")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured GPU dispatch: skip a compiled backend the committed benchmarks found slower than torch
+# ---------------------------------------------------------------------------------------------
+
+_TABLE = {("score_pairwise", "cuda", "float32", "T=1"): 0.27, ("score_pairwise", "triton", "float32", "T>1"): 1.4,
+          ("covariance", "triton", "bfloat16", "mask"): 0.5, ("kron_project", "cuda", "float32", ""): 0.9}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    from source_fast import _measured_gpu
+
+    monkeypatch.setattr(_measured_gpu, "SPEEDUP_VS_TORCH", _TABLE)
+    return _measured_gpu
+
+
+def test_measured_slowdown_reads_op_dtype_and_regime(measured):
+    a1, g1, v = torch.zeros(2, 1, 3), torch.zeros(2, 1, 4), torch.zeros(1, 4, 3)
+    why = _dispatch.measured_slowdown("score_pairwise", "cuda", {"v": v, "a": a1, "g": g1})
+    assert why and "0.27x" in why and "float32, T=1" in why and "backend='cuda'" in why
+    a2, g2 = torch.zeros(2, 5, 3), torch.zeros(2, 5, 4)
+    assert _dispatch.measured_slowdown("score_pairwise", "cuda", {"v": v, "a": a2, "g": g2}) is None  # unmeasured
+    assert _dispatch.measured_slowdown("score_pairwise", "triton", {"v": v, "a": a2, "g": g2}) is None  # faster
+    x16 = torch.zeros(3, 3, dtype=torch.float16)  # fp16 reads the bf16 entry
+    assert "0.50x" in _dispatch.measured_slowdown("covariance", "triton", {"x": x16, "mask": torch.ones(3)})
+    assert _dispatch.measured_slowdown("covariance", "triton", {"x": x16}) is None  # nomask: unmeasured
+    assert "0.90x" in _dispatch.measured_slowdown("kron_project", "cuda", {"v": torch.zeros(1, 2, 2)})
+
+
+def test_measured_dispatch_leaves_cpu_tensors_alone(measured, monkeypatch):
+    """The rule is for CUDA tensors only: a CPU call sees no measured reasons for any backend."""
+    v, a, g = torch.randn(2, 4, 3), torch.randn(5, 1, 3), torch.randn(5, 1, 4)
+    monkeypatch.setitem(_TABLE, ("score_pairwise", "cpu", "float32", "T=1"), 0.1)
+    assert not any("measured" in r for r in _dispatch.BACKENDS["cpu"].not_supported_reasons(
+        "score_pairwise", {"v": v, "a": a, "g": g}))
+
+
+def test_committed_dispatch_table_is_generated_from_the_committed_benchmarks():
+    """source_fast/_measured_gpu.py is regenerated, never edited: it equals the generator's output on the CSV."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    import source_fast
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("make_dispatch_table", root / "benchmarks" / "make_dispatch_table.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    module = Path(source_fast.__file__).parent / "_measured_gpu.py"
+    first = module.read_text().splitlines()[0]
+    csv_name = first.split("benchmarks/results/")[1].split(";")[0]
+    with open(root / "benchmarks" / "results" / csv_name, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert module.read_text() == gen.render(rows, csv_name)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_skips_backends_measured_slower(measured, monkeypatch):
+    v, a, g = (torch.randn(*s, device="cuda") for s in ((2, 4, 3), (5, 1, 3), (5, 1, 4)))
+    monkeypatch.setitem(_TABLE, ("score_pairwise", "triton", "float32", "T=1"), 0.05)
+    name, _ = _dispatch.select("score_pairwise", {"v": v, "a": a, "g": g})
+    assert name == "torch"
+    assert "measured at 0.27x" in ops.explain("score_pairwise", v, a, g)
+    if "cuda" in available_backends("cuda"):
+        assert _dispatch.select("score_pairwise", {"v": v, "a": a, "g": g}, backend="cuda")[0] == "cuda"
+        monkeypatch.setenv("SOURCE_FAST_MEASURED_DISPATCH", "0")
+        assert _dispatch.select("score_pairwise", {"v": v, "a": a, "g": g})[0] == "cuda"

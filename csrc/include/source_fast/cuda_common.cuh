@@ -68,6 +68,7 @@ inline Status dispatch_float(int code, const char* name, Fn&& fn) {
 constexpr int kTile = 64;     // output tile edge
 constexpr int kBK = 16;       // reduction step held in shared memory
 constexpr int kThreads = 256; // 16 x 16 threads, 4 x 4 outputs each
+constexpr int kPromoteSteps = 16;  // K-steps per partial sum before it joins the running total
 constexpr int kMaxGridYZ = 65535;
 
 inline Status check_grid_dim(const char* what, index_t blocks) {
@@ -128,11 +129,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams<TA, TB> p, in
   const TB* B = p.B + b * p.sBb;
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  float acc[4][4];
+  // Two-level sum: `part` over kPromoteSteps K-steps, then added to `acc`, so no single fp32 chain runs over
+  // a whole split (a 4M-row covariance exceeded its bound on an H200 with one accumulator).
+  float acc[4][4], part[4][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < 4; ++j) acc[i][j] = part[i][j] = 0.0f;
+  int steps = 0;
 
   const bool a_k_fast = (p.sAk == 1);  // choose the coalesced loading order
   const bool b_n_fast = (p.sBn == 1) || (p.sBk != 1);
@@ -178,10 +182,24 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmParams<TA, TB> p, in
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], bb[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) part[i][j] = fmaf(a[i], bb[j], part[i][j]);
     }
     __syncthreads();
+    if (++steps == kPromoteSteps) {
+      steps = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[i][j] += part[i][j];
+          part[i][j] = 0.0f;
+        }
+    }
   }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
   float* C = p.C + b * p.sCb + s * p.sCs;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
