@@ -623,6 +623,13 @@ def render_markdown(csv_path: Path) -> Path:
     else:
         lines += ["", ("`vs torch` = torch backend p50 / this p50 (> 1: faster). `peak MiB` = allocator peak "
                        "of one call beyond its inputs. TFLOP/s and GB/s use the per-op models in the bench scripts.")]
+    roof = roofline_for(csv_path)
+    if roof:
+        lines += ["", (f"`% roof`: TFLOP/s over the device's measured matrix rate for the dtype (fp32: "
+                       f"{roof['mm_fp32_tflops']:.1f} TFLOP/s without TF32, the precision every implementation here "
+                       f"uses; bf16/fp16: {roof['mm_bf16_tflops']:.0f}), and GB/s over its measured copy bandwidth "
+                       f"({roof['copy_gbps']:.0f} GB/s); from `{roofline_path(csv_path).name}` "
+                       "(benchmarks/bench_roofline.py).")]
     ratios = ratio_vs_torch(rows)
     ops = []
     for r in rows:
@@ -650,7 +657,7 @@ def render_markdown(csv_path: Path) -> Path:
                 best[group(i)] = min(best.get(group(i), math.inf), float(rows[i]["ms_p50"]))
         head = ["mode", "dtype", "shape", "threads", "impl", "ms p50 [p20, p80]", "peak MiB", "vs torch", "status"]
         if gpu:
-            head += ["TFLOP/s", "GB/s"]
+            head += ["TFLOP/s", "GB/s"] + (["% roof (FLOP, BW)"] if roof else [])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i in idx:
             r = rows[i]
@@ -665,11 +672,30 @@ def render_markdown(csv_path: Path) -> Path:
                      r["peak_mib"] or "-", ratios.get(i, "-"), status]
             if gpu:
                 cells += [r["tflops"] or "-", r["gbps"] or "-"]
+                if roof:
+                    cells.append(_roof_cell(r, roof))
             lines.append("| " + " | ".join(cells) + " |")
     if len(devices) > 1:
         lines += ["", f"(rows from {len(devices)} devices: {', '.join(devices)})"]
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def roofline_path(csv_path: Path) -> Path:
+    """ops_<device>.csv -> roofline_<device>.json beside it (written by benchmarks/bench_roofline.py)."""
+    return csv_path.with_name(csv_path.stem.replace("ops_", "roofline_", 1) + ".json")
+
+
+def roofline_for(csv_path: Path) -> dict | None:
+    path = roofline_path(csv_path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _roof_cell(r: dict, roof: dict) -> str:
+    if not r["tflops"]:
+        return "-"
+    peak = roof["mm_fp32_tflops"] if r["dtype"] in ("float32", "float64") else roof["mm_bf16_tflops"]
+    return f"{100 * float(r['tflops']) / peak:.1f} %, {100 * float(r['gbps']) / roof['copy_gbps']:.1f} %"
 
 
 def _e2e_table(rows: list[dict]) -> list[str]:
