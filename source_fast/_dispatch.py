@@ -245,9 +245,9 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
                 _auto_choice[key] = (name, fn)
                 return name, fn
             reasons = [_disabled[(name, op)]]
-        key = (name, op, "; ".join(reasons))
-        if key not in _logged:
-            _logged.add(key)
+        logged = (name, op, "; ".join(reasons))
+        if logged not in _logged:
+            _logged.add(logged)
             log.debug("source_fast: %s skipped for %s: %s", name, op, "; ".join(reasons))
     raise RuntimeError(f"no backend can run {op}")  # unreachable: torch always runs
 

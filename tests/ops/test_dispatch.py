@@ -226,3 +226,16 @@ def test_auto_on_cuda_skips_backends_measured_slower(measured, monkeypatch):
         assert _dispatch.select("score_pairwise", {"v": v, "a": a, "g": g}, backend="cuda")[0] == "cuda"
         monkeypatch.setenv("SOURCE_FAST_MEASURED_DISPATCH", "0")
         assert _dispatch.select("score_pairwise", {"v": v, "a": a, "g": g})[0] == "cuda"
+
+
+def test_automatic_choice_is_cached_even_after_skipped_backends(monkeypatch):
+    """Identical calls (the pipeline makes thousands) reuse the first choice without asking any backend again,
+    also when higher-priority backends were skipped on the way (the cache key was once overwritten there)."""
+    x = torch.randn(9, 4)
+    first = _dispatch.select("covariance", {"x": x})
+    asked = []
+    original = _dispatch.Backend.not_supported_reasons
+    monkeypatch.setattr(_dispatch.Backend, "not_supported_reasons",
+                        lambda self, *a, **k: asked.append(self.name) or original(self, *a, **k))
+    assert _dispatch.select("covariance", {"x": torch.randn(5, 4)}) == first
+    assert asked == []
