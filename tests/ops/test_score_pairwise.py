@@ -100,6 +100,19 @@ def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
                           dtype=torch.float32)
 
 
+def test_density_estimate_is_exact_on_small_batches_and_close_on_large():
+    """The sparse-g choice reads the union density of g over at most DENSITY_SAMPLE strided examples."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(3)
+    small = torch.randn(_extension.DENSITY_SAMPLE, 3, 50, generator=gen)
+    small[:, :, :20] = 0
+    assert _extension._density(small) == pytest.approx(30 / 50)
+    big = torch.randn(4096, 2, 64, generator=gen) * (torch.rand(4096, 1, 64, generator=gen) < 0.4)
+    exact = float((big != 0).any(1).float().mean())
+    assert abs(_extension._density(big) - exact) < 0.05
+
+
 @pytest.mark.parametrize("q,n,o,i,density,layout", [
     (33, 300, 29, 41, 0.4, "contiguous"),  # V packed per call
     (40, 257, 64, 33, 0.5, "queries-innermost"),  # V read in place (the pipeline's layout)
