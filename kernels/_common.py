@@ -77,19 +77,17 @@ def pair_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
     return 64, 64, 32
 
 
-def pairwise_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T) of score_pairwise: smaller than `pair_blocks` on a GPU because a
-    [BLOCK_Q, BLOCK_O, BLOCK_I] block of queries sits in registers next to the G_n tile."""
+def pairwise_blocks(q: int, n: int, i: int, dot: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_N, BLOCK_I, num_warps) of score_pairwise: the contraction's M, N and K (one output
+    row o × BLOCK_I inputs per K-step), each ≥ 16 for tl.dot. On a GPU: chosen from the sm_90 build's
+    resource report (registers, no spills), not yet timed on a device."""
     if interpreting():
-        return pair_blocks(o, i, t)
-    return 32, 32, 32
+        return clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64), 4
+    return PAIRWISE_GPU_BLOCKS[dot]
 
 
-def pairwise_q_block(q: int) -> int:
-    """Queries contracted per step against one on-chip G_n tile (a [BQ, BO, BI] register block)."""
-    if interpreting():
-        return clamp_pow2(q, 1, 16)
-    return clamp_pow2(q, 1, 4)
+# (BLOCK_Q, BLOCK_N, BLOCK_I, num_warps) per operand dtype code (DOT_F32, DOT_F16, DOT_BF16).
+PAIRWISE_GPU_BLOCKS = {0: (64, 32, 32, 4), 1: (128, 64, 32, 8), 2: (128, 64, 32, 8)}
 
 
 def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:

@@ -3,22 +3,29 @@
 Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, T, I], g [N, T, O],
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
-Strategy ("form G_n on chip"): one program per training example n walks the (O-tile, I-tile) grid;
-for each tile it forms G_n[tile] = Σ_t g_{n,t}[O-tile] a_{n,t}[I-tile]ᵀ with tl.dot over T (fp32
-accumulator, in registers), then contracts it with every query's tile, BLOCK_Q queries at a time,
-as a [BLOCK_Q, BLOCK_O, BLOCK_I] elementwise product reduced to [BLOCK_Q]. Partial scores over
-tiles are accumulated in the program's own output column (read-modify-write by one program only:
-deterministic, no atomics; the first tile overwrites, so `torch.empty` output is fully written).
+Strategy: the contraction is a GEMM, scores = V_flat [Q, O·I] @ G_flat [N, O·I]ᵀ, whose right operand is
+formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries) walks K in steps of
+one output row o × BLOCK_I inputs; per step it forms the examples' gradient tile
+G[n, o, i0:i0+BLOCK_I] = Σ_t g[n, t, o] a[n, t, i0:i0+BLOCK_I] in fp32 registers (one FMA per element and
+token) and adds V_tile [BLOCK_Q, BLOCK_I] @ G_tileᵀ to a [BLOCK_Q, BLOCK_N] fp32 accumulator with tl.dot
+(tensor cores: wgmma on sm_90). Each score is written once, by its own program: deterministic, no atomics.
 
-Cost: N·T·O·I MACs on tensor cores (forming each G_n tile exactly once) + Q·N·O·I fp32 FMAs for the
-contraction, and V is streamed from L2/HBM once per example (Q·O·I·N reads). The alternative,
-contracting per token (V_q a_{n,t} then · g_{n,t}), costs Q·N·T·O·I; the torch backend picks
-whichever has fewer flops (`_torch_ops.pairwise_strategy`). This kernel always forms G_n tiles:
-it is never worse than the token-wise form by more than the contraction term Q·N·O·I and wins by
-a factor ≈ T when T ≫ 1.
+Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and
+read the same V tiles in the same order (L2 hits); axis 1 = query blocks.
 
-Precision: the G_n dot runs in the input dtype for fp16/bf16 (fp32 accumulation) and IEEE fp32 for
-fp32; V is read in its dtype and the contraction is fp32.
+Cost: Q·N·O·I MACs for the contraction plus N·T·O·I FMAs per query block for forming G: meant for few
+tokens per example (one token, or a segment's stacked checkpoints); with many tokens the torch backend's
+token-wise/materialised choice is cheaper. Block shapes (_common.PAIRWISE_GPU_BLOCKS) were picked from the
+sm_90 build's resource report (no spills; a test keeps it so), not from device timings.
+
+History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile with the queries by
+elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
+triton score_pairwise rows, and so the dispatch table's entries, are that kernel's). This one has not yet
+run on a GPU.
+
+Precision: with v, a and g all fp16 (or all bf16) the fp32 G tile is rounded to that dtype for the
+contraction (fp32 accumulation), as a same-precision computation would; otherwise every dot is IEEE fp32
+(never TF32). Output fp32.
 """
 from __future__ import annotations
 
@@ -31,38 +38,40 @@ from . import _common
 
 @triton.jit
 def _score_pairwise_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I,
-                           BLOCK_Q: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_T: tl.constexpr, DOT: tl.constexpr):
-    """out[:, n] = Σ_{o,i} V[:, o, i] G_n[o, i] for n = program_id(0); a [N·T, I], g [N·T, O],
-    v [Q, O, I], out [Q, N], all contiguous."""
-    n = tl.program_id(0)
-    row0 = n.to(tl.int64) * T
-    offs_q = tl.arange(0, BLOCK_Q)
-    for o0 in range(0, O, BLOCK_O):
-        offs_o = o0 + tl.arange(0, BLOCK_O)
-        o_ok = offs_o < O
+                           s_vq, s_vo, s_vi, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq, s_on,
+                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr):
+    """out[qb, nb] = V[qb] G[nb]ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
+    example block program_id(0); every tensor strided (strides in elements)."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_i = tl.arange(0, BLOCK_I)
+    n_ok = offs_n < N
+    q_ok = offs_q < Q
+    a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
+    g_rows = g_ptr + offs_n * s_gn
+    v_rows = v_ptr + offs_q * s_vq
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    # A K-step is one output row o and BLOCK_I consecutive inputs i: G's tile is g[n, t, o] (one value per
+    # example) times a row block of a, so it is formed in the [BLOCK_N, BLOCK_I] layout the dot reads.
+    for o in range(0, O):
         for i0 in range(0, I, BLOCK_I):
-            offs_i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = offs_i < I
-            grad = _common.example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
-                                             BLOCK_O, BLOCK_I, BLOCK_T, DOT)
-            first = (o0 == 0) & (i0 == 0)
-            oi = offs_o.to(tl.int64)[:, None] * I + offs_i[None, :]  # [BO, BI] offset inside V_q
-            oi_ok = o_ok[:, None] & i_ok[None, :]
-            for q0 in range(0, Q, BLOCK_Q):
-                qq = q0 + offs_q
-                q_ok = qq < Q
-                v_ptrs = v_ptr + qq.to(tl.int64)[:, None, None] * O * I + oi[None, :, :]
-                v = tl.load(v_ptrs, mask=q_ok[:, None, None] & oi_ok[None, :, :], other=0.0).to(tl.float32)
-                part = tl.sum(tl.sum(v * grad[None, :, :], axis=2), axis=1)  # [BLOCK_Q]
-                o_ptrs = out_ptr + qq.to(tl.int64) * N + n
-                prev = tl.load(o_ptrs, mask=q_ok, other=0.0)
-                tl.store(o_ptrs, tl.where(first, part, prev + part), mask=q_ok)
+            ii = i0 + offs_i
+            i_ok = ii < I
+            grad = tl.zeros((BLOCK_N, BLOCK_I), dtype=tl.float32)
+            for t in range(0, T):
+                g = tl.load(g_rows + t * s_gt + o * s_go, mask=n_ok, other=0.0)
+                a = tl.load(a_rows[:, None] + t * s_at + ii[None, :] * s_ai, mask=n_ok[:, None] & i_ok[None, :],
+                            other=0.0)
+                grad += g.to(tl.float32)[:, None] * a.to(tl.float32)
+            v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :] * s_vi, mask=q_ok[:, None] & i_ok[None, :],
+                        other=0.0)
+            acc = _common.mma(v, tl.trans(grad), acc, DOT)
+    tl.store(out_ptr + offs_q[:, None] * s_oq + offs_n[None, :] * s_on, acc, mask=q_ok[:, None] & n_ok[None, :])
 
 
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32; v [Q, O, I], a [N, T, I], g [N, T, O]."""
-    v, a, g = v.contiguous(), a.contiguous(), g.contiguous()
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32; v [Q, O, I], a [N, T, I], g [N, T, O] (any
+    strides)."""
     q, o, i = v.shape
     n, t, _ = a.shape
     out = torch.empty(q, n, dtype=torch.float32, device=a.device)
@@ -70,10 +79,15 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return out
     if t == 0 or o == 0 or i == 0:
         return out.zero_()
-    block_o, block_i, block_t = _common.pairwise_blocks(o, i, t)
-    _score_pairwise_kernel[(n,)](
-        v, a, g, out, q, n, t, o, i,
-        BLOCK_Q=_common.pairwise_q_block(q), BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t,
-        DOT=_common.dot_code(a.dtype), num_warps=_common.num_warps(),
-    )
+    same = v.dtype == a.dtype == g.dtype
+    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    block_q, block_n, block_i, warps = _common.pairwise_blocks(q, n, i, dot)
+    grid_n = triton.cdiv(n, block_n)
+    for q0 in range(0, q, block_q * _common.MAX_GRID_YZ):  # axis 1 holds at most 65535 query blocks
+        vq, oq = v[q0:q0 + block_q * _common.MAX_GRID_YZ], out[q0:q0 + block_q * _common.MAX_GRID_YZ]
+        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], block_q))](
+            vq, a, g, oq, vq.shape[0], n, t, o, i,
+            *vq.stride(), *a.stride(), *g.stride(), *oq.stride(),
+            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, DOT=dot, num_warps=warps,
+        )
     return out

@@ -86,25 +86,38 @@ def require(backend: str, op: str, tensors: dict, deterministic: bool = False) -
 # ---------------------------------------------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import importlib, json, sys
+    import importlib, json, os, re, subprocess, sys, tempfile
+    import triton
     from triton.compiler import ASTSource, compile as tcompile
     from triton.backends.compiler import GPUTarget
-    cases = json.loads(sys.argv[1])
-    for module, kernel, signature, constexprs, arch in cases:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = []
+    for module, kernel, signature, constexprs, arch, *options in json.loads(sys.argv[1]):
         fn = getattr(importlib.import_module(module), kernel)
         sig = dict(signature)
         sig.update({k: "constexpr" for k in constexprs})
-        compiled = tcompile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32))
+        compiled = tcompile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                            options=options[0] if options else None)
         assert "cubin" in compiled.asm, (kernel, constexprs)
-    print("compiled", len(cases))
+        found = None
+        if os.path.exists(cuobjdump):  # registers and stack (spills) of the build, from the cubin
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                report = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            m = re.search(r"REG:(\\d+) STACK:(\\d+)", report)
+            found = {"reg": int(m.group(1)), "stack": int(m.group(2))} if m else None
+        usage.append(found)
+    print("USAGE " + json.dumps(usage))
 """)
 
 
-def compile_for_gpu(cases: list[tuple[str, str, dict, dict, int]], timeout: float = 240.0) -> None:
+def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:
     """Compile Triton kernels to cubin for NVIDIA targets in a subprocess without TRITON_INTERPRET
     (the interpreter accepts code the compiler rejects: Python-int loop variables, mixed int
-    widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm).
-    Needs only the triton wheel (it bundles ptxas), no GPU."""
+    widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm[, options
+    such as {"num_warps": 8}]). Needs only the triton wheel (it bundles ptxas), no GPU. Returns per case
+    the build's {"reg", "stack"} from the wheel's cuobjdump, or None where it is not bundled."""
     if not _triton_importable():
         pytest.skip("triton is not importable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -112,6 +125,8 @@ def compile_for_gpu(cases: list[tuple[str, str, dict, dict, int]], timeout: floa
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"Triton compile for GPU failed:\n{proc.stderr[-6000:]}")
+    line = [x for x in proc.stdout.splitlines() if x.startswith("USAGE ")][-1]
+    return json.loads(line[len("USAGE "):])
 
 
 BMM_SIGNATURE = dict(

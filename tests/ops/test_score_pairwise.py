@@ -216,15 +216,23 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 
 
 @pytest.mark.slow
-def test_score_pairwise_kernel_compiles_for_gpu():
+def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
+    """The GPU configuration of every operand dtype (kernels/_common.PAIRWISE_GPU_BLOCKS) builds for sm_90 with
+    tensor-core dots and no register spills (the wheel's cuobjdump reports the stack frame)."""
+    from source_fast.kernels import _common
+
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        for block_q in (1, 4):
-            sig = dict(v_ptr="*fp32", a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
-                       I="i32")
-            const = dict(BLOCK_Q=block_q, BLOCK_O=32, BLOCK_I=32, BLOCK_T=32, DOT=dot)
-            cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90))
-    compile_for_gpu(cases)
+        block_q, block_n, block_i, warps = _common.PAIRWISE_GPU_BLOCKS[dot]
+        strides = {f"s_{k}": "i64" for k in ("vq", "vo", "vi", "an", "at", "ai", "gn", "gt", "go", "oq", "on")}
+        sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32", I="i32",
+                   **strides)
+        const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, DOT=dot)
+        cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                      {"num_warps": warps}))
+    for (_, _, _, const, _, _), usage in zip(cases, compile_for_gpu(cases)):
+        if usage is not None:
+            assert usage["stack"] == 0, f"DOT={const['DOT']}: {usage} (spills)"
 
 
 @pytest.mark.gpu
