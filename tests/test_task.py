@@ -44,3 +44,23 @@ def test_sample_labels_seeded_by_global_rng_and_float64():
 def test_sample_labels_rejects_bad_input(bad, err, match):
     with pytest.raises(err, match=match):
         sf.sample_labels(bad)
+
+
+@pytest.mark.parametrize("extreme", [0.0, 1.0 - 2**-24, 1.0], ids=["u=0", "u->1", "u=1"])
+def test_sample_labels_extreme_uniforms_still_draw_possible_classes(monkeypatch, extreme):
+    """The two-level search at its edges: u = 0 and u at the top of the range (where rounding in the block
+    sums could point past a block's mass; u = 1 itself is outside torch.rand's range but is what u·total
+    can round to) land on classes of positive probability, for every position of the possible class
+    (first, inside a block, last, in the padded last block) and a float64 input."""
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full_like(real_rand(*shape, **kw), extreme))
+    for classes, dtype in ((1000, torch.float32), (11, torch.float64), (1, torch.float32)):
+        for possible in sorted({0, classes // 2, classes - 1}):
+            logits = torch.full((3, classes), float("-inf"), dtype=dtype)
+            logits[:, possible] = torch.tensor([0.0, 50.0, -50.0], dtype=dtype)
+            assert set(sf.sample_labels(logits).tolist()) == {possible}, (classes, possible)
+        mixed = torch.randn(64, classes, dtype=dtype) * 20
+        mixed[:, ::3] = float("-inf")
+        mixed[:, -1] = 0.0  # at least one possible class
+        drawn = sf.sample_labels(mixed)
+        assert torch.isfinite(mixed.gather(1, drawn[:, None])).all()
