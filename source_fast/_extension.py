@@ -172,7 +172,7 @@ def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
     return q >= SPARSE_G_MIN_QUERIES and entries >= SPARSE_G_MIN_ENTRIES and density <= SPARSE_G_MAX_DENSITY
 
 
-DENSITY_SAMPLE = 32  # examples read to estimate the density: the kernel choice only compares it with 0.7
+DENSITY_SAMPLE = 16  # examples read to estimate the density: the kernel choice only compares it with 0.7
 
 
 def _density(g: torch.Tensor) -> float:
