@@ -70,8 +70,8 @@ def covariance_blocks(r: int, d: int) -> tuple[int, int]:
 
 
 def pair_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self,
-    score_pairwise): an O×I tile of (rotated) per-example gradient lives in registers."""
+    """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self): an O×I tile
+    of (rotated) per-example gradient lives in registers."""
     if interpreting():
         return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64)
     return 64, 64, 32
