@@ -3,7 +3,10 @@
 # overall deadline (a lease is short): build the CUDA extension, measure the device's ceilings, run the `gpu`
 # tests, then the op benchmarks (each row is written as soon as it is measured, so a cut-off run keeps them).
 #
-#   OUT=gpu_out DEADLINE_S=420 SOURCE_FAST_GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash scripts/gpu_check.sh
+#   OUT=gpu_out DEADLINE_S=540 SOURCE_FAST_GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash scripts/gpu_check.sh
+#
+# (on a lent machine: run it with a command timeout a little above DEADLINE_S; the H200 run of 2026-11-26
+# needed ≈ 30 s to build, 70 s for the tests and 20-75 s per op benchmark)
 #
 # Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
 # to $OUT (at most 8 files): env.txt build.log roofline.json gpu_tests.log bench.log ops_gpu.csv ops_gpu.md.
@@ -53,7 +56,9 @@ echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
 fi
 
 # BENCH_PLAN: ";"-separated "op[:extra args]" entries, e.g. "score_pairwise:--dtypes bfloat16;score_self"
-PLAN=${BENCH_PLAN:-score_pairwise;lambda_accum;kron_project;covariance;score_self;score_lowrank;score_per_token}
+# (default: every op against the torch path only; the Kronfluence baselines are CPU comparisons and slow here)
+ALL="torch,triton,cuda"
+PLAN=${BENCH_PLAN:-score_pairwise:--impls $ALL;lambda_accum:--impls $ALL;score_self:--impls $ALL;covariance:--impls $ALL;score_lowrank:--impls $ALL;score_per_token:--impls $ALL;kron_project:--impls $ALL}
 IFS=';' read -r -a ENTRIES <<< "$PLAN"
 for entry in "${ENTRIES[@]}"; do
   op=${entry%%:*}; extra=""; [ "$op" != "$entry" ] && extra=${entry#*:}
