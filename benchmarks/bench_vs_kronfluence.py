@@ -1,4 +1,4 @@
-"""source_fast vs Kronfluence 1.0.1 on CPU: wall time and peak memory per stage.
+"""source_fast vs Kronfluence 1.0.1 on CPU (or, with --device cuda, a GPU): wall time and peak memory per stage.
 
 Same model, weights, data, Task instance class, batch size and torch thread count for both libraries.
 Workloads (defaults; --smoke shrinks everything to a few seconds):
@@ -23,8 +23,11 @@ eigendecompositions redone) before the scores, to match. Scores are written to d
     python benchmarks/bench_vs_kronfluence.py                 # full run (~10+ min on 2 cores)
     python benchmarks/bench_vs_kronfluence.py --smoke         # CI: seconds, in one process; no files unless --out-dir
     python benchmarks/bench_vs_kronfluence.py --threads 2 --workloads cls
+    python benchmarks/bench_vs_kronfluence.py --device cuda   # model, data and both libraries on the GPU
 
-Results: benchmarks/results/vs_kronfluence_cpu.csv and .md (full run). Without Kronfluence installed
+Results: benchmarks/results/vs_kronfluence_<device>.csv and .md (full run; <device> = cpu or the GPU's name).
+On a GPU each stage ends with a device synchronisation before the clock stops, and the CSV adds the stage's
+peak GPU memory (torch.cuda.max_memory_allocated). Without Kronfluence installed
 (requirements-kronfluence.txt) its rows are reported as skipped.
 """
 from __future__ import annotations
@@ -53,7 +56,8 @@ LR = {"cls": 0.05, "reg": 0.01}
 COLUMNS = ["workload", "library", "method", "stage", "seconds", "peak_rss_mib", "threads", "cpu_model",
            "torch_version", "kronfluence_version", "source_fast_commit", "date",
            # extra context
-           "cpu_seconds", "rss_before_mib", "loadavg_1m", "n_train", "n_query", "batch_size", "sf_backend", "status"]
+           "cpu_seconds", "rss_before_mib", "loadavg_1m", "n_train", "n_query", "batch_size", "sf_backend", "status",
+           "device", "peak_gpu_mib"]
 
 # (library, method) measured, in order; stages per pair.
 PLAN = [("kronfluence", "influence"), ("source_fast", "influence"), ("source_fast", "source")]
@@ -157,19 +161,15 @@ def prepare_workload(workload: str, sizes: dict, path: Path):
                 "lr": LR[workload]}, path)
 
 
-def _datasets(blob):
+def _datasets(blob, device="cpu"):
     from torch.utils.data import TensorDataset
 
     n = blob["n_train"]
-    x, y = blob["x"], blob["y"]
+    x, y = blob["x"].to(device), blob["y"].to(device)
     return TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
 
 
 # ------------------------------------------------------------------------------------ worker side
-
-
-
-
 def worker(spec: dict) -> dict:
     """One (library, method, stage) in this fresh process. Returns seconds and peak RSS."""
     _process.set_threads(spec["threads"])
@@ -179,10 +179,22 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     blob = torch.load(spec["data"], weights_only=False)
-    train, query = _datasets(blob)
+    device = torch.device(spec.get("device", "cpu"))
+    gpu = device.type == "cuda"
+    train, query = _datasets(blob, device)
     task = make_task(spec["workload"])
     model = build_model(blob["dims"])
     model.load_state_dict(blob["checkpoints"][-1])
+    model.to(device)
+
+    def stop_clock():
+        if gpu:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    if gpu:  # the data and model are resident already; the stage's own peak is what is measured
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     out_dir = Path(spec["out_dir"])
     bs, stage = spec["batch_size"], spec["stage"]
 
@@ -197,7 +209,7 @@ def worker(spec: dict) -> dict:
         factor_args, score_args = FactorArguments(strategy="ekfac"), ScoreArguments()
         before, cpu0 = _process.rss_mib(), _process.cpu_seconds()
         t0 = time.perf_counter()
-        analyzer = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(out_dir))
+        analyzer = Analyzer("bench", model, task, cpu=not gpu, disable_tqdm=True, output_dir=str(out_dir))
         if stage == "fit":
             analyzer.fit_all_factors("ekfac", train, per_device_batch_size=bs, factor_args=factor_args,
                                      overwrite_output_dir=True)
@@ -209,7 +221,7 @@ def worker(spec: dict) -> dict:
         else:
             analyzer.compute_self_scores("self", "ekfac", train, per_device_train_batch_size=bs,
                                          score_args=score_args, overwrite_output_dir=True)
-        seconds = time.perf_counter() - t0
+        seconds = stop_clock() - t0
         backend = ""
     else:
         import source_fast as sf
@@ -228,21 +240,22 @@ def worker(spec: dict) -> dict:
             analyzer.pairwise_scores(query, train)
         elif stage == "self":
             analyzer.self_scores(train)
-        seconds = time.perf_counter() - t0
-        backend = _backends_used(spec["sf_backend"])
+        seconds = stop_clock() - t0
+        backend = _backends_used(spec["sf_backend"], device)
     return {"seconds": seconds, "cpu_seconds": _process.cpu_seconds() - cpu0, "peak_rss_mib": _process.rss_mib(),
-            "rss_before_mib": before, "sf_backend": backend, "loadavg_1m": os.getloadavg()[0]}
+            "rss_before_mib": before, "sf_backend": backend, "loadavg_1m": os.getloadavg()[0],
+            "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else ""}
 
 
-def _backends_used(requested) -> str:
-    """Which source_fast backend each op ran on (fp32 CPU inputs of the T = 1 shapes used here)."""
+def _backends_used(requested, device) -> str:
+    """Which source_fast backend each op ran on (fp32 inputs of the T = 1 shapes used here, on `device`)."""
     import torch
     from source_fast import _dispatch
 
-    a, g = torch.zeros(4, 1, 3), torch.zeros(4, 1, 2)
-    probes = {"covariance": {"x": torch.zeros(4, 3)}, "lambda_accum": {"a": a, "g": g},
-              "kron_project": {"v": torch.zeros(1, 2, 3)}, "score_pairwise": {"v": torch.zeros(1, 2, 3), "a": a, "g": g},
-              "score_self": {"a": a, "g": g}}
+    a, g = torch.zeros(4, 1, 3, device=device), torch.zeros(4, 1, 2, device=device)
+    v = torch.zeros(1, 2, 3, device=device)
+    probes = {"covariance": {"x": torch.zeros(4, 3, device=device)}, "lambda_accum": {"a": a, "g": g},
+              "kron_project": {"v": v}, "score_pairwise": {"v": v, "a": a, "g": g}, "score_self": {"a": a, "g": g}}
     used = []
     for op, tensors in probes.items():
         try:
@@ -275,6 +288,20 @@ def _versions():
             "source_fast_commit": _process.git_commit()}
 
 
+
+
+def _device_names(device: str) -> tuple[str, str]:
+    """(display name, file slug): ("CPU", "cpu") or the GPU's name, e.g. ("NVIDIA H200", "nvidia_h200")."""
+    import re
+
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return "CPU", "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: torch.cuda.is_available() is False")
+    name = torch.cuda.get_device_name(torch.device(device))
+    return name, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _kronfluence_available() -> bool:
@@ -329,7 +356,7 @@ def _summary(rows):
 
 def _write(rows, out_dir: Path, summary, args):
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "vs_kronfluence_cpu.csv"
+    csv_path = out_dir / f"vs_kronfluence_{args.device_slug}.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -339,9 +366,10 @@ def _write(rows, out_dir: Path, summary, args):
     loads = [r["loadavg_1m"] for r in rows if isinstance(r["loadavg_1m"], float)] or [0.0]
     where = "all stages in one process (--in-process / --smoke: peak RSS is cumulative)" if args.in_process \
         or args.smoke else "every stage in a fresh process"
-    md = [f"# source_fast vs Kronfluence {first['kronfluence_version']} on CPU",
+    md = [f"# source_fast vs Kronfluence {first['kronfluence_version']} on {args.device_name}",
           "",
-          f"{first['cpu_model']}, {first['threads']} torch threads, torch {first['torch_version']}, source_fast "
+          f"{args.device_name + ' (host: ' + first['cpu_model'] + ')' if args.device != 'cpu' else first['cpu_model']}, "
+          f"{first['threads']} torch threads, torch {first['torch_version']}, source_fast "
           f"{first['source_fast_commit']} (backends: `{next((r['sf_backend'] for r in rows if r['sf_backend']), '?')}`), "
           f"{first['date']}. Batch size {first['batch_size']} for both libraries; {first['n_train']} train / "
           f"{first['n_query']} query examples. One run each, {where} (peak RSS = that "
@@ -368,10 +396,15 @@ def _write(rows, out_dir: Path, summary, args):
     md += ["", "Against the targets (influence ≥ 5× faster than Kronfluence per stage; SOURCE C=6 faster than "
            "Kronfluence's single-checkpoint influence):", ""]
     md += [f"- {line}" for line in summary]
+    if args.device != "cpu":
+        md += ["", "Peak GPU memory of each stage (MiB, torch.cuda.max_memory_allocated): " + "; ".join(
+            f"{r['workload']} {r['library']} {r['method']} {r['stage']} {r['peak_gpu_mib']:.0f}" for r in rows
+            if isinstance(r.get("peak_gpu_mib"), float))]
     extra = f" --sf-backend {args.sf_backend}" if args.sf_backend else ""
+    extra += f" --device {args.device}" if args.device != "cpu" else ""
     md += ["", f"Reproduce: `python benchmarks/bench_vs_kronfluence.py --threads {args.threads} "
            f"--batch-size {args.batch_size}{extra}`"]
-    (out_dir / "vs_kronfluence_cpu.md").write_text("\n".join(md) + "\n")
+    csv_path.with_suffix(".md").write_text("\n".join(md) + "\n")
     return csv_path
 
 
@@ -390,6 +423,7 @@ def main(argv=None):
     parser.add_argument("--in-process", action="store_true",
                         help="run the stages in this process (no per-stage peak memory; default with --smoke)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per stage")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:k]: model, data and both libraries")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -399,6 +433,7 @@ def main(argv=None):
     _process.set_threads(args.threads)
     sizes = SMOKE if args.smoke else FULL
     args.sizes = sizes
+    args.device_name, args.device_slug = _device_names(args.device)
     libraries = [s.strip() for s in args.libraries.split(",") if s.strip()]
     has_kf = _kronfluence_available()
     in_process = args.in_process or args.smoke
@@ -419,13 +454,14 @@ def main(argv=None):
                            "threads": args.threads, "date": date, "n_train": sizes["n_train"],
                            "n_query": sizes["n_query"], "batch_size": args.batch_size, **meta,
                            "seconds": "", "cpu_seconds": "", "peak_rss_mib": "", "rss_before_mib": "",
-                           "loadavg_1m": "", "sf_backend": "", "status": "ok"}
+                           "loadavg_1m": "", "sf_backend": "", "status": "ok", "device": args.device_name,
+                           "peak_gpu_mib": ""}
                     if library == "kronfluence" and not has_kf:
                         row["status"] = "skipped (kronfluence not installed)"
                     else:
                         spec = {"workload": workload, "library": library, "method": method, "stage": stage,
                                 "threads": args.threads, "batch_size": args.batch_size, "data": str(data),
-                                "sf_backend": args.sf_backend,
+                                "sf_backend": args.sf_backend, "device": args.device,
                                 "out_dir": str(work / f"{workload}_{library}")}
                         row.update(worker(spec) if in_process else _run_stage(spec, args.timeout))
                     rows.append(row)

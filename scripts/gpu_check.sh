@@ -9,8 +9,13 @@
 # needed ≈ 30 s to build, 70 s for the tests and 20-75 s per op benchmark)
 #
 # Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
-# to $OUT (at most 8 files): env.txt build.log roofline.json gpu_tests.log bench.log ops_gpu.csv ops_gpu.md.
-# Copy roofline.json and ops_gpu.csv into benchmarks/results/ (roofline_<gpu>.json, ops_<gpu>.csv) afterwards.
+# to $OUT (at most 8 files): env.txt (with the build's log) roofline.json gpu_tests.log bench.log ops_gpu.csv
+# ops_gpu.md, and with E2E=1 vs_kronfluence_<gpu>.{csv,md}. Copy roofline.json and ops_gpu.csv into
+# benchmarks/results/ (roofline_<gpu>.json, ops_<gpu>.csv) afterwards.
+#
+# E2E=1 also runs benchmarks/bench_vs_kronfluence.py --device cuda (both libraries on the GPU). Kronfluence is
+# pure Python: bring it as a folder, e.g. `mkdir -p .kf && cp -r .venv/lib/python3*/site-packages/kronfluence
+# .kf/ && echo /.kf/ >> .git/info/exclude`, carried with the call; .kf is put on PYTHONPATH when present.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -33,9 +38,11 @@ step "environment"
 cat "$OUT/env.txt"
 
 step "build (CUDA on, sm_80 + sm_90)"
+BUILD_LOG=$(mktemp)
 limited 240 env SOURCE_FAST_BUILD_EXT=1 SOURCE_FAST_BUILD_CUDA=1 CUDAARCHS="80;90" MAX_JOBS="$(nproc)" \
-  "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-rc=$?; tail -3 "$OUT/build.log"; [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$OUT/build.log"; exit 1; }
+  "$PY" -m pip install --no-build-isolation --no-deps -e . > "$BUILD_LOG" 2>&1
+rc=$?; { echo "--- build (pip install -e ., CUDA on), rc=$rc"; cat "$BUILD_LOG"; } >> "$OUT/env.txt"
+tail -3 "$BUILD_LOG"; [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$BUILD_LOG"; exit 1; }
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
 from source_fast import _dispatch
 for name, backend in _dispatch.BACKENDS.items():
@@ -68,5 +75,10 @@ for entry in "${ENTRIES[@]}"; do
     >> "$OUT/bench.log" 2>&1
   echo "rc=$?"; grep -E "^GATE|ERROR" "$OUT/bench.log" | grep -v PASS | tail -5
 done
+if [ "${E2E:-0}" = 1 ]; then
+  step "end to end vs Kronfluence on the GPU"
+  [ -d .kf ] && export PYTHONPATH="$PWD/.kf${PYTHONPATH:+:$PYTHONPATH}"
+  limited "${E2E_S:-240}" "$PY" benchmarks/bench_vs_kronfluence.py --device cuda --out-dir "$OUT" 2>&1 | tail -12
+fi
 step "done"
 grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40
