@@ -636,6 +636,8 @@ def render_markdown(csv_path: Path) -> Path:
         if r["op"] not in ops:
             ops.append(r["op"])
     gpu = any(r["tflops"] for r in rows)
+    if gpu:
+        lines += ["", "## Summary: the largest shape of each op and dtype", ""] + _largest_shape_table(rows, roof)
     for op in ops:
         idx = [i for i, r in enumerate(rows) if r["op"] == op]
         lines += ["", f"## {op}", ""]
@@ -679,6 +681,34 @@ def render_markdown(csv_path: Path) -> Path:
         lines += ["", f"(rows from {len(devices)} devices: {', '.join(devices)})"]
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def _largest_shape_table(rows: list[dict], roof: dict | None) -> list[str]:
+    """p50 (ms) of torch / triton / cuda on the case with the most work (torch TFLOP/s × ms) per (op, dtype), and
+    the fastest implementation's rate (and % of the roofline when known)."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["ms_p50"] and r["status"] in ("", "ok") and r["backend"] in ("torch", "triton", "cuda"):
+            cases.setdefault((r["op"], r["dtype"], r["mode"], r["shape_params"]), {})[r["backend"]] = r
+    largest: dict[tuple, tuple] = {}
+    for key, impls in cases.items():
+        base = impls.get("torch")
+        if base is None or not base["tflops"]:
+            continue
+        work = float(base["tflops"]) * float(base["ms_p50"])
+        if key[:2] not in largest or work > largest[key[:2]][0]:
+            largest[key[:2]] = (work, key, impls)
+    out = ["| op | dtype | case | torch ms | triton ms | cuda ms | fastest | TFLOP/s" + (" (% roof)" if roof else "")
+           + " |", "|---|---|---|---:|---:|---:|---|---:|"]
+    for (op, dtype), (_, key, impls) in sorted(largest.items()):
+        fastest = min(impls, key=lambda b: float(impls[b]["ms_p50"]))
+        rate = f"{float(impls[fastest]['tflops']):.1f}"
+        if roof:
+            rate += f" ({_roof_cell(impls[fastest], roof).split(' %')[0]} %)"
+        times = [f"{float(impls[b]['ms_p50']):.1f}" if b in impls else "-" for b in ("torch", "triton", "cuda")]
+        out.append(f"| {op} | {dtype} | {key[2]}; {key[3].replace(',', ', ')} | " + " | ".join(times)
+                   + f" | `{fastest}` | {rate} |")
+    return out
 
 
 def roofline_path(csv_path: Path) -> Path:
