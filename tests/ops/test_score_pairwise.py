@@ -200,6 +200,20 @@ def test_score_pairwise_cpu_materialized_strategy(q, n, t):
                           dtype=torch.float32)
 
 
+@pytest.mark.interpreter
+def test_score_pairwise_triton_many_blocks_and_grid_chunks(monkeypatch):
+    """Several example and query blocks with ragged edges, and the launcher's split of the query axis into
+    grid-sized chunks (forced down to 2 blocks per launch), in the interpreter."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common
+
+    monkeypatch.setattr(_common, "pairwise_blocks", lambda q, n, i, dot: (16, 16, 16, 4))
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
+    v, a, g = _inputs(71, 37, 2, 23, 5, torch.float32)  # 5 query blocks (3 launches), 3 example blocks
+    _check("triton", v, a, g, torch.float32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_score_pairwise_fills_uninitialized_output(backend):
     v, a, g = _inputs(17, 3, 5, 80, 20, torch.float32)
