@@ -31,26 +31,31 @@ def _median_ms(fn) -> float:
     return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
 
 
-def measure(device: torch.device) -> dict[str, float]:
-    gen = torch.Generator(device=device).manual_seed(0)
+def _copy_gbps(device: torch.device, gen: torch.Generator) -> float:
     src = torch.rand(2**29, device=device, generator=gen)  # 2 GiB fp32
     dst = torch.empty_like(src)
-    copy_ms = _median_ms(lambda: dst.copy_(src))
-    del src, dst
-    n = 8192
-    out = {"copy_gbps": 2 * 2**29 * 4 / (copy_ms * 1e-3) / 1e9}
+    ms = _median_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def _matmul_tflops(device: torch.device, gen: torch.Generator, dtype: torch.dtype, tf32: bool, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        ms = _median_ms(lambda: a @ b)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def measure(device: torch.device) -> dict[str, float]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {"copy_gbps": _copy_gbps(device, gen)}
     for name, dtype, tf32 in (("mm_fp32", torch.float32, False), ("mm_tf32", torch.float32, True),
                               ("mm_bf16", torch.bfloat16, False)):
-        a = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        b = torch.randn(n, n, device=device, generator=gen).to(dtype)
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            ms = _median_ms(lambda: a @ b)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
-        out[f"{name}_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
-        del a, b
+        out[f"{name}_tflops"] = _matmul_tflops(device, gen, dtype, tf32)
     return out
 
 

@@ -36,3 +36,10 @@ def test_benchmark_smoke(script):
     assert not [line for line in gates if "FAILED" in line], f"{script}: gate failures:\n{out[-4000:]}"
     assert "SMOKE" in proc.stdout
     assert _results_state() == before, f"{script} --smoke wrote to benchmarks/results"
+
+
+def test_bench_roofline_refuses_a_cpu_clearly():
+    """The ceilings are a GPU's (the CPU tables carry none): without CUDA it exits 2 with a reason, writing nothing."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_roofline.py"), "--device", "cpu"], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr

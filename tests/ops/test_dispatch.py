@@ -198,15 +198,12 @@ def test_measured_dispatch_leaves_cpu_tensors_alone(measured, monkeypatch):
 def test_committed_dispatch_table_is_generated_from_the_committed_benchmarks():
     """source_fast/_measured_gpu.py is regenerated, never edited: it equals the generator's output on the CSV."""
     import csv
-    import importlib.util
     from pathlib import Path
 
     import source_fast
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("make_dispatch_table", root / "benchmarks" / "make_dispatch_table.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _load_generator()
     module = Path(source_fast.__file__).parent / "_measured_gpu.py"
     first = module.read_text().splitlines()[0]
     csv_name = first.split("benchmarks/results/")[1].split(";")[0]
@@ -239,3 +236,34 @@ def test_automatic_choice_is_cached_even_after_skipped_backends(monkeypatch):
                         lambda self, *a, **k: asked.append(self.name) or original(self, *a, **k))
     assert _dispatch.select("covariance", {"x": torch.randn(5, 4)}) == first
     assert asked == []
+
+
+def _load_generator():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "make_dispatch_table.py"
+    spec = importlib.util.spec_from_file_location("make_dispatch_table", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    return gen
+
+
+def test_dispatch_table_regimes_and_time_weighted_speedups():
+    """Bench modes map to the dispatcher's regimes (also "T=1,R=8" and "T=1 g half zeros"), and a speed is the
+    torch backend's total time over the backend's, so large shapes decide."""
+    gen = _load_generator()
+    assert [gen.regime("score_lowrank", m) for m in ("T=1,R=8", "T=16,R=32")] == ["T=1", "T>1"]
+    assert [gen.regime("score_pairwise", m) for m in ("T=1 g half zeros", "T=2 g half zeros, same", "T=16")] \
+        == ["T=1", "T>1", "T>1"]
+    assert [gen.regime("covariance", m) for m in ("mask", "nomask")] == ["mask", "nomask"]
+    assert gen.regime("kron_project", "fns=2(r,s)") == ""
+
+    def row(backend, shape, ms, status="ok"):
+        return {"op": "score_self", "backend": backend, "mode": "T=1", "dtype": "float32", "shape_params": shape,
+                "ms_p50": str(ms), "status": status}
+
+    rows = [row("torch", "small", 1.0), row("triton", "small", 0.1),     # 10x faster on a tiny shape
+            row("torch", "large", 100.0), row("triton", "large", 200.0),  # 2x slower where the time goes
+            row("cuda", "large", 1.0, status="ERROR: boom")]              # failed rows are ignored
+    assert gen.speedups(rows) == {("score_self", "triton", "float32", "T=1"): round(101.0 / 200.1, 3)}
