@@ -704,7 +704,7 @@ def _largest_shape_table(rows: list[dict], roof: dict | None) -> list[str]:
         fastest = min(impls, key=lambda b: float(impls[b]["ms_p50"]))
         rate = f"{float(impls[fastest]['tflops']):.1f}"
         if roof:
-            rate += f" ({_roof_cell(impls[fastest], roof).split(' %')[0]} %)"
+            rate += f" ({_roof_percents(impls[fastest], roof)[0]:.1f} %)"
         times = [f"{float(impls[b]['ms_p50']):.1f}" if b in impls else "-" for b in ("torch", "triton", "cuda")]
         out.append(f"| {op} | {dtype} | {key[2]}; {key[3].replace(',', ', ')} | " + " | ".join(times)
                    + f" | `{fastest}` | {rate} |")
@@ -721,11 +721,17 @@ def roofline_for(csv_path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _roof_percents(r: dict, roof: dict) -> tuple[float, float]:
+    """(% of the dtype's matrix rate, % of the copy bandwidth) of a row with TFLOP/s and GB/s."""
+    peak = roof["mm_fp32_tflops"] if r["dtype"] in ("float32", "float64") else roof["mm_bf16_tflops"]
+    return 100 * float(r["tflops"]) / peak, 100 * float(r["gbps"]) / roof["copy_gbps"]
+
+
 def _roof_cell(r: dict, roof: dict) -> str:
     if not r["tflops"]:
         return "-"
-    peak = roof["mm_fp32_tflops"] if r["dtype"] in ("float32", "float64") else roof["mm_bf16_tflops"]
-    return f"{100 * float(r['tflops']) / peak:.1f} %, {100 * float(r['gbps']) / roof['copy_gbps']:.1f} %"
+    flop, bw = _roof_percents(r, roof)
+    return f"{flop:.1f} %, {bw:.1f} %"
 
 
 def _e2e_table(rows: list[dict]) -> list[str]:

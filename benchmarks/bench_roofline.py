@@ -16,13 +16,13 @@ Each: median of ``triton.testing.do_bench`` (random data, never zeros). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 import _harness as H
+from source_fast import io
 
 
 def _median_ms(fn) -> float:
@@ -73,9 +73,7 @@ def main(argv=None) -> int:
         print(f"{k:>16}: {v:.1f}" if isinstance(v, float) else f"{k:>16}: {v}")
     out = Path(args.out) if args.out else H.RESULTS_DIR / f"roofline_{H.device_slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    io.atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0
 

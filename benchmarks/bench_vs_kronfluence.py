@@ -292,16 +292,10 @@ def _versions():
 
 def _device_names(device: str) -> tuple[str, str]:
     """(display name, file slug): ("CPU", "cpu") or the GPU's name, e.g. ("NVIDIA H200", "nvidia_h200")."""
-    import re
+    import _harness as H
 
-    import torch
-
-    if torch.device(device).type == "cpu":
-        return "CPU", "cpu"
-    if not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: torch.cuda.is_available() is False")
-    name = torch.cuda.get_device_name(torch.device(device))
-    return name, re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    dev = H.pick_device(device)  # exits with a reason when CUDA is asked for and absent
+    return ("CPU" if dev.type == "cpu" else H.device_name(dev)), H.device_slug(dev)
 
 
 def _kronfluence_available() -> bool:

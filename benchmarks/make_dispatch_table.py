@@ -79,9 +79,11 @@ def main(argv=None) -> int:
     with open(args.csv, newline="") as f:
         rows = [r for r in csv.DictReader(f)]
     text = render(rows, args.csv.name)
-    tmp = args.out.with_suffix(".py.tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    if str(REPO) not in sys.path:  # run from a checkout without installing (not at import: tests load this module)
+        sys.path.insert(0, str(REPO))
+    from source_fast import io
+
+    io.atomic_write_bytes(args.out, text.encode())
     print(text)
     return 0
 

@@ -81,3 +81,12 @@ def train_run(model, dataset, *, steps=30, every=5, lr=0.3, momentum=0.0, lr_sch
             ckpts.append({key: v.detach().clone() for key, v in model.state_dict().items()})
             ckpt_steps.append(k + 1)
     return ckpts, ckpt_steps, lrs
+
+
+def small_mlp_run():
+    """The 40-example, 6-input MLP trained 30 steps with 6 checkpoints (float64): (model, data, ckpts, steps,
+    lrs), shared by the float32 rank test and the CUDA pipeline tests."""
+    data = classification_data(n=40, d_in=6)
+    model = mlp(d_in=6, hidden=8)
+    ckpts, steps, lrs = train_run(model, data, steps=30, every=5, lr=0.3)
+    return model, data, ckpts, steps, lrs

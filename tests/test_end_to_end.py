@@ -9,7 +9,7 @@ from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _backends import recording_lib_calls
-from _models import ClassificationTask, TinyCNN, classification_data, mlp, train_run
+from _models import ClassificationTask, TinyCNN, classification_data, mlp, small_mlp_run, train_run
 
 
 def _setup(model, data, **train_kw):
@@ -135,9 +135,7 @@ def test_cnn_matches_dense_oracle_float64():
 
 
 def test_mlp_float32_ranks_match_oracle():
-    data64 = classification_data(n=40, d_in=6)
-    model = mlp(d_in=6, hidden=8)
-    ckpts, steps, lrs = _setup(model, data64, steps=30, every=5, lr=0.3)
+    model, data64, ckpts, steps, lrs = small_mlp_run()
     run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries64 = Subset(data64, range(6))
     oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64)

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import ClassificationTask, TinyCNN, classification_data, mlp, train_run
+from _models import ClassificationTask, TinyCNN, classification_data, mlp, small_mlp_run, train_run
 
 pytestmark = pytest.mark.gpu
 
@@ -35,9 +35,7 @@ _KW = {"source": {}, "influence": {"damping": 0.01}}
 
 @pytest.fixture(scope="module")
 def mlp_case():
-    data = classification_data(n=40, d_in=6)
-    model = mlp(d_in=6, hidden=8)
-    ckpts, steps, lrs = train_run(model, data, steps=30, every=5, lr=0.3)
+    model, data, ckpts, steps, lrs = small_mlp_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries = Subset(data, range(6))
     oracle = {m: dense_source_scores(model, ClassificationTask(), run, queries, data, method=m, **_KW[m])
