@@ -76,6 +76,7 @@ import _process
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_BERGSON_PYTHON = REPO / ".venv-bergson" / "bin" / "python"
+ONE_PASS = "fit + scores in one pass"  # source_fast's stage when pairwise_scores runs without fit() first
 
 FULL = {"n_train": 1000, "n_query": 50, "doc_len": (30, 40), "vocab": 1000, "n_positions": 64, "n_embd": 64,
         "n_layer": 2, "n_head": 2, "train_batch": 50, "epochs": 3, "lr": 0.01}
@@ -318,14 +319,24 @@ def _source_fast_worker(spec: dict, blob) -> dict:
             ids, lengths = batch
             if not sample:
                 return doc_loss(model, ids, lengths).sum()
+            return self.compute_train_loss_pair(batch, model, true_loss=False)[0]
+
+        def compute_train_loss_pair(self, batch, model, true_loss=True):
+            """(sampled-label loss, true-label loss) from one forward: source_fast's SOURCE then takes the
+            scored training gradients from the curvature passes' forwards."""
             import torch.nn.functional as F
 
+            ids, lengths = batch
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            logits = logits.reshape(-1, logits.shape[-1])
             with torch.no_grad():  # sf.sample_labels: inverse CDF, the distribution of torch.multinomial
-                labels = sf.sample_labels(logits).masked_fill(mask[:, 1:] == 0, -100)
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                   reduction="sum")
+                labels = sf.sample_labels(logits).view(ids.shape[0], -1).masked_fill(mask[:, 1:] == 0, -100)
+            sampled = F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
+            if not true_loss:
+                return sampled, None
+            true = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            return sampled, F.cross_entropy(logits, true.reshape(-1), ignore_index=-100, reduction="sum")
 
         def compute_measurement(self, batch, model):
             ids, lengths = batch
@@ -355,8 +366,11 @@ def _source_fast_worker(spec: dict, blob) -> dict:
                          num_segments=NUM_SEGMENTS)
     analyzer = sf.SourceAnalyzer(model, LMTask(), run, output_dir=out_dir, batch_size=spec["batch_size"],
                                  progress=False, backend=spec.get("sf_backend"))
-    meter.stage("fit", analyzer.fit, train)
-    scores = meter.stage("scores", analyzer.pairwise_scores, query, train)
+    if spec.get("sf_two_pass"):  # fit() first: separate passes for the curvature and the scored gradients
+        meter.stage("fit", analyzer.fit, train)
+        scores = meter.stage("scores", analyzer.pairwise_scores, query, train)
+    else:  # pairwise_scores alone: one pass per checkpoint (LMTask.compute_train_loss_pair)
+        scores = meter.stage(ONE_PASS, analyzer.pairwise_scores, query, train)
     result = meter.result(out_dir)
     result["rss_before_mib"] = before
     result["library_version"] = getattr(sf, "__version__", "?")
@@ -577,7 +591,7 @@ def _rows(lib: str, res: dict, base: dict) -> list[dict]:
                 "library_version"):
         total[key] = res.get(key, "")
     rows.append(total)
-    for stage in ("fit", "scores"):
+    for stage in ("fit", "scores", ONE_PASS):
         if stage in res.get("stages", {}):
             rows.append({**base, "library": lib, "stage": stage, "seconds": res["stages"][stage], "status": "ok",
                          "library_version": res.get("library_version", "")})
@@ -684,7 +698,10 @@ def _write(rows, results, agreement, summary, meta, args, workload_info, bergson
            "matrix (fit + scores), after imports and data loading; *fit* = per-segment EK-FAC (Bergson: per-checkpoint "
            "covariances, segment aggregation + eigendecomposition, per-checkpoint Λ, segment Λ); *scores* = query "
            "gradients, the walk through the segments and the scoring pass over the training set at every "
-           "checkpoint (Bergson's step names are listed under its rows). *CPU s* = user + system time of the "
+           "checkpoint (Bergson's step names are listed under its rows). source_fast calls `pairwise_scores` without "
+           "`fit()` first (unless --sf-two-pass), which fits the segments last to first and scores each from the rows "
+           "of its curvature passes (its task's `compute_train_loss_pair` gives the sampled- and true-label losses of "
+           "one forward): one pass per checkpoint, so one stage. *CPU s* = user + system time of the "
            "worker and its children during the run. The CSV's process_seconds is the worker's whole life "
            "(interpreter start, imports, input preparation included).",
            "- *disk writes* = `write_bytes` of `/proc/self/io` over the timed run (children included: the kernel adds "
@@ -731,6 +748,9 @@ def main(argv=None):
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--sf-backend", default=None, choices=["cuda", "triton", "cpu", "torch"],
                         help="source_fast backend (default: automatic selection)")
+    parser.add_argument("--sf-two-pass", action="store_true",
+                        help="source_fast calls fit() before pairwise_scores (separate passes for the curvature "
+                             "and the scored gradients; default: pairwise_scores alone, one pass per checkpoint)")
     parser.add_argument("--sf-bias", action="store_true",
                         help="source_fast also attributes through the biases (its default; Bergson cannot, so the "
                              "scores then differ). Default: weights only, like Bergson")
@@ -783,13 +803,13 @@ def main(argv=None):
                         "work": str(work), "out_dir": str(work / f"out_{lib}"),
                         "scores_path": str(work / f"scores_{lib}.npy"), "batch_size": args.batch_size,
                         "bergson_token_batch": args.bergson_token_batch, "sf_backend": args.sf_backend,
-                        "sf_bias": args.sf_bias}
+                        "sf_bias": args.sf_bias, "sf_two_pass": args.sf_two_pass}
                 res = _run_worker(python, spec, args.timeout)
                 res["run"] = rep + 1
                 runs.setdefault(lib, []).append(res)
                 rows += [{**r, "batch": batch, "run": rep + 1} for r in _rows(lib, res, base)]
-                print(f"{lib:12s} run {rep + 1}: total {res['seconds']:8.2f} s (fit {res['stages'].get('fit', 0):.2f}, "
-                      f"scores {res['stages'].get('scores', 0):.2f})  CPU {res['cpu_seconds']:.1f} s  peak RSS "
+                stages = ", ".join(f"{k} {v:.2f}" for k, v in res["stages"].items() if not k.startswith("bergson:"))
+                print(f"{lib:12s} run {rep + 1}: total {res['seconds']:8.2f} s ({stages})  CPU {res['cpu_seconds']:.1f} s  peak RSS "
                       f"{res['peak_rss_mib']:.0f} MiB  write_bytes {_fmt_bytes(res['write_bytes'])}  output dir "
                       f"{_fmt_bytes(res['output_dir_bytes'])} ({res['output_files']} files)  load during run "
                       f"{res['load_mean']:.2f} mean / {res['load_max']:.2f} max", flush=True)

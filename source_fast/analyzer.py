@@ -10,8 +10,11 @@ Scores are removal effects: τ(z_q, z_m) > 0 means removing z_m would raise the 
 (for f = loss, z_m helps the query). τ = Σ_ℓ (1/N_ℓ) ⟨v_ℓ, ḡ_ℓ(z_m)⟩ (SOURCE_MATH.md §2).
 
 Passes over the training data (each with a progress bar): per fitted checkpoint one for the
-covariances and one for the eigenvalue correction; per scored checkpoint one scoring pass for all
-queries at once. Per-example gradients exist only for one batch at a time.
+covariances and one for the eigenvalue correction (the first one's rows replace the second within
+SOURCE_FAST_ROW_CACHE_MIB); per scored checkpoint one scoring pass for all queries at once. SOURCE's
+pairwise_scores without a prior fit() needs no scoring passes: segments are fitted last to first and
+scored from the covariance passes' rows (`_one_pass_pairwise`; needs Task.compute_train_loss_pair for
+the sampled Fisher). Per-example gradients exist only for one batch at a time.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ from .directions import RankOneDirections, as_dense, left_product_queries_innerm
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .run import TrainingRun
-from .task import attention_mask, check_task, tracked_module_names
-from .walk import WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
+from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
+from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
 
 log = logging.getLogger("source_fast")
 
@@ -237,13 +240,16 @@ class SourceAnalyzer:
             return type(batch)(self._to_device(v) for v in batch)
         return batch
 
-    def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0
-              ) -> Iterator[tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
+              paired: bool = False) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
         g is the gradient of the task's summed loss, i.e. per-example gradients of per-example terms.
         first_batch: start at that batch (the same batches and label seeds as a full pass).
+        paired: also yield the true-label rows of the same forward pass, (offset, size, rows,
+        true_rows) sharing the a tensors: for 'sampled' through the task's compute_train_loss_pair and
+        a second backward over the kept graph; for 'empirical' they are the rows themselves.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -255,21 +261,28 @@ class SourceAnalyzer:
                                            leave=False), start=first_batch):
                 batch = self._to_device(batch)
                 mask = attention_mask(self.task, batch)
+                true_value = None
                 if loss == "measurement":
                     value = self.task.compute_measurement(batch, self.model)
                 elif loss == "sampled":
                     with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                         torch.manual_seed(hash((self.seed, seed_key, b)) % (2**63))
-                        value = self.task.compute_train_loss(batch, self.model, sample=True)
+                        if paired:
+                            value, true_value = _loss_pair(self.task.compute_train_loss_pair(batch, self.model))
+                        else:
+                            value = self.task.compute_train_loss(batch, self.model, sample=True)
                 else:
                     value = self.task.compute_train_loss(batch, self.model, sample=False)
-                if not isinstance(value, torch.Tensor) or value.dim() != 0:
-                    raise TypeError(f"the task must return a scalar tensor (summed over the batch) from "
-                                    f"{'compute_measurement' if loss == 'measurement' else 'compute_train_loss'}, "
-                                    f"got {type(value).__name__}{tuple(getattr(value, 'shape', ()))}")
-                rows = capture.rows(value, mask)
+                _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
+                rows = capture.rows(value, mask, retain_graph=true_value is not None)
                 size = next(iter(rows.values()))[0].shape[0]
-                yield offset, size, rows
+                if not paired:
+                    yield offset, size, rows
+                elif true_value is None:
+                    yield offset, size, rows, rows
+                else:
+                    true_g = capture.output_rows(true_value)
+                    yield offset, size, rows, {name: (a, true_g[name]) for name, (a, _) in rows.items()}
                 offset += size
                 capture.clear()
 
@@ -324,51 +337,53 @@ class SourceAnalyzer:
             self.blocks, self._n_fit = stored, n_train
             return self
         units = self._units()
-        dt = self.compute_dtype
-        # Each segment's curvature comes from its stage's data; the influence function (one segment
-        # over the whole run) uses every training example.
-        stage_of = [None] if self.method == "influence" else [seg[2] for seg in self._segments()]
         with self._session():
-            covs, lams, bases = {}, {}, []
-            # Per segment: covariance passes, basis, eigen-correction passes. The two passes of a unit
-            # draw the same batches with the same label seeds, so rows kept from the first (within
-            # SOURCE_FAST_ROW_CACHE_MIB) are reused by the second instead of recomputed.
-            for seg in range(len(self._segments())):
-                members = [(k, unit) for k, unit in enumerate(units) if unit.segment == seg]
-                cache = _RowCache(_config.row_cache_bytes())
-                for k, unit in members:
-                    covs[unit.uid] = self._fit_covariance(train_dataset, unit, k, len(units), config,
-                                                          stage_of[unit.segment], cache)
-                basis = {}
-                for layer in self.layers:
-                    A = sum(covs[u.uid][f"{layer.name}.A"].double() for _, u in members) / len(members)
-                    S = sum(covs[u.uid][f"{layer.name}.S"].double() for _, u in members) / len(members)
-                    _, q_a = ekfac.eigen_basis(A, name=layer.name, segment=seg, check_finite=self.check_finite)
-                    _, q_s = ekfac.eigen_basis(S, name=layer.name, segment=seg, check_finite=self.check_finite)
-                    basis[layer.name] = (q_a.to(dt).to(self.device), q_s.to(dt).to(self.device))
-                bases.append(basis)
-                for k, unit in members:
-                    lams[unit.uid] = self._fit_lambda(train_dataset, unit, k, len(units), config,
-                                                      stage_of[unit.segment], basis, cache)
-                cache.clear()
-        blocks = []
-        for seg, basis in enumerate(bases):
-            members = [u for u in units if u.segment == seg]
-            seg_blocks = {}
-            for layer in self.layers:
-                lam = sum(lams[u.uid][f"{layer.name}.lam"].to(self.device) for u in members) / len(members)
-                lam = ekfac.clamp_lambda(lam, name=layer.name, segment=seg, check_finite=self.check_finite)
-                q_a, q_s = basis[layer.name]
-                # Contiguous, exactly as a later fit() loads them back: bitwise the same scores either way.
-                seg_blocks[layer.name] = EKFACBlock(q_a.contiguous(), q_s.contiguous(), lam.to(dt).contiguous())
-            blocks.append(seg_blocks)
-            if self.output_dir is not None:
-                tensors = {f"{n}.{k}": getattr(b, k) for n, b in seg_blocks.items() for k in ("q_a", "q_s", "lam")}
-                io.save_tensors(self._path("factors", f"segment_{seg}.safetensors"), tensors, config,
-                                segment=seg, layers=[layer.name for layer in self.layers])
-        self.blocks = blocks
+            self.blocks = [self._fit_segment(train_dataset, seg, units, config)
+                           for seg in range(len(self._segments()))]
         self._n_fit = n_train
         return self
+
+    def _fit_segment(self, train_dataset, seg, units, config, kept_for_scoring: "_RowCache | None" = None
+                     ) -> dict[str, EKFACBlock]:
+        """Segment `seg`'s EK-FAC blocks (stored as factors/segment_<seg>.safetensors).
+
+        Per member checkpoint a covariance pass, then the segment's basis, then per member an
+        eigen-correction pass. The two passes of a unit draw the same batches with the same label seeds,
+        so rows kept from the first (within SOURCE_FAST_ROW_CACHE_MIB) replace the second's forward and
+        backward. kept_for_scoring: also keep the covariance passes' true-label rows there (same
+        budget), for scoring this segment without another pass (`_one_pass_pairwise`)."""
+        dt = self.compute_dtype
+        # Each segment's curvature comes from its stage's data; the influence function (one segment over
+        # the whole run) uses every training example.
+        stage = None if self.method == "influence" else self._segments()[seg][2]
+        members = [(k, unit) for k, unit in enumerate(units) if unit.segment == seg]
+        cache = _RowCache(kept_for_scoring.budget if kept_for_scoring is not None else _RowBudget(
+            _config.row_cache_bytes()))
+        covs = {unit.uid: self._fit_covariance(train_dataset, unit, k, len(units), config, stage, cache,
+                                               kept_for_scoring) for k, unit in members}
+        basis = {}
+        for layer in self.layers:
+            A = sum(covs[u.uid][f"{layer.name}.A"].double() for _, u in members) / len(members)
+            S = sum(covs[u.uid][f"{layer.name}.S"].double() for _, u in members) / len(members)
+            _, q_a = ekfac.eigen_basis(A, name=layer.name, segment=seg, check_finite=self.check_finite)
+            _, q_s = ekfac.eigen_basis(S, name=layer.name, segment=seg, check_finite=self.check_finite)
+            basis[layer.name] = (q_a.to(dt).to(self.device), q_s.to(dt).to(self.device))
+        del covs
+        lams = {unit.uid: self._fit_lambda(train_dataset, unit, k, len(units), config, stage, basis, cache)
+                for k, unit in members}
+        cache.clear()
+        seg_blocks = {}
+        for layer in self.layers:
+            lam = sum(lams[u.uid][f"{layer.name}.lam"].to(self.device) for _, u in members) / len(members)
+            lam = ekfac.clamp_lambda(lam, name=layer.name, segment=seg, check_finite=self.check_finite)
+            q_a, q_s = basis[layer.name]
+            # Contiguous, exactly as a later fit() loads them back: bitwise the same scores either way.
+            seg_blocks[layer.name] = EKFACBlock(q_a.contiguous(), q_s.contiguous(), lam.to(dt).contiguous())
+        if self.output_dir is not None:
+            tensors = {f"{n}.{k}": getattr(b, k) for n, b in seg_blocks.items() for k in ("q_a", "q_s", "lam")}
+            io.save_tensors(self._path("factors", f"segment_{seg}.safetensors"), tensors, config,
+                            segment=seg, layers=[layer.name for layer in self.layers])
+        return seg_blocks
 
     def _load_segment_blocks(self, config):
         """Every segment's stored EK-FAC blocks when all were written under `config`, else None (a
@@ -390,8 +405,9 @@ class SourceAnalyzer:
                                                     for k in ("q_a", "q_s", "lam"))) for layer in self.layers})
         return blocks
 
-    def _fit_covariance(self, train_dataset, unit, k, n_units, config, stage, cache):
-        """A unit's activation and gradient covariances (A, S), stored as packed upper triangles."""
+    def _fit_covariance(self, train_dataset, unit, k, n_units, config, stage, cache, kept_for_scoring=None):
+        """A unit's activation and gradient covariances (A, S), stored as packed upper triangles.
+        kept_for_scoring: a cache for the pass's true-label rows (None: not kept)."""
         dt = self.compute_dtype
 
         def compute():
@@ -399,10 +415,15 @@ class SourceAnalyzer:
             data = self._stage_subset(train_dataset, stage)
             acc = {}
             n = 0
-            for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k,
-                                            desc=f"covariance {unit.uid} ({k + 1}/{n_units})"):
+            for _, size, rows, *paired in self._rows(data, loss=self.fisher, seed_key=k,
+                                                     desc=f"covariance {unit.uid} ({k + 1}/{n_units})",
+                                                     paired=kept_for_scoring is not None):
                 n += size
-                cache.offer(unit.uid, size, rows)
+                cached = cache.offer(unit.uid, size, rows)
+                if paired:  # the a rows are shared: counted once while the fit's cache holds them
+                    true_rows = paired[0]
+                    extra = 0 if true_rows is rows else sum(g.numel() * g.element_size() for _, g in true_rows.values())
+                    kept_for_scoring.offer(unit.uid, size, true_rows, nbytes=extra if cached else None)
                 for name, (a, g) in rows.items():
                     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                     if name not in acc:
@@ -566,9 +587,22 @@ class SourceAnalyzer:
         Training examples are processed in blocks of ``score_block`` examples; within a block every
         scored model state makes one pass, for all queries at once. With an output_dir, each finished
         block is flushed to ``scores/pairwise_<method>.npy`` before it is marked done, and a rerun with
-        the same configuration resumes from the finished blocks."""
+        the same configuration resumes from the finished blocks.
+
+        Called before fit() on a SOURCE analyzer (SGD, no per-stage example sets) whose task defines
+        ``compute_train_loss_pair`` (or with fisher="empirical"), it fits and scores in one pass per
+        checkpoint instead of two (`_one_pass_pairwise`; resumable per segment). Why it did not is
+        logged at INFO level."""
         n_query = self._check_dataset(query_dataset, "query_dataset")
         n_train = self._check_dataset(train_dataset, "train_dataset")
+        if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _one_pass_pairwise)
+            config = {**self._factor_config(n_train), "n_query": n_query, "n_scored": n_train,
+                      "damping": self.damping, "operator": self.operator}
+            store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
+            reason = self._one_pass_reason(n_train, store)
+            if reason is None:
+                return self._one_pass_pairwise(query_dataset, train_dataset, n_query, n_train, store)
+            log.info("source_fast: fit and scoring make separate passes: %s", reason)
         n_fit, stage_sizes = self._ensure_fit(train_dataset)
         config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
@@ -577,6 +611,144 @@ class SourceAnalyzer:
         for b, block in self._pairwise_blocks(query_dataset, train_dataset, pending, n_fit, stage_sizes):
             self._emit(store, b, block)
         return self._result(store)
+
+    def _one_pass_reason(self, n_train: int, store) -> str | None:
+        """Why pairwise_scores cannot take its training gradients from the fit's passes (None: it can)."""
+        if self._n_fit is not None:
+            return "fit() already ran (its passes are over)"
+        if self.method not in ("source", "fast_source"):
+            return f"method {self.method!r} scores other model states than it fits"
+        if self.run.optimizer == "adam":
+            return "the Adam walk leaves the eigenbases"
+        if self.run.example_stages is not None:
+            return "segments fit on their own stages' examples"
+        if self.fisher == "sampled" and not has_loss_pair(self.task):
+            return "the task defines no compute_train_loss_pair (both training losses from one forward)"
+        if _config.row_cache_bytes() == 0:
+            return "SOURCE_FAST_ROW_CACHE_MIB=0"
+        if store is not None and len(store.pending()) != self._num_blocks(n_train) \
+                and not self._partial_path().exists():
+            return "resuming score blocks stored by a run with separate passes"
+        return None
+
+    def _partial_path(self):
+        return self._path("scores", f"pairwise_{self.method}.partial.safetensors")
+
+    def _one_pass_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store) -> torch.Tensor:
+        """SOURCE with one training pass per checkpoint: segments are fitted last to first, and each is
+        scored right after its fit, against the true-label rows kept from its covariance passes (the
+        same forward as the sampled-label rows: `Task.compute_train_loss_pair`). The query walk follows
+        segment by segment (`SegmentByStepWalk`). Same scores as fit() then pairwise_scores() up to the
+        order in which segments are summed; a segment whose rows exceed SOURCE_FAST_ROW_CACHE_MIB (or
+        whose factors were stored by an interrupted run) is scored by its own pass, as there.
+
+        With an output_dir, the running sum over finished segments is stored after each segment
+        (scores/pairwise_<method>.partial.safetensors), so an interrupted run resumes without
+        recomputing them."""
+        units, segments = self._units(), self._segments()
+        config = self._factor_config(n_train)
+        stage_sizes = self._stage_sizes(n_train)
+        operators = self._operators()
+        partial_config = {**config, "n_query": n_query, "damping": self.damping, "operator": self.operator}
+        partial_path = self._partial_path()
+        scores, done = self._load_partial(partial_path, partial_config, (n_query, n_train))
+        blocks: list[dict[str, EKFACBlock] | None] = [None] * len(segments)
+        if len(done) == len(segments):  # killed while writing the score blocks: the sum is complete
+            blocks = self._load_segment_blocks(config) or blocks
+        cols = list(range(n_train))
+        sparse_ok = self._sparse_kernel_usable()
+        with self._session():
+            walk = None
+            for seg in reversed(range(len(segments))):
+                if blocks[seg] is not None:
+                    continue
+                members = [u for u in units if u.segment == seg]
+                kept = None if seg in done else _RowCache(_RowBudget(_config.row_cache_bytes()), all_or_nothing=True)
+                blocks[seg] = self._fit_segment(train_dataset, seg, units, config, kept)
+                if walk is None:
+                    self._load(self._final_unit())
+                    u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks[seg])
+                    walk = SegmentByStepWalk(u_rot, self.compute_dtype)
+                    del u_rot
+                output_side = {name for name, x in walk.current.items()
+                               if self._layer_rotation(name, x.shape, len(members), n_train, sparse_ok) == "output"}
+                w = walk.step(seg, blocks[seg], operators[seg], queries_innermost=output_side)
+                if seg in done:
+                    continue
+                weight = 1.0 / len(members) / stage_sizes[segments[seg][2]] * self.run.loss_scale  # as _score_plan
+                group = self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train)
+                del w
+                if all(kept.complete(u.uid) for u in members):
+                    items = self._kept_rows(members, kept, group[4])
+                else:
+                    log.info("source_fast: segment %d scored by its own pass (its rows were not all kept)", seg)
+                    items = self._stacked_rows(members, train_dataset, group[4], f"segment {seg}")
+                self._score_group_into(scores, cols, group, items, n_train)
+                del group, items
+                kept.clear()
+                done.add(seg)
+                if partial_path is not None:
+                    io.save_tensors(partial_path, {"scores": scores}, partial_config, segments_done=sorted(done))
+        self.blocks, self._n_fit = blocks, n_train
+        if self.check_finite and not bool(torch.isfinite(scores).all()):
+            raise FloatingPointError("pairwise scores are non-finite: non-finite training gradients? pass "
+                                     "check_finite=False to propagate")
+        for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
+            cols_b = self._block_columns(b, n_train)
+            self._emit(store, b, scores[:, cols_b[0]:cols_b[-1] + 1])
+        result = self._result(store)
+        if partial_path is not None and partial_path.exists():
+            partial_path.unlink()
+        return result
+
+    def _load_partial(self, path, config, shape):
+        """(running score sum, finished segments) of an interrupted one-pass run, else zeros and none."""
+        if path is not None and path.exists():
+            try:
+                tensors, meta = io.load_tensors(path, config, ["scores"])
+                if tuple(tensors["scores"].shape) == shape:
+                    return (tensors["scores"].to(self.compute_dtype).to(self.device),
+                            set(meta["info"].get("segments_done", [])))
+            except (io.StoreMismatchError, io.CorruptStoreError) as exc:
+                log.warning("source_fast: ignoring %s (%s)", path, exc)
+        return torch.zeros(shape, dtype=self.compute_dtype, device=self.device), set()
+
+    def _kept_rows(self, members, kept, basis):
+        """`_stacked_rows` from rows kept by the covariance passes (released as they are used)."""
+        def rotated(rows):
+            if not basis:
+                return rows
+            return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
+                    if n in basis else (a, g) for n, (a, g) in rows.items()}
+
+        def single(rows):
+            return {name: ([a], [g]) for name, (a, g) in rows.items()}
+
+        if len(members) == 1 or _config.stack_bytes() == 0:
+            for unit in members:
+                offset = 0
+                for size, rows in kept.take(unit.uid):
+                    yield offset, size, single(rotated(rows))
+                    offset += size
+            return
+        offset = 0
+        for parts in zip(*(kept.take(unit.uid) for unit in members)):
+            per_member = [rotated(rows) for _, rows in parts]
+            yield offset, parts[0][0], {name: ([r[name][0] for r in per_member], [r[name][1] for r in per_member])
+                                        for name in per_member[0]}
+            offset += parts[0][0]
+
+    def _score_group_into(self, block, cols, group, items, n_train) -> None:
+        """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members."""
+        _, v, weight, stage, _ = group
+        in_stage = self._stage_mask(n_train, stage)
+        for offset, size, rows in _merge_rows(items, _config.stack_bytes()):
+            part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
+                                          deterministic=self.deterministic).to(self.compute_dtype)
+                       for name, (a, g) in rows.items())
+            if in_stage is not None:
+                part = part * in_stage[cols[offset]:cols[offset] + size].to(part.dtype)
+            block[:, offset:offset + size] += weight * part
 
     def top_k(self, query_dataset, train_dataset, k: int, *, largest: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -611,17 +783,9 @@ class SourceAnalyzer:
             for b in pending:
                 cols = self._block_columns(b, n_train)
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
-                for members, v, weight, stage, basis in groups:
-                    in_stage = self._stage_mask(n_train, stage)
-                    for offset, size, rows in _merge_rows(self._stacked_rows(members, Subset(train_dataset, cols),
-                                                                             basis, f"block {b + 1}"),
-                                                          _config.stack_bytes()):
-                        part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
-                                                      deterministic=self.deterministic).to(self.compute_dtype)
-                                   for name, (a, g) in rows.items())
-                        if in_stage is not None:
-                            part = part * in_stage[cols[offset]:cols[offset] + size].to(part.dtype)
-                        block[:, offset:offset + size] += weight * part
+                for group in groups:
+                    items = self._stacked_rows(group[0], Subset(train_dataset, cols), group[4], f"block {b + 1}")
+                    self._score_group_into(block, cols, group, items, n_train)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")
@@ -933,6 +1097,21 @@ class SourceAnalyzer:
             self.progress = progress
 
 
+def _loss_pair(pair) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise TypeError(f"compute_train_loss_pair must return (sampled_loss, true_loss), got {type(pair).__name__}"
+                        f"{'' if not isinstance(pair, (tuple, list)) else f' of length {len(pair)}'}")
+    for value in pair:
+        _check_scalar(value, "compute_train_loss_pair")
+    return pair[0], pair[1]
+
+
+def _check_scalar(value, method: str) -> None:
+    if not isinstance(value, torch.Tensor) or value.dim() != 0:
+        raise TypeError(f"the task must return a scalar tensor (summed over the batch) from {method}, "
+                        f"got {type(value).__name__}{tuple(getattr(value, 'shape', ()))}")
+
+
 def _rows_nbytes(rows) -> int:
     """Bytes of token rows {layer: (a, g)}, a and g tensors or lists of tensors."""
     tensors = [t for pair in rows.values() for x in pair for t in (x if isinstance(x, list) else [x])]
@@ -1070,24 +1249,47 @@ def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tens
     return torch.bmm(gs.transpose(1, 2), as_, out=out)
 
 
-class _RowCache:
-    """Token rows of a segment's covariance passes kept for its eigen-correction passes, up to a byte
-    budget: a prefix of whole batches per unit (the rest of a pass is recomputed from that batch on)."""
+class _RowBudget:
+    """Bytes of kept token rows allowed (SOURCE_FAST_ROW_CACHE_MIB), shared by the caches of a segment."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget, self.used = budget_bytes, 0
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+
+class _RowCache:
+    """Token rows of a segment's covariance passes kept for a later use, within a shared byte budget.
+
+    Default (the eigen-correction passes): a prefix of whole batches per unit; the rest of a pass is
+    recomputed from that batch on. all_or_nothing (scoring): rows are only useful if every batch of
+    every unit is kept, so the first batch that does not fit releases everything and closes the cache."""
+
+    def __init__(self, budget: _RowBudget, *, all_or_nothing: bool = False):
+        self.budget, self.all_or_nothing = budget, all_or_nothing
+        self._held = 0  # bytes this cache added to the budget
         self._rows: dict[str, list] = {}
         self._closed: set[str] = set()  # units whose prefix ended (a later batch did not fit)
+        self._all_closed = False
 
-    def offer(self, uid: str, size: int, rows: dict) -> None:
-        if uid in self._closed:
-            return
-        nbytes = _rows_nbytes(rows)
-        if self.used + nbytes > self.budget:
-            self._closed.add(uid)
-            return
-        self.used += nbytes
+    def offer(self, uid: str, size: int, rows: dict, nbytes: int | None = None) -> bool:
+        """Keep the batch if it fits; nbytes: what it adds to memory (default: all its tensors)."""
+        if uid in self._closed or self._all_closed:
+            return False
+        nbytes = _rows_nbytes(rows) if nbytes is None else nbytes
+        if self.budget.used + nbytes > self.budget.limit:
+            if self.all_or_nothing:
+                self.clear()
+                self._all_closed = True
+            else:
+                self._closed.add(uid)
+            return False
+        self.budget.used += nbytes
+        self._held += nbytes
         self._rows.setdefault(uid, []).append((size, rows))
+        return True
+
+    def complete(self, uid: str) -> bool:
+        """Whether every batch of the unit's pass was kept."""
+        return not self._all_closed and uid not in self._closed and uid in self._rows
 
     def take(self, uid: str):
         """Yield the unit's cached batches in order, releasing each once used."""
@@ -1099,4 +1301,5 @@ class _RowCache:
     def clear(self) -> None:
         self._rows.clear()
         self._closed.clear()
-        self.used = 0
+        self.budget.used -= self._held
+        self._held = 0

@@ -36,6 +36,15 @@ class DigitsTask(Task):
                 y = sample_labels(logits)
         return F.cross_entropy(logits, y, reduction="sum")
 
+    def compute_train_loss_pair(self, batch, model):
+        """Both training losses from one forward (sampled labels drawn as above), so that scoring
+        without a prior fit() makes one pass per checkpoint."""
+        x, y = batch
+        logits = model(x)
+        with torch.no_grad():
+            sampled = sample_labels(logits)
+        return F.cross_entropy(logits, sampled, reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
+
     def compute_measurement(self, batch, model):
         x, y = batch
         return F.cross_entropy(model(x), y, reduction="sum")
@@ -114,7 +123,7 @@ def run_demo(output_dir: str = "demo_output", *, num_queries: int = 6, top_k: in
     print("      " + run.describe().replace("\n", "\n      "))
     analyzer = SourceAnalyzer(model, DigitsTask(), run, output_dir=out / "source", batch_size=128,
                               progress=progress)
-    analyzer.fit(train_ds)
+    # No separate fit(): the curvature and the scored gradients then share one pass per checkpoint.
     scores = analyzer.pairwise_scores(queries, train_ds)
 
     print(f"[3/3] top {top_k} proponents (τ > 0: removing them would raise the query's loss) and opponents")

@@ -181,8 +181,14 @@ class Capture:
             rows = apply_mask(rows, mask, layer.name)
         return rows
 
-    def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None):
-        """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows."""
+    def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False):
+        """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows.
+        retain_graph: keep the graph for another loss of the same forward (`output_rows`)."""
+        grads = self.output_rows(loss, retain_graph=retain_graph)
+        return {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
+
+    def output_rows(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """Backpropagate `loss` to the tracked outputs only: returns {name: g} output-gradient rows."""
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self._outputs]
         if missing:
@@ -191,12 +197,12 @@ class Capture:
         if not loss.requires_grad:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
                                "be part of its graph")
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=retain_graph)
         result = {}
         for layer, out, gy in zip(self.layers, outputs, grads):
             if gy is None:
                 gy = torch.zeros_like(out)
-            result[layer.name] = (self.activations(layer, mask), layer.output_rows(gy.detach()))
+            result[layer.name] = layer.output_rows(gy.detach())
         return result
 
 

@@ -14,6 +14,12 @@ It follows Kronfluence's `Task` protocol, so a `kronfluence.Task` subclass works
   supported module: nn.Linear, nn.Conv2d, transformers' Conv1D).
 - ``get_attention_mask(batch)``: optional ``[batch, tokens]`` mask; masked tokens do not enter the
   activation covariance.
+- ``compute_train_loss_pair(batch, model)``: optional (a source_fast extension): the sampled-label and
+  the true-label training loss from **one** forward pass, ``(sampled, true)``. With it, a SOURCE run that
+  calls ``pairwise_scores`` without a prior ``fit`` takes the training-set gradients it scores against
+  from the same forward passes as the curvature (one forward per checkpoint instead of two). Draw the
+  labels exactly as ``compute_train_loss(sample=True)`` does: source_fast seeds the RNG around both
+  calls the same way, so the fit is bitwise the same whichever method ran.
 
 ``sample_labels(logits)`` draws the Fisher's labels quickly (see its docstring).
 """
@@ -40,6 +46,9 @@ class Task:
 
     def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
         return None
+
+    # Optional: compute_train_loss_pair(batch, model) -> (sampled_loss, true_loss) from one forward pass.
+    # Not defined here on purpose: source_fast uses it only where a task defines it (see the module doc).
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -104,6 +113,11 @@ def check_task(task: Any) -> None:
 def tracked_module_names(task: Any) -> list[str] | None:
     getter = getattr(task, "get_influence_tracked_modules", None)
     return getter() if callable(getter) else None
+
+
+def has_loss_pair(task: Any) -> bool:
+    """Whether the task defines compute_train_loss_pair (both training losses from one forward)."""
+    return callable(getattr(task, "compute_train_loss_pair", None))
 
 
 def attention_mask(task: Any, batch: Any) -> torch.Tensor | None:

@@ -162,6 +162,48 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     return out
 
 
+class SegmentByStepWalk:
+    """`rotated_walk` one segment at a time, last to first, each step needing only the blocks of the
+    segment it reaches: for a run that fits segment ℓ just before scoring it (the one-pass SOURCE
+    schedule), so no W_ℓ of another segment is held meanwhile. Same products in the same order as
+    `rotated_walk`, so the same W_ℓ bit for bit.
+
+    u_rot: per layer, the query directions rotated into the last segment's basis; consumed."""
+
+    def __init__(self, u_rot: LayerTensors, dtype: torch.dtype):
+        self.current, self.dtype = dict(u_rot), dtype
+        self._above: tuple[dict[str, EKFACBlock], dict[str, torch.Tensor]] | None = None
+        self._next_segment: int | None = None
+
+    def step(self, seg: int, blocks: dict[str, EKFACBlock], operators: tuple[spectral.Spectral, spectral.Spectral],
+             *, queries_innermost: Container[str] = ()) -> LayerTensors:
+        """W_seg per layer (segments must come L−1, L−2, …, 0); layers in queries_innermost get W as a view
+        of a zero-padded [O, I, Qs] buffer, as in `rotated_walk`."""
+        if self._next_segment is not None and seg != self._next_segment:
+            raise ValueError(f"segments must be walked last to first: expected segment {self._next_segment}, got {seg}")
+        r, s = operators
+        out: LayerTensors = {}
+        for name, current in self.current.items():
+            lam = blocks[name].lam.to(self.dtype)
+            if self._above is not None:  # bring ũ from the segment above into this one's basis
+                above, s_above = self._above
+                left = (blocks[name].q_s.T @ above[name].q_s).to(self.dtype)
+                right = (above[name].q_a.T @ blocks[name].q_a).to(self.dtype)
+                current = self.current[name] = _two_sided_(current.mul_(s_above[name]), left, right)
+            r_lam = spectral.evaluate(r, lam)
+            if name in queries_innermost:
+                w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
+                out[name] = torch.mul(current, r_lam, out=w)
+            elif seg == 0:  # the last use of ũ
+                out[name] = current.mul_(r_lam)
+            else:
+                out[name] = r_lam * current
+        self._above = (blocks, {name: spectral.evaluate(s, b.lam.to(self.dtype)) for name, b in blocks.items()
+                                if name in self.current})
+        self._next_segment = seg - 1
+        return out
+
+
 def rotated_walk_visit(u_rot: LayerTensors, plan: WalkPlan, visit, *,
                        workspace: dict[str, torch.Tensor] | None = None) -> None:
     """`rotated_walk` without keeping its results: for each layer and segment ℓ = L..1, calls

@@ -25,6 +25,18 @@ class ClassificationTask(sf.Task):
         return F.cross_entropy(model(x), y, reduction="sum")
 
 
+class PairedClassificationTask(ClassificationTask):
+    """ClassificationTask plus compute_train_loss_pair: both training losses from one forward, the
+    labels drawn exactly as compute_train_loss(sample=True) draws them."""
+
+    def compute_train_loss_pair(self, batch, model):
+        x, y = batch
+        logits = model(x)
+        with torch.no_grad():
+            sampled = torch.multinomial(F.softmax(logits.double(), -1), 1).flatten()
+        return F.cross_entropy(logits, sampled, reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
+
+
 class RegressionTask(sf.Task):
     """Gaussian NLL (unit variance): 0.5 (f − y)² summed; sample=True draws y ~ N(f, 1)."""
 

@@ -10,7 +10,7 @@ import source_fast as sf
 from source_fast.demo import DigitsTask as Task  # summed cross-entropy, sampled labels
 
 
-def main(output_dir, result_path):
+def main(output_dir, result_path, one_pass=False):
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3000, 32, generator=gen)
@@ -25,11 +25,12 @@ def main(output_dir, result_path):
     data = TensorDataset(x, y)
     analyzer = sf.SourceAnalyzer(model, Task(), run, output_dir=output_dir, batch_size=50, score_block=250,
                                  deterministic=True, progress=False)
-    analyzer.fit(data)
-    pairwise = analyzer.pairwise_scores(Subset(data, range(40)), data)
+    if not one_pass:
+        analyzer.fit(data)
+    pairwise = analyzer.pairwise_scores(Subset(data, range(40)), data)  # without fit(): one pass per checkpoint
     self_scores = analyzer.self_scores(Subset(data, range(600)))
     np.save(result_path, np.concatenate([pairwise.numpy().ravel(), self_scores.numpy()]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], one_pass=len(sys.argv) > 3 and sys.argv[3] == "one_pass")

@@ -1,4 +1,5 @@
 """Nothing lost, nothing silently wrong: atomic stores, resume after kill -9, config checks."""
+import functools
 import mmap
 import os
 import signal
@@ -20,13 +21,16 @@ from _models import ClassificationTask, classification_data, mlp, train_run
 WORKER = Path(__file__).with_name("_resume_worker.py")
 
 
-def _worker(out_dir, result):
+def _worker_process(out_dir, result, mode="two_pass"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(WORKER), str(out_dir), str(result)], env=env,
+    return subprocess.Popen([sys.executable, str(WORKER), str(out_dir), str(result), mode], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def test_kill_at_random_points_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("mode", ["two_pass", "one_pass"])
+def test_kill_at_random_points_then_resume_is_bitwise_identical(tmp_path, mode):
+    """fit() then scores, or scores alone (one pass per checkpoint, segments stored as they finish)."""
+    _worker = functools.partial(_worker_process, mode=mode)
     start = time.perf_counter()
     ref = _worker(tmp_path / "ref", tmp_path / "ref.npy")
     assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]

@@ -1,0 +1,181 @@
+"""SOURCE with one training pass per checkpoint (pairwise_scores without a prior fit()).
+
+The curvature's covariance pass keeps the true-label rows of the same forward (Task.compute_train_loss_pair,
+or the rows themselves for the empirical Fisher); segments are fitted last to first and each is scored
+right after its fit. Everything here compares against fit() + pairwise_scores(), the path with separate
+passes, which the oracle tests pin down."""
+import logging
+
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+import source_fast as sf
+from source_fast import _config, io
+from source_fast.ekfac import source_operators
+from source_fast.walk import SegmentByStepWalk, WalkPlan, rotated_walk
+
+from _models import ClassificationTask, PairedClassificationTask, classification_data, mlp, train_run
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def run3():
+    data = classification_data(n=24)
+    model = mlp()
+    ckpts, steps, lrs = train_run(model, data, steps=30, every=5, lr=0.3, momentum=0.5)
+    return model, data, (ckpts, steps, lrs)
+
+
+def _scores(model, data, run, *, task, fit_first, method="source", fisher="sampled", dtype=F64, **kw):
+    """(scores, forward passes of the model, analyzer)."""
+    ckpts, steps, lrs = run
+    model = model.to(dtype)
+    x, y = data.tensors
+    data = TensorDataset(x.to(dtype), y)
+    run = sf.TrainingRun([{k: v.to(dtype) for k, v in c.items()} for c in ckpts], steps, lr=lrs, momentum=0.5,
+                         num_segments=3)
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        analyzer = sf.SourceAnalyzer(model, task, run, method=method, fisher=fisher, batch_size=7, progress=False,
+                                     **kw)
+        queries = Subset(data, range(5))
+        if fit_first:
+            analyzer.fit(data)
+        scores = analyzer.pairwise_scores(queries, data)
+    finally:
+        handle.remove()
+        model.to(F64)
+    return scores, len(forwards), analyzer
+
+
+BATCHES = 4  # 24 examples in batches of 7
+QUERY_BATCHES = 1
+
+
+@pytest.mark.parametrize("method,fisher,units", [("source", "sampled", 6), ("source", "empirical", 6),
+                                                  ("fast_source", "sampled", 3)])
+def test_one_pass_equals_separate_passes_with_half_the_forwards(run3, method, fisher, units):
+    model, data, run = run3
+    task = PairedClassificationTask()
+    two, forwards_two, fitted = _scores(model, data, run, task=task, fit_first=True, method=method, fisher=fisher)
+    one, forwards_one, analyzer = _scores(model, data, run, task=task, fit_first=False, method=method, fisher=fisher)
+    # Same factors bit for bit (same batches, same label seeds), scores up to the order of the segment sum.
+    for seg, ref in zip(analyzer.blocks, fitted.blocks):
+        for name, block in seg.items():
+            for key in ("q_a", "q_s", "lam"):
+                assert torch.equal(getattr(block, key), getattr(ref[name], key)), (seg, name, key)
+    assert torch.allclose(one, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+    # Separate passes: covariance (the eigen-correction reuses its rows) + scoring per unit; one pass: covariance.
+    assert forwards_two == 2 * units * BATCHES + QUERY_BATCHES
+    assert forwards_one == units * BATCHES + QUERY_BATCHES
+
+
+def test_one_pass_in_float32_matches_separate_passes(run3):
+    model, data, run = run3
+    task = PairedClassificationTask()
+    two, _, _ = _scores(model, data, run, task=task, fit_first=True, dtype=torch.float32)
+    one, _, _ = _scores(model, data, run, task=task, fit_first=False, dtype=torch.float32)
+    assert one.dtype == torch.float32
+    assert torch.allclose(one, two, rtol=1e-5, atol=1e-6 * two.abs().max().item())
+
+
+@pytest.mark.parametrize("budget", [0, 2000])
+def test_rows_beyond_the_budget_fall_back_to_a_scoring_pass(run3, monkeypatch, caplog, budget):
+    """All or nothing: a segment whose true-label rows do not all fit SOURCE_FAST_ROW_CACHE_MIB is scored
+    by its own pass (budget 2000 bytes: some rows fit, then one batch does not, and all are released)."""
+    model, data, run = run3
+    task = PairedClassificationTask()
+    two, _, _ = _scores(model, data, run, task=task, fit_first=True)
+    monkeypatch.setattr(_config, "row_cache_bytes", lambda: budget)
+    with caplog.at_level(logging.INFO, logger="source_fast"):
+        one, forwards, _ = _scores(model, data, run, task=task, fit_first=False)
+    assert torch.allclose(one, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+    if budget == 0:  # no rows kept at all: the separate-pass schedule
+        assert "SOURCE_FAST_ROW_CACHE_MIB=0" in caplog.text
+        assert forwards == 3 * 6 * BATCHES + QUERY_BATCHES  # covariance, eigen-correction and scoring passes
+    else:
+        assert "scored by its own pass" in caplog.text
+        assert forwards > 6 * BATCHES + QUERY_BATCHES
+
+
+def test_without_a_loss_pair_the_sampled_fisher_takes_separate_passes(run3, caplog):
+    model, data, run = run3
+    with caplog.at_level(logging.INFO, logger="source_fast"):
+        plain, forwards, _ = _scores(model, data, run, task=ClassificationTask(), fit_first=False)
+    assert "compute_train_loss_pair" in caplog.text
+    assert forwards == 2 * 6 * BATCHES + QUERY_BATCHES
+    paired, _, _ = _scores(model, data, run, task=PairedClassificationTask(), fit_first=False)
+    # The paired task draws its labels exactly as compute_train_loss(sample=True): the same scores.
+    assert torch.allclose(plain, paired, rtol=1e-12, atol=1e-14 * plain.abs().max().item())
+
+
+@pytest.mark.parametrize("bad,match", [(lambda loss: loss, "must return \\(sampled_loss, true_loss\\)"),
+                                       (lambda loss: (loss, loss, loss), "of length 3"),
+                                       (lambda loss: (loss, loss.reshape(1)), "scalar tensor .* compute_train_loss_pair")])
+def test_a_malformed_loss_pair_is_named(run3, bad, match):
+    model, data, run = run3
+
+    class Bad(ClassificationTask):
+        def compute_train_loss_pair(self, batch, model):
+            return bad(self.compute_train_loss(batch, model, sample=True))
+
+    with pytest.raises(TypeError, match=match):
+        _scores(model, data, run, task=Bad(), fit_first=False)
+
+
+def test_interrupted_one_pass_run_resumes_from_finished_segments(run3, tmp_path, monkeypatch):
+    """Kill the run during the fit of the second segment it visits: the first one's factors and its share
+    of the scores are stored (the partial sum), so the rerun neither refits nor rescores it and gives
+    bitwise the uninterrupted scores."""
+    model, data, run = run3
+    task = PairedClassificationTask()
+    reference, _, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=tmp_path / "ref")
+    out = tmp_path / "run"
+
+    class Interrupt(Exception):
+        pass
+
+    calls = []
+
+    class Dying(PairedClassificationTask):
+        def compute_train_loss_pair(self, batch, model):
+            calls.append(1)
+            if len(calls) > 2 * BATCHES + 1:  # segment 2's two units done, then one batch of segment 1
+                raise Interrupt
+            return super().compute_train_loss_pair(batch, model)
+
+    with pytest.raises(Interrupt):
+        _scores(model, data, run, task=Dying(), fit_first=False, output_dir=out)
+    partial = out / "scores" / "pairwise_source.partial.safetensors"
+    _, meta = io.load_tensors(partial)
+    assert meta["info"]["segments_done"] == [2]
+    resumed, forwards, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=out)
+    assert torch.equal(resumed, reference)
+    assert forwards == 4 * BATCHES + QUERY_BATCHES  # segments 1 and 0 only; segment 2 loaded
+    assert not partial.exists()  # removed once the score store is complete
+    again, forwards, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=out)
+    assert torch.equal(again, reference) and forwards == 0  # everything stored
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_segment_by_step_walk_is_rotated_walk_bit_for_bit(dtype):
+    from test_source_math import _random_block
+
+    blocks = [{"w": _random_block(5, 7, seed=s, dtype=dtype), "v": _random_block(3, 4, seed=10 + s, dtype=dtype)}
+              for s in range(3)]
+    operators = [source_operators(c) for c in (0.3, 1.1, 0.7)]
+    u = {"w": torch.randn(6, 5, 7, dtype=dtype), "v": torch.randn(6, 3, 4, dtype=dtype)}
+    want = rotated_walk({k: x.clone() for k, x in u.items()}, blocks, operators,
+                        plan=WalkPlan(blocks, operators, dtype), queries_innermost={(1, "w")})
+    walk = SegmentByStepWalk({k: x.clone() for k, x in u.items()}, dtype)
+    for seg in (2, 1, 0):
+        got = walk.step(seg, blocks[seg], operators[seg], queries_innermost={"w"} if seg == 1 else ())
+        for name in u:
+            assert torch.equal(got[name], want[seg][name]), (seg, name)
+    skipping = SegmentByStepWalk({k: x.clone() for k, x in u.items()}, dtype)
+    skipping.step(2, blocks[2], operators[2])
+    with pytest.raises(ValueError, match="last to first"):
+        skipping.step(0, blocks[0], operators[0])
