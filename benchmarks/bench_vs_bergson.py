@@ -44,6 +44,9 @@ Differences, and how they were handled (also written into the markdown):
   * label sampling for the true Fisher uses each library's own RNG stream (same distribution, other draws);
   * Bergson's token batch may not exceed the model's context (n_positions = 64 here), so it runs one ~35-token
     document per batch; source_fast uses --batch-size documents per batch (default 64, its default);
+  * source_fast runs `pairwise_scores` without `fit()` first (--sf-two-pass calls fit() first): one pass per
+    checkpoint, the scored training gradients taken from the curvature passes' forwards (its LMTask defines
+    `compute_train_loss_pair`), so it reports one stage, "fit + scores in one pass";
   * what is stored is each library's design: Bergson keeps per-checkpoint covariances, walked query gradients
     per segment and per-checkpoint scores; source_fast per-checkpoint covariances and Λ, per-segment factors and
     the score matrix.
