@@ -46,6 +46,11 @@ class VectorLossTask(ClassificationTask):
         return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
+class SingleLossPairTask(ClassificationTask):
+    def compute_train_loss_pair(self, batch, model):
+        return self.compute_train_loss(batch, model, sample=True)
+
+
 BAD_INPUTS = [
     # TrainingRun
     ("empty checkpoint list", lambda: run(checkpoints=[], steps=[]), ValueError, "at least one checkpoint"),
@@ -98,6 +103,8 @@ BAD_INPUTS = [
      "example_stages has 2 entries but train_dataset has 10"),
     ("task returning a vector", lambda: analyzer(task=VectorLossTask()).fit(DATA), TypeError,
      "must return a scalar tensor"),
+    ("loss pair that is one loss", lambda: analyzer(task=SingleLossPairTask()).pairwise_scores(DATA, DATA), TypeError,
+     r"compute_train_loss_pair must return \(sampled_loss, true_loss\)"),
     # ops
     ("op input not a tensor", lambda: ops.covariance([[1.0]]), TypeError, "x must be a torch.Tensor"),
     ("op input wrong ndim", lambda: ops.covariance(torch.zeros(3)), ValueError, "x must have 2 dimensions"),
