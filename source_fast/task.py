@@ -22,6 +22,10 @@ It follows Kronfluence's `Task` protocol, so a `kronfluence.Task` subclass works
   calls the same way, so the fit is bitwise the same whichever method ran.
 
 ``sample_labels(logits)`` draws the Fisher's labels quickly (see its docstring).
+
+Ready-made tasks: `ClassificationTask` (``(inputs, targets)`` batches, logits ``[B, C]``) and
+`CausalLMTask` (Hugging Face-style causal LMs: mapping batches with ``input_ids``), both with
+``compute_train_loss_pair``.
 """
 from __future__ import annotations
 
@@ -49,6 +53,112 @@ class Task:
 
     # Optional: compute_train_loss_pair(batch, model) -> (sampled_loss, true_loss) from one forward pass.
     # Not defined here on purpose: source_fast uses it only where a task defines it (see the module doc).
+
+
+class ClassificationTask(Task):
+    """Ready-made task for ``(inputs, targets)`` batches and a model returning logits ``[B, C]``: the
+    summed cross-entropy, as training and measurement loss. Sampled labels come from `sample_labels`;
+    `compute_train_loss_pair` gives both losses from one forward (one pass per checkpoint).
+
+    Args:
+        tracked_modules: module names to attribute through (default: every supported module).
+    """
+
+    def __init__(self, tracked_modules: list[str] | None = None):
+        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+
+    def _logits_and_targets(self, batch, model):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"ClassificationTask expects (inputs, targets) batches, got {type(batch).__name__}")
+        inputs, targets = batch
+        logits = model(inputs)
+        if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(f"ClassificationTask expects logits [batch, classes] and targets [batch], got logits "
+                             f"{tuple(logits.shape)} and targets {tuple(targets.shape)}")
+        return logits, targets
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        logits, targets = self._logits_and_targets(batch, model)
+        return self._sampled_nll(logits) if sample else nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, targets = self._logits_and_targets(batch, model)
+        return self._sampled_nll(logits), nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+    @staticmethod
+    def _sampled_nll(logits):
+        with torch.no_grad():
+            drawn = sample_labels(logits)
+        return nn.functional.cross_entropy(logits, drawn, reduction="sum")
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self) -> list[str] | None:
+        return self.tracked_modules
+
+
+class CausalLMTask(Task):
+    """Ready-made task for causal language models called like Hugging Face's
+    (``model(input_ids=..., attention_mask=...).logits`` of shape ``[B, T, V]``): the next-token negative
+    log-likelihood summed over the predicted tokens of the batch, as training and measurement loss.
+
+    Batches are mappings with ``input_ids`` ``[B, T]``, optional ``attention_mask`` ``[B, T]`` (1 = a real
+    token; default all ones) and optional ``labels`` ``[B, T]`` (``-100`` = not predicted; default: the
+    input ids where the attention mask is 1). Position t's logits predict labels[t + 1]. Sampled labels
+    (the true Fisher) are drawn by `sample_labels` at the predicted positions only;
+    `compute_train_loss_pair` gives both losses from one forward (one pass per checkpoint). The
+    activation covariance counts the positions of the attention mask.
+
+    Args:
+        tracked_modules: module names to attribute through (default: every supported module, which for
+            a Hugging Face LM includes ``lm_head``).
+    """
+
+    ignore_index = -100
+
+    def __init__(self, tracked_modules: list[str] | None = None):
+        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+
+    def _logits_and_labels(self, batch, model):
+        if not hasattr(batch, "keys") or "input_ids" not in batch:
+            raise TypeError(f"CausalLMTask expects mapping batches with 'input_ids', got {type(batch).__name__}")
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = ids if mask is None else ids.masked_fill(mask == 0, self.ignore_index)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(f"CausalLMTask expects logits [batch, tokens, vocab] matching input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(logits.shape)}")
+        logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+        return logits, labels[:, 1:].reshape(-1)
+
+    def _nll(self, logits, labels):
+        return nn.functional.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        logits, labels = self._logits_and_labels(batch, model)
+        return self._sampled_nll(logits, labels) if sample else self._nll(logits, labels)
+
+    def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, labels = self._logits_and_labels(batch, model)
+        return self._sampled_nll(logits, labels), self._nll(logits, labels)
+
+    def _sampled_nll(self, logits, labels):
+        with torch.no_grad():  # drawn at the predicted positions only
+            drawn = sample_labels(logits).masked_fill(labels == self.ignore_index, self.ignore_index)
+        return self._nll(logits, drawn)
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self) -> list[str] | None:
+        return self.tracked_modules
+
+    def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
+        return batch.get("attention_mask") if hasattr(batch, "get") else None
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -7,7 +7,8 @@ over layers), forms exp(−cH̄) and (I − exp(−cH̄))H̄⁻¹ by dense eigen
 
     τ(z_q, z_m) = Σ_ℓ (1/N_ℓ) ∇f(z_q)ᵀ S_L ··· S_{ℓ+1} R_ℓ ḡ_ℓ(z_m)
 
-as explicit matrix products. Empirical Fisher only (true labels), so no sampling enters.
+as explicit matrix products. Empirical Fisher only (true labels), so no sampling enters. Tokens that
+the task's attention mask marks 0 leave the activation covariance, the pipeline's convention.
 Cost is O(P³) in the number of tracked parameters P: keep P ≲ 2000.
 """
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _example_terms(model, task, example, layers, kind):
     value.backward()
     for h in hooks:
         h.remove()
+    get_mask = getattr(task, "get_attention_mask", None)
+    mask = get_mask(batch) if callable(get_mask) else None
     result = {}
     for name, m in layers:
         G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None).double()
@@ -60,6 +63,8 @@ def _example_terms(model, task, example, layers, kind):
             g = outs[name].grad.double().reshape(-1, outs[name].shape[-1])
         if m.bias is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+        if mask is not None and mask.shape == (1, a.shape[0]) and not isinstance(m, nn.Conv2d):
+            a = a * mask[0, :, None].to(a.dtype)  # masked tokens leave the activation covariance
         result[name] = (G, a, g)
     return result
 

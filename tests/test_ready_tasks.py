@@ -1,0 +1,160 @@
+"""The ready-made tasks (sf.ClassificationTask, sf.CausalLMTask): their losses, their sampled labels (the same
+draws from compute_train_loss(sample=True) and compute_train_loss_pair), and SOURCE end to end with them."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+import source_fast as sf
+from source_fast.reference.dense_source import dense_source_scores
+
+from _models import classification_data, mlp, train_run
+
+
+def _seeded(fn, seed=3):
+    torch.manual_seed(seed)
+    return fn()
+
+
+def test_classification_task_losses_and_paired_draws():
+    data = classification_data(n=12)
+    model = mlp()
+    x, y = data.tensors
+    task = sf.ClassificationTask()
+    logits = model(x)
+    assert torch.equal(task.compute_train_loss((x, y), model), F.cross_entropy(logits, y, reduction="sum"))
+    assert torch.equal(task.compute_measurement((x, y), model), F.cross_entropy(logits, y, reduction="sum"))
+    sampled = _seeded(lambda: task.compute_train_loss((x, y), model, sample=True))
+    pair = _seeded(lambda: task.compute_train_loss_pair((x, y), model))
+    assert torch.equal(sampled, pair[0]) and torch.equal(pair[1], F.cross_entropy(logits, y, reduction="sum"))
+    drawn = _seeded(lambda: sf.sample_labels(logits.detach()))
+    assert torch.equal(sampled, F.cross_entropy(logits, drawn, reduction="sum"))
+    assert task.get_influence_tracked_modules() is None
+    assert sf.ClassificationTask(["0"]).get_influence_tracked_modules() == ["0"]
+
+
+@pytest.mark.parametrize("batch,err,match", [
+    ({"x": 1}, TypeError, r"\(inputs, targets\) batches"),
+    ((torch.zeros(3, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long)), ValueError, "targets \\[batch\\]"),
+])
+def test_classification_task_names_a_bad_batch(batch, err, match):
+    with pytest.raises(err, match=match):
+        sf.ClassificationTask().compute_train_loss(batch, mlp())
+
+
+def test_classification_task_end_to_end_one_pass_equals_fit_then_scores():
+    data = classification_data(n=24)
+    model = mlp()
+    ckpts, steps, lrs = train_run(model, data, steps=20, every=5, lr=0.3)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    queries = Subset(data, range(4))
+    task = sf.ClassificationTask()
+    two = sf.SourceAnalyzer(model, task, run, batch_size=7, progress=False)
+    two.fit(data)
+    one = sf.SourceAnalyzer(model, task, run, batch_size=7, progress=False).pairwise_scores(queries, data)
+    want = two.pairwise_scores(queries, data)
+    assert torch.allclose(one, want, rtol=1e-12, atol=1e-14 * want.abs().max().item())
+
+
+transformers = pytest.importorskip("transformers")
+VOCAB, SEQ = 20, 6
+
+
+class Tokens(Dataset):
+    def __init__(self, ids, mask, labels=None):
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        if self.labels is not None:
+            item["labels"] = self.labels[i]
+        return item
+
+
+def _gpt2(dtype=torch.float64):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def _padded_tokens(n=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    lengths = torch.randint(3, SEQ + 1, (n,), generator=gen)
+    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
+    return ids, mask
+
+
+def test_causal_lm_task_losses_default_labels_and_paired_draws():
+    model = _gpt2()
+    ids, mask = _padded_tokens()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    task = sf.CausalLMTask()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:]  # padded positions are not predicted
+    want = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    assert torch.allclose(task.compute_train_loss(batch, model), want, rtol=1e-12)
+    explicit = {**batch, "labels": ids.masked_fill(mask == 0, -100)}
+    assert torch.allclose(task.compute_measurement(explicit, model), want, rtol=1e-12)
+    sampled = _seeded(lambda: task.compute_train_loss(batch, model, sample=True))
+    pair = _seeded(lambda: task.compute_train_loss_pair(batch, model))
+    assert torch.equal(sampled, pair[0]) and torch.allclose(pair[1], want, rtol=1e-12)
+    # Labels are drawn at the predicted positions only: the sampled loss sums exactly those terms.
+    drawn = _seeded(lambda: sf.sample_labels(logits.reshape(-1, VOCAB).detach())).view(labels.shape)
+    drawn = drawn.masked_fill(labels == -100, -100)
+    assert torch.allclose(sampled, F.cross_entropy(logits.reshape(-1, VOCAB), drawn.reshape(-1), ignore_index=-100,
+                                                   reduction="sum"), rtol=1e-12)
+    assert torch.equal(task.get_attention_mask(batch), mask)
+    with pytest.raises(TypeError, match="'input_ids'"):
+        task.compute_train_loss((ids, mask), model)
+
+
+def _lm_run(model, data):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    task = sf.CausalLMTask()
+    ckpts, steps = [], []
+    for k in range(8):
+        opt.zero_grad()
+        (task.compute_train_loss(batch, model) / len(data)).backward()
+        opt.step()
+        if (k + 1) % 2 == 0:
+            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+            steps.append(k + 1)
+    return sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+
+
+def test_causal_lm_task_matches_dense_oracle_with_padding():
+    model = _gpt2()
+    data = Tokens(*_padded_tokens())
+    run = _lm_run(model, data)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = sf.CausalLMTask(names)
+    queries = Subset(data, range(3))
+    scores = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=4,
+                               progress=False).pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data, module_names=names)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
+
+
+def test_causal_lm_task_sampled_fisher_one_pass_equals_fit_then_scores():
+    model = _gpt2()
+    data = Tokens(*_padded_tokens(seed=1))
+    run = _lm_run(model, data)
+    task = sf.CausalLMTask()  # every supported module, lm_head included
+    queries = Subset(data, range(3))
+    two = sf.SourceAnalyzer(model, task, run, batch_size=4, progress=False)
+    two.fit(data)
+    want = two.pairwise_scores(queries, data)
+    forwards = []
+    handle = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        one = sf.SourceAnalyzer(model, task, run, batch_size=4, progress=False).pairwise_scores(queries, data)
+    finally:
+        handle.remove()
+    assert torch.allclose(one, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+    assert len(forwards) == 4 * 3 + 1  # 4 checkpoints x 3 batches of the covariance passes + the queries
