@@ -122,6 +122,23 @@ def test_covariance_triton_split_rows(splits, with_out):
     assert torch.equal(got, got.T)
 
 
+def test_covariance_auto_splits_fill_the_gpu_within_the_workspace(monkeypatch):
+    """The split heuristic as a GPU with 132 SMs would see it (no GPU needed): a small D with one tile gets
+    two partial sums per SM (the memory-bound case), a large D stays at the generic rules."""
+    pytest.importorskip("triton")
+    from source_fast.kernels import _common
+    from source_fast.kernels.covariance import auto_splits
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert auto_splits(2**24, 32, 64, 1, cuda) == 264  # was capped at 64: half the SMs idle
+    assert auto_splits(2**24, 32, 64, 1, torch.device("cpu")) == 1
+    assert auto_splits(64 * 40, 32, 64, 1, cuda) == 10  # at least 4 row blocks per split
+    assert auto_splits(65536, 2049, 64, 136, cuda) == 2  # many tiles: as before
+    assert auto_splits(2**20, 4097, 64, 1, cuda) == 64  # a huge workspace per split: the generic cap
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("splits", [1, 2])
 def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
