@@ -13,12 +13,14 @@ Each model is trained 3 epochs of SGD (momentum 0.9, batch 100, 150 steps) and c
   kronfluence  influence  EK-FAC (true Fisher, heuristic damping)  fit / pairwise / self
                                                                    (all 200 queries in one query batch)
   source_fast  influence  EK-FAC (same)                            fit / pairwise / self
-  source_fast  source     SOURCE, L=3 segments, C=6 checkpoints    fit / pairwise / self
+  source_fast  source     SOURCE, L=3 segments, C=6 checkpoints    fit / pairwise / self / one_pass
 
 Stage boundaries: Kronfluence "fit" = fit_all_factors (covariances, eigendecomposition, Λ); its
 "pairwise"/"self" calls load the factors from disk. source_fast "fit" = SourceAnalyzer.fit; its
 "pairwise"/"self" stages include re-loading the stored factors (a fit() that reads them back, with the
-eigendecompositions redone) before the scores, to match. Scores are written to disk by both.
+eigendecompositions redone) before the scores, to match. Scores are written to disk by both. source_fast's
+"one_pass" = pairwise_scores without fit() from an empty folder: curvature and pairwise scores with one pass
+over the training data per checkpoint (the task's compute_train_loss_pair), to set against fit + pairwise.
 
     python benchmarks/bench_vs_kronfluence.py                 # full run (~10+ min on 2 cores)
     python benchmarks/bench_vs_kronfluence.py --smoke         # CI: seconds, in one process; no files unless --out-dir
@@ -62,6 +64,7 @@ COLUMNS = ["workload", "library", "method", "stage", "seconds", "peak_rss_mib", 
 # (library, method) measured, in order; stages per pair.
 PLAN = [("kronfluence", "influence"), ("source_fast", "influence"), ("source_fast", "source")]
 STAGES = ("fit", "pairwise", "self")
+ONE_PASS = "one_pass"  # source_fast SOURCE only: pairwise_scores without fit() (fit + pairwise, one pass each)
 
 
 # ------------------------------------------------------------------------------ shared definitions
@@ -99,6 +102,13 @@ def make_task(workload: str):
                         y = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
                 return F.cross_entropy(logits, y, reduction="sum")
 
+            def compute_train_loss_pair(self, batch, model):  # source_fast's one-pass stage; same draws
+                x, y = batch
+                logits = model(x)
+                with torch.no_grad():
+                    drawn = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
+                return F.cross_entropy(logits, drawn, reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
+
             def compute_measurement(self, batch, model):
                 x, y = batch
                 return F.cross_entropy(model(x), y, reduction="sum")
@@ -115,6 +125,13 @@ def make_task(workload: str):
                 with torch.no_grad():
                     y = pred.detach() + torch.randn_like(pred)
             return 0.5 * (pred - y).square().sum()
+
+        def compute_train_loss_pair(self, batch, model):  # source_fast's one-pass stage; same draws
+            x, y = batch
+            pred = model(x)
+            with torch.no_grad():
+                drawn = pred.detach() + torch.randn_like(pred)
+            return 0.5 * (pred - drawn).square().sum(), 0.5 * (pred - y).square().sum()
 
         def compute_measurement(self, batch, model):
             x, y = batch
@@ -229,14 +246,18 @@ def worker(spec: dict) -> dict:
         analyzer_class = sf.SourceAnalyzer  # imported before the clock starts, as Kronfluence's Analyzer is
         run = sf.TrainingRun(blob["checkpoints"], blob["steps"], lr=blob["lr"], momentum=MOMENTUM,
                              num_segments=NUM_SEGMENTS)
-        if stage != "fit":  # stored scores of an earlier run would be resumed, not recomputed
+        if stage == ONE_PASS:  # from scratch: neither stored factors nor scores
+            shutil.rmtree(out_dir / f"{spec['method']}_one_pass", ignore_errors=True)
+        elif stage != "fit":  # stored scores of an earlier run would be resumed, not recomputed
             shutil.rmtree(out_dir / spec["method"] / "scores", ignore_errors=True)
         before, cpu0 = _process.rss_mib(), _process.cpu_seconds()
         t0 = time.perf_counter()
-        analyzer = analyzer_class(model, task, run, output_dir=out_dir / spec["method"], method=spec["method"],
-                                     batch_size=bs, progress=False, backend=spec["sf_backend"])
-        analyzer.fit(train)  # for pairwise/self: reads the stored factors back (timed, like Kronfluence's load)
-        if stage == "pairwise":
+        folder = out_dir / (f"{spec['method']}_one_pass" if stage == ONE_PASS else spec["method"])
+        analyzer = analyzer_class(model, task, run, output_dir=folder, method=spec["method"],
+                                  batch_size=bs, progress=False, backend=spec["sf_backend"])
+        if stage != ONE_PASS:
+            analyzer.fit(train)  # for pairwise/self: reads the stored factors back (timed, like Kronfluence's load)
+        if stage in ("pairwise", ONE_PASS):
             analyzer.pairwise_scores(query, train)
         elif stage == "self":
             analyzer.self_scores(train)
@@ -345,6 +366,13 @@ def _summary(rows):
             if src:
                 parts.append(f"SOURCE C=6 {src:7.2f} s ({kf / src:5.2f}× {'OK' if src < kf else 'MISS'} target >1×)")
             out.append(" | ".join(parts))
+        one = get(w, "source_fast", "source", ONE_PASS)
+        kf = [get(w, "kronfluence", "influence", st) for st in ("fit", "pairwise")]
+        src = [get(w, "source_fast", "source", st) for st in ("fit", "pairwise")]
+        if one and None not in kf:
+            two = f", SOURCE fit + pairwise as two stages {sum(src):.2f} s" if None not in src else ""
+            out.append(f"{w} one pass: SOURCE C=6 fit + pairwise in one pass {one:.2f} s vs Kronfluence influence fit + "
+                       f"pairwise {sum(kf):.2f} s ({sum(kf) / one:.2f}×){two}")
     return out
 
 
@@ -377,7 +405,9 @@ def _write(rows, out_dir: Path, summary, args):
           "`influence` = EK-FAC influence at the final checkpoint (true Fisher, heuristic damping) in both "
           "libraries; `source` = SOURCE with L=3 segments over C=6 checkpoints. Kronfluence runs with its default "
           "FactorArguments/ScoreArguments (fp32 gradients, fp64 eigendecomposition) and all queries in one query "
-          "batch (a single pass over the training data, its fastest setting).",
+          "batch (a single pass over the training data, its fastest setting). `one_pass` = source_fast's "
+          "`pairwise_scores` without `fit()`, from an empty folder: SOURCE's curvature and pairwise scores with one "
+          "pass over the training data per checkpoint.",
           "",
           "| workload | library | method | stage | seconds | peak RSS (MiB) | Δ RSS (MiB) |",
           "|---|---|---|---|---:|---:|---:|"]
@@ -443,7 +473,7 @@ def main(argv=None):
             for library, method in PLAN:
                 if library not in libraries:
                     continue
-                for stage in STAGES:
+                for stage in STAGES + ((ONE_PASS,) if (library, method) == ("source_fast", "source") else ()):
                     row = {"workload": workload, "library": library, "method": method, "stage": stage,
                            "threads": args.threads, "date": date, "n_train": sizes["n_train"],
                            "n_query": sizes["n_query"], "batch_size": args.batch_size, **meta,
