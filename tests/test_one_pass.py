@@ -179,3 +179,44 @@ def test_segment_by_step_walk_is_rotated_walk_bit_for_bit(dtype):
     skipping.step(2, blocks[2], operators[2])
     with pytest.raises(ValueError, match="last to first"):
         skipping.step(0, blocks[0], operators[0])
+
+
+def test_killed_while_writing_score_blocks_finishes_from_the_stored_sum(run3, tmp_path, monkeypatch):
+    """All segments scored, the run dies after the first of several score blocks: the rerun writes the
+    remaining blocks from the stored sum, with no pass over any data."""
+    from source_fast.analyzer import SourceAnalyzer
+
+    model, data, run = run3
+    task = PairedClassificationTask()
+    reference, _, _ = _scores(model, data, run, task=task, fit_first=False, score_block=7)
+    out = tmp_path / "run"
+    emit = SourceAnalyzer._emit
+
+    def dying_emit(self, store, b, block):
+        if b == 1:
+            raise KeyboardInterrupt
+        return emit(self, store, b, block)
+
+    monkeypatch.setattr(SourceAnalyzer, "_emit", dying_emit)
+    with pytest.raises(KeyboardInterrupt):
+        _scores(model, data, run, task=task, fit_first=False, output_dir=out, score_block=7)
+    monkeypatch.setattr(SourceAnalyzer, "_emit", emit)
+    _, meta = io.load_tensors(out / "scores" / "pairwise_source.partial.safetensors")
+    assert meta["info"]["segments_done"] == [0, 1, 2]
+    resumed, forwards, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=out, score_block=7)
+    assert forwards == 0
+    assert torch.equal(resumed, reference)
+
+
+def test_one_pass_over_a_fit_stored_by_an_earlier_run(run3, tmp_path):
+    """Factors stored by fit() in an earlier process: every segment is loaded and scored by its own pass."""
+    model, data, run = run3
+    task = PairedClassificationTask()
+    reference, _, _ = _scores(model, data, run, task=task, fit_first=True)
+    ckpts, steps, lrs = run
+    first = sf.SourceAnalyzer(model, task, sf.TrainingRun(ckpts, steps, lr=lrs, momentum=0.5, num_segments=3),
+                              batch_size=7, progress=False, output_dir=tmp_path)
+    first.fit(data)
+    scores, forwards, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=tmp_path)
+    assert forwards == 6 * BATCHES + QUERY_BATCHES  # scoring passes only: nothing refitted
+    assert torch.allclose(scores, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
