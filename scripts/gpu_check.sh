@@ -10,8 +10,9 @@
 #
 # Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
 # to $OUT (at most 8 files): env.txt (with the build's log) roofline.json gpu_tests.log bench.log ops_gpu.csv
-# ops_gpu.md, and with E2E=1 vs_kronfluence_<gpu>.{csv,md}. Copy roofline.json and ops_gpu.csv into
-# benchmarks/results/ (roofline_<gpu>.json, ops_<gpu>.csv) afterwards.
+# ops_gpu.md, and with E2E=1 vs_kronfluence_<gpu>.{csv,md}. Afterwards, on the development machine:
+#   python benchmarks/import_gpu_results.py <the folder the files came back in> --dispatch
+# merges them into benchmarks/results/ (ops_<gpu>.csv/.md, roofline_<gpu>.json) and regenerates the dispatch table.
 #
 # E2E=1 also runs benchmarks/bench_vs_kronfluence.py --device cuda (both libraries on the GPU). Kronfluence is
 # pure Python: bring it as a folder, e.g. `mkdir -p .kf && cp -r .venv/lib/python3*/site-packages/kronfluence

@@ -1,0 +1,68 @@
+"""benchmarks/import_gpu_results.py: a GPU check's folder merged into the results tables in one step."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the benchmark scripts import _harness as a sibling
+
+import _harness as H  # noqa: E402
+import import_gpu_results as imp  # noqa: E402
+
+
+def _row(op="covariance", backend="triton", dtype="float32", ms="1.0000", device="NVIDIA H200", shape="R=8,D=4"):
+    row = {k: "" for k in H.COLUMNS}
+    row.update(op=op, backend=backend, mode="nomask", dtype=dtype, shape_params=shape, ms_p50=ms, ms_p20=ms,
+               ms_p80=ms, device_name=device, threads="16", status="ok", tflops="1.000", gbps="10.0")
+    return row
+
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=H.COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_import_merges_renders_copies_and_regenerates_dispatch(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "files_at"
+    results.mkdir()
+    out.mkdir()
+    # Already committed: torch and an old triton timing of one shape.
+    _write_csv(results / "ops_nvidia_h200.csv", [_row(backend="torch", ms="2.0000"), _row(ms="4.0000")])
+    # The new run remeasured triton there (now 2x faster than torch) and added a shape.
+    _write_csv(out / "ops_gpu.csv", [_row(ms="1.0000"), _row(backend="torch", ms="3.0000", shape="R=16,D=4"),
+                                     _row(ms="1.5000", shape="R=16,D=4")])
+    roof = {"device_name": "NVIDIA H200", "copy_gbps": 4000.0, "mm_fp32_tflops": 50.0, "mm_tf32_tflops": 350.0,
+            "mm_bf16_tflops": 650.0}
+    (out / "roofline.json").write_text(json.dumps(roof))
+    (out / "vs_kronfluence_nvidia_h200.md").write_text("# table\n")
+    (out / "gpu_tests.log").write_text("....\n199 passed, 3 skipped in 70.1s\n")
+    target = tmp_path / "_measured_gpu.py"
+    done = imp.import_results(out, results, dispatch=True, dispatch_target=target)
+    assert done["slug"] == "nvidia_h200"
+    merged = H.read_csv(results / "ops_nvidia_h200.csv")
+    assert (done["rows_before"], done["rows_after"]) == (2, 4)
+    triton_small = [r for r in merged if r["backend"] == "triton" and r["shape_params"] == "R=8,D=4"]
+    assert [r["ms_p50"] for r in triton_small] == ["1.0000"]  # replaced, not duplicated
+    assert (results / "roofline_nvidia_h200.json").exists() and (results / "vs_kronfluence_nvidia_h200.md").exists()
+    assert "% roof" in (results / "ops_nvidia_h200.md").read_text()
+    table = target.read_text()
+    assert "covariance" in table and "triton" in table  # the time-weighted ratio (2+3)/(1+1.5) = 2.0
+    assert "2.0" in table
+    assert done["gpu_tests.log"] == ["199 passed, 3 skipped in 70.1s"]
+
+
+def test_import_refuses_mixed_devices_and_an_unnamed_folder(tmp_path):
+    out = tmp_path / "files_at"
+    out.mkdir()
+    _write_csv(out / "ops_gpu.csv", [_row(), _row(device="NVIDIA H100 80GB HBM3")])
+    with pytest.raises(SystemExit, match="mixes devices"):
+        imp.import_results(out, tmp_path / "results")
+    (out / "ops_gpu.csv").unlink()
+    with pytest.raises(SystemExit, match="neither benchmark rows nor a roofline"):
+        imp.import_results(out, tmp_path / "results")
+    assert imp.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
