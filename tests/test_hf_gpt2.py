@@ -112,3 +112,24 @@ def test_gpt2_with_padding_runs_end_to_end(tmp_path):
     assert pairwise.shape == (12, 12) and torch.isfinite(pairwise).all()
     assert torch.allclose(self_scores, torch.diagonal(pairwise), rtol=1e-4, atol=1e-7)
     assert (tmp_path / "factors" / "segment_1.safetensors").exists()
+
+
+def test_transformers_works_from_a_checkout_root():
+    """Python started in the repository root puts our `kernels/` folder on sys.path as top-level `kernels`,
+    the name of Hugging Face's kernel-hub package, which transformers imports when it finds it. The folder
+    must then look absent (not raise) and still refuse to be used under that name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import transformers, kernels\n"
+            "transformers.GPT2LMHeadModel\n"
+            "assert kernels.__file__ is None\n"
+            "try:\n"
+            "    kernels.covariance\n"
+            "except ImportError as exc:\n"
+            "    print('refused:', exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: this folder must be imported as 'source_fast.kernels'" in proc.stdout

@@ -7,10 +7,21 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))  # the benchmark scripts import _harness as a sibling
-
+# The benchmark scripts import their siblings, and _harness puts the repository root on sys.path (to run
+# from a checkout), where our `kernels/` folder shadows Hugging Face's `kernels` package: sys.path is
+# restored after the imports and after each test, so later tests see the interpreter's own.
+_SAVED_PATH = list(sys.path)
+sys.path.insert(0, str(BENCH))
 import _harness as H  # noqa: E402
 import import_gpu_results as imp  # noqa: E402
+import make_dispatch_table  # noqa: E402,F401  (imported here, so import_results finds it without sys.path)
+
+sys.path[:] = _SAVED_PATH
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
 
 def _row(op="covariance", backend="triton", dtype="float32", ms="1.0000", device="NVIDIA H200", shape="R=8,D=4"):
