@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import _harness as H
+import make_dispatch_table
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,8 +75,6 @@ def import_results(folder: Path, results: Path = H.RESULTS_DIR, *, dispatch: boo
     if rows:
         done["md"] = H.render_markdown(done["csv"])  # after the roofline: the % roof columns need it
         if dispatch:
-            import make_dispatch_table
-
             argv = [str(done["csv"])] + (["--out", str(dispatch_target)] if dispatch_target else [])
             make_dispatch_table.main(argv)
             done["dispatch"] = dispatch_target or make_dispatch_table.TARGET

@@ -14,7 +14,6 @@ _SAVED_PATH = list(sys.path)
 sys.path.insert(0, str(BENCH))
 import _harness as H  # noqa: E402
 import import_gpu_results as imp  # noqa: E402
-import make_dispatch_table  # noqa: E402,F401  (imported here, so import_results finds it without sys.path)
 
 sys.path[:] = _SAVED_PATH
 
