@@ -18,6 +18,7 @@ the sampled Fisher). Per-example gradients exist only for one batch at a time.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -663,7 +664,8 @@ class SourceAnalyzer:
                 if blocks[seg] is not None:
                     continue
                 members = [u for u in units if u.segment == seg]
-                kept = None if seg in done else _RowCache(_RowBudget(_config.row_cache_bytes()), all_or_nothing=True)
+                limit = _config.row_cache_bytes()
+                kept = None if seg in done else _RowCache(_RowBudget(limit, per_unit=limit // len(members)))
                 blocks[seg] = self._fit_segment(train_dataset, seg, units, config, kept)
                 if walk is None:
                     self._load(self._final_unit())
@@ -678,11 +680,7 @@ class SourceAnalyzer:
                 weight = 1.0 / len(members) / stage_sizes[segments[seg][2]] * self.run.loss_scale  # as _score_plan
                 group = self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train)
                 del w
-                if all(kept.complete(u.uid) for u in members):
-                    items = self._kept_rows(members, kept, group[4])
-                else:
-                    log.info("source_fast: segment %d scored by its own pass (its rows were not all kept)", seg)
-                    items = self._stacked_rows(members, train_dataset, group[4], f"segment {seg}")
+                items = self._segment_rows(members, kept, group[4], train_dataset, seg)
                 self._score_group_into(scores, cols, group, items, n_train)
                 del group, items
                 kept.clear()
@@ -713,8 +711,33 @@ class SourceAnalyzer:
                 log.warning("source_fast: ignoring %s (%s)", path, exc)
         return torch.zeros(shape, dtype=self.compute_dtype, device=self.device), set()
 
-    def _kept_rows(self, members, kept, basis):
-        """`_stacked_rows` from rows kept by the covariance passes (released as they are used)."""
+    def _segment_rows(self, members, kept, basis, train_dataset, seg):
+        """Scoring items of one segment, in `_stacked_rows`' order: the batches kept by every member's
+        covariance pass (a common prefix), then a pass of its own over the rest (none when all were kept;
+        all of them when the budget kept nothing or the factors were loaded)."""
+        n = len(train_dataset)
+        batches = kept.common_prefix([u.uid for u in members])
+        start = min(n, batches * self.batch_size)
+        if start < n:
+            log.info("source_fast: segment %d: %d of %d training examples' rows kept (SOURCE_FAST_ROW_CACHE_MIB); "
+                     "the rest scored by a pass of its own", seg, start, n)
+        rest = Subset(train_dataset, range(start, n))
+
+        def own_pass(units):
+            if start < n:
+                for offset, size, rows in self._stacked_rows(units, rest, basis, f"segment {seg}"):
+                    yield start + offset, size, rows
+
+        if len(members) == 1 or _config.stack_bytes() == 0:  # members one after another, as _stacked_rows
+            for unit in members:
+                yield from self._kept_rows([unit], kept, basis, batches)
+                yield from own_pass([unit])
+        else:
+            yield from self._kept_rows(members, kept, basis, batches)
+            yield from own_pass(members)
+
+    def _kept_rows(self, members, kept, basis, batches):
+        """`_stacked_rows` from the first `batches` batches kept by the covariance passes (released as used)."""
         def rotated(rows):
             if not basis:
                 return rows
@@ -724,15 +747,14 @@ class SourceAnalyzer:
         def single(rows):
             return {name: ([a], [g]) for name, (a, g) in rows.items()}
 
-        if len(members) == 1 or _config.stack_bytes() == 0:
-            for unit in members:
-                offset = 0
-                for size, rows in kept.take(unit.uid):
-                    yield offset, size, single(rotated(rows))
-                    offset += size
+        if len(members) == 1:
+            offset = 0
+            for size, rows in itertools.islice(kept.take(members[0].uid), batches):
+                yield offset, size, single(rotated(rows))
+                offset += size
             return
         offset = 0
-        for parts in zip(*(kept.take(unit.uid) for unit in members)):
+        for parts in itertools.islice(zip(*(kept.take(unit.uid) for unit in members)), batches):
             per_member = [rotated(rows) for _, rows in parts]
             yield offset, parts[0][0], {name: ([r[name][0] for r in per_member], [r[name][1] for r in per_member])
                                         for name in per_member[0]}
@@ -1250,46 +1272,53 @@ def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tens
 
 
 class _RowBudget:
-    """Bytes of kept token rows allowed (SOURCE_FAST_ROW_CACHE_MIB), shared by the caches of a segment."""
+    """Bytes of kept token rows allowed (SOURCE_FAST_ROW_CACHE_MIB), shared by the caches of a segment.
+    per_unit: also at most that many bytes per unit (the one-pass schedule scores the batches kept for
+    every member of a segment, so the first member must not take the whole budget)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, per_unit: int | None = None):
+        self.limit, self.used, self.per_unit = limit, 0, per_unit
+        self._by_unit: dict[str, int] = {}
+
+    def take(self, uid: str, nbytes: int) -> bool:
+        unit = self._by_unit.get(uid, 0)
+        if self.used + nbytes > self.limit or (self.per_unit is not None and unit + nbytes > self.per_unit):
+            return False
+        self.used += nbytes
+        self._by_unit[uid] = unit + nbytes
+        return True
+
+    def release(self, uid: str, nbytes: int) -> None:
+        self.used -= nbytes
+        self._by_unit[uid] = self._by_unit.get(uid, 0) - nbytes
 
 
 class _RowCache:
-    """Token rows of a segment's covariance passes kept for a later use, within a shared byte budget.
+    """Token rows of a unit's covariance pass kept for a later use (its eigen-correction pass; scoring in
+    the one-pass schedule) within a byte budget shared by a segment's caches: a prefix of whole batches
+    per unit, the rest of a pass recomputed from that batch on."""
 
-    Default (the eigen-correction passes): a prefix of whole batches per unit; the rest of a pass is
-    recomputed from that batch on. all_or_nothing (scoring): rows are only useful if every batch of
-    every unit is kept, so the first batch that does not fit releases everything and closes the cache."""
-
-    def __init__(self, budget: _RowBudget, *, all_or_nothing: bool = False):
-        self.budget, self.all_or_nothing = budget, all_or_nothing
-        self._held = 0  # bytes this cache added to the budget
+    def __init__(self, budget: _RowBudget):
+        self.budget = budget
+        self._held: dict[str, int] = {}  # bytes this cache charged to the budget, per unit
         self._rows: dict[str, list] = {}
         self._closed: set[str] = set()  # units whose prefix ended (a later batch did not fit)
-        self._all_closed = False
 
     def offer(self, uid: str, size: int, rows: dict, nbytes: int | None = None) -> bool:
         """Keep the batch if it fits; nbytes: what it adds to memory (default: all its tensors)."""
-        if uid in self._closed or self._all_closed:
+        if uid in self._closed:
             return False
         nbytes = _rows_nbytes(rows) if nbytes is None else nbytes
-        if self.budget.used + nbytes > self.budget.limit:
-            if self.all_or_nothing:
-                self.clear()
-                self._all_closed = True
-            else:
-                self._closed.add(uid)
+        if not self.budget.take(uid, nbytes):
+            self._closed.add(uid)
             return False
-        self.budget.used += nbytes
-        self._held += nbytes
+        self._held[uid] = self._held.get(uid, 0) + nbytes
         self._rows.setdefault(uid, []).append((size, rows))
         return True
 
-    def complete(self, uid: str) -> bool:
-        """Whether every batch of the unit's pass was kept."""
-        return not self._all_closed and uid not in self._closed and uid in self._rows
+    def common_prefix(self, uids) -> int:
+        """Batches kept for every one of the units (0 for a unit whose pass kept none or did not run)."""
+        return min(len(self._rows.get(uid, ())) for uid in uids)
 
     def take(self, uid: str):
         """Yield the unit's cached batches in order, releasing each once used."""
@@ -1301,5 +1330,6 @@ class _RowCache:
     def clear(self) -> None:
         self._rows.clear()
         self._closed.clear()
-        self.budget.used -= self._held
-        self._held = 0
+        for uid, nbytes in self._held.items():
+            self.budget.release(uid, nbytes)
+        self._held.clear()

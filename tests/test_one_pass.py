@@ -5,6 +5,7 @@ or the rows themselves for the empirical Fisher); segments are fitted last to fi
 right after its fit. Everything here compares against fit() + pairwise_scores(), the path with separate
 passes, which the oracle tests pin down."""
 import logging
+import re
 
 import pytest
 import torch
@@ -82,10 +83,12 @@ def test_one_pass_in_float32_matches_separate_passes(run3):
     assert torch.allclose(one, two, rtol=1e-5, atol=1e-6 * two.abs().max().item())
 
 
-@pytest.mark.parametrize("budget", [0, 2000])
-def test_rows_beyond_the_budget_fall_back_to_a_scoring_pass(run3, monkeypatch, caplog, budget):
-    """All or nothing: a segment whose true-label rows do not all fit SOURCE_FAST_ROW_CACHE_MIB is scored
-    by its own pass (budget 2000 bytes: some rows fit, then one batch does not, and all are released)."""
+@pytest.mark.parametrize("budget", [0, 5000, 2**30])
+def test_rows_beyond_the_budget_are_scored_by_a_pass_of_their_own(run3, monkeypatch, caplog, budget):
+    """Rows kept within SOURCE_FAST_ROW_CACHE_MIB: a prefix of batches common to a segment's members is scored
+    from them, the rest by a pass of its own (a budget that holds the first batch), or the whole
+    segment when nothing fits (0: the separate-pass schedule). Always the same scores. (5000 bytes, 2500 per
+    checkpoint: each keeps its first batch of 7 examples, 1064 bytes of rows for the fit and 448 for scoring.)"""
     model, data, run = run3
     task = PairedClassificationTask()
     two, _, _ = _scores(model, data, run, task=task, fit_first=True)
@@ -96,9 +99,14 @@ def test_rows_beyond_the_budget_fall_back_to_a_scoring_pass(run3, monkeypatch, c
     if budget == 0:  # no rows kept at all: the separate-pass schedule
         assert "SOURCE_FAST_ROW_CACHE_MIB=0" in caplog.text
         assert forwards == 3 * 6 * BATCHES + QUERY_BATCHES  # covariance, eigen-correction and scoring passes
+    elif budget == 5000:
+        assert "the rest scored by a pass of its own" in caplog.text
+        kept = [int(m) for m in re.findall(r": (\d+) of 24 training examples' rows kept", caplog.text)]
+        assert kept == [7, 7, 7]  # one batch per checkpoint of every segment
+        # Covariance passes; the eigen-correction and scoring passes each skip their one kept batch.
+        assert forwards == 6 * BATCHES + 2 * 6 * (BATCHES - 1) + QUERY_BATCHES
     else:
-        assert "scored by its own pass" in caplog.text
-        assert forwards > 6 * BATCHES + QUERY_BATCHES
+        assert "pass of its own" not in caplog.text and forwards == 6 * BATCHES + QUERY_BATCHES
 
 
 def test_without_a_loss_pair_the_sampled_fisher_takes_separate_passes(run3, caplog):
