@@ -124,14 +124,23 @@ def num_warps() -> int:
     return 4
 
 
+WORKSPACE_BYTES = 64 << 20  # fp32 partial sums of one split reduction
+
+
 def split_count(work_items: int, tiles: int, device: torch.device, *, min_per_split: int = 4,
-                max_splits: int = 64) -> int:
+                max_splits: int = 64, split_bytes: int | None = None) -> int:
     """How many fixed-order partial sums to split a long reduction (over rows or examples) into
     when the output alone has too few tiles to fill the GPU. Always 1 in the interpreter. The
     partials go to a workspace summed in a fixed order, so the split keeps results deterministic
-    (it depends only on shapes and the device's SM count, never on timing)."""
+    (it depends only on shapes and the device's SM count, never on timing).
+
+    split_bytes: the size of one partial sum. Given, the cap rises from max_splits to two splits per SM
+    while the workspace stays within WORKSPACE_BYTES (a small output, e.g. a 32 x 32 covariance of 2^24
+    rows, would otherwise leave half of a 132-SM GPU idle)."""
     if interpreting() or device.type != "cuda":
         return 1
+    if split_bytes is not None:
+        max_splits = max(max_splits, min(2 * num_sms(device), WORKSPACE_BYTES // max(split_bytes, 1)))
     want = triton.cdiv(2 * num_sms(device), max(tiles, 1))
     return int(max(1, min(want, max_splits, work_items // max(min_per_split, 1))))
 

@@ -81,15 +81,10 @@ def _tile_pairs(tiles: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(pairs, dtype=torch.int32, device=device).reshape(-1)
 
 
-_WORKSPACE_BYTES = 64 << 20  # partial sums of a split reduction
-
-
 def auto_splits(r: int, d: int, block_r: int, n_pairs: int, device: torch.device) -> int:
-    """Partial sums over rows. With few output tiles (small D, e.g. the memory-bound 2^24 x 32) up to two
-    per SM, so that every SM streams rows; bounded by the fp32 workspace (splits x D x D), never below
-    the generic cap of 64."""
-    max_splits = max(64, min(2 * _common.num_sms(device), _WORKSPACE_BYTES // (4 * max(d, 1) ** 2)))
-    return _common.split_count(triton.cdiv(r, block_r), n_pairs, device, max_splits=max_splits)
+    """Partial sums over rows: with few output tiles (small D, e.g. the memory-bound 2^24 x 32) up to
+    two per SM, within the workspace bound of `_common.split_count`."""
+    return _common.split_count(triton.cdiv(r, block_r), n_pairs, device, split_bytes=4 * max(d, 1) ** 2)
 
 
 def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | None, splits: int | None) -> torch.Tensor:

@@ -83,7 +83,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype)
     block_o, block_i, block_t = _common.pair_blocks(o, i, t)
     tiles = triton.cdiv(o, block_o) * triton.cdiv(i, block_i)
-    splits = _common.split_count(n, tiles, a.device)
+    splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o * i)
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
     if splits == 1:

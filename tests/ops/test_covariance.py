@@ -137,6 +137,9 @@ def test_covariance_auto_splits_fill_the_gpu_within_the_workspace(monkeypatch):
     assert auto_splits(64 * 40, 32, 64, 1, cuda) == 10  # at least 4 row blocks per split
     assert auto_splits(65536, 2049, 64, 136, cuda) == 2  # many tiles: as before
     assert auto_splits(2**20, 4097, 64, 1, cuda) == 64  # a huge workspace per split: the generic cap
+    # lambda_accum's reduction over examples uses the same rule: a 64 x 64 layer, one tile, 100k examples
+    assert _common.split_count(100_000, 1, cuda, split_bytes=4 * 64 * 64) == 264
+    assert _common.split_count(100_000, 1, cuda) == 64  # without split_bytes: the generic cap
 
 
 @pytest.mark.interpreter
