@@ -234,9 +234,12 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_") or "cuda"
+    return device.type if device.type != "cuda" else name_slug(device_name(device))
+
+
+def name_slug(name: str) -> str:
+    """A GPU's name as a results-file slug: "NVIDIA H200" -> nvidia_h200."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "cuda"
 
 
 def default_results_path(device: torch.device) -> Path:

@@ -94,20 +94,21 @@ def make_task(workload: str):
 
     if workload == "cls":
         class ClassificationTask(Base):
+            @staticmethod
+            def _draw(logits):
+                with torch.no_grad():
+                    return torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
+
             def compute_train_loss(self, batch, model, sample=False):
                 x, y = batch
                 logits = model(x)
-                if sample:
-                    with torch.no_grad():
-                        y = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
-                return F.cross_entropy(logits, y, reduction="sum")
+                return F.cross_entropy(logits, self._draw(logits) if sample else y, reduction="sum")
 
             def compute_train_loss_pair(self, batch, model):  # source_fast's one-pass stage; same draws
                 x, y = batch
                 logits = model(x)
-                with torch.no_grad():
-                    drawn = torch.multinomial(F.softmax(logits.detach(), -1), 1).squeeze(-1)
-                return F.cross_entropy(logits, drawn, reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
+                return (F.cross_entropy(logits, self._draw(logits), reduction="sum"),
+                        F.cross_entropy(logits, y, reduction="sum"))
 
             def compute_measurement(self, batch, model):
                 x, y = batch
@@ -121,17 +122,17 @@ def make_task(workload: str):
         def compute_train_loss(self, batch, model, sample=False):
             x, y = batch
             pred = model(x)
-            if sample:
-                with torch.no_grad():
-                    y = pred.detach() + torch.randn_like(pred)
-            return 0.5 * (pred - y).square().sum()
+            return 0.5 * (pred - (self._draw(pred) if sample else y)).square().sum()
 
         def compute_train_loss_pair(self, batch, model):  # source_fast's one-pass stage; same draws
             x, y = batch
             pred = model(x)
+            return 0.5 * (pred - self._draw(pred)).square().sum(), 0.5 * (pred - y).square().sum()
+
+        @staticmethod
+        def _draw(pred):
             with torch.no_grad():
-                drawn = pred.detach() + torch.randn_like(pred)
-            return 0.5 * (pred - drawn).square().sum(), 0.5 * (pred - y).square().sum()
+                return pred.detach() + torch.randn_like(pred)
 
         def compute_measurement(self, batch, model):
             x, y = batch

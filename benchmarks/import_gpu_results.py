@@ -30,11 +30,6 @@ import make_dispatch_table
 HERE = Path(__file__).resolve().parent
 
 
-def slug(name: str) -> str:
-    """The results-file slug of a device name, as _harness.device_slug makes it for a live device."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "cuda"
-
-
 def import_results(folder: Path, results: Path = H.RESULTS_DIR, *, dispatch: bool = False,
                    dispatch_target: Path | None = None) -> dict:
     """Merge a GPU check's folder into `results`; returns what was done (paths, row counts, slug)."""
@@ -56,7 +51,7 @@ def import_results(folder: Path, results: Path = H.RESULTS_DIR, *, dispatch: boo
             device = json.loads(roof.read_text()).get("device_name")
     if device is None:
         raise SystemExit(f"{folder} has neither benchmark rows nor a roofline naming the device")
-    done["slug"] = gpu = slug(device)
+    done["slug"] = gpu = H.name_slug(device)
     results.mkdir(parents=True, exist_ok=True)
     if rows:
         target = results / f"ops_{gpu}.csv"

@@ -596,18 +596,16 @@ class SourceAnalyzer:
         logged at INFO level."""
         n_query = self._check_dataset(query_dataset, "query_dataset")
         n_train = self._check_dataset(train_dataset, "train_dataset")
-        if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _one_pass_pairwise)
-            config = {**self._factor_config(n_train), "n_query": n_query, "n_scored": n_train,
-                      "damping": self.damping, "operator": self.operator}
-            store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
-            reason = self._one_pass_reason(n_train, store)
-            if reason is None:
-                return self._one_pass_pairwise(query_dataset, train_dataset, n_query, n_train, store)
-            log.info("source_fast: fit and scoring make separate passes: %s", reason)
-        n_fit, stage_sizes = self._ensure_fit(train_dataset)
+        n_fit = self._n_fit if self._n_fit is not None else n_train  # an unfitted analyzer fits on train_dataset
         config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
         store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
+        if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _one_pass_pairwise)
+            reason = self._one_pass_reason(n_train, store)
+            if reason is None:
+                return self._one_pass_pairwise(query_dataset, train_dataset, n_query, n_train, store, config)
+            log.info("source_fast: fit and scoring make separate passes: %s", reason)
+        n_fit, stage_sizes = self._ensure_fit(train_dataset)
         pending = range(self._num_blocks(n_train)) if store is None else store.pending()
         for b, block in self._pairwise_blocks(query_dataset, train_dataset, pending, n_fit, stage_sizes):
             self._emit(store, b, block)
@@ -635,7 +633,8 @@ class SourceAnalyzer:
     def _partial_path(self):
         return self._path("scores", f"pairwise_{self.method}.partial.safetensors")
 
-    def _one_pass_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store) -> torch.Tensor:
+    def _one_pass_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store,
+                           score_config: dict) -> torch.Tensor:
         """SOURCE with one training pass per checkpoint: segments are fitted last to first, and each is
         scored right after its fit, against the true-label rows kept from its covariance passes (the
         same forward as the sampled-label rows: `Task.compute_train_loss_pair`). The query walk follows
@@ -650,9 +649,8 @@ class SourceAnalyzer:
         config = self._factor_config(n_train)
         stage_sizes = self._stage_sizes(n_train)
         operators = self._operators()
-        partial_config = {**config, "n_query": n_query, "damping": self.damping, "operator": self.operator}
         partial_path = self._partial_path()
-        scores, done = self._load_partial(partial_path, partial_config, (n_query, n_train))
+        scores, done = self._load_partial(partial_path, score_config, (n_query, n_train))
         blocks: list[dict[str, EKFACBlock] | None] = [None] * len(segments)
         if len(done) == len(segments):  # killed while writing the score blocks: the sum is complete
             blocks = self._load_segment_blocks(config) or blocks
@@ -672,8 +670,7 @@ class SourceAnalyzer:
                     u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks[seg])
                     walk = SegmentByStepWalk(u_rot, self.compute_dtype)
                     del u_rot
-                output_side = {name for name, x in walk.current.items()
-                               if self._layer_rotation(name, x.shape, len(members), n_train, sparse_ok) == "output"}
+                output_side = self._output_side_layers(walk.current, len(members), n_train, sparse_ok)
                 w = walk.step(seg, blocks[seg], operators[seg], queries_innermost=output_side)
                 if seg in done:
                     continue
@@ -686,7 +683,7 @@ class SourceAnalyzer:
                 kept.clear()
                 done.add(seg)
                 if partial_path is not None:
-                    io.save_tensors(partial_path, {"scores": scores}, partial_config, segments_done=sorted(done))
+                    io.save_tensors(partial_path, {"scores": scores}, score_config, segments_done=sorted(done))
         self.blocks, self._n_fit = blocks, n_train
         if self.check_finite and not bool(torch.isfinite(scores).all()):
             raise FloatingPointError("pairwise scores are non-finite: non-finite training gradients? pass "
@@ -738,27 +735,18 @@ class SourceAnalyzer:
 
     def _kept_rows(self, members, kept, basis, batches):
         """`_stacked_rows` from the first `batches` batches kept by the covariance passes (released as used)."""
-        def rotated(rows):
-            if not basis:
-                return rows
-            return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
-                    if n in basis else (a, g) for n, (a, g) in rows.items()}
-
-        def single(rows):
-            return {name: ([a], [g]) for name, (a, g) in rows.items()}
-
-        if len(members) == 1:
-            offset = 0
-            for size, rows in itertools.islice(kept.take(members[0].uid), batches):
-                yield offset, size, single(rotated(rows))
-                offset += size
-            return
         offset = 0
         for parts in itertools.islice(zip(*(kept.take(unit.uid) for unit in members)), batches):
-            per_member = [rotated(rows) for _, rows in parts]
-            yield offset, parts[0][0], {name: ([r[name][0] for r in per_member], [r[name][1] for r in per_member])
-                                        for name in per_member[0]}
+            yield offset, parts[0][0], _member_lists([self._in_basis(rows, basis) for _, rows in parts])
             offset += parts[0][0]
+
+    def _in_basis(self, rows, basis):
+        """Training rows rotated into a segment's basis for scoring (layers missing from `basis` are scored
+        against a direction in the original basis)."""
+        if not basis:
+            return rows
+        return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
+                if n in basis else (a, g) for n, (a, g) in rows.items()}
 
     def _score_group_into(self, block, cols, group, items, n_train) -> None:
         """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members."""
@@ -856,6 +844,12 @@ class SourceAnalyzer:
         return _rotation_plan(*shape, members, n_train, self._query_tokens, self._query_g_density.get(name, 1.0),
                               sparse_ok)
 
+    def _output_side_layers(self, directions, members, n_train, sparse_ok) -> set[str]:
+        """Layers whose directions ([Q, O, I] per layer) a segment of `members` checkpoints scores by the
+        "output" rotation, so the walk writes their W in the queries-innermost layout."""
+        return {name for name, x in directions.items()
+                if self._layer_rotation(name, x.shape, members, n_train, sparse_ok) == "output"}
+
     def _sparse_kernel_usable(self) -> bool:
         """Whether score_pairwise would reach the CPU sparse-g kernel (fp32 on the CPU, compiled)."""
         if self.device.type != "cpu" or self.compute_dtype != torch.float32:
@@ -878,13 +872,10 @@ class SourceAnalyzer:
         def member_rows(unit, subset):
             self._load(unit)
             for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
-                if basis:  # layers missing from it are scored against a direction in the original basis
-                    rows = {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
-                            if n in basis else (a, g) for n, (a, g) in rows.items()}
-                yield offset, size, rows
+                yield offset, size, self._in_basis(rows, basis)
 
         def as_lists(parts):  # one (offset, size, rows) per member of the same batch -> member lists
-            return {name: ([p[2][name][0] for p in parts], [p[2][name][1] for p in parts]) for name in parts[0][2]}
+            return _member_lists([p[2] for p in parts])
 
         budget = _config.stack_bytes()
         if len(members) == 1 or budget == 0:
@@ -935,9 +926,9 @@ class SourceAnalyzer:
                 u_rot = self._query_grads(query_dataset, "query gradients", basis=self.blocks[-1])
                 # Layers that `_cheaper_rotation` will rotate on the output side get W in that layout.
                 sparse_ok = self._sparse_kernel_usable()
-                output_side = {(seg, name) for seg in range(len(self.blocks)) for name, x in u_rot.items()
-                               if self._layer_rotation(name, x.shape, sum(1 for u in units if u.segment == seg),
-                                                       n_scored, sparse_ok) == "output"}
+                output_side = {(seg, name) for seg in range(len(self.blocks))
+                               for name in self._output_side_layers(u_rot, sum(1 for u in units if u.segment == seg),
+                                                                    n_scored, sparse_ok)}
                 walked = rotated_walk(u_rot, self.blocks, self._operators(), consume=True,
                                       queries_innermost=output_side)
                 bases = self.blocks
@@ -1138,6 +1129,12 @@ def _rows_nbytes(rows) -> int:
     """Bytes of token rows {layer: (a, g)}, a and g tensors or lists of tensors."""
     tensors = [t for pair in rows.values() for x in pair for t in (x if isinstance(x, list) else [x])]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _member_lists(per_member: list[dict]) -> dict:
+    """[{layer: (a, g)} per member of one batch] -> {layer: ([a per member], [g per member])}."""
+    return {name: ([rows[name][0] for rows in per_member], [rows[name][1] for rows in per_member])
+            for name in per_member[0]}
 
 
 def _merge_rows(items, budget: int):

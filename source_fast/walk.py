@@ -120,8 +120,22 @@ class WalkPlan:
             self.r.append({name: spectral.evaluate(r, x) for name, x in lam.items()})
             self.s.append({name: spectral.evaluate(s, x) for name, x in lam.items()})
             self.to_previous.append({} if seg == 0 else {
-                name: ((blocks[seg - 1][name].q_s.T @ b.q_s).to(dtype), (b.q_a.T @ blocks[seg - 1][name].q_a).to(dtype))
-                for name, b in blocks[seg].items()})
+                name: _cross_basis(b, blocks[seg - 1][name], dtype) for name, b in blocks[seg].items()})
+
+
+def _cross_basis(src: EKFACBlock, dst: EKFACBlock, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) that take a direction from src's eigenbasis to dst's: left · X · right."""
+    return (dst.q_s.T @ src.q_s).to(dtype), (src.q_a.T @ dst.q_a).to(dtype)
+
+
+def _accumulation_term(current: torch.Tensor, r: torch.Tensor, *, queries_innermost: bool, last_use: bool
+                       ) -> torch.Tensor:
+    """W = r(Λ) ⊙ ũ: into a zero-padded queries-innermost buffer when asked, else over ũ at its last use,
+    else a new tensor."""
+    if queries_innermost:
+        w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
+        return torch.mul(current, r, out=w)
+    return current.mul_(r) if last_use else r * current
 
 
 def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
@@ -148,13 +162,9 @@ def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     for name, current in u_rot.items():
         owned = consume  # else the caller's tensor is never modified in place
         for seg in reversed(range(len(blocks))):
-            if (seg, name) in queries_innermost:
-                w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
-                out[seg][name] = torch.mul(current, plan.r[seg][name], out=w)
-            elif seg == 0 and owned:  # the last use of `current`
-                out[seg][name] = current.mul_(plan.r[seg][name])
-            else:
-                out[seg][name] = plan.r[seg][name] * current
+            out[seg][name] = _accumulation_term(current, plan.r[seg][name],
+                                                queries_innermost=(seg, name) in queries_innermost,
+                                                last_use=seg == 0 and owned)
             if seg > 0:
                 damped = current.mul_(plan.s[seg][name]) if owned else plan.s[seg][name] * current
                 current = _two_sided_(damped, *plan.to_previous[seg][name])
@@ -184,20 +194,12 @@ class SegmentByStepWalk:
         r, s = operators
         out: LayerTensors = {}
         for name, current in self.current.items():
-            lam = blocks[name].lam.to(self.dtype)
             if self._above is not None:  # bring ũ from the segment above into this one's basis
                 above, s_above = self._above
-                left = (blocks[name].q_s.T @ above[name].q_s).to(self.dtype)
-                right = (above[name].q_a.T @ blocks[name].q_a).to(self.dtype)
-                current = self.current[name] = _two_sided_(current.mul_(s_above[name]), left, right)
-            r_lam = spectral.evaluate(r, lam)
-            if name in queries_innermost:
-                w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
-                out[name] = torch.mul(current, r_lam, out=w)
-            elif seg == 0:  # the last use of ũ
-                out[name] = current.mul_(r_lam)
-            else:
-                out[name] = r_lam * current
+                current = self.current[name] = _two_sided_(current.mul_(s_above[name]),
+                                                           *_cross_basis(above[name], blocks[name], self.dtype))
+            out[name] = _accumulation_term(current, spectral.evaluate(r, blocks[name].lam.to(self.dtype)),
+                                           queries_innermost=name in queries_innermost, last_use=seg == 0)
         self._above = (blocks, {name: spectral.evaluate(s, b.lam.to(self.dtype)) for name, b in blocks.items()
                                 if name in self.current})
         self._next_segment = seg - 1

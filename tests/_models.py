@@ -15,10 +15,12 @@ class ClassificationTask(sf.Task):
     def compute_train_loss(self, batch, model, sample=False):
         x, y = batch
         logits = model(x)
-        if sample:
-            with torch.no_grad():
-                y = torch.multinomial(F.softmax(logits.double(), -1), 1).flatten()
-        return F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, self._draw(logits) if sample else y, reduction="sum")
+
+    @staticmethod
+    def _draw(logits):
+        with torch.no_grad():
+            return torch.multinomial(F.softmax(logits.double(), -1), 1).flatten()
 
     def compute_measurement(self, batch, model):
         x, y = batch
@@ -32,9 +34,7 @@ class PairedClassificationTask(ClassificationTask):
     def compute_train_loss_pair(self, batch, model):
         x, y = batch
         logits = model(x)
-        with torch.no_grad():
-            sampled = torch.multinomial(F.softmax(logits.double(), -1), 1).flatten()
-        return F.cross_entropy(logits, sampled, reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, self._draw(logits), reduction="sum"), F.cross_entropy(logits, y, reduction="sum")
 
 
 class RegressionTask(sf.Task):
@@ -102,3 +102,58 @@ def small_mlp_run():
     model = mlp(d_in=6, hidden=8)
     ckpts, steps, lrs = train_run(model, data, steps=30, every=5, lr=0.3)
     return model, data, ckpts, steps, lrs
+
+
+def tiny_cnn_run():
+    """TinyCNN (float64) on 16 6x6 images, 12 SGD steps, a checkpoint every 4: (model, data, ckpts, steps,
+    lrs), shared by the CPU and CUDA oracle tests."""
+    data = classification_data(n=16, image=True)
+    torch.manual_seed(1)
+    model = TinyCNN().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
+    return model, data, ckpts, steps, lrs
+
+
+# ---- tiny causal LM (transformers imported lazily: tests that use these importorskip it) ----
+LM_VOCAB, LM_SEQ = 20, 6
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Hugging Face-style items: input_ids, attention_mask and (with_labels) labels = ids where the mask is 1."""
+
+    def __init__(self, ids, mask, with_labels=True):
+        self.ids, self.mask, self.with_labels = ids, mask, with_labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        if self.with_labels:
+            item["labels"] = self.ids[i].masked_fill(self.mask[i] == 0, -100)
+        return item
+
+
+def tiny_gpt2(dtype=torch.float64):
+    """A one-block GPT-2 from a config (random init, no download, no dropout)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=LM_VOCAB, n_positions=LM_SEQ, n_embd=8, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def lm_checkpoints(model, data, task, steps=8, every=2, lr=0.5):
+    """Full-batch SGD on the task's mean per-document loss: (checkpoints, steps)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    ckpts, ckpt_steps = [], []
+    for k in range(steps):
+        opt.zero_grad()
+        (task.compute_train_loss(batch, model) / len(data)).backward()
+        opt.step()
+        if (k + 1) % every == 0:
+            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+            ckpt_steps.append(k + 1)
+    return ckpts, ckpt_steps

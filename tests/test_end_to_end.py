@@ -9,7 +9,7 @@ from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _backends import recording_lib_calls
-from _models import ClassificationTask, TinyCNN, classification_data, mlp, small_mlp_run, train_run
+from _models import ClassificationTask, classification_data, mlp, small_mlp_run, tiny_cnn_run, train_run
 
 
 def _setup(model, data, **train_kw):
@@ -122,10 +122,7 @@ def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, meth
 
 
 def test_cnn_matches_dense_oracle_float64():
-    data = classification_data(n=16, image=True)
-    torch.manual_seed(1)
-    model = TinyCNN().double()
-    ckpts, steps, lrs = _setup(model, data, steps=12, every=4, lr=0.2)
+    model, data, ckpts, steps, lrs = tiny_cnn_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries = Subset(data, range(3))
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import ClassificationTask, TinyCNN, classification_data, mlp, small_mlp_run, train_run
+from _models import ClassificationTask, mlp, small_mlp_run, tiny_cnn_run
 
 pytestmark = pytest.mark.gpu
 
@@ -60,10 +60,7 @@ def test_mlp_on_cuda_matches_cpu_oracle(mlp_case, method, dtype):
 
 
 def test_cnn_on_cuda_matches_cpu_oracle_float64():
-    data = classification_data(n=16, image=True)
-    torch.manual_seed(1)
-    model = TinyCNN().double()
-    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
+    model, data, ckpts, steps, lrs = tiny_cnn_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     oracle = dense_source_scores(model, ClassificationTask(), run, Subset(data, range(3)), data)
     cuda_run = sf.TrainingRun(_to(ckpts, "cuda", torch.float64), steps, lr=lrs, num_segments=3)

@@ -2,26 +2,16 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
+from _models import LM_SEQ, LM_VOCAB, TokenDataset, lm_checkpoints, tiny_gpt2
+
 transformers = pytest.importorskip("transformers")
 
-VOCAB, SEQ = 20, 6
-
-
-class TokenDataset(Dataset):
-    def __init__(self, ids, mask):
-        self.ids, self.mask = ids, mask
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+VOCAB, SEQ = LM_VOCAB, LM_SEQ
 
 
 class LMTask(sf.Task):
@@ -53,25 +43,11 @@ class LMTask(sf.Task):
 
 
 def _gpt2(dtype):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).to(dtype)
+    return tiny_gpt2(dtype)
 
 
-def _train(model, data, steps=8, every=2, lr=0.5):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
-    task = LMTask(None)
-    ckpts, ckpt_steps = [], []
-    for k in range(steps):
-        opt.zero_grad()
-        (task.compute_train_loss(batch, model) / len(data)).backward()
-        opt.step()
-        if (k + 1) % every == 0:
-            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-            ckpt_steps.append(k + 1)
-    return ckpts, ckpt_steps
+def _train(model, data):
+    return lm_checkpoints(model, data, LMTask(None))
 
 
 def _conv1d_names(model):

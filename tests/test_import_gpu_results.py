@@ -75,4 +75,4 @@ def test_import_refuses_mixed_devices_and_an_unnamed_folder(tmp_path):
     (out / "ops_gpu.csv").unlink()
     with pytest.raises(SystemExit, match="neither benchmark rows nor a roofline"):
         imp.import_results(out, tmp_path / "results")
-    assert imp.slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+    assert H.name_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"

@@ -3,12 +3,12 @@ draws from compute_train_loss(sample=True) and compute_train_loss_pair), and SOU
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset
 
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import classification_data, mlp, train_run
+from _models import LM_SEQ, LM_VOCAB, TokenDataset, classification_data, lm_checkpoints, mlp, tiny_gpt2, train_run
 
 
 def _seeded(fn, seed=3):
@@ -57,28 +57,11 @@ def test_classification_task_end_to_end_one_pass_equals_fit_then_scores():
 
 
 transformers = pytest.importorskip("transformers")
-VOCAB, SEQ = 20, 6
-
-
-class Tokens(Dataset):
-    def __init__(self, ids, mask, labels=None):
-        self.ids, self.mask, self.labels = ids, mask, labels
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
-        if self.labels is not None:
-            item["labels"] = self.labels[i]
-        return item
+VOCAB, SEQ = LM_VOCAB, LM_SEQ
 
 
 def _gpt2(dtype=torch.float64):
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).to(dtype)
+    return tiny_gpt2(dtype)
 
 
 def _padded_tokens(n=10, seed=0):
@@ -114,23 +97,13 @@ def test_causal_lm_task_losses_default_labels_and_paired_draws():
 
 
 def _lm_run(model, data):
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
-    task = sf.CausalLMTask()
-    ckpts, steps = [], []
-    for k in range(8):
-        opt.zero_grad()
-        (task.compute_train_loss(batch, model) / len(data)).backward()
-        opt.step()
-        if (k + 1) % 2 == 0:
-            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-            steps.append(k + 1)
+    ckpts, steps = lm_checkpoints(model, data, sf.CausalLMTask())
     return sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
 
 
 def test_causal_lm_task_matches_dense_oracle_with_padding():
     model = _gpt2()
-    data = Tokens(*_padded_tokens())
+    data = TokenDataset(*_padded_tokens(), with_labels=False)
     run = _lm_run(model, data)
     names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     task = sf.CausalLMTask(names)
@@ -143,7 +116,7 @@ def test_causal_lm_task_matches_dense_oracle_with_padding():
 
 def test_causal_lm_task_sampled_fisher_one_pass_equals_fit_then_scores():
     model = _gpt2()
-    data = Tokens(*_padded_tokens(seed=1))
+    data = TokenDataset(*_padded_tokens(seed=1), with_labels=False)
     run = _lm_run(model, data)
     task = sf.CausalLMTask()  # every supported module, lm_head included
     queries = Subset(data, range(3))
