@@ -46,7 +46,7 @@ Differences, and how they were handled (also written into the markdown):
     document per batch; source_fast uses --batch-size documents per batch (default 64, its default);
   * source_fast runs `pairwise_scores` without `fit()` first (--sf-two-pass calls fit() first): one pass per
     checkpoint, the scored training gradients taken from the curvature passes' forwards (its LMTask defines
-    `compute_train_loss_pair`), so it reports one stage, "fit + scores in one pass";
+    `compute_train_loss_pair` with `sf.nll_pair`), so it reports one stage, "fit + scores in one pass";
   * what is stored is each library's design: Bergson keeps per-checkpoint covariances, walked query gradients
     per segment and per-checkpoint scores; source_fast per-checkpoint covariances and Λ, per-segment factors and
     the score matrix.
@@ -322,24 +322,18 @@ def _source_fast_worker(spec: dict, blob) -> dict:
             ids, lengths = batch
             if not sample:
                 return doc_loss(model, ids, lengths).sum()
-            return self.compute_train_loss_pair(batch, model, true_loss=False)[0]
+            return self.compute_train_loss_pair(batch, model)[0]
 
-        def compute_train_loss_pair(self, batch, model, true_loss=True):
+        def compute_train_loss_pair(self, batch, model):
             """(sampled-label loss, true-label loss) from one forward: source_fast's SOURCE then takes the
-            scored training gradients from the curvature passes' forwards."""
-            import torch.nn.functional as F
-
+            scored training gradients from the curvature passes' forwards. sf.nll_pair: one softmax for both
+            losses and the label draws (sf.sample_labels' inverse CDF), a one-pass backward each."""
             ids, lengths = batch
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            logits = logits.reshape(-1, logits.shape[-1])
-            with torch.no_grad():  # sf.sample_labels: inverse CDF, the distribution of torch.multinomial
-                labels = sf.sample_labels(logits).view(ids.shape[0], -1).masked_fill(mask[:, 1:] == 0, -100)
-            sampled = F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
-            if not true_loss:
-                return sampled, None
-            true = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            return sampled, F.cross_entropy(logits, true.reshape(-1), ignore_index=-100, reduction="sum")
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            labels = torch.full_like(ids, -100)  # position t predicts token t + 1 of the document
+            labels[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            return sf.nll_pair(logits, labels)
 
         def compute_measurement(self, batch, model):
             ids, lengths = batch
@@ -704,7 +698,8 @@ def _write(rows, results, agreement, summary, meta, args, workload_info, bergson
            "checkpoint (Bergson's step names are listed under its rows). source_fast calls `pairwise_scores` without "
            "`fit()` first (unless --sf-two-pass), which fits the segments last to first and scores each from the rows "
            "of its curvature passes (its task's `compute_train_loss_pair` gives the sampled- and true-label losses of "
-           "one forward): one pass per checkpoint, so one stage. *CPU s* = user + system time of the "
+           "one forward, by `sf.nll_pair`: one softmax for both losses and the draws): one pass per checkpoint, so "
+           "one stage. *CPU s* = user + system time of the "
            "worker and its children during the run. The CSV's process_seconds is the worker's whole life "
            "(interpreter start, imports, input preparation included).",
            "- *disk writes* = `write_bytes` of `/proc/self/io` over the timed run (children included: the kernel adds "
@@ -725,7 +720,8 @@ def _write(rows, results, agreement, summary, meta, args, workload_info, bergson
            "parameters; `--sf-bias` attributes the biases too).",
            "- Both libraries sample the Fisher's labels with their own RNG (same distribution, different draws; "
            "Bergson draws with `torch.multinomial` inside its pipeline, the source_fast Task of this benchmark "
-           "with `sf.sample_labels`, an inverse-CDF sampler 35× faster on this 1,000-way vocabulary): scores "
+           "with `sf.sample_labels`' inverse CDF inside `sf.nll_pair`, 35× faster than `torch.multinomial` on this "
+           "1,000-way vocabulary): scores "
            "agree up to that noise, not bitwise. Bergson's scores are "
            "converted with τ = −Sᵀ/N (it stores loss-signed sums without the 1/N; see `_bergson_to_source_fast`).",
            "- Bergson 2.5.1 is installed by `scripts/setup_bergson_env.sh` into `.venv-bergson` (torch 2.13.0 CPU, "

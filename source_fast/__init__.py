@@ -21,13 +21,14 @@ _LAZY = {
     "SourceAnalyzer": "source_fast.analyzer",
     "Task": "source_fast.task",
     "sample_labels": "source_fast.task",
+    "nll_pair": "source_fast.task",
     "ClassificationTask": "source_fast.task",
     "CausalLMTask": "source_fast.task",
     "explain": "source_fast.ops",
 }
 _SUBMODULES = ("ops", "spectral", "reference", "evaluation", "ekfac", "io", "modules", "diagnostics")
 
-__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "CausalLMTask", "sample_labels", "explain", *_SUBMODULES, "__version__"]
+__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "CausalLMTask", "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name):

@@ -21,7 +21,8 @@ It follows Kronfluence's `Task` protocol, so a `kronfluence.Task` subclass works
   labels exactly as ``compute_train_loss(sample=True)`` does: source_fast seeds the RNG around both
   calls the same way, so the fit is bitwise the same whichever method ran.
 
-``sample_labels(logits)`` draws the Fisher's labels quickly (see its docstring).
+``sample_labels(logits)`` draws the Fisher's labels quickly (see its docstring); ``nll_pair(logits, labels)``
+gives the sampled-label and the true-label loss from one softmax, with a one-pass backward.
 
 Ready-made tasks: `ClassificationTask` (``(inputs, targets)`` batches, logits ``[B, C]``) and
 `CausalLMTask` (Hugging Face-style causal LMs: mapping batches with ``input_ids``), both with
@@ -57,8 +58,9 @@ class Task:
 
 class ClassificationTask(Task):
     """Ready-made task for ``(inputs, targets)`` batches and a model returning logits ``[B, C]``: the
-    summed cross-entropy, as training and measurement loss. Sampled labels come from `sample_labels`;
-    `compute_train_loss_pair` gives both losses from one forward (one pass per checkpoint).
+    summed cross-entropy, as training and measurement loss, by `nll_pair` (sampled labels as
+    `sample_labels` draws them); `compute_train_loss_pair` gives both losses from one forward (one pass per
+    checkpoint).
 
     Args:
         tracked_modules: module names to attribute through (default: every supported module).
@@ -78,18 +80,11 @@ class ClassificationTask(Task):
         return logits, targets
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        logits, targets = self._logits_and_targets(batch, model)
-        return self._sampled_nll(logits) if sample else nn.functional.cross_entropy(logits, targets, reduction="sum")
+        sampled, true = nll_pair(*self._logits_and_targets(batch, model), sampled=sample)
+        return sampled if sample else true
 
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, targets = self._logits_and_targets(batch, model)
-        return self._sampled_nll(logits), nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-    @staticmethod
-    def _sampled_nll(logits):
-        with torch.no_grad():
-            drawn = sample_labels(logits)
-        return nn.functional.cross_entropy(logits, drawn, reduction="sum")
+        return nll_pair(*self._logits_and_targets(batch, model))
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model)
@@ -105,10 +100,10 @@ class CausalLMTask(Task):
 
     Batches are mappings with ``input_ids`` ``[B, T]``, optional ``attention_mask`` ``[B, T]`` (1 = a real
     token; default all ones) and optional ``labels`` ``[B, T]`` (``-100`` = not predicted; default: the
-    input ids where the attention mask is 1). Position t's logits predict labels[t + 1]. Sampled labels
-    (the true Fisher) are drawn by `sample_labels` at the predicted positions only;
-    `compute_train_loss_pair` gives both losses from one forward (one pass per checkpoint). The
-    activation covariance counts the positions of the attention mask.
+    input ids where the attention mask is 1). Position t's logits predict labels[t + 1]. Losses by
+    `nll_pair`; sampled labels (the true Fisher) are drawn as `sample_labels` draws them, at the predicted
+    positions only; `compute_train_loss_pair` gives both losses from one forward (one pass per
+    checkpoint). The activation covariance counts the positions of the attention mask.
 
     Args:
         tracked_modules: module names to attribute through (default: every supported module, which for
@@ -132,24 +127,19 @@ class CausalLMTask(Task):
         if logits.dim() != 3 or logits.shape[:2] != ids.shape:
             raise ValueError(f"CausalLMTask expects logits [batch, tokens, vocab] matching input_ids "
                              f"{tuple(ids.shape)}, got {tuple(logits.shape)}")
-        logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        return logits, labels[:, 1:].reshape(-1)
-
-    def _nll(self, logits, labels):
-        return nn.functional.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+        # Position t predicts labels[t + 1]; the last position predicts nothing. Shifting the labels rather
+        # than slicing the logits keeps the logits' gradient one tensor (no zero-filled copy in backward).
+        shifted = torch.full_like(labels, self.ignore_index)
+        shifted[:, :-1] = labels[:, 1:]
+        return logits, shifted
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        logits, labels = self._logits_and_labels(batch, model)
-        return self._sampled_nll(logits, labels) if sample else self._nll(logits, labels)
+        sampled, true = nll_pair(*self._logits_and_labels(batch, model), sampled=sample,
+                                 ignore_index=self.ignore_index)
+        return sampled if sample else true
 
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, labels = self._logits_and_labels(batch, model)
-        return self._sampled_nll(logits, labels), self._nll(logits, labels)
-
-    def _sampled_nll(self, logits, labels):
-        with torch.no_grad():  # drawn at the predicted positions only
-            drawn = sample_labels(logits).masked_fill(labels == self.ignore_index, self.ignore_index)
-        return self._nll(logits, drawn)
+        return nll_pair(*self._logits_and_labels(batch, model), ignore_index=self.ignore_index)
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model)
@@ -177,9 +167,23 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
                          f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    classes = logits.shape[-1]
-    x = logits.detach().to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    mass = (x - x.amax(-1, keepdim=True)).exp_()  # unnormalised: only ratios matter
+    return _draw(_softmax(logits.detach().to(_float_dtype(logits))), generator)
+
+
+def _float_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension: the one place `sample_labels` and `nll_pair` take their masses from,
+    so both draw bitwise the same labels from the same RNG state."""
+    return torch.softmax(x, -1)
+
+
+def _draw(mass: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One class per row of `mass` [..., C] (probabilities, or any positive multiple of them per row) by
+    `sample_labels`' two-level inverse CDF."""
+    classes = mass.shape[-1]
     width = _block_width(classes)
     pad = -classes % width
     if pad:
@@ -187,7 +191,7 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
     blocks = mass.unflatten(-1, (-1, width))  # [..., blocks, width]
     block_cdf = blocks.sum(-1).cumsum_(-1)
     total = block_cdf[..., -1:]
-    u = torch.rand(total.shape, dtype=x.dtype, device=x.device, generator=generator) * total
+    u = torch.rand(total.shape, dtype=mass.dtype, device=mass.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: a block with mass
     block = torch.searchsorted(block_cdf, u, right=True)
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp_min(0)), torch.zeros_like(u))
@@ -198,6 +202,75 @@ def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None
     rest = torch.minimum(u - before, torch.nextafter(last, torch.zeros_like(last)))
     within = torch.searchsorted(inner, rest, right=True)
     return (block * width + within).squeeze(-1)
+
+
+def nll_pair(logits: torch.Tensor, labels: torch.Tensor, *, sampled: bool = True, ignore_index: int = -100,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The sampled-label and the true-label negative log-likelihood of `logits`, each summed over rows,
+    from one softmax: ``(sampled, true)``, for ``compute_train_loss_pair`` (``sampled=False``: ``(None, true)``,
+    for ``compute_train_loss(sample=False)``, drawing nothing).
+
+    Same values and gradients as ``F.cross_entropy(logits, y, ignore_index=..., reduction="sum")`` with y the
+    labels drawn by `sample_labels` (the same draws, from the same RNG) and y = `labels`. Faster, because the
+    two losses and the sampler share one softmax of the logits, and each backward writes ``softmax − onehot``
+    in one pass instead of cross-entropy's zero fill, scatter and log-softmax backward (on a small causal LM
+    with a 1,000-way vocabulary the logits' passes are most of the loss's cost). Labels are drawn only where
+    `labels` is not `ignore_index`.
+
+    Args:
+        logits: ``[..., C]`` floating point; fp16/bf16 are computed in fp32 and the gradient cast back.
+        labels: integer ``logits.shape[:-1]``: the true labels, `ignore_index` where a row is not scored.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be a tensor [..., classes] with at least one class, got "
+                         f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
+                         f"{getattr(labels, 'dtype', '')}")
+    classes = logits.shape[-1]
+    x = logits.detach().to(_float_dtype(logits)).reshape(-1, classes)
+    labels = labels.reshape(-1)
+    valid = labels != ignore_index
+    if bool(((labels < 0) | (labels >= classes))[valid].any()):
+        raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    with torch.no_grad():
+        prob = _softmax(x)  # shared by the draws, both losses and both backwards
+        drawn = _draw(prob, generator).masked_fill_(~valid, ignore_index) if sampled else None
+    true = _NllFromSoftmax.apply(logits, x, prob, labels, ignore_index)
+    return (_NllFromSoftmax.apply(logits, x, prob, drawn, ignore_index) if sampled else None), true
+
+
+class _NllFromSoftmax(torch.autograd.Function):
+    """Σ_rows −log softmax(x)[label], given prob = softmax(x), with the backward ``(prob − onehot(label)) ·
+    grad`` written in one pass."""
+
+    @staticmethod
+    def forward(ctx, logits, x, prob, labels, ignore_index):
+        valid = labels != ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        picked = prob.gather(1, safe[:, None]).squeeze(1)
+        nll = -picked.log()
+        # −log p loses nothing while p is a normal number; below that (a label ≳ 87 nats less likely than
+        # the top one in fp32) take logsumexp − logit for those rows only.
+        tiny = valid & (picked < torch.finfo(prob.dtype).tiny)
+        if bool(tiny.any()):
+            rows = tiny.nonzero().squeeze(1)
+            nll[rows] = torch.logsumexp(x[rows], -1) - x[rows, safe[rows]]
+        ctx.save_for_backward(prob, safe, valid)
+        ctx.logits_meta = (logits.shape, logits.dtype)
+        return torch.where(valid, nll, torch.zeros_like(nll)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        prob, safe, valid = ctx.saved_tensors
+        shape, dtype = ctx.logits_meta
+        weight = valid.to(prob.dtype) * grad.to(prob.dtype)
+        out = prob * weight[:, None]
+        out.scatter_add_(1, safe[:, None], -weight[:, None])
+        return out.view(shape).to(dtype), None, None, None, None
 
 
 def _block_width(classes: int) -> int:

@@ -22,13 +22,14 @@ def test_classification_task_losses_and_paired_draws():
     x, y = data.tensors
     task = sf.ClassificationTask()
     logits = model(x)
-    assert torch.equal(task.compute_train_loss((x, y), model), F.cross_entropy(logits, y, reduction="sum"))
-    assert torch.equal(task.compute_measurement((x, y), model), F.cross_entropy(logits, y, reduction="sum"))
+    want = F.cross_entropy(logits, y, reduction="sum")
+    assert torch.allclose(task.compute_train_loss((x, y), model), want, rtol=1e-13)
+    assert torch.allclose(task.compute_measurement((x, y), model), want, rtol=1e-13)
     sampled = _seeded(lambda: task.compute_train_loss((x, y), model, sample=True))
     pair = _seeded(lambda: task.compute_train_loss_pair((x, y), model))
-    assert torch.equal(sampled, pair[0]) and torch.equal(pair[1], F.cross_entropy(logits, y, reduction="sum"))
+    assert torch.equal(sampled, pair[0]) and torch.allclose(pair[1], want, rtol=1e-13)
     drawn = _seeded(lambda: sf.sample_labels(logits.detach()))
-    assert torch.equal(sampled, F.cross_entropy(logits, drawn, reduction="sum"))
+    assert torch.allclose(sampled, F.cross_entropy(logits, drawn, reduction="sum"), rtol=1e-13)
     assert task.get_influence_tracked_modules() is None
     assert sf.ClassificationTask(["0"]).get_influence_tracked_modules() == ["0"]
 
@@ -86,8 +87,10 @@ def test_causal_lm_task_losses_default_labels_and_paired_draws():
     sampled = _seeded(lambda: task.compute_train_loss(batch, model, sample=True))
     pair = _seeded(lambda: task.compute_train_loss_pair(batch, model))
     assert torch.equal(sampled, pair[0]) and torch.allclose(pair[1], want, rtol=1e-12)
-    # Labels are drawn at the predicted positions only: the sampled loss sums exactly those terms.
-    drawn = _seeded(lambda: sf.sample_labels(logits.reshape(-1, VOCAB).detach())).view(labels.shape)
+    # Labels are drawn at the predicted positions only (one draw per position of the full logits, the last
+    # position's discarded): the sampled loss sums exactly those terms.
+    full = model(input_ids=ids, attention_mask=mask).logits.detach()
+    drawn = _seeded(lambda: sf.sample_labels(full.reshape(-1, VOCAB))).view(ids.shape)[:, :-1]
     drawn = drawn.masked_fill(labels == -100, -100)
     assert torch.allclose(sampled, F.cross_entropy(logits.reshape(-1, VOCAB), drawn.reshape(-1), ignore_index=-100,
                                                    reduction="sum"), rtol=1e-12)

@@ -1,6 +1,8 @@
-"""sample_labels: the Fisher's label sampler (inverse CDF) draws from softmax(logits)."""
+"""sample_labels: the Fisher's label sampler (inverse CDF) draws from softmax(logits). nll_pair: the
+sampled-label and true-label losses from one softmax, against F.cross_entropy (values and gradients)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import source_fast as sf
 
@@ -64,3 +66,77 @@ def test_sample_labels_extreme_uniforms_still_draw_possible_classes(monkeypatch,
         mixed[:, -1] = 0.0  # at least one possible class
         drawn = sf.sample_labels(mixed)
         assert torch.isfinite(mixed.gather(1, drawn[:, None])).all()
+
+
+def _reference_pair(logits, labels, seed):
+    """nll_pair by its definition: sample_labels' draws (same seed) and F.cross_entropy, in float64."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    torch.manual_seed(seed)
+    drawn = sf.sample_labels(flat.detach()).masked_fill(labels.reshape(-1) == -100, -100)
+    ref = flat.double()
+    return (F.cross_entropy(ref, drawn, ignore_index=-100, reduction="sum"),
+            F.cross_entropy(ref, labels.reshape(-1), ignore_index=-100, reduction="sum")), drawn
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-13), (torch.float32, 2e-6), (torch.bfloat16, 2e-6)])
+def test_nll_pair_matches_cross_entropy_values_and_gradients(dtype, rtol):
+    logits = (torch.randn(3, 7, 41, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 41, (3, 7))
+    labels[0, :3] = -100  # rows that are not scored: no loss, no gradient, no draw
+    labels[2, -1] = -100
+    torch.manual_seed(5)
+    pair = sf.nll_pair(logits, labels)
+    want, drawn = _reference_pair(logits, labels, seed=5)
+    assert drawn.view(3, 7)[0, :3].eq(-100).all()
+    for ours, ref in zip(pair, want):
+        assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=0)
+        scale = 2.5  # a non-unit upstream gradient scales every row
+        got, = torch.autograd.grad(scale * ours, logits, retain_graph=True)
+        exp, = torch.autograd.grad(scale * ref, logits, retain_graph=True)
+        assert got.dtype == dtype
+        # fp64 oracle: the reference's gradient is taken through a float64 copy, so it is exact to ~1e-16
+        tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+        torch.testing.assert_close(got.double(), exp.double(), rtol=0, atol=tol * scale)
+        assert got.view(3, 7, 41)[0, :3].eq(0).all()
+
+
+def test_nll_pair_is_exact_for_a_label_far_below_the_top_one():
+    """−log p underflows in fp32 once a label is ≳ 87 nats below the top class: those rows fall back to
+    logsumexp − logit and stay finite and exact."""
+    logits = torch.zeros(4, 6)
+    logits[:, 0] = torch.tensor([0.0, 50.0, 120.0, 300.0])
+    labels = torch.full((4,), 3)
+    _, true = sf.nll_pair(logits, labels, sampled=False)
+    torch.testing.assert_close(true.double(), F.cross_entropy(logits.double(), labels, reduction="sum"),
+                               rtol=1e-6, atol=0)
+
+
+def test_nll_pair_draws_like_sample_labels_and_sampled_false_draws_nothing():
+    logits = torch.randn(30, 1000)
+    labels = torch.randint(0, 1000, (30,))
+    torch.manual_seed(9)
+    sf.nll_pair(logits, labels)
+    after_pair = torch.rand(1)
+    torch.manual_seed(9)
+    sf.sample_labels(logits)
+    assert torch.equal(after_pair, torch.rand(1))  # the same RNG use as one sample_labels call
+    torch.manual_seed(9)
+    first_draw = torch.rand(1)
+    torch.manual_seed(9)
+    sampled, true = sf.nll_pair(logits, labels, sampled=False)
+    assert sampled is None and torch.equal(torch.rand(1), first_draw)  # the RNG was not touched
+    torch.testing.assert_close(true.double(), F.cross_entropy(logits.double(), labels, reduction="sum"),
+                               rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("logits, labels, err, match", [
+    (torch.zeros(3, 4), torch.zeros(4, dtype=torch.long), ValueError, r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
+    (torch.zeros(3, 4), torch.zeros(3), ValueError, "integer tensor"),
+    (torch.zeros(3, 4), torch.tensor([0, 4, 1]), ValueError, r"\[0, 4\) or equal ignore_index=-100"),
+    (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), TypeError, "floating point"),
+    (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long), ValueError, "at least one class"),
+])
+def test_nll_pair_rejects_bad_input(logits, labels, err, match):
+    with pytest.raises(err, match=match):
+        sf.nll_pair(logits, labels)
