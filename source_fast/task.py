@@ -234,7 +234,9 @@ def nll_pair(logits: torch.Tensor, labels: torch.Tensor, *, sampled: bool = True
     x = logits.detach().to(_float_dtype(logits)).reshape(-1, classes)
     labels = labels.reshape(-1)
     valid = labels != ignore_index
-    if bool(((labels < 0) | (labels >= classes))[valid].any()):
+    # On CPU a host check names a bad label; on a GPU it would stall the stream each batch, and gather's
+    # device-side bounds check catches it there, as F.cross_entropy's does.
+    if labels.device.type == "cpu" and bool(((labels < 0) | (labels >= classes))[valid].any()):
         raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
     with torch.no_grad():
         prob = _softmax(x)  # shared by the draws, both losses and both backwards
@@ -251,14 +253,7 @@ class _NllFromSoftmax(torch.autograd.Function):
     def forward(ctx, logits, x, prob, labels, ignore_index):
         valid = labels != ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        picked = prob.gather(1, safe[:, None]).squeeze(1)
-        nll = -picked.log()
-        # −log p loses nothing while p is a normal number; below that (a label ≳ 87 nats less likely than
-        # the top one in fp32) take logsumexp − logit for those rows only.
-        tiny = valid & (picked < torch.finfo(prob.dtype).tiny)
-        if bool(tiny.any()):
-            rows = tiny.nonzero().squeeze(1)
-            nll[rows] = torch.logsumexp(x[rows], -1) - x[rows, safe[rows]]
+        nll = _nll_rows(x, prob, safe, valid, host_sync=x.device.type == "cpu")
         ctx.save_for_backward(prob, safe, valid)
         ctx.logits_meta = (logits.shape, logits.dtype)
         return torch.where(valid, nll, torch.zeros_like(nll)).sum()
@@ -271,6 +266,24 @@ class _NllFromSoftmax(torch.autograd.Function):
         out = prob * weight[:, None]
         out.scatter_add_(1, safe[:, None], -weight[:, None])
         return out.view(shape).to(dtype), None, None, None, None
+
+
+def _nll_rows(x: torch.Tensor, prob: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, *,
+              host_sync: bool) -> torch.Tensor:
+    """−log softmax(x)[safe] per row. −log p loses nothing while p is a normal number; below that (a label
+    ≳ 87 nats less likely than the top class in fp32) rows take logsumexp − logit instead. host_sync (CPU):
+    find those rare rows on the host and recompute only them; otherwise (GPU) logsumexp over every row,
+    one more read of the logits but no stall of the stream."""
+    picked = prob.gather(1, safe[:, None]).squeeze(1)
+    nll = -picked.log()
+    tiny = valid & (picked < torch.finfo(prob.dtype).tiny)
+    if not host_sync:
+        exact = torch.logsumexp(x, -1) - x.gather(1, safe[:, None]).squeeze(1)
+        return torch.where(tiny, exact, nll)
+    if bool(tiny.any()):
+        rows = tiny.nonzero().squeeze(1)
+        nll[rows] = torch.logsumexp(x[rows], -1) - x[rows, safe[rows]]
+    return nll
 
 
 def _block_width(classes: int) -> int:

@@ -103,13 +103,19 @@ def test_nll_pair_matches_cross_entropy_values_and_gradients(dtype, rtol):
 
 def test_nll_pair_is_exact_for_a_label_far_below_the_top_one():
     """−log p underflows in fp32 once a label is ≳ 87 nats below the top class: those rows fall back to
-    logsumexp − logit and stay finite and exact."""
+    logsumexp − logit and stay finite and exact, by the CPU path (host check) and the GPU path (no sync)."""
+    from source_fast.task import _nll_rows
+
     logits = torch.zeros(4, 6)
     logits[:, 0] = torch.tensor([0.0, 50.0, 120.0, 300.0])
     labels = torch.full((4,), 3)
+    want = F.cross_entropy(logits.double(), labels, reduction="none")
     _, true = sf.nll_pair(logits, labels, sampled=False)
-    torch.testing.assert_close(true.double(), F.cross_entropy(logits.double(), labels, reduction="sum"),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(true.double(), want.sum(), rtol=1e-6, atol=0)
+    valid = torch.ones(4, dtype=torch.bool)
+    for host_sync in (True, False):
+        rows = _nll_rows(logits, logits.softmax(-1), labels, valid, host_sync=host_sync)
+        torch.testing.assert_close(rows.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_nll_pair_draws_like_sample_labels_and_sampled_false_draws_nothing():
@@ -140,3 +146,24 @@ def test_nll_pair_draws_like_sample_labels_and_sampled_false_draws_nothing():
 def test_nll_pair_rejects_bad_input(logits, labels, err, match):
     with pytest.raises(err, match=match):
         sf.nll_pair(logits, labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nll_pair_on_cuda_matches_cpu(dtype):
+    """On CUDA (no host sync: the logsumexp path for every row) the losses and gradients match the CPU's,
+    and the draws come from the CUDA RNG without leaving the device."""
+    logits = (torch.randn(64, 40, 1000) * 3).to(dtype)
+    labels = torch.randint(0, 1000, (64, 40))
+    labels[:, -1] = -100
+    logits[0, 0, 7] = 300.0  # one row whose true label underflows −log p in fp32
+    labels[0, 0] = 3
+    cpu = logits.clone().requires_grad_(True)
+    gpu = logits.cuda().requires_grad_(True)
+    _, want = sf.nll_pair(cpu, labels, sampled=False)
+    sampled, true = sf.nll_pair(gpu, labels.cuda())
+    assert sampled.device.type == "cuda" and torch.isfinite(sampled)
+    torch.testing.assert_close(true.cpu(), want, rtol=1e-5, atol=0)
+    got, = torch.autograd.grad(true, gpu)
+    exp, = torch.autograd.grad(want, cpu)
+    torch.testing.assert_close(got.cpu().float(), exp.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
