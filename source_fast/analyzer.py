@@ -282,8 +282,7 @@ class SourceAnalyzer:
                 elif true_value is None:
                     yield offset, size, rows, rows
                 else:
-                    true_g = capture.output_rows(true_value)
-                    yield offset, size, rows, {name: (a, true_g[name]) for name, (a, _) in rows.items()}
+                    yield offset, size, rows, capture.paired_rows(true_value, rows)
                 offset += size
                 capture.clear()
 

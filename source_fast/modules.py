@@ -150,6 +150,7 @@ class Capture:
         self.layers = layers
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+        self._windows: dict[str, tuple[int, int] | None] = {}
         self._handles = []
 
     def __enter__(self):
@@ -172,6 +173,7 @@ class Capture:
     def clear(self):
         self._inputs.clear()
         self._outputs.clear()
+        self._windows.clear()
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
         if layer.name not in self._inputs:
@@ -183,9 +185,23 @@ class Capture:
 
     def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False):
         """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows.
-        retain_graph: keep the graph for another loss of the same forward (`output_rows`)."""
+        retain_graph: keep the graph for another loss of the same forward (`paired_rows`).
+
+        Token positions that the mask removes from every example of the batch at its start or end
+        (padding to a fixed length, left or right) are cut from a layer's rows when its g is exactly
+        zero there too: every use of the rows is then unchanged (a = 0 there, so no outer product g aᵀ
+        sees them, and the zero g rows add nothing to S), and the kernels do less work."""
         grads = self.output_rows(loss, retain_graph=retain_graph)
-        return {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
+        rows = {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
+        self._windows = _padding_windows(mask, rows)
+        return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
+
+    def paired_rows(self, loss: torch.Tensor, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """The rows of another loss of the same forward as the last `rows` call: {name: (a, g)}, the a
+        tensors shared with `rows` and g cut to the same token window (exact for its outer products with
+        a, which is zero outside the window)."""
+        grads = self.output_rows(loss)
+        return {name: (a, _cut(grads[name], self._windows.get(name))) for name, (a, _) in rows.items()}
 
     def output_rows(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
         """Backpropagate `loss` to the tracked outputs only: returns {name: g} output-gradient rows."""
@@ -204,6 +220,40 @@ class Capture:
                 gy = torch.zeros_like(out)
             result[layer.name] = layer.output_rows(gy.detach())
         return result
+
+
+# Cut padded token positions only when that removes at least this fraction: the cut copies the rows.
+_MIN_TRIM_FRACTION = 0.1
+
+
+def _padding_windows(mask: torch.Tensor | None, rows: dict) -> dict[str, tuple[int, int] | None]:
+    """Per layer, the token window [lo, hi) to keep (None: keep all): the positions some example of the
+    batch keeps, where the layer's rows are [B, T, ·] token rows of the mask's T and g is exactly zero
+    outside the window. One host sync for the mask and one for all layers' zero checks."""
+    windows: dict[str, tuple[int, int] | None] = dict.fromkeys(rows)
+    if mask is None or mask.dim() != 2:
+        return windows
+    tokens = mask.shape[1]
+    kept = torch.nonzero(mask.reshape(mask.shape[0], tokens).any(0)).flatten()
+    if kept.numel() == 0:
+        return windows
+    lo, hi = int(kept[0]), int(kept[-1]) + 1
+    if hi - lo > (1 - _MIN_TRIM_FRACTION) * tokens:
+        return windows
+    candidates = [name for name, (a, g) in rows.items()
+                  if a.dim() == 3 and g.dim() == 3 and a.shape[:2] == mask.shape and g.shape[:2] == mask.shape]
+    if not candidates:
+        return windows
+    outside = torch.stack([rows[n][1][:, :lo].abs().sum() + rows[n][1][:, hi:].abs().sum() for n in candidates])
+    for name, zero in zip(candidates, (outside == 0).tolist()):
+        if zero:
+            windows[name] = (lo, hi)
+    return windows
+
+
+def _cut(rows: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
+    """Token rows [B, T, ·] cut to the window's positions (a compact copy, so the full rows can be freed)."""
+    return rows if window is None else rows[:, window[0]:window[1]].contiguous()
 
 
 def apply_mask(rows: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
