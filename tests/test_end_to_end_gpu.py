@@ -69,3 +69,35 @@ def test_cnn_on_cuda_matches_cpu_oracle_float64():
                                  progress=False)
     scores = analyzer.pairwise_scores(Subset(cuda_data, range(3)), cuda_data)
     assert _rel(scores, oracle) <= 1e-6
+
+
+def test_causal_lm_on_cuda_matches_cpu_oracle_with_padding():
+    """sf.CausalLMTask on CUDA (nll_pair's no-sync path, padded positions cut from the rows on the device):
+    a padded GPT-2 in float64 against the CPU dense oracle; the sampled Fisher runs one pass per checkpoint."""
+    pytest.importorskip("transformers")
+    from _models import LM_SEQ, TokenDataset, lm_checkpoints, tiny_gpt2
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (8, LM_SEQ), generator=gen)
+    lengths = torch.randint(2, 4, (8,), generator=gen)  # ≤ 3 of 6 positions: the cut applies
+    data = TokenDataset(ids, (torch.arange(LM_SEQ)[None, :] < lengths[:, None]).long(), with_labels=False)
+    model = tiny_gpt2()
+    ckpts, steps = lm_checkpoints(model, data, sf.CausalLMTask())
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = sf.CausalLMTask(names)
+    queries = Subset(data, range(3))
+    oracle = dense_source_scores(model, task, run, queries, data, module_names=names)
+    cuda_run = sf.TrainingRun(_to(ckpts, "cuda", torch.float64), steps, lr=0.5, num_segments=2)
+    gpu_model = tiny_gpt2().to("cuda")
+    scores = sf.SourceAnalyzer(gpu_model, task, cuda_run, fisher="empirical", batch_size=4,
+                               progress=False).pairwise_scores(queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+    forwards = []
+    handle = gpu_model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        sampled = sf.SourceAnalyzer(gpu_model, task, cuda_run, batch_size=4, progress=False).pairwise_scores(
+            queries, data)
+    finally:
+        handle.remove()
+    assert torch.isfinite(sampled).all() and len(forwards) == 4 * 2 + 1  # 4 checkpoints × 2 batches + queries
