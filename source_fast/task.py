@@ -220,6 +220,10 @@ def nll_pair(logits: torch.Tensor, labels: torch.Tensor, *, sampled: bool = True
     Args:
         logits: ``[..., C]`` floating point; fp16/bf16 are computed in fp32 and the gradient cast back.
         labels: integer ``logits.shape[:-1]``: the true labels, `ignore_index` where a row is not scored.
+
+    Returns:
+        Two scalar losses in float32 (float64 for float64 logits); their backward gives the logits'
+        gradient in the logits' dtype.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must be a tensor [..., classes] with at least one class, got "

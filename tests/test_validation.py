@@ -105,6 +105,10 @@ BAD_INPUTS = [
      "must return a scalar tensor"),
     ("loss pair that is one loss", lambda: analyzer(task=SingleLossPairTask()).pairwise_scores(DATA, DATA), TypeError,
      r"compute_train_loss_pair must return \(sampled_loss, true_loss\)"),
+    ("nll_pair labels of the wrong shape", lambda: sf.nll_pair(torch.zeros(3, 4), torch.zeros(4, dtype=torch.long)),
+     ValueError, r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
+    ("nll_pair label out of range", lambda: sf.nll_pair(torch.zeros(3, 4), torch.tensor([0, 4, 1])), ValueError,
+     r"labels must lie in \[0, 4\) or equal ignore_index=-100"),
     # ops
     ("op input not a tensor", lambda: ops.covariance([[1.0]]), TypeError, "x must be a torch.Tensor"),
     ("op input wrong ndim", lambda: ops.covariance(torch.zeros(3)), ValueError, "x must have 2 dimensions"),
