@@ -64,9 +64,12 @@ echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
 fi
 
 # BENCH_PLAN: ";"-separated "op[:extra args]" entries, e.g. "score_pairwise:--dtypes bfloat16;score_self"
-# (default: every op against the torch path only; the Kronfluence baselines are CPU comparisons and slow here)
+# (default: every op against the torch path only; the Kronfluence baselines are CPU comparisons and slow here).
+# Default order = what the issue's open GPU targets need first: bf16 scoring (≥ 60 % of the tensor-core roof;
+# the rewritten Triton score_pairwise has never been timed), covariance (its memory-bound case: ≥ 70 % of
+# bandwidth), the other scoring ops, then the rest (measured once already, 2026-11-26).
 ALL="torch,triton,cuda"
-PLAN=${BENCH_PLAN:-score_pairwise:--impls $ALL;lambda_accum:--impls $ALL;score_self:--impls $ALL;covariance:--impls $ALL;score_lowrank:--impls $ALL;score_per_token:--impls $ALL;kron_project:--impls $ALL}
+PLAN=${BENCH_PLAN:-score_pairwise:--impls $ALL --dtypes bfloat16;covariance:--impls $ALL;score_lowrank:--impls $ALL;score_per_token:--impls $ALL;score_pairwise:--impls $ALL --dtypes float32;score_self:--impls $ALL;lambda_accum:--impls $ALL;kron_project:--impls $ALL}
 IFS=';' read -r -a ENTRIES <<< "$PLAN"
 for entry in "${ENTRIES[@]}"; do
   op=${entry%%:*}; extra=""; [ "$op" != "$entry" ] && extra=${entry#*:}
