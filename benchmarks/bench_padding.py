@@ -1,4 +1,5 @@
-"""Padded batches: SOURCE with the rows of padded token positions cut (the default) against kept whole.
+"""Padded batches: SOURCE with the rows of padded token positions cut (the default) against kept whole
+(SOURCE_FAST_CUT_PADDING=0).
 
 Documents padded to a fixed length (a tokenizer's ``padding="max_length"``) carry token positions that the
 attention mask removes from every example of a batch. source_fast cuts those positions from a layer's rows
@@ -45,11 +46,8 @@ def worker(spec: dict) -> dict:
     from torch.utils.data import Dataset, Subset
 
     import source_fast as sf
-    from source_fast import modules
 
     torch.set_num_threads(spec["threads"])
-    if spec["mode"] == "whole":
-        modules._MIN_TRIM_FRACTION = 1.0  # never worth cutting: rows stay as long as the batch
     sizes = spec["sizes"]
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=sizes["vocab"], n_positions=sizes["context"],
@@ -103,7 +101,8 @@ def main(argv=None) -> int:
     for _ in range(repeats):
         for mode in MODES:
             spec = {"mode": mode, "threads": args.threads, "sizes": sizes}
-            res = _process.run_worker(__file__, spec, env=_process.worker_env(args.threads), timeout=900)
+            env = _process.worker_env(args.threads, SOURCE_FAST_CUT_PADDING="1" if mode == "cut" else "0")
+            res = _process.run_worker(__file__, spec, env=env, timeout=900)
             results[mode].append(res)
             print(f"{mode:5s}  {res['seconds']:6.2f} s  peak RSS {res['peak_rss_mib']:7.0f} MiB  "
                   f"|scores| {res['score_abs_sum']:.6g}", flush=True)

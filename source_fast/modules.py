@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _config
+
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # Matched by name so transformers stays optional.
@@ -231,7 +233,7 @@ def _padding_windows(mask: torch.Tensor | None, rows: dict) -> dict[str, tuple[i
     batch keeps, where the layer's rows are [B, T, ·] token rows of the mask's T and g is exactly zero
     outside the window. One host sync for the mask and one for all layers' zero checks."""
     windows: dict[str, tuple[int, int] | None] = dict.fromkeys(rows)
-    if mask is None or mask.dim() != 2:
+    if mask is None or mask.dim() != 2 or not _config.cut_padding():
         return windows
     tokens = mask.shape[1]
     kept = torch.nonzero(mask.reshape(mask.shape[0], tokens).any(0)).flatten()

@@ -102,7 +102,7 @@ def test_cutting_changes_no_score_and_happens(monkeypatch):
     monkeypatch.setattr(modules, "_cut", spy)
     cut = scores()
     assert cut_lengths and max(cut_lengths) <= 3 < LM_SEQ
-    monkeypatch.setattr(modules, "_MIN_TRIM_FRACTION", 1.0)  # never worth cutting: the rows stay whole
+    monkeypatch.setenv("SOURCE_FAST_CUT_PADDING", "0")  # the rows stay whole
     cut_lengths.clear()
     whole = scores()
     assert set(cut_lengths) == {LM_SEQ}
