@@ -112,6 +112,8 @@ class SourceAnalyzer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.layers: list[TrackedLayer] = find_tracked_layers(model, tracked_module_names(task))
         self._check_checkpoint_keys()
+        if method in ("source", "fast_source", "influence"):
+            self._check_factor_memory()
         self.blocks: list[dict[str, EKFACBlock]] | None = None
         self._n_fit: int | None = None  # N of the fitted training set: every score's 1/N uses it
         self._state_cache: dict[str, dict] = {}
@@ -142,6 +144,31 @@ class SourceAnalyzer:
                 or damping == float("inf"):
             raise ValueError(f"damping must be a finite float >= 0 or None, got {damping!r}")
         return float(damping)
+
+    def _check_factor_memory(self):
+        """Before any pass: a tracked layer whose EK-FAC cannot fit (e.g. a language model's output layer, O =
+        the vocabulary) raises, naming it; a very large eigendecomposition is logged. The bound is a floor:
+        one segment's factors of every layer in the compute dtype plus the largest layer's float64
+        eigendecomposition (input, eigenvectors and workspace, ≈ 3 n² doubles)."""
+        itemsize = torch.finfo(self.compute_dtype).bits // 8
+        factors = sum((layer.in_features ** 2 + layer.out_features ** 2 + layer.in_features * layer.out_features)
+                      * itemsize for layer in self.layers)
+        widest = max(self.layers, key=lambda layer: max(layer.in_features, layer.out_features))
+        n = max(widest.in_features, widest.out_features)
+        need = factors + 3 * n * n * 8
+        available = _available_bytes(self.device)
+        if available is not None and need > available:
+            gib = 2 ** 30
+            raise ValueError(
+                f"tracked module {widest.name!r} ([{widest.out_features}, {widest.in_features}]) needs a "
+                f"{n} × {n} float64 eigendecomposition: the EK-FAC factors need at least {need / gib:.1f} GiB, "
+                f"but {available / gib:.1f} GiB are available on {self.device}. Leave the largest layers out of the "
+                "task's tracked modules (get_influence_tracked_modules(), e.g. sf.CausalLMTask(tracked_modules=[...]) "
+                "without the output layer)")
+        if n > _LARGE_EIGH:
+            log.warning("source_fast: tracked module %r needs a %d × %d eigendecomposition per segment (≈ %.1f "
+                        "TFLOP in float64); leave it out of the tracked modules if that is too slow",
+                        widest.name, n, n, 9 * n ** 3 / 1e12)
 
     def _check_checkpoint_keys(self):
         expected = set(self.model.state_dict().keys())
@@ -1122,6 +1149,26 @@ def _check_scalar(value, method: str) -> None:
     if not isinstance(value, torch.Tensor) or value.dim() != 0:
         raise TypeError(f"the task must return a scalar tensor (summed over the batch) from {method}, "
                         f"got {type(value).__name__}{tuple(getattr(value, 'shape', ()))}")
+
+
+# Eigendecompositions above this size are logged before any pass (≈ 9 n³ flops each, per segment).
+_LARGE_EIGH = 16384
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device`: CUDA's free memory, or the host's MemAvailable (Linux);
+    None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _rows_nbytes(rows) -> int:

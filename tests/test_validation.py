@@ -35,6 +35,13 @@ def analyzer(model=MODEL, task=None, training_run=None, **kw):
     return sf.SourceAnalyzer(model, task or ClassificationTask(), training_run or run(), progress=False, **kw)
 
 
+def _huge_output_analyzer():
+    """A 300,000-way output layer (a large vocabulary): its 300k × 300k eigendecomposition needs ≈ 2 TiB."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 300_000))
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    return analyzer(model=model, training_run=sf.TrainingRun([ckpt], [4], lr=0.1, num_segments=1))
+
+
 class NoMeasurement:
     def compute_train_loss(self, batch, model, sample=False):
         return torch.zeros(())
@@ -105,6 +112,8 @@ BAD_INPUTS = [
      "must return a scalar tensor"),
     ("loss pair that is one loss", lambda: analyzer(task=SingleLossPairTask()).pairwise_scores(DATA, DATA), TypeError,
      r"compute_train_loss_pair must return \(sampled_loss, true_loss\)"),
+    ("a tracked layer whose EK-FAC cannot fit in memory", lambda: _huge_output_analyzer(), ValueError,
+     r"tracked module '1' \(\[300000, 5\]\) needs a 300000 × 300000 float64 eigendecomposition"),
     ("nll_pair labels of the wrong shape", lambda: sf.nll_pair(torch.zeros(3, 4), torch.zeros(4, dtype=torch.long)),
      ValueError, r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
     ("nll_pair label out of range", lambda: sf.nll_pair(torch.zeros(3, 4), torch.tensor([0, 4, 1])), ValueError,
@@ -164,3 +173,24 @@ def test_checkpoint_file_missing_is_reported(tmp_path):
     r = run(checkpoints=[str(missing)] + CKPTS[1:])
     with pytest.raises(FileNotFoundError, match=r"checkpoints\[0\]: file .*nope.pt"):
         analyzer(training_run=r).fit(DATA)
+
+
+def test_factor_memory_check_uses_the_devices_free_memory_and_logs_large_eigendecompositions(monkeypatch, caplog):
+    """The pre-flight bound: a layer that fits passes, the same layer against less free memory raises naming
+    it, an eigendecomposition above _LARGE_EIGH is logged, and methods without EK-FAC are not checked."""
+    from source_fast import analyzer as analyzer_module
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 200))
+    ckpt = {k: v.clone() for k, v in model.state_dict().items()}
+    one = sf.TrainingRun([ckpt], [4], lr=0.1, num_segments=1)
+    analyzer(model=model, training_run=one)  # 200² doubles: fits anywhere
+    need = 3 * 200 * 200 * 8  # the eigendecomposition alone
+    monkeypatch.setattr(analyzer_module, "_available_bytes", lambda device: need // 2)
+    with pytest.raises(ValueError, match=r"tracked module '1' \(\[200, 5\]\) .* are available on cpu"):
+        analyzer(model=model, training_run=one)
+    analyzer(model=model, training_run=one, method="tracin")  # no EK-FAC: no factor memory
+    monkeypatch.setattr(analyzer_module, "_available_bytes", lambda device: None)  # unknown: not checked
+    monkeypatch.setattr(analyzer_module, "_LARGE_EIGH", 100)
+    with caplog.at_level("WARNING", logger="source_fast"):
+        analyzer(model=model, training_run=one)
+    assert "'1' needs a 200 × 200 eigendecomposition" in caplog.text
