@@ -23,12 +23,13 @@ _LAZY = {
     "sample_labels": "source_fast.task",
     "nll_pair": "source_fast.task",
     "ClassificationTask": "source_fast.task",
+    "RegressionTask": "source_fast.task",
     "CausalLMTask": "source_fast.task",
     "explain": "source_fast.ops",
 }
 _SUBMODULES = ("ops", "spectral", "reference", "evaluation", "ekfac", "io", "modules", "diagnostics")
 
-__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "CausalLMTask", "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
+__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "RegressionTask", "CausalLMTask", "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name):

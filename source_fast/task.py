@@ -24,9 +24,9 @@ It follows Kronfluence's `Task` protocol, so a `kronfluence.Task` subclass works
 ``sample_labels(logits)`` draws the Fisher's labels quickly (see its docstring); ``nll_pair(logits, labels)``
 gives the sampled-label and the true-label loss from one softmax, with a one-pass backward.
 
-Ready-made tasks: `ClassificationTask` (``(inputs, targets)`` batches, logits ``[B, C]``) and
-`CausalLMTask` (Hugging Face-style causal LMs: mapping batches with ``input_ids``), both with
-``compute_train_loss_pair``.
+Ready-made tasks: `ClassificationTask` (``(inputs, targets)`` batches, logits ``[B, C]``),
+`RegressionTask` (``(inputs, targets)`` batches, unit-variance Gaussian NLL) and `CausalLMTask` (Hugging
+Face-style causal LMs: mapping batches with ``input_ids``), all with ``compute_train_loss_pair``.
 """
 from __future__ import annotations
 
@@ -85,6 +85,52 @@ class ClassificationTask(Task):
 
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return nll_pair(*self._logits_and_targets(batch, model))
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self) -> list[str] | None:
+        return self.tracked_modules
+
+
+class RegressionTask(Task):
+    """Ready-made task for ``(inputs, targets)`` batches and a model whose output has the targets' shape:
+    the Gaussian negative log-likelihood with unit variance, ``½ Σ (f − y)²`` summed over the batch (constants
+    dropped), as training and measurement loss. Sampled targets (the true Fisher) are ``y ~ N(f, 1)``;
+    `compute_train_loss_pair` gives both losses from one forward (one pass per checkpoint).
+
+    An optimiser that stepped on the summed squared error ``Σ (f − y)²`` stepped on twice this loss: say so
+    with ``TrainingRun(loss_scale=2)`` (a mean over examples is already handled by 1/N).
+
+    Args:
+        tracked_modules: module names to attribute through (default: every supported module).
+    """
+
+    def __init__(self, tracked_modules: list[str] | None = None):
+        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+
+    def _predictions_and_targets(self, batch, model):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"RegressionTask expects (inputs, targets) batches, got {type(batch).__name__}")
+        inputs, targets = batch
+        pred = model(inputs)
+        if not isinstance(pred, torch.Tensor) or pred.shape != targets.shape:
+            raise ValueError(f"RegressionTask expects predictions of the targets' shape {tuple(targets.shape)}, got "
+                             f"{tuple(getattr(pred, 'shape', ()))}")
+        return pred, targets
+
+    @staticmethod
+    def _sampled(pred):
+        with torch.no_grad():  # y ~ N(f, 1), from the global RNG (which source_fast seeds)
+            return pred.detach() + torch.randn_like(pred)
+
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        pred, targets = self._predictions_and_targets(batch, model)
+        return 0.5 * (pred - (self._sampled(pred) if sample else targets)).square().sum()
+
+    def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        pred, targets = self._predictions_and_targets(batch, model)
+        return 0.5 * (pred - self._sampled(pred)).square().sum(), 0.5 * (pred - targets).square().sum()
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model)

@@ -1,4 +1,4 @@
-"""The ready-made tasks (sf.ClassificationTask, sf.CausalLMTask): their losses, their sampled labels (the same
+"""The ready-made tasks (sf.ClassificationTask, sf.RegressionTask, sf.CausalLMTask): their losses, their sampled labels (the same
 draws from compute_train_loss(sample=True) and compute_train_loss_pair), and SOURCE end to end with them."""
 import pytest
 import torch
@@ -54,6 +54,61 @@ def test_classification_task_end_to_end_one_pass_equals_fit_then_scores():
     two.fit(data)
     one = sf.SourceAnalyzer(model, task, run, batch_size=7, progress=False).pairwise_scores(queries, data)
     want = two.pairwise_scores(queries, data)
+    assert torch.allclose(one, want, rtol=1e-12, atol=1e-14 * want.abs().max().item())
+
+
+def _regression_run(n=20, d_in=4, d_out=2, steps=12, every=3, lr=0.1):
+    """Full-batch SGD on the mean over examples of ½‖f − y‖² (RegressionTask's per-example loss, so loss_scale
+    1): (model, data, run)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(d_in, d_out, generator=gen, dtype=torch.float64) + 0.1 * torch.randn(n, d_out, generator=gen,
+                                                                                             dtype=torch.float64)
+    data = torch.utils.data.TensorDataset(x, y)
+    model = mlp(d_in=d_in, d_out=d_out)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    ckpts, ckpt_steps = [], []
+    for k in range(steps):
+        opt.zero_grad()
+        (0.5 * (model(x) - y).square().sum() / n).backward()
+        opt.step()
+        if (k + 1) % every == 0:
+            ckpts.append({key: v.detach().clone() for key, v in model.state_dict().items()})
+            ckpt_steps.append(k + 1)
+    return model, data, sf.TrainingRun(ckpts, ckpt_steps, lr=lr, num_segments=2)
+
+
+def test_regression_task_losses_and_paired_draws():
+    model, data, _ = _regression_run()
+    x, y = data.tensors
+    task = sf.RegressionTask()
+    pred = model(x)
+    want = 0.5 * (pred - y).square().sum()
+    assert torch.equal(task.compute_train_loss((x, y), model), want)
+    assert torch.equal(task.compute_measurement((x, y), model), want)
+    sampled = _seeded(lambda: task.compute_train_loss((x, y), model, sample=True))
+    pair = _seeded(lambda: task.compute_train_loss_pair((x, y), model))
+    assert torch.equal(sampled, pair[0]) and torch.equal(pair[1], want)
+    noise = _seeded(lambda: torch.randn_like(pred))  # y ~ N(f, 1): the loss is ½‖ε‖²
+    assert torch.allclose(sampled, 0.5 * noise.square().sum(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"predictions of the targets' shape \(20, 3\)"):
+        task.compute_train_loss((x, torch.zeros(20, 3, dtype=torch.float64)), model)
+    with pytest.raises(TypeError, match=r"\(inputs, targets\) batches"):
+        task.compute_train_loss({"x": x}, model)
+
+
+def test_regression_task_end_to_end_matches_dense_oracle_and_one_pass():
+    model, data, run = _regression_run()
+    task = sf.RegressionTask()
+    queries = Subset(data, range(4))
+    empirical = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=6,
+                                  progress=False).pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data)
+    assert ((empirical - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
+    two = sf.SourceAnalyzer(model, task, run, batch_size=6, progress=False)
+    two.fit(data)
+    want = two.pairwise_scores(queries, data)
+    one = sf.SourceAnalyzer(model, task, run, batch_size=6, progress=False).pairwise_scores(queries, data)
     assert torch.allclose(one, want, rtol=1e-12, atol=1e-14 * want.abs().max().item())
 
 
