@@ -33,6 +33,7 @@ from . import _config, _extension, _linalg, ekfac, io, ops, spectral
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
+from .rows import RowBudget, RowCache, member_lists, merge_rows, rows_nbytes
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
@@ -370,7 +371,7 @@ class SourceAnalyzer:
         self._n_fit = n_train
         return self
 
-    def _fit_segment(self, train_dataset, seg, units, config, kept_for_scoring: "_RowCache | None" = None
+    def _fit_segment(self, train_dataset, seg, units, config, kept_for_scoring: "RowCache | None" = None
                      ) -> dict[str, EKFACBlock]:
         """Segment `seg`'s EK-FAC blocks (stored as factors/segment_<seg>.safetensors).
 
@@ -384,7 +385,7 @@ class SourceAnalyzer:
         # the whole run) uses every training example.
         stage = None if self.method == "influence" else self._segments()[seg][2]
         members = [(k, unit) for k, unit in enumerate(units) if unit.segment == seg]
-        cache = _RowCache(kept_for_scoring.budget if kept_for_scoring is not None else _RowBudget(
+        cache = RowCache(kept_for_scoring.budget if kept_for_scoring is not None else RowBudget(
             _config.row_cache_bytes()))
         covs = {unit.uid: self._fit_covariance(train_dataset, unit, k, len(units), config, stage, cache,
                                                kept_for_scoring) for k, unit in members}
@@ -689,7 +690,7 @@ class SourceAnalyzer:
                     continue
                 members = [u for u in units if u.segment == seg]
                 limit = _config.row_cache_bytes()
-                kept = None if seg in done else _RowCache(_RowBudget(limit, per_unit=limit // len(members)))
+                kept = None if seg in done else RowCache(RowBudget(limit, per_unit=limit // len(members)))
                 blocks[seg] = self._fit_segment(train_dataset, seg, units, config, kept)
                 if walk is None:
                     self._load(self._final_unit())
@@ -763,7 +764,7 @@ class SourceAnalyzer:
         """`_stacked_rows` from the first `batches` batches kept by the covariance passes (released as used)."""
         offset = 0
         for parts in itertools.islice(zip(*(kept.take(unit.uid) for unit in members)), batches):
-            yield offset, parts[0][0], _member_lists([self._in_basis(rows, basis) for _, rows in parts])
+            yield offset, parts[0][0], member_lists([self._in_basis(rows, basis) for _, rows in parts])
             offset += parts[0][0]
 
     def _in_basis(self, rows, basis):
@@ -778,7 +779,7 @@ class SourceAnalyzer:
         """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members."""
         _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
-        for offset, size, rows in _merge_rows(items, _config.stack_bytes()):
+        for offset, size, rows in merge_rows(items, _config.stack_bytes()):
             part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
@@ -890,7 +891,7 @@ class SourceAnalyzer:
     def _stacked_rows(self, members, dataset, basis, desc):
         """Yield (offset, size, rows) for scoring `dataset` against one direction shared by `members`
         (the checkpoints of one segment), rows rotated into `basis` when given. rows maps each layer to
-        ([a per member], [g per member]); `_merge_rows` stacks them along tokens, so ⟨W, Σ_k G_n^(k)⟩ is one
+        ([a per member], [g per member]); `merge_rows` stacks them along tokens, so ⟨W, Σ_k G_n^(k)⟩ is one
         contraction (the materialised kernel forms Σ_k G_n^(k) in cache) instead of one per checkpoint.
 
         The members' rows are held for a run of whole batches at a time, as many as fit
@@ -901,7 +902,7 @@ class SourceAnalyzer:
                 yield offset, size, self._in_basis(rows, basis)
 
         def as_lists(parts):  # one (offset, size, rows) per member of the same batch -> member lists
-            return _member_lists([p[2] for p in parts])
+            return member_lists([p[2] for p in parts])
 
         budget = _config.stack_bytes()
         if len(members) == 1 or budget == 0:
@@ -915,7 +916,7 @@ class SourceAnalyzer:
             first, held, used = member_rows(members[0], Subset(dataset, range(start, total))), [], 0
             for item in first:
                 held.append(item)
-                used += _rows_nbytes(item[2])
+                used += rows_nbytes(item[2])
                 if used * len(members) >= budget:
                     break
             first.close()
@@ -1171,63 +1172,6 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
-def _rows_nbytes(rows) -> int:
-    """Bytes of token rows {layer: (a, g)}, a and g tensors or lists of tensors."""
-    tensors = [t for pair in rows.values() for x in pair for t in (x if isinstance(x, list) else [x])]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _member_lists(per_member: list[dict]) -> dict:
-    """[{layer: (a, g)} per member of one batch] -> {layer: ([a per member], [g per member])}."""
-    return {name: ([rows[name][0] for rows in per_member], [rows[name][1] for rows in per_member])
-            for name in per_member[0]}
-
-
-def _merge_rows(items, budget: int):
-    """Turn (offset, size, {layer: ([a per member], [g per member])}) items into scoring calls: each
-    layer's members stacked along tokens, and consecutive batches with the same token counts merged along
-    examples up to `budget` bytes (the scoring kernels run ~15-20 % faster on 512+ examples per call than
-    on one batch: their packed query tiles are reused across more columns). Every row is copied once."""
-    pending, used = [], 0
-
-    def token_counts(rows):
-        return [tuple(x.shape[1] for x in a) for a, _ in rows.values()]
-
-    def merged():
-        if len(pending) == 1 and all(len(a) == 1 for a, _ in pending[0][2].values()):
-            return pending[0][0], pending[0][1], {n: (a[0], g[0]) for n, (a, g) in pending[0][2].items()}
-        rows = {}
-        for name in pending[0][2]:
-            rows[name] = tuple(_fill([item[2][name][side] for item in pending]) for side in (0, 1))
-        return pending[0][0], sum(item[1] for item in pending), rows
-
-    for item in items:
-        nbytes = _rows_nbytes(item[2])
-        fits = (pending and used + nbytes <= budget and item[0] == pending[-1][0] + pending[-1][1]
-                and token_counts(item[2]) == token_counts(pending[0][2]))
-        if pending and not fits:
-            yield merged()
-            pending, used = [], 0
-        pending.append(item)
-        used += nbytes
-    if pending:
-        yield merged()
-
-
-def _fill(grid: list[list[torch.Tensor]]) -> torch.Tensor:
-    """grid[batch][member] of [n_b, T_k, D] -> one [Σ n_b, Σ T_k, D] tensor (members along tokens)."""
-    first = grid[0][0]
-    out = first.new_empty(sum(row[0].shape[0] for row in grid), sum(x.shape[1] for x in grid[0]), first.shape[2])
-    r = 0
-    for row in grid:
-        c = 0
-        for x in row:
-            out[r:r + x.shape[0], c:c + x.shape[1]] = x
-            c += x.shape[1]
-        r += row[0].shape[0]
-    return out
-
-
 def _pack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{"x.A": [D, D]} -> {"x.A_triu": [D(D+1)/2]} (row-major upper triangle)."""
     out = {}
@@ -1312,67 +1256,3 @@ def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tens
     if a.shape[1] == 1:
         return torch.mul(gs[:, 0, :, None], as_[:, 0, None, :], out=out)
     return torch.bmm(gs.transpose(1, 2), as_, out=out)
-
-
-class _RowBudget:
-    """Bytes of kept token rows allowed (SOURCE_FAST_ROW_CACHE_MIB), shared by the caches of a segment.
-    per_unit: also at most that many bytes per unit (the one-pass schedule scores the batches kept for
-    every member of a segment, so the first member must not take the whole budget)."""
-
-    def __init__(self, limit: int, per_unit: int | None = None):
-        self.limit, self.used, self.per_unit = limit, 0, per_unit
-        self._by_unit: dict[str, int] = {}
-
-    def take(self, uid: str, nbytes: int) -> bool:
-        unit = self._by_unit.get(uid, 0)
-        if self.used + nbytes > self.limit or (self.per_unit is not None and unit + nbytes > self.per_unit):
-            return False
-        self.used += nbytes
-        self._by_unit[uid] = unit + nbytes
-        return True
-
-    def release(self, uid: str, nbytes: int) -> None:
-        self.used -= nbytes
-        self._by_unit[uid] = self._by_unit.get(uid, 0) - nbytes
-
-
-class _RowCache:
-    """Token rows of a unit's covariance pass kept for a later use (its eigen-correction pass; scoring in
-    the one-pass schedule) within a byte budget shared by a segment's caches: a prefix of whole batches
-    per unit, the rest of a pass recomputed from that batch on."""
-
-    def __init__(self, budget: _RowBudget):
-        self.budget = budget
-        self._held: dict[str, int] = {}  # bytes this cache charged to the budget, per unit
-        self._rows: dict[str, list] = {}
-        self._closed: set[str] = set()  # units whose prefix ended (a later batch did not fit)
-
-    def offer(self, uid: str, size: int, rows: dict, nbytes: int | None = None) -> bool:
-        """Keep the batch if it fits; nbytes: what it adds to memory (default: all its tensors)."""
-        if uid in self._closed:
-            return False
-        nbytes = _rows_nbytes(rows) if nbytes is None else nbytes
-        if not self.budget.take(uid, nbytes):
-            self._closed.add(uid)
-            return False
-        self._held[uid] = self._held.get(uid, 0) + nbytes
-        self._rows.setdefault(uid, []).append((size, rows))
-        return True
-
-    def common_prefix(self, uids) -> int:
-        """Batches kept for every one of the units (0 for a unit whose pass kept none or did not run)."""
-        return min(len(self._rows.get(uid, ())) for uid in uids)
-
-    def take(self, uid: str):
-        """Yield the unit's cached batches in order, releasing each once used."""
-        entries = self._rows.pop(uid, [])
-        entries.reverse()
-        while entries:
-            yield entries.pop()
-
-    def clear(self) -> None:
-        self._rows.clear()
-        self._closed.clear()
-        for uid, nbytes in self._held.items():
-            self.budget.release(uid, nbytes)
-        self._held.clear()
