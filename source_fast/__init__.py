@@ -29,7 +29,8 @@ _LAZY = {
 }
 _SUBMODULES = ("ops", "spectral", "reference", "evaluation", "ekfac", "io", "modules", "diagnostics")
 
-__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "RegressionTask", "CausalLMTask", "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
+__all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "RegressionTask", "CausalLMTask",
+           "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name):

@@ -236,7 +236,7 @@ def _padding_windows(mask: torch.Tensor | None, rows: dict) -> dict[str, tuple[i
     if mask is None or mask.dim() != 2 or not _config.cut_padding():
         return windows
     tokens = mask.shape[1]
-    kept = torch.nonzero(mask.reshape(mask.shape[0], tokens).any(0)).flatten()
+    kept = torch.nonzero(mask.any(0)).flatten()
     if kept.numel() == 0:
         return windows
     lo, hi = int(kept[0]), int(kept[-1]) + 1

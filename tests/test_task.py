@@ -137,7 +137,8 @@ def test_nll_pair_draws_like_sample_labels_and_sampled_false_draws_nothing():
 
 
 @pytest.mark.parametrize("logits, labels, err, match", [
-    (torch.zeros(3, 4), torch.zeros(4, dtype=torch.long), ValueError, r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
+    (torch.zeros(3, 4), torch.zeros(4, dtype=torch.long), ValueError,
+     r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
     (torch.zeros(3, 4), torch.zeros(3), ValueError, "integer tensor"),
     (torch.zeros(3, 4), torch.tensor([0, 4, 1]), ValueError, r"\[0, 4\) or equal ignore_index=-100"),
     (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), TypeError, "floating point"),
