@@ -124,3 +124,30 @@ def test_bench_padding_smoke():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "scores agree: True" in proc.stdout and "SMOKE" in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in results.glob("padding_*")} == before
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right padding", "left padding"])
+def test_every_scoring_entry_point_agrees_cut_or_whole(monkeypatch, left):
+    """fit() then pairwise_scores, self_scores and top_k (the two-pass paths, the influence method) with
+    padded positions cut and kept: the same results, for right and for left padding."""
+    ids, mask = _docs(seed=2)
+    if left:  # the same documents at the end of the context (GPT-2 then sees other positions: a new model)
+        ids, mask = ids.flip(1), mask.flip(1)
+    data = TokenDataset(ids, mask, with_labels=False)
+    model = tiny_gpt2()
+    ckpts, steps = lm_checkpoints(model, data, sf.CausalLMTask())
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    queries = Subset(data, range(3))
+    results = {}
+    for cut in ("1", "0"):
+        monkeypatch.setenv("SOURCE_FAST_CUT_PADDING", cut)
+        source = sf.SourceAnalyzer(model, sf.CausalLMTask(), run, batch_size=3, progress=False).fit(data)
+        influence = sf.SourceAnalyzer(model, sf.CausalLMTask(), run, method="influence", batch_size=3,
+                                      progress=False)
+        results[cut] = (source.pairwise_scores(queries, data), source.self_scores(data),
+                        source.top_k(queries, data, k=3)[1], influence.pairwise_scores(queries, data))
+    for got, want in zip(results["1"], results["0"]):
+        if got.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item())
+        else:
+            assert torch.equal(got, want)
