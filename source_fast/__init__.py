@@ -22,6 +22,7 @@ _LAZY = {
     "Task": "source_fast.task",
     "sample_labels": "source_fast.task",
     "nll_pair": "source_fast.task",
+    "linear_nll_pair": "source_fast.task",
     "ClassificationTask": "source_fast.task",
     "RegressionTask": "source_fast.task",
     "CausalLMTask": "source_fast.task",
@@ -30,7 +31,7 @@ _LAZY = {
 _SUBMODULES = ("ops", "spectral", "reference", "evaluation", "ekfac", "io", "modules", "diagnostics")
 
 __all__ = ["TrainingRun", "SourceAnalyzer", "Task", "ClassificationTask", "RegressionTask", "CausalLMTask",
-           "sample_labels", "nll_pair", "explain", *_SUBMODULES, "__version__"]
+           "sample_labels", "nll_pair", "linear_nll_pair", "explain", *_SUBMODULES, "__version__"]
 
 
 def __getattr__(name):

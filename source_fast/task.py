@@ -318,6 +318,104 @@ class _NllFromSoftmax(torch.autograd.Function):
         return out.view(shape).to(dtype), None, None, None, None
 
 
+def linear_nll_pair(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, sampled: bool = True, ignore_index: int = -100,
+                    generator: torch.Generator | None = None,
+                    chunk_rows: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`nll_pair` of the logits ``hidden @ weightᵀ + bias`` (a language model's output layer) without keeping
+    the logits: ``(sampled, true)`` losses whose backward reaches `hidden` only.
+
+    The logits are formed in chunks of rows. Each chunk gives both losses, the draws and the gradient with
+    respect to `hidden` of both losses: ``dh_sampled = (softmax − onehot(drawn)) @ weight``, and
+    ``dh_true = dh_sampled + weight[drawn] − weight[true]`` (the two losses differ only in the onehot). So
+    the output layer costs one product backward instead of two, and memory holds one chunk of logits
+    instead of the logits and their two gradients. Use it in a Task's ``compute_train_loss_pair`` when the
+    output layer is not a tracked module (it is never called as a module, so it cannot be). `weight` and
+    `bias` get no gradient: this is a loss for attribution, not for training.
+
+    Args:
+        hidden: ``[..., H]`` inputs of the output layer (the last hidden states).
+        weight: ``[C, H]`` output-layer weight; bias: optional ``[C]``.
+        labels: integer ``hidden.shape[:-1]``; `ignore_index` where a row is not scored.
+        chunk_rows: rows per chunk (default: ≈ 64 MiB of fp32 logits per chunk).
+    Returns:
+        Two scalar losses in float32 (float64 for float64 inputs), as `nll_pair`. The draws come from the
+        same inverse CDF as `sample_labels`; with one chunk they are its draws from the same RNG state.
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1 or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor [..., H], got {type(hidden).__name__}"
+                        f"{tuple(getattr(hidden, 'shape', ()))}")
+    width = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != width:
+        raise ValueError(f"weight must be [classes, {width}] (hidden's last dimension), got "
+                         f"{tuple(getattr(weight, 'shape', ()))}")
+    classes = weight.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (classes,)):
+        raise ValueError(f"bias must be [{classes}], got {tuple(getattr(bias, 'shape', ()))}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
+                         f"{getattr(labels, 'dtype', '')}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
+    dtype = _float_dtype(hidden)
+    h = hidden.detach().to(dtype).reshape(-1, width)
+    w = weight.detach().to(dtype)
+    b = None if bias is None else bias.detach().to(dtype)
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    if flat.device.type == "cpu" and bool(((flat < 0) | (flat >= classes))[valid].any()):
+        raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    safe = torch.where(valid, flat, torch.zeros_like(flat))
+    rows = h.shape[0]
+    step = chunk_rows or max(1, (64 << 20) // (4 * classes))
+    nll_true = h.new_empty(rows)
+    nll_sampled = h.new_empty(rows) if sampled else None
+    grad_sampled = torch.empty_like(h)
+    grad_true = torch.empty_like(h) if sampled else grad_sampled
+    host_sync = h.device.type == "cpu"
+    with torch.no_grad():
+        for lo in range(0, rows, step):
+            hi = min(rows, lo + step)
+            x = h[lo:hi] @ w.T if b is None else torch.addmm(b, h[lo:hi], w.T)
+            prob = _softmax(x)
+            ok = valid[lo:hi]
+            nll_true[lo:hi] = _nll_rows(x, prob, safe[lo:hi], ok, host_sync=host_sync)
+            keep = ok.to(dtype)[:, None]
+            if sampled:
+                drawn = torch.where(ok, _draw(prob, generator), torch.zeros_like(safe[lo:hi]))
+                nll_sampled[lo:hi] = _nll_rows(x, prob, drawn, ok, host_sync=host_sync)
+                prob.scatter_add_(1, drawn[:, None], -keep)  # softmax − onehot(drawn), in place
+                prob.mul_(keep)
+                torch.mm(prob, w, out=grad_sampled[lo:hi])
+                grad_true[lo:hi] = grad_sampled[lo:hi] + keep * (w[drawn] - w[safe[lo:hi]])
+            else:
+                prob.scatter_add_(1, safe[lo:hi, None], -keep)
+                prob.mul_(keep)
+                torch.mm(prob, w, out=grad_true[lo:hi])
+    zero = torch.zeros((), dtype=dtype, device=h.device)
+    true = _GivenGradient.apply(hidden, torch.where(valid, nll_true, zero).sum(), grad_true)
+    if not sampled:
+        return None, true
+    return _GivenGradient.apply(hidden, torch.where(valid, nll_sampled, zero).sum(), grad_sampled), true
+
+
+class _GivenGradient(torch.autograd.Function):
+    """A scalar `value` of `hidden` whose gradient was computed with it: backward returns grad · gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, value, gradient):
+        ctx.save_for_backward(gradient)
+        ctx.hidden_meta = (hidden.shape, hidden.dtype)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        gradient, = ctx.saved_tensors
+        shape, dtype = ctx.hidden_meta
+        return (gradient * grad.to(gradient.dtype)).view(shape).to(dtype), None, None
+
+
 def _nll_rows(x: torch.Tensor, prob: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, *,
               host_sync: bool) -> torch.Tensor:
     """−log softmax(x)[safe] per row. −log p loses nothing while p is a normal number; below that (a label

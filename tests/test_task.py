@@ -168,3 +168,63 @@ def test_nll_pair_on_cuda_matches_cpu(dtype):
     got, = torch.autograd.grad(true, gpu)
     exp, = torch.autograd.grad(want, cpu)
     torch.testing.assert_close(got.cpu().float(), exp.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_nll_pair_equals_nll_pair_of_the_logits(dtype, tol, with_bias):
+    """Losses, draws and the gradient with respect to the hidden states equal nll_pair's on the logits
+    hidden @ weightᵀ + bias (one chunk: the same draws from the same RNG state), with ignored rows."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = torch.randn(41, 16, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(41, generator=gen, dtype=torch.float64).to(dtype) if with_bias else None
+    labels = torch.randint(0, 41, (3, 7), generator=gen)
+    labels[0, :2] = -100
+    torch.manual_seed(4)
+    ours = sf.linear_nll_pair(hidden, weight, labels, bias=bias)
+    torch.manual_seed(4)
+    logits = hidden @ weight.T + (bias if with_bias else 0)
+    want = sf.nll_pair(logits, labels)
+    for got, exp in zip(ours, want):
+        torch.testing.assert_close(got, exp, rtol=tol, atol=0)
+        g1, = torch.autograd.grad(2.5 * got, hidden, retain_graph=True)
+        g2, = torch.autograd.grad(2.5 * exp, hidden, retain_graph=True)
+        torch.testing.assert_close(g1, g2, rtol=tol, atol=tol * float(g2.abs().max()))
+        assert g1.dtype == dtype and g1[0, :2].eq(0).all()
+
+
+def test_linear_nll_pair_in_chunks_and_without_draws():
+    """Chunks of rows give the same true loss and gradient as one chunk; sampled=False draws nothing and
+    returns (None, true)."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(50, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 30, (50,), generator=gen)
+    labels[::7] = -100
+    _, whole = sf.linear_nll_pair(hidden, weight, labels, sampled=False)
+    torch.manual_seed(2)
+    first_draw = torch.rand(1)
+    torch.manual_seed(2)
+    none, chunked = sf.linear_nll_pair(hidden, weight, labels, sampled=False, chunk_rows=6)
+    assert none is None and torch.equal(torch.rand(1), first_draw)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=0)
+    g1, = torch.autograd.grad(chunked, hidden)
+    g2, = torch.autograd.grad(whole, hidden)
+    torch.testing.assert_close(g1, g2, rtol=1e-13, atol=1e-15)
+    sampled, true = sf.linear_nll_pair(hidden, weight, labels, chunk_rows=6)
+    assert torch.isfinite(sampled) and torch.allclose(true, whole, rtol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    ({"weight": torch.zeros(5, 3)}, ValueError, r"weight must be \[classes, 4\]"),
+    ({"bias": torch.zeros(6)}, ValueError, r"bias must be \[5\]"),
+    ({"labels": torch.zeros(2, 3, dtype=torch.long)}, ValueError, r"shape hidden.shape\[:-1\] = \(3,\)"),
+    ({"labels": torch.tensor([0, 5, 1])}, ValueError, r"\[0, 5\) or equal ignore_index=-100"),
+    ({"chunk_rows": 0}, ValueError, "chunk_rows must be an integer >= 1"),
+])
+def test_linear_nll_pair_rejects_bad_input(kwargs, err, match):
+    args = {"hidden": torch.zeros(3, 4), "weight": torch.zeros(5, 4), "labels": torch.zeros(3, dtype=torch.long)}
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        sf.linear_nll_pair(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
