@@ -118,6 +118,9 @@ BAD_INPUTS = [
      ValueError, r"labels must be an integer tensor of shape logits.shape\[:-1\] = \(3,\)"),
     ("nll_pair label out of range", lambda: sf.nll_pair(torch.zeros(3, 4), torch.tensor([0, 4, 1])), ValueError,
      r"labels must lie in \[0, 4\) or equal ignore_index=-100"),
+    ("linear_nll_pair weight of the wrong width", lambda: sf.linear_nll_pair(torch.zeros(3, 4), torch.zeros(5, 3),
+                                                                            torch.zeros(3, dtype=torch.long)),
+     ValueError, r"weight must be \[classes, 4\]"),
     # ops
     ("op input not a tensor", lambda: ops.covariance([[1.0]]), TypeError, "x must be a torch.Tensor"),
     ("op input wrong ndim", lambda: ops.covariance(torch.zeros(3)), ValueError, "x must have 2 dimensions"),
