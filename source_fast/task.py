@@ -154,14 +154,23 @@ class CausalLMTask(Task):
     Args:
         tracked_modules: module names to attribute through (default: every supported module, which for
             a Hugging Face LM includes ``lm_head``).
+        fused_output_layer: compute the losses from the base model's last hidden states and the output
+            layer's weight with `linear_nll_pair`, never keeping the logits (for large vocabularies). Only for
+            models whose logits are exactly ``get_output_embeddings()(base_model(...)[0])`` (GPT-2, Llama,
+            Mistral, Qwen, ...; not models that rescale or soft-cap their logits). Needs an explicit
+            `tracked_modules` without the output layer, which is then never called as a module.
     """
 
     ignore_index = -100
 
-    def __init__(self, tracked_modules: list[str] | None = None):
+    def __init__(self, tracked_modules: list[str] | None = None, *, fused_output_layer: bool = False):
+        if fused_output_layer and tracked_modules is None:
+            raise ValueError("CausalLMTask(fused_output_layer=True) needs tracked_modules: the default tracks every "
+                             "supported module, the output layer included, which the fused loss never calls")
         self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+        self.fused_output_layer = fused_output_layer
 
-    def _logits_and_labels(self, batch, model):
+    def _ids_mask_labels(self, batch):
         if not hasattr(batch, "keys") or "input_ids" not in batch:
             raise TypeError(f"CausalLMTask expects mapping batches with 'input_ids', got {type(batch).__name__}")
         ids = batch["input_ids"]
@@ -169,23 +178,37 @@ class CausalLMTask(Task):
         labels = batch.get("labels")
         if labels is None:
             labels = ids if mask is None else ids.masked_fill(mask == 0, self.ignore_index)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
-            raise ValueError(f"CausalLMTask expects logits [batch, tokens, vocab] matching input_ids "
-                             f"{tuple(ids.shape)}, got {tuple(logits.shape)}")
         # Position t predicts labels[t + 1]; the last position predicts nothing. Shifting the labels rather
         # than slicing the logits keeps the logits' gradient one tensor (no zero-filled copy in backward).
         shifted = torch.full_like(labels, self.ignore_index)
         shifted[:, :-1] = labels[:, 1:]
-        return logits, shifted
+        return ids, mask, shifted
+
+    def _losses(self, batch, model, sampled: bool):
+        ids, mask, labels = self._ids_mask_labels(batch)
+        if self.fused_output_layer:
+            head = model.get_output_embeddings()
+            if not isinstance(head, nn.Linear):
+                raise TypeError(f"CausalLMTask(fused_output_layer=True) needs an nn.Linear output layer "
+                                f"(model.get_output_embeddings()), got {type(head).__name__}")
+            hidden = model.base_model(input_ids=ids, attention_mask=mask)[0]
+            if hidden.shape[:2] != ids.shape:
+                raise ValueError(f"CausalLMTask expects hidden states [batch, tokens, H] matching input_ids "
+                                 f"{tuple(ids.shape)}, got {tuple(hidden.shape)}")
+            return linear_nll_pair(hidden, head.weight, labels, bias=head.bias, sampled=sampled,
+                                   ignore_index=self.ignore_index)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(f"CausalLMTask expects logits [batch, tokens, vocab] matching input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(logits.shape)}")
+        return nll_pair(logits, labels, sampled=sampled, ignore_index=self.ignore_index)
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        sampled, true = nll_pair(*self._logits_and_labels(batch, model), sampled=sample,
-                                 ignore_index=self.ignore_index)
+        sampled, true = self._losses(batch, model, sampled=sample)
         return sampled if sample else true
 
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return nll_pair(*self._logits_and_labels(batch, model), ignore_index=self.ignore_index)
+        return self._losses(batch, model, sampled=True)
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         return self.compute_train_loss(batch, model)

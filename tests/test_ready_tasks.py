@@ -189,3 +189,27 @@ def test_causal_lm_task_sampled_fisher_one_pass_equals_fit_then_scores():
         handle.remove()
     assert torch.allclose(one, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
     assert len(forwards) == 4 * 3 + 1  # 4 checkpoints x 3 batches of the covariance passes + the queries
+
+
+def test_causal_lm_task_fused_output_layer_gives_the_same_scores():
+    """fused_output_layer=True (linear_nll_pair on the base model's hidden states and lm_head's weight, no
+    logits kept) against the plain task: the same losses and the same one-pass SOURCE scores; it needs
+    explicit tracked modules and an nn.Linear output layer."""
+    model = _gpt2()
+    ids, mask = _padded_tokens(seed=3)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    plain, fused = sf.CausalLMTask(names), sf.CausalLMTask(names, fused_output_layer=True)
+    assert torch.allclose(fused.compute_train_loss(batch, model), plain.compute_train_loss(batch, model), rtol=1e-12)
+    pair_f = _seeded(lambda: fused.compute_train_loss_pair(batch, model))
+    pair_p = _seeded(lambda: plain.compute_train_loss_pair(batch, model))
+    for f, p in zip(pair_f, pair_p):
+        assert torch.allclose(f, p, rtol=1e-12)
+    data = TokenDataset(ids, mask, with_labels=False)
+    run = _lm_run(model, data)
+    queries = Subset(data, range(3))
+    scores = [sf.SourceAnalyzer(model, task, run, batch_size=4, progress=False).pairwise_scores(queries, data)
+              for task in (fused, plain)]
+    assert torch.allclose(scores[0], scores[1], rtol=1e-10, atol=1e-12 * scores[1].abs().max().item())
+    with pytest.raises(ValueError, match="fused_output_layer=True\\) needs tracked_modules"):
+        sf.CausalLMTask(fused_output_layer=True)
