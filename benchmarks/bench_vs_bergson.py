@@ -46,7 +46,7 @@ Differences, and how they were handled (also written into the markdown):
     document per batch; source_fast uses --batch-size documents per batch (default 64, its default);
   * source_fast runs `pairwise_scores` without `fit()` first (--sf-two-pass calls fit() first): one pass per
     checkpoint, the scored training gradients taken from the curvature passes' forwards (its LMTask defines
-    `compute_train_loss_pair` with `sf.nll_pair`), so it reports one stage, "fit + scores in one pass";
+    `compute_train_loss_pair` with `sf.linear_nll_pair`), so it reports one stage, "fit + scores in one pass";
   * what is stored is each library's design: Bergson keeps per-checkpoint covariances, walked query gradients
     per segment and per-checkpoint scores; source_fast per-checkpoint covariances and Λ, per-segment factors and
     the score matrix.
@@ -326,14 +326,15 @@ def _source_fast_worker(spec: dict, blob) -> dict:
 
         def compute_train_loss_pair(self, batch, model):
             """(sampled-label loss, true-label loss) from one forward: source_fast's SOURCE then takes the
-            scored training gradients from the curvature passes' forwards. sf.nll_pair: one softmax for both
-            losses and the label draws (sf.sample_labels' inverse CDF), a one-pass backward each."""
+            scored training gradients from the curvature passes' forwards. sf.linear_nll_pair on the last
+            hidden states and lm_head's weight (lm_head is not tracked): one softmax for both losses and the
+            label draws (sf.sample_labels' inverse CDF), one lm_head product backward for both."""
             ids, lengths = batch
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-            logits = model(input_ids=ids, attention_mask=mask).logits
             labels = torch.full_like(ids, -100)  # position t predicts token t + 1 of the document
             labels[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            return sf.nll_pair(logits, labels)
+            hidden = model.transformer(input_ids=ids, attention_mask=mask)[0]
+            return sf.linear_nll_pair(hidden, model.lm_head.weight, labels)
 
         def compute_measurement(self, batch, model):
             ids, lengths = batch
@@ -698,7 +699,8 @@ def _write(rows, results, agreement, summary, meta, args, workload_info, bergson
            "checkpoint (Bergson's step names are listed under its rows). source_fast calls `pairwise_scores` without "
            "`fit()` first (unless --sf-two-pass), which fits the segments last to first and scores each from the rows "
            "of its curvature passes (its task's `compute_train_loss_pair` gives the sampled- and true-label losses of "
-           "one forward, by `sf.nll_pair`: one softmax for both losses and the draws): one pass per checkpoint, so "
+           "one forward, by `sf.linear_nll_pair` on the last hidden states and lm_head's weight: one softmax for "
+           "both losses and the draws, one lm_head product backward for both): one pass per checkpoint, so "
            "one stage. *CPU s* = user + system time of the "
            "worker and its children during the run. The CSV's process_seconds is the worker's whole life "
            "(interpreter start, imports, input preparation included).",
@@ -720,7 +722,8 @@ def _write(rows, results, agreement, summary, meta, args, workload_info, bergson
            "parameters; `--sf-bias` attributes the biases too).",
            "- Both libraries sample the Fisher's labels with their own RNG (same distribution, different draws; "
            "Bergson draws with `torch.multinomial` inside its pipeline, the source_fast Task of this benchmark "
-           "with `sf.sample_labels`' inverse CDF inside `sf.nll_pair`, 35× faster than `torch.multinomial` on this "
+           "with `sf.sample_labels`' inverse CDF inside `sf.linear_nll_pair`, 35× faster than `torch.multinomial` on "
+           "this "
            "1,000-way vocabulary): scores "
            "agree up to that noise, not bitwise. Bergson's scores are "
            "converted with τ = −Sᵀ/N (it stores loss-signed sums without the 1/N; see `_bergson_to_source_fast`).",
