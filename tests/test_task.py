@@ -228,3 +228,22 @@ def test_linear_nll_pair_rejects_bad_input(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         sf.linear_nll_pair(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
+
+
+@pytest.mark.gpu
+def test_linear_nll_pair_on_cuda_matches_cpu():
+    """On CUDA (no host syncs) the true loss and its gradient match the CPU's; the sampled loss is finite."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 64, generator=gen)
+    weight = torch.randn(1000, 64, generator=gen) / 8
+    labels = torch.randint(0, 1000, (300,), generator=gen)
+    labels[::9] = -100
+    cpu = hidden.clone().requires_grad_(True)
+    gpu = hidden.cuda().requires_grad_(True)
+    _, want = sf.linear_nll_pair(cpu, weight, labels, sampled=False)
+    sampled, true = sf.linear_nll_pair(gpu, weight.cuda(), labels.cuda(), chunk_rows=128)
+    assert torch.isfinite(sampled)
+    torch.testing.assert_close(true.cpu(), want, rtol=1e-5, atol=0)
+    got, = torch.autograd.grad(true, gpu)
+    exp, = torch.autograd.grad(want, cpu)
+    torch.testing.assert_close(got.cpu(), exp, rtol=1e-4, atol=1e-5)
