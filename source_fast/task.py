@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validation import check_same_device
+
 
 class Task:
     """Base class with the same methods as ``kronfluence.Task``; subclass it and implement the two
@@ -303,6 +305,7 @@ def nll_pair(logits: torch.Tensor, labels: torch.Tensor, *, sampled: bool = True
         raise ValueError(f"labels must be an integer tensor of shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
                          f"{getattr(labels, 'dtype', '')}")
+    check_same_device(logits=logits, labels=labels)
     classes = logits.shape[-1]
     x = logits.detach().to(_float_dtype(logits)).reshape(-1, classes)
     labels = labels.reshape(-1)
@@ -381,6 +384,7 @@ def linear_nll_pair(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          f"{getattr(labels, 'dtype', '')}")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
     dtype = _float_dtype(hidden)
     h = hidden.detach().to(dtype).reshape(-1, width)
     w = weight.detach().to(dtype)

@@ -143,6 +143,8 @@ def test_nll_pair_draws_like_sample_labels_and_sampled_false_draws_nothing():
     (torch.zeros(3, 4), torch.tensor([0, 4, 1]), ValueError, r"\[0, 4\) or equal ignore_index=-100"),
     (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), TypeError, "floating point"),
     (torch.zeros(3, 0), torch.zeros(3, dtype=torch.long), ValueError, "at least one class"),
+    (torch.zeros(3, 4), torch.zeros(3, dtype=torch.long, device="meta"), ValueError,
+     "all tensors must be on one device, got logits on cpu, labels on meta"),
 ])
 def test_nll_pair_rejects_bad_input(logits, labels, err, match):
     with pytest.raises(err, match=match):
@@ -222,6 +224,7 @@ def test_linear_nll_pair_in_chunks_and_without_draws():
     ({"labels": torch.zeros(2, 3, dtype=torch.long)}, ValueError, r"shape hidden.shape\[:-1\] = \(3,\)"),
     ({"labels": torch.tensor([0, 5, 1])}, ValueError, r"\[0, 5\) or equal ignore_index=-100"),
     ({"chunk_rows": 0}, ValueError, "chunk_rows must be an integer >= 1"),
+    ({"weight": torch.zeros(5, 4, device="meta")}, ValueError, "got hidden on cpu, weight on meta"),
 ])
 def test_linear_nll_pair_rejects_bad_input(kwargs, err, match):
     args = {"hidden": torch.zeros(3, 4), "weight": torch.zeros(5, 4), "labels": torch.zeros(3, dtype=torch.long)}
