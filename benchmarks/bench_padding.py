@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     if args.smoke:
         print("SMOKE: tiny sizes, timings are not measurements; nothing written")
         return 0
+    from source_fast.io import atomic_write_bytes
+
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
             "python": platform.python_version()}
     rows = [{"mode": m, "run": k + 1, "seconds": f"{r['seconds']:.3f}", "peak_rss_mib": f"{r['peak_rss_mib']:.0f}", **meta}
             for m in MODES for k, r in enumerate(results[m])]
-    _write_atomic(out / "padding_cpu.csv", _csv_text(rows))
+    atomic_write_bytes(out / "padding_cpu.csv", _csv_text(rows).encode())
     md = [f"# Padded batches: rows cut vs kept whole ({meta['cpu_model']}, {args.threads} threads, torch "
           f"{meta['torch']}, {stamp}, commit {meta['git_commit']})", "",
           f"Workload: {FULL['n_train']} documents of {FULL['doc_len'][0]}–{FULL['doc_len'][1]} tokens padded to "
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
         md.append(f"| {m} | {med[m]:.2f} | {runs} | {rss[m]:.0f} |")
     md += ["", f"Scores agree between the modes: {agree}.", "",
            f"Reproduce: `python benchmarks/bench_padding.py --threads {args.threads} --repeats {repeats}`"]
-    _write_atomic(out / "padding_cpu.md", "\n".join(md) + "\n")
+    atomic_write_bytes(out / "padding_cpu.md", ("\n".join(md) + "\n").encode())
     print(f"wrote {out / 'padding_cpu.csv'} and {out / 'padding_cpu.md'}")
     return 0
 
@@ -154,12 +156,6 @@ def _csv_text(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from source_fast.io import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
 
 
 if __name__ == "__main__":

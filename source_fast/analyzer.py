@@ -450,7 +450,7 @@ class SourceAnalyzer:
                 cached = cache.offer(unit.uid, size, rows)
                 if paired:  # the a rows are shared: counted once while the fit's cache holds them
                     true_rows = paired[0]
-                    extra = 0 if true_rows is rows else sum(g.numel() * g.element_size() for _, g in true_rows.values())
+                    extra = 0 if true_rows is rows else rows_nbytes({n: (g,) for n, (_, g) in true_rows.items()})
                     kept_for_scoring.offer(unit.uid, size, true_rows, nbytes=extra if cached else None)
                 for name, (a, g) in rows.items():
                     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
@@ -681,7 +681,6 @@ class SourceAnalyzer:
         blocks: list[dict[str, EKFACBlock] | None] = [None] * len(segments)
         if len(done) == len(segments):  # killed while writing the score blocks: the sum is complete
             blocks = self._load_segment_blocks(config) or blocks
-        cols = list(range(n_train))
         sparse_ok = self._sparse_kernel_usable()
         with self._session():
             walk = None
@@ -705,7 +704,7 @@ class SourceAnalyzer:
                 group = self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train)
                 del w
                 items = self._segment_rows(members, kept, group[4], train_dataset, seg)
-                self._score_group_into(scores, cols, group, items, n_train)
+                self._score_group_into(scores, 0, group, items, n_train)
                 del group, items
                 kept.clear()
                 done.add(seg)
@@ -775,8 +774,9 @@ class SourceAnalyzer:
         return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
                 if n in basis else (a, g) for n, (a, g) in rows.items()}
 
-    def _score_group_into(self, block, cols, group, items, n_train) -> None:
-        """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members."""
+    def _score_group_into(self, block, first_col, group, items, n_train) -> None:
+        """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members;
+        block's column 0 is training example `first_col`."""
         _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
@@ -784,7 +784,7 @@ class SourceAnalyzer:
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
             if in_stage is not None:
-                part = part * in_stage[cols[offset]:cols[offset] + size].to(part.dtype)
+                part = part * in_stage[first_col + offset:first_col + offset + size].to(part.dtype)
             block[:, offset:offset + size] += weight * part
 
     def top_k(self, query_dataset, train_dataset, k: int, *, largest: bool = True
@@ -822,7 +822,7 @@ class SourceAnalyzer:
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
                 for group in groups:
                     items = self._stacked_rows(group[0], Subset(train_dataset, cols), group[4], f"block {b + 1}")
-                    self._score_group_into(block, cols, group, items, n_train)
+                    self._score_group_into(block, cols[0], group, items, n_train)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")
@@ -901,14 +901,11 @@ class SourceAnalyzer:
             for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
                 yield offset, size, self._in_basis(rows, basis)
 
-        def as_lists(parts):  # one (offset, size, rows) per member of the same batch -> member lists
-            return member_lists([p[2] for p in parts])
-
         budget = _config.stack_bytes()
         if len(members) == 1 or budget == 0:
             for unit in members:
                 for offset, size, rows in member_rows(unit, dataset):
-                    yield offset, size, as_lists([(offset, size, rows)])
+                    yield offset, size, member_lists([rows])
             return
         start, total = 0, len(dataset)
         while start < total:
@@ -924,7 +921,7 @@ class SourceAnalyzer:
             part = Subset(dataset, range(start, stop))  # whole batches: the other members' batches align
             stacks = [held] + [list(member_rows(unit, part)) for unit in members[1:]]
             for parts in zip(*stacks):
-                yield start + parts[0][0], parts[0][1], as_lists(parts)
+                yield start + parts[0][0], parts[0][1], member_lists([p[2] for p in parts])
             start = stop
 
     # Scores of one block are a sum over (model state, direction, weight, stage) terms.

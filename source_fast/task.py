@@ -58,7 +58,26 @@ class Task:
     # Not defined here on purpose: source_fast uses it only where a task defines it (see the module doc).
 
 
-class ClassificationTask(Task):
+class _ReadyMadeTask(Task):
+    """What the ready-made tasks share: the tracked modules they are given, the training loss as
+    measurement, and the (inputs, targets) batch check."""
+
+    def __init__(self, tracked_modules: list[str] | None = None):
+        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        return self.compute_train_loss(batch, model)
+
+    def get_influence_tracked_modules(self) -> list[str] | None:
+        return self.tracked_modules
+
+    def _inputs_targets(self, batch):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"{type(self).__name__} expects (inputs, targets) batches, got {type(batch).__name__}")
+        return batch
+
+
+class ClassificationTask(_ReadyMadeTask):
     """Ready-made task for ``(inputs, targets)`` batches and a model returning logits ``[B, C]``: the
     summed cross-entropy, as training and measurement loss, by `nll_pair` (sampled labels as
     `sample_labels` draws them); `compute_train_loss_pair` gives both losses from one forward (one pass per
@@ -68,13 +87,8 @@ class ClassificationTask(Task):
         tracked_modules: module names to attribute through (default: every supported module).
     """
 
-    def __init__(self, tracked_modules: list[str] | None = None):
-        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
-
     def _logits_and_targets(self, batch, model):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"ClassificationTask expects (inputs, targets) batches, got {type(batch).__name__}")
-        inputs, targets = batch
+        inputs, targets = self._inputs_targets(batch)
         logits = model(inputs)
         if logits.dim() != 2 or targets.shape != logits.shape[:1]:
             raise ValueError(f"ClassificationTask expects logits [batch, classes] and targets [batch], got logits "
@@ -88,14 +102,8 @@ class ClassificationTask(Task):
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return nll_pair(*self._logits_and_targets(batch, model))
 
-    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        return self.compute_train_loss(batch, model)
 
-    def get_influence_tracked_modules(self) -> list[str] | None:
-        return self.tracked_modules
-
-
-class RegressionTask(Task):
+class RegressionTask(_ReadyMadeTask):
     """Ready-made task for ``(inputs, targets)`` batches and a model whose output has the targets' shape:
     the Gaussian negative log-likelihood with unit variance, ``½ Σ (f − y)²`` summed over the batch (constants
     dropped), as training and measurement loss. Sampled targets (the true Fisher) are ``y ~ N(f, 1)``;
@@ -108,13 +116,8 @@ class RegressionTask(Task):
         tracked_modules: module names to attribute through (default: every supported module).
     """
 
-    def __init__(self, tracked_modules: list[str] | None = None):
-        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
-
     def _predictions_and_targets(self, batch, model):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(f"RegressionTask expects (inputs, targets) batches, got {type(batch).__name__}")
-        inputs, targets = batch
+        inputs, targets = self._inputs_targets(batch)
         pred = model(inputs)
         if not isinstance(pred, torch.Tensor) or pred.shape != targets.shape:
             raise ValueError(f"RegressionTask expects predictions of the targets' shape {tuple(targets.shape)}, got "
@@ -134,14 +137,8 @@ class RegressionTask(Task):
         pred, targets = self._predictions_and_targets(batch, model)
         return 0.5 * (pred - self._sampled(pred)).square().sum(), 0.5 * (pred - targets).square().sum()
 
-    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        return self.compute_train_loss(batch, model)
 
-    def get_influence_tracked_modules(self) -> list[str] | None:
-        return self.tracked_modules
-
-
-class CausalLMTask(Task):
+class CausalLMTask(_ReadyMadeTask):
     """Ready-made task for causal language models called like Hugging Face's
     (``model(input_ids=..., attention_mask=...).logits`` of shape ``[B, T, V]``): the next-token negative
     log-likelihood summed over the predicted tokens of the batch, as training and measurement loss.
@@ -169,7 +166,7 @@ class CausalLMTask(Task):
         if fused_output_layer and tracked_modules is None:
             raise ValueError("CausalLMTask(fused_output_layer=True) needs tracked_modules: the default tracks every "
                              "supported module, the output layer included, which the fused loss never calls")
-        self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
+        super().__init__(tracked_modules)
         self.fused_output_layer = fused_output_layer
 
     def _ids_mask_labels(self, batch):
@@ -211,12 +208,6 @@ class CausalLMTask(Task):
 
     def compute_train_loss_pair(self, batch: Any, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self._losses(batch, model, sampled=True)
-
-    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        return self.compute_train_loss(batch, model)
-
-    def get_influence_tracked_modules(self) -> list[str] | None:
-        return self.tracked_modules
 
     def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
         return batch.get("attention_mask") if hasattr(batch, "get") else None
@@ -301,33 +292,24 @@ def nll_pair(logits: torch.Tensor, labels: torch.Tensor, *, sampled: bool = True
                          f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1] or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-                         f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
-                         f"{getattr(labels, 'dtype', '')}")
+    _check_labels_shape(labels, logits.shape[:-1], "logits")
     check_same_device(logits=logits, labels=labels)
     classes = logits.shape[-1]
     x = logits.detach().to(_float_dtype(logits)).reshape(-1, classes)
-    labels = labels.reshape(-1)
-    valid = labels != ignore_index
-    # On CPU a host check names a bad label; on a GPU it would stall the stream each batch, and gather's
-    # device-side bounds check catches it there, as F.cross_entropy's does.
-    if labels.device.type == "cpu" and bool(((labels < 0) | (labels >= classes))[valid].any()):
-        raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    labels, valid = _flat_labels(labels, classes, ignore_index)
     with torch.no_grad():
         prob = _softmax(x)  # shared by the draws, both losses and both backwards
         drawn = _draw(prob, generator).masked_fill_(~valid, ignore_index) if sampled else None
-    true = _NllFromSoftmax.apply(logits, x, prob, labels, ignore_index)
-    return (_NllFromSoftmax.apply(logits, x, prob, drawn, ignore_index) if sampled else None), true
+    true = _NllFromSoftmax.apply(logits, x, prob, labels, valid)
+    return (_NllFromSoftmax.apply(logits, x, prob, drawn, valid) if sampled else None), true
 
 
 class _NllFromSoftmax(torch.autograd.Function):
-    """Σ_rows −log softmax(x)[label], given prob = softmax(x), with the backward ``(prob − onehot(label)) ·
-    grad`` written in one pass."""
+    """Σ_rows −log softmax(x)[label] over the `valid` rows, given prob = softmax(x), with the backward
+    ``(prob − onehot(label)) · grad`` written in one pass."""
 
     @staticmethod
-    def forward(ctx, logits, x, prob, labels, ignore_index):
-        valid = labels != ignore_index
+    def forward(ctx, logits, x, prob, labels, valid):
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         nll = _nll_rows(x, prob, safe, valid, host_sync=x.device.type == "cpu")
         ctx.save_for_backward(prob, safe, valid)
@@ -378,10 +360,7 @@ def linear_nll_pair(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     classes = weight.shape[0]
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (classes,)):
         raise ValueError(f"bias must be [{classes}], got {tuple(getattr(bias, 'shape', ()))}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1] or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
-                         f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
-                         f"{getattr(labels, 'dtype', '')}")
+    _check_labels_shape(labels, hidden.shape[:-1], "hidden")
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be an integer >= 1 or None, got {chunk_rows!r}")
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
@@ -389,17 +368,14 @@ def linear_nll_pair(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     h = hidden.detach().to(dtype).reshape(-1, width)
     w = weight.detach().to(dtype)
     b = None if bias is None else bias.detach().to(dtype)
-    flat = labels.reshape(-1)
-    valid = flat != ignore_index
-    if flat.device.type == "cpu" and bool(((flat < 0) | (flat >= classes))[valid].any()):
-        raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    flat, valid = _flat_labels(labels, classes, ignore_index)
     safe = torch.where(valid, flat, torch.zeros_like(flat))
     rows = h.shape[0]
     step = chunk_rows or max(1, (64 << 20) // (4 * classes))
     nll_true = h.new_empty(rows)
     nll_sampled = h.new_empty(rows) if sampled else None
-    grad_sampled = torch.empty_like(h)
-    grad_true = torch.empty_like(h) if sampled else grad_sampled
+    grad_true = torch.empty_like(h)
+    grad_sampled = torch.empty_like(h) if sampled else None
     host_sync = h.device.type == "cpu"
     with torch.no_grad():
         for lo in range(0, rows, step):
@@ -409,17 +385,15 @@ def linear_nll_pair(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             ok = valid[lo:hi]
             nll_true[lo:hi] = _nll_rows(x, prob, safe[lo:hi], ok, host_sync=host_sync)
             keep = ok.to(dtype)[:, None]
+            target = safe[lo:hi]  # the onehot whose gradient is formed by a product: the drawn one if any
             if sampled:
-                drawn = torch.where(ok, _draw(prob, generator), torch.zeros_like(safe[lo:hi]))
-                nll_sampled[lo:hi] = _nll_rows(x, prob, drawn, ok, host_sync=host_sync)
-                prob.scatter_add_(1, drawn[:, None], -keep)  # softmax − onehot(drawn), in place
-                prob.mul_(keep)
-                torch.mm(prob, w, out=grad_sampled[lo:hi])
-                grad_true[lo:hi] = grad_sampled[lo:hi] + keep * (w[drawn] - w[safe[lo:hi]])
-            else:
-                prob.scatter_add_(1, safe[lo:hi, None], -keep)
-                prob.mul_(keep)
-                torch.mm(prob, w, out=grad_true[lo:hi])
+                target = torch.where(ok, _draw(prob, generator), torch.zeros_like(target))
+                nll_sampled[lo:hi] = _nll_rows(x, prob, target, ok, host_sync=host_sync)
+            prob.scatter_add_(1, target[:, None], -keep)  # softmax − onehot(target), in place
+            prob.mul_(keep)
+            torch.mm(prob, w, out=(grad_sampled if sampled else grad_true)[lo:hi])
+            if sampled:  # the true label's gradient differs only in the onehot
+                grad_true[lo:hi] = grad_sampled[lo:hi] + keep * (w[target] - w[safe[lo:hi]])
     zero = torch.zeros((), dtype=dtype, device=h.device)
     true = _GivenGradient.apply(hidden, torch.where(valid, nll_true, zero).sum(), grad_true)
     if not sampled:
@@ -441,6 +415,24 @@ class _GivenGradient(torch.autograd.Function):
         gradient, = ctx.saved_tensors
         shape, dtype = ctx.hidden_meta
         return (gradient * grad.to(gradient.dtype)).view(shape).to(dtype), None, None
+
+
+def _check_labels_shape(labels, shape: torch.Size, of: str) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.shape != shape or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape {of}.shape[:-1] = {tuple(shape)}, "
+                         f"got {type(labels).__name__}{tuple(getattr(labels, 'shape', ()))} "
+                         f"{getattr(labels, 'dtype', '')}")
+
+
+def _flat_labels(labels: torch.Tensor, classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels flattened, rows that are scored). On CPU a host check names a label out of range; on a GPU it
+    would stall the stream each batch, and gather's device-side bounds check catches it there, as
+    F.cross_entropy's does."""
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    if flat.device.type == "cpu" and bool(((flat < 0) | (flat >= classes))[valid].any()):
+        raise ValueError(f"labels must lie in [0, {classes}) or equal ignore_index={ignore_index}")
+    return flat, valid
 
 
 def _nll_rows(x: torch.Tensor, prob: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor, *,

@@ -134,6 +134,14 @@ class TokenDataset(torch.utils.data.Dataset):
         return item
 
 
+def padded_tokens(n=10, lengths=(3, LM_SEQ), seed=0):
+    """(ids [n, LM_SEQ], right-padding attention mask): documents of lengths[0]..lengths[1] tokens (inclusive)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, LM_VOCAB, (n, LM_SEQ), generator=gen)
+    length = torch.randint(lengths[0], lengths[1] + 1, (n,), generator=gen)
+    return ids, (torch.arange(LM_SEQ)[None, :] < length[:, None]).long()
+
+
 def tiny_gpt2(dtype=torch.float64):
     """A one-block GPT-2 from a config (random init, no download, no dropout)."""
     import transformers

@@ -75,12 +75,9 @@ def test_causal_lm_on_cuda_matches_cpu_oracle_with_padding():
     """sf.CausalLMTask on CUDA (nll_pair's no-sync path, padded positions cut from the rows on the device):
     a padded GPT-2 in float64 against the CPU dense oracle; the sampled Fisher runs one pass per checkpoint."""
     pytest.importorskip("transformers")
-    from _models import LM_SEQ, TokenDataset, lm_checkpoints, tiny_gpt2
+    from _models import TokenDataset, lm_checkpoints, padded_tokens, tiny_gpt2
 
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 20, (8, LM_SEQ), generator=gen)
-    lengths = torch.randint(2, 4, (8,), generator=gen)  # ≤ 3 of 6 positions: the cut applies
-    data = TokenDataset(ids, (torch.arange(LM_SEQ)[None, :] < lengths[:, None]).long(), with_labels=False)
+    data = TokenDataset(*padded_tokens(8, (2, 3)), with_labels=False)  # ≤ 3 of 6 positions: the cut applies
     model = tiny_gpt2()
     ckpts, steps = lm_checkpoints(model, data, sf.CausalLMTask())
     run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)

@@ -8,7 +8,8 @@ from torch.utils.data import Subset
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import LM_SEQ, LM_VOCAB, TokenDataset, classification_data, lm_checkpoints, mlp, tiny_gpt2, train_run
+from _models import (LM_VOCAB, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens, tiny_gpt2,
+                     train_run)
 
 
 def _seeded(fn, seed=3):
@@ -113,24 +114,16 @@ def test_regression_task_end_to_end_matches_dense_oracle_and_one_pass():
 
 
 transformers = pytest.importorskip("transformers")
-VOCAB, SEQ = LM_VOCAB, LM_SEQ
+VOCAB = LM_VOCAB
 
 
 def _gpt2(dtype=torch.float64):
     return tiny_gpt2(dtype)
 
 
-def _padded_tokens(n=10, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
-    lengths = torch.randint(3, SEQ + 1, (n,), generator=gen)
-    mask = (torch.arange(SEQ)[None, :] < lengths[:, None]).long()
-    return ids, mask
-
-
 def test_causal_lm_task_losses_default_labels_and_paired_draws():
     model = _gpt2()
-    ids, mask = _padded_tokens()
+    ids, mask = padded_tokens()
     batch = {"input_ids": ids, "attention_mask": mask}
     task = sf.CausalLMTask()
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -161,7 +154,7 @@ def _lm_run(model, data):
 
 def test_causal_lm_task_matches_dense_oracle_with_padding():
     model = _gpt2()
-    data = TokenDataset(*_padded_tokens(), with_labels=False)
+    data = TokenDataset(*padded_tokens(), with_labels=False)
     run = _lm_run(model, data)
     names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     task = sf.CausalLMTask(names)
@@ -174,7 +167,7 @@ def test_causal_lm_task_matches_dense_oracle_with_padding():
 
 def test_causal_lm_task_sampled_fisher_one_pass_equals_fit_then_scores():
     model = _gpt2()
-    data = TokenDataset(*_padded_tokens(seed=1), with_labels=False)
+    data = TokenDataset(*padded_tokens(seed=1), with_labels=False)
     run = _lm_run(model, data)
     task = sf.CausalLMTask()  # every supported module, lm_head included
     queries = Subset(data, range(3))
@@ -196,7 +189,7 @@ def test_causal_lm_task_fused_output_layer_gives_the_same_scores():
     logits kept) against the plain task: the same losses and the same one-pass SOURCE scores; it needs
     explicit tracked modules and an nn.Linear output layer."""
     model = _gpt2()
-    ids, mask = _padded_tokens(seed=3)
+    ids, mask = padded_tokens(seed=3)
     batch = {"input_ids": ids, "attention_mask": mask}
     names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
     plain, fused = sf.CausalLMTask(names), sf.CausalLMTask(names, fused_output_layer=True)

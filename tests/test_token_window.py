@@ -9,7 +9,7 @@ import source_fast as sf
 from source_fast import modules
 from source_fast.modules import _padding_windows
 
-from _models import LM_SEQ, TokenDataset, lm_checkpoints, tiny_gpt2
+from _models import LM_SEQ, TokenDataset, lm_checkpoints, padded_tokens, tiny_gpt2
 
 pytest.importorskip("transformers")
 
@@ -53,12 +53,9 @@ def test_window_keeps_everything_when_there_is_nothing_worth_cutting(case):
     assert _padding_windows(mask, rows) == {"x": None}
 
 
-def _docs(n=8, length=(2, 3), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 20, (n, LM_SEQ), generator=gen)
-    lengths = torch.randint(length[0], length[1] + 1, (n,), generator=gen)
-    mask = (torch.arange(LM_SEQ)[None, :] < lengths[:, None]).long()
-    return ids, mask
+def _docs(seed=0):
+    """8 documents of 2-3 tokens in a context of 6: the cut applies."""
+    return padded_tokens(8, (2, 3), seed=seed)
 
 
 def test_padded_to_a_fixed_length_scores_like_the_unpadded_batches():
