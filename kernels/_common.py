@@ -20,6 +20,7 @@ keep register use moderate (no autotune: another config is another reduction ord
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -77,17 +78,67 @@ def pair_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
     return 64, 64, 32
 
 
-def pairwise_blocks(q: int, n: int, i: int, dot: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_N, BLOCK_I, num_warps) of score_pairwise: the contraction's M, N and K (one output
-    row o × BLOCK_I inputs per K-step), each ≥ 16 for tl.dot. On a GPU: chosen from the sm_90 build's
-    resource report (registers, no spills), not yet timed on a device."""
+class PairwiseConfig(NamedTuple):
+    """Tile shape and launch options of score_pairwise: the contraction's M (queries), N (examples) and K step
+    (one output row o × block_i inputs), tokens formed at once, warps and pipeline depth."""
+    block_q: int
+    block_n: int
+    block_i: int
+    block_t: int
+    num_warps: int
+    num_stages: int
+
+
+def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
+    """score_pairwise's configuration for these sizes and operand dtype code. Under the interpreter blocks fit
+    the (test-sized) problem; on a GPU they come from PAIRWISE_GPU_BLOCKS, which the sm_90 build's resource
+    report chose (no spills, tensor-core and asynchronous-copy instructions present; a test keeps it so),
+    not device timings."""
     if interpreting():
-        return clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64), 4
-    return PAIRWISE_GPU_BLOCKS[dot]
+        return PairwiseConfig(clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64),
+                              clamp_pow2(t, 1, 64), 4, 1)
+    block_q, block_n, block_i, max_t, warps, stages = PAIRWISE_GPU_BLOCKS[dot][0 if t == 1 else 1]
+    return PairwiseConfig(block_q, block_n, block_i, clamp_pow2(t, 1, max_t), warps, stages)
 
 
-# (BLOCK_Q, BLOCK_N, BLOCK_I, num_warps) per operand dtype code (DOT_F32, DOT_F16, DOT_BF16).
-PAIRWISE_GPU_BLOCKS = {0: (64, 32, 32, 4), 1: (128, 64, 32, 8), 2: (128, 64, 32, 8)}
+# Per operand dtype code (DOT_F32, DOT_F16, DOT_BF16): (one-token config, several-token config), each
+# (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens formed at once, num_warps, num_stages). One token: the largest tiles
+# whose sm_90 build stays at ≤ 128 registers (two programs per SM, so one's loads and G forming overlap the
+# other's dots). Several tokens: the [BLOCK_N, BLOCK_T, BLOCK_I] inputs held in registers cap the tile.
+PAIRWISE_GPU_BLOCKS = {
+    0: ((64, 32, 16, 1, 4, 2), (64, 32, 16, 8, 4, 2)),
+    1: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
+    2: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Aligned layouts: what lets Triton vectorise and pipeline loads
+# ---------------------------------------------------------------------------------------------
+
+# Triton specialises integer arguments divisible by 16 (and 16-byte aligned pointers). Only rows whose
+# length and strides it can prove to be such multiples get vectorised loads, and only vectorised loads
+# become the asynchronous copies its software pipeliner overlaps with the dots: the sm_90 build of a
+# tile loop over 1025-wide rows (a layer's inputs plus the bias column) has neither.
+ALIGN = 16
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-int(x) // multiple) * multiple
+
+
+def aligned_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x [..., D] as a tensor [..., size] (size ≥ D, zeros beyond D) with a unit last stride, every other
+    stride a multiple of ALIGN and a 16-byte aligned start: x itself when it already is one, else a copy."""
+    d = x.shape[-1]
+    if size < d:
+        raise ValueError(f"aligned_rows: size must be >= the last dimension {d}, got {size}")
+    if (d == size and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+            and all(s % ALIGN == 0 for s, k in zip(x.stride()[:-1], x.shape[:-1]) if k > 1)):
+        return x
+    out = x.new_zeros(*x.shape[:-1], size)
+    out[..., :d].copy_(x)
+    return out
 
 
 def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:

@@ -4,24 +4,31 @@ Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, 
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
 Strategy: the contraction is a GEMM, scores = V_flat [Q, O·I] @ G_flat [N, O·I]ᵀ, whose right operand is
-formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries) walks K in steps of
-one output row o × BLOCK_I inputs; per step it forms the examples' gradient tile
-G[n, o, i0:i0+BLOCK_I] = Σ_t g[n, t, o] a[n, t, i0:i0+BLOCK_I] in fp32 registers (one FMA per element and
-token) and adds V_tile [BLOCK_Q, BLOCK_I] @ G_tileᵀ to a [BLOCK_Q, BLOCK_N] fp32 accumulator with tl.dot
-(tensor cores: wgmma on sm_90). Each score is written once, by its own program: deterministic, no atomics.
+formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
+  tokens in chunks of BLOCK_T (one chunk for the few-token case this kernel is for)
+    input columns i in blocks of BLOCK_I: the examples' a[n, t, i-block] loaded once, kept in registers
+      output rows o (the innermost loop, long: O steps): load V[q-block, o, i-block] and g[o, t, n-block],
+      form G[n, o, i-block] = Σ_t g a in fp32 registers, add V_tile @ G_tileᵀ to the [BLOCK_Q, BLOCK_N]
+      fp32 accumulator with tl.dot (wgmma on sm_90).
+The innermost loop has only loads and the dot, so Triton software-pipelines it (asynchronous copies,
+num_stages deep). That needs the loads to be provably aligned: the launcher pads the i axis of v and a
+to a multiple of ALIGN (zeros, which add nothing) and stores g as [O, T, N_pad] so that each step's g is
+one contiguous vector. A test compiles the kernel for sm_90 without a GPU and checks the build for
+tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions and no spills.
 
-Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and
-read the same V tiles in the same order (L2 hits); axis 1 = query blocks.
+With more tokens than BLOCK_T the token chunks repeat the contraction (ceil(T/BLOCK_T) times the MMA
+work): the kernel is meant for few tokens per example (one, or a segment's stacked checkpoints); with
+many tokens the torch backend's token-wise/materialised choice is cheaper (dispatch measures it).
 
-Cost: Q·N·O·I MACs for the contraction plus N·T·O·I FMAs per query block for forming G: meant for few
-tokens per example (one token, or a segment's stacked checkpoints); with many tokens the torch backend's
-token-wise/materialised choice is cheaper. Block shapes (_common.PAIRWISE_GPU_BLOCKS) were picked from the
-sm_90 build's resource report (no spills; a test keeps it so), not from device timings.
+Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
+the same V tiles in the same order (L2 hits); axis 1 = query blocks. Each score is written once, by its
+own program: deterministic, no atomics.
 
 History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile with the queries by
 elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
-triton score_pairwise rows, and so the dispatch table's entries, are that kernel's). This one has not yet
-run on a GPU.
+triton score_pairwise rows, and so the dispatch table's entries, are that kernel's). The second formed G
+tiles for a tl.dot but kept a token loop innermost and read unaligned rows: its sm_90 build had neither
+pipelining nor vectorised loads. This third one has not yet run on a GPU.
 
 Precision: with v, a and g all fp16 (or all bf16) the fp32 G tile is rounded to that dtype for the
 contraction (fp32 accumulation), as a same-precision computation would; otherwise every dot is IEEE fp32
@@ -37,36 +44,58 @@ from . import _common
 
 
 @triton.jit
-def _score_pairwise_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I,
-                           s_vq, s_vo, s_vi, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq, s_on,
-                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr):
+def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
+                           s_vq, s_vo, s_an, s_at, s_go, s_gt, s_oq,
+                           BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                           BLOCK_T: tl.constexpr, DOT: tl.constexpr):
     """out[qb, nb] = V[qb] G[nb]ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
-    example block program_id(0); every tensor strided (strides in elements)."""
+    example block program_id(0). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
+    the other strides are arguments (in elements)."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_i = tl.arange(0, BLOCK_I)
+    offs_t = tl.arange(0, BLOCK_T)
     n_ok = offs_n < N
     q_ok = offs_q < Q
     a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
-    g_rows = g_ptr + offs_n * s_gn
     v_rows = v_ptr + offs_q * s_vq
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    # A K-step is one output row o and BLOCK_I consecutive inputs i: G's tile is g[n, t, o] (one value per
-    # example) times a row block of a, so it is formed in the [BLOCK_N, BLOCK_I] layout the dot reads.
-    for o in range(0, O):
+    for t0 in range(0, T, BLOCK_T):
+        tt = t0 + offs_t
+        t_ok = tt < T
         for i0 in range(0, I, BLOCK_I):
             ii = i0 + offs_i
             i_ok = ii < I
-            grad = tl.zeros((BLOCK_N, BLOCK_I), dtype=tl.float32)
-            for t in range(0, T):
-                g = tl.load(g_rows + t * s_gt + o * s_go, mask=n_ok, other=0.0)
-                a = tl.load(a_rows[:, None] + t * s_at + ii[None, :] * s_ai, mask=n_ok[:, None] & i_ok[None, :],
-                            other=0.0)
-                grad += g.to(tl.float32)[:, None] * a.to(tl.float32)
-            v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :] * s_vi, mask=q_ok[:, None] & i_ok[None, :],
-                        other=0.0)
-            acc = _common.mma(v, tl.trans(grad), acc, DOT)
-    tl.store(out_ptr + offs_q[:, None] * s_oq + offs_n[None, :] * s_on, acc, mask=q_ok[:, None] & n_ok[None, :])
+            # The examples' inputs for this i-block: loaded once, reused by all O steps below.
+            if BLOCK_T == 1:
+                a = tl.load(a_rows[:, None] + t0 * s_at + ii[None, :], mask=n_ok[:, None] & i_ok[None, :],
+                            other=0.0).to(tl.float32)
+            else:
+                a = tl.load(a_rows[:, None, None] + tt[None, :, None].to(tl.int64) * s_at + ii[None, None, :],
+                            mask=n_ok[:, None, None] & t_ok[None, :, None] & i_ok[None, None, :],
+                            other=0.0).to(tl.float32)
+            for o in range(0, O):
+                v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
+                if BLOCK_T == 1:
+                    g = tl.load(gt_ptr + o * s_go + t0 * s_gt + offs_n, mask=n_ok, other=0.0)
+                    grad = g.to(tl.float32)[:, None] * a
+                else:
+                    g = tl.load(gt_ptr + o * s_go + tt[None, :].to(tl.int64) * s_gt + offs_n[:, None],
+                                mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
+                    grad = tl.sum(g.to(tl.float32)[:, :, None] * a, axis=1)
+                acc = _common.mma(v, tl.trans(grad), acc, DOT)
+    tl.store(out_ptr + offs_q[:, None] * s_oq + offs_n[None, :], acc, mask=q_ok[:, None] & n_ok[None, :])
+
+
+def _kernel_layout(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor):
+    """(v [Q, O, I_pad], a [N, T, I_pad], gt [O, T, N_pad], I_pad): the i axis padded with zeros to a multiple of
+    ALIGN, g transposed so that a step's g[o, t, n-block] is contiguous; no copy where a tensor already has
+    that layout."""
+    i_pad = _common.round_up(a.shape[2], _common.ALIGN)
+    v = _common.aligned_rows(v, i_pad)
+    a = _common.aligned_rows(a, i_pad)
+    gt = _common.aligned_rows(g.permute(2, 1, 0), _common.round_up(g.shape[0], _common.ALIGN))
+    return v, a, gt, i_pad
 
 
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -81,13 +110,16 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return out.zero_()
     same = v.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
-    block_q, block_n, block_i, warps = _common.pairwise_blocks(q, n, i, dot)
-    grid_n = triton.cdiv(n, block_n)
-    for q0 in range(0, q, block_q * _common.MAX_GRID_YZ):  # axis 1 holds at most 65535 query blocks
-        vq, oq = v[q0:q0 + block_q * _common.MAX_GRID_YZ], out[q0:q0 + block_q * _common.MAX_GRID_YZ]
-        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], block_q))](
-            vq, a, g, oq, vq.shape[0], n, t, o, i,
-            *vq.stride(), *a.stride(), *g.stride(), *oq.stride(),
-            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, DOT=dot, num_warps=warps,
+    cfg = _common.pairwise_blocks(q, n, t, i, dot)
+    vk, ak, gt, i_pad = _kernel_layout(v, a, g)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
+    for q0 in range(0, q, step):
+        vq, oq = vk[q0:q0 + step], out[q0:q0 + step]
+        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q))](
+            vq, ak, gt, oq, vq.shape[0], n, t, o, i_pad,
+            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), oq.stride(0),
+            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, DOT=dot,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

@@ -86,7 +86,7 @@ def require(backend: str, op: str, tensors: dict, deterministic: bool = False) -
 # ---------------------------------------------------------------------------------------------
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import importlib, json, os, re, subprocess, sys, tempfile
+    import collections, importlib, json, os, re, subprocess, sys, tempfile
     import triton
     from triton.compiler import ASTSource, compile as tcompile
     from triton.backends.compiler import GPUTarget
@@ -96,17 +96,24 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         fn = getattr(importlib.import_module(module), kernel)
         sig = dict(signature)
         sig.update({k: "constexpr" for k in constexprs})
-        compiled = tcompile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
-                            options=options[0] if options else None)
+        options = dict(options[0]) if options else {}
+        # Arguments the launcher guarantees to be multiples of 16: what Triton's JIT would specialise on.
+        attrs = {(list(fn.arg_names).index(name),): [["tt.divisibility", 16]] for name in options.pop("div16", [])}
+        compiled = tcompile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                            options=options or None)
         assert "cubin" in compiled.asm, (kernel, constexprs)
         found = None
-        if os.path.exists(cuobjdump):  # registers and stack (spills) of the build, from the cubin
+        if os.path.exists(cuobjdump):  # registers, stack (spills) and instruction mix of the build
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
                 f.flush()
                 report = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+                sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
             m = re.search(r"REG:(\\d+) STACK:(\\d+)", report)
-            found = {"reg": int(m.group(1)), "stack": int(m.group(2))} if m else None
+            if m:
+                ops = collections.Counter(re.findall(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_]*)", sass))
+                found = {"reg": int(m.group(1)), "stack": int(m.group(2)),
+                         **{k: ops.get(k, 0) for k in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "FFMA")}}
         usage.append(found)
     print("USAGE " + json.dumps(usage))
 """)
@@ -116,8 +123,10 @@ def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | N
     """Compile Triton kernels to cubin for NVIDIA targets in a subprocess without TRITON_INTERPRET
     (the interpreter accepts code the compiler rejects: Python-int loop variables, mixed int
     widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm[, options
-    such as {"num_warps": 8}]). Needs only the triton wheel (it bundles ptxas), no GPU. Returns per case
-    the build's {"reg", "stack"} from the wheel's cuobjdump, or None where it is not bundled."""
+    such as {"num_warps": 8}, and "div16": the argument names the launcher guarantees to be multiples of 16]).
+    Needs only the triton wheel (it bundles ptxas), no GPU. Returns per case the build's {"reg", "stack"} and
+    its count of some SASS instructions (HGMMA: sm_90 tensor-core dots; LDGSTS / UTMALDG: asynchronous copies,
+    i.e. pipelined loads; HMMA; FFMA) from the wheel's cuobjdump, or None where it is not bundled."""
     if not _triton_importable():
         pytest.skip("triton is not importable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

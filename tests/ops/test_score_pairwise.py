@@ -202,16 +202,49 @@ def test_score_pairwise_cpu_materialized_strategy(q, n, t):
 
 @pytest.mark.interpreter
 def test_score_pairwise_triton_many_blocks_and_grid_chunks(monkeypatch):
-    """Several example and query blocks with ragged edges, and the launcher's split of the query axis into
-    grid-sized chunks (forced down to 2 blocks per launch), in the interpreter."""
+    """Several example and query blocks with ragged edges, token chunks (2 + 2 + 1 tokens), and the launcher's
+    split of the query axis into grid-sized chunks (forced down to 2 blocks per launch), in the interpreter."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _common
 
-    monkeypatch.setattr(_common, "pairwise_blocks", lambda q, n, i, dot: (16, 16, 16, 4))
+    monkeypatch.setattr(_common, "pairwise_blocks", lambda q, n, t, i, dot: _common.PairwiseConfig(16, 16, 16, 2, 4, 1))
     monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
-    v, a, g = _inputs(71, 37, 2, 23, 5, torch.float32)  # 5 query blocks (3 launches), 3 example blocks
+    v, a, g = _inputs(71, 37, 5, 23, 5, torch.float32)  # 5 query blocks (3 launches), 3 example blocks
     _check("triton", v, a, g, torch.float32)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_pairwise_triton_aligned_layout(dtype):
+    """The launcher pads the i axis to a multiple of 16 and stores g as [O, T, N_pad]: strided and offset inputs
+    (views whose rows start off a 16-element boundary) give the same scores as contiguous copies, bit for bit,
+    and aligned contiguous inputs are passed through without a copy."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, score_pairwise as kernel
+
+    v, a, g = _inputs(5, 9, 2, 37, 11, dtype)
+    base = torch.randn(9, 2, 40).to(dtype)
+    base[..., 1:38] = a
+    a_view = base[..., 1:38]  # offset start, row stride 40
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)  # i not unit-stride
+    got = ops.score_pairwise(v_t, a_view, g, backend="triton")
+    assert torch.equal(got, ops.score_pairwise(v, a, g, backend="triton"))
+    assert_matches_oracle(got, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="triton",
+                          dtype=dtype, baseline=reference.score_pairwise_ref(v, a, g, upcast=False)
+                          if dtype != torch.float32 else None)
+
+    vk, ak, gt, i_pad = kernel._kernel_layout(v, a, g)
+    assert i_pad == 48 and vk.shape == (5, 11, 48) and ak.shape == (9, 2, 48) and gt.shape == (11, 2, 16)
+    assert torch.equal(ak[..., :37], a) and not ak[..., 37:].any()
+    assert torch.equal(gt[..., :9], g.permute(2, 1, 0)) and not gt[..., 9:].any()
+    aligned = torch.randn(3, 4, 32).to(dtype)
+    assert _common.aligned_rows(aligned, 32) is aligned
+    view = aligned[..., :16]  # strides (128, 32, 1): still aligned, passed through
+    assert _common.aligned_rows(view, 16) is view
+    shifted = aligned[..., 1:17]  # starts one element into a row: copied
+    assert _common.aligned_rows(shifted, 16) is not shifted and torch.equal(_common.aligned_rows(shifted, 16), shifted)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,22 +264,29 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 
 @pytest.mark.slow
 def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
-    """The GPU configuration of every operand dtype (kernels/_common.PAIRWISE_GPU_BLOCKS) builds for sm_90 with
-    tensor-core dots and no register spills (the wheel's cuobjdump reports the stack frame)."""
+    """Every GPU configuration (kernels/_common.PAIRWISE_GPU_BLOCKS: one token, and several at the most tokens
+    formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
+    pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots (the wheel's cuobjdump
+    reports the stack frame and the instructions)."""
     from source_fast.kernels import _common
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        block_q, block_n, block_i, warps = _common.PAIRWISE_GPU_BLOCKS[dot]
-        strides = {f"s_{k}": "i64" for k in ("vq", "vo", "vi", "an", "at", "ai", "gn", "gt", "go", "oq", "on")}
-        sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32", I="i32",
-                   **strides)
-        const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, DOT=dot)
-        cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
-                      {"num_warps": warps}))
+        for block_q, block_n, block_i, max_t, warps, stages in _common.PAIRWISE_GPU_BLOCKS[dot]:
+            strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
+            sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
+                       I="i32", **strides)
+            const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=max_t, DOT=dot)
+            div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
+            cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                          {"num_warps": warps, "num_stages": stages, "div16": div16}))
     for (_, _, _, const, _, _), usage in zip(cases, compile_for_gpu(cases)):
-        if usage is not None:
-            assert usage["stack"] == 0, f"DOT={const['DOT']}: {usage} (spills)"
+        if usage is None:
+            continue
+        assert usage["stack"] == 0, f"{const}: {usage} (spills)"
+        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{const}: {usage} (loads not pipelined)"
+        if const["DOT"] != 0:
+            assert usage["HGMMA"] > 0, f"{const}: {usage} (no wgmma)"
 
 
 @pytest.mark.gpu
