@@ -127,18 +127,24 @@ def round_up(x: int, multiple: int) -> int:
     return -(-int(x) // multiple) * multiple
 
 
-def aligned_rows(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x [..., D] as a tensor [..., size] (size ≥ D, zeros beyond D) with a unit last stride, every other
-    stride a multiple of ALIGN and a 16-byte aligned start: x itself when it already is one, else a copy."""
-    d = x.shape[-1]
-    if size < d:
-        raise ValueError(f"aligned_rows: size must be >= the last dimension {d}, got {size}")
-    if (d == size and x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+def padded(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """x zero-padded at the end of each dimension to `shape` (each ≥ x's), with a unit last stride, every
+    other stride a multiple of ALIGN and a 16-byte aligned start: x itself when it already is such a tensor,
+    else a copy. Zeros in the padding make it add nothing to the kernels' contractions."""
+    shape = tuple(int(k) for k in shape)
+    if len(shape) != x.dim() or any(k < d for k, d in zip(shape, x.shape)):
+        raise ValueError(f"padded: shape must have {x.dim()} sizes each >= {tuple(x.shape)}, got {shape}")
+    if (shape == tuple(x.shape) and (x.stride(-1) == 1 or x.shape[-1] <= 1) and x.data_ptr() % 16 == 0
             and all(s % ALIGN == 0 for s, k in zip(x.stride()[:-1], x.shape[:-1]) if k > 1)):
         return x
-    out = x.new_zeros(*x.shape[:-1], size)
-    out[..., :d].copy_(x)
+    out = x.new_zeros(shape)
+    out[tuple(slice(0, d) for d in x.shape)].copy_(x)
     return out
+
+
+def aligned_rows(x: torch.Tensor, size: int) -> torch.Tensor:
+    """`padded` along the last dimension only: x [..., D] as [..., size]."""
+    return padded(x, (*x.shape[:-1], size))
 
 
 def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:
@@ -161,6 +167,12 @@ def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, in
         block_i = clamp_pow2(i, 16, 64) if small else 32
     resident = o <= block_o and i <= block_i and r <= block_r
     return block_n, block_t, block_o, block_i, block_r, resident
+
+
+def lowrank_warps(dot: int, resident: bool) -> int:
+    """Warps per score_lowrank program, from the sm_90 build: with IEEE fp32 dots, 64×64 resident U_q/W_q tiles
+    spill at 4 warps (255 registers + stack) and not at 8 (66); the streamed form spills at 8, not at 4."""
+    return 8 if dot == DOT_F32 and resident else 4
 
 
 def per_token_blocks(rows: int, o: int, i: int) -> tuple[int, int, int]:

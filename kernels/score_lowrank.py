@@ -17,6 +17,10 @@ Cost: Q·N·T·R·(O + I) MACs instead of ≥ Q·N·O·I for a dense V_q. Grid: 
 the Q programs reading one block of tokens run together and share it through L2; axis 1 = example
 blocks (chunked by the launcher below the 65535 limit).
 
+Layout: the launcher pads o, i and r to multiples of ALIGN (zeros, which add nothing), so that Triton can
+prove the rows aligned and pipeline the token loop's loads (asynchronous copies); a test compiles the kernel
+for sm_90 without a GPU and checks for them.
+
 Precision: the dots run in the input dtype for fp16/bf16 when u, w, a, g share it (fp32
 accumulation), else in IEEE fp32 (never TF32); gu ⊙ aw and all reductions are fp32. Output fp32.
 """
@@ -117,14 +121,19 @@ def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: t
         return out.zero_()
     same = u.dtype == w.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
-    block_n, block_t, block_o, block_i, block_r, resident = _common.lowrank_blocks(n, t, o, i, r)
+    o_pad, i_pad, r_pad = (_common.round_up(k, _common.ALIGN) for k in (o, i, r))
+    u = _common.padded(u, (q, o_pad, r_pad))
+    w = _common.padded(w, (q, i_pad, r_pad))
+    a = _common.padded(a, (n, t, i_pad))
+    g = _common.padded(g, (n, t, o_pad))
+    block_n, block_t, block_o, block_i, block_r, resident = _common.lowrank_blocks(n, t, o_pad, i_pad, r_pad)
     blocks = triton.cdiv(n, block_n)
     for b0 in range(0, blocks, _common.MAX_GRID_YZ):
         nb = min(blocks - b0, _common.MAX_GRID_YZ)
         _score_lowrank_kernel[(q, nb)](
-            u, w, a, g, out, n, t, o, i, r, b0 * block_n,
+            u, w, a, g, out, n, t, o_pad, i_pad, r_pad, b0 * block_n,
             *u.stride(), *w.stride(), *a.stride(), *g.stride(), *out.stride(),
             BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
-            RESIDENT=resident, DOT=dot, num_warps=_common.num_warps(),
+            RESIDENT=resident, DOT=dot, num_warps=_common.lowrank_warps(dot, resident),
         )
     return out

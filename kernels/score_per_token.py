@@ -12,6 +12,10 @@ Cost: Q·N·T·O·I MACs (the per-token output admits no G_n shortcut). Grid: ax
 the Q programs reading one tile of token rows run together and share it through L2; axis 1 = row
 tiles (chunked by the launcher below the 65535 limit). Row offsets are int64.
 
+Layout: the launcher pads o and i to multiples of ALIGN (zeros, which add nothing), so that Triton can
+prove the rows aligned and pipeline the inner loop's loads (asynchronous copies); a test compiles the kernel
+for sm_90 without a GPU and checks for them.
+
 Precision: the dot runs in the input dtype for fp16/bf16 when v, a, g share it (fp32 accumulation),
 else in IEEE fp32 (never TF32); the product with g and the reduction are fp32. Output fp32.
 """
@@ -73,12 +77,16 @@ def score_per_token_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) ->
     same = v.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
     rows = n * t
-    block_m, block_o, block_i = _common.per_token_blocks(rows, o, i)
+    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
+    v = _common.padded(v, (q, o_pad, i_pad))
+    a = _common.padded(a, (n, t, i_pad))
+    g = _common.padded(g, (n, t, o_pad))
+    block_m, block_o, block_i = _common.per_token_blocks(rows, o_pad, i_pad)
     tiles = triton.cdiv(rows, block_m)
     for b0 in range(0, tiles, _common.MAX_GRID_YZ):
         nb = min(tiles - b0, _common.MAX_GRID_YZ)
         _score_per_token_kernel[(q, nb)](
-            v, a, g, out, t, o, i, rows, b0 * block_m,
+            v, a, g, out, t, o_pad, i_pad, rows, b0 * block_m,
             *v.stride(), *a.stride(), *g.stride(), out.stride(0),
             BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, num_warps=_common.num_warps(),
         )

@@ -152,18 +152,30 @@ def test_score_lowrank_dispatch_and_explain():
 
 @pytest.mark.slow
 def test_score_lowrank_kernel_compiles_for_gpu():
-    """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed."""
+    """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed. Given
+    the launcher's layout (o, i, r padded to multiples of 16, unit strides that Triton's JIT specialises), the
+    sm_90 builds have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma dots."""
+    from source_fast.kernels._common import lowrank_warps
+
     cases = []
-    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80,)), (2, "*bf16", (80, 90))):
+    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
         sig = dict(u_ptr=ptr, w_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
-                   R="i32", n_start="i64", s_uq="i64", s_uo="i32", s_ur="i32", s_wq="i64", s_wi="i32", s_wr="i32",
-                   s_an="i64", s_at="i64", s_ai="i32", s_gn="i64", s_gt="i64", s_go="i32", s_oq="i64", s_on="i32")
+                   R="i32", n_start="i64", s_uq="i64", s_uo="i32", s_wq="i64", s_wi="i32",
+                   s_an="i64", s_at="i64", s_gn="i64", s_gt="i64", s_oq="i64")
+        div16 = ["u_ptr", "w_ptr", "a_ptr", "g_ptr", "s_uq", "s_uo", "s_wq", "s_wi", "s_an", "s_at", "s_gn", "s_gt",
+                 "O", "I", "R"]
         for resident, block_t, block_n, block_k in ((True, 1, 64, 64), (False, 16, 4, 32)):
             const = dict(BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_k, BLOCK_I=block_k, BLOCK_R=32,
-                         RESIDENT=resident, DOT=dot)
-            cases += [("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, arch)
-                      for arch in archs]
-    compile_for_gpu(cases)
+                         RESIDENT=resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1, s_go=1, s_on=1)
+            cases += [("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, arch,
+                       {"num_warps": lowrank_warps(dot, resident), "div16": div16}) for arch in archs]
+    for (_, _, _, const, arch, _), usage in zip(cases, compile_for_gpu(cases)):
+        if usage is None or arch != 90:
+            continue
+        assert usage["stack"] == 0, f"{const}: {usage} (spills)"
+        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{const}: {usage} (loads not pipelined)"
+        if const["DOT"] != 0:
+            assert usage["HGMMA"] > 0, f"{const}: {usage} (no wgmma)"
 
 
 @pytest.mark.gpu

@@ -136,16 +136,25 @@ def test_score_per_token_dispatch_and_explain():
 
 @pytest.mark.slow
 def test_score_per_token_kernel_compiles_for_gpu():
-    """The Triton kernel compiles to sm_80 and sm_90 code for every input dtype."""
+    """The Triton kernel compiles to sm_80 and sm_90 code for every input dtype. Given the launcher's layout
+    (o and i padded to multiples of 16, unit strides that Triton's JIT specialises), the sm_90 builds of the
+    large-layer GPU blocks have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma."""
     cases = []
-    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80,)), (2, "*bf16", (80, 90))):
+    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
         sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", T="i32", O="i32", I="i32", ROWS="i64",
-                   row_start="i64", s_vq="i64", s_vo="i32", s_vi="i32", s_an="i64", s_at="i64", s_ai="i32",
-                   s_gn="i64", s_gt="i64", s_go="i32", s_oq="i64")
-        const = dict(BLOCK_M=64, BLOCK_O=64, BLOCK_I=32, DOT=dot)
-        cases += [("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, arch)
-                  for arch in archs]
-    compile_for_gpu(cases)
+                   row_start="i64", s_vq="i64", s_vo="i32", s_an="i64", s_at="i64", s_gn="i64", s_gt="i64",
+                   s_oq="i64")
+        div16 = ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn", "s_gt", "O", "I"]
+        const = dict(BLOCK_M=64, BLOCK_O=64, BLOCK_I=32, DOT=dot, s_vi=1, s_ai=1, s_go=1)
+        cases += [("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, arch,
+                   {"num_warps": 4, "div16": div16}) for arch in archs]
+    for (_, _, _, const, arch, _), usage in zip(cases, compile_for_gpu(cases)):
+        if usage is None or arch != 90:
+            continue
+        assert usage["stack"] == 0, f"{const}: {usage} (spills)"
+        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{const}: {usage} (loads not pipelined)"
+        if const["DOT"] != 0:
+            assert usage["HGMMA"] > 0, f"{const}: {usage} (no wgmma)"
 
 
 @pytest.mark.gpu
