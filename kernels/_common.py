@@ -63,19 +63,30 @@ def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
 PROMOTE_STEPS = 4
 
 
-def covariance_blocks(r: int, d: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_R): square D×D output tiles (mirrored), BLOCK_R rows per K-step."""
+def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_R, num_warps): square D×D output tiles (mirrored), BLOCK_R rows per K-step. On a GPU,
+    from the sm_90 build (no spills, wgmma, asynchronous copies; tests/ops/test_covariance.py keeps it so):
+    64-wide tiles (wgmma's M), 64 rows per step; narrow rows (D ≤ 64, one tile: memory-bound) take 128 rows
+    per step with 8 warps, so each step moves more bytes."""
     if interpreting():
-        return clamp_pow2(d, 16, 64), clamp_pow2(r, 16, 128)
-    return 64, 32
+        return clamp_pow2(d, 16, 64), clamp_pow2(r, 16, 128), 4
+    return COVARIANCE_GPU_BLOCKS["narrow" if d <= 64 else "wide"]
 
 
-def pair_blocks(o: int, i: int, t: int) -> tuple[int, int, int]:
+COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (64, 64, 4)}
+
+
+def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int]:
     """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self): an O×I tile
     of (rotated) per-example gradient lives in registers."""
     if interpreting():
         return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64)
-    return 64, 64, 32
+    return PAIR_GPU_BLOCKS[dot]
+
+
+# Per operand dtype code, from the sm_90 build at 4 warps: IEEE-fp32 dots over 32 tokens spill
+# (lambda_accum: 128 registers + stack), over 16 they do not.
+PAIR_GPU_BLOCKS = {0: (64, 64, 16), 1: (64, 64, 32), 2: (64, 64, 32)}  # keys: DOT_F32, DOT_F16, DOT_BF16
 
 
 class PairwiseConfig(NamedTuple):

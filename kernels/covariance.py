@@ -11,6 +11,11 @@ computed (half the flops of a GEMM) and each tile is stored twice, at (bi, bj) a
 (each program owns both mirrored tiles, so no two programs touch one element). Long row
 reductions on a GPU are split into a fixed number of partial sums summed in a fixed order
 (deterministic, no atomics).
+
+Layout: rows whose width is not a multiple of ALIGN are copied into zero-padded rows first (the padding's
+covariance entries are cut off), so that Triton can prove them aligned and pipeline the loads; with one tile
+(D ≤ BLOCK_D, the memory-bound narrow case) the rows are read once, not as two operands. A test compiles the
+kernel for sm_90 without a GPU and checks the build for asynchronous copies and wgmma.
 """
 from __future__ import annotations
 
@@ -22,14 +27,16 @@ from . import _common
 
 
 @triton.jit
-def _covariance_kernel(x_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
+def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
                        stride_xr, stride_os, stride_or,
                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr, DOT: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ x[r, J] for the tile pair (bi, bj) = pairs[pid].
+                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, ONE_TILE: tl.constexpr):
+    """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ y[r, J] for the tile pair (bi, bj) = pairs[pid], y = x or the
+    launcher's mask-weighted copy of x (same strides).
 
     x operands are cast to the DOT dtype (x stays in its own precision; mask-weighted rows are
     rounded once to that dtype), accumulation in fp32. ACCUMULATE: out ← (out + outᵀ)/2 + C.
+    ONE_TILE (one D-tile and y = x): the J operand is the I operand, read once.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -53,8 +60,11 @@ def _covariance_kernel(x_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
             rows = rr.to(tl.int64) * stride_xr
             xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D),
                          other=0.0)
-            xj = tl.load(x_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
-                         other=0.0)
+            if ONE_TILE:
+                xj = xi
+            else:
+                xj = tl.load(y_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
+                             other=0.0)
             if HAS_MASK:
                 m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
                 xj = xj.to(tl.float32) * m[:, None]
@@ -91,14 +101,37 @@ def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | 
     x = x.contiguous()
     r, d = x.shape
     m = None if mask is None else mask.to(torch.float32).contiguous()
-    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous()):
-        # Accumulators the kernel cannot update in place (float64, strided): same semantics via a temporary.
-        c = _covariance(x, m, None, splits)
-        out.copy_((out + out.T) * 0.5 + c.to(out.dtype))
-        return out
     if d == 0:
         return out if out is not None else torch.zeros(0, 0, dtype=torch.float32, device=x.device)
-    block_d, block_r = _common.covariance_blocks(r, d)
+    d_pad = _common.round_up(d, _common.ALIGN)
+    aligned = _common.padded(x, (r, d_pad))
+    if aligned is not x or (out is not None and (out.dtype != torch.float32 or not out.is_contiguous())):
+        # Padded rows (their extra entries cut off), or an accumulator the kernel cannot update in place
+        # (float64, strided): same semantics via a temporary.
+        c = _covariance(aligned, m, None, splits)[:d, :d]
+        if out is None:
+            return c.contiguous()
+        out.copy_((out + out.T) * 0.5 + c.to(out.dtype))
+        return out
+    dot = _common.dot_code(x.dtype)
+    if m is not None and dot == _common.DOT_F32:
+        # The in-kernel mask product makes the sm_90 build of the IEEE-fp32 kernel spill (255 registers plus a
+        # stack frame, every tile shape tried); weighting the rows here first, in chunks of bounded memory,
+        # gives the same fp32 products and the unmasked kernel.
+        step = _common.chunk_examples(r, 4 * d)
+        for start in range(0, r, step):
+            xs = x[start:start + step]
+            out = _covariance_rows(xs, xs * m[start:start + step, None], None, out, splits, dot)
+        return out
+    return _covariance_rows(x, x, m, out, splits, dot)
+
+
+def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor | None,
+                     splits: int | None, dot: int) -> torch.Tensor:
+    """Σ_r m_r x_r y_rᵀ for aligned contiguous rows x, y [R, D] (y = x or a weighted copy), with `out` (fp32,
+    contiguous) updated as sym(out) + C when given."""
+    r, d = x.shape
+    block_d, block_r, warps = _common.covariance_blocks(r, d)
     tiles = triton.cdiv(d, block_d)
     pairs = _tile_pairs(tiles, x.device)
     n_pairs = pairs.numel() // 2
@@ -114,10 +147,10 @@ def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | 
     else:
         ws, accumulate = torch.empty(splits, d, d, dtype=torch.float32, device=x.device), False
     _covariance_kernel[(n_pairs, splits)](
-        x, m if m is not None else x, ws, pairs, r, d, rows_per_split,
+        x, y, m if m is not None else x, ws, pairs, r, d, rows_per_split,
         x.stride(0), ws.stride(0), ws.stride(1),
-        BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=_common.dot_code(x.dtype),
-        HAS_MASK=m is not None, ACCUMULATE=accumulate, num_warps=_common.num_warps(),
+        BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
+        HAS_MASK=m is not None, ACCUMULATE=accumulate, ONE_TILE=tiles == 1 and y is x, num_warps=warps,
     )
     if splits == 1:
         return ws[0]

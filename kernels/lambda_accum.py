@@ -62,8 +62,14 @@ def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
     tl.store(ptrs, lam, mask=mask)
 
 
-def rotate_tokens(x: torch.Tensor, q: torch.Tensor, dot: int, *, square: bool, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [R, D] @ q [D, D] -> [R, D] in out_dtype (squared in fp32 before storing if `square`)."""
+def rotate_tokens(x: torch.Tensor, q: torch.Tensor, dot: int, *, square: bool, out_dtype: torch.dtype,
+                  width: int | None = None) -> torch.Tensor:
+    """x [R, D] @ q [D, D] -> [R, D] in out_dtype (squared in fp32 before storing if `square`). With `width`
+    (≥ D): x and q zero-padded to width (aligned rows, see _common.padded), so the result is [R, width] with
+    zero columns beyond D."""
+    if width is not None:
+        x = _common.padded(x, (x.shape[0], width))
+        q = _common.padded(q, (width, width))
     out = torch.empty(x.shape[0], q.shape[1], dtype=out_dtype, device=x.device)
     return _common.bmm(x.unsqueeze(0), q.unsqueeze(0), out.unsqueeze(0), dot=dot, square=square)[0]
 
@@ -78,25 +84,28 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
         _common.bmm(gs2.T.unsqueeze(0), as2.unsqueeze(0), target.unsqueeze(0), dot=_common.DOT_F32,
                     accumulate=accumulate)
         return
+    # Rotated tokens in rows padded to multiples of ALIGN (zero columns, whose Λ entries are cut off): rows the
+    # fused kernel's loads can be proved aligned in, so Triton pipelines them.
+    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     rot_dtype = _common.storage_dtype(dot)
-    gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype)
-    as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype)
-    block_o, block_i, block_t = _common.pair_blocks(o, i, t)
-    tiles = triton.cdiv(o, block_o) * triton.cdiv(i, block_i)
-    splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o * i)
+    gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
+    as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
+    block_o, block_i, block_t = _common.pair_blocks(o_pad, i_pad, t, dot)
+    tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
+    splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o_pad * i_pad)
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
-    if splits == 1:
+    if splits == 1 and (o_pad, i_pad) == (o, i):
         ws, acc_flag = target.unsqueeze(0), accumulate
     else:
-        ws, acc_flag = torch.empty(splits, o, i, dtype=torch.float32, device=a.device), False
+        ws, acc_flag = torch.empty(splits, o_pad, i_pad, dtype=torch.float32, device=a.device), False
     _lambda_accum_kernel[(tiles, splits)](
-        gs, as_, ws, n, t, o, i, n_per_split, ws.stride(0), ws.stride(1),
+        gs, as_, ws, n, t, o_pad, i_pad, n_per_split, ws.stride(0), ws.stride(1),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag,
         num_warps=_common.num_warps(),
     )
-    if splits > 1:
-        partial = ws.sum(0)  # fixed order
+    if ws.data_ptr() != target.data_ptr():
+        partial = (ws[0] if splits == 1 else ws.sum(0))[:o, :i]  # fixed order
         if accumulate:
             target.add_(partial)
         else:

@@ -63,16 +63,20 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
         return out.zero_()
     dot = _common.dot_code(a.dtype)
     rot_dtype = _common.storage_dtype(dot)
-    block_o, block_i, block_t = _common.pair_blocks(o, i, t)
-    per_example = t * (o + i) * torch.empty((), dtype=rot_dtype).element_size()
+    # Rotated tokens in rows padded to multiples of ALIGN (zero columns, zero weights): aligned rows for the
+    # kernel's pipelined loads.
+    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
+    w = _common.padded(w, (o_pad, i_pad))
+    block_o, block_i, block_t = _common.pair_blocks(o_pad, i_pad, t, dot)
+    per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size()
     step = _common.chunk_examples(n, per_example)
     for start in range(0, n, step):
         a_c, g_c = a[start:start + step], g[start:start + step]
         rows = a_c.shape[0] * t
-        gs = rotate_tokens(g_c.reshape(rows, o), q_s, dot, square=False, out_dtype=rot_dtype)
-        as_ = rotate_tokens(a_c.reshape(rows, i), q_a, dot, square=False, out_dtype=rot_dtype)
+        gs = rotate_tokens(g_c.reshape(rows, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
+        as_ = rotate_tokens(a_c.reshape(rows, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
         _score_self_kernel[(a_c.shape[0],)](
-            gs, as_, w, out[start:start + step], t, o, i,
+            gs, as_, w, out[start:start + step], t, o_pad, i_pad,
             BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, num_warps=_common.num_warps(),
         )
     return out

@@ -138,6 +138,19 @@ def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | N
     return json.loads(line[len("USAGE "):])
 
 
+def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> None:
+    """compile_for_gpu, then for every sm_90 case: no spills (stack 0), pipelined loads (asynchronous copies)
+    and, for 16-bit dots (constexpr DOT != 0), wgmma. What makes a Triton kernel fast on Hopper that can be
+    checked without one: a build without them is on a slower path whatever its timing."""
+    for (_, kernel, _, const, arch, *_), usage in zip(cases, compile_for_gpu(cases, timeout)):
+        if usage is None or arch != 90:
+            continue
+        assert usage["stack"] == 0, f"{kernel} {const}: {usage} (spills)"
+        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{kernel} {const}: {usage} (loads not pipelined)"
+        if const.get("DOT", 0) != 0:
+            assert usage["HGMMA"] > 0, f"{kernel} {const}: {usage} (no wgmma)"
+
+
 BMM_SIGNATURE = dict(
     a_ptr="*fp16", b_ptr="*fp32", c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
     stride_ab="i64", stride_am="i32", stride_ak="i32", stride_bb="i32", stride_bk="i32", stride_bn="i32",

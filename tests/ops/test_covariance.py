@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import backend_params, compile_for_gpu, require
+from _backends import assert_fast_sm90_builds, backend_params, require
 from _asserts import assert_close_report
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
@@ -153,7 +153,7 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
     from source_fast.kernels.covariance import _covariance
 
     monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
-    monkeypatch.setattr(_common, "covariance_blocks", lambda r, d: (16, 16))
+    monkeypatch.setattr(_common, "covariance_blocks", lambda r, d: (16, 16, 4))
     x, mask = _inputs(203, 37, torch.float32, "float")
     got = _covariance(x, mask, None, splits)
     assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend="triton",
@@ -163,14 +163,25 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
 
 @pytest.mark.slow
 def test_covariance_kernel_compiles_for_gpu():
+    """The GPU blocks of the wide and the narrow (one-tile) case build for sm_90, given the launcher's layout
+    (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies) and, for
+    fp16/bf16, wgmma; fp32 runs the in-kernel mask only in fp16/bf16 (the launcher weights fp32 rows)."""
+    from source_fast.kernels import _common
+
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        for has_mask in (False, True):
-            sig = dict(x_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
-                       rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
-            const = dict(BLOCK_D=64, BLOCK_R=32, CHUNK_R=1024, DOT=dot, HAS_MASK=has_mask, ACCUMULATE=has_mask)
-            cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90))
-    compile_for_gpu(cases)
+        for d, (block_d, block_r, warps) in ((32, _common.COVARIANCE_GPU_BLOCKS["narrow"]),
+                                             (2048, _common.COVARIANCE_GPU_BLOCKS["wide"])):
+            for has_mask in ((False,) if dot == 0 else (False, True)):
+                sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
+                           rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
+                const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
+                             HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d)
+                div16 = ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr", "stride_os",
+                         "stride_or"]
+                cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
+                              {"num_warps": warps, "div16": div16}))
+    assert_fast_sm90_builds(cases)
 
 
 @pytest.mark.gpu
@@ -200,3 +211,25 @@ def test_covariance_index_space_above_2_31_gpu(backend):
     torch_err = float((ops.covariance(x, backend="torch").double() - want).abs().max())
     scale = float(want.abs().max())
     assert_close_report(got, want, atol=2 * torch_err + 2**-23 * scale, rtol=0.0, name="covariance R*D > 2^31")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("with_out", [False, True])
+def test_covariance_triton_fp32_mask_weighted_in_chunks(monkeypatch, with_out):
+    """fp32 with a mask: the launcher weights the rows itself, in chunks (forced down to 40 rows), each chunk
+    added as out ← sym(out) + C; rows 37 wide are padded to 48 and the padding cut off. Same result as one
+    chunk, and as the oracle."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common
+    from source_fast.kernels.covariance import covariance_triton
+
+    x, mask = _inputs(203, 37, torch.float32, "float")
+    start = torch.randn(37, 37)
+    whole = covariance_triton(x, mask, start.clone() if with_out else None)
+    monkeypatch.setattr(_common, "chunk_examples", lambda n, per_example: 40)
+    got = covariance_triton(x, mask, start.clone() if with_out else None)
+    want = reference.covariance_ref(x, mask) + ((start + start.T) * 0.5 if with_out else 0)
+    assert_matches_oracle(got, want, op="covariance", backend="triton", dtype=torch.float32)
+    assert_matches_oracle(whole, want, op="covariance", backend="triton", dtype=torch.float32)
+    assert torch.equal(got, got.T) and got.shape == (37, 37)

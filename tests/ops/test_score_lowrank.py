@@ -6,7 +6,7 @@ g [N, T, O]. The oracle forms V_q = U_q W_qᵀ densely in float64; no backend ma
 import pytest
 import torch
 
-from _backends import backend_params, compile_for_gpu, require
+from _backends import assert_fast_sm90_builds, backend_params, require
 from _tolerances import assert_matches_oracle
 from source_fast import _dispatch, ops, reference
 
@@ -169,13 +169,7 @@ def test_score_lowrank_kernel_compiles_for_gpu():
                          RESIDENT=resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1, s_go=1, s_on=1)
             cases += [("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, arch,
                        {"num_warps": lowrank_warps(dot, resident), "div16": div16}) for arch in archs]
-    for (_, _, _, const, arch, _), usage in zip(cases, compile_for_gpu(cases)):
-        if usage is None or arch != 90:
-            continue
-        assert usage["stack"] == 0, f"{const}: {usage} (spills)"
-        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{const}: {usage} (loads not pipelined)"
-        if const["DOT"] != 0:
-            assert usage["HGMMA"] > 0, f"{const}: {usage} (no wgmma)"
+    assert_fast_sm90_builds(cases)
 
 
 @pytest.mark.gpu

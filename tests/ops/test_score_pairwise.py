@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from _backends import at_thread_counts, backend_params, compile_for_gpu, recording_lib_calls, require
+from _backends import (assert_fast_sm90_builds, at_thread_counts, backend_params, recording_lib_calls,
+                       require)
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -280,13 +281,7 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
             div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
             cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
                           {"num_warps": warps, "num_stages": stages, "div16": div16}))
-    for (_, _, _, const, _, _), usage in zip(cases, compile_for_gpu(cases)):
-        if usage is None:
-            continue
-        assert usage["stack"] == 0, f"{const}: {usage} (spills)"
-        assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{const}: {usage} (loads not pipelined)"
-        if const["DOT"] != 0:
-            assert usage["HGMMA"] > 0, f"{const}: {usage} (no wgmma)"
+    assert_fast_sm90_builds(cases)
 
 
 @pytest.mark.gpu
