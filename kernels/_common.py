@@ -13,36 +13,21 @@ Rules every kernel in this folder follows (STYLE.md §6.4-6.6):
   order, so results are bitwise reproducible on the same device/software (any split reduction
   goes through a workspace summed in a fixed order).
 
-Block sizes: under ``TRITON_INTERPRET=1`` every (program × K-step) costs ~2-3 ms of Python, so
-blocks are as large as the (tiny, test-sized) problem; on a GPU they are fixed tile shapes that
-keep register use moderate (no autotune: another config is another reduction order).
+Block sizes, warps and pipeline depths: kernels/_blocks.py.
 """
 from __future__ import annotations
-
-import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._blocks import gemm_blocks, interpreting
+
 # ---------------------------------------------------------------------------------------------
-# Environment and block sizes
+# Device limits and reduction order
 # ---------------------------------------------------------------------------------------------
 
 MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def clamp_pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, next_pow2(n)))
 
 
 def num_sms(device: torch.device) -> int:
@@ -51,76 +36,9 @@ def num_sms(device: torch.device) -> int:
     return 1
 
 
-def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of `bmm`. tl.dot needs every block ≥ 16."""
-    if interpreting():
-        return clamp_pow2(m, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(k, 16, 128)
-    return 64, 64, 32
-
-
 # Tensor-core steps summed in one accumulator before it is added to the running total (covariance's row
 # reduction): bounds the chain along which the MMA accumulator's truncation compounds.
 PROMOTE_STEPS = 4
-
-
-def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_R, num_warps): square D×D output tiles (mirrored), BLOCK_R rows per K-step. On a GPU,
-    from the sm_90 build (no spills, wgmma, asynchronous copies; tests/ops/test_covariance.py keeps it so):
-    64-wide tiles (wgmma's M), 64 rows per step; narrow rows (D ≤ 64, one tile: memory-bound) take 128 rows
-    per step with 8 warps, so each step moves more bytes."""
-    if interpreting():
-        return clamp_pow2(d, 16, 64), clamp_pow2(r, 16, 128), 4
-    return COVARIANCE_GPU_BLOCKS["narrow" if d <= 64 else "wide"]
-
-
-COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (64, 64, 4)}
-
-
-def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self): an O×I tile
-    of (rotated) per-example gradient lives in registers."""
-    if interpreting():
-        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64)
-    return PAIR_GPU_BLOCKS[dot]
-
-
-# Per operand dtype code, from the sm_90 build at 4 warps: IEEE-fp32 dots over 32 tokens spill
-# (lambda_accum: 128 registers + stack), over 16 they do not.
-PAIR_GPU_BLOCKS = {0: (64, 64, 16), 1: (64, 64, 32), 2: (64, 64, 32)}  # keys: DOT_F32, DOT_F16, DOT_BF16
-
-
-class PairwiseConfig(NamedTuple):
-    """Tile shape and launch options of score_pairwise: the contraction's M (queries), N (examples) and K step
-    (one output row o × block_i inputs), tokens formed at once, warps and pipeline depth."""
-    block_q: int
-    block_n: int
-    block_i: int
-    block_t: int
-    num_warps: int
-    num_stages: int
-
-
-def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
-    """score_pairwise's configuration for these sizes and operand dtype code. Under the interpreter blocks fit
-    the (test-sized) problem; on a GPU they come from PAIRWISE_GPU_BLOCKS, which the sm_90 build's resource
-    report chose (no spills, tensor-core and asynchronous-copy instructions present; a test keeps it so),
-    not device timings."""
-    if interpreting():
-        return PairwiseConfig(clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64),
-                              clamp_pow2(t, 1, 64), 4, 1)
-    block_q, block_n, block_i, max_t, warps, stages = PAIRWISE_GPU_BLOCKS[dot][0 if t == 1 else 1]
-    return PairwiseConfig(block_q, block_n, block_i, clamp_pow2(t, 1, max_t), warps, stages)
-
-
-# Per operand dtype code (DOT_F32, DOT_F16, DOT_BF16): (one-token config, several-token config), each
-# (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens formed at once, num_warps, num_stages). One token: the largest tiles
-# whose sm_90 build stays at ≤ 128 registers (two programs per SM, so one's loads and G forming overlap the
-# other's dots). Several tokens: the [BLOCK_N, BLOCK_T, BLOCK_I] inputs held in registers cap the tile.
-PAIRWISE_GPU_BLOCKS = {
-    0: ((64, 32, 16, 1, 4, 2), (64, 32, 16, 8, 4, 2)),
-    1: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
-    2: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,46 +74,6 @@ def padded(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def aligned_rows(x: torch.Tensor, size: int) -> torch.Tensor:
     """`padded` along the last dimension only: x [..., D] as [..., size]."""
     return padded(x, (*x.shape[:-1], size))
-
-
-def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_T, BLOCK_O, BLOCK_I, BLOCK_R, RESIDENT) of score_lowrank.
-
-    A tile of BLOCK_N examples × BLOCK_T tokens is BLOCK_N·BLOCK_T token rows (the M of both tl.dot,
-    ≥ 16); BLOCK_R ranks are the N of the dots; BLOCK_O / BLOCK_I are their K. RESIDENT: U_q and
-    W_q fit one [BLOCK_O, BLOCK_R] / [BLOCK_I, BLOCK_R] tile each, so they are loaded once per
-    program and stay in registers for the whole token loop (else they stream from L2 per K-step)."""
-    if interpreting():
-        block_t = clamp_pow2(t, 1, 64)
-        block_n = clamp_pow2(n, max(1, 16 // block_t), max(1, 256 // block_t))
-        block_o, block_i, block_r = clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(r, 16, 64)
-    else:
-        block_t = clamp_pow2(t, 1, 64)
-        block_n = 64 // block_t  # 64 token rows per tile
-        block_r = clamp_pow2(r, 16, 64)
-        small = o <= 64 and i <= 64
-        block_o = clamp_pow2(o, 16, 64) if small else 32
-        block_i = clamp_pow2(i, 16, 64) if small else 32
-    resident = o <= block_o and i <= block_i and r <= block_r
-    return block_n, block_t, block_o, block_i, block_r, resident
-
-
-def lowrank_warps(dot: int, resident: bool) -> int:
-    """Warps per score_lowrank program, from the sm_90 build: with IEEE fp32 dots, 64×64 resident U_q/W_q tiles
-    spill at 4 warps (255 registers + stack) and not at 8 (66); the streamed form spills at 8, not at 4."""
-    return 8 if dot == DOT_F32 and resident else 4
-
-
-def per_token_blocks(rows: int, o: int, i: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_O, BLOCK_I) of score_per_token: BLOCK_M token rows × one query per program,
-    V_q streamed in [BLOCK_I, BLOCK_O] tiles (it is reused by every row tile, from L2)."""
-    if interpreting():
-        return clamp_pow2(rows, 16, 128), clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64)
-    return 64, clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 32)
-
-
-def num_warps() -> int:
-    return 4
 
 
 WORKSPACE_BYTES = 64 << 20  # fp32 partial sums of one split reduction
@@ -420,7 +298,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
         if not accumulate:
             out.zero_()
         return out
-    bm, bn, bk = gemm_blocks(m, n, k)
+    bm, bn, bk, warps = gemm_blocks(m, n, k, dot)
     f_arg = f if f is not None else out
     sfk, sfn = (f.stride(0), f.stride(1)) if f is not None else (0, 0)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -437,7 +315,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
             c_v.stride(0), c_v.stride(1), c_v.stride(2), sfk, sfn,
             float(spec_c), float(spec_damping),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=fkind, SQUARE=square, ACCUMULATE=accumulate,
-            num_warps=num_warps(),
+            num_warps=warps,
         )
     return out
 

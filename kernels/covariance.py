@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, o
     """Σ_r m_r x_r y_rᵀ for aligned contiguous rows x, y [R, D] (y = x or a weighted copy), with `out` (fp32,
     contiguous) updated as sym(out) + C when given."""
     r, d = x.shape
-    block_d, block_r, warps = _common.covariance_blocks(r, d)
+    block_d, block_r, warps = _blocks.covariance_blocks(r, d)
     tiles = triton.cdiv(d, block_d)
     pairs = _tile_pairs(tiles, x.device)
     n_pairs = pairs.numel() // 2

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 
 
 @triton.jit
@@ -90,7 +90,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     rot_dtype = _common.storage_dtype(dot)
     gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
     as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
-    block_o, block_i, block_t = _common.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
     splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o_pad * i_pad)
     n_per_split = triton.cdiv(n, splits)
@@ -102,7 +102,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     _lambda_accum_kernel[(tiles, splits)](
         gs, as_, ws, n, t, o_pad, i_pad, n_per_split, ws.stride(0), ws.stride(1),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag,
-        num_warps=_common.num_warps(),
+        num_warps=_blocks.num_warps(),
     )
     if ws.data_ptr() != target.data_ptr():
         partial = (ws[0] if splits == 1 else ws.sum(0))[:o, :i]  # fixed order

@@ -8,7 +8,7 @@ steps of BLOCK_T, so each step is a tile of BLOCK_N·BLOCK_T token rows (the M o
 step it forms gu = g_rows U_q and aw = a_rows W_q ([M, BLOCK_R], tl.dot, fp32 accumulators), reduces
 gu ⊙ aw over the ranks to one value per token row and those over the tile's tokens to one value
 per example, added to the program's fp32 accumulator. When U_q and W_q fit one tile each
-(RESIDENT, see `_common.lowrank_blocks`) they are loaded once per program, before the token loop;
+(RESIDENT, see `_blocks.lowrank_blocks`) they are loaded once per program, before the token loop;
 otherwise they are streamed in K-tiles (from L2) inside it, ranks in BLOCK_R steps.
 Each score is written once, by its own program, after a fixed-order reduction: deterministic, no
 atomics, `torch.empty` output fully written.
@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: t
     w = _common.padded(w, (q, i_pad, r_pad))
     a = _common.padded(a, (n, t, i_pad))
     g = _common.padded(g, (n, t, o_pad))
-    block_n, block_t, block_o, block_i, block_r, resident = _common.lowrank_blocks(n, t, o_pad, i_pad, r_pad)
+    block_n, block_t, block_o, block_i, block_r, resident = _blocks.lowrank_blocks(n, t, o_pad, i_pad, r_pad)
     blocks = triton.cdiv(n, block_n)
     for b0 in range(0, blocks, _common.MAX_GRID_YZ):
         nb = min(blocks - b0, _common.MAX_GRID_YZ)
@@ -134,6 +134,6 @@ def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: t
             u, w, a, g, out, n, t, o_pad, i_pad, r_pad, b0 * block_n,
             *u.stride(), *w.stride(), *a.stride(), *g.stride(), *out.stride(),
             BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
-            RESIDENT=resident, DOT=dot, num_warps=_common.lowrank_warps(dot, resident),
+            RESIDENT=resident, DOT=dot, num_warps=_blocks.lowrank_warps(dot, resident),
         )
     return out

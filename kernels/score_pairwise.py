@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return out.zero_()
     same = v.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
-    cfg = _common.pairwise_blocks(q, n, t, i, dot)
+    cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)
     grid_n = triton.cdiv(n, cfg.block_n)
     step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 
 
 @triton.jit
@@ -81,13 +81,13 @@ def score_per_token_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) ->
     v = _common.padded(v, (q, o_pad, i_pad))
     a = _common.padded(a, (n, t, i_pad))
     g = _common.padded(g, (n, t, o_pad))
-    block_m, block_o, block_i = _common.per_token_blocks(rows, o_pad, i_pad)
+    block_m, block_o, block_i = _blocks.per_token_blocks(rows, o_pad, i_pad)
     tiles = triton.cdiv(rows, block_m)
     for b0 in range(0, tiles, _common.MAX_GRID_YZ):
         nb = min(tiles - b0, _common.MAX_GRID_YZ)
         _score_per_token_kernel[(q, nb)](
             v, a, g, out, t, o_pad, i_pad, rows, b0 * block_m,
             *v.stride(), *a.stride(), *g.stride(), out.stride(0),
-            BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, num_warps=_common.num_warps(),
+            BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, num_warps=_blocks.num_warps(),
         )
     return out

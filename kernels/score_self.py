@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _blocks, _common
 from .lambda_accum import rotate_tokens
 
 
@@ -67,7 +67,7 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
     # kernel's pipelined loads.
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     w = _common.padded(w, (o_pad, i_pad))
-    block_o, block_i, block_t = _common.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size()
     step = _common.chunk_examples(n, per_example)
     for start in range(0, n, step):
@@ -77,6 +77,6 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
         as_ = rotate_tokens(a_c.reshape(rows, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
         _score_self_kernel[(a_c.shape[0],)](
             gs, as_, w, out[start:start + step], t, o_pad, i_pad,
-            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, num_warps=_common.num_warps(),
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, num_warps=_blocks.num_warps(),
         )
     return out

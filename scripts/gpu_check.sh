@@ -9,10 +9,12 @@
 # needed ≈ 30 s to build, 70 s for the tests and 20-75 s per op benchmark)
 #
 # Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
-# to $OUT (at most 8 files): env.txt (with the build's log) roofline.json gpu_tests.log bench.log ops_gpu.csv
-# ops_gpu.md, and with E2E=1 vs_kronfluence_<gpu>.{csv,md}. Afterwards, on the development machine:
+# to $OUT (at most 8 files come back): env.txt (with the build's log) roofline.json gpu_tests.log
+# triton_blocks.json bench.log ops_gpu.csv ops_gpu.md, and with E2E=1 vs_kronfluence_<gpu>.{csv,md} (then set
+# TUNE_S=0: nine files would be one too many). Afterwards, on the development machine:
 #   python benchmarks/import_gpu_results.py <the folder the files came back in> --dispatch
-# merges them into benchmarks/results/ (ops_<gpu>.csv/.md, roofline_<gpu>.json) and regenerates the dispatch table.
+# merges them into benchmarks/results/ (ops_<gpu>.csv/.md, roofline_<gpu>.json, triton_blocks_<gpu>.json),
+# regenerates the dispatch table and the measured Triton tiles (source_fast/kernels/_tuned_blocks.py).
 #
 # E2E=1 also runs benchmarks/bench_vs_kronfluence.py --device cuda (both libraries on the GPU). Kronfluence is
 # pure Python: bring it as a folder, e.g. `mkdir -p .kf && cp -r .venv/lib/python3*/site-packages/kronfluence
@@ -61,6 +63,17 @@ echo "pytest rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -
 limited "${DETERMINISM_S:-90}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 \
   tests/ops/test_determinism_gpu.py >> "$OUT/gpu_tests.log" 2>&1
 echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
+fi
+
+# The Triton tile tables were chosen from sm_90 builds without a GPU: time their candidates (bf16 scoring and the
+# memory-bound covariance first) and let the benchmarks below run with the measured choices.
+if [ "${TUNE_S:-150}" -gt 0 ]; then
+step "tune Triton tiles"
+limited "${TUNE_S:-150}" "$PY" benchmarks/tune_triton.py --out "$OUT/triton_blocks.json" \
+  --budget-s $(( ${TUNE_S:-150} - 30 )) >> "$OUT/bench.log" 2>&1
+echo "rc=$?"; grep -E "^BEST|ERROR|WRONG|^tuned" "$OUT/bench.log" | tail -12
+[ -s "$OUT/triton_blocks.json" ] && export SOURCE_FAST_TRITON_BLOCKS="$(cd "$OUT" && pwd)/triton_blocks.json" \
+  && echo "benchmarks run with SOURCE_FAST_TRITON_BLOCKS=$SOURCE_FAST_TRITON_BLOCKS" | tee -a "$OUT/env.txt"
 fi
 
 # BENCH_PLAN: ";"-separated "op[:extra args]" entries, e.g. "score_pairwise:--dtypes bfloat16;score_self"

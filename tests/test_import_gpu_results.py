@@ -76,3 +76,30 @@ def test_import_refuses_mixed_devices_and_an_unnamed_folder(tmp_path):
     with pytest.raises(SystemExit, match="neither benchmark rows nor a roofline"):
         imp.import_results(out, tmp_path / "results")
     assert H.name_slug("NVIDIA H100 80GB HBM3") == "nvidia_h100_80gb_hbm3"
+
+
+def test_import_tuning_run_regenerates_the_tuned_tiles(tmp_path):
+    """A tune_triton.py output is copied and turned into kernels/_tuned_blocks.py (validated; per capability the
+    most recent run wins); the generated module is what kernels/_blocks.py reads."""
+    results, out = tmp_path / "results", tmp_path / "files_at"
+    results.mkdir()
+    out.mkdir()
+    (out / "roofline.json").write_text(json.dumps({"device_name": "NVIDIA H100 80GB HBM3"}))
+    versions = {"torch": "2.11", "triton": "3.6.0", "cuda": "13.0", "git_commit": "abc"}
+    old = {"device": "NVIDIA H200", "capability": "sm_90", "versions": versions, "date": "2026-11-26T01:00:00+00:00",
+           "rows": [], "best": {"GEMM_GPU_BLOCKS": {"2": [64, 128, 64, 4]}}}
+    (results / "triton_blocks_nvidia_h200.json").write_text(json.dumps(old))
+    new = dict(old, device="NVIDIA H100 80GB HBM3", date="2026-11-27T01:00:00+00:00",
+               best={"PAIRWISE_GPU_BLOCKS": {"2": [[128, 64, 32, 1, 8, 3], [128, 64, 32, 8, 8, 3]]}})
+    (out / "triton_blocks.json").write_text(json.dumps(new))
+    target = tmp_path / "_tuned_blocks.py"
+    done = imp.import_results(out, results, tuned_target=target)
+    assert (results / "triton_blocks_nvidia_h100_80gb_hbm3.json").exists()
+    namespace = {}
+    exec(target.read_text(), namespace)
+    assert namespace["TUNED"] == done["tuned"]
+    assert namespace["TUNED"]["sm_90"]["best"] == new["best"] and "H100" in namespace["TUNED"]["sm_90"]["source"]
+
+    (out / "triton_blocks.json").write_text(json.dumps(dict(new, best={"GEMM_GPU_BLOCKS": {"2": [64, 64]}})))
+    with pytest.raises(ValueError, match=r"GEMM_GPU_BLOCKS\[2\]"):
+        imp.import_results(out, results, tuned_target=target)

@@ -35,6 +35,15 @@ def analyzer(model=MODEL, task=None, training_run=None, **kw):
     return sf.SourceAnalyzer(model, task or ClassificationTask(), training_run or run(), progress=False, **kw)
 
 
+def _triton_blocks_override(entries):
+    from source_fast.kernels import _blocks
+
+    try:
+        _blocks.override_blocks(entries)
+    finally:
+        _blocks.override_blocks(None)
+
+
 def _huge_output_analyzer():
     """A 300,000-way output layer (a large vocabulary): its 300k × 300k eigendecomposition needs ≈ 2 TiB."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 300_000))
@@ -138,6 +147,8 @@ BAD_INPUTS = [
     ("op unknown backend", lambda: ops.covariance(torch.zeros(3, 3), backend="fpga"), ValueError,
      "backend must be one of"),
     ("spectral zero damping inverse", lambda: spectral.inverse(0), ValueError, "needs damping > 0"),
+    ("Triton tile override of the wrong shape", lambda: _triton_blocks_override({"GEMM_GPU_BLOCKS": {"2": [64, 64]}}),
+     ValueError, r"GEMM_GPU_BLOCKS\[2\]: expected positive ints shaped like \(64, 64, 32, 4\), got \(64, 64\)"),
 ]
 
 

@@ -149,11 +149,11 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
     forced down to two K-steps per chunk so splits end inside a chunk and chunks end inside a K-step."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _common
+    from source_fast.kernels import _blocks, _common
     from source_fast.kernels.covariance import _covariance
 
     monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
-    monkeypatch.setattr(_common, "covariance_blocks", lambda r, d: (16, 16, 4))
+    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
     x, mask = _inputs(203, 37, torch.float32, "float")
     got = _covariance(x, mask, None, splits)
     assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend="triton",
@@ -166,12 +166,12 @@ def test_covariance_kernel_compiles_for_gpu():
     """The GPU blocks of the wide and the narrow (one-tile) case build for sm_90, given the launcher's layout
     (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies) and, for
     fp16/bf16, wgmma; fp32 runs the in-kernel mask only in fp16/bf16 (the launcher weights fp32 rows)."""
-    from source_fast.kernels import _common
+    from source_fast.kernels import _blocks, _common
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        for d, (block_d, block_r, warps) in ((32, _common.COVARIANCE_GPU_BLOCKS["narrow"]),
-                                             (2048, _common.COVARIANCE_GPU_BLOCKS["wide"])):
+        for d, (block_d, block_r, warps) in ((32, _blocks.COVARIANCE_GPU_BLOCKS["narrow"]),
+                                             (2048, _blocks.COVARIANCE_GPU_BLOCKS["wide"])):
             for has_mask in ((False,) if dot == 0 else (False, True)):
                 sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                            rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")

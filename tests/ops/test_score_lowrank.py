@@ -155,7 +155,7 @@ def test_score_lowrank_kernel_compiles_for_gpu():
     """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed. Given
     the launcher's layout (o, i, r padded to multiples of 16, unit strides that Triton's JIT specialises), the
     sm_90 builds have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma dots."""
-    from source_fast.kernels._common import lowrank_warps
+    from source_fast.kernels._blocks import lowrank_warps
 
     cases = []
     for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):

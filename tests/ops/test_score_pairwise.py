@@ -207,9 +207,9 @@ def test_score_pairwise_triton_many_blocks_and_grid_chunks(monkeypatch):
     split of the query axis into grid-sized chunks (forced down to 2 blocks per launch), in the interpreter."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _common
+    from source_fast.kernels import _blocks, _common
 
-    monkeypatch.setattr(_common, "pairwise_blocks", lambda q, n, t, i, dot: _common.PairwiseConfig(16, 16, 16, 2, 4, 1))
+    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 2, 4, 1))
     monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
     v, a, g = _inputs(71, 37, 5, 23, 5, torch.float32)  # 5 query blocks (3 launches), 3 example blocks
     _check("triton", v, a, g, torch.float32)
@@ -265,15 +265,15 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 
 @pytest.mark.slow
 def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
-    """Every GPU configuration (kernels/_common.PAIRWISE_GPU_BLOCKS: one token, and several at the most tokens
+    """Every GPU configuration (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several at the most tokens
     formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
     pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots (the wheel's cuobjdump
     reports the stack frame and the instructions)."""
-    from source_fast.kernels import _common
+    from source_fast.kernels import _blocks
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        for block_q, block_n, block_i, max_t, warps, stages in _common.PAIRWISE_GPU_BLOCKS[dot]:
+        for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
             strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
             sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
                        I="i32", **strides)

@@ -108,15 +108,15 @@ def test_score_self_kernels_compile_for_gpu():
     """The fused kernel's GPU blocks build for sm_90, given the launcher's layout (rotated rows and weights
     padded to multiples of 16), with no spills, pipelined loads and, for fp16/bf16, wgmma; the rotation GEMM
     builds for sm_80."""
-    from source_fast.kernels import _common
+    from source_fast.kernels import _blocks
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         sig = dict(gs_ptr=ptr, as_ptr=ptr, w_ptr="*fp32", out_ptr="*fp32", T="i32", O="i32", I="i32")
-        block_o, block_i, block_t = _common.PAIR_GPU_BLOCKS[dot]
+        block_o, block_i, block_t = _blocks.PAIR_GPU_BLOCKS[dot]
         const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot)
         cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
-                      {"num_warps": _common.num_warps(), "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
+                      {"num_warps": _blocks.num_warps(), "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
     assert_fast_sm90_builds(cases)
     compile_for_gpu(bmm_cases({1: "*fp16"}, arch=80))
 

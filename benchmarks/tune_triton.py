@@ -1,0 +1,257 @@
+"""Measure candidate tiles of the Triton kernels on a GPU; keep the fastest correct one per table entry.
+
+The GPU tile tables (source_fast/kernels/_blocks.py) were chosen from sm_90 builds without a GPU. This script
+times the alternatives a lease can afford, most important first (bf16 scoring, the memory-bound covariance),
+each through the op's Triton path with the candidate forced (`_blocks.override_blocks`):
+
+    python benchmarks/tune_triton.py --out triton_blocks.json [--budget-s 150] [--only pairwise_one,...]
+    python benchmarks/tune_triton.py --smoke   # CPU, TRITON_INTERPRET=1, tiny shapes: correctness of every candidate
+
+A candidate counts only if its result matches the torch backend's within 2x the default tile's error (tiles
+change the summation order, not the precision). The output JSON holds the machine, versions and date, every
+measured row, and "best": the entries whose fastest candidate beat the default by ≥ 3 %. That file can be
+named by SOURCE_FAST_TRITON_BLOCKS (scripts/gpu_check.sh does so for the benchmarks after it), and
+`python benchmarks/import_gpu_results.py <folder>` turns it into source_fast/kernels/_tuned_blocks.py.
+The file is rewritten after each entry, so a run cut off by its lease keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+if "--smoke" in sys.argv:  # before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+from source_fast import io, ops  # noqa: E402
+from source_fast.kernels import _blocks, _common  # noqa: E402
+
+IMPROVEMENT = 0.03  # a measured tile replaces the default only when it is at least this much faster
+
+
+@dataclass
+class Entry:
+    """One table entry to tune: `slot` picks the element of a score_pairwise pair (0: one token, 1: several)."""
+    name: str
+    table: str
+    key: object
+    slot: int | None
+    candidates: list[tuple]
+    shape: dict
+    smoke_shape: dict
+    make: Callable  # (shape, device) -> inputs
+    run: Callable   # (inputs, backend) -> tensor
+    flops: Callable  # shape -> flop count (for TFLOP/s in the rows)
+
+    def key_for(self, shape: dict):
+        """The table key the run reads: dtype-keyed tables by the inputs' dtype (smoke runs use fp16 for the
+        16-bit entries: the interpreter has no bf16 dots)."""
+        if self.table == "COVARIANCE_GPU_BLOCKS":
+            return self.key
+        return _common.dot_code(getattr(torch, shape["dtype"]))
+
+    def value(self, candidate: tuple, key):
+        if self.slot is None:
+            return candidate
+        pair = list(getattr(_blocks, self.table)[key])
+        pair[self.slot] = candidate
+        return tuple(pair)
+
+
+def _randn(shape, device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def _pairwise_inputs(p, device):
+    dt = getattr(torch, p["dtype"])
+    return (_randn((p["Q"], p["O"], p["I"]), device, dt, 0), _randn((p["N"], p["T"], p["I"]), device, dt, 1),
+            _randn((p["N"], p["T"], p["O"]), device, dt, 2))
+
+
+def _covariance_inputs(p, device):
+    return (_randn((p["R"], p["D"]), device, getattr(torch, p["dtype"]), 3),)
+
+
+def _pair_inputs(p, device):
+    dt = getattr(torch, p["dtype"])
+    q_s = torch.linalg.qr(_randn((p["O"], p["O"]), "cpu", torch.float64, 4))[0].float().to(device)
+    q_a = torch.linalg.qr(_randn((p["I"], p["I"]), "cpu", torch.float64, 5))[0].float().to(device)
+    return (_randn((p["N"], p["T"], p["I"]), device, dt, 6), _randn((p["N"], p["T"], p["O"]), device, dt, 7), q_a, q_s)
+
+
+def _gemm_inputs(p, device):
+    return (_randn((p["M"], p["K"]), device, getattr(torch, p["dtype"]), 8), _randn((p["K"], p["N"]), device,
+                                                                                     torch.float32, 9))
+
+
+def _gemm_run(inputs, backend):
+    x, q = inputs
+    if backend == "torch":
+        return x.float() @ q
+    out = torch.empty(x.shape[0], q.shape[1], dtype=torch.float32, device=x.device)
+    return _common.bmm(x.unsqueeze(0), q.unsqueeze(0), out.unsqueeze(0), dot=_common.dot_code(x.dtype))[0]
+
+
+_ONE = [(128, 128, 32, 1, 8, 3), (128, 64, 32, 1, 8, 3), (128, 128, 64, 1, 8, 3), (256, 64, 32, 1, 8, 3),
+        (128, 64, 64, 1, 8, 3), (64, 64, 32, 1, 4, 3), (128, 128, 32, 1, 8, 4), (128, 128, 32, 1, 8, 2)]
+_FEW = [(128, 64, 32, 8, 8, 3), (128, 64, 32, 4, 8, 3), (256, 64, 32, 8, 8, 3), (128, 64, 64, 2, 8, 3),
+        (64, 64, 32, 4, 4, 3)]
+
+ENTRIES = [
+    Entry("pairwise_one_bf16", "PAIRWISE_GPU_BLOCKS", 2, 0, _ONE,
+          dict(dtype="bfloat16", Q=512, N=8192, T=1, O=1024, I=1025),
+          dict(dtype="float16", Q=5, N=7, T=1, O=3, I=37), _pairwise_inputs,
+          lambda x, b: ops.score_pairwise(*x, backend=b), lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+    Entry("covariance_narrow_bf16", "COVARIANCE_GPU_BLOCKS", "narrow", None,
+          [(64, 128, 8), (64, 256, 8), (64, 64, 4), (64, 256, 4), (64, 512, 8), (32, 256, 4)],
+          dict(dtype="bfloat16", R=2**24, D=32), dict(dtype="float16", R=300, D=32), _covariance_inputs,
+          lambda x, b: ops.covariance(x[0], backend=b), lambda p: p["R"] * p["D"] * (p["D"] + 1)),
+    Entry("pairwise_few_bf16", "PAIRWISE_GPU_BLOCKS", 2, 1, _FEW,
+          dict(dtype="bfloat16", Q=256, N=4096, T=4, O=1024, I=1025),
+          dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
+          lambda x, b: ops.score_pairwise(*x, backend=b), lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+    Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
+          [(64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 128, 4)],
+          dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,
+          lambda x, b: ops.covariance(x[0], backend=b), lambda p: p["R"] * p["D"] * (p["D"] + 1)),
+    Entry("pair_bf16", "PAIR_GPU_BLOCKS", 2, None,
+          [(64, 64, 32), (64, 128, 32), (128, 64, 32), (64, 64, 16), (128, 128, 16)],
+          dict(dtype="bfloat16", N=1024, T=16, O=1024, I=2049), dict(dtype="float16", N=3, T=5, O=20, I=80),
+          _pair_inputs, lambda x, b: ops.lambda_accum(*x, backend=b),
+          lambda p: 2 * p["N"] * p["T"] * (p["O"] ** 2 + p["I"] ** 2 + p["O"] * p["I"])),
+    Entry("gemm_bf16", "GEMM_GPU_BLOCKS", 2, None,
+          [(64, 64, 32, 4), (128, 128, 64, 8), (128, 64, 64, 4), (128, 128, 32, 8), (64, 128, 64, 4)],
+          dict(dtype="bfloat16", M=65536, K=1040, N=1040), dict(dtype="float16", M=70, K=40, N=24),
+          _gemm_inputs, _gemm_run, lambda p: 2 * p["M"] * p["K"] * p["N"]),
+    Entry("pairwise_one_fp32", "PAIRWISE_GPU_BLOCKS", 0, 0,
+          [(64, 32, 16, 1, 4, 2), (64, 32, 32, 1, 4, 2), (32, 32, 32, 1, 4, 2), (64, 64, 16, 1, 4, 2),
+           (64, 32, 16, 1, 4, 3)],
+          dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
+          _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+    Entry("gemm_fp32", "GEMM_GPU_BLOCKS", 0, None,
+          [(64, 64, 32, 4), (64, 64, 16, 4), (128, 64, 16, 8), (128, 128, 16, 8), (64, 128, 32, 8)],
+          dict(dtype="float32", M=16384, K=1040, N=1040), dict(dtype="float32", M=70, K=40, N=24),
+          _gemm_inputs, _gemm_run, lambda p: 2 * p["M"] * p["K"] * p["N"]),
+]
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+
+
+def _time_ms(fn, device: torch.device, smoke: bool) -> float:
+    if smoke or device.type != "cuda":
+        return float("nan")  # the interpreter is never timed
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        if sum(times) > 1500:  # a slow candidate: enough to rank it
+            break
+    return sorted(times)[len(times) // 2]
+
+
+def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=print) -> dict:
+    env = H.environment(device)
+    result = {"device": env["device_name"], "capability": "", "versions": {k: env[k] for k in ("torch", "triton",
+              "cuda", "git_commit")}, "date": env["timestamp"], "rows": [], "best": {}}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        result["capability"] = f"sm_{major}{minor}"
+    started = time.monotonic()
+    failures = 0
+    for entry in entries:
+        if time.monotonic() - started > budget_s:
+            log(f"SKIP {entry.name}: budget of {budget_s:.0f} s spent")
+            continue
+        shape = entry.smoke_shape if smoke else entry.shape
+        inputs = entry.make(shape, device)
+        want = entry.run(inputs, "torch")
+        default = entry.candidates[0]
+        default_err, default_ms, best = None, None, (None, float("inf"))
+        for cand in entry.candidates:
+            if time.monotonic() - started > budget_s and cand != default:
+                log(f"  budget spent: {entry.name} stops before {cand}")
+                break
+            key = entry.key_for(shape)
+            _blocks.override_blocks({entry.table: {str(key): entry.value(cand, key)}})
+            row = {"entry": entry.name, "table": entry.table, "key": str(key), "slot": entry.slot,
+                   "candidate": list(cand), "shape": shape}
+            try:
+                got = entry.run(inputs, "triton")  # compiles
+                err = _rel_err(got, want)
+                if default_err is None:
+                    default_err = err
+                ok = err <= max(2 * default_err, 1e-6)
+                ms = _time_ms(lambda: entry.run(inputs, "triton"), device, smoke) if ok else float("nan")
+                row.update(rel_err=err, ok=ok, ms=ms, tflops=entry.flops(shape) / ms / 1e9 if ms == ms else None)
+                if cand == default:
+                    default_ms = ms
+                if ok and ms < best[1]:
+                    best = (cand, ms)
+                failures += 0 if ok else 1
+                log(f"  {entry.name} {cand}: err {err:.2e} {'ok' if ok else 'WRONG'} "
+                    f"{ms:.3f} ms" + (f" ({row['tflops']:.1f} TFLOP/s)" if row.get("tflops") else ""))
+            except Exception as e:  # a tile the compiler rejects (shared memory, registers) is a result too
+                row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                failures += 1
+                log(f"  {entry.name} {cand}: ERROR {row['error']}")
+            finally:
+                _blocks.override_blocks(None)
+            result["rows"].append(row)
+        cand, ms = best
+        if cand is not None and cand != default and default_ms and ms <= (1 - IMPROVEMENT) * default_ms:
+            key = entry.key_for(shape)
+            table = result["best"].setdefault(entry.table, {})
+            base = table.get(str(key), getattr(_blocks, entry.table)[key])
+            if entry.slot is None:
+                table[str(key)] = list(cand)
+            else:
+                pair = [list(v) for v in base]
+                pair[entry.slot] = list(cand)
+                table[str(key)] = pair
+            log(f"BEST {entry.name}: {cand} {ms:.3f} ms vs default {default_ms:.3f} ms")
+        if out is not None:
+            io.atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+    result["failures"] = failures
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON to write (rewritten after each entry)")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting candidates after this")
+    parser.add_argument("--only", default="", help="comma-separated entry names (default: all, in priority order)")
+    parser.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes, correctness only")
+    args = parser.parse_args(argv)
+    names = [e.name for e in ENTRIES]
+    only = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        parser.error(f"--only: unknown entries {unknown}; expected some of {names}")
+    entries = [e for e in ENTRIES if not only or e.name in only]
+    device = torch.device("cpu") if args.smoke else H.pick_device("cuda")
+    result = tune(entries, device, args.smoke, args.budget_s if not args.smoke else float("inf"),
+                  None if args.smoke else args.out)
+    print(f"{'SMOKE ' if args.smoke else ''}tuned {len(entries)} entries, {len(result['rows'])} candidates, "
+          f"{result['failures']} failed; best: {json.dumps(result['best'])}")
+    return 1 if args.smoke and result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
