@@ -78,13 +78,20 @@ class SourceAnalyzer:
         progress: show progress bars.
         score_block: training examples per stored score block (rounded up to whole batches; default
             about 4096). The unit of resumption for pairwise and self scores.
+        score_dtype: dtype of the pairwise scoring contraction ⟨V_q, G_n⟩ (pairwise_scores, top_k), the
+            dominant cost at scale: None (the compute dtype, default), torch.float32, or torch.bfloat16 /
+            torch.float16 (query directions and training rows rounded to it, fp32 accumulation: tensor cores
+            on GPUs; on CPU it only adds casts). Factors, eigendecompositions and the walk keep the compute
+            dtype. Stored scores record it: a rerun with another score_dtype recomputes (overwrite=True)
+            instead of resuming.
     """
 
     def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,
                  method: str = "source", damping: float | str | None = None, fisher: str = "sampled",
                  batch_size: int = 64, operator: str = "continuous", seed: int = 0, check_finite: bool = True,
                  overwrite: bool = False, backend: str | None = None, deterministic: bool | None = None,
-                 collate_fn: Callable | None = None, progress: bool = True, score_block: int | None = None):
+                 collate_fn: Callable | None = None, progress: bool = True, score_block: int | None = None,
+                 score_dtype: torch.dtype | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_task(task)
@@ -98,7 +105,11 @@ class SourceAnalyzer:
             raise ValueError(f"operator must be 'continuous' or 'discrete', got {operator!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if score_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError("score_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                             f"got {score_dtype!r}")
         self.damping = self._check_damping(method, damping)
+        self.score_dtype = score_dtype
         self.model, self.task, self.run = model, task, run
         self.method, self.fisher, self.operator = method, fisher, operator
         self.batch_size, self.seed, self.check_finite = batch_size, int(seed), check_finite
@@ -626,6 +637,8 @@ class SourceAnalyzer:
         n_fit = self._n_fit if self._n_fit is not None else n_train  # an unfitted analyzer fits on train_dataset
         config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
+        if self.score_dtype is not None:  # only when set: stores written before the option still resume
+            config["score_dtype"] = str(self.score_dtype)
         store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
         if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _one_pass_pairwise)
             reason = self._one_pass_reason(n_train, store)
@@ -779,8 +792,9 @@ class SourceAnalyzer:
         block's column 0 is training example `first_col`."""
         _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
+        dt = self.score_dtype or self.compute_dtype  # the contraction's operand dtype (fp32 accumulation)
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
-            part = sum(ops.score_pairwise(v[name], a, g, backend=self.backend,
+            part = sum(ops.score_pairwise(v[name].to(dt), a.to(dt), g.to(dt), backend=self.backend,
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
             if in_stage is not None:

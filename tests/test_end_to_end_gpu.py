@@ -59,6 +59,22 @@ def test_mlp_on_cuda_matches_cpu_oracle(mlp_case, method, dtype):
     assert _rel(self_scores, diagonal.double()) <= (1e-9 if dtype == torch.float64 else 1e-4)
 
 
+@pytest.mark.parametrize("score_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mlp_on_cuda_low_precision_scoring_keeps_rankings(mlp_case, score_dtype):
+    """score_dtype: the scoring contraction on 16-bit operands (the tensor-core kernels the dispatch picks)
+    stays within a few percent of the oracle and keeps each query's ranking."""
+    model, data, ckpts, steps, lrs, oracle = mlp_case
+    run = sf.TrainingRun(_to(ckpts, "cuda", torch.float32), steps, lr=lrs, num_segments=3)
+    cuda_data = _cuda_dataset(data, torch.float32)
+    analyzer = sf.SourceAnalyzer(mlp(d_in=6, hidden=8).to("cuda", torch.float32), ClassificationTask(), run,
+                                 fisher="empirical", batch_size=16, progress=False, score_dtype=score_dtype)
+    scores = analyzer.pairwise_scores(Subset(cuda_data, range(6)), cuda_data)
+    assert _rel(scores, oracle["source"]) <= 3e-2
+    for q in range(scores.shape[0]):
+        ranks = torch.stack([scores[q].double().argsort().argsort(), oracle["source"][q].argsort().argsort()])
+        assert torch.corrcoef(ranks.double())[0, 1] > 0.99, q
+
+
 def test_cnn_on_cuda_matches_cpu_oracle_float64():
     model, data, ckpts, steps, lrs = tiny_cnn_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)

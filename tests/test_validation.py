@@ -94,6 +94,8 @@ BAD_INPUTS = [
     ("unknown optimizer", lambda: run(optimizer="lion"), ValueError, "optimizer must be 'sgd' or 'adam'"),
     # SourceAnalyzer
     ("model not a module", lambda: analyzer(model="net"), TypeError, "model must be a torch.nn.Module"),
+    ("score_dtype not a floating dtype", lambda: analyzer(score_dtype=torch.int8), ValueError,
+     "score_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got torch.int8"),
     ("task missing a method", lambda: analyzer(task=NoMeasurement()), TypeError,
      r"task must implement compute_measurement"),
     ("run of wrong type", lambda: sf.SourceAnalyzer(MODEL, ClassificationTask(), {"steps": 1}), TypeError,
