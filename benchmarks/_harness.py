@@ -844,6 +844,8 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
             if (impl, c.dtype) not in passed:
                 continue
             note = bench.note(impl, c, device)
+            if impl == "triton" and device.type == "cuda" and os.environ.get("SOURCE_FAST_TRITON_BLOCKS"):
+                note = "; ".join(x for x in (note, "tiles=SOURCE_FAST_TRITON_BLOCKS") if x)  # a tuning run's choices
             if device.type != "cuda" and not args.smoke:
                 note = "; ".join(x for x in (note, f"load1={load1()}") if x)
             if not passed[(impl, c.dtype)]:
