@@ -78,15 +78,15 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     """target [O, I] fp32 contiguous (+)= Λ of this chunk of examples."""
     n, t, i = a.shape
     o = g.shape[2]
+    # Rotated tokens in rows padded to multiples of ALIGN (zero columns, whose Λ entries are cut off): rows the
+    # kernels' loads can be proved aligned in, so Triton pipelines them.
+    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     if t == 1:
-        gs2 = rotate_tokens(g.reshape(n, o), q_s, dot, square=True, out_dtype=torch.float32)  # (ĝ)² [n, O]
-        as2 = rotate_tokens(a.reshape(n, i), q_a, dot, square=True, out_dtype=torch.float32)  # (â)² [n, I]
-        _common.bmm(gs2.T.unsqueeze(0), as2.unsqueeze(0), target.unsqueeze(0), dot=_common.DOT_F32,
+        gs2 = rotate_tokens(g.reshape(n, o), q_s, dot, square=True, out_dtype=torch.float32, width=o_pad)  # (ĝ)²
+        as2 = rotate_tokens(a.reshape(n, i), q_a, dot, square=True, out_dtype=torch.float32, width=i_pad)  # (â)²
+        _common.bmm(gs2[:, :o].T.unsqueeze(0), as2[:, :i].unsqueeze(0), target.unsqueeze(0), dot=_common.DOT_F32,
                     accumulate=accumulate)
         return
-    # Rotated tokens in rows padded to multiples of ALIGN (zero columns, whose Λ entries are cut off): rows the
-    # fused kernel's loads can be proved aligned in, so Triton pipelines them.
-    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     rot_dtype = _common.storage_dtype(dot)
     gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
     as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)

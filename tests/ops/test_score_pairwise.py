@@ -274,13 +274,14 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
-            strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
-            sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
-                       I="i32", **strides)
-            const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=max_t, DOT=dot)
-            div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
-            cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
-                          {"num_warps": warps, "num_stages": stages, "div16": div16}))
+            for block_t in sorted({min(2, max_t), max_t}):  # every token count a run can pick lies between
+                strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
+                sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
+                           I="i32", **strides)
+                const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot)
+                div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
+                cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                              {"num_warps": warps, "num_stages": stages, "div16": div16}))
     assert_fast_sm90_builds(cases)
 
 
