@@ -88,14 +88,52 @@ def pairwise_strategy(q: int, n: int, t: int, o: int, i: int) -> str:
     return "tokenwise" if tokenwise < materialize else "materialize"
 
 
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_fp32_out_mm: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def has_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has `torch.mm(x, y, out_dtype=torch.float32)` for 16-bit x, y on `device`: tensor-core
+    products with fp32 accumulation *and* an fp32 result (CUDA builds of recent torch; no CPU kernel). Probed
+    once per device and dtype."""
+    if device.type != "cuda" or dtype not in _SIXTEEN_BIT:
+        return False
+    key = (device.type, device.index, dtype)
+    if key not in _fp32_out_mm:
+        try:
+            x = torch.ones(16, 16, dtype=dtype, device=device)
+            _fp32_out_mm[key] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _fp32_out_mm[key] = False
+    return _fp32_out_mm[key]
+
+
+def _mm_fp32_out(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x, y, out_dtype=torch.float32)
+
+
 def score_pairwise(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N]."""
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N].
+
+    All-16-bit inputs on a device with fp32-output 16-bit products (`has_fp32_out_mm`) keep their dtype in the
+    materialised form: G_n in the inputs' dtype (rounded once, like the Triton kernel's on-chip tile) and one
+    tensor-core GEMM with fp32 accumulation and result. Otherwise everything is upcast to fp32 (or float64)."""
     dt = acc_dtype(v, a, g)
     q, o, i = v.shape
     n, t, _ = a.shape
+    strategy = pairwise_strategy(q, n, t, o, i)
+    if strategy == "materialize" and v.dtype == a.dtype == g.dtype and has_fp32_out_mm(a.device, a.dtype):
+        out = torch.empty(q, n, dtype=torch.float32, device=a.device)
+        v_flat = v.reshape(q, o * i)
+        step = _chunk_rows(o * i, a.dtype, n)
+        for start in range(0, n, step):
+            grads = torch.bmm(g[start:start + step].transpose(1, 2), a[start:start + step]).reshape(-1, o * i)
+            out[:, start:start + step] = _mm_fp32_out(v_flat, grads.T)
+            del grads
+        return out
     vf = v.to(dt)
     out = torch.empty(q, n, dtype=dt, device=a.device)
-    if pairwise_strategy(q, n, t, o, i) == "tokenwise":
+    if strategy == "tokenwise":
         step = _chunk_rows(q * t * o, dt, n)
         for start in range(0, n, step):
             va = torch.einsum("qoi,nti->qnto", vf, a[start:start + step].to(dt))

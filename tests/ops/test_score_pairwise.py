@@ -308,3 +308,23 @@ def test_score_pairwise_index_space_above_2_31_gpu(backend):
     baseline = reference.score_pairwise_ref(v, a[sample], g[sample], upcast=False)
     assert_matches_oracle(got[:, sample], oracle, op="score_pairwise", backend=backend, dtype=torch.float16,
                           baseline=baseline)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_torch_backend_sixteen_bit_materialised_path(monkeypatch, dtype):
+    """Where torch has fp32-output 16-bit products (CUDA builds; probed, never on CPU), the torch backend keeps
+    16-bit G_n and runs one GEMM with an fp32 result. Emulated here (the probe forced, the product computed in
+    fp32 from the 16-bit operands): within the rule for 16-bit inputs (≤ 2x the same-precision torch error)."""
+    from source_fast import _torch_ops
+
+    assert not _torch_ops.has_fp32_out_mm(torch.device("cpu"), dtype)
+    v, a, g = _inputs(6, 40, 2, 23, 9, dtype)
+    assert _torch_ops.pairwise_strategy(6, 40, 2, 9, 23) == "materialize"
+    calls = []
+    monkeypatch.setattr(_torch_ops, "has_fp32_out_mm", lambda device, dt: True)
+    monkeypatch.setattr(_torch_ops, "_mm_fp32_out",
+                        lambda x, y: calls.append((x.dtype, y.dtype)) or x.float() @ y.float())
+    got = ops.score_pairwise(v, a, g, backend="torch")
+    assert calls and set(calls) == {(dtype, dtype)} and got.dtype == torch.float32
+    assert_matches_oracle(got, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="torch",
+                          dtype=dtype, baseline=reference.score_pairwise_ref(v, a, g, upcast=False))
