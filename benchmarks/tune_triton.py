@@ -68,8 +68,11 @@ class Entry:
 
 
 def _randn(shape, device, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    """Seeded normal numbers drawn on the device itself (a CPU draw of 5·10⁸ numbers would take seconds of a
+    lease)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
 
 def _pairwise_inputs(p, device):
@@ -84,8 +87,8 @@ def _covariance_inputs(p, device):
 
 def _pair_inputs(p, device):
     dt = getattr(torch, p["dtype"])
-    q_s = torch.linalg.qr(_randn((p["O"], p["O"]), "cpu", torch.float64, 4))[0].float().to(device)
-    q_a = torch.linalg.qr(_randn((p["I"], p["I"]), "cpu", torch.float64, 5))[0].float().to(device)
+    q_s = torch.linalg.qr(_randn((p["O"], p["O"]), device, torch.float32, 4))[0]
+    q_a = torch.linalg.qr(_randn((p["I"], p["I"]), device, torch.float32, 5))[0]
     return (_randn((p["N"], p["T"], p["I"]), device, dt, 6), _randn((p["N"], p["T"], p["O"]), device, dt, 7), q_a, q_s)
 
 
