@@ -61,7 +61,17 @@ PAIRWISE_GPU_BLOCKS = {
     2: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
 }
 
-TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS")
+# The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
+# num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks).
+PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 64, 32, 8, 3), 2: (128, 64, 32, 8, 3)}
+
+# score_pairwise contracts examples of at most this many tokens token-wise (the per-token GEMM summed over
+# tokens: T·Q·N·O·I MACs, both operands streamed from memory) and forms G_n on chip above it (Q·N·O·I MACs plus
+# forming). One token: the same MACs either way, and a plain GEMM pipelines best.
+PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (1,), 2: (1,)}
+
+TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
+          "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +100,7 @@ def _leaves(value):
 
 def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
     """{table: {key: value}} checked against the defaults: known tables and keys, values of the default's
-    nesting and lengths, positive ints. Keys are strings (JSON); values come back as tuples."""
+    nesting and lengths, ints ≥ 1 (≥ 0 for PAIRWISE_TOKENWISE_GPU). Keys are strings (JSON); values come back as tuples."""
     if not isinstance(entries, dict):
         raise ValueError(f"{origin}: expected a mapping of table names to entries, got {type(entries).__name__}")
     out: dict[str, dict[str, Any]] = {}
@@ -107,9 +117,10 @@ def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{origin}: {table}: unknown key {key!r}; expected one of {sorted(known)}")
             value = _tupled(value)
             want = _shape_of(known[str(key)])
-            if _shape_of(value) != want or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+            least = 0 if table == "PAIRWISE_TOKENWISE_GPU" else 1  # 0 tokens: never token-wise
+            if _shape_of(value) != want or any(isinstance(v, bool) or not isinstance(v, int) or v < least
                                                for v in _leaves(value)):
-                raise ValueError(f"{origin}: {table}[{key}]: expected positive ints shaped like "
+                raise ValueError(f"{origin}: {table}[{key}]: expected ints >= {least} shaped like "
                                  f"{known[str(key)]}, got {value}")
             out[table][str(key)] = value
     return out
@@ -249,12 +260,20 @@ def lowrank_warps(dot: int, resident: bool) -> int:
     return 8 if dot == 0 and resident else 4
 
 
-def per_token_blocks(rows: int, o: int, i: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_O, BLOCK_I) of score_per_token: BLOCK_M token rows × one query per program,
-    V_q streamed in [BLOCK_I, BLOCK_O] tiles (it is reused by every row tile, from L2)."""
-    if interpreting():
-        return clamp_pow2(rows, 16, 128), clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64)
-    return 64, clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 32)
+def per_token_blocks(rows: int, o: int, i: int, dot: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_O, BLOCK_I, num_warps, num_stages) of the token-wise GEMM: BLOCK_M token rows × one query
+    per program, V_q streamed in [BLOCK_I, BLOCK_O] tiles."""
+    if interpreting() and not is_forced("PER_TOKEN_GPU_BLOCKS", dot):
+        return clamp_pow2(rows, 16, 128), clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), 4, 1
+    block_m, block_o, block_i, warps, stages = gpu_blocks("PER_TOKEN_GPU_BLOCKS", dot)
+    return block_m, min(block_o, clamp_pow2(o, 16, block_o)), min(block_i, clamp_pow2(i, 16, block_i)), warps, stages
+
+
+def pairwise_tokenwise(t: int, dot: int) -> bool:
+    """Whether score_pairwise contracts examples of t tokens token-wise (see PAIRWISE_TOKENWISE_GPU)."""
+    if interpreting() and not is_forced("PAIRWISE_TOKENWISE_GPU", dot):
+        return t == 1
+    return t <= gpu_blocks("PAIRWISE_TOKENWISE_GPU", dot)[0]
 
 
 def num_warps() -> int:

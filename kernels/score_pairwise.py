@@ -3,6 +3,10 @@
 Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, T, I], g [N, T, O],
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
+Two forms (`_blocks.PAIRWISE_TOKENWISE_GPU` picks by the number of tokens): for one token (the default) the
+token-wise GEMM of score_per_token, VA = a V_qᵀ contracted with g in its epilogue (score_per_token.py: both
+dot operands streamed from memory, the same Q·N·O·I MACs); for more tokens the kernel below.
+
 Strategy: the contraction is a GEMM, scores = V_flat [Q, O·I] @ G_flat [N, O·I]ᵀ, whose right operand is
 formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
   tokens in chunks of BLOCK_T (one chunk for the few-token case this kernel is for)
@@ -41,6 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _blocks, _common
+from .score_per_token import tokenwise_scores
 
 
 @triton.jit
@@ -110,6 +115,11 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return out.zero_()
     same = v.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    if _blocks.pairwise_tokenwise(t, dot):
+        if t == 1:
+            return tokenwise_scores(v, a, g, out)
+        per_token = tokenwise_scores(v, a, g, torch.empty(q, n * t, dtype=torch.float32, device=a.device))
+        return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # tokens in order
     cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)
     grid_n = triton.cdiv(n, cfg.block_n)

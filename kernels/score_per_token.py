@@ -8,9 +8,12 @@ va = a_rows V_qᵀ[:, O-tile] ([BLOCK_M, BLOCK_O], tl.dot over I in BLOCK_I step
 multiplies it by the rows' g[O-tile] and reduces over O into one fp32 value per token row, which is
 written once, by its own program: deterministic, no atomics, `torch.empty` output fully written.
 
-Cost: Q·N·T·O·I MACs (the per-token output admits no G_n shortcut). Grid: axis 0 = q (fastest), so
-the Q programs reading one tile of token rows run together and share it through L2; axis 1 = row
-tiles (chunked by the launcher below the 65535 limit). Row offsets are int64.
+Cost: Q·N·T·O·I MACs (the per-token output admits no G_n shortcut). Both dot operands come straight from
+memory (token rows and V_q tiles), so the inner loop is a plain pipelined GEMM; this is also how
+score_pairwise contracts one token per example (`tokenwise_scores`). Grid: when every query's V together
+outgrows L2 (ROWS_FASTEST_V_BYTES), row tiles are the fastest axis, so the programs running together share
+one V_q; otherwise queries are, and they share one tile of rows. The slower axis is chunked by the launcher
+below the 65535 limit. Row offsets are int64.
 
 Layout: the launcher pads o and i to multiples of ALIGN (zeros, which add nothing), so that Triton can
 prove the rows aligned and pipeline the inner loop's loads (asynchronous copies); a test compiles the kernel
@@ -29,14 +32,21 @@ from . import _blocks, _common
 
 
 @triton.jit
-def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_start,
+def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_start, q_start,
                             s_vq, s_vo, s_vi, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq,
-                            BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr):
-    """out[q, row] = Σ_o g[row, o] Σ_i V[q, o, i] a[row, i] for q = program_id(0) and the BLOCK_M token
-    rows row_start + program_id(1)·BLOCK_M + [0, BLOCK_M) (row = n·T + t; a, g, v strided; out
-    [Q, N·T] with row stride s_oq and unit column stride)."""
-    q = tl.program_id(0).to(tl.int64)
-    rows = row_start + tl.program_id(1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+                            BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr,
+                            ROWS_FASTEST: tl.constexpr):
+    """out[q, row] = Σ_o g[row, o] Σ_i V[q, o, i] a[row, i] for one query q and the BLOCK_M token rows of one
+    tile (row = n·T + t; a, g, v strided; out [Q, N·T] with row stride s_oq and unit column stride).
+    ROWS_FASTEST: row tiles on grid axis 0 and queries on axis 1 (programs running together share V_q
+    through L2), else the other way round (they share the rows)."""
+    if ROWS_FASTEST:
+        tile = tl.program_id(0).to(tl.int64)
+        q = q_start + tl.program_id(1).to(tl.int64)
+    else:
+        q = q_start + tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1).to(tl.int64)
+    rows = row_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < ROWS
     ex = rows // T
     tok = rows % T
@@ -64,6 +74,42 @@ def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_sta
     tl.store(out_ptr + q * s_oq + rows, total, mask=row_ok)
 
 
+# V for every query bigger than this (bytes): row tiles go on the fastest grid axis, so that the programs running
+# together share one V_q through L2 instead of each streaming its own from memory.
+ROWS_FASTEST_V_BYTES = 16 << 20
+
+
+def tokenwise_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [Q, N·T] (a view with unit column stride) ← g_{n,t}ᵀ V_q a_{n,t} per token row: the token-wise GEMM
+    VA = a V_qᵀ with the contraction against g in its epilogue. Shared by score_per_token and by score_pairwise
+    for few tokens (`_blocks.PAIRWISE_TOKENWISE_GPU`)."""
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    same = v.dtype == a.dtype == g.dtype
+    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    rows = n * t
+    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
+    v = _common.padded(v, (q, o_pad, i_pad))
+    a = _common.padded(a, (n, t, i_pad))
+    g = _common.padded(g, (n, t, o_pad))
+    block_m, block_o, block_i, warps, stages = _blocks.per_token_blocks(rows, o_pad, i_pad, dot)
+    rows_fastest = v.numel() * v.element_size() > ROWS_FASTEST_V_BYTES
+    tiles = triton.cdiv(rows, block_m)
+    common = dict(BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, ROWS_FASTEST=rows_fastest,
+                  num_warps=warps, num_stages=stages)
+    strides = (*v.stride(), *a.stride(), *g.stride(), out.stride(0))
+    if rows_fastest:  # axis 1 (queries) holds at most 65535
+        for q0 in range(0, q, _common.MAX_GRID_YZ):
+            nq = min(q - q0, _common.MAX_GRID_YZ)
+            _score_per_token_kernel[(tiles, nq)](v, a, g, out, t, o_pad, i_pad, rows, 0, q0, *strides, **common)
+    else:  # axis 1 (row tiles) holds at most 65535
+        for b0 in range(0, tiles, _common.MAX_GRID_YZ):
+            nb = min(tiles - b0, _common.MAX_GRID_YZ)
+            _score_per_token_kernel[(q, nb)](v, a, g, out, t, o_pad, i_pad, rows, b0 * block_m, 0, *strides,
+                                             **common)
+    return out
+
+
 def score_per_token_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} -> [Q, N, T] fp32; v [Q, O, I], a [N, T, I], g [N, T, O]
     (any strides; fp16/bf16/fp32)."""
@@ -74,20 +120,5 @@ def score_per_token_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) ->
         return out
     if o == 0 or i == 0:
         return out.zero_()
-    same = v.dtype == a.dtype == g.dtype
-    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
-    rows = n * t
-    o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
-    v = _common.padded(v, (q, o_pad, i_pad))
-    a = _common.padded(a, (n, t, i_pad))
-    g = _common.padded(g, (n, t, o_pad))
-    block_m, block_o, block_i = _blocks.per_token_blocks(rows, o_pad, i_pad)
-    tiles = triton.cdiv(rows, block_m)
-    for b0 in range(0, tiles, _common.MAX_GRID_YZ):
-        nb = min(tiles - b0, _common.MAX_GRID_YZ)
-        _score_per_token_kernel[(q, nb)](
-            v, a, g, out, t, o_pad, i_pad, rows, b0 * block_m,
-            *v.stride(), *a.stride(), *g.stride(), out.stride(0),
-            BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, num_warps=_blocks.num_warps(),
-        )
+    tokenwise_scores(v, a, g, out.view(q, n * t))
     return out

@@ -54,10 +54,10 @@ def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("entries,needle", [
     ({"NOPE": {}}, "unknown table 'NOPE'"),
     ({"GEMM_GPU_BLOCKS": {"7": [64, 64, 32, 4]}}, "unknown key '7'"),
-    ({"GEMM_GPU_BLOCKS": {"2": [64, 64, 32]}}, "GEMM_GPU_BLOCKS[2]: expected positive ints shaped like (64, 64, 32, 4)"),
-    ({"COVARIANCE_GPU_BLOCKS": {"wide": [64, 0, 4]}}, "expected positive ints"),
+    ({"GEMM_GPU_BLOCKS": {"2": [64, 64, 32]}}, "GEMM_GPU_BLOCKS[2]: expected ints >= 1 shaped like (64, 64, 32, 4)"),
+    ({"COVARIANCE_GPU_BLOCKS": {"wide": [64, 0, 4]}}, "expected ints >= 1"),
     ({"PAIRWISE_GPU_BLOCKS": {"2": [128, 128, 32, 1, 8, 3]}}, "shaped like ((128"),
-    ({"PAIR_GPU_BLOCKS": {"0": [64, 64, True]}}, "expected positive ints"),
+    ({"PAIR_GPU_BLOCKS": {"0": [64, 64, True]}}, "expected ints >= 1"),
 ])
 def test_bad_overrides_name_table_key_expected_and_actual(entries, needle):
     with pytest.raises(ValueError) as e:

@@ -136,18 +136,24 @@ def test_score_per_token_dispatch_and_explain():
 
 @pytest.mark.slow
 def test_score_per_token_kernel_compiles_for_gpu():
-    """The Triton kernel compiles to sm_80 and sm_90 code for every input dtype. Given the launcher's layout
-    (o and i padded to multiples of 16, unit strides that Triton's JIT specialises), the sm_90 builds of the
-    large-layer GPU blocks have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma."""
+    """The token-wise GEMM compiles to sm_80 and sm_90 code for every input dtype and grid order. Given the
+    launcher's layout (o and i padded to multiples of 16, unit strides that Triton's JIT specialises), the sm_90
+    builds of the GPU tiles (kernels/_blocks.PER_TOKEN_GPU_BLOCKS) have no spills, pipelined loads (asynchronous
+    copies) and, for fp16/bf16, wgmma."""
+    from source_fast.kernels import _blocks
+
     cases = []
     for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
         sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", T="i32", O="i32", I="i32", ROWS="i64",
-                   row_start="i64", s_vq="i64", s_vo="i32", s_an="i64", s_at="i64", s_gn="i64", s_gt="i64",
-                   s_oq="i64")
+                   row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_an="i64", s_at="i64", s_gn="i64",
+                   s_gt="i64", s_oq="i64")
         div16 = ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn", "s_gt", "O", "I"]
-        const = dict(BLOCK_M=64, BLOCK_O=64, BLOCK_I=32, DOT=dot, s_vi=1, s_ai=1, s_go=1)
-        cases += [("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, arch,
-                   {"num_warps": 4, "div16": div16}) for arch in archs]
+        block_m, block_o, block_i, warps, stages = _blocks.PER_TOKEN_GPU_BLOCKS[dot]
+        for rows_fastest in (False, True):
+            const = dict(BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, ROWS_FASTEST=rows_fastest,
+                         s_vi=1, s_ai=1, s_go=1)
+            cases += [("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, arch,
+                       {"num_warps": warps, "num_stages": stages, "div16": div16}) for arch in archs]
     assert_fast_sm90_builds(cases)
 
 
