@@ -191,3 +191,24 @@ def test_score_per_token_deterministic_gpu(backend, dtype):
     first = ops.score_per_token(v, a, g, backend=backend, deterministic=True)
     for _ in range(49):  # 50 runs in all
         assert torch.equal(first, ops.score_per_token(v, a, g, backend=backend, deterministic=True))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("rows_fastest", [False, True], ids=["queries-fastest", "rows-fastest"])
+def test_score_per_token_triton_grid_orders_and_chunks(monkeypatch, rows_fastest):
+    """Both grid orders (row tiles or queries on the fastest axis), each with its slower axis split into
+    launches (forced down to 2 per launch), over several row tiles and queries with ragged edges; and
+    score_pairwise's one-token path through the same kernel."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common, score_per_token as kernel
+
+    monkeypatch.setattr(kernel, "ROWS_FASTEST_V_BYTES", -1 if rows_fastest else 1 << 62)
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
+    monkeypatch.setattr(_blocks, "per_token_blocks", lambda rows, o, i, dot: (16, 16, 16, 4, 1))
+    v, a, g = _inputs(5, 13, 3, 23, 19, torch.float32)  # 5 queries (3 launches), 39 rows = 3 tiles
+    _check("triton", v, a, g, torch.float32)
+    v1, a1, g1 = _inputs(5, 37, 1, 23, 19, torch.float32)  # one token: score_pairwise runs the same kernel
+    got = ops.score_pairwise(v1, a1, g1, backend="triton")
+    assert_matches_oracle(got, reference.score_pairwise_ref(v1, a1, g1), op="score_pairwise", backend="triton",
+                          dtype=torch.float32)
