@@ -9,7 +9,8 @@ each through the op's Triton path with the candidate forced (`_blocks.override_b
 
 A candidate counts only if its result matches the torch backend's within 2x the default tile's error, or
 within a floor per dtype (ERROR_FLOOR: forms differ in where they round 16-bit operands). The output JSON holds the machine, versions and date, every
-measured row, and "best": the entries whose fastest candidate beat the default by ≥ 3 %. That file can be
+measured row (with the torch backend's time on the same inputs, so a run cut off before the benchmarks still
+gives the speedups and TFLOP/s of the main kernels), and "best": the entries whose fastest candidate beat the default by ≥ 3 %. That file can be
 named by SOURCE_FAST_TRITON_BLOCKS (scripts/gpu_check.sh does so for the benchmarks after it), and
 `python benchmarks/import_gpu_results.py <folder>` turns it into source_fast/kernels/_tuned_blocks.py.
 The file is rewritten after each entry, so a run cut off by its lease keeps what it measured.
@@ -193,6 +194,11 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
         shape = entry.smoke_shape if smoke else entry.shape
         inputs = entry.make(shape, device)
         want = entry.run(inputs, "torch")
+        torch_ms = _time_ms(lambda: entry.run(inputs, "torch"), device, smoke)  # the baseline, in the same run
+        result["rows"].append({"entry": entry.name, "table": entry.table, "candidate": "torch backend", "shape": shape,
+                               "ok": True, "ms": torch_ms,
+                               "tflops": entry.flops(shape) / torch_ms / 1e9 if torch_ms == torch_ms else None})
+        log(f"  {entry.name} torch backend: {torch_ms:.3f} ms")
         default = entry.candidates[0]
         default_err, default_ms, best = None, None, (None, float("inf"))
         for cand in entry.candidates:

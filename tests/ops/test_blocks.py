@@ -98,7 +98,7 @@ def test_every_tuning_candidate_computes_the_right_numbers(monkeypatch):
     monkeypatch.setattr(_blocks, "gpu_blocks", lambda table, key: seen.append((table, real(table, key))) or real(table, key))
     result = tuner.tune(tuner.ENTRIES, torch.device("cpu"), smoke=True, budget_s=float("inf"), out=None, log=lambda s: None)
     assert result["failures"] == 0, [r for r in result["rows"] if not r.get("ok")]
-    assert len(result["rows"]) == sum(len(e.candidates) for e in tuner.ENTRIES)
+    assert len(result["rows"]) == sum(len(e.candidates) + 1 for e in tuner.ENTRIES)  # + the torch baseline
     for entry in tuner.ENTRIES:
         key = entry.key_for(entry.smoke_shape)
         for cand in entry.candidates:
