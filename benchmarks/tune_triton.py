@@ -5,15 +5,16 @@ times the alternatives a lease can afford, most important first (bf16 scoring, t
 each through the op's Triton path with the candidate forced (`_blocks.override_blocks`):
 
     python benchmarks/tune_triton.py --out triton_blocks.json [--budget-s 150] [--only pairwise_one,...]
-    python benchmarks/tune_triton.py --smoke   # CPU, TRITON_INTERPRET=1, tiny shapes: correctness of every candidate
+    python benchmarks/tune_triton.py --smoke   # CPU interpreter, tiny shapes: every candidate's correctness
 
-A candidate counts only if its result matches the torch backend's within 2x the default tile's error, or
-within a floor per dtype (ERROR_FLOOR: forms differ in where they round 16-bit operands). The output JSON holds the machine, versions and date, every
-measured row (with the torch backend's time on the same inputs, so a run cut off before the benchmarks still
-gives the speedups and TFLOP/s of the main kernels), and "best": the entries whose fastest candidate beat the default by ≥ 3 %. That file can be
-named by SOURCE_FAST_TRITON_BLOCKS (scripts/gpu_check.sh does so for the benchmarks after it), and
-`python benchmarks/import_gpu_results.py <folder>` turns it into source_fast/kernels/_tuned_blocks.py.
-The file is rewritten after each entry, so a run cut off by its lease keeps what it measured.
+A candidate counts only if its result matches the torch backend's within 2x the default tile's error, or within
+a floor per dtype (ERROR_FLOOR: forms differ in where they round 16-bit operands). The output JSON holds the
+machine, versions and date, every measured row (with the torch backend's time on the same inputs, so a run cut
+off before the benchmarks still gives the main kernels' speedups and TFLOP/s), and "best": the entries whose
+fastest candidate beat the default by ≥ 3 %. That file can be named by SOURCE_FAST_TRITON_BLOCKS
+(scripts/gpu_check.sh does so for the benchmarks after it), and `python benchmarks/import_gpu_results.py
+<folder>` turns it into source_fast/kernels/_tuned_blocks.py. The file is rewritten after each entry, so a run
+cut off by its lease keeps what it measured.
 """
 from __future__ import annotations
 
