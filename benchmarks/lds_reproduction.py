@@ -35,12 +35,13 @@ Methods (`source_fast.SourceAnalyzer`, 6 evenly spaced checkpoints per run; two-
   if_heuristic  EK-FAC influence function at the final model, damping 0.1 × mean Λ
   tracin        TracIn over the 6 checkpoints, weighted by the learning-rate mass
   gradient_dot  ⟨∇f, ∇L⟩ at the final model
-The influence baselines get a run without stages (their curvature is fitted on all training examples): given
-the staged run, SourceAnalyzer fits an influence curvature on stage 0's examples only.
+The influence baselines get a run without stages (their curvature is fitted on all training examples); given
+the staged run they must score the same (an ablation row checks it).
 Checks and ablations (a separate table; --no-ablations skips them): SOURCE with L = 6 segments (one
-checkpoint each) and with the empirical Fisher (true labels) instead of the sampled one; EK-FAC influence with
-fixed dampings 0.01 and 0.1; on two_stage, EK-FAC influence given the staged run (curvature from stage 0's
-data only); on regression, SOURCE with loss_scale=1 (a curvature 2× too small for the MSE the optimiser used).
+checkpoint each), with the empirical Fisher (true labels) instead of the sampled one, and with the scoring
+contraction in bf16 (score_dtype=torch.bfloat16; fp32 accumulation); EK-FAC influence with
+fixed dampings 0.01 and 0.1; on two_stage, EK-FAC influence given the staged run (a check: its curvature
+must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with loss_scale=1 (a curvature 2× too small for the MSE the optimiser used).
 
     python benchmarks/lds_reproduction.py              # full run: writes benchmarks/results/lds_cpu.{csv,md,png}
     python benchmarks/lds_reproduction.py --quick      # smoke run (tiny M, S, queries; < 1 min)
@@ -137,8 +138,8 @@ def make_specs(quick: bool) -> dict[str, Spec]:
 
 
 # The influence baselines are given a single-stage run: influence scores ignore stages anyway (one curvature at
-# the final model, weight 1/N for every example), but SourceAnalyzer fits an influence run's curvature on
-# stage 0's examples only when the run has stages (see ABLATIONS), which would handicap them on two_stage.
+# the final model, weight 1/N for every example). Given the staged run they must score the same (an ablation
+# checks it: until 94c7c73 SourceAnalyzer fitted an influence run's curvature on stage 0's examples only).
 _ONE_STAGE = {"stages": False}
 METHODS = (
     # key, label, SourceAnalyzer method, damping, number of segments, options (see ABLATIONS)
@@ -153,15 +154,18 @@ METHODS = (
 
 # Checks and ablations (reported separately from the main comparison): key, label, method, damping, segments,
 # tasks (None: all), options. options: "stages": False fits a single-stage run (all examples share one data set),
-# "loss_scale": overrides the task's, "fisher": "empirical" uses the true labels for the curvature.
+# "loss_scale": overrides the task's, "fisher": "empirical" uses the true labels for the curvature, "score_dtype":
+# the SourceAnalyzer option (a torch dtype name).
 ABLATIONS = (
     ("source_L6", "SOURCE (L=6, one checkpoint per segment)", "source", None, 6, None, {}),
     ("source_empirical_fisher", "SOURCE (L=3), empirical Fisher", "source", None, 3, None, {"fisher": "empirical"}),
+    ("source_bf16_scores", "SOURCE (L=3), bf16 scoring contraction (score_dtype)", "source", None, 3, None,
+     {"score_dtype": "bfloat16"}),
     ("if_damping_0.01", "EK-FAC IF, δ=0.01", "influence", 0.01, 3, None, _ONE_STAGE),
     ("if_damping_0.1", "EK-FAC IF, δ=0.1", "influence", 0.1, 3, None, _ONE_STAGE),
-    ("if_source_staged_run", "EK-FAC IF, δ=1/Σηₖ, staged run (curvature from stage 0 only)", "influence", "source",
+    ("if_source_staged_run", "EK-FAC IF, δ=1/Σηₖ, given the staged run", "influence", "source",
      3, ("two_stage",), {}),
-    ("if_heuristic_staged_run", "EK-FAC IF, δ=0.1·mean Λ, staged run (curvature from stage 0 only)", "influence",
+    ("if_heuristic_staged_run", "EK-FAC IF, δ=0.1·mean Λ, given the staged run", "influence",
      "heuristic", 3, ("two_stage",), {}),
     ("source_loss_scale_1", "SOURCE (L=3) with loss_scale=1 (curvature 2× too small)", "source", None, 3,
      ("regression",), {"loss_scale": 1.0}),
@@ -409,8 +413,9 @@ def attribute(spec: Spec, data: Data, ckpts, steps, lrs, bounds, progress: bool,
                           example_stages=data.stages.tolist() if staged else None,
                           loss_scale=options.get("loss_scale", spec.loss_scale))
         t0 = time.perf_counter()
+        score_dtype = getattr(torch, options["score_dtype"]) if "score_dtype" in options else None
         analyzer = SourceAnalyzer(model, task, run, method=method, damping=damping, batch_size=500,
-                                  fisher=options.get("fisher", "sampled"), progress=progress)
+                                  fisher=options.get("fisher", "sampled"), progress=progress, score_dtype=score_dtype)
         analyzer.fit(train_ds)
         scores[key] = analyzer.pairwise_scores(query_ds, train_ds).double().numpy()
         seconds[key] = time.perf_counter() - t0
