@@ -228,7 +228,9 @@ def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
         return PairwiseConfig(clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64),
                               clamp_pow2(t, 1, 64), 4, 1)
     block_q, block_n, block_i, max_t, warps, stages = gpu_blocks("PAIRWISE_GPU_BLOCKS", dot)[0 if t == 1 else 1]
-    return PairwiseConfig(block_q, block_n, block_i, clamp_pow2(t, 1, max_t), warps, stages)
+    # More tokens than max_t are summed in chunks by an inner loop, which holds a chunk and its sum at once.
+    block_t = clamp_pow2(t, 1, max_t) if t <= max_t else max(1, max_t // 2)
+    return PairwiseConfig(block_q, block_n, block_i, block_t, warps, stages)
 
 
 def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:

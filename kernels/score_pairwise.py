@@ -9,20 +9,20 @@ dot operands streamed from memory, the same Q·N·O·I MACs); for more tokens th
 
 Strategy: the contraction is a GEMM, scores = V_flat [Q, O·I] @ G_flat [N, O·I]ᵀ, whose right operand is
 formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
-  tokens in chunks of BLOCK_T (one chunk for the few-token case this kernel is for)
-    input columns i in blocks of BLOCK_I: the examples' a[n, t, i-block] loaded once, kept in registers
-      output rows o (the innermost loop, long: O steps): load V[q-block, o, i-block] and g[o, t, n-block],
-      form G[n, o, i-block] = Σ_t g a in fp32 registers, add V_tile @ G_tileᵀ to the [BLOCK_Q, BLOCK_N]
-      fp32 accumulator with tl.dot (wgmma on sm_90).
+  input columns i in blocks of BLOCK_I: the examples' a[n, t, i-block] (up to BLOCK_T tokens) loaded once,
+  kept in registers
+    output rows o (the innermost loop, long: O steps): load V[q-block, o, i-block] and g[o, t, n-block],
+    form G[n, o, i-block] = Σ_t g a in fp32 registers, add V_tile @ G_tileᵀ to the [BLOCK_Q, BLOCK_N]
+    fp32 accumulator with tl.dot (wgmma on sm_90).
 The innermost loop has only loads and the dot, so Triton software-pipelines it (asynchronous copies,
 num_stages deep). That needs the loads to be provably aligned: the launcher pads the i axis of v and a
 to a multiple of ALIGN (zeros, which add nothing) and stores g as [O, T, N_pad] so that each step's g is
 one contiguous vector. A test compiles the kernel for sm_90 without a GPU and checks the build for
 tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions and no spills.
 
-With more tokens than BLOCK_T the token chunks repeat the contraction (ceil(T/BLOCK_T) times the MMA
-work): the kernel is meant for few tokens per example (one, or a segment's stacked checkpoints); with
-many tokens the torch backend's token-wise/materialised choice is cheaper (dispatch measures it).
+With more tokens than BLOCK_T each o step sums its G tile over token chunks in an inner loop: one contraction
+whatever T, but that loop is not pipelined. The kernel is meant for few tokens per example (a segment's
+stacked checkpoints); with many tokens the torch backend's choice is cheaper (dispatch measures it).
 
 Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
 the same V tiles in the same order (L2 hits); axis 1 = query blocks. Each score is written once, by its
@@ -49,13 +49,40 @@ from .score_per_token import tokenwise_scores
 
 
 @triton.jit
+def _load_inputs(a_rows, s_at, t0, tt, t_ok, ii, i_ok, n_ok, BLOCK_T: tl.constexpr):
+    """The examples' inputs a[n, t0 + t, ii] in fp32: [BLOCK_N, BLOCK_I] for one token, else [BLOCK_N, BLOCK_T,
+    BLOCK_I]."""
+    if BLOCK_T == 1:
+        a = tl.load(a_rows[:, None] + t0 * s_at + ii[None, :], mask=n_ok[:, None] & i_ok[None, :], other=0.0)
+    else:
+        a = tl.load(a_rows[:, None, None] + tt[None, :, None].to(tl.int64) * s_at + ii[None, None, :],
+                    mask=n_ok[:, None, None] & t_ok[None, :, None] & i_ok[None, None, :], other=0.0)
+    return a.to(tl.float32)
+
+
+@triton.jit
+def _grad_tile(gt_ptr, o, s_go, s_gt, t0, tt, t_ok, offs_n, n_ok, a, BLOCK_T: tl.constexpr):
+    """G[n, o, ii] summed over the tokens of `a`'s chunk: g[o, t, n] (the [O, T, N] view) times a, fp32."""
+    if BLOCK_T == 1:
+        g = tl.load(gt_ptr + o * s_go + t0 * s_gt + offs_n, mask=n_ok, other=0.0)
+        grad = g.to(tl.float32)[:, None] * a
+    else:
+        g = tl.load(gt_ptr + o * s_go + tt[None, :].to(tl.int64) * s_gt + offs_n[:, None],
+                    mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
+        grad = tl.sum(g.to(tl.float32)[:, :, None] * a, axis=1)
+    return grad
+
+
+@triton.jit
 def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
                            s_vq, s_vo, s_an, s_at, s_go, s_gt, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+                           BLOCK_T: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
     """out[qb, nb] = V[qb] G[nb]ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
     example block program_id(0). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
-    the other strides are arguments (in elements)."""
+    the other strides are arguments (in elements). ONE_CHUNK (T ≤ BLOCK_T): the inputs are held in registers
+    across the o loop, which has only loads and the dot (pipelined); else each o step sums its G tile over
+    token chunks in an inner loop (not pipelined, but one contraction whatever T)."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_i = tl.arange(0, BLOCK_I)
@@ -65,30 +92,22 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
     a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
     v_rows = v_ptr + offs_q * s_vq
     acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        tt = t0 + offs_t
-        t_ok = tt < T
-        for i0 in range(0, I, BLOCK_I):
-            ii = i0 + offs_i
-            i_ok = ii < I
-            # The examples' inputs for this i-block: loaded once, reused by all O steps below.
-            if BLOCK_T == 1:
-                a = tl.load(a_rows[:, None] + t0 * s_at + ii[None, :], mask=n_ok[:, None] & i_ok[None, :],
-                            other=0.0).to(tl.float32)
+    for i0 in range(0, I, BLOCK_I):
+        ii = i0 + offs_i
+        i_ok = ii < I
+        if ONE_CHUNK:  # the examples' inputs for this i-block: loaded once, reused by all O steps
+            a = _load_inputs(a_rows, s_at, 0, offs_t, offs_t < T, ii, i_ok, n_ok, BLOCK_T)
+        for o in range(0, O):
+            v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
+            if ONE_CHUNK:
+                grad = _grad_tile(gt_ptr, o, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, a, BLOCK_T)
             else:
-                a = tl.load(a_rows[:, None, None] + tt[None, :, None].to(tl.int64) * s_at + ii[None, None, :],
-                            mask=n_ok[:, None, None] & t_ok[None, :, None] & i_ok[None, None, :],
-                            other=0.0).to(tl.float32)
-            for o in range(0, O):
-                v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
-                if BLOCK_T == 1:
-                    g = tl.load(gt_ptr + o * s_go + t0 * s_gt + offs_n, mask=n_ok, other=0.0)
-                    grad = g.to(tl.float32)[:, None] * a
-                else:
-                    g = tl.load(gt_ptr + o * s_go + tt[None, :].to(tl.int64) * s_gt + offs_n[:, None],
-                                mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
-                    grad = tl.sum(g.to(tl.float32)[:, :, None] * a, axis=1)
-                acc = _common.mma(v, tl.trans(grad), acc, DOT)
+                grad = tl.zeros((BLOCK_N, BLOCK_I), dtype=tl.float32)
+                for t0 in range(0, T, BLOCK_T):
+                    tt = t0 + offs_t
+                    a_c = _load_inputs(a_rows, s_at, t0, tt, tt < T, ii, i_ok, n_ok, BLOCK_T)
+                    grad += _grad_tile(gt_ptr, o, s_go, s_gt, t0, tt, tt < T, offs_n, n_ok, a_c, BLOCK_T)
+            acc = _common.mma(v, tl.trans(grad), acc, DOT)
     tl.store(out_ptr + offs_q[:, None] * s_oq + offs_n[None, :], acc, mask=q_ok[:, None] & n_ok[None, :])
 
 
@@ -129,7 +148,8 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q))](
             vq, ak, gt, oq, vq.shape[0], n, t, o, i_pad,
             vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), oq.stride(0),
-            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, DOT=dot,
+            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
+            ONE_CHUNK=t <= cfg.block_t, DOT=dot,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out

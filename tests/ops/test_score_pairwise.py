@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from _backends import (assert_fast_sm90_builds, at_thread_counts, backend_params, recording_lib_calls,
-                       require)
+from _backends import (assert_fast_sm90_builds, at_thread_counts, backend_params, compile_for_gpu,
+                       recording_lib_calls, require)
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 
@@ -265,24 +265,29 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 
 @pytest.mark.slow
 def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
-    """Every GPU configuration (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several at the most tokens
-    formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
+    """Every GPU configuration (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several: 2 and the most
+    tokens formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
     pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots (the wheel's cuobjdump
-    reports the stack frame and the instructions)."""
+    reports the stack frame and the instructions). More tokens than that (an inner token loop, not pipelined by
+    design) build without spills."""
     from source_fast.kernels import _blocks
 
-    cases = []
+    fast, chunked = [], []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
-            for block_t in sorted({min(2, max_t), max_t}):  # every token count a run can pick lies between
+            for block_t, one_chunk in sorted({(min(2, max_t), True), (max_t, True), (max(1, max_t // 2), max_t == 1)}):
                 strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
                 sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
                            I="i32", **strides)
-                const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot)
+                const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, ONE_CHUNK=one_chunk,
+                             DOT=dot)
                 div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
-                cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
-                              {"num_warps": warps, "num_stages": stages, "div16": div16}))
-    assert_fast_sm90_builds(cases)
+                (fast if one_chunk else chunked).append(
+                    ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                     {"num_warps": warps, "num_stages": stages, "div16": div16}))
+    assert_fast_sm90_builds(fast)
+    for case, usage in zip(chunked, compile_for_gpu(chunked)):
+        assert usage is None or usage["stack"] == 0, (case[3], usage)
 
 
 @pytest.mark.gpu
