@@ -81,9 +81,9 @@ class SourceAnalyzer:
         score_dtype: dtype of the pairwise scoring contraction ⟨V_q, G_n⟩ (pairwise_scores, top_k), the
             dominant cost at scale: None (the compute dtype, default), torch.float32, or torch.bfloat16 /
             torch.float16 (query directions and training rows rounded to it, fp32 accumulation: tensor cores
-            on GPUs; on CPU it only adds casts). Factors, eigendecompositions and the walk keep the compute
-            dtype. Stored scores record it: a rerun with another score_dtype recomputes (overwrite=True)
-            instead of resuming.
+            on GPUs; on CPU the rounded values go through the fp32 kernels, so it only adds casts). Factors,
+            eigendecompositions and the walk keep the compute dtype. Stored scores record it: a rerun with
+            another score_dtype recomputes (overwrite=True) instead of resuming.
     """
 
     def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,
@@ -787,14 +787,23 @@ class SourceAnalyzer:
         return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
                 if n in basis else (a, g) for n, (a, g) in rows.items()}
 
+    def _score_operands(self, x: torch.Tensor) -> torch.Tensor:
+        """An operand of the scoring contraction in `score_dtype`. On CPU, 16-bit values are rounded and kept in
+        the compute dtype: the same products (a product of two bf16 or fp16 values is exact in fp32) through the
+        compiled fp32 kernels, since no CPU backend contracts 16-bit operands faster."""
+        dt = self.score_dtype or self.compute_dtype
+        if dt != self.compute_dtype and dt != torch.float32 and x.device.type == "cpu":
+            return x.to(dt).to(self.compute_dtype)
+        return x.to(dt)
+
     def _score_group_into(self, block, first_col, group, items, n_train) -> None:
         """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members;
         block's column 0 is training example `first_col`."""
         _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
-        dt = self.score_dtype or self.compute_dtype  # the contraction's operand dtype (fp32 accumulation)
+        cast = self._score_operands
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
-            part = sum(ops.score_pairwise(v[name].to(dt), a.to(dt), g.to(dt), backend=self.backend,
+            part = sum(ops.score_pairwise(cast(v[name]), cast(a), cast(g), backend=self.backend,
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
             if in_stage is not None:
