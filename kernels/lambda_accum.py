@@ -95,7 +95,8 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o_pad * i_pad)
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
-    if splits == 1 and (o_pad, i_pad) == (o, i):
+    direct = splits == 1 and (o_pad, i_pad) == (o, i)  # the kernel writes `target` itself
+    if direct:
         ws, acc_flag = target.unsqueeze(0), accumulate
     else:
         ws, acc_flag = torch.empty(splits, o_pad, i_pad, dtype=torch.float32, device=a.device), False
@@ -104,7 +105,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag,
         num_warps=_blocks.num_warps(),
     )
-    if ws.data_ptr() != target.data_ptr():
+    if not direct:
         partial = (ws[0] if splits == 1 else ws.sum(0))[:o, :i]  # fixed order
         if accumulate:
             target.add_(partial)
@@ -120,9 +121,11 @@ def lambda_accum_triton(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s
     `out` receives the fp32 result of this call).
     """
     a, g = a.contiguous(), g.contiguous()
-    q_a, q_s = q_a.contiguous(), q_s.contiguous()  # eigh returns column-major eigenvectors
     n, t, i = a.shape
     o = g.shape[2]
+    # eigh returns column-major eigenvectors; padded once here, not per chunk (zero rows and columns)
+    q_a = _common.padded(q_a.contiguous(), (_common.round_up(i, _common.ALIGN),) * 2)
+    q_s = _common.padded(q_s.contiguous(), (_common.round_up(o, _common.ALIGN),) * 2)
     dot = _common.dot_code(a.dtype)
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
     target = out if direct else torch.empty(o, i, dtype=torch.float32, device=a.device)

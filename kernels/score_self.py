@@ -67,6 +67,7 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
     # kernel's pipelined loads.
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     w = _common.padded(w, (o_pad, i_pad))
+    q_s, q_a = _common.padded(q_s, (o_pad, o_pad)), _common.padded(q_a, (i_pad, i_pad))  # once, not per chunk
     block_o, block_i, block_t = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size()
     step = _common.chunk_examples(n, per_example)
