@@ -193,9 +193,19 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
             log(f"SKIP {entry.name}: budget of {budget_s:.0f} s spent")
             continue
         shape = entry.smoke_shape if smoke else entry.shape
-        inputs = entry.make(shape, device)
-        want = entry.run(inputs, "torch")
-        torch_ms = _time_ms(lambda: entry.run(inputs, "torch"), device, smoke)  # the baseline, in the same run
+        try:
+            inputs = entry.make(shape, device)
+            want = entry.run(inputs, "torch")
+            torch_ms = _time_ms(lambda: entry.run(inputs, "torch"), device, smoke)  # the baseline, in the same run
+        except Exception as e:  # e.g. out of memory: the other entries still run
+            result["rows"].append({"entry": entry.name, "table": entry.table, "candidate": "torch backend",
+                                   "shape": shape, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            failures += 1
+            log(f"  {entry.name}: ERROR preparing the entry: {type(e).__name__}: {str(e)[:300]}")
+            inputs = want = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         result["rows"].append({"entry": entry.name, "table": entry.table, "candidate": "torch backend", "shape": shape,
                                "ok": True, "ms": torch_ms,
                                "tflops": entry.flops(shape) / torch_ms / 1e9 if torch_ms == torch_ms else None})
@@ -246,6 +256,9 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
             log(f"BEST {entry.name}: {cand} {ms:.3f} ms vs default {default_ms:.3f} ms")
         if out is not None:
             io.atomic_write_bytes(out, (json.dumps(result, indent=1) + "\n").encode())
+        inputs = want = got = None  # the next entry's inputs are allocated without these alongside
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     result["failures"] = failures
     return result
 
