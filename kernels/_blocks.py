@@ -3,7 +3,7 @@
 Two regimes:
 - under ``TRITON_INTERPRET=1`` (the CPU tests) every (program × K-step) costs ~2-3 ms of Python, so blocks
   are fitted to the (tiny, test-sized) problem;
-- on a GPU they come from the tables below (`*_GPU_BLOCKS`). There is no autotuning at run time: another
+- on a GPU they come from the tables below (`TABLES`). There is no autotuning at run time: another
   tile is another reduction order, and results must be bitwise reproducible run to run.
 
 The defaults were chosen from the sm_90 builds without a GPU (tests/ops/*: no spills, asynchronous copies,
