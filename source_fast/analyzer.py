@@ -78,8 +78,8 @@ class SourceAnalyzer:
         progress: show progress bars.
         score_block: training examples per stored score block (rounded up to whole batches; default
             about 4096). The unit of resumption for pairwise and self scores.
-        score_dtype: dtype of the pairwise scoring contraction ⟨V_q, G_n⟩ (pairwise_scores, top_k), the
-            dominant cost at scale: None (the compute dtype, default), torch.float32, or torch.bfloat16 /
+        score_dtype: dtype of the scoring contraction ⟨V_q, G_n⟩ (pairwise_scores, top_k, and the influence
+            method's self_scores), the dominant cost at scale: None (the compute dtype, default), torch.float32, or torch.bfloat16 /
             torch.float16 (query directions and training rows rounded to it, fp32 accumulation: tensor cores
             on GPUs; on CPU the rounded values go through the fp32 kernels, so it only adds casts). Factors,
             eigendecompositions and the walk keep the compute dtype. Stored scores record it: a rerun with
@@ -1042,6 +1042,8 @@ class SourceAnalyzer:
         n_fit, stage_sizes = self._ensure_fit(train_dataset)
         config = {**self._factor_config(n_fit), "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
+        if self.score_dtype is not None and self.method == "influence":  # the only self-score it applies to
+            config["score_dtype"] = str(self.score_dtype)
         store = self._store(f"self_{self.method}", (n_train,), config)
         plan = None  # spectral weights and basis changes of the walk, shared by every batch
         if self.method in ("source", "fast_source") and self.run.optimizer != "adam":
@@ -1072,7 +1074,8 @@ class SourceAnalyzer:
         for offset, size, rows in self._rows(chunk, loss="empirical", desc="self-influence"):
             for name, (a, g) in rows.items():
                 b = self.blocks[0][name]
-                out[offset:offset + size] += ops.score_self(a, g, b.q_s, b.q_a, weights[name], backend=self.backend,
+                out[offset:offset + size] += ops.score_self(self._score_operands(a), self._score_operands(g), b.q_s,
+                                                            b.q_a, weights[name], backend=self.backend,
                                                             deterministic=self.deterministic).to(out.dtype)
         out *= self.run.loss_scale / n_train
 
