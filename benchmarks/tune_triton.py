@@ -86,6 +86,12 @@ def _pairwise_inputs(p, device):
             _randn((p["N"], p["T"], p["O"]), device, dt, 2))
 
 
+def _lowrank_inputs(p, device):
+    dt = getattr(torch, p["dtype"])
+    return (_randn((p["Q"], p["O"], p["R"]), device, dt, 10), _randn((p["Q"], p["I"], p["R"]), device, dt, 11),
+            _randn((p["N"], p["T"], p["I"]), device, dt, 12), _randn((p["N"], p["T"], p["O"]), device, dt, 13))
+
+
 def _covariance_inputs(p, device):
     return (_randn((p["R"], p["D"]), device, getattr(torch, p["dtype"]), 3),)
 
@@ -152,6 +158,12 @@ ENTRIES = [
           dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
           _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
           lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+    Entry("lowrank_bf16", "LOWRANK_GPU_BLOCKS", 2, None,
+          [(64, 32, 3), (128, 32, 3), (64, 64, 3), (128, 64, 3), (32, 32, 3), (64, 32, 4)],
+          dict(dtype="bfloat16", Q=256, N=4096, T=16, O=1024, I=1025, R=32),
+          dict(dtype="float16", Q=3, N=5, T=3, O=80, I=70, R=5), _lowrank_inputs,
+          lambda x, b: ops.score_lowrank(*x, backend=b),
+          lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["R"] * (p["O"] + p["I"])),
     Entry("gemm_fp32", "GEMM_GPU_BLOCKS", 0, None,
           [(64, 64, 32, 4), (64, 64, 16, 4), (128, 64, 16, 8), (128, 128, 16, 8), (64, 128, 32, 8)],
           dict(dtype="float32", M=16384, K=1040, N=1040), dict(dtype="float32", M=70, K=40, N=24),

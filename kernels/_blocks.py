@@ -70,8 +70,12 @@ PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 64, 32, 8, 3), 2: (128, 
 # forming). One token: the same MACs either way, and a plain GEMM pipelines best.
 PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (1,), 2: (1,)}
 
+# score_lowrank (layers wider than 64): (token rows per tile = BLOCK_N·BLOCK_T, BLOCK_O = BLOCK_I streamed per
+# K-step, num_stages); warps by `lowrank_warps`.
+LOWRANK_GPU_BLOCKS = {0: (64, 32, 3), 1: (64, 32, 3), 2: (64, 32, 3)}
+
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
-          "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU")
+          "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +104,8 @@ def _leaves(value):
 
 def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
     """{table: {key: value}} checked against the defaults: known tables and keys, values of the default's
-    nesting and lengths, ints ≥ 1 (≥ 0 for PAIRWISE_TOKENWISE_GPU). Keys are strings (JSON); values come back as tuples."""
+    nesting and lengths, ints ≥ 1 (≥ 0 for PAIRWISE_TOKENWISE_GPU). Keys are strings (JSON); values come back
+    as tuples."""
     if not isinstance(entries, dict):
         raise ValueError(f"{origin}: expected a mapping of table names to entries, got {type(entries).__name__}")
     out: dict[str, dict[str, Any]] = {}
@@ -233,26 +238,28 @@ def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
     return PairwiseConfig(block_q, block_n, block_i, block_t, warps, stages)
 
 
-def lowrank_blocks(n: int, t: int, o: int, i: int, r: int) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_T, BLOCK_O, BLOCK_I, BLOCK_R, RESIDENT) of score_lowrank.
+def lowrank_blocks(n: int, t: int, o: int, i: int, r: int, dot: int) -> tuple[int, int, int, int, int, bool, int]:
+    """(BLOCK_N, BLOCK_T, BLOCK_O, BLOCK_I, BLOCK_R, RESIDENT, num_stages) of score_lowrank.
 
     A tile of BLOCK_N examples × BLOCK_T tokens is BLOCK_N·BLOCK_T token rows (the M of both tl.dot,
     ≥ 16); BLOCK_R ranks are the N of the dots; BLOCK_O / BLOCK_I are their K. RESIDENT: U_q and
     W_q fit one [BLOCK_O, BLOCK_R] / [BLOCK_I, BLOCK_R] tile each, so they are loaded once per
     program and stay in registers for the whole token loop (else they stream from L2 per K-step)."""
-    if interpreting():
+    if interpreting() and not is_forced("LOWRANK_GPU_BLOCKS", dot):
         block_t = clamp_pow2(t, 1, 64)
         block_n = clamp_pow2(n, max(1, 16 // block_t), max(1, 256 // block_t))
         block_o, block_i, block_r = clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(r, 16, 64)
+        stages = 1
     else:
-        block_t = clamp_pow2(t, 1, 64)
-        block_n = 64 // block_t  # 64 token rows per tile
+        rows, block_k, stages = gpu_blocks("LOWRANK_GPU_BLOCKS", dot)
+        block_t = clamp_pow2(t, 1, rows)
+        block_n = max(1, rows // block_t)
         block_r = clamp_pow2(r, 16, 64)
         small = o <= 64 and i <= 64
-        block_o = clamp_pow2(o, 16, 64) if small else 32
-        block_i = clamp_pow2(i, 16, 64) if small else 32
+        block_o = clamp_pow2(o, 16, 64) if small else block_k
+        block_i = clamp_pow2(i, 16, 64) if small else block_k
     resident = o <= block_o and i <= block_i and r <= block_r
-    return block_n, block_t, block_o, block_i, block_r, resident
+    return block_n, block_t, block_o, block_i, block_r, resident, stages
 
 
 def lowrank_warps(dot: int, resident: bool) -> int:

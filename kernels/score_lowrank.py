@@ -126,7 +126,8 @@ def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: t
     w = _common.padded(w, (q, i_pad, r_pad))
     a = _common.padded(a, (n, t, i_pad))
     g = _common.padded(g, (n, t, o_pad))
-    block_n, block_t, block_o, block_i, block_r, resident = _blocks.lowrank_blocks(n, t, o_pad, i_pad, r_pad)
+    block_n, block_t, block_o, block_i, block_r, resident, stages = _blocks.lowrank_blocks(n, t, o_pad, i_pad,
+                                                                                        r_pad, dot)
     blocks = triton.cdiv(n, block_n)
     for b0 in range(0, blocks, _common.MAX_GRID_YZ):
         nb = min(blocks - b0, _common.MAX_GRID_YZ)
@@ -134,6 +135,6 @@ def score_lowrank_triton(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: t
             u, w, a, g, out, n, t, o_pad, i_pad, r_pad, b0 * block_n,
             *u.stride(), *w.stride(), *a.stride(), *g.stride(), *out.stride(),
             BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_R=block_r,
-            RESIDENT=resident, DOT=dot, num_warps=_blocks.lowrank_warps(dot, resident),
+            RESIDENT=resident, DOT=dot, num_warps=_blocks.lowrank_warps(dot, resident), num_stages=stages,
         )
     return out

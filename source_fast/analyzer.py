@@ -79,11 +79,12 @@ class SourceAnalyzer:
         score_block: training examples per stored score block (rounded up to whole batches; default
             about 4096). The unit of resumption for pairwise and self scores.
         score_dtype: dtype of the scoring contraction ⟨V_q, G_n⟩ (pairwise_scores, top_k, and the influence
-            method's self_scores), the dominant cost at scale: None (the compute dtype, default), torch.float32, or torch.bfloat16 /
-            torch.float16 (query directions and training rows rounded to it, fp32 accumulation: tensor cores
-            on GPUs; on CPU the rounded values go through the fp32 kernels, so it only adds casts). Factors,
-            eigendecompositions and the walk keep the compute dtype. Stored scores record it: a rerun with
-            another score_dtype recomputes (overwrite=True) instead of resuming.
+            method's self_scores), the dominant cost at scale: None (the compute dtype, default),
+            torch.float32, or torch.bfloat16 / torch.float16 (query directions and training rows rounded to it,
+            fp32 accumulation: tensor cores on GPUs; on CPU the rounded values go through the fp32 kernels, so
+            it only adds casts). Factors, eigendecompositions and the walk keep the compute dtype. Stored
+            scores record it: a rerun with another score_dtype recomputes (overwrite=True) instead of
+            resuming.
     """
 
     def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,

@@ -95,8 +95,10 @@ def test_every_tuning_candidate_computes_the_right_numbers(monkeypatch):
     tuner = _tuner()
     seen = []
     real = _blocks.gpu_blocks
-    monkeypatch.setattr(_blocks, "gpu_blocks", lambda table, key: seen.append((table, real(table, key))) or real(table, key))
-    result = tuner.tune(tuner.ENTRIES, torch.device("cpu"), smoke=True, budget_s=float("inf"), out=None, log=lambda s: None)
+    monkeypatch.setattr(_blocks, "gpu_blocks",
+                        lambda table, key: seen.append((table, real(table, key))) or real(table, key))
+    result = tuner.tune(tuner.ENTRIES, torch.device("cpu"), smoke=True, budget_s=float("inf"), out=None,
+                        log=lambda s: None)
     assert result["failures"] == 0, [r for r in result["rows"] if not r.get("ok")]
     assert len(result["rows"]) == sum(len(e.candidates) + 1 for e in tuner.ENTRIES)  # + the torch baseline
     for entry in tuner.ENTRIES:

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from _backends import assert_fast_sm90_builds, TOKEN_SHAPES, eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
+from _backends import (TOKEN_SHAPES, assert_fast_sm90_builds, backend_params, bmm_cases, compile_for_gpu,
+                       eigh_basis, require)
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
 

@@ -155,7 +155,7 @@ def test_score_lowrank_kernel_compiles_for_gpu():
     """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed. Given
     the launcher's layout (o, i, r padded to multiples of 16, unit strides that Triton's JIT specialises), the
     sm_90 builds have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma dots."""
-    from source_fast.kernels._blocks import lowrank_warps
+    from source_fast.kernels._blocks import LOWRANK_GPU_BLOCKS, lowrank_warps
 
     cases = []
     for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
@@ -164,11 +164,13 @@ def test_score_lowrank_kernel_compiles_for_gpu():
                    s_an="i64", s_at="i64", s_gn="i64", s_gt="i64", s_oq="i64")
         div16 = ["u_ptr", "w_ptr", "a_ptr", "g_ptr", "s_uq", "s_uo", "s_wq", "s_wi", "s_an", "s_at", "s_gn", "s_gt",
                  "O", "I", "R"]
-        for resident, block_t, block_n, block_k in ((True, 1, 64, 64), (False, 16, 4, 32)):
+        rows, block_k_wide, stages = LOWRANK_GPU_BLOCKS[dot]
+        for resident, block_t, block_n, block_k in ((True, 1, 64, 64), (False, 16, rows // 16, block_k_wide)):
             const = dict(BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_k, BLOCK_I=block_k, BLOCK_R=32,
                          RESIDENT=resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1, s_go=1, s_on=1)
             cases += [("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, arch,
-                       {"num_warps": lowrank_warps(dot, resident), "div16": div16}) for arch in archs]
+                       {"num_warps": lowrank_warps(dot, resident), "num_stages": stages, "div16": div16})
+                      for arch in archs]
     assert_fast_sm90_builds(cases)
 
 
