@@ -138,7 +138,7 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         if t == 1:
             return tokenwise_scores(v, a, g, out)
         per_token = tokenwise_scores(v, a, g, torch.empty(q, n * t, dtype=torch.float32, device=a.device))
-        return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # tokens in order
+        return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # a fixed-shape reduction: deterministic
     cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)
     grid_n = triton.cdiv(n, cfg.block_n)
