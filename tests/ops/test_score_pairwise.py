@@ -333,3 +333,16 @@ def test_torch_backend_sixteen_bit_materialised_path(monkeypatch, dtype):
     assert calls and set(calls) == {(dtype, dtype)} and got.dtype == torch.float32
     assert_matches_oracle(got, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="torch",
                           dtype=dtype, baseline=reference.score_pairwise_ref(v, a, g, upcast=False))
+
+
+@pytest.mark.gpu
+def test_torch_backend_sixteen_bit_path_on_gpu():
+    """On a CUDA device: the probe of fp32-output 16-bit products, and the torch backend's materialised bf16
+    path (Q = 16, T = 4: materialise is the cheaper strategy) within the rule for 16-bit inputs."""
+    from source_fast import _torch_ops
+
+    v, a, g = _inputs(16, 45, 4, 131, 67, torch.bfloat16, device="cuda")
+    assert _torch_ops.pairwise_strategy(16, 45, 4, 67, 131) == "materialize"
+    probed = _torch_ops.has_fp32_out_mm(v.device, torch.bfloat16)
+    print(f"torch {torch.__version__}: fp32-output bf16 products {'available' if probed else 'absent'}")
+    _check("torch", v, a, g, torch.bfloat16)
