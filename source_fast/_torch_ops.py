@@ -116,14 +116,24 @@ def score_pairwise(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.T
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N].
 
     All-16-bit inputs on a device with fp32-output 16-bit products (`has_fp32_out_mm`) keep their dtype in the
-    materialised form: G_n in the inputs' dtype (rounded once, like the Triton kernel's on-chip tile) and one
-    tensor-core GEMM with fp32 accumulation and result. Otherwise everything is upcast to fp32 (or float64)."""
+    GEMMs, with fp32 accumulation and results: token-wise, VA = V a_tᵀ (then the contraction with g in fp32);
+    materialised, G_n in the inputs' dtype (rounded once, like the Triton kernel's on-chip tile) and one GEMM.
+    Otherwise everything is upcast to fp32 (or float64)."""
     dt = acc_dtype(v, a, g)
     q, o, i = v.shape
     n, t, _ = a.shape
     strategy = pairwise_strategy(q, n, t, o, i)
-    if strategy == "materialize" and v.dtype == a.dtype == g.dtype and has_fp32_out_mm(a.device, a.dtype):
+    if v.dtype == a.dtype == g.dtype and has_fp32_out_mm(a.device, a.dtype):
         out = torch.empty(q, n, dtype=torch.float32, device=a.device)
+        if strategy == "tokenwise":  # VA = V a_tᵀ for every token (one GEMM per chunk), then Σ_o,t with g in fp32
+            v_rows = v.reshape(q * o, i)
+            step = _chunk_rows(q * t * o, torch.float32, n)
+            for start in range(0, n, step):
+                ac, gc = a[start:start + step], g[start:start + step]
+                va = _mm_fp32_out(v_rows, ac.reshape(-1, i).T).view(q, o, ac.shape[0], t)
+                out[:, start:start + step] = torch.einsum("qont,nto->qn", va, gc.float())
+                del va
+            return out
         v_flat = v.reshape(q, o * i)
         step = _chunk_rows(o * i, a.dtype, n)
         for start in range(0, n, step):

@@ -315,16 +315,21 @@ def test_score_pairwise_index_space_above_2_31_gpu(backend):
                           baseline=baseline)
 
 
+@pytest.mark.parametrize("shape,strategy", [((6, 40, 2, 23, 9), "materialize"), ((3, 40, 1, 23, 9), "tokenwise"),
+                                            ((1, 40, 3, 23, 9), "tokenwise")], ids=["materialize", "tokenwise-t1",
+                                                                                   "tokenwise-t3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_torch_backend_sixteen_bit_materialised_path(monkeypatch, dtype):
+def test_torch_backend_sixteen_bit_paths(monkeypatch, dtype, shape, strategy):
     """Where torch has fp32-output 16-bit products (CUDA builds; probed, never on CPU), the torch backend keeps
-    16-bit G_n and runs one GEMM with an fp32 result. Emulated here (the probe forced, the product computed in
-    fp32 from the 16-bit operands): within the rule for 16-bit inputs (≤ 2x the same-precision torch error)."""
+    16-bit operands in its GEMMs (token-wise VA = V aᵀ, or materialised G_n) with fp32 results. Emulated here
+    (the probe forced, the product computed in fp32 from the 16-bit operands): within the rule for 16-bit inputs
+    (≤ 2x the same-precision torch error)."""
     from source_fast import _torch_ops
 
     assert not _torch_ops.has_fp32_out_mm(torch.device("cpu"), dtype)
-    v, a, g = _inputs(6, 40, 2, 23, 9, dtype)
-    assert _torch_ops.pairwise_strategy(6, 40, 2, 9, 23) == "materialize"
+    q, n, t, i, o = shape
+    v, a, g = _inputs(q, n, t, i, o, dtype)
+    assert _torch_ops.pairwise_strategy(q, n, t, o, i) == strategy
     calls = []
     monkeypatch.setattr(_torch_ops, "has_fp32_out_mm", lambda device, dt: True)
     monkeypatch.setattr(_torch_ops, "_mm_fp32_out",
@@ -337,12 +342,12 @@ def test_torch_backend_sixteen_bit_materialised_path(monkeypatch, dtype):
 
 @pytest.mark.gpu
 def test_torch_backend_sixteen_bit_path_on_gpu():
-    """On a CUDA device: the probe of fp32-output 16-bit products, and the torch backend's materialised bf16
-    path (Q = 16, T = 4: materialise is the cheaper strategy) within the rule for 16-bit inputs."""
+    """On a CUDA device: the probe of fp32-output 16-bit products, and the torch backend's bf16 paths
+    (materialised and token-wise) within the rule for 16-bit inputs."""
     from source_fast import _torch_ops
 
-    v, a, g = _inputs(16, 45, 4, 131, 67, torch.bfloat16, device="cuda")
-    assert _torch_ops.pairwise_strategy(16, 45, 4, 67, 131) == "materialize"
-    probed = _torch_ops.has_fp32_out_mm(v.device, torch.bfloat16)
+    probed = _torch_ops.has_fp32_out_mm(torch.device("cuda"), torch.bfloat16)
     print(f"torch {torch.__version__}: fp32-output bf16 products {'available' if probed else 'absent'}")
-    _check("torch", v, a, g, torch.bfloat16)
+    for (q, n, t, i, o), strategy in (((16, 45, 4, 131, 67), "materialize"), ((7, 45, 1, 131, 67), "tokenwise")):
+        assert _torch_ops.pairwise_strategy(q, n, t, o, i) == strategy
+        _check("torch", *_inputs(q, n, t, i, o, torch.bfloat16, device="cuda"), torch.bfloat16)
