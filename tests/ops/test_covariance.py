@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import assert_fast_sm90_builds, backend_params, require
+from _backends import assert_fast_sm90_builds, backend_params, compile_for_gpu, require
 from _asserts import assert_close_report
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
@@ -182,6 +182,7 @@ def test_covariance_kernel_compiles_for_gpu():
                 cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
                               {"num_warps": warps, "div16": div16}))
     assert_fast_sm90_builds(cases)
+    compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
 
 
 @pytest.mark.gpu

@@ -269,7 +269,7 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     tokens formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
     pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots (the wheel's cuobjdump
     reports the stack frame and the instructions). More tokens than that (an inner token loop, not pipelined by
-    design) build without spills."""
+    design) build without spills. The 16-bit configurations also build for sm_80."""
     from source_fast.kernels import _blocks
 
     fast, chunked = [], []
@@ -288,6 +288,8 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     assert_fast_sm90_builds(fast)
     for case, usage in zip(chunked, compile_for_gpu(chunked)):
         assert usage is None or usage["stack"] == 0, (case[3], usage)
+    # Ampere (sm_80: mma.sync instead of wgmma) builds too, for the 16-bit configurations.
+    compile_for_gpu([case[:4] + (80,) + case[5:] for case in fast + chunked if case[3]["DOT"] != 0])
 
 
 @pytest.mark.gpu

@@ -119,6 +119,7 @@ def test_score_self_kernels_compile_for_gpu():
         cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
                       {"num_warps": _blocks.num_warps(), "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
     assert_fast_sm90_builds(cases)
+    compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
     compile_for_gpu(bmm_cases({1: "*fp16"}, arch=80))
 
 
