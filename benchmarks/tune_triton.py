@@ -176,19 +176,10 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _time_ms(fn, device: torch.device, smoke: bool) -> float:
+    """Median ms by the op benchmarks' timer (do_bench, or a few CUDA-event calls for slow ones)."""
     if smoke or device.type != "cuda":
         return float("nan")  # the interpreter is never timed
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-        if sum(times) > 1500:  # a slow candidate: enough to rank it
-            break
-    return sorted(times)[len(times) // 2]
+    return H.cuda_bench(fn)[0]
 
 
 def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=print) -> dict:

@@ -65,10 +65,15 @@ def deterministic_default() -> bool:
 def measured_dispatch() -> bool:
     """SOURCE_FAST_MEASURED_DISPATCH=0 turns off the automatic dispatch's skipping of GPU backends that the
     committed benchmarks measured slower than the torch backend (source_fast/_measured_gpu.py)."""
-    return os.environ.get("SOURCE_FAST_MEASURED_DISPATCH", "1").strip() not in ("0", "false", "False", "off")
+    return _switch("SOURCE_FAST_MEASURED_DISPATCH")
 
 
 def cut_padding() -> bool:
     """SOURCE_FAST_CUT_PADDING=0 keeps token positions that the attention mask removes from a whole batch in
     the rows (default: cut where exact, see modules._padding_windows; the scores are the same either way)."""
-    return os.environ.get("SOURCE_FAST_CUT_PADDING", "1").strip() not in ("0", "false", "False", "off")
+    return _switch("SOURCE_FAST_CUT_PADDING")
+
+
+def _switch(name: str) -> bool:
+    """An on-by-default switch: off for 0, false, False or off."""
+    return os.environ.get(name, "1").strip() not in ("0", "false", "False", "off")

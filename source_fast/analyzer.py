@@ -803,8 +803,9 @@ class SourceAnalyzer:
         _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
+        v = {name: cast(direction) for name, direction in v.items()}  # once, not per chunk of rows
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
-            part = sum(ops.score_pairwise(cast(v[name]), cast(a), cast(g), backend=self.backend,
+            part = sum(ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
             if in_stage is not None:
