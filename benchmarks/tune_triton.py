@@ -116,22 +116,36 @@ def _gemm_run(inputs, backend):
     return _common.bmm(x.unsqueeze(0), q.unsqueeze(0), out.unsqueeze(0), dot=_common.dot_code(x.dtype))[0]
 
 
-_TOKENWISE = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 8, 3),
-              (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (256, 64, 32, 8, 3), (128, 64, 32, 8, 4)]
-_FEW = [(128, 64, 32, 8, 8, 3), (128, 64, 32, 4, 8, 3), (256, 64, 32, 8, 8, 3), (128, 64, 64, 2, 8, 3),
-        (64, 64, 32, 4, 4, 3)]
+# (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens formed at once, warps, stages) of score_pairwise forming G on chip for one
+# token, and the same for several; (BLOCK_M, BLOCK_O, BLOCK_I, warps, stages) of the token-wise GEMM. The first of
+# each list is the default; the sm_90 builds of the others were read without a GPU (spills noted: they are still
+# worth timing where the spill sits outside the innermost loop).
+_FORMED_ONE = [(128, 256, 32, 1, 8, 3), (128, 256, 32, 1, 8, 4), (64, 256, 32, 1, 8, 3), (128, 128, 64, 1, 8, 3),
+               (128, 128, 32, 1, 8, 3), (128, 256, 64, 1, 8, 3)]  # the last spills 48 B
+_TOKENWISE = [(128, 128, 64, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 4),
+              (64, 128, 64, 4, 3), (128, 256, 64, 8, 3)]  # the last spills in its epilogue
+_FEW = [(128, 64, 32, 8, 8, 3), (128, 64, 32, 4, 8, 3), (128, 128, 32, 4, 8, 3), (128, 128, 32, 2, 8, 3),
+        (128, 64, 64, 2, 8, 3), (64, 128, 32, 8, 8, 3)]
+_PAIRWISE_ONE = dict(dtype="bfloat16", Q=512, N=8192, T=1, O=1024, I=1025)
+_PAIRWISE_SMOKE = dict(dtype="float16", Q=5, N=7, T=1, O=3, I=37)
+
+
+def _pairwise_flops(p):
+    return 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]
+
 
 ENTRIES = [
-    # One token per example: score_pairwise runs the token-wise GEMM (PAIRWISE_TOKENWISE_GPU), whose tiles these are.
-    Entry("pairwise_one_bf16", "PER_TOKEN_GPU_BLOCKS", 2, None, _TOKENWISE,
-          dict(dtype="bfloat16", Q=512, N=8192, T=1, O=1024, I=1025),
-          dict(dtype="float16", Q=5, N=7, T=1, O=3, I=37), _pairwise_inputs,
-          lambda x, b: ops.score_pairwise(*x, backend=b), lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
-    # ... and whether that beats forming G on chip (0: never token-wise), at the default tiles of both.
-    Entry("pairwise_one_form_bf16", "PAIRWISE_TOKENWISE_GPU", 2, None, [(1,), (0,)],
-          dict(dtype="bfloat16", Q=512, N=8192, T=1, O=1024, I=1025),
-          dict(dtype="float16", Q=5, N=7, T=1, O=3, I=37), _pairwise_inputs,
-          lambda x, b: ops.score_pairwise(*x, backend=b), lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+    # One token per example: score_pairwise forms G on chip for 16-bit inputs (PAIRWISE_TOKENWISE_GPU); its tiles.
+    Entry("pairwise_one_bf16", "PAIRWISE_GPU_BLOCKS", 2, 0, _FORMED_ONE, _PAIRWISE_ONE, _PAIRWISE_SMOKE,
+          _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
+    # The token-wise GEMM's tiles, through score_per_token (the same kernel and MACs as score_pairwise's token-wise
+    # form for one token) ...
+    Entry("per_token_bf16", "PER_TOKEN_GPU_BLOCKS", 2, None, _TOKENWISE, _PAIRWISE_ONE, _PAIRWISE_SMOKE,
+          _pairwise_inputs, lambda x, b: ops.score_per_token(*x, backend=b), _pairwise_flops),
+    # ... and whether score_pairwise should take it for one token instead of forming G (1: token-wise), at the
+    # default tiles of both.
+    Entry("pairwise_one_form_bf16", "PAIRWISE_TOKENWISE_GPU", 2, None, [(0,), (1,)], _PAIRWISE_ONE,
+          _PAIRWISE_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
     Entry("covariance_narrow_bf16", "COVARIANCE_GPU_BLOCKS", "narrow", None,
           [(64, 128, 8), (64, 256, 8), (64, 64, 4), (64, 256, 4), (64, 512, 8), (32, 256, 4)],
           dict(dtype="bfloat16", R=2**24, D=32), dict(dtype="float16", R=300, D=32), _covariance_inputs,
@@ -139,7 +153,7 @@ ENTRIES = [
     Entry("pairwise_few_bf16", "PAIRWISE_GPU_BLOCKS", 2, 1, _FEW,
           dict(dtype="bfloat16", Q=256, N=4096, T=4, O=1024, I=1025),
           dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
-          lambda x, b: ops.score_pairwise(*x, backend=b), lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+          lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
     Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
           [(64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 128, 4)],
           dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,
@@ -156,8 +170,7 @@ ENTRIES = [
     Entry("pairwise_one_fp32", "PER_TOKEN_GPU_BLOCKS", 0, None,
           [(64, 64, 32, 4, 3), (64, 64, 16, 4, 3), (64, 32, 32, 4, 3), (128, 64, 16, 8, 3), (64, 64, 32, 4, 2)],
           dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
-          _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          lambda p: 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]),
+          _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
     Entry("lowrank_bf16", "LOWRANK_GPU_BLOCKS", 2, None,
           [(64, 32, 3), (128, 32, 3), (64, 64, 3), (128, 64, 3), (32, 32, 3), (64, 32, 4)],
           dict(dtype="bfloat16", Q=256, N=4096, T=16, O=1024, I=1025, R=32),

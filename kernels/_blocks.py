@@ -52,23 +52,28 @@ COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (64, 64, 4)}
 PAIR_GPU_BLOCKS = {0: (64, 64, 16), 1: (64, 64, 32), 2: (64, 64, 32)}
 
 # score_pairwise: (one-token config, several-token config), each (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens
-# formed at once, num_warps, num_stages). One token: the largest tiles whose sm_90 build stays at ≤ 128
-# registers (two programs per SM, so one's loads and G forming overlap the other's dots). Several tokens: the
-# [BLOCK_N, BLOCK_T, BLOCK_I] inputs held in registers cap the tile.
+# formed at once, num_warps, num_stages). BLOCK_N examples are the M of the dot (the formed G tile, read by wgmma
+# from registers) and set the bytes streamed per multiply-add, 2 / BLOCK_N: one token takes 256 (222 registers
+# in the sm_90 build at BLOCK_Q = 128, no spills). Several tokens: the [BLOCK_N, BLOCK_T, BLOCK_I] inputs held in
+# registers cap the tile.
 PAIRWISE_GPU_BLOCKS = {
     0: ((64, 32, 16, 1, 4, 2), (64, 32, 16, 8, 4, 2)),
-    1: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
-    2: ((128, 128, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
+    1: ((128, 256, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
+    2: ((128, 256, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
 }
 
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
-# num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks).
-PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 64, 32, 8, 3), 2: (128, 64, 32, 8, 3)}
+# num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
+# 2 / BLOCK_M + 2 / BLOCK_O bytes per multiply-add: 128 × 128 is the widest 16-bit tile without spills (128 × 256
+# spills in its epilogue, where the g tile and the product are converted between layouts).
+PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3)}
 
 # score_pairwise contracts examples of at most this many tokens token-wise (the per-token GEMM summed over
 # tokens: T·Q·N·O·I MACs, both operands streamed from memory) and forms G_n on chip above it (Q·N·O·I MACs plus
-# forming). One token: the same MACs either way, and a plain GEMM pipelines best.
-PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (1,), 2: (1,)}
+# forming). One token: the same MACs either way; with 16-bit operands the formed kernel streams a quarter of the
+# bytes per multiply-add (see PAIRWISE_GPU_BLOCKS), so it is the default; fp32 (no tensor cores) keeps the plain
+# GEMM.
+PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (0,), 2: (0,)}
 
 # score_lowrank (layers wider than 64): (token rows per tile = BLOCK_N·BLOCK_T, BLOCK_O = BLOCK_I streamed per
 # K-step, num_stages); warps by `lowrank_warps`.
@@ -279,9 +284,9 @@ def per_token_blocks(rows: int, o: int, i: int, dot: int) -> tuple[int, int, int
 
 
 def pairwise_tokenwise(t: int, dot: int) -> bool:
-    """Whether score_pairwise contracts examples of t tokens token-wise (see PAIRWISE_TOKENWISE_GPU)."""
-    if interpreting() and not is_forced("PAIRWISE_TOKENWISE_GPU", dot):
-        return t == 1
+    """Whether score_pairwise contracts examples of t tokens token-wise (see PAIRWISE_TOKENWISE_GPU). The
+    interpreter follows the GPU table too (a choice of form, not of tile size), so the CPU tests run the form a GPU
+    would for each dtype."""
     return t <= gpu_blocks("PAIRWISE_TOKENWISE_GPU", dot)[0]
 
 

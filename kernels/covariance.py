@@ -27,6 +27,24 @@ from . import _blocks, _common
 
 
 @triton.jit
+def _rows_product(x_ptr, y_ptr, m_ptr, rr, r_stop, stride_xr, offs_i, offs_j, D, part, DOT: tl.constexpr,
+                  HAS_MASK: tl.constexpr, ONE_TILE: tl.constexpr):
+    """part + x[rr, I]ᵀ (m y)[rr, J] for the rows rr below r_stop (fp32 accumulator)."""
+    r_ok = rr < r_stop
+    rows = rr.to(tl.int64) * stride_xr
+    xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D), other=0.0)
+    if ONE_TILE:
+        xj = xi
+    else:
+        xj = tl.load(y_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
+                     other=0.0)
+    if HAS_MASK:
+        m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
+        xj = xj.to(tl.float32) * m[:, None]
+    return _common.mma(tl.trans(xi), xj, part, DOT)
+
+
+@triton.jit
 def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
                        stride_xr, stride_os, stride_or,
                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr, DOT: tl.constexpr,
@@ -51,25 +69,29 @@ def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_s
     # Two-level sum: tensor-core accumulators lose low bits on every step (a 4M-row fp16 covariance came
     # out 0.4 % low on an H200 with one accumulator), so each CHUNK_R rows are summed apart, then added
     # to `acc` with ordinary fp32 rounding.
-    for c0 in range(r_start, r_stop, CHUNK_R):
+    if ONE_TILE:
+        # Memory-bound (one narrow tile): one loop, so the pipeline keeps loads in flight across chunks. As a
+        # nested loop its sm_90 build drained and refilled the pipeline every CHUNK_R rows (PROMOTE_STEPS = 4
+        # steps); here each step waits for its own dot instead, which costs nothing next to the loads. The
+        # chunks and their order are the nested form's: the same bits.
+        steps = CHUNK_R // BLOCK_R
         part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        c_stop = tl.minimum(c0 + CHUNK_R, r_stop)
-        for r0 in range(c0, c_stop, BLOCK_R):
-            rr = r0 + offs_r
-            r_ok = rr < c_stop
-            rows = rr.to(tl.int64) * stride_xr
-            xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D),
-                         other=0.0)
-            if ONE_TILE:
-                xj = xi
-            else:
-                xj = tl.load(y_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
-                             other=0.0)
-            if HAS_MASK:
-                m = tl.load(m_ptr + rr, mask=r_ok, other=0.0)
-                xj = xj.to(tl.float32) * m[:, None]
-            part = _common.mma(tl.trans(xi), xj, part, DOT)
+        for r0 in range(r_start, r_stop, BLOCK_R):
+            part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, r_stop, stride_xr, offs_i, offs_j, D, part,
+                                 DOT, HAS_MASK, ONE_TILE)
+            flush = ((r0 - r_start) // BLOCK_R) % steps == steps - 1
+            acc = tl.where(flush, acc + part, acc)
+            part = tl.where(flush, 0.0, part)
         acc += part
+    else:
+        # Compute-bound (many tiles): nested, so the inner loop's dots overlap each other (asynchronous wgmma).
+        for c0 in range(r_start, r_stop, CHUNK_R):
+            part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+            c_stop = tl.minimum(c0 + CHUNK_R, r_stop)
+            for r0 in range(c0, c_stop, BLOCK_R):
+                part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, c_stop, stride_xr, offs_i, offs_j, D, part,
+                                     DOT, HAS_MASK, ONE_TILE)
+            acc += part
     is_diag = bi == bj
     acc = tl.where(is_diag, (acc + tl.trans(acc)) * 0.5, acc)
     base = out_ptr + split * stride_os

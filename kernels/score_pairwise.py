@@ -3,22 +3,25 @@
 Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, T, I], g [N, T, O],
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
-Two forms (`_blocks.PAIRWISE_TOKENWISE_GPU` picks by the number of tokens): for one token (the default) the
-token-wise GEMM of score_per_token, VA = a V_qᵀ contracted with g in its epilogue (score_per_token.py: both
-dot operands streamed from memory, the same Q·N·O·I MACs); for more tokens the kernel below.
+Two forms (`_blocks.PAIRWISE_TOKENWISE_GPU` picks by the number of tokens): the kernel below, which forms G_n
+tiles on chip (the default for fp16/bf16), and the token-wise GEMM of score_per_token, VA = a V_qᵀ contracted
+with g in its epilogue (score_per_token.py; the default for fp32 one-token inputs).
 
-Strategy: the contraction is a GEMM, scores = V_flat [Q, O·I] @ G_flat [N, O·I]ᵀ, whose right operand is
+Strategy: the contraction is a GEMM, scores = G_flat [N, O·I] @ V_flat [Q, O·I]ᵀ, whose left operand is
 formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
   input columns i in blocks of BLOCK_I: the examples' a[n, t, i-block] (up to BLOCK_T tokens) loaded once,
   kept in registers
     output rows o (the innermost loop, long: O steps): load V[q-block, o, i-block] and g[o, t, n-block],
-    form G[n, o, i-block] = Σ_t g a in fp32 registers, add V_tile @ G_tileᵀ to the [BLOCK_Q, BLOCK_N]
+    form G[n, o, i-block] = Σ_t g a in fp32 registers, add G_tile @ V_tileᵀ to the [BLOCK_N, BLOCK_Q]
     fp32 accumulator with tl.dot (wgmma on sm_90).
-The innermost loop has only loads and the dot, so Triton software-pipelines it (asynchronous copies,
-num_stages deep). That needs the loads to be provably aligned: the launcher pads the i axis of v and a
-to a multiple of ALIGN (zeros, which add nothing) and stores g as [O, T, N_pad] so that each step's g is
-one contiguous vector. A test compiles the kernel for sm_90 without a GPU and checks the build for
-tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions and no spills.
+The innermost loop has only loads, the forming and the dot, so Triton software-pipelines it (asynchronous
+copies of the V tiles, num_stages deep). That needs the loads to be provably aligned: the launcher pads the i
+axis of v and a to a multiple of ALIGN (zeros, which add nothing) and stores g as [O, T, N_pad] so that each
+step's g is one contiguous vector, loaded one step ahead. The formed tile is the dot's left operand, which
+wgmma reads from registers: no shared-memory round trip per step. Only V streams from memory, 2 / BLOCK_N
+bytes per multiply-add (the token-wise GEMM streams 2 / BLOCK_M + 2 / BLOCK_O), which is what lets a wide
+example block keep the tensor cores fed from L2. A test compiles the kernel for sm_90 without a GPU and checks
+the build for tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions and no spills.
 
 With more tokens than BLOCK_T each o step sums its G tile over token chunks in an inner loop: one contraction
 whatever T, but that loop is not pipelined. The kernel is meant for few tokens per example (a segment's
@@ -32,7 +35,9 @@ History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile wi
 elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
 triton score_pairwise rows, and so the dispatch table's entries, are that kernel's). The second formed G
 tiles for a tl.dot but kept a token loop innermost and read unaligned rows: its sm_90 build had neither
-pipelining nor vectorised loads. This third one has not yet run on a GPU.
+pipelining nor vectorised loads. The third had this loop nest with G as the right operand (stored to shared
+memory every step, each step's wgmma waited for before the next) and g loaded in the step that used it. This
+fourth one has not yet run on a GPU.
 
 Precision: with v, a and g all fp16 (or all bf16) the fp32 G tile is rounded to that dtype for the
 contraction (fp32 accumulation), as a same-precision computation would; otherwise every dot is IEEE fp32
@@ -61,14 +66,22 @@ def _load_inputs(a_rows, s_at, t0, tt, t_ok, ii, i_ok, n_ok, BLOCK_T: tl.constex
 
 
 @triton.jit
-def _grad_tile(gt_ptr, o, s_go, s_gt, t0, tt, t_ok, offs_n, n_ok, a, BLOCK_T: tl.constexpr):
-    """G[n, o, ii] summed over the tokens of `a`'s chunk: g[o, t, n] (the [O, T, N] view) times a, fp32."""
+def _load_g(gt_ptr, o, s_go, s_gt, t0, tt, t_ok, offs_n, n_ok, BLOCK_T: tl.constexpr):
+    """g[o, t, n-block] from the [O, T, N] view: [BLOCK_N] for one token, else [BLOCK_N, BLOCK_T]."""
     if BLOCK_T == 1:
         g = tl.load(gt_ptr + o * s_go + t0 * s_gt + offs_n, mask=n_ok, other=0.0)
-        grad = g.to(tl.float32)[:, None] * a
     else:
         g = tl.load(gt_ptr + o * s_go + tt[None, :].to(tl.int64) * s_gt + offs_n[:, None],
-                    mask=n_ok[:, None] & t_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_T]
+                    mask=n_ok[:, None] & t_ok[None, :], other=0.0)
+    return g
+
+
+@triton.jit
+def _form_grad(g, a, BLOCK_T: tl.constexpr):
+    """G[n, o, ii] = Σ_t g[o, t, n] a[n, t, ii] in fp32 for one o (g from `_load_g`, a from `_load_inputs`)."""
+    if BLOCK_T == 1:
+        grad = g.to(tl.float32)[:, None] * a
+    else:
         grad = tl.sum(g.to(tl.float32)[:, :, None] * a, axis=1)
     return grad
 
@@ -78,7 +91,7 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
                            s_vq, s_vo, s_an, s_at, s_go, s_gt, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
                            BLOCK_T: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
-    """out[qb, nb] = V[qb] G[nb]ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
+    """out[qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
     example block program_id(0). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
     the other strides are arguments (in elements). ONE_CHUNK (T ≤ BLOCK_T): the inputs are held in registers
     across the o loop, which has only loads and the dot (pipelined); else each o step sums its G tile over
@@ -91,24 +104,33 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
     q_ok = offs_q < Q
     a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
     v_rows = v_ptr + offs_q * s_vq
-    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):
         ii = i0 + offs_i
         i_ok = ii < I
         if ONE_CHUNK:  # the examples' inputs for this i-block: loaded once, reused by all O steps
             a = _load_inputs(a_rows, s_at, 0, offs_t, offs_t < T, ii, i_ok, n_ok, BLOCK_T)
+            # g is loaded one o step ahead: its load is too small for an asynchronous copy, so this hides its
+            # latency behind a step's dot instead of stalling every step.
+            g_next = _load_g(gt_ptr, 0, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, BLOCK_T)
         for o in range(0, O):
             v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
             if ONE_CHUNK:
-                grad = _grad_tile(gt_ptr, o, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, a, BLOCK_T)
+                g = g_next
+                g_next = _load_g(gt_ptr, o + 1, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok & (o + 1 < O),
+                                 BLOCK_T)
+                grad = _form_grad(g, a, BLOCK_T)
             else:
                 grad = tl.zeros((BLOCK_N, BLOCK_I), dtype=tl.float32)
                 for t0 in range(0, T, BLOCK_T):
                     tt = t0 + offs_t
                     a_c = _load_inputs(a_rows, s_at, t0, tt, tt < T, ii, i_ok, n_ok, BLOCK_T)
-                    grad += _grad_tile(gt_ptr, o, s_go, s_gt, t0, tt, tt < T, offs_n, n_ok, a_c, BLOCK_T)
-            acc = _common.mma(v, tl.trans(grad), acc, DOT)
-    tl.store(out_ptr + offs_q[:, None] * s_oq + offs_n[None, :], acc, mask=q_ok[:, None] & n_ok[None, :])
+                    grad += _form_grad(_load_g(gt_ptr, o, s_go, s_gt, t0, tt, tt < T, offs_n, n_ok, BLOCK_T), a_c,
+                                       BLOCK_T)
+            # The formed tile is the dot's left operand: on sm_90 wgmma reads it from registers, so it never goes
+            # through shared memory (as a right operand it would be stored there every step).
+            acc = _common.mma(grad, tl.trans(v), acc, DOT)
+    tl.store(out_ptr + offs_q[None, :] * s_oq + offs_n[:, None], acc, mask=n_ok[:, None] & q_ok[None, :])
 
 
 def _kernel_layout(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor):

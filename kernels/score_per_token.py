@@ -9,14 +9,15 @@ multiplies it by the rows' g[O-tile] and reduces over O into one fp32 value per 
 written once, by its own program: deterministic, no atomics, `torch.empty` output fully written.
 
 Cost: Q·N·T·O·I MACs (the per-token output admits no G_n shortcut). Both dot operands come straight from
-memory (token rows and V_q tiles), so the inner loop is a plain pipelined GEMM; this is also how
-score_pairwise contracts one token per example (`tokenwise_scores`). Grid: when every query's V together
+memory (token rows and V_q tiles), so the inner loop is a plain pipelined GEMM; this is also
+score_pairwise's token-wise form (`tokenwise_scores`). Grid: when every query's V together
 outgrows L2 (ROWS_FASTEST_V_BYTES), row tiles are the fastest axis, so the programs running together share
 one V_q; otherwise queries are, and they share one tile of rows. The slower axis is chunked by the launcher
 below the 65535 limit. Row offsets are int64.
 
-Layout: the launcher pads o and i to multiples of ALIGN (zeros, which add nothing), so that Triton can
-prove the rows aligned and pipeline the inner loop's loads (asynchronous copies); a test compiles the kernel
+Layout: the launcher pads o and i to multiples of ALIGN (zeros, which add nothing) and flattens a and g to
+[N·T, ·] rows of one stride (a view when each example's tokens follow each other, else a copy), so that Triton
+can prove the rows aligned and pipeline the inner loop's loads (asynchronous copies); a test compiles the kernel
 for sm_90 without a GPU and checks for them.
 
 Precision: the dot runs in the input dtype for fp16/bf16 when v, a, g share it (fp32 accumulation),
@@ -32,26 +33,28 @@ from . import _blocks, _common
 
 
 @triton.jit
-def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_start, q_start,
-                            s_vq, s_vo, s_vi, s_an, s_at, s_ai, s_gn, s_gt, s_go, s_oq,
+def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, O, I, ROWS, row_start, q_start,
+                            s_vq, s_vo, s_vi, s_ar, s_ai, s_gr, s_go, s_oq,
                             BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, DOT: tl.constexpr,
                             ROWS_FASTEST: tl.constexpr):
     """out[q, row] = Σ_o g[row, o] Σ_i V[q, o, i] a[row, i] for one query q and the BLOCK_M token rows of one
-    tile (row = n·T + t; a, g, v strided; out [Q, N·T] with row stride s_oq and unit column stride).
-    ROWS_FASTEST: row tiles on grid axis 0 and queries on axis 1 (programs running together share V_q
-    through L2), else the other way round (they share the rows)."""
+    tile (a [ROWS, I] and g [ROWS, O] with row strides s_ar, s_gr; v strided; out [Q, ROWS] with row stride s_oq
+    and unit column stride). ROWS_FASTEST: row tiles on grid axis 0 and queries on axis 1 (programs running
+    together share V_q through L2), else the other way round (they share the rows)."""
     if ROWS_FASTEST:
         tile = tl.program_id(0).to(tl.int64)
         q = q_start + tl.program_id(1).to(tl.int64)
     else:
         q = q_start + tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1).to(tl.int64)
-    rows = row_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < ROWS
-    ex = rows // T
-    tok = rows % T
-    a_rows = a_ptr + ex * s_an + tok * s_at
-    g_rows = g_ptr + ex * s_gn + tok * s_gt
+    # Rows of one stride (the launcher flattens examples × tokens): one scalar base per tile, small per-row
+    # offsets. Per-row example/token pointers (an int64 division per row) held 60 more registers in the sm_90
+    # build.
+    row0 = row_start + tile * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < ROWS - row0
+    a_rows = a_ptr + row0 * s_ar + offs_m.to(tl.int64) * s_ar
+    g_rows = g_ptr + row0 * s_gr + offs_m.to(tl.int64) * s_gr
     v_q = v_ptr + q * s_vq
     offs_o = tl.arange(0, BLOCK_O)
     offs_i = tl.arange(0, BLOCK_I)
@@ -71,7 +74,7 @@ def _score_per_token_kernel(v_ptr, a_ptr, g_ptr, out_ptr, T, O, I, ROWS, row_sta
             va = _common.mma(a, vt, va, DOT)
         g = tl.load(g_rows[:, None] + o64[None, :] * s_go, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
         total += tl.sum(va * g.to(tl.float32), axis=1)
-    tl.store(out_ptr + q * s_oq + rows, total, mask=row_ok)
+    tl.store(out_ptr + q * s_oq + row0 + offs_m, total, mask=row_ok)
 
 
 # V for every query bigger than this (bytes): row tiles go on the fastest grid axis, so that the programs running
@@ -90,8 +93,9 @@ def tokenwise_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: tor
     rows = n * t
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     v = _common.padded(v, (q, o_pad, i_pad))
-    a = _common.padded(a, (n, t, i_pad))
-    g = _common.padded(g, (n, t, o_pad))
+    # [N·T, ·] rows of one stride: a view where the tokens of an example follow each other, else a copy.
+    a = _common.padded(a, (n, t, i_pad)).reshape(rows, i_pad)
+    g = _common.padded(g, (n, t, o_pad)).reshape(rows, o_pad)
     block_m, block_o, block_i, warps, stages = _blocks.per_token_blocks(rows, o_pad, i_pad, dot)
     rows_fastest = v.numel() * v.element_size() > ROWS_FASTEST_V_BYTES
     tiles = triton.cdiv(rows, block_m)
@@ -101,11 +105,11 @@ def tokenwise_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: tor
     if rows_fastest:  # axis 1 (queries) holds at most 65535
         for q0 in range(0, q, _common.MAX_GRID_YZ):
             nq = min(q - q0, _common.MAX_GRID_YZ)
-            _score_per_token_kernel[(tiles, nq)](v, a, g, out, t, o_pad, i_pad, rows, 0, q0, *strides, **common)
+            _score_per_token_kernel[(tiles, nq)](v, a, g, out, o_pad, i_pad, rows, 0, q0, *strides, **common)
     else:  # axis 1 (row tiles) holds at most 65535
         for b0 in range(0, tiles, _common.MAX_GRID_YZ):
             nb = min(tiles - b0, _common.MAX_GRID_YZ)
-            _score_per_token_kernel[(q, nb)](v, a, g, out, t, o_pad, i_pad, rows, b0 * block_m, 0, *strides,
+            _score_per_token_kernel[(q, nb)](v, a, g, out, o_pad, i_pad, rows, b0 * block_m, 0, *strides,
                                              **common)
     return out
 

@@ -113,7 +113,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
             if m:
                 ops = collections.Counter(re.findall(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_]*)", sass))
                 found = {"reg": int(m.group(1)), "stack": int(m.group(2)),
-                         **{k: ops.get(k, 0) for k in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "FFMA")}}
+                         **{k: ops.get(k, 0) for k in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "FFMA")},
+                         # wgmma whose left operand is read from registers (else from shared memory)
+                         "HGMMA_REG_A": len(re.findall(r"HGMMA\\.\\S+\\s+R\\d+,\\s*R\\d+,", sass)),
+                         # loops: branches back to a lower address (not the trailing branch-to-self)
+                         "LOOPS": sum(int(t, 16) < int(a, 16) for a, t in
+                                      re.findall(r"/\\*([0-9a-f]{4,})\\*/\\s+(?:@!?U?P\\w+\\s+)?BRA\\s+(?:`\\()?0x([0-9a-f]+)", sass))}
         usage.append(found)
     print("USAGE " + json.dumps(usage))
 """)
@@ -125,8 +130,9 @@ def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | N
     widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm[, options
     such as {"num_warps": 8}, and "div16": the argument names the launcher guarantees to be multiples of 16]).
     Needs only the triton wheel (it bundles ptxas), no GPU. Returns per case the build's {"reg", "stack"} and
-    its count of some SASS instructions (HGMMA: sm_90 tensor-core dots; LDGSTS / UTMALDG: asynchronous copies,
-    i.e. pipelined loads; HMMA; FFMA) from the wheel's cuobjdump, or None where it is not bundled."""
+    its count of some SASS instructions (HGMMA: sm_90 tensor-core dots, HGMMA_REG_A of them with the left operand
+    in registers; LDGSTS / UTMALDG: asynchronous copies, i.e. pipelined loads; HMMA; FFMA) and its number of
+    loops (LOOPS: backward branches) from the wheel's cuobjdump, or None where it is not bundled."""
     if not _triton_importable():
         pytest.skip("triton is not importable")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -138,17 +144,20 @@ def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | N
     return json.loads(line[len("USAGE "):])
 
 
-def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> None:
+def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:
     """compile_for_gpu, then for every sm_90 case: no spills (stack 0), pipelined loads (asynchronous copies)
     and, for 16-bit dots (constexpr DOT != 0), wgmma. What makes a Triton kernel fast on Hopper that can be
-    checked without one: a build without them is on a slower path whatever its timing."""
-    for (_, kernel, _, const, arch, *_), usage in zip(cases, compile_for_gpu(cases, timeout)):
+    checked without one: a build without them is on a slower path whatever its timing. Returns the builds'
+    compile_for_gpu reports."""
+    usages = compile_for_gpu(cases, timeout)
+    for (_, kernel, _, const, arch, *_), usage in zip(cases, usages):
         if usage is None or arch != 90:
             continue
         assert usage["stack"] == 0, f"{kernel} {const}: {usage} (spills)"
         assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{kernel} {const}: {usage} (loads not pipelined)"
         if const.get("DOT", 0) != 0:
             assert usage["HGMMA"] > 0, f"{kernel} {const}: {usage} (no wgmma)"
+    return usages
 
 
 BMM_SIGNATURE = dict(

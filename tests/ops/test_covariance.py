@@ -144,9 +144,15 @@ def test_covariance_auto_splits_fill_the_gpu_within_the_workspace(monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("splits", [1, 2])
-def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
+@pytest.mark.parametrize("d,dtype,mask_kind", [
+    pytest.param(37, torch.float32, "float", id="tiles3-nested"),
+    pytest.param(13, torch.float32, "none", id="tile1-one-loop"),
+    pytest.param(13, torch.float16, "float", id="tile1-one-loop-mask"),
+])
+def test_covariance_triton_promoted_row_chunks(monkeypatch, splits, d, dtype, mask_kind):
     """Row chunks summed apart and then added (the guard against tensor-core accumulator truncation),
-    forced down to two K-steps per chunk so splits end inside a chunk and chunks end inside a K-step."""
+    forced down to two K-steps per chunk so splits end inside a chunk and chunks end inside a K-step; in the
+    nested loops of several tiles and in the single loop of one (narrow) tile."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common
@@ -154,18 +160,38 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits):
 
     monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
     monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
-    x, mask = _inputs(203, 37, torch.float32, "float")
+    x, mask = _inputs(203, d, dtype, mask_kind)
     got = _covariance(x, mask, None, splits)
-    assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend="triton",
-                          dtype=torch.float32)
+    assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend="triton", dtype=dtype,
+                          baseline=reference.covariance_ref(x, mask, upcast=False) if dtype != torch.float32 else None)
     assert torch.equal(got, got.T)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mask):
+    """The narrow case's single loop groups rows into the nested loops' chunks, in their order: with y a copy of x
+    (not x itself) the kernel takes the nested loops, and both give the same bits."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common
+    from source_fast.kernels.covariance import _covariance_rows
+
+    monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
+    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
+    x = torch.randn(203, 16).to(torch.float16)
+    m = torch.rand(203) * 2.0 if with_mask else None
+    one_loop = _covariance_rows(x, x, m, None, 1, _common.DOT_F16)
+    nested = _covariance_rows(x, x.clone(), m, None, 1, _common.DOT_F16)
+    assert torch.equal(one_loop, nested)
 
 
 @pytest.mark.slow
 def test_covariance_kernel_compiles_for_gpu():
     """The GPU blocks of the wide and the narrow (one-tile) case build for sm_90, given the launcher's layout
     (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies) and, for
-    fp16/bf16, wgmma; fp32 runs the in-kernel mask only in fp16/bf16 (the launcher weights fp32 rows)."""
+    fp16/bf16, wgmma; the narrow case as a single loop; fp32 runs the in-kernel mask only in fp16/bf16 (the
+    launcher weights fp32 rows)."""
     from source_fast.kernels import _blocks, _common
 
     cases = []
@@ -181,7 +207,9 @@ def test_covariance_kernel_compiles_for_gpu():
                          "stride_or"]
                 cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
                               {"num_warps": warps, "div16": div16}))
-    assert_fast_sm90_builds(cases)
+    for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
+        # The narrow (memory-bound) case is one loop: nested, its pipeline drained every CHUNK_R rows.
+        assert usage is None or not case[3]["ONE_TILE"] or usage["LOOPS"] == 1, (case[3], usage)
     compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
 
 

@@ -216,6 +216,25 @@ def test_score_pairwise_triton_many_blocks_and_grid_chunks(monkeypatch):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("q,n,t,i,o", [pytest.param(*p.values, id=p.id) for p in SHAPES if p.values[2] <= 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokenwise", [pytest.param(0, id="formed"), pytest.param(5, id="tokenwise")])
+def test_score_pairwise_triton_both_forms(tokenwise, dtype, q, n, t, i, o):
+    """Both forms for one and several tokens, whichever the tables pick by default: forming G on chip (the
+    16-bit GPU default for one token, which the interpreter's default would never run) and the token-wise GEMM
+    summed over tokens."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"PAIRWISE_TOKENWISE_GPU": {"0": [tokenwise], "1": [tokenwise]}})
+    try:
+        _check("triton", *_inputs(q, n, t, i, o, dtype), dtype)
+    finally:
+        _blocks.override_blocks(None)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_score_pairwise_triton_aligned_layout(dtype):
     """The launcher pads the i axis to a multiple of 16 and stores g as [O, T, N_pad]: strided and offset inputs
@@ -267,9 +286,10 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     """Every GPU configuration (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several: 2 and the most
     tokens formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
-    pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots (the wheel's cuobjdump
-    reports the stack frame and the instructions). More tokens than that (an inner token loop, not pipelined by
-    design) build without spills. The 16-bit configurations also build for sm_80."""
+    pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots that read the formed tile
+    from registers (the wheel's cuobjdump reports the stack frame and the instructions). More tokens than that
+    (an inner token loop, not pipelined by design) build without spills. The 16-bit configurations also build
+    for sm_80."""
     from source_fast.kernels import _blocks
 
     fast, chunked = [], []
@@ -285,7 +305,10 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
                 (fast if one_chunk else chunked).append(
                     ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
                      {"num_warps": warps, "num_stages": stages, "div16": div16}))
-    assert_fast_sm90_builds(fast)
+    for case, usage in zip(fast, assert_fast_sm90_builds(fast)):
+        # The formed G tile is wgmma's left operand, read from registers: storing it to shared memory every step
+        # (as a right operand) cost a round trip and a wait per step in the previous kernel.
+        assert usage is None or case[3]["DOT"] == 0 or usage["HGMMA_REG_A"] == usage["HGMMA"], (case[3], usage)
     for case, usage in zip(chunked, compile_for_gpu(chunked)):
         assert usage is None or usage["stack"] == 0, (case[3], usage)
     # Ampere (sm_80: mma.sync instead of wgmma) builds too, for the 16-bit configurations.

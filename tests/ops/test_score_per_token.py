@@ -144,10 +144,9 @@ def test_score_per_token_kernel_compiles_for_gpu():
 
     cases = []
     for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
-        sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", T="i32", O="i32", I="i32", ROWS="i64",
-                   row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_an="i64", s_at="i64", s_gn="i64",
-                   s_gt="i64", s_oq="i64")
-        div16 = ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn", "s_gt", "O", "I"]
+        sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", O="i32", I="i32", ROWS="i64",
+                   row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_ar="i64", s_gr="i64", s_oq="i64")
+        div16 = ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]
         block_m, block_o, block_i, warps, stages = _blocks.PER_TOKEN_GPU_BLOCKS[dot]
         for rows_fastest in (False, True):
             const = dict(BLOCK_M=block_m, BLOCK_O=block_o, BLOCK_I=block_i, DOT=dot, ROWS_FASTEST=rows_fastest,
