@@ -40,16 +40,20 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 # GPU tables (keys 0, 1, 2 are the operand dtype codes DOT_F32, DOT_F16, DOT_BF16 of _common)
 # ---------------------------------------------------------------------------------------------
 
-# `_common.bmm` (token rotations, kron_project): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
-GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (64, 64, 32, 4), 2: (64, 64, 32, 4)}
+# `_common.bmm` (token rotations, kron_project): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), caps that small
+# matrices shrink (`gemm_blocks`). An M × N tile streams 2/M + 2/N bytes per 16-bit multiply-add; 128 × 128 × 64
+# at 8 warps builds for sm_90 at 130 registers, no spills (64 × 64 streamed twice the bytes).
+GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8)}
 
 # covariance: (BLOCK_D, BLOCK_R, num_warps). 64-wide tiles (wgmma's M), 64 rows per step; narrow rows (D ≤ 64,
 # one tile: memory-bound) take 128 rows per step with 8 warps, so each step moves more bytes.
 COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (64, 64, 4)}
 
-# lambda_accum / score_self: (BLOCK_O, BLOCK_I, BLOCK_T) at 4 warps. IEEE-fp32 dots over 32 tokens spill
-# (lambda_accum: 128 registers + stack), over 16 they do not.
-PAIR_GPU_BLOCKS = {0: (64, 64, 16), 1: (64, 64, 32), 2: (64, 64, 32)}
+# lambda_accum / score_self: (BLOCK_O, BLOCK_I, BLOCK_T, num_warps); BLOCK_T is a cap (fewer tokens take a
+# smaller step, ≥ 16). IEEE-fp32 dots over 32 tokens spill (lambda_accum: 128 registers + stack), over 16 they do
+# not. 16-bit: 128 × 64 output tiles at 8 warps (lambda_accum 128 registers, score_self 187, no spills) stream
+# 2/128 + 2/64 bytes per multiply-add, against 2/64 + 2/64 for 64 × 64; 128 × 128 spills in score_self.
+PAIR_GPU_BLOCKS = {0: (64, 64, 16, 4), 1: (128, 64, 32, 8), 2: (128, 64, 32, 8)}
 
 # score_pairwise: (one-token config, several-token config), each (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens
 # formed at once, num_warps, num_stages). BLOCK_N examples are the M of the dot (the formed G tile, read by wgmma
@@ -201,7 +205,12 @@ def gemm_blocks(m: int, n: int, k: int, dot: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of `_common.bmm`. tl.dot needs every block ≥ 16."""
     if interpreting() and not is_forced("GEMM_GPU_BLOCKS", dot):
         return clamp_pow2(m, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(k, 16, 128), 4
-    return gpu_blocks("GEMM_GPU_BLOCKS", dot)
+    bm, bn, bk, warps = gpu_blocks("GEMM_GPU_BLOCKS", dot)
+    if is_forced("GEMM_GPU_BLOCKS", dot):
+        return bm, bn, bk, warps
+    # A small matrix takes no wider tile than it needs (64: one warpgroup's wgmma rows), and 4 warps for 64 × 64.
+    bm, bn, bk = min(bm, clamp_pow2(m, 64, bm)), min(bn, clamp_pow2(n, 64, bn)), min(bk, clamp_pow2(k, 16, bk))
+    return bm, bn, bk, (4 if bm * bn <= 64 * 64 else warps)
 
 
 def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
@@ -213,12 +222,14 @@ def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
     return gpu_blocks("COVARIANCE_GPU_BLOCKS", key)
 
 
-def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T) of the fused per-example kernels (lambda_accum, score_self): an O×I tile
-    of (rotated) per-example gradient lives in registers."""
+def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_I, BLOCK_T, num_warps) of the fused per-example kernels (lambda_accum, score_self): an
+    O×I tile of (rotated) per-example gradient lives in registers."""
     if interpreting() and not is_forced("PAIR_GPU_BLOCKS", dot):
-        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64)
-    return gpu_blocks("PAIR_GPU_BLOCKS", dot)
+        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64), 4
+    block_o, block_i, block_t, warps = gpu_blocks("PAIR_GPU_BLOCKS", dot)
+    # Fewer tokens than the cap: a smaller K step (tl.dot needs 16), not a masked half of one.
+    return block_o, block_i, min(block_t, clamp_pow2(t, 16, block_t)), warps
 
 
 class PairwiseConfig(NamedTuple):
@@ -289,6 +300,3 @@ def pairwise_tokenwise(t: int, dot: int) -> bool:
     would for each dtype."""
     return t <= gpu_blocks("PAIRWISE_TOKENWISE_GPU", dot)[0]
 
-
-def num_warps() -> int:
-    return 4

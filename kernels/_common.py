@@ -146,18 +146,29 @@ def mma(a, b, acc, DOT: tl.constexpr):
 
 @triton.jit
 def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
-                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+                      BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+                      ONE_CHUNK: tl.constexpr):
     """One example's gradient tile G[offs_o, offs_i] = Σ_t g[row0 + t, offs_o] a[row0 + t, offs_i] in
-    fp32 registers (g [N·T, O], a [N·T, I] contiguous; row0 int64); tokens in BLOCK_T steps, masked."""
+    fp32 registers (g [N·T, O], a [N·T, I] contiguous; row0 int64); tokens in BLOCK_T steps, masked.
+    ONE_CHUNK (T ≤ BLOCK_T): no token loop, so the caller's loop is the innermost one, which Triton
+    pipelines (a token loop of one step would be the one pipelined: no load of the next example or
+    tile would be in flight during this one's dot)."""
     offs_t = tl.arange(0, BLOCK_T)
     tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        tt = t0 + offs_t
-        t_ok = tt < T
-        rows = row0 + tt.to(tl.int64)
+    if ONE_CHUNK:
+        t_ok = offs_t < T
+        rows = row0 + offs_t.to(tl.int64)
         g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
         a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
         tile = mma(tl.trans(g), a, tile, DOT)
+    else:
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + offs_t
+            t_ok = tt < T
+            rows = row0 + tt.to(tl.int64)
+            g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+            tile = mma(tl.trans(g), a, tile, DOT)
     return tile
 
 
@@ -298,6 +309,14 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
         if not accumulate:
             out.zero_()
         return out
+    if dot != DOT_F32:
+        # fp32 operands of a 16-bit dot are rounded here, as the kernel would round each tile (round to nearest
+        # even both ways: the same bits), so that both stream as 16-bit rows. In the sm_90 build an fp32 operand
+        # took 4-byte asynchronous copies (8 times as many as the 16-byte ones) and a conversion through shared
+        # memory per step. A scaled b (fkind) is scaled in fp32 first, in the kernel.
+        half = storage_dtype(dot)
+        a = a.to(half) if a.dtype == torch.float32 else a
+        b = b.to(half) if b.dtype == torch.float32 and fkind == F_NONE else b
     bm, bn, bk, warps = gemm_blocks(m, n, k, dot)
     f_arg = f if f is not None else out
     sfk, sfn = (f.stride(0), f.stride(1)) if f is not None else (0, 0)

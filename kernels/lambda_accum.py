@@ -34,7 +34,7 @@ from . import _blocks, _common
 def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
                          stride_os, stride_oo,
                          BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
-                         DOT: tl.constexpr, ACCUMULATE: tl.constexpr):
+                         DOT: tl.constexpr, ACCUMULATE: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """out[s, o, i] (+)= Σ_{n in split s} (Σ_t ĝ[n, t, o] â[n, t, i])² for one (O-tile, I-tile).
 
     ĝ [N·T, O] and â [N·T, I] are contiguous rotated tokens. M_n tiles stay in registers (fp32).
@@ -52,7 +52,7 @@ def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
     lam = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for n in range(n_start, n_stop):
         m = _common.example_grad_tile(gs_ptr, as_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
-                                      BLOCK_O, BLOCK_I, BLOCK_T, DOT)
+                                      BLOCK_O, BLOCK_I, BLOCK_T, DOT, ONE_CHUNK)
         lam += m * m
         row0 += T
     ptrs = out_ptr + split.to(tl.int64) * stride_os + offs_o.to(tl.int64)[:, None] * stride_oo + offs_i[None, :]
@@ -90,7 +90,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     rot_dtype = _common.storage_dtype(dot)
     gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
     as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
-    block_o, block_i, block_t = _blocks.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t, warps = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
     splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o_pad * i_pad)
     n_per_split = triton.cdiv(n, splits)
@@ -102,8 +102,8 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
         ws, acc_flag = torch.empty(splits, o_pad, i_pad, dtype=torch.float32, device=a.device), False
     _lambda_accum_kernel[(tiles, splits)](
         gs, as_, ws, n, t, o_pad, i_pad, n_per_split, ws.stride(0), ws.stride(1),
-        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag,
-        num_warps=_blocks.num_warps(),
+        BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag, ONE_CHUNK=t <= block_t,
+        num_warps=warps,
     )
     if not direct:
         partial = (ws[0] if splits == 1 else ws.sum(0))[:o, :i]  # fixed order

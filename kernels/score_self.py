@@ -26,7 +26,8 @@ from .lambda_accum import rotate_tokens
 
 @triton.jit
 def _score_self_kernel(gs_ptr, as_ptr, w_ptr, out_ptr, T, O, I,
-                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr):
+                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
+                       ONE_CHUNK: tl.constexpr):
     """out[n] = Σ_{o,i} W[o, i] (Σ_t ĝ[n, t, o] â[n, t, i])² for n = program_id(0).
 
     ĝ [N·T, O], â [N·T, I], W [O, I] contiguous.
@@ -41,7 +42,7 @@ def _score_self_kernel(gs_ptr, as_ptr, w_ptr, out_ptr, T, O, I,
             offs_i = i0 + tl.arange(0, BLOCK_I)
             i_ok = offs_i < I
             m = _common.example_grad_tile(gs_ptr, as_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
-                                          BLOCK_O, BLOCK_I, BLOCK_T, DOT)
+                                          BLOCK_O, BLOCK_I, BLOCK_T, DOT, ONE_CHUNK)
             w = tl.load(w_ptr + offs_o.to(tl.int64)[:, None] * I + offs_i[None, :], mask=o_ok[:, None] & i_ok[None, :],
                         other=0.0).to(tl.float32)
             total += w * (m * m)
@@ -68,7 +69,7 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     w = _common.padded(w, (o_pad, i_pad))
     q_s, q_a = _common.padded(q_s, (o_pad, o_pad)), _common.padded(q_a, (i_pad, i_pad))  # once, not per chunk
-    block_o, block_i, block_t = _blocks.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t, warps = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size()
     step = _common.chunk_examples(n, per_example)
     for start in range(0, n, step):
@@ -78,6 +79,6 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
         as_ = rotate_tokens(a_c.reshape(rows, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
         _score_self_kernel[(a_c.shape[0],)](
             gs, as_, w, out[start:start + step], t, o_pad, i_pad,
-            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, num_warps=_blocks.num_warps(),
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=t <= block_t, num_warps=warps,
         )
     return out

@@ -150,7 +150,7 @@ BAD_INPUTS = [
      "backend must be one of"),
     ("spectral zero damping inverse", lambda: spectral.inverse(0), ValueError, "needs damping > 0"),
     ("Triton tile override of the wrong shape", lambda: _triton_blocks_override({"GEMM_GPU_BLOCKS": {"2": [64, 64]}}),
-     ValueError, r"GEMM_GPU_BLOCKS\[2\]: expected ints >= 1 shaped like \(64, 64, 32, 4\), got \(64, 64\)"),
+     ValueError, r"GEMM_GPU_BLOCKS\[2\]: expected ints >= 1 shaped like \(128, 128, 64, 8\), got \(64, 64\)"),
 ]
 
 

@@ -41,11 +41,22 @@ def test_forced_entry_applies_even_under_the_interpreter():
     assert _blocks.covariance_blocks(100, 40) == fitted
 
 
+def test_gemm_tiles_shrink_to_small_matrices(monkeypatch):
+    """On a GPU the GEMM's table entry is a cap: a small matrix takes no wider tile than it needs (64 rows and
+    columns at least: one warpgroup's wgmma), with 4 warps at 64 × 64; a forced tile is taken as it is."""
+    monkeypatch.setattr(_blocks, "interpreting", lambda: False)
+    assert _blocks.gemm_blocks(65536, 1040, 1040, 2) == _blocks.GEMM_GPU_BLOCKS[2] == (128, 128, 64, 8)
+    assert _blocks.gemm_blocks(40, 1000, 20, 2) == (64, 128, 32, 8)
+    assert _blocks.gemm_blocks(64, 33, 64, 1) == (64, 64, 64, 4)
+    _blocks.override_blocks({"GEMM_GPU_BLOCKS": {"2": [128, 128, 64, 8]}})
+    assert _blocks.gemm_blocks(40, 1000, 20, 2) == (128, 128, 64, 8)
+
+
 def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
     path = tmp_path / "tuned.json"
-    path.write_text(json.dumps({"device": "X", "best": {"GEMM_GPU_BLOCKS": {"2": [128, 128, 64, 8]}}}))
+    path.write_text(json.dumps({"device": "X", "best": {"GEMM_GPU_BLOCKS": {"2": [64, 128, 32, 4]}}}))
     monkeypatch.setenv("SOURCE_FAST_TRITON_BLOCKS", str(path))
-    assert _blocks.gpu_blocks("GEMM_GPU_BLOCKS", 2) == (128, 128, 64, 8)
+    assert _blocks.gpu_blocks("GEMM_GPU_BLOCKS", 2) == (64, 128, 32, 4)
     assert _blocks.gpu_blocks("GEMM_GPU_BLOCKS", 0) == _blocks.GEMM_GPU_BLOCKS[0]
     _blocks.override_blocks({"GEMM_GPU_BLOCKS": {"2": [32, 32, 32, 4]}})  # explicit beats the file
     assert _blocks.gpu_blocks("GEMM_GPU_BLOCKS", 2) == (32, 32, 32, 4)
@@ -54,7 +65,7 @@ def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
 @pytest.mark.parametrize("entries,needle", [
     ({"NOPE": {}}, "unknown table 'NOPE'"),
     ({"GEMM_GPU_BLOCKS": {"7": [64, 64, 32, 4]}}, "unknown key '7'"),
-    ({"GEMM_GPU_BLOCKS": {"2": [64, 64, 32]}}, "GEMM_GPU_BLOCKS[2]: expected ints >= 1 shaped like (64, 64, 32, 4)"),
+    ({"GEMM_GPU_BLOCKS": {"2": [64, 64, 32]}}, "GEMM_GPU_BLOCKS[2]: expected ints >= 1 shaped like (128, 128, 64, 8)"),
     ({"COVARIANCE_GPU_BLOCKS": {"wide": [64, 0, 4]}}, "expected ints >= 1"),
     ({"PAIRWISE_GPU_BLOCKS": {"2": [128, 128, 32, 1, 8, 3]}}, "shaped like ((128"),
     ({"PAIR_GPU_BLOCKS": {"0": [64, 64, True]}}, "expected ints >= 1"),

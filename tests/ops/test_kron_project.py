@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from _backends import eigh_basis, backend_params, bmm_cases, compile_for_gpu, require
+from _backends import (BMM_SIGNATURE, assert_fast_sm90_builds, backend_params, bmm_cases, compile_for_gpu,
+                       eigh_basis, require)
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference, spectral
 
@@ -169,9 +170,44 @@ def test_kron_project_triton_spectral_epilogue_matches_spectral_evaluate():
                                f"got {got[bad][:3].tolist()} want {want[bad][:3].tolist()}")
 
 
+@pytest.mark.interpreter
+def test_bmm_rounds_fp32_operands_as_the_kernel_would():
+    """`_common.bmm` rounds fp32 operands of a 16-bit dot before the kernel (so they stream as 16-bit rows): the
+    same bits as the kernel's own rounding, which it still does for a scaled b (a table of ones here)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 37, 45, generator=gen)
+    b = torch.randn(2, 45, 29, generator=gen)
+    rounded = _common.bmm(a, b, torch.empty(2, 37, 29), dot=_common.DOT_F16)
+    in_kernel = _common.bmm(a.half(), b, torch.empty(2, 37, 29), dot=_common.DOT_F16, fkind=_common.F_TABLE,
+                            f=torch.ones(45, 29))
+    assert torch.equal(rounded, in_kernel)
+    assert torch.equal(rounded, _common.bmm(a.half(), b.half(), torch.empty(2, 37, 29), dot=_common.DOT_F16))
+    assert not torch.equal(rounded, _common.bmm(a, b, torch.empty(2, 37, 29)))  # fp32 dots differ: a real rounding
+
+
 @pytest.mark.slow
 def test_kron_project_kernels_compile_for_gpu():
+    """Every epilogue builds; the GEMM's 16-bit GPU tiles, with both operands 16-bit as `_common.bmm` passes them
+    and the unit strides Triton's JIT specialises, build for sm_90 without spills, with asynchronous copies and
+    wgmma."""
+    from source_fast.kernels import _blocks
+
     compile_for_gpu(bmm_cases({0: "*fp32", 1: "*fp16"}, fkinds=(0, 1, 2, 3, 4)))
+    fast = []
+    for dot, ptr in ((1, "*fp16"), (2, "*bf16")):
+        bm, bn, bk, warps = _blocks.GEMM_GPU_BLOCKS[dot]
+        sig = {k: v for k, v in BMM_SIGNATURE.items() if k not in ("stride_ak", "stride_bn", "stride_cn")}
+        sig.update(a_ptr=ptr, b_ptr=ptr)
+        const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
+                     stride_ak=1, stride_bn=1, stride_cn=1)
+        fast.append(("source_fast.kernels._common", "_bmm_kernel", sig, const, 90,
+                     {"num_warps": warps, "div16": ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am",
+                                                    "stride_bk", "stride_cb", "stride_cm"]}))
+    assert_fast_sm90_builds(fast)
 
 
 @pytest.mark.gpu

@@ -118,20 +118,23 @@ def test_lambda_accum_triton_chunks_and_splits(monkeypatch, t):
 @pytest.mark.slow
 def test_lambda_accum_kernels_compile_for_gpu():
     """The fused kernel's GPU blocks build for sm_90, given the launcher's layout (rotated rows padded to a
-    multiple of 16), with no spills, pipelined loads and, for fp16/bf16, wgmma; the rotation GEMM builds for
-    every flag."""
+    multiple of 16), with no spills, pipelined loads and, for fp16/bf16, wgmma, and with one token chunk as a
+    single loop over examples; the rotation GEMM builds for every flag."""
     from source_fast.kernels import _blocks
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         sig = dict(gs_ptr=ptr, as_ptr=ptr, out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32", n_per_split="i32",
                    stride_os="i32", stride_oo="i32")
-        block_o, block_i, block_t = _blocks.PAIR_GPU_BLOCKS[dot]
-        const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=True)
-        cases.append(("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
-                      {"num_warps": _blocks.num_warps(), "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I",
-                                                                   "stride_oo"]}))
-    assert_fast_sm90_builds(cases)
+        block_o, block_i, block_t, warps = _blocks.PAIR_GPU_BLOCKS[dot]
+        for one_chunk in (True, False):
+            const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=True,
+                         ONE_CHUNK=one_chunk)
+            cases.append(("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
+                          {"num_warps": warps, "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]}))
+    for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
+        # One token chunk: the loop over examples is the innermost (pipelined) one, not a token loop of one step.
+        assert usage is None or usage["LOOPS"] == (1 if case[3]["ONE_CHUNK"] else 2), (case[3], usage)
     compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
     compile_for_gpu(bmm_cases({0: "*fp32", 1: "*fp16", 2: "*bf16"}, square=(False, True), accumulate=(False, True)))
 

@@ -107,18 +107,21 @@ def test_score_self_triton_chunks(monkeypatch):
 @pytest.mark.slow
 def test_score_self_kernels_compile_for_gpu():
     """The fused kernel's GPU blocks build for sm_90, given the launcher's layout (rotated rows and weights
-    padded to multiples of 16), with no spills, pipelined loads and, for fp16/bf16, wgmma; the rotation GEMM
-    builds for sm_80."""
+    padded to multiples of 16), with no spills, pipelined loads and, for fp16/bf16, wgmma, and with one token
+    chunk without a token loop; the rotation GEMM builds for sm_80."""
     from source_fast.kernels import _blocks
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         sig = dict(gs_ptr=ptr, as_ptr=ptr, w_ptr="*fp32", out_ptr="*fp32", T="i32", O="i32", I="i32")
-        block_o, block_i, block_t = _blocks.PAIR_GPU_BLOCKS[dot]
-        const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot)
-        cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
-                      {"num_warps": _blocks.num_warps(), "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
-    assert_fast_sm90_builds(cases)
+        block_o, block_i, block_t, warps = _blocks.PAIR_GPU_BLOCKS[dot]
+        for one_chunk in (True, False):
+            const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=one_chunk)
+            cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
+                          {"num_warps": warps, "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
+    for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
+        # One token chunk: the loop over input tiles is the innermost (pipelined) one, not a token loop of one step.
+        assert usage is None or usage["LOOPS"] == (2 if case[3]["ONE_CHUNK"] else 3), (case[3], usage)
     compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
     compile_for_gpu(bmm_cases({1: "*fp16"}, arch=80))
 
