@@ -173,7 +173,8 @@ ENTRIES = [
           dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
           _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
     Entry("lowrank_bf16", "LOWRANK_GPU_BLOCKS", 2, None,
-          [(64, 32, 3), (128, 32, 3), (64, 64, 3), (128, 64, 3), (32, 32, 3), (64, 32, 4)],
+          [(128, 32, 128, 8, 3), (64, 64, 128, 8, 3), (128, 64, 64, 8, 3), (128, 32, 128, 8, 4),
+           (128, 64, 128, 8, 3), (64, 32, 32, 4, 3)],  # the last: one query of rank 32 per program, as before
           dict(dtype="bfloat16", Q=256, N=4096, T=16, O=1024, I=1025, R=32),
           dict(dtype="float16", Q=3, N=5, T=3, O=80, I=70, R=5), _lowrank_inputs,
           lambda x, b: ops.score_lowrank(*x, backend=b),

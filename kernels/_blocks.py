@@ -79,9 +79,13 @@ PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128,
 # GEMM.
 PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (0,), 2: (0,)}
 
-# score_lowrank (layers wider than 64): (token rows per tile = BLOCK_N·BLOCK_T, BLOCK_O = BLOCK_I streamed per
-# K-step, num_stages); warps by `lowrank_warps`.
-LOWRANK_GPU_BLOCKS = {0: (64, 32, 3), 1: (64, 32, 3), 2: (64, 32, 3)}
+# score_lowrank: (token rows per tile = BLOCK_N·BLOCK_T, BLOCK_O = BLOCK_I streamed per K-step of layers wider
+# than 64, dot columns = BLOCK_Q queries × BLOCK_R ranks, num_warps, num_stages). A step streams
+# 2 / columns + 2 / rows bytes per multiply-add: 128 columns serve 4 queries of rank 32 from one read of the
+# token rows (16-bit, 128 rows: 235-241 registers in the sm_90 builds, no spills; a 64-wide K step spills in
+# the rank-sum epilogue). IEEE-fp32 dots: one query of rank ≤ 32 per program (two spill); with U_q and W_q
+# resident they need 8 warps (4 spill), streamed 4 (8 spill), see `lowrank_blocks`.
+LOWRANK_GPU_BLOCKS = {0: (64, 32, 32, 4, 3), 1: (128, 32, 128, 8, 3), 2: (128, 32, 128, 8, 3)}
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
           "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
@@ -254,35 +258,43 @@ def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
     return PairwiseConfig(block_q, block_n, block_i, block_t, warps, stages)
 
 
-def lowrank_blocks(n: int, t: int, o: int, i: int, r: int, dot: int) -> tuple[int, int, int, int, int, bool, int]:
-    """(BLOCK_N, BLOCK_T, BLOCK_O, BLOCK_I, BLOCK_R, RESIDENT, num_stages) of score_lowrank.
+class LowrankConfig(NamedTuple):
+    """Tile shape and launch options of score_lowrank: BLOCK_Q queries × BLOCK_R ranks are the dots' columns,
+    BLOCK_N examples × BLOCK_T tokens their rows, BLOCK_O / BLOCK_I their K steps; RESIDENT: U_q and W_q fit one
+    [BLOCK_O, columns] / [BLOCK_I, columns] tile each, loaded once per program and kept in registers for the whole
+    token loop (else they stream from L2 per K-step)."""
+    block_q: int
+    block_n: int
+    block_t: int
+    block_o: int
+    block_i: int
+    block_r: int
+    resident: bool
+    num_warps: int
+    num_stages: int
 
-    A tile of BLOCK_N examples × BLOCK_T tokens is BLOCK_N·BLOCK_T token rows (the M of both tl.dot,
-    ≥ 16); BLOCK_R ranks are the N of the dots; BLOCK_O / BLOCK_I are their K. RESIDENT: U_q and
-    W_q fit one [BLOCK_O, BLOCK_R] / [BLOCK_I, BLOCK_R] tile each, so they are loaded once per
-    program and stay in registers for the whole token loop (else they stream from L2 per K-step)."""
+
+def lowrank_blocks(q: int, n: int, t: int, o: int, i: int, r: int, dot: int) -> LowrankConfig:
+    """score_lowrank's configuration for these sizes and operand dtype code. Several queries share a program
+    (BLOCK_Q > 1) only when all ranks fit one block."""
     if interpreting() and not is_forced("LOWRANK_GPU_BLOCKS", dot):
+        rows, columns, warps, stages = 256, 64, 4, 1
         block_t = clamp_pow2(t, 1, 64)
-        block_n = clamp_pow2(n, max(1, 16 // block_t), max(1, 256 // block_t))
-        block_o, block_i, block_r = clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(r, 16, 64)
-        stages = 1
+        block_n = clamp_pow2(n, max(1, 16 // block_t), max(1, rows // block_t))
+        block_o, block_i = clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64)
     else:
-        rows, block_k, stages = gpu_blocks("LOWRANK_GPU_BLOCKS", dot)
+        rows, block_k, columns, warps, stages = gpu_blocks("LOWRANK_GPU_BLOCKS", dot)
         block_t = clamp_pow2(t, 1, rows)
         block_n = max(1, rows // block_t)
-        block_r = clamp_pow2(r, 16, 64)
         small = o <= 64 and i <= 64
         block_o = clamp_pow2(o, 16, 64) if small else block_k
         block_i = clamp_pow2(i, 16, 64) if small else block_k
+    block_r = clamp_pow2(r, 16, columns)
+    block_q = clamp_pow2(q, 1, columns // block_r) if r <= block_r else 1
     resident = o <= block_o and i <= block_i and r <= block_r
-    return block_n, block_t, block_o, block_i, block_r, resident, stages
-
-
-def lowrank_warps(dot: int, resident: bool) -> int:
-    """Warps per score_lowrank program, from the sm_90 build: with IEEE fp32 dots (dot 0), 64×64 resident
-    U_q/W_q tiles spill at 4 warps (255 registers + stack) and not at 8 (66); the streamed form spills at 8,
-    not at 4."""
-    return 8 if dot == 0 and resident else 4
+    if dot == 0 and resident and not interpreting():
+        warps = max(warps, 8)  # IEEE-fp32 resident U_q/W_q tiles spill at 4 warps (255 registers + stack)
+    return LowrankConfig(block_q, block_n, block_t, block_o, block_i, block_r, resident, warps, stages)
 
 
 def per_token_blocks(rows: int, o: int, i: int, dot: int) -> tuple[int, int, int, int, int]:

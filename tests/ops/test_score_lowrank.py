@@ -151,26 +151,31 @@ def test_score_lowrank_dispatch_and_explain():
 
 
 @pytest.mark.slow
-def test_score_lowrank_kernel_compiles_for_gpu():
-    """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed. Given
-    the launcher's layout (o, i, r padded to multiples of 16, unit strides that Triton's JIT specialises), the
-    sm_90 builds have no spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma dots."""
-    from source_fast.kernels._blocks import LOWRANK_GPU_BLOCKS, lowrank_warps
+def test_score_lowrank_kernel_compiles_for_gpu(monkeypatch):
+    """The Triton kernel compiles to sm_80 and sm_90 code, U_q/W_q resident in registers and streamed, several
+    queries per program and one. Given the launcher's layout (o, i, r padded to multiples of 16, unit strides
+    that Triton's JIT specialises), the sm_90 builds have no spills, pipelined loads (asynchronous copies) and,
+    for fp16/bf16, wgmma dots."""
+    from source_fast.kernels import _blocks
 
+    monkeypatch.setattr(_blocks, "interpreting", lambda: False)  # the GPU configurations
     cases = []
     for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
-        sig = dict(u_ptr=ptr, w_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
-                   R="i32", n_start="i64", s_uq="i64", s_uo="i32", s_wq="i64", s_wi="i32",
+        sig = dict(u_ptr=ptr, w_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
+                   I="i32", R="i32", n_start="i64", s_uq="i64", s_uo="i32", s_wq="i64", s_wi="i32",
                    s_an="i64", s_at="i64", s_gn="i64", s_gt="i64", s_oq="i64")
         div16 = ["u_ptr", "w_ptr", "a_ptr", "g_ptr", "s_uq", "s_uo", "s_wq", "s_wi", "s_an", "s_at", "s_gn", "s_gt",
                  "O", "I", "R"]
-        rows, block_k_wide, stages = LOWRANK_GPU_BLOCKS[dot]
-        for resident, block_t, block_n, block_k in ((True, 1, 64, 64), (False, 16, rows // 16, block_k_wide)):
-            const = dict(BLOCK_N=block_n, BLOCK_T=block_t, BLOCK_O=block_k, BLOCK_I=block_k, BLOCK_R=32,
-                         RESIDENT=resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1, s_go=1, s_on=1)
+        # (Q, T, O = I, R): resident and streamed, one token and 16, ranks filling the columns with several queries
+        # or with one query (and, above the columns, in rank steps)
+        for q, t, width, r in ((256, 1, 64, 32), (256, 16, 64, 32), (256, 1, 1024, 32), (256, 16, 1024, 32),
+                               (256, 16, 1024, 256)):
+            cfg = _blocks.lowrank_blocks(q, 4096, t, width, width, r, dot)
+            const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o,
+                         BLOCK_I=cfg.block_i, BLOCK_R=cfg.block_r, RESIDENT=cfg.resident, DOT=dot, s_ur=1, s_wr=1,
+                         s_ai=1, s_go=1, s_on=1)
             cases += [("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, arch,
-                       {"num_warps": lowrank_warps(dot, resident), "num_stages": stages, "div16": div16})
-                      for arch in archs]
+                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "div16": div16}) for arch in archs]
     assert_fast_sm90_builds(cases)
 
 
