@@ -797,6 +797,12 @@ class SourceAnalyzer:
             return x.to(dt).to(self.compute_dtype)
         return x.to(dt)
 
+    def _aligns_rows(self, x: torch.Tensor) -> bool:
+        """Whether scoring operands are zero-padded to rows of ROW_ALIGN elements: on CUDA, where the Triton
+        kernels need such rows (kernels/_common.padded) and would otherwise copy the query directions, the
+        largest operand, on every call (a layer's inputs are d_in + 1 wide with the bias column)."""
+        return x.device.type == "cuda" and self.backend in (None, "triton")
+
     def _score_group_into(self, block, first_col, group, items, n_train) -> None:
         """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members;
         block's column 0 is training example `first_col`."""
@@ -804,7 +810,12 @@ class SourceAnalyzer:
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
         v = {name: cast(direction) for name, direction in v.items()}  # once, not per chunk of rows
+        align = any(self._aligns_rows(x) for x in v.values())
+        if align:  # zeros add nothing to the scores; the directions once, each chunk's rows (much smaller) per call
+            v = {name: _row_aligned(x, 2) for name, x in v.items()}
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
+            if align:
+                rows = {name: (_row_aligned(a, 1), _row_aligned(g, 1)) for name, (a, g) in rows.items()}
             part = sum(ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
                                           deterministic=self.deterministic).to(self.compute_dtype)
                        for name, (a, g) in rows.items())
@@ -1241,6 +1252,17 @@ class _InputSideOnly:
 
     def __init__(self, block: EKFACBlock):
         self.block = block
+
+
+ROW_ALIGN = 16  # elements; the Triton launchers' alignment (kernels/_common.ALIGN)
+
+
+def _row_aligned(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """x with its last `dims` sizes zero-padded to multiples of ROW_ALIGN (x itself when they already are)."""
+    pad = []
+    for size in reversed(x.shape[-dims:]):
+        pad += [0, -size % ROW_ALIGN]
+    return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
 def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor, torch.Tensor]:
