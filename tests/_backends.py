@@ -14,11 +14,7 @@ is a failure.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -85,63 +81,18 @@ def require(backend: str, op: str, tensors: dict, deterministic: bool = False) -
 # Ahead-of-time compile check of Triton kernels for a GPU target, without a GPU
 # ---------------------------------------------------------------------------------------------
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import collections, importlib, json, os, re, subprocess, sys, tempfile
-    import triton
-    from triton.compiler import ASTSource, compile as tcompile
-    from triton.backends.compiler import GPUTarget
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = []
-    for module, kernel, signature, constexprs, arch, *options in json.loads(sys.argv[1]):
-        fn = getattr(importlib.import_module(module), kernel)
-        sig = dict(signature)
-        sig.update({k: "constexpr" for k in constexprs})
-        options = dict(options[0]) if options else {}
-        # Arguments the launcher guarantees to be multiples of 16: what Triton's JIT would specialise on.
-        attrs = {(list(fn.arg_names).index(name),): [["tt.divisibility", 16]] for name in options.pop("div16", [])}
-        compiled = tcompile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                            options=options or None)
-        assert "cubin" in compiled.asm, (kernel, constexprs)
-        found = None
-        if os.path.exists(cuobjdump):  # registers, stack (spills) and instruction mix of the build
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                report = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-                sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-            m = re.search(r"REG:(\\d+) STACK:(\\d+)", report)
-            if m:
-                ops = collections.Counter(re.findall(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9_]*)", sass))
-                found = {"reg": int(m.group(1)), "stack": int(m.group(2)),
-                         **{k: ops.get(k, 0) for k in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "FFMA")},
-                         # wgmma whose left operand is read from registers (else from shared memory)
-                         "HGMMA_REG_A": len(re.findall(r"HGMMA\\.\\S+\\s+R\\d+,\\s*R\\d+,", sass)),
-                         # loops: branches back to a lower address (not the trailing branch-to-self)
-                         "LOOPS": sum(int(t, 16) < int(a, 16) for a, t in
-                                      re.findall(r"/\\*([0-9a-f]{4,})\\*/\\s+(?:@!?U?P\\w+\\s+)?BRA\\s+(?:`\\()?0x([0-9a-f]+)", sass))}
-        usage.append(found)
-    print("USAGE " + json.dumps(usage))
-""")
-
-
 def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:
-    """Compile Triton kernels to cubin for NVIDIA targets in a subprocess without TRITON_INTERPRET
-    (the interpreter accepts code the compiler rejects: Python-int loop variables, mixed int
-    widths, dot shapes). Each case: (module, kernel name, {arg: type}, {constexpr: value}, sm[, options
-    such as {"num_warps": 8}, and "div16": the argument names the launcher guarantees to be multiples of 16]).
-    Needs only the triton wheel (it bundles ptxas), no GPU. Returns per case the build's {"reg", "stack"} and
-    its count of some SASS instructions (HGMMA: sm_90 tensor-core dots, HGMMA_REG_A of them with the left operand
-    in registers; LDGSTS / UTMALDG: asynchronous copies, i.e. pipelined loads; HMMA; FFMA) and its number of
-    loops (LOOPS: backward branches) from the wheel's cuobjdump, or None where it is not bundled."""
+    """`source_fast.kernels._aot.compile_for_gpu` (Triton kernels built for an NVIDIA target and read with the
+    wheel's cuobjdump, no GPU needed; see that module for the cases and the report), skipped where triton
+    does not import, a compile error turned into a test failure."""
     if not _triton_importable():
         pytest.skip("triton is not importable")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"Triton compile for GPU failed:\n{proc.stderr[-6000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("USAGE ")][-1]
-    return json.loads(line[len("USAGE "):])
+    from source_fast.kernels import _aot
+
+    try:
+        return _aot.compile_for_gpu(cases, timeout)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:

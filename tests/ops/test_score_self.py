@@ -104,6 +104,22 @@ def test_score_self_triton_chunks(monkeypatch):
                           dtype=torch.float32)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("splits", [2, 3])
+def test_score_self_triton_example_splits(monkeypatch, splits):
+    """The GPU path's split of each tile's examples over several programs (ragged last split), forced in the
+    interpreter, with several output tiles (I = 80 over the interpreter's 64-wide tile)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, score_self
+
+    monkeypatch.setattr(_common, "split_count", lambda n, tiles, device, **kw: splits)
+    a, g, q_s, q_a, w = _inputs(7, 3, 80, 20, torch.float32)
+    got = score_self.score_self_triton(a, g, q_s, q_a, w)
+    assert_matches_oracle(got, reference.score_self_ref(a, g, q_s, q_a, w), op="score_self", backend="triton",
+                          dtype=torch.float32)
+
+
 @pytest.mark.slow
 def test_score_self_kernels_compile_for_gpu():
     """The fused kernel's GPU blocks build for sm_90, given the launcher's layout (rotated rows and weights
@@ -113,15 +129,16 @@ def test_score_self_kernels_compile_for_gpu():
 
     cases = []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        sig = dict(gs_ptr=ptr, as_ptr=ptr, w_ptr="*fp32", out_ptr="*fp32", T="i32", O="i32", I="i32")
+        sig = dict(gs_ptr=ptr, as_ptr=ptr, w_ptr="*fp32", ws_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
+                   n_per_split="i32", stride_wst="i32")
         block_o, block_i, block_t, warps = _blocks.PAIR_GPU_BLOCKS[dot]
         for one_chunk in (True, False):
             const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=one_chunk)
             cases.append(("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
-                          {"num_warps": warps, "div16": ["gs_ptr", "as_ptr", "w_ptr", "O", "I"]}))
+                          {"num_warps": warps, "div16": ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]}))
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
-        # One token chunk: the loop over input tiles is the innermost (pipelined) one, not a token loop of one step.
-        assert usage is None or usage["LOOPS"] == (2 if case[3]["ONE_CHUNK"] else 3), (case[3], usage)
+        # One token chunk: the loop over examples is the innermost (pipelined) one, not a token loop of one step.
+        assert usage is None or usage["LOOPS"] == (1 if case[3]["ONE_CHUNK"] else 2), (case[3], usage)
     compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
     compile_for_gpu(bmm_cases({1: "*fp16"}, arch=80))
 

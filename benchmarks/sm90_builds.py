@@ -1,0 +1,203 @@
+"""What the Triton kernels' GPU builds look like, without a GPU: one row per kernel form at its default tiles.
+
+Every Triton kernel is compiled for sm_90 (H100/H200) on this machine (source_fast/kernels/_aot.py: Triton's
+compiler and the cuobjdump its wheel bundles need no GPU), at the tiles `kernels/_blocks.py` picks for a
+representative large shape, with the divisibility facts the launchers guarantee. The table shows what decides
+speed before any timing:
+
+  reg / spill   registers per thread and bytes of stack (spills);
+  CTAs/SM       programs one SM can hold by registers and by shared memory (the smaller);
+  wgmma         the HGMMA shapes; "regs A" when the left operand comes from registers;
+  async         asynchronous copies (LDGSTS), i.e. loads the software pipeliner overlaps with the dots;
+  loops         loops in the build (Triton pipelines only the innermost one);
+  B/MAC         bytes the tile streams per multiply-add (16-bit operands: 2/M + 2/N for an M × N output tile;
+                see each row's note), against the ≈ 0.015-0.02 an H100 SM can be fed from L2 at full
+                tensor-core rate (≈ 2048 bf16 multiply-adds per clock per SM).
+
+    python benchmarks/sm90_builds.py            # prints the table, writes results/sm90_builds.{md,json}
+    python benchmarks/sm90_builds.py --no-write
+
+A GPU run then says how far each build is from its roof (benchmarks/tune_triton.py, bench_roofline.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the GPU tiles, not the interpreter's
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as H  # noqa: E402
+from source_fast import io  # noqa: E402
+from source_fast.kernels import _aot, _blocks, _common  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SM_REGISTERS, SM_SHARED, SM_THREADS = 65536, 227 * 1024, 2048  # per H100 SM
+
+PTR = {0: "*fp32", 1: "*fp16", 2: "*bf16"}
+DTYPE = {0: "fp32", 1: "fp16", 2: "bf16"}
+
+
+def _opts(warps: int, stages: int | None, div16: list[str]) -> dict:
+    opts = {"num_warps": warps, "div16": div16}
+    if stages is not None:
+        opts["num_stages"] = stages
+    return opts
+
+
+def pairwise_formed(dot: int, t: int) -> tuple:
+    """score_pairwise forming G on chip (16-bit default for any T), Q=512, N=8192, O=1024, I=1025."""
+    cfg = _blocks.pairwise_blocks(512, 8192, t, 1040, dot)
+    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
+    sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
+               O="i32", I="i32", **strides)
+    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
+                 ONE_CHUNK=t <= cfg.block_t, DOT=dot)
+    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+            _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
+                                                  "s_at", "s_go", "s_gt", "I"]))
+    tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
+    return case, tile, 2 / cfg.block_n, "only V streams: 2/BLOCK_N"
+
+
+def tokenwise(dot: int) -> tuple:
+    """The token-wise GEMM (score_per_token; score_pairwise's fp32 one-token form), N·T = 8192 rows."""
+    bm, bo, bi, warps, stages = _blocks.per_token_blocks(8192, 1024, 1040, dot)
+    sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], g_ptr=PTR[dot], out_ptr="*fp32", O="i32", I="i32", ROWS="i64",
+               row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_ar="i64", s_gr="i64", s_oq="i64")
+    const = dict(BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi, DOT=dot, ROWS_FASTEST=True, s_vi=1, s_ai=1, s_go=1)
+    case = ("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, 90,
+            _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]))
+    return case, f"{bm} rows × {bo} outputs × {bi} inputs", 2 / bm + 2 / bo, "2/M + 2/N"
+
+
+def covariance(dot: int, d: int) -> tuple:
+    """covariance of R rows × D (narrow: memory-bound, one tile)."""
+    block_d, block_r, warps = _blocks.covariance_blocks(2 ** 24, d)
+    sig = dict(x_ptr=PTR[dot], y_ptr=PTR[dot], m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
+               rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
+    const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
+                 HAS_MASK=False, ACCUMULATE=False, ONE_TILE=d <= block_d)
+    case = ("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
+            _opts(warps, None, ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr",
+                                "stride_os", "stride_or"]))
+    note = "memory-bound: bytes per row, not per MAC" if d <= block_d else "2/M + 2/N"
+    return case, f"{block_d} × {block_d} tile, {block_r} rows per step", (None if d <= block_d else 4 / block_d), note
+
+
+def lambda_accum(dot: int) -> tuple:
+    """lambda_accum's fused per-example kernel, T = 16, O = 1024, I = 2049."""
+    bo, bi, bt, warps = _blocks.pair_blocks(1024, 2064, 16, dot)
+    sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
+               n_per_split="i32", stride_os="i32", stride_oo="i32")
+    const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ACCUMULATE=True, ONE_CHUNK=True)
+    case = ("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
+            _opts(warps, None, ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]))
+    return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I"
+
+
+def score_self(dot: int) -> tuple:
+    bo, bi, bt, warps = _blocks.pair_blocks(1024, 2064, 16, dot)
+    sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], w_ptr="*fp32", ws_ptr="*fp32", N="i32", T="i32", O="i32",
+               I="i32", n_per_split="i32", stride_wst="i32")
+    const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ONE_CHUNK=True)
+    case = ("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
+            _opts(warps, None, ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]))
+    return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I (W kept)"
+
+
+def lowrank(dot: int) -> tuple:
+    """score_lowrank streamed, Q = 256, T = 16, O = I = 1024, R = 32."""
+    cfg = _blocks.lowrank_blocks(256, 4096, 16, 1024, 1040, 32, dot)
+    sig = dict(u_ptr=PTR[dot], w_ptr=PTR[dot], a_ptr=PTR[dot], g_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32",
+               T="i32", O="i32", I="i32", R="i32", n_start="i64", s_uq="i64", s_uo="i32", s_wq="i64", s_wi="i32",
+               s_an="i64", s_at="i64", s_gn="i64", s_gt="i64", s_oq="i64")
+    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o,
+                 BLOCK_I=cfg.block_i, BLOCK_R=cfg.block_r, RESIDENT=cfg.resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1,
+                 s_go=1, s_on=1)
+    case = ("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, 90,
+            _opts(cfg.num_warps, cfg.num_stages, ["u_ptr", "w_ptr", "a_ptr", "g_ptr", "s_uq", "s_uo", "s_wq",
+                                                  "s_wi", "s_an", "s_at", "s_gn", "s_gt", "O", "I", "R"]))
+    rows, cols = cfg.block_n * cfg.block_t, cfg.block_q * cfg.block_r
+    return case, f"{rows} rows × {cfg.block_q} queries × {cfg.block_r} ranks", 2 / rows + 2 / cols, "2/M + 2/N"
+
+
+def gemm(dot: int) -> tuple:
+    """`_common.bmm` (token rotations, kron_project), M = 65536, K = N = 1040, operands in the dot dtype."""
+    bm, bn, bk, warps = _blocks.gemm_blocks(65536, 1040, 1040, dot)
+    sig = dict(a_ptr=PTR[dot], b_ptr=PTR[dot], c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
+               stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
+               stride_fk="i32", stride_fn="i32", spec_c="fp32", spec_damping="fp32")
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
+                 stride_ak=1, stride_bn=1, stride_cn=1)
+    case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, 90,
+            _opts(warps, None, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am", "stride_bk",
+                                "stride_cb", "stride_cm"]))
+    return case, f"{bm} × {bn} × {bk}", 2 / bm + 2 / bn, "2/M + 2/N"
+
+
+ROWS = [
+    ("score_pairwise, 1 token (formed G)", lambda: pairwise_formed(2, 1)),
+    ("score_pairwise, 4 tokens (formed G)", lambda: pairwise_formed(2, 4)),
+    ("token-wise GEMM (score_per_token)", lambda: tokenwise(2)),
+    ("score_lowrank, R = 32", lambda: lowrank(2)),
+    ("lambda_accum, T = 16", lambda: lambda_accum(2)),
+    ("score_self, T = 16", lambda: score_self(2)),
+    ("GEMM (bmm)", lambda: gemm(2)),
+    ("covariance, D = 32 (narrow)", lambda: covariance(2, 32)),
+    ("covariance, D = 2049 (wide)", lambda: covariance(2, 2064)),
+    ("token-wise GEMM, fp32", lambda: tokenwise(0)),
+]
+
+
+def ctas_per_sm(report: dict, warps: int) -> int:
+    threads = 32 * warps
+    by_regs = SM_REGISTERS // max(1, report["reg"] * threads)
+    by_shared = SM_SHARED // max(1, report["shared"]) if report.get("shared") else by_regs
+    return int(min(by_regs, by_shared, SM_THREADS // threads))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args(argv)
+    built = [(name, *make()) for name, make in ROWS]
+    reports = _aot.compile_for_gpu([case for _, case, *_ in built], timeout=1800)
+    env = H.environment(torch.device("cpu"))
+    header = ("| kernel (bf16 unless noted) | tile | warps | reg | spill B | CTAs/SM | wgmma | async copies | loops "
+              "| B/MAC | note |")
+    lines = [header, "|" + "---|" * 11]
+    rows = []
+    for (name, case, tile, bpm, note), rep in zip(built, reports):
+        warps = case[5]["num_warps"]
+        if rep is None:
+            lines.append(f"| {name} | {tile} | {warps} | (no cuobjdump in this triton wheel) |||||||")
+            continue
+        wg = ", ".join(rep["wgmma"]) + (" (regs A)" if rep["HGMMA"] and rep["HGMMA_REG_A"] == rep["HGMMA"] else "")
+        row = dict(kernel=name, tile=tile, warps=warps, **{k: rep[k] for k in ("reg", "stack", "LDGSTS", "LOOPS",
+                                                                                  "HGMMA", "HGMMA_REG_A", "shared")},
+                   wgmma=rep["wgmma"], ctas_per_sm=ctas_per_sm(rep, warps), bytes_per_mac=bpm, note=note)
+        rows.append(row)
+        lines.append(f"| {name} | {tile} | {warps} | {rep['reg']} | {rep['stack']} | {row['ctas_per_sm']} | "
+                     f"{wg or '—'} | {rep['LDGSTS']} | {rep['LOOPS']} | "
+                     f"{'—' if bpm is None else f'{bpm:.4f}'} | {note} |")
+    title = (f"sm_90 builds of the Triton kernels at their default tiles (no GPU): triton {env['triton']}, "
+             f"torch {env['torch']}, commit {env['git_commit']}, {env['timestamp']}")
+    print(title)
+    print("\n".join(lines))
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        text = (f"# {title}\n\n`python benchmarks/sm90_builds.py` (see its docstring for the columns).\n\n"
+                + "\n".join(lines) + "\n")
+        io.atomic_write_bytes(RESULTS / "sm90_builds.md", text.encode())
+        io.atomic_write_json(RESULTS / "sm90_builds.json", {"environment": env, "rows": rows})
+        print(f"wrote {RESULTS / 'sm90_builds.md'} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
