@@ -155,7 +155,7 @@ ENTRIES = [
           dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
           lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
     Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
-          [(64, 64, 4), (64, 32, 4), (128, 64, 8), (128, 32, 8), (64, 128, 4)],
+          [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8), (64, 128, 4)],
           dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,
           lambda x, b: ops.covariance(x[0], backend=b), lambda p: p["R"] * p["D"] * (p["D"] + 1)),
     Entry("pair_bf16", "PAIR_GPU_BLOCKS", 2, None,

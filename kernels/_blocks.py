@@ -45,9 +45,10 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 # at 8 warps builds for sm_90 at 130 registers, no spills (64 × 64 streamed twice the bytes).
 GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8)}
 
-# covariance: (BLOCK_D, BLOCK_R, num_warps). 64-wide tiles (wgmma's M), 64 rows per step; narrow rows (D ≤ 64,
-# one tile: memory-bound) take 128 rows per step with 8 warps, so each step moves more bytes.
-COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (64, 64, 4)}
+# covariance: (BLOCK_D, BLOCK_R, num_warps). Wide (compute-bound): 128 × 128 output tiles stream 4/128 bytes
+# per multiply-add, half of 64 × 64's (sm_90 build: 195 registers, no spills, at 8 warps; 4 spill); narrow rows
+# (D ≤ 64, one tile: memory-bound) take 128 rows per step with 8 warps, so each step moves more bytes.
+COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (128, 64, 8)}
 
 # lambda_accum / score_self: (BLOCK_O, BLOCK_I, BLOCK_T, num_warps); BLOCK_T is a cap (fewer tokens take a
 # smaller step, ≥ 16). IEEE-fp32 dots over 32 tokens spill (lambda_accum: 128 registers + stack), over 16 they do
