@@ -313,7 +313,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
         # fp32 operands of a 16-bit dot are rounded here, as the kernel would round each tile (round to nearest
         # even both ways: the same bits), so that both stream as 16-bit rows. In the sm_90 build an fp32 operand
         # took 4-byte asynchronous copies (8 times as many as the 16-byte ones) and a conversion through shared
-        # memory per step. A scaled b (fkind) is scaled in fp32 first, in the kernel.
+        # memory per step. A scaled b (fkind) is scaled in fp32 first, in the kernel. (The callers' fp32 operands of
+        # 16-bit dots are eigenvector matrices, small next to the GEMM: the rounding pass costs little.)
         half = storage_dtype(dot)
         a = a.to(half) if a.dtype == torch.float32 else a
         b = b.to(half) if b.dtype == torch.float32 and fkind == F_NONE else b
