@@ -127,9 +127,10 @@ def lowrank(dot: int) -> tuple:
 
 
 def gemm(dot: int) -> tuple:
-    """`_common.bmm` (token rotations, kron_project), M = 65536, K = N = 1040, operands in the dot dtype."""
+    """`_common.bmm` (token rotations, kron_project), M = 65536, K = N = 1040, operands in the dot dtype (fp32 for
+    TF32)."""
     bm, bn, bk, warps = _blocks.gemm_blocks(65536, 1040, 1040, dot)
-    sig = dict(a_ptr=PTR[dot], b_ptr=PTR[dot], c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
+    sig = dict(a_ptr=PTR.get(dot, "*fp32"), b_ptr=PTR.get(dot, "*fp32"), c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
                stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
                stride_fk="i32", stride_fn="i32", spec_c="fp32", spec_damping="fp32")
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
@@ -137,7 +138,8 @@ def gemm(dot: int) -> tuple:
     case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, 90,
             _opts(warps, None, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am", "stride_bk",
                                 "stride_cb", "stride_cm"]))
-    return case, f"{bm} × {bn} × {bk}", 2 / bm + 2 / bn, "2/M + 2/N"
+    element = 4 if dot == _common.DOT_TF32 else 2
+    return case, f"{bm} × {bn} × {bk}", element / bm + element / bn, "2/M + 2/N (4/M + 4/N for fp32 operands)"
 
 
 ROWS = [
@@ -148,6 +150,7 @@ ROWS = [
     ("lambda_accum, T = 16", lambda: lambda_accum(2)),
     ("score_self, T = 16", lambda: score_self(2)),
     ("GEMM (bmm)", lambda: gemm(2)),
+    ("GEMM, TF32 (lambda_accum's 1-token squares)", lambda: gemm(_common.DOT_TF32)),
     ("covariance, D = 32 (narrow)", lambda: covariance(2, 32)),
     ("covariance, D = 2049 (wide)", lambda: covariance(2, 2064)),
     ("token-wise GEMM, fp32", lambda: tokenwise(0)),

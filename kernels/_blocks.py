@@ -37,13 +37,13 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU tables (keys 0, 1, 2 are the operand dtype codes DOT_F32, DOT_F16, DOT_BF16 of _common)
+# GPU tables (keys 0, 1, 2 are the operand dtype codes DOT_F32, DOT_F16, DOT_BF16 of _common; 3, DOT_TF32)
 # ---------------------------------------------------------------------------------------------
 
 # `_common.bmm` (token rotations, kron_project): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), caps that small
 # matrices shrink (`gemm_blocks`). An M × N tile streams 2/M + 2/N bytes per 16-bit multiply-add; 128 × 128 × 64
 # at 8 warps builds for sm_90 at 130 registers, no spills (64 × 64 streamed twice the bytes).
-GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8)}
+GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8), 3: (128, 128, 32, 8)}
 
 # covariance: (BLOCK_D, BLOCK_R, num_warps). Wide (compute-bound): 128 × 128 output tiles stream 4/128 bytes
 # per multiply-add, half of 64 × 64's (sm_90 build: 195 registers, no spills, at 8 warps; 4 spill); narrow rows

@@ -104,6 +104,10 @@ def split_count(work_items: int, tiles: int, device: torch.device, *, min_per_sp
 DOT_F32 = 0  # IEEE fp32 (no TF32)
 DOT_F16 = 1
 DOT_BF16 = 2
+# fp32 operands on TF32 tensor cores: only for values derived from 16-bit inputs, whose precision TF32 (11
+# significant bits) does not lose (lambda_accum's one-token GEMM of squares, which overflow fp16). Never for fp32
+# inputs.
+DOT_TF32 = 3
 
 
 def dot_code(dtype: torch.dtype) -> int:
@@ -119,7 +123,7 @@ def dot_code(dtype: torch.dtype) -> int:
 
 
 def storage_dtype(code: int) -> torch.dtype:
-    return {DOT_F32: torch.float32, DOT_F16: torch.float16, DOT_BF16: torch.bfloat16}[code]
+    return {DOT_F32: torch.float32, DOT_F16: torch.float16, DOT_BF16: torch.bfloat16, DOT_TF32: torch.float32}[code]
 
 
 @triton.jit
@@ -136,9 +140,11 @@ def to_dot(x, DOT: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; fp32 operands in IEEE precision (never TF32)."""
+    """acc + a @ b with fp32 accumulation; fp32 operands in IEEE precision, TF32 only when asked (DOT_TF32)."""
     if DOT == 0:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif DOT == 3:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         out = tl.dot(to_dot(a, DOT), to_dot(b, DOT), acc)
     return out
@@ -309,7 +315,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
         if not accumulate:
             out.zero_()
         return out
-    if dot != DOT_F32:
+    if dot in (DOT_F16, DOT_BF16):
         # fp32 operands of a 16-bit dot are rounded here, as the kernel would round each tile (round to nearest
         # even both ways: the same bits), so that both stream as 16-bit rows. In the sm_90 build an fp32 operand
         # took 4-byte asynchronous copies (8 times as many as the 16-byte ones) and a conversion through shared

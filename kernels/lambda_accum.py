@@ -15,7 +15,8 @@ Plan (per chunk of examples, sized by SOURCE_FAST_CHUNK_MIB):
 Precision: accumulation fp32. Rotations and the fused tl.dot run in the input dtype for fp16/bf16
 (eigenvectors are rounded to it, the rotated tokens are stored in it, as flash-attention does with
 P before P·V) and in IEEE fp32 for fp32 inputs; squares and sums over n are always fp32 (the
-T == 1 GEMM of squares is fp32: squares overflow fp16).
+T == 1 GEMM of squares takes fp32 operands, since squares overflow fp16: IEEE for fp32 inputs, TF32 for 16-bit
+ones).
 
 Determinism: no atomics. Each output tile is owned by one program that loops over n in order; on
 a GPU with few output tiles the n range is split into a fixed number of partials summed in a fixed
@@ -84,7 +85,11 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     if t == 1:
         gs2 = rotate_tokens(g.reshape(n, o), q_s, dot, square=True, out_dtype=torch.float32, width=o_pad)  # (ĝ)²
         as2 = rotate_tokens(a.reshape(n, i), q_a, dot, square=True, out_dtype=torch.float32, width=i_pad)  # (â)²
-        _common.bmm(gs2[:, :o].T.unsqueeze(0), as2[:, :i].unsqueeze(0), target.unsqueeze(0), dot=_common.DOT_F32,
+        # Squares of tokens rotated in 16 bits (16-bit inputs and eigenvectors): TF32's rounding (2^-11 relative)
+        # is no larger than the error those already carry, and its tensor cores run the GEMM. fp32 inputs keep
+        # IEEE fp32.
+        squares_dot = _common.DOT_F32 if dot == _common.DOT_F32 else _common.DOT_TF32
+        _common.bmm(gs2[:, :o].T.unsqueeze(0), as2[:, :i].unsqueeze(0), target.unsqueeze(0), dot=squares_dot,
                     accumulate=accumulate)
         return
     rot_dtype = _common.storage_dtype(dot)

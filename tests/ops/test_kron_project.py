@@ -191,14 +191,14 @@ def test_bmm_rounds_fp32_operands_as_the_kernel_would():
 
 @pytest.mark.slow
 def test_kron_project_kernels_compile_for_gpu():
-    """Every epilogue builds; the GEMM's 16-bit GPU tiles, with both operands 16-bit as `_common.bmm` passes them
-    and the unit strides Triton's JIT specialises, build for sm_90 without spills, with asynchronous copies and
-    wgmma."""
+    """Every epilogue builds; the GEMM's 16-bit and TF32 GPU tiles, with both operands 16-bit as `_common.bmm`
+    passes them (fp32 for TF32) and the unit strides Triton's JIT specialises, build for sm_90 without spills,
+    with asynchronous copies and wgmma."""
     from source_fast.kernels import _blocks
 
     compile_for_gpu(bmm_cases({0: "*fp32", 1: "*fp16"}, fkinds=(0, 1, 2, 3, 4)))
     fast = []
-    for dot, ptr in ((1, "*fp16"), (2, "*bf16")):
+    for dot, ptr in ((1, "*fp16"), (2, "*bf16"), (3, "*fp32")):  # 3: TF32 (lambda_accum's one-token squares)
         bm, bn, bk, warps = _blocks.GEMM_GPU_BLOCKS[dot]
         sig = {k: v for k, v in BMM_SIGNATURE.items() if k not in ("stride_ak", "stride_bn", "stride_cn")}
         sig.update(a_ptr=ptr, b_ptr=ptr)

@@ -139,6 +139,26 @@ def test_lambda_accum_kernels_compile_for_gpu():
     compile_for_gpu(bmm_cases({0: "*fp32", 1: "*fp16", 2: "*bf16"}, square=(False, True), accumulate=(False, True)))
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,want", [(torch.float32, 0), (torch.float16, 3)], ids=["fp32-ieee", "fp16-tf32"])
+def test_lambda_accum_one_token_squares_precision(monkeypatch, dtype, want):
+    """The one-token GEMM of squares runs TF32 only for 16-bit inputs (their rotated squares carry no more
+    precision), IEEE fp32 for fp32 inputs; the result matches the oracle either way."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, lambda_accum
+
+    codes = []
+    real = _common.bmm
+    monkeypatch.setattr(_common, "bmm", lambda *args, **kw: codes.append(kw.get("dot")) or real(*args, **kw))
+    a, g, q_a, q_s = _inputs(9, 1, 41, 13, dtype)
+    got = lambda_accum.lambda_accum_triton(a, g, q_a, q_s)
+    assert codes[-1] == want and (want == 3) == (_common.DOT_TF32 in codes), codes
+    baseline = reference.lambda_accum_ref(a, g, q_a, q_s, upcast=False) if dtype != torch.float32 else None
+    assert_matches_oracle(got, reference.lambda_accum_ref(a, g, q_a, q_s), op="lambda_accum", backend="triton",
+                          dtype=dtype, baseline=baseline)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 5])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
