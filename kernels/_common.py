@@ -5,8 +5,8 @@ all four stages of kron_project.
 Rules every kernel in this folder follows (STYLE.md §6.4-6.6):
 - accumulation is fp32 (`tl.float32`) for fp16/bf16/fp32 inputs; float64 is not supported here
   (dispatch routes it to the torch backend);
-- fp32 `tl.dot` runs with ``input_precision="ieee"`` (never TF32): fp32 results must match the
-  float64 oracle to ~1e-6;
+- fp32 `tl.dot` runs with ``input_precision="ieee"`` (never TF32) on values of fp32 inputs: fp32 results
+  must match the float64 oracle to ~1e-6 (DOT_TF32 exists only for fp32 values derived from 16-bit inputs);
 - every load and store is masked (the interpreter does not check bounds) and row offsets are
   int64 (rows × stride can pass 2^31);
 - no float atomics and no autotuning: each output element is produced by one program in a fixed
