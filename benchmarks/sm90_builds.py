@@ -5,7 +5,8 @@ compiler and the cuobjdump its wheel bundles need no GPU), at the tiles `kernels
 representative large shape, with the divisibility facts the launchers guarantee. The table shows what decides
 speed before any timing:
 
-  reg / spill   registers per thread and bytes of stack (spills);
+  reg / spill   registers per thread (under the launcher's maxnreg cap where it sets one) and bytes of stack
+                (spills);
   CTAs/SM       programs one SM can hold by registers and by shared memory (the smaller);
   wgmma         the HGMMA shapes; "regs A" when the left operand comes from registers;
   async         asynchronous copies (LDGSTS), i.e. loads the software pipeliner overlaps with the dots;
@@ -91,22 +92,22 @@ def covariance(dot: int, d: int) -> tuple:
 
 def lambda_accum(dot: int) -> tuple:
     """lambda_accum's fused per-example kernel, T = 16, O = 1024, I = 2049."""
-    bo, bi, bt, warps = _blocks.pair_blocks(1024, 2064, 16, dot)
+    bo, bi, bt, launch = _blocks.pair_blocks(1024, 2064, 16, dot)
     sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
                n_per_split="i32", stride_os="i32", stride_oo="i32")
     const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ACCUMULATE=True, ONE_CHUNK=True)
     case = ("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
-            _opts(warps, None, ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]))
+            {**launch, "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]})
     return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I"
 
 
 def score_self(dot: int) -> tuple:
-    bo, bi, bt, warps = _blocks.pair_blocks(1024, 2064, 16, dot)
+    bo, bi, bt, launch = _blocks.pair_blocks(1024, 2064, 16, dot)
     sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], w_ptr="*fp32", ws_ptr="*fp32", N="i32", T="i32", O="i32",
                I="i32", n_per_split="i32", stride_wst="i32")
     const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ONE_CHUNK=True)
     case = ("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
-            _opts(warps, None, ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]))
+            {"num_warps": launch["num_warps"], "div16": ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]})
     return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I (W kept)"
 
 
@@ -130,8 +131,8 @@ def gemm(dot: int) -> tuple:
     """`_common.bmm` (token rotations, kron_project), M = 65536, K = N = 1040, operands in the dot dtype (fp32 for
     TF32)."""
     bm, bn, bk, warps = _blocks.gemm_blocks(65536, 1040, 1040, dot)
-    sig = dict(a_ptr=PTR.get(dot, "*fp32"), b_ptr=PTR.get(dot, "*fp32"), c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
-               stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
+    sig = dict(a_ptr=PTR.get(dot, "*fp32"), b_ptr=PTR.get(dot, "*fp32"), c_ptr="*fp32", f_ptr="*fp32", M="i32",
+               N="i32", K="i64", stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
                stride_fk="i32", stride_fn="i32", spec_c="fp32", spec_damping="fp32")
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
                  stride_ak=1, stride_bn=1, stride_cn=1)

@@ -50,11 +50,13 @@ GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8
 # (D ≤ 64, one tile: memory-bound) take 128 rows per step with 8 warps, so each step moves more bytes.
 COVARIANCE_GPU_BLOCKS = {"narrow": (64, 128, 8), "wide": (128, 64, 8)}
 
-# lambda_accum / score_self: (BLOCK_O, BLOCK_I, BLOCK_T, num_warps); BLOCK_T is a cap (fewer tokens take a
-# smaller step, ≥ 16). IEEE-fp32 dots over 32 tokens spill (lambda_accum: 128 registers + stack), over 16 they do
-# not. 16-bit: 128 × 64 output tiles at 8 warps (lambda_accum 128 registers, score_self 187, no spills) stream
-# 2/128 + 2/64 bytes per multiply-add, against 2/64 + 2/64 for 64 × 64; 128 × 128 spills in score_self.
-PAIR_GPU_BLOCKS = {0: (64, 64, 16, 4), 1: (128, 64, 32, 8), 2: (128, 64, 32, 8)}
+# lambda_accum / score_self: (BLOCK_O, BLOCK_I, BLOCK_T, num_warps, maxnreg); BLOCK_T is a cap (fewer tokens take
+# a smaller step, ≥ 16); maxnreg caps registers per thread (0: the compiler's choice). IEEE-fp32 dots over 32
+# tokens spill (lambda_accum: 128 registers + stack), over 16 they do not. 16-bit: 128 × 64 output tiles at 8
+# warps stream 2/128 + 2/64 bytes per multiply-add, against 2/64 + 2/64 for 64 × 64. lambda_accum's build takes
+# 130 registers there, one program per SM; capped at 128 it builds without spills and two fit, so one squares
+# and sums its M_n tile while the other's dot runs (score_self takes no cap: 79 registers, 95 with it).
+PAIR_GPU_BLOCKS = {0: (64, 64, 16, 4, 0), 1: (128, 64, 32, 8, 128), 2: (128, 64, 32, 8, 128)}
 
 # score_pairwise: (one-token config, several-token config), each (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens
 # formed at once, num_warps, num_stages). BLOCK_N examples are the M of the dot (the formed G tile, read by wgmma
@@ -87,6 +89,9 @@ PAIRWISE_TOKENWISE_GPU = {0: (1,), 1: (0,), 2: (0,)}
 # the rank-sum epilogue). IEEE-fp32 dots: one query of rank ≤ 32 per program (two spill); with U_q and W_q
 # resident they need 8 warps (4 spill), streamed 4 (8 spill), see `lowrank_blocks`.
 LOWRANK_GPU_BLOCKS = {0: (64, 32, 32, 4, 3), 1: (128, 32, 128, 8, 3), 2: (128, 32, 128, 8, 3)}
+
+# Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
+ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,)}
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
           "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
@@ -136,10 +141,13 @@ def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{origin}: {table}: unknown key {key!r}; expected one of {sorted(known)}")
             value = _tupled(value)
             want = _shape_of(known[str(key)])
+            zero_ok = ZERO_ALLOWED.get(table, ())
             least = 0 if table == "PAIRWISE_TOKENWISE_GPU" else 1  # 0 tokens: never token-wise
-            if _shape_of(value) != want or any(isinstance(v, bool) or not isinstance(v, int) or v < least
-                                               for v in _leaves(value)):
-                raise ValueError(f"{origin}: {table}[{key}]: expected ints >= {least} shaped like "
+            if _shape_of(value) != want or any(isinstance(v, bool) or not isinstance(v, int)
+                                               or v < (0 if k in zero_ok else 1)
+                                               for k, v in enumerate(_leaves(value))):
+                also = f" (0 allowed at position {zero_ok[0]})" if zero_ok and least else ""
+                raise ValueError(f"{origin}: {table}[{key}]: expected ints >= {least}{also} shaped like "
                                  f"{known[str(key)]}, got {value}")
             out[table][str(key)] = value
     return out
@@ -227,14 +235,16 @@ def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
     return gpu_blocks("COVARIANCE_GPU_BLOCKS", key)
 
 
-def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_I, BLOCK_T, num_warps) of the fused per-example kernels (lambda_accum, score_self): an
-    O×I tile of (rotated) per-example gradient lives in registers."""
+def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int, dict]:
+    """(BLOCK_O, BLOCK_I, BLOCK_T, launch options) of the fused per-example kernels (lambda_accum, score_self): an
+    O×I tile of (rotated) per-example gradient lives in registers. The options: num_warps, and maxnreg when the
+    table caps the registers."""
     if interpreting() and not is_forced("PAIR_GPU_BLOCKS", dot):
-        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64), 4
-    block_o, block_i, block_t, warps = gpu_blocks("PAIR_GPU_BLOCKS", dot)
+        return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64), {"num_warps": 4}
+    block_o, block_i, block_t, warps, maxnreg = gpu_blocks("PAIR_GPU_BLOCKS", dot)
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
     # Fewer tokens than the cap: a smaller K step (tl.dot needs 16), not a masked half of one.
-    return block_o, block_i, min(block_t, clamp_pow2(t, 16, block_t)), warps
+    return block_o, block_i, min(block_t, clamp_pow2(t, 16, block_t)), options
 
 
 class PairwiseConfig(NamedTuple):

@@ -95,7 +95,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     rot_dtype = _common.storage_dtype(dot)
     gs = rotate_tokens(g.reshape(n * t, o), q_s, dot, square=False, out_dtype=rot_dtype, width=o_pad)
     as_ = rotate_tokens(a.reshape(n * t, i), q_a, dot, square=False, out_dtype=rot_dtype, width=i_pad)
-    block_o, block_i, block_t, warps = _blocks.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t, launch = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
     splits = _common.split_count(n, tiles, a.device, split_bytes=4 * o_pad * i_pad)
     n_per_split = triton.cdiv(n, splits)
@@ -108,7 +108,7 @@ def _accumulate_chunk(a, g, q_a, q_s, target, accumulate, dot):
     _lambda_accum_kernel[(tiles, splits)](
         gs, as_, ws, n, t, o_pad, i_pad, n_per_split, ws.stride(0), ws.stride(1),
         BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=acc_flag, ONE_CHUNK=t <= block_t,
-        num_warps=warps,
+        **launch,
     )
     if not direct:
         partial = (ws[0] if splits == 1 else ws.sum(0))[:o, :i]  # fixed order

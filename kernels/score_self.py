@@ -77,7 +77,7 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     w = _common.padded(w, (o_pad, i_pad))
     q_s, q_a = _common.padded(q_s, (o_pad, o_pad)), _common.padded(q_a, (i_pad, i_pad))  # once, not per chunk
-    block_o, block_i, block_t, warps = _blocks.pair_blocks(o_pad, i_pad, t, dot)
+    block_o, block_i, block_t, launch = _blocks.pair_blocks(o_pad, i_pad, t, dot)
     tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
     per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size() + 4 * tiles
     step = _common.chunk_examples(n, per_example)
@@ -92,7 +92,8 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
         ws = torch.empty(tiles, n_c, dtype=torch.float32, device=a.device)
         _score_self_kernel[(tiles, triton.cdiv(n_c, n_per_split))](
             gs, as_, w, ws, n_c, t, o_pad, i_pad, n_per_split, ws.stride(0),
-            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=t <= block_t, num_warps=warps,
+            BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=t <= block_t,
+            num_warps=launch["num_warps"],  # not the register cap: 79 registers uncapped, 95 capped
         )
         torch.sum(ws, dim=0, out=out[start:start + step])  # a fixed-order sum over tiles: deterministic
     return out

@@ -126,12 +126,13 @@ def test_lambda_accum_kernels_compile_for_gpu():
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         sig = dict(gs_ptr=ptr, as_ptr=ptr, out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32", n_per_split="i32",
                    stride_os="i32", stride_oo="i32")
-        block_o, block_i, block_t, warps = _blocks.PAIR_GPU_BLOCKS[dot]
+        block_o, block_i, block_t, warps, maxnreg = _blocks.PAIR_GPU_BLOCKS[dot]
+        cap = {"maxnreg": maxnreg} if maxnreg else {}  # the launcher's register cap
         for one_chunk in (True, False):
             const = dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ACCUMULATE=True,
                          ONE_CHUNK=one_chunk)
             cases.append(("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
-                          {"num_warps": warps, "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]}))
+                          {"num_warps": warps, **cap, "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]}))
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
         # One token chunk: the loop over examples is the innermost (pipelined) one, not a token loop of one step.
         assert usage is None or usage["LOOPS"] == (1 if case[3]["ONE_CHUNK"] else 2), (case[3], usage)
