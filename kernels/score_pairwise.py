@@ -104,6 +104,7 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
     q_ok = offs_q < Q
     a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
     v_rows = v_ptr + offs_q * s_vq
+    s_go = s_go.to(tl.int64)  # o · s_go spans g's [O, T, N_pad] view, which may pass 2^31 elements
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for i0 in range(0, I, BLOCK_I):
         ii = i0 + offs_i
