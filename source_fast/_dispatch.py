@@ -149,7 +149,9 @@ class CudaBackend(ExtensionBackend):
 class CpuBackend(ExtensionBackend):
     name = "cpu"
     devices = ("cpu",)
-    dtypes = (torch.float32,)
+    # fp16/bf16 are upcast to float32 by _extension (exactly), as the torch backend does on CPU: no CPU kernel
+    # contracts 16-bit operands faster, and the fp32 kernels beat torch's fp32 path.
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
     # Only the ops where C++/OpenMP beats the torch backend on CPU (measured 1.2-3.9x, README);
     # kron_project is BLAS GEMMs either way, so torch runs it, and score_lowrank / score_per_token
     # have no C++ CPU kernels (the torch backend serves CPU tensors).

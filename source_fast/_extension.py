@@ -8,7 +8,7 @@ signature and semantics of `source_fast._torch_ops.<op>`; inputs arrive validate
 
 What runs where:
 
-* ``cpu`` (float32, OpenMP; threads = ``torch.get_num_threads()``):
+* ``cpu`` (float32, OpenMP; threads = ``torch.get_num_threads()``; fp16/bf16 inputs upcast to float32):
   - covariance: blocked SYRK (upper triangle only, mirrored), any input strides.
   - lambda_accum / score_self: the rotations g Q_S and a Q_A are torch GEMMs (BLAS wins those);
     the per-example outer product, square and reduction run fused in C++, so the ``[n, O, I]``
@@ -48,10 +48,21 @@ def _code(t: torch.Tensor) -> int:
         raise TypeError(f"unsupported dtype {t.dtype} for the compiled extension") from None
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _require_f32(**tensors: torch.Tensor) -> None:
+    """float32, or fp16/bf16 that the caller upcasts (`_f32`, or chunk by chunk)."""
     for name, t in tensors.items():
-        if t is not None and t.dtype != _F32:
-            raise TypeError(f"{name}: the cpu backend accepts float32 only, got {t.dtype}")
+        if t is not None and t.dtype != _F32 and t.dtype not in _HALF:
+            raise TypeError(f"{name}: the cpu backend accepts float32, float16 and bfloat16 (upcast to float32), "
+                            f"got {t.dtype}")
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t in float32. The kernels compute in fp32, so fp16/bf16 inputs are upcast (exactly): the numbers of the
+    fp32 kernels on the same values, which is also what the torch backend computes for them."""
+    return t if t is None or t.dtype == _F32 else t.to(_F32)
 
 
 def _threads() -> int:
@@ -83,6 +94,7 @@ def covariance_cpu(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch
     """Σ_r m_r x_r x_rᵀ -> [D, D] fp32; with `out`, out <- (out + outᵀ)/2 + C in place (an out that is
     not fp32 row-major gets the fp32 sum added)."""
     _require_f32(x=x)
+    x = _f32(x)
     r, d = x.shape
     m = _mask_f32(mask)
     direct = out is None or _direct_out(out)
@@ -117,7 +129,7 @@ def _rotated_chunks(a, g, q_a, q_s, dt):
 def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_n (Q_Sᵀ G_n Q_A)² -> [O, I] fp32 (added into `out` when given)."""
-    _require_f32(a=a, g=g, q_a=q_a, q_s=q_s)
+    _require_f32(a=a, g=g, q_a=q_a, q_s=q_s)  # upcast chunk by chunk (_rotated_chunks)
     n, t, i = a.shape
     o = g.shape[2]
     direct = out is None or _direct_out(out)
@@ -140,6 +152,7 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
                    weights: torch.Tensor) -> torch.Tensor:
     """s[n] = Σ_ij W_ij (Q_Sᵀ G_n Q_A)²_ij -> [N] fp32."""
     _require_f32(a=a, g=g, q_s=q_s, q_a=q_a, weights=weights)
+    weights = _f32(weights)  # a, g, q_s, q_a are upcast chunk by chunk (_rotated_chunks)
     n, t, i = a.shape
     o = g.shape[2]
     out = torch.empty(n, dtype=_F32)
@@ -223,6 +236,7 @@ def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
 def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
     _require_f32(v=v, a=a, g=g)
+    v = _f32(v)  # a and g: chunk by chunk below
     q, o, i = v.shape
     n, t, _ = a.shape
     # Token-wise (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the
@@ -243,7 +257,7 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
     lib = _lib()
     for start in range(0, n, step):
         stop = min(n, start + step)
-        ac, gc, part = a[start:stop], g[start:stop], out[:, start:stop]
+        ac, gc, part = _f32(a[start:stop]), _f32(g[start:stop]), out[:, start:stop]
         getattr(lib, kernel)(
             v.data_ptr(), v.stride(0), v.stride(1), v.stride(2),
             ac.data_ptr(), ac.stride(0), ac.stride(1), ac.stride(2),
