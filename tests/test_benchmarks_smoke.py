@@ -43,3 +43,30 @@ def test_bench_roofline_refuses_a_cpu_clearly():
     proc = subprocess.run([sys.executable, str(BENCH / "bench_roofline.py"), "--device", "cpu"], check=False,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+def test_cpu_half_inputs_smoke():
+    """The fp16/bf16 CPU comparison runs both backends on tiny shapes and writes nothing in --smoke."""
+    before = sorted((BENCH / "results").glob("cpu_half_inputs.*"))
+    stamps = [p.stat().st_mtime_ns for p in before]
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_cpu_half_inputs.py"), "--smoke"], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| score_pairwise")]
+    assert len(rows) == 2 and all(line.rstrip().endswith("× |") for line in rows), proc.stdout
+    after = sorted((BENCH / "results").glob("cpu_half_inputs.*"))
+    assert after == before and [p.stat().st_mtime_ns for p in after] == stamps
+
+
+@pytest.mark.slow
+def test_sm90_builds_report_builds_every_kernel_form():
+    """benchmarks/sm90_builds.py compiles every kernel form at its default tiles for sm_90 (no GPU) and prints a
+    row for each: it follows the kernels' signatures and the tables' shapes."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(BENCH / "sm90_builds.py"), "--no-write"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "kernel" not in line]
+    assert len(rows) >= 10, proc.stdout
+    if "no cuobjdump" not in proc.stdout:
+        assert all(line.split("|")[5].strip() == "0" for line in rows), proc.stdout  # no spills at the defaults
