@@ -228,7 +228,8 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
         result["rows"].append({"entry": entry.name, "table": entry.table, "candidate": "torch backend", "shape": shape,
                                "ok": True, "ms": torch_ms,
                                "tflops": entry.flops(shape) / torch_ms / 1e9 if torch_ms == torch_ms else None})
-        log(f"  {entry.name} torch backend: {torch_ms:.3f} ms")
+        log(f"  {entry.name} torch backend: {torch_ms:.3f} ms"
+            + (f" ({result['rows'][-1]['tflops']:.1f} TFLOP/s)" if result["rows"][-1].get("tflops") else ""))
         default = entry.candidates[0]
         default_err, default_ms, best = None, None, (None, float("inf"))
         for cand in entry.candidates:

@@ -72,6 +72,8 @@ step "tune Triton tiles"
 limited "${TUNE_S:-150}" "$PY" benchmarks/tune_triton.py --out "$OUT/triton_blocks.json" \
   --budget-s $(( ${TUNE_S:-150} - 30 )) >> "$OUT/bench.log" 2>&1
 echo "rc=$?"; grep -E "^BEST|ERROR|WRONG|^tuned" "$OUT/bench.log" | tail -12
+# the open targets' numbers in the command's own output too (bf16 scoring TFLOP/s, the memory-bound covariance)
+grep -E "^  (pairwise_one|per_token|covariance_narrow)" "$OUT/bench.log" | head -24
 [ -s "$OUT/triton_blocks.json" ] && export SOURCE_FAST_TRITON_BLOCKS="$(cd "$OUT" && pwd)/triton_blocks.json" \
   && echo "benchmarks run with SOURCE_FAST_TRITON_BLOCKS=$SOURCE_FAST_TRITON_BLOCKS" | tee -a "$OUT/env.txt"
 fi
