@@ -56,6 +56,7 @@ class Entry:
     make: Callable  # (shape, device) -> inputs
     run: Callable   # (inputs, backend) -> tensor
     flops: Callable  # shape -> flop count (for TFLOP/s in the rows)
+    bytes: Callable | None = None  # shape -> bytes a memory-bound entry must move (for GB/s in the rows)
 
     def key_for(self, shape: dict):
         """The table key the run reads: dtype-keyed tables by the inputs' dtype (smoke runs use fp16 for the
@@ -149,7 +150,8 @@ ENTRIES = [
     Entry("covariance_narrow_bf16", "COVARIANCE_GPU_BLOCKS", "narrow", None,
           [(64, 128, 8), (64, 256, 8), (64, 64, 4), (64, 256, 4), (64, 512, 8), (32, 256, 4)],
           dict(dtype="bfloat16", R=2**24, D=32), dict(dtype="float16", R=300, D=32), _covariance_inputs,
-          lambda x, b: ops.covariance(x[0], backend=b), lambda p: p["R"] * p["D"] * (p["D"] + 1)),
+          lambda x, b: ops.covariance(x[0], backend=b), lambda p: p["R"] * p["D"] * (p["D"] + 1),
+          lambda p: 2 * p["R"] * p["D"] + 4 * p["D"] ** 2),  # the rows read once, the fp32 result written
     Entry("pairwise_few_bf16", "PAIRWISE_GPU_BLOCKS", 2, 1, _FEW,
           dict(dtype="bfloat16", Q=256, N=4096, T=4, O=1024, I=1025),
           dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
@@ -185,6 +187,13 @@ ENTRIES = [
           dict(dtype="float32", M=16384, K=1040, N=1040), dict(dtype="float32", M=70, K=40, N=24),
           _gemm_inputs, _gemm_run, lambda p: 2 * p["M"] * p["K"] * p["N"]),
 ]
+
+
+def _gbps(entry: Entry, shape: dict, ms: float) -> dict:
+    """{"gbps": ...} for a memory-bound entry timed in ms (nothing otherwise)."""
+    if entry.bytes is None or ms != ms:
+        return {}
+    return {"gbps": entry.bytes(shape) / ms / 1e6}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -227,7 +236,8 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
             continue
         result["rows"].append({"entry": entry.name, "table": entry.table, "candidate": "torch backend", "shape": shape,
                                "ok": True, "ms": torch_ms,
-                               "tflops": entry.flops(shape) / torch_ms / 1e9 if torch_ms == torch_ms else None})
+                               "tflops": entry.flops(shape) / torch_ms / 1e9 if torch_ms == torch_ms else None,
+                               **_gbps(entry, shape, torch_ms)})
         log(f"  {entry.name} torch backend: {torch_ms:.3f} ms"
             + (f" ({result['rows'][-1]['tflops']:.1f} TFLOP/s)" if result["rows"][-1].get("tflops") else ""))
         default = entry.candidates[0]
@@ -247,14 +257,16 @@ def tune(entries, device, smoke: bool, budget_s: float, out: Path | None, log=pr
                     default_err = err
                 ok = err <= max(2 * default_err, ERROR_FLOOR[shape["dtype"]])
                 ms = _time_ms(lambda: entry.run(inputs, "triton"), device, smoke) if ok else float("nan")
-                row.update(rel_err=err, ok=ok, ms=ms, tflops=entry.flops(shape) / ms / 1e9 if ms == ms else None)
+                row.update(rel_err=err, ok=ok, ms=ms, tflops=entry.flops(shape) / ms / 1e9 if ms == ms else None,
+                           **_gbps(entry, shape, ms))
                 if cand == default:
                     default_ms = ms
                 if ok and ms < best[1]:
                     best = (cand, ms)
                 failures += 0 if ok else 1
                 log(f"  {entry.name} {cand}: err {err:.2e} {'ok' if ok else 'WRONG'} "
-                    f"{ms:.3f} ms" + (f" ({row['tflops']:.1f} TFLOP/s)" if row.get("tflops") else ""))
+                    f"{ms:.3f} ms" + (f" ({row['tflops']:.1f} TFLOP/s)" if row.get("tflops") else "")
+                    + (f" ({row['gbps']:.0f} GB/s)" if row.get("gbps") else ""))
             except Exception as e:  # a tile the compiler rejects (shared memory, registers) is a result too
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 failures += 1
