@@ -53,14 +53,14 @@ def _opts(warps: int, stages: int | None, div16: list[str]) -> dict:
 def pairwise_formed(dot: int, t: int) -> tuple:
     """score_pairwise forming G on chip (16-bit default for any T), Q=512, N=8192, O=1024, I=1025."""
     cfg = _blocks.pairwise_blocks(512, 8192, t, 1040, dot)
-    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
+    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
-               O="i32", I="i32", **strides)
+               O="i32", I="i32", i_per_split="i32", **strides)
     const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
                  ONE_CHUNK=t <= cfg.block_t, DOT=dot)
     case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
-                                                  "s_at", "s_go", "s_gt", "I"]))
+                                                  "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
     return case, tile, 2 / cfg.block_n, "only V streams: 2/BLOCK_N"
 

@@ -28,8 +28,10 @@ whatever T, but that loop is not pipelined. The kernel is meant for few tokens p
 stacked checkpoints); with many tokens the torch backend's choice is cheaper (dispatch measures it).
 
 Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
-the same V tiles in the same order (L2 hits); axis 1 = query blocks. Each score is written once, by its
-own program: deterministic, no atomics.
+the same V tiles in the same order (L2 hits); axis 1 = query blocks; axis 2 = splits of the inputs i, used when
+the example and query blocks alone are too few programs to fill the GPU (a 256 × 128 tile gives one per
+32 768 scores), each writing its own partial, summed in a fixed order. Each partial is written once, by its own
+program: deterministic, no atomics.
 
 History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile with the queries by
 elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
@@ -87,12 +89,12 @@ def _form_grad(g, a, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
-                           s_vq, s_vo, s_an, s_at, s_go, s_gt, s_oq,
+def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_split,
+                           s_vq, s_vo, s_an, s_at, s_go, s_gt, s_os, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
                            BLOCK_T: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
-    """out[qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis for the query block program_id(1) and the
-    example block program_id(0). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
+    """out[split, qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis, i in the split's i_per_split inputs, for
+    the query block program_id(1), the example block program_id(0) and the split program_id(2). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
     the other strides are arguments (in elements). ONE_CHUNK (T ≤ BLOCK_T): the inputs are held in registers
     across the o loop, which has only loads and the dot (pipelined); else each o step sums its G tile over
     token chunks in an inner loop (not pipelined, but one contraction whatever T)."""
@@ -105,8 +107,11 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
     a_rows = a_ptr + offs_n * s_an  # [BLOCK_N] example bases (int64 offsets: N·T·I may pass 2^31)
     v_rows = v_ptr + offs_q * s_vq
     s_go = s_go.to(tl.int64)  # o · s_go spans g's [O, T, N_pad] view, which may pass 2^31 elements
+    split = tl.program_id(2)
+    i_start = split * i_per_split
+    i_stop = tl.minimum(i_start + i_per_split, I)
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
-    for i0 in range(0, I, BLOCK_I):
+    for i0 in range(i_start, i_stop, BLOCK_I):
         ii = i0 + offs_i
         i_ok = ii < I
         if ONE_CHUNK:  # the examples' inputs for this i-block: loaded once, reused by all O steps
@@ -131,6 +136,7 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I,
             # The formed tile is the dot's left operand: on sm_90 wgmma reads it from registers, so it never goes
             # through shared memory (as a right operand it would be stored there every step).
             acc = _common.mma(grad, tl.trans(v), acc, DOT)
+    out_ptr += split.to(tl.int64) * s_os
     tl.store(out_ptr + offs_q[None, :] * s_oq + offs_n[:, None], acc, mask=n_ok[:, None] & q_ok[None, :])
 
 
@@ -164,15 +170,27 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # a fixed-shape reduction: deterministic
     cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)
-    grid_n = triton.cdiv(n, cfg.block_n)
+    grid_n, grid_q = triton.cdiv(n, cfg.block_n), triton.cdiv(q, cfg.block_q)
+    # Few programs (small N·Q for the wide tiles) leave SMs idle: split the inputs i (each program then sums
+    # its share of the contraction) into partials summed in a fixed order, deterministic, within the workspace
+    # bound.
+    i_blocks = triton.cdiv(i_pad, cfg.block_i)
+    splits = _common.split_count(i_blocks, grid_n * grid_q, a.device, min_per_split=1,
+                                 max_splits=max(1, _common.WORKSPACE_BYTES // (4 * q * n)))
+    i_per_split = triton.cdiv(i_blocks, splits) * cfg.block_i
+    splits = triton.cdiv(i_pad, i_per_split)
+    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=a.device)
     step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
     for q0 in range(0, q, step):
-        vq, oq = vk[q0:q0 + step], out[q0:q0 + step]
-        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q))](
-            vq, ak, gt, oq, vq.shape[0], n, t, o, i_pad,
-            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), oq.stride(0),
+        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
+        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
+            vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split,
+            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), wq.stride(0),
+            wq.stride(1),
             BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
             ONE_CHUNK=t <= cfg.block_t, DOT=dot,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+    if splits > 1:
+        torch.sum(ws, dim=0, out=out)  # a fixed-order sum of the partials: deterministic
     return out

@@ -235,6 +235,25 @@ def test_score_pairwise_triton_both_forms(tokenwise, dtype, q, n, t, i, o):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("splits", [2, 3, 64])
+def test_score_pairwise_triton_split_inputs(monkeypatch, splits):
+    """The GPU path's split of the inputs i over programs (partials summed in a fixed order), forced in the
+    interpreter: ragged last split, more splits asked than input blocks, several query and example blocks."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common
+
+    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, **kw: min(splits, work))
+    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 2, 4, 1))
+    _blocks.override_blocks({"PAIRWISE_TOKENWISE_GPU": {"0": [0]}})  # the formed kernel for one token too
+    try:
+        for t in (1, 2):
+            _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)
+    finally:
+        _blocks.override_blocks(None)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_score_pairwise_triton_aligned_layout(dtype):
     """The launcher pads the i axis to a multiple of 16 and stores g as [O, T, N_pad]: strided and offset inputs
@@ -296,12 +315,13 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
             for block_t, one_chunk in sorted({(min(2, max_t), True), (max_t, True), (max(1, max_t // 2), max_t == 1)}):
-                strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "oq")}
+                strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
                 sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
-                           I="i32", **strides)
+                           I="i32", i_per_split="i32", **strides)
                 const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, ONE_CHUNK=one_chunk,
                              DOT=dot)
-                div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I"]
+                div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I",
+                         "i_per_split"]
                 (fast if one_chunk else chunked).append(
                     ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
                      {"num_warps": warps, "num_stages": stages, "div16": div16}))
