@@ -60,7 +60,7 @@ PAIR_GPU_BLOCKS = {0: (64, 64, 16, 4, 0), 1: (128, 64, 32, 8, 128), 2: (128, 64,
 
 # score_pairwise: (one-token config, several-token config), each (BLOCK_Q, BLOCK_N, BLOCK_I, most tokens
 # formed at once, num_warps, num_stages). BLOCK_N examples are the M of the dot (the formed G tile, read by wgmma
-# from registers) and set the bytes streamed per multiply-add, 2 / BLOCK_N: one token takes 256 (222 registers
+# from registers) and set the bytes streamed per multiply-add, 2 / BLOCK_N: one token takes 256 (224 registers
 # in the sm_90 build at BLOCK_Q = 128, no spills). Several tokens: the [BLOCK_N, BLOCK_T, BLOCK_I] inputs held in
 # registers cap the tile.
 PAIRWISE_GPU_BLOCKS = {
