@@ -42,7 +42,8 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 
 # `_common.bmm` (token rotations, kron_project): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), caps that small
 # matrices shrink (`gemm_blocks`). An M × N tile streams 2/M + 2/N bytes per 16-bit multiply-add; 128 × 128 × 64
-# at 8 warps builds for sm_90 at 130 registers, no spills (64 × 64 streamed twice the bytes).
+# at 8 warps builds for sm_90 at 142 registers, no spills (64 × 64 streamed twice the bytes). TF32 (key 3, fp32
+# operands: twice the shared memory per K step) takes 32-wide K steps, 128 registers.
 GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8), 3: (128, 128, 32, 8)}
 
 # covariance: (BLOCK_D, BLOCK_R, num_warps). Wide (compute-bound): 128 × 128 output tiles stream 4/128 bytes
