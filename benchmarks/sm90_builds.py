@@ -16,6 +16,7 @@ speed before any timing:
                 tensor-core rate (≈ 2048 bf16 multiply-adds per clock per SM).
 
     python benchmarks/sm90_builds.py            # prints the table, writes results/sm90_builds.{md,json}
+    python benchmarks/sm90_builds.py --arch 80  # the A100's builds at its tiles: results/sm80_builds.*
     python benchmarks/sm90_builds.py --no-write
 
 A GPU run then says how far each build is from its roof (benchmarks/tune_triton.py, bench_roofline.py).
@@ -37,7 +38,9 @@ from source_fast import io  # noqa: E402
 from source_fast.kernels import _aot, _blocks, _common  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SM_REGISTERS, SM_SHARED, SM_THREADS = 65536, 227 * 1024, 2048  # per H100 SM
+ARCH = 90  # the target (--arch); the tiles follow it through _blocks.device_arch
+SM_REGISTERS, SM_THREADS = 65536, 2048  # per SM, both architectures
+SM_SHARED = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use (A100, H100)
 
 PTR = {0: "*fp32", 1: "*fp16", 2: "*bf16"}
 DTYPE = {0: "fp32", 1: "fp16", 2: "bf16"}
@@ -58,7 +61,7 @@ def pairwise_formed(dot: int, t: int) -> tuple:
                O="i32", I="i32", i_per_split="i32", **strides)
     const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
                  ONE_CHUNK=t <= cfg.block_t, DOT=dot)
-    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
                                                   "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
@@ -71,7 +74,7 @@ def tokenwise(dot: int) -> tuple:
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], g_ptr=PTR[dot], out_ptr="*fp32", O="i32", I="i32", ROWS="i64",
                row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_ar="i64", s_gr="i64", s_oq="i64")
     const = dict(BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi, DOT=dot, ROWS_FASTEST=True, s_vi=1, s_ai=1, s_go=1)
-    case = ("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, 90,
+    case = ("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, ARCH,
             _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]))
     return case, f"{bm} rows × {bo} outputs × {bi} inputs", 2 / bm + 2 / bo, "2/M + 2/N"
 
@@ -82,8 +85,8 @@ def covariance(dot: int, d: int) -> tuple:
     sig = dict(x_ptr=PTR[dot], y_ptr=PTR[dot], m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
     const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-                 HAS_MASK=False, ACCUMULATE=False, ONE_TILE=d <= block_d)
-    case = ("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
+                 HAS_MASK=False, ACCUMULATE=False, ONE_TILE=d <= block_d, SHARE_ROWS=d <= block_d and ARCH >= 90)
+    case = ("source_fast.kernels.covariance", "_covariance_kernel", sig, const, ARCH,
             _opts(warps, None, ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr",
                                 "stride_os", "stride_or"]))
     note = "memory-bound: bytes per row, not per MAC" if d <= block_d else "2/M + 2/N"
@@ -96,7 +99,7 @@ def lambda_accum(dot: int) -> tuple:
     sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], out_ptr="*fp32", N="i32", T="i32", O="i32", I="i32",
                n_per_split="i32", stride_os="i32", stride_oo="i32")
     const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ACCUMULATE=True, ONE_CHUNK=True)
-    case = ("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, 90,
+    case = ("source_fast.kernels.lambda_accum", "_lambda_accum_kernel", sig, const, ARCH,
             {**launch, "div16": ["gs_ptr", "as_ptr", "out_ptr", "O", "I", "stride_oo"]})
     return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I"
 
@@ -106,7 +109,7 @@ def score_self(dot: int) -> tuple:
     sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], w_ptr="*fp32", ws_ptr="*fp32", N="i32", T="i32", O="i32",
                I="i32", n_per_split="i32", stride_wst="i32")
     const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ONE_CHUNK=True)
-    case = ("source_fast.kernels.score_self", "_score_self_kernel", sig, const, 90,
+    case = ("source_fast.kernels.score_self", "_score_self_kernel", sig, const, ARCH,
             {"num_warps": launch["num_warps"], "div16": ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]})
     return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I (W kept)"
 
@@ -120,7 +123,7 @@ def lowrank(dot: int) -> tuple:
     const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_O=cfg.block_o,
                  BLOCK_I=cfg.block_i, BLOCK_R=cfg.block_r, RESIDENT=cfg.resident, DOT=dot, s_ur=1, s_wr=1, s_ai=1,
                  s_go=1, s_on=1)
-    case = ("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, 90,
+    case = ("source_fast.kernels.score_lowrank", "_score_lowrank_kernel", sig, const, ARCH,
             _opts(cfg.num_warps, cfg.num_stages, ["u_ptr", "w_ptr", "a_ptr", "g_ptr", "s_uq", "s_uo", "s_wq",
                                                   "s_wi", "s_an", "s_at", "s_gn", "s_gt", "O", "I", "R"]))
     rows, cols = cfg.block_n * cfg.block_t, cfg.block_q * cfg.block_r
@@ -136,7 +139,7 @@ def gemm(dot: int) -> tuple:
                stride_fk="i32", stride_fn="i32", spec_c="fp32", spec_damping="fp32")
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
                  stride_ak=1, stride_bn=1, stride_cn=1)
-    case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, 90,
+    case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, ARCH,
             _opts(warps, None, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am", "stride_bk",
                                 "stride_cb", "stride_cm"]))
     element = 4 if dot == _common.DOT_TF32 else 2
@@ -161,14 +164,19 @@ ROWS = [
 def ctas_per_sm(report: dict, warps: int) -> int:
     threads = 32 * warps
     by_regs = SM_REGISTERS // max(1, report["reg"] * threads)
-    by_shared = SM_SHARED // max(1, report["shared"]) if report.get("shared") else by_regs
+    by_shared = SM_SHARED[ARCH] // max(1, report["shared"]) if report.get("shared") else by_regs
     return int(min(by_regs, by_shared, SM_THREADS // threads))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--arch", type=int, default=90, choices=(80, 90),
+                        help="target: 90 (H100/H200, the default) or 80 (A100; its ARCH_BLOCKS tiles)")
     args = parser.parse_args(argv)
+    global ARCH
+    ARCH = args.arch
+    _blocks.device_arch = lambda: f"sm_{ARCH}"  # the tiles the launchers would pick on that GPU
     built = [(name, *make()) for name, make in ROWS]
     reports = _aot.compile_for_gpu([case for _, case, *_ in built], timeout=1800)
     env = H.environment(torch.device("cpu"))
@@ -182,6 +190,7 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {tile} | {warps} | (no cuobjdump in this triton wheel) |||||||")
             continue
         wg = ", ".join(rep["wgmma"]) + (" (regs A)" if rep["HGMMA"] and rep["HGMMA_REG_A"] == rep["HGMMA"] else "")
+        wg = wg or ("mma.sync" if rep["HMMA"] else "")
         row = dict(kernel=name, tile=tile, warps=warps, **{k: rep[k] for k in ("reg", "stack", "LDGSTS", "LOOPS",
                                                                                   "HGMMA", "HGMMA_REG_A", "shared")},
                    wgmma=rep["wgmma"], ctas_per_sm=ctas_per_sm(rep, warps), bytes_per_mac=bpm, note=note)
@@ -189,7 +198,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {tile} | {warps} | {rep['reg']} | {rep['stack']} | {row['ctas_per_sm']} | "
                      f"{wg or '—'} | {rep['LDGSTS']} | {rep['LOOPS']} | "
                      f"{'—' if bpm is None else f'{bpm:.4f}'} | {note} |")
-    title = (f"sm_90 builds of the Triton kernels at their default tiles (no GPU): triton {env['triton']}, "
+    title = (f"sm_{ARCH} builds of the Triton kernels at their default tiles (no GPU): triton {env['triton']}, "
              f"torch {env['torch']}, commit {env['git_commit']}, {env['timestamp']}")
     print(title)
     print("\n".join(lines))
@@ -197,9 +206,10 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         text = (f"# {title}\n\n`python benchmarks/sm90_builds.py` (see its docstring for the columns).\n\n"
                 + "\n".join(lines) + "\n")
-        io.atomic_write_bytes(RESULTS / "sm90_builds.md", text.encode())
-        io.atomic_write_json(RESULTS / "sm90_builds.json", {"environment": env, "rows": rows})
-        print(f"wrote {RESULTS / 'sm90_builds.md'} and .json")
+        io.atomic_write_bytes(RESULTS / f"sm{ARCH}_builds.md", text.encode())
+        io.atomic_write_json(RESULTS / f"sm{ARCH}_builds.json", {"environment": env, "arch": f"sm_{ARCH}",
+                                                               "rows": rows})
+        print(f"wrote {RESULTS / f'sm{ARCH}_builds.md'} and .json")
     return 0
 
 

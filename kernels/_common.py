@@ -52,6 +52,15 @@ PROMOTE_STEPS = 4
 ALIGN = 16
 
 
+def shares_dot_operands(device: torch.device) -> bool:
+    """Whether one loaded tile may feed both operands of a dot (covariance's xᵀx) and still be pipelined. On
+    sm_80 (mma.sync) such a load gets no asynchronous copy: the sm_80 build of the narrow covariance had none,
+    and with two loads of the same rows it has them. True off CUDA (the interpreter) and on sm_90+."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-int(x) // multiple) * multiple
 

@@ -28,12 +28,12 @@ from . import _blocks, _common
 
 @triton.jit
 def _rows_product(x_ptr, y_ptr, m_ptr, rr, r_stop, stride_xr, offs_i, offs_j, D, part, DOT: tl.constexpr,
-                  HAS_MASK: tl.constexpr, ONE_TILE: tl.constexpr):
+                  HAS_MASK: tl.constexpr, SHARE_ROWS: tl.constexpr):
     """part + x[rr, I]ᵀ (m y)[rr, J] for the rows rr below r_stop (fp32 accumulator)."""
     r_ok = rr < r_stop
     rows = rr.to(tl.int64) * stride_xr
     xi = tl.load(x_ptr + rows[:, None] + offs_i[None, :], mask=r_ok[:, None] & (offs_i[None, :] < D), other=0.0)
-    if ONE_TILE:
+    if SHARE_ROWS:
         xj = xi
     else:
         xj = tl.load(y_ptr + rows[:, None] + offs_j[None, :], mask=r_ok[:, None] & (offs_j[None, :] < D),
@@ -48,13 +48,15 @@ def _rows_product(x_ptr, y_ptr, m_ptr, rr, r_stop, stride_xr, offs_i, offs_j, D,
 def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
                        stride_xr, stride_os, stride_or,
                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr, DOT: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, ONE_TILE: tl.constexpr):
+                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, ONE_TILE: tl.constexpr,
+                       SHARE_ROWS: tl.constexpr):
     """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ y[r, J] for the tile pair (bi, bj) = pairs[pid], y = x or the
     launcher's mask-weighted copy of x (same strides).
 
     x operands are cast to the DOT dtype (x stays in its own precision; mask-weighted rows are
     rounded once to that dtype), accumulation in fp32. ACCUMULATE: out ← (out + outᵀ)/2 + C.
-    ONE_TILE (one D-tile and y = x): the J operand is the I operand, read once.
+    ONE_TILE (one D-tile: memory-bound): a single row loop. SHARE_ROWS (one D-tile and y = x): the J operand is
+    the I operand, read once.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -78,7 +80,7 @@ def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_s
         part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
         for r0 in range(r_start, r_stop, BLOCK_R):
             part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, r_stop, stride_xr, offs_i, offs_j, D, part,
-                                 DOT, HAS_MASK, ONE_TILE)
+                                 DOT, HAS_MASK, SHARE_ROWS)
             flush = ((r0 - r_start) // BLOCK_R) % steps == steps - 1
             acc = tl.where(flush, acc + part, acc)
             part = tl.where(flush, 0.0, part)
@@ -90,7 +92,7 @@ def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_s
             c_stop = tl.minimum(c0 + CHUNK_R, r_stop)
             for r0 in range(c0, c_stop, BLOCK_R):
                 part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, c_stop, stride_xr, offs_i, offs_j, D, part,
-                                     DOT, HAS_MASK, ONE_TILE)
+                                     DOT, HAS_MASK, SHARE_ROWS)
             acc += part
     is_diag = bi == bj
     acc = tl.where(is_diag, (acc + tl.trans(acc)) * 0.5, acc)
@@ -149,9 +151,10 @@ def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | 
 
 
 def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor | None,
-                     splits: int | None, dot: int) -> torch.Tensor:
+                     splits: int | None, dot: int, one_loop: bool | None = None) -> torch.Tensor:
     """Σ_r m_r x_r y_rᵀ for aligned contiguous rows x, y [R, D] (y = x or a weighted copy), with `out` (fp32,
-    contiguous) updated as sym(out) + C when given."""
+    contiguous) updated as sym(out) + C when given. one_loop: the kernel's single row loop (default: for one
+    tile, the memory-bound case); the nested loops sum the same chunks in the same order."""
     r, d = x.shape
     block_d, block_r, warps = _blocks.covariance_blocks(r, d)
     tiles = triton.cdiv(d, block_d)
@@ -172,7 +175,8 @@ def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, o
         x, y, m if m is not None else x, ws, pairs, r, d, rows_per_split,
         x.stride(0), ws.stride(0), ws.stride(1),
         BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-        HAS_MASK=m is not None, ACCUMULATE=accumulate, ONE_TILE=tiles == 1 and y is x, num_warps=warps,
+        HAS_MASK=m is not None, ACCUMULATE=accumulate, ONE_TILE=tiles == 1 if one_loop is None else one_loop,
+        SHARE_ROWS=tiles == 1 and y is x and _common.shares_dot_operands(x.device), num_warps=warps,
     )
     if splits == 1:
         return ws[0]

@@ -52,6 +52,21 @@ def test_gemm_tiles_shrink_to_small_matrices(monkeypatch):
     assert _blocks.gemm_blocks(40, 1000, 20, 2) == (128, 128, 64, 8)
 
 
+def test_arch_defaults_sit_between_measured_choices_and_the_defaults(monkeypatch):
+    """An sm_8x device takes ARCH_BLOCKS["sm_80"] where given (tiles that spill there otherwise), the defaults
+    elsewhere; a forced entry still wins; sm_90 takes the defaults."""
+    monkeypatch.setattr(_blocks, "device_arch", lambda: "sm_80")
+    sm80 = _blocks.ARCH_BLOCKS["sm_80"]
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == sm80["PER_TOKEN_GPU_BLOCKS"][2]
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 0) == _blocks.PER_TOKEN_GPU_BLOCKS[0]  # no sm_80 entry
+    assert _blocks.gpu_blocks("GEMM_GPU_BLOCKS", 2) == _blocks.GEMM_GPU_BLOCKS[2]
+    _blocks.override_blocks({"PER_TOKEN_GPU_BLOCKS": {"2": [64, 64, 32, 4, 3]}})
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == (64, 64, 32, 4, 3)
+    _blocks.override_blocks(None)
+    monkeypatch.setattr(_blocks, "device_arch", lambda: "sm_90")
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == _blocks.PER_TOKEN_GPU_BLOCKS[2]
+
+
 def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"device": "X", "best": {"GEMM_GPU_BLOCKS": {"2": [64, 128, 32, 4]}}}))

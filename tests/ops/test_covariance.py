@@ -170,8 +170,8 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits, d, dtype, ma
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mask):
-    """The narrow case's single loop groups rows into the nested loops' chunks, in their order: with y a copy of x
-    (not x itself) the kernel takes the nested loops, and both give the same bits."""
+    """The narrow case's single loop groups rows into the nested loops' chunks, in their order: both give the same
+    bits, with the rows read once (y is x) or twice (y a copy, as on sm_80)."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common
@@ -181,9 +181,9 @@ def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mas
     monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
     x = torch.randn(203, 16).to(torch.float16)
     m = torch.rand(203) * 2.0 if with_mask else None
-    one_loop = _covariance_rows(x, x, m, None, 1, _common.DOT_F16)
-    nested = _covariance_rows(x, x.clone(), m, None, 1, _common.DOT_F16)
-    assert torch.equal(one_loop, nested)
+    nested = _covariance_rows(x, x, m, None, 1, _common.DOT_F16, one_loop=False)
+    assert torch.equal(_covariance_rows(x, x, m, None, 1, _common.DOT_F16), nested)
+    assert torch.equal(_covariance_rows(x, x.clone(), m, None, 1, _common.DOT_F16), nested)
 
 
 @pytest.mark.slow
@@ -202,7 +202,7 @@ def test_covariance_kernel_compiles_for_gpu():
                 sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                            rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
                 const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-                             HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d)
+                             HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d, SHARE_ROWS=d <= block_d)
                 div16 = ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr", "stride_os",
                          "stride_or"]
                 cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
@@ -210,7 +210,11 @@ def test_covariance_kernel_compiles_for_gpu():
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
         # The narrow (memory-bound) case is one loop: nested, its pipeline drained every CHUNK_R rows.
         assert usage is None or not case[3]["ONE_TILE"] or usage["LOOPS"] == 1, (case[3], usage)
-    compile_for_gpu([c[:4] + (80,) + c[5:] for c in cases if c[3]["DOT"] != 0])  # Ampere: mma.sync
+    # Ampere (mma.sync): the narrow case reads its rows twice there (`_common.shares_dot_operands`), which the
+    # build pipelines (read once, it had no asynchronous copies).
+    ampere = [c[:3] + (dict(c[3], SHARE_ROWS=False), 80) + c[5:] for c in cases if c[3]["DOT"] != 0]
+    for case, usage in zip(ampere, compile_for_gpu(ampere)):
+        assert usage is None or usage["LDGSTS"] > 0, (case[3], usage)
 
 
 @pytest.mark.gpu
