@@ -803,16 +803,22 @@ class SourceAnalyzer:
         largest operand, on every call (a layer's inputs are d_in + 1 wide with the bias column)."""
         return x.device.type == "cuda" and self.backend in (None, "triton")
 
-    def _score_group_into(self, block, first_col, group, items, n_train) -> None:
+    def _prepared(self, group):
+        """The group with its directions as the scoring contraction takes them: in `score_dtype`, and on CUDA
+        zero-padded to aligned rows (`_aligns_rows`). Done once per group, not per block or chunk of rows."""
+        members, v, weight, stage, basis = group
+        v = {name: self._score_operands(direction) for name, direction in v.items()}
+        if any(self._aligns_rows(x) for x in v.values()):  # zeros add nothing to the scores
+            v = {name: _row_aligned(x, 2) for name, x in v.items()}
+        return members, v, weight, stage, basis
+
+    def _score_group_into(self, block, first_col, group, items, n_train, *, prepared: bool = False) -> None:
         """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members;
-        block's column 0 is training example `first_col`."""
-        _, v, weight, stage, _ = group
+        block's column 0 is training example `first_col`. prepared: the group came from `_prepared`."""
+        _, v, weight, stage, _ = group if prepared else self._prepared(group)
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
-        v = {name: cast(direction) for name, direction in v.items()}  # once, not per chunk of rows
-        align = any(self._aligns_rows(x) for x in v.values())
-        if align:  # zeros add nothing to the scores; the directions once, each chunk's rows (much smaller) per call
-            v = {name: _row_aligned(x, 2) for name, x in v.items()}
+        align = any(self._aligns_rows(x) for x in v.values())  # then each chunk's rows (much smaller) per call
         for offset, size, rows in merge_rows(items, _config.stack_bytes()):
             if align:
                 rows = {name: (_row_aligned(a, 1), _row_aligned(g, 1)) for name, (a, g) in rows.items()}
@@ -850,7 +856,8 @@ class SourceAnalyzer:
             if pending:
                 plan = self._score_plan(query_dataset, units, final_unit, stage_sizes, n_fit, n_train)
                 rotated: dict[int, torch.Tensor] = {}  # a direction shared by groups: rotated once
-                groups = [self._cheaper_rotation(group, n_train, rotated) for group in _group_plan(plan)]
+                groups = [self._prepared(self._cheaper_rotation(group, n_train, rotated))
+                          for group in _group_plan(plan)]
                 del rotated
                 del plan  # directions the rotation replaced are freed now, not after scoring
             for b in pending:
@@ -858,7 +865,7 @@ class SourceAnalyzer:
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
                 for group in groups:
                     items = self._stacked_rows(group[0], Subset(train_dataset, cols), group[4], f"block {b + 1}")
-                    self._score_group_into(block, cols[0], group, items, n_train)
+                    self._score_group_into(block, cols[0], group, items, n_train, prepared=True)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")

@@ -41,3 +41,28 @@ def test_row_aligned_operands_give_the_same_scores(monkeypatch):
     out = analyzer_module._row_aligned(x, 2)
     assert out.shape == (3, 16, 16) and torch.equal(out[:, :5, :7], x)
     assert not out[:, 5:].any() and not out[..., 7:].any()
+
+
+def test_directions_are_prepared_once_per_group_not_per_block(monkeypatch):
+    """Scored in several blocks of training examples, each group's directions are still padded (and cast to
+    score_dtype) once: the number of direction paddings does not grow with the number of blocks."""
+    model, data, run = _float32_run()
+    queries = Subset(data, range(8))
+    monkeypatch.setattr(analyzer_module.SourceAnalyzer, "_aligns_rows", lambda self, x: True)
+    real = analyzer_module._row_aligned
+    paddings = []
+    monkeypatch.setattr(analyzer_module, "_row_aligned",
+                        lambda x, dims: (paddings.append(dims), real(x, dims))[1])
+
+    def direction_paddings(score_block):
+        paddings.clear()
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=8,
+                                     progress=False, score_block=score_block, score_dtype=torch.bfloat16)
+        analyzer.fit(data)
+        scores = analyzer.pairwise_scores(queries, data)
+        return paddings.count(2), scores
+
+    one, whole = direction_paddings(None)  # 40 examples: one block
+    many, blocked = direction_paddings(8)  # five blocks
+    assert one > 0 and many == one, (one, many)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-6 * float(whole.abs().max()))
