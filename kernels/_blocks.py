@@ -138,7 +138,7 @@ def _leaves(value):
 
 def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
     """{table: {key: value}} checked against the defaults: known tables and keys, values of the default's
-    nesting and lengths, ints ≥ 1 (≥ 0 for PAIRWISE_TOKENWISE_GPU). Keys are strings (JSON); values come back
+    nesting and lengths, ints ≥ 1 (≥ 0 at the ZERO_ALLOWED positions). Keys are strings (JSON); values come back
     as tuples."""
     if not isinstance(entries, dict):
         raise ValueError(f"{origin}: expected a mapping of table names to entries, got {type(entries).__name__}")
@@ -157,7 +157,7 @@ def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
             value = _tupled(value)
             want = _shape_of(known[str(key)])
             zero_ok = ZERO_ALLOWED.get(table, ())
-            least = 0 if table == "PAIRWISE_TOKENWISE_GPU" else 1  # 0 tokens: never token-wise
+            least = 0 if len(zero_ok) == len(list(_leaves(known[str(key)]))) else 1  # every position may be 0
             if _shape_of(value) != want or any(isinstance(v, bool) or not isinstance(v, int)
                                                or v < (0 if k in zero_ok else 1)
                                                for k, v in enumerate(_leaves(value))):
@@ -196,22 +196,6 @@ def _file_entries() -> dict:
     return _from_file[path][1]
 
 
-_tuned_cache: dict[tuple[int, int], dict] = {}
-
-
-def _tuned_entries() -> dict:
-    if not torch.cuda.is_available():
-        return {}
-    capability = torch.cuda.get_device_capability()
-    if capability not in _tuned_cache:
-        from ._tuned_blocks import TUNED
-
-        name = f"sm_{capability[0]}{capability[1]}"
-        found = TUNED.get(name)
-        _tuned_cache[capability] = validate(found["best"], f"_tuned_blocks {name}") if found else {}
-    return _tuned_cache[capability]
-
-
 def device_arch() -> str | None:
     """The ARCH_BLOCKS key of the current CUDA device ("sm_80" for any 8.x, "sm_90" for 9.x, ...), None
     without one."""
@@ -220,16 +204,27 @@ def device_arch() -> str | None:
     return f"sm_{torch.cuda.get_device_capability()[0]}0"
 
 
-_arch_cache: dict[str, dict] = {}
+_device_cache: dict[tuple[str, str], dict] = {}
 
 
-def _arch_entries() -> dict:
+def _device_entries() -> dict:
+    """The entries for this device, validated once per (architecture, compute capability): the measured
+    `_tuned_blocks.TUNED` choices for its exact capability over `ARCH_BLOCKS` for its architecture."""
     arch = device_arch()
-    if arch is None or arch not in ARCH_BLOCKS:
+    if arch is None:
         return {}
-    if arch not in _arch_cache:
-        _arch_cache[arch] = validate(ARCH_BLOCKS[arch], f"ARCH_BLOCKS[{arch!r}]")
-    return _arch_cache[arch]
+    exact = "sm_{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else arch
+    if (arch, exact) not in _device_cache:
+        from ._tuned_blocks import TUNED
+
+        merged: dict[str, dict[str, Any]] = {}
+        tuned = TUNED.get(exact)
+        for origin, entries in ((f"ARCH_BLOCKS[{arch!r}]", ARCH_BLOCKS.get(arch)),
+                                (f"_tuned_blocks {exact}", tuned["best"] if tuned else None)):  # later wins
+            for table, items in validate(entries or {}, origin).items():
+                merged.setdefault(table, {}).update(items)
+        _device_cache[(arch, exact)] = merged
+    return _device_cache[(arch, exact)]
 
 
 def is_forced(table: str, key) -> bool:
@@ -238,7 +233,7 @@ def is_forced(table: str, key) -> bool:
 
 def gpu_blocks(table: str, key) -> Any:
     """The GPU table entry after overrides (see the module docstring for the order)."""
-    for source in (_forced, _file_entries(), _tuned_entries(), _arch_entries()):
+    for source in (_forced, _file_entries(), _device_entries()):
         value = source.get(table, {}).get(str(key))
         if value is not None:
             return value

@@ -160,6 +160,15 @@ def mma(a, b, acc, DOT: tl.constexpr):
 
 
 @triton.jit
+def pair_tile(pid, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    """The (O-tile, I-tile) of program `pid` in row-major tile order: (offs_o, offs_i, o_ok, i_ok)."""
+    tiles_i = tl.cdiv(I, BLOCK_I)
+    offs_o = (pid // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = (pid % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
+    return offs_o, offs_i, offs_o < O, offs_i < I
+
+
+@triton.jit
 def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
                       ONE_CHUNK: tl.constexpr):

@@ -42,11 +42,7 @@ def _lambda_accum_kernel(gs_ptr, as_ptr, out_ptr, N, T, O, I, n_per_split,
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    tiles_i = tl.cdiv(I, BLOCK_I)
-    offs_o = (pid // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = (pid % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-    o_ok = offs_o < O
-    i_ok = offs_i < I
+    offs_o, offs_i, o_ok, i_ok = _common.pair_tile(pid, O, I, BLOCK_O, BLOCK_I)
     n_start = split * n_per_split
     n_stop = tl.minimum(n_start + n_per_split, N)
     row0 = n_start.to(tl.int64) * T  # int64 token-row offset of example n (N·T may pass 2^31)

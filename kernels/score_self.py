@@ -39,11 +39,7 @@ def _score_self_kernel(gs_ptr, as_ptr, w_ptr, ws_ptr, N, T, O, I, n_per_split, s
     row stride stride_wst."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    tiles_i = tl.cdiv(I, BLOCK_I)
-    offs_o = (pid // tiles_i) * BLOCK_O + tl.arange(0, BLOCK_O)
-    offs_i = (pid % tiles_i) * BLOCK_I + tl.arange(0, BLOCK_I)
-    o_ok = offs_o < O
-    i_ok = offs_i < I
+    offs_o, offs_i, o_ok, i_ok = _common.pair_tile(pid, O, I, BLOCK_O, BLOCK_I)
     w = tl.load(w_ptr + offs_o.to(tl.int64)[:, None] * I + offs_i[None, :], mask=o_ok[:, None] & i_ok[None, :],
                 other=0.0).to(tl.float32)  # this tile's weights, for every example
     n_start = split * n_per_split

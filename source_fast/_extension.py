@@ -52,6 +52,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _require_f32(**tensors: torch.Tensor) -> None:
+    """float32 only: for the entry points that hand the tensors to the kernels as they are."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype != _F32:
+            raise TypeError(f"{name}: the cpu backend accepts float32 only, got {t.dtype}")
+
+
+def _require_cpu_dtype(**tensors: torch.Tensor) -> None:
     """float32, or fp16/bf16 that the caller upcasts (`_f32`, or chunk by chunk)."""
     for name, t in tensors.items():
         if t is not None and t.dtype != _F32 and t.dtype not in _HALF:
@@ -93,7 +100,7 @@ def _spectral_tuple(f: spectral.Spectral) -> tuple[int, float, float, float, int
 def covariance_cpu(x: torch.Tensor, mask: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_r m_r x_r x_rᵀ -> [D, D] fp32; with `out`, out <- (out + outᵀ)/2 + C in place (an out that is
     not fp32 row-major gets the fp32 sum added)."""
-    _require_f32(x=x)
+    _require_cpu_dtype(x=x)
     x = _f32(x)
     r, d = x.shape
     m = _mask_f32(mask)
@@ -129,7 +136,7 @@ def _rotated_chunks(a, g, q_a, q_s, dt):
 def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_n (Q_Sᵀ G_n Q_A)² -> [O, I] fp32 (added into `out` when given)."""
-    _require_f32(a=a, g=g, q_a=q_a, q_s=q_s)  # upcast chunk by chunk (_rotated_chunks)
+    _require_cpu_dtype(a=a, g=g, q_a=q_a, q_s=q_s)  # upcast chunk by chunk (_rotated_chunks)
     n, t, i = a.shape
     o = g.shape[2]
     direct = out is None or _direct_out(out)
@@ -151,7 +158,7 @@ def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
 def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
     """s[n] = Σ_ij W_ij (Q_Sᵀ G_n Q_A)²_ij -> [N] fp32."""
-    _require_f32(a=a, g=g, q_s=q_s, q_a=q_a, weights=weights)
+    _require_cpu_dtype(a=a, g=g, q_s=q_s, q_a=q_a, weights=weights)
     weights = _f32(weights)  # a, g, q_s, q_a are upcast chunk by chunk (_rotated_chunks)
     n, t, i = a.shape
     o = g.shape[2]
@@ -235,7 +242,7 @@ def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
 
 def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
-    _require_f32(v=v, a=a, g=g)
+    _require_cpu_dtype(v=v, a=a, g=g)
     v = _f32(v)  # a and g: chunk by chunk below
     q, o, i = v.shape
     n, t, _ = a.shape

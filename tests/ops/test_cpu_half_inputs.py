@@ -45,3 +45,14 @@ def test_other_dtypes_still_name_the_backend_and_dtype():
         torch.zeros(5, 1, 3, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="float64"):
         ops.score_pairwise(v, a, g, backend="cpu")
+
+
+def test_entry_points_that_do_not_upcast_still_take_float32_only():
+    """gemm_cpu and kron_project_cpu hand tensors to the kernels as they are: 16-bit stays a clear error."""
+    from source_fast import _extension
+
+    with pytest.raises(TypeError, match="a: the cpu backend accepts float32 only, got torch.bfloat16"):
+        _extension.gemm_cpu(torch.ones(2, 2, dtype=torch.bfloat16), torch.ones(2, 2))
+    with pytest.raises(TypeError, match="v: the cpu backend accepts float32 only"):
+        _extension.kron_project_cpu(torch.ones(1, 2, 2, dtype=torch.float16), torch.eye(2), torch.eye(2),
+                                    torch.ones(2, 2), ())
