@@ -22,6 +22,7 @@ source_fast/_measured_gpu.py is regenerated from that device's merged CSV (make_
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -34,10 +35,23 @@ HERE = Path(__file__).resolve().parent
 TUNED_TARGET = HERE.parent / "kernels" / "_tuned_blocks.py"
 
 
+def merge_tuning(previous: dict, run: dict) -> dict:
+    """A tuning run over some tables (tune_triton.py --only ...) added to the device's previous one: the tables
+    the run measured take its rows and choices (a table it measured but left at the defaults drops the previous
+    choice), the others keep the previous run's. A run for another compute capability replaces it."""
+    if previous.get("capability") != run.get("capability"):
+        return run
+    measured = {row["table"] for row in run.get("rows", [])}
+    best = {table: items for table, items in previous.get("best", {}).items() if table not in measured}
+    best.update(run.get("best", {}))
+    rows = [row for row in previous.get("rows", []) if row["table"] not in measured] + run.get("rows", [])
+    merged = [previous.get("date")] + previous.get("merged_from", [])
+    return dict(run, best=best, rows=rows, merged_from=[d for d in merged if d])
+
+
 def write_tuned_blocks(results: Path = H.RESULTS_DIR, target: Path = TUNED_TARGET) -> dict:
     """Regenerate kernels/_tuned_blocks.py from results/triton_blocks_*.json: per compute capability, the
     "best" entries of the most recent tuning run (validated against the default tables). Returns TUNED."""
-    import json
     import pprint
 
     from source_fast import io
@@ -79,8 +93,6 @@ def import_results(folder: Path, results: Path = H.RESULTS_DIR, *, dispatch: boo
     if device is None:  # no benchmark rows: the roofline alone cannot name the device
         roof = folder / "roofline.json"
         if roof.exists():
-            import json
-
             device = json.loads(roof.read_text()).get("device_name")
     if device is None:
         raise SystemExit(f"{folder} has neither benchmark rows nor a roofline naming the device")
@@ -103,7 +115,12 @@ def import_results(folder: Path, results: Path = H.RESULTS_DIR, *, dispatch: boo
     tuning = folder / "triton_blocks.json"
     if tuning.exists():
         dst = results / f"triton_blocks_{gpu}.json"
-        shutil.copyfile(tuning, dst)
+        run = json.loads(tuning.read_text())
+        if dst.exists():
+            run = merge_tuning(json.loads(dst.read_text()), run)
+        from source_fast import io
+
+        io.atomic_write_json(dst, run)
         done["copied"].append(dst)
         done["tuned"] = write_tuned_blocks(results, tuned_target or TUNED_TARGET)
     if rows:

@@ -59,13 +59,27 @@ def pairwise_formed(dot: int, t: int) -> tuple:
     strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
                O="i32", I="i32", i_per_split="i32", **strides)
-    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
-                 ONE_CHUNK=t <= cfg.block_t, DOT=dot)
+    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=False,
+                 DOT=dot)
     case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
                                                   "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
     return case, tile, 2 / cfg.block_n, "only V streams: 2/BLOCK_N"
+
+
+def pairwise_materialized(dot: int) -> tuple:
+    """score_pairwise contracting materialised G_n (more tokens than formed on chip), Q=512, O=1024, I=1025."""
+    cfg = _blocks.pairwise_materialized_blocks(512, 8192, 1040, dot)
+    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
+    sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
+               O="i32", I="i32", i_per_split="i32", **strides)
+    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=1, GIVEN=True, DOT=dot)
+    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
+            _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
+                                                  "s_at", "s_go", "s_gt", "I", "i_per_split"]))
+    tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs (G read)"
+    return case, tile, 2 / cfg.block_n + 2 / cfg.block_q, "2/BLOCK_N + 2/BLOCK_Q (+ forming G: one more pass)"
 
 
 def tokenwise(dot: int) -> tuple:
@@ -81,7 +95,7 @@ def tokenwise(dot: int) -> tuple:
 
 def covariance(dot: int, d: int) -> tuple:
     """covariance of R rows × D (narrow: memory-bound, one tile)."""
-    block_d, block_r, warps = _blocks.covariance_blocks(2 ** 24, d)
+    block_d, block_r, warps = _blocks.covariance_blocks(2 ** 24, d, 4 if dot == _common.DOT_F32 else 2)
     sig = dict(x_ptr=PTR[dot], y_ptr=PTR[dot], m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
     const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
@@ -149,6 +163,7 @@ def gemm(dot: int) -> tuple:
 ROWS = [
     ("score_pairwise, 1 token (formed G)", lambda: pairwise_formed(2, 1)),
     ("score_pairwise, 4 tokens (formed G)", lambda: pairwise_formed(2, 4)),
+    ("score_pairwise, 16 tokens (materialised G)", lambda: pairwise_materialized(2)),
     ("token-wise GEMM (score_per_token)", lambda: tokenwise(2)),
     ("score_lowrank, R = 32", lambda: lowrank(2)),
     ("lambda_accum, T = 16", lambda: lambda_accum(2)),
@@ -158,6 +173,8 @@ ROWS = [
     ("covariance, D = 32 (narrow)", lambda: covariance(2, 32)),
     ("covariance, D = 2049 (wide)", lambda: covariance(2, 2064)),
     ("token-wise GEMM, fp32", lambda: tokenwise(0)),
+    ("covariance, D = 32 (narrow), fp32", lambda: covariance(0, 32)),
+    ("covariance, D = 2049 (wide), fp32", lambda: covariance(0, 2064)),
 ]
 
 
@@ -173,10 +190,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--arch", type=int, default=90, choices=(80, 90),
                         help="target: 90 (H100/H200, the default) or 80 (A100; its ARCH_BLOCKS tiles)")
+    parser.add_argument("--measured", action="store_true",
+                        help="the tiles measured on that architecture (kernels/_tuned_blocks.py) over the defaults; "
+                             "written to results/sm<arch>_measured_builds.*")
     args = parser.parse_args(argv)
     global ARCH
     ARCH = args.arch
     _blocks.device_arch = lambda: f"sm_{ARCH}"  # the tiles the launchers would pick on that GPU
+    if not args.measured:  # the defaults (and ARCH_BLOCKS), not what a tuning run measured with its triton
+        from source_fast.kernels import _tuned_blocks
+
+        _tuned_blocks.TUNED = {}
     built = [(name, *make()) for name, make in ROWS]
     reports = _aot.compile_for_gpu([case for _, case, *_ in built], timeout=1800)
     env = H.environment(torch.device("cpu"))
@@ -198,18 +222,21 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {tile} | {warps} | {rep['reg']} | {rep['stack']} | {row['ctas_per_sm']} | "
                      f"{wg or '—'} | {rep['LDGSTS']} | {rep['LOOPS']} | "
                      f"{'—' if bpm is None else f'{bpm:.4f}'} | {note} |")
-    title = (f"sm_{ARCH} builds of the Triton kernels at their default tiles (no GPU): triton {env['triton']}, "
+    which = "the tiles measured on a GPU" if args.measured else "their default tiles"
+    title = (f"sm_{ARCH} builds of the Triton kernels at {which} (no GPU): triton {env['triton']}, "
              f"torch {env['torch']}, commit {env['git_commit']}, {env['timestamp']}")
     print(title)
     print("\n".join(lines))
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        text = (f"# {title}\n\n`python benchmarks/sm90_builds.py` (see its docstring for the columns).\n\n"
-                + "\n".join(lines) + "\n")
-        io.atomic_write_bytes(RESULTS / f"sm{ARCH}_builds.md", text.encode())
-        io.atomic_write_json(RESULTS / f"sm{ARCH}_builds.json", {"environment": env, "arch": f"sm_{ARCH}",
-                                                               "rows": rows})
-        print(f"wrote {RESULTS / f'sm{ARCH}_builds.md'} and .json")
+        stem = f"sm{ARCH}_measured_builds" if args.measured else f"sm{ARCH}_builds"
+        command = "python benchmarks/sm90_builds.py" + (f" --arch {ARCH}" if ARCH != 90 else "") + (
+            " --measured" if args.measured else "")
+        text = f"# {title}\n\n`{command}` (see its docstring for the columns).\n\n" + "\n".join(lines) + "\n"
+        io.atomic_write_bytes(RESULTS / f"{stem}.md", text.encode())
+        io.atomic_write_json(RESULTS / f"{stem}.json", {"environment": env, "arch": f"sm_{ARCH}", "rows": rows,
+                                                      "measured": args.measured})
+        print(f"wrote {RESULTS / stem}.md and .json")
     return 0
 
 

@@ -156,6 +156,14 @@ ENTRIES = [
           dict(dtype="bfloat16", Q=256, N=4096, T=4, O=1024, I=1025),
           dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
           lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
+    # More tokens than formed on chip: G_n materialised in chunks, then the kernel's GEMM reading it (TFLOP/s of
+    # the contraction and the forming, 2·N·O·I·(Q + T)).
+    Entry("pairwise_many_bf16", "PAIRWISE_MATERIALIZED_GPU_BLOCKS", 2, None,
+          [(128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
+          dict(dtype="bfloat16", Q=512, N=8192, T=16, O=1024, I=1025),
+          dict(dtype="float16", Q=5, N=7, T=11, O=3, I=37), _pairwise_inputs,
+          lambda x, b: ops.score_pairwise(*x, backend=b),
+          lambda p: 2 * p["N"] * p["O"] * p["I"] * (p["Q"] + p["T"])),
     Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
           [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8), (64, 128, 4)],
           dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,

@@ -71,6 +71,15 @@ PAIRWISE_GPU_BLOCKS = {
     2: ((128, 256, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
 }
 
+# score_pairwise with more tokens than the several-token config forms at once (its max_t): G_n is formed in
+# chunks of examples by `_common.bmm` (a GEMM over the tokens, rounded to the inputs' 16-bit dtype as the formed
+# tile is) and contracted with the queries by the same kernel reading G instead of forming it: a plain GEMM of
+# 2/BLOCK_N + 2/BLOCK_Q bytes per multiply-add. (BLOCK_Q, BLOCK_N, BLOCK_I, num_warps, num_stages). Forming a G
+# tile on chip costs T multiply-adds per element on the CUDA cores against BLOCK_Q on the tensor cores: the H100
+# run of 2026-11-26 formed 16 tokens at 22 TFLOP/s (0.3x the torch backend). 16-bit sm_90 build: 253 registers,
+# no spills, at 256 examples × 128 queries (128 examples × 256 queries spill 848 B, in the transposed store).
+PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 256, 64, 8, 3), 2: (128, 256, 64, 8, 3)}
+
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
 # 2 / BLOCK_M + 2 / BLOCK_O bytes per multiply-add: 128 × 128 is the widest 16-bit tile without spills (128 × 256
@@ -99,6 +108,8 @@ ARCH_BLOCKS = {
     "sm_80": {
         # 128 × 256 × 32 spills 16 B with mma.sync; 16-wide input steps keep the 256 examples (223 registers)
         "PAIRWISE_GPU_BLOCKS": {k: ((128, 256, 16, 1, 8, 3), (128, 64, 32, 8, 8, 3)) for k in (1, 2)},
+        # the materialised contraction's 256 examples spill 136 B with mma.sync (8 B at 32-wide steps)
+        "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 64, 8, 3) for k in (1, 2)},
         "PER_TOKEN_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},  # 64-wide K steps spill 8 B
         "LOWRANK_GPU_BLOCKS": {k: (64, 32, 128, 8, 3) for k in (1, 2)},  # 128 rows spill 96 B
         "PAIR_GPU_BLOCKS": {k: (128, 64, 32, 8, 0) for k in (1, 2)},  # capped at 128 registers it spills 8 B
@@ -109,7 +120,7 @@ ARCH_BLOCKS = {
 ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,)}
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
-          "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
+          "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,13 +267,16 @@ def gemm_blocks(m: int, n: int, k: int, dot: int) -> tuple[int, int, int, int]:
     return bm, bn, bk, (4 if bm * bn <= 64 * 64 else warps)
 
 
-def covariance_blocks(r: int, d: int) -> tuple[int, int, int]:
+def covariance_blocks(r: int, d: int, element_bytes: int = 2) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_R, num_warps) of covariance: square D×D output tiles (mirrored), BLOCK_R rows per
-    K-step."""
+    K-step. The table's BLOCK_R is for 16-bit rows; fp32 rows (element_bytes 4) take half as many, so a pipeline
+    stage holds the same bytes (the H100 run of 2026-11-26: the narrow case's 256 measured 16-bit rows asked
+    256 KiB of shared memory in fp32, above the 227 KiB limit)."""
     key = "narrow" if d <= 64 else "wide"
     if interpreting() and not is_forced("COVARIANCE_GPU_BLOCKS", key):
         return clamp_pow2(d, 16, 64), clamp_pow2(r, 16, 128), 4
-    return gpu_blocks("COVARIANCE_GPU_BLOCKS", key)
+    block_d, block_r, warps = gpu_blocks("COVARIANCE_GPU_BLOCKS", key)
+    return block_d, max(16, block_r * 2 // max(2, element_bytes)), warps
 
 
 def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int, dict]:
@@ -294,9 +308,25 @@ def pairwise_blocks(q: int, n: int, t: int, i: int, dot: int) -> PairwiseConfig:
         return PairwiseConfig(clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64),
                               clamp_pow2(t, 1, 64), 4, 1)
     block_q, block_n, block_i, max_t, warps, stages = gpu_blocks("PAIRWISE_GPU_BLOCKS", dot)[0 if t == 1 else 1]
-    # More tokens than max_t are summed in chunks by an inner loop, which holds a chunk and its sum at once.
-    block_t = clamp_pow2(t, 1, max_t) if t <= max_t else max(1, max_t // 2)
-    return PairwiseConfig(block_q, block_n, block_i, block_t, warps, stages)
+    if t > max_t:
+        raise ValueError(f"score_pairwise forms at most {max_t} tokens on chip (dtype code {dot}), got T={t}: "
+                         "more take the materialised form (pairwise_materializes)")
+    return PairwiseConfig(block_q, block_n, block_i, clamp_pow2(t, 1, max_t), warps, stages)
+
+
+def pairwise_materializes(t: int, dot: int) -> bool:
+    """Whether score_pairwise forms G_n in memory (chunks of examples) rather than on chip: more tokens than
+    the several-token config forms at once. Like `pairwise_tokenwise`, the interpreter follows the GPU table (a
+    choice of form), so the CPU tests run the form a GPU would."""
+    return t > gpu_blocks("PAIRWISE_GPU_BLOCKS", dot)[0 if t == 1 else 1][3]
+
+
+def pairwise_materialized_blocks(q: int, n: int, i: int, dot: int) -> PairwiseConfig:
+    """The contraction of materialised G_n with the queries (block_t 1: nothing formed)."""
+    if interpreting() and not is_forced("PAIRWISE_MATERIALIZED_GPU_BLOCKS", dot):
+        return PairwiseConfig(clamp_pow2(q, 16, 64), clamp_pow2(n, 16, 64), clamp_pow2(i, 16, 64), 1, 4, 1)
+    block_q, block_n, block_i, warps, stages = gpu_blocks("PAIRWISE_MATERIALIZED_GPU_BLOCKS", dot)
+    return PairwiseConfig(block_q, block_n, block_i, 1, warps, stages)
 
 
 class LowrankConfig(NamedTuple):

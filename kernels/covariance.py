@@ -156,7 +156,7 @@ def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, o
     contiguous) updated as sym(out) + C when given. one_loop: the kernel's single row loop (default: for one
     tile, the memory-bound case); the nested loops sum the same chunks in the same order."""
     r, d = x.shape
-    block_d, block_r, warps = _blocks.covariance_blocks(r, d)
+    block_d, block_r, warps = _blocks.covariance_blocks(r, d, x.element_size())
     tiles = triton.cdiv(d, block_d)
     pairs = _tile_pairs(tiles, x.device)
     n_pairs = pairs.numel() // 2

@@ -1,11 +1,16 @@
-"""score_pairwise: scores[q, n] = ⟨V_q, G_n⟩ = Σ_t g_{n,t}ᵀ V_q a_{n,t}, G_n never in global memory.
+"""score_pairwise: scores[q, n] = ⟨V_q, G_n⟩ = Σ_t g_{n,t}ᵀ V_q a_{n,t}; all of G_n never in global memory.
 
 Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, T, I], g [N, T, O],
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
-Two forms (`_blocks.PAIRWISE_TOKENWISE_GPU` picks by the number of tokens): the kernel below, which forms G_n
-tiles on chip (the default for fp16/bf16), and the token-wise GEMM of score_per_token, VA = a V_qᵀ contracted
-with g in its epilogue (score_per_token.py; the default for fp32 one-token inputs).
+Three forms, by the number of tokens (`_blocks.PAIRWISE_TOKENWISE_GPU`, `_blocks.pairwise_materializes`):
+  - the token-wise GEMM of score_per_token, VA = a V_qᵀ contracted with g in its epilogue (score_per_token.py;
+    the default for fp32 one-token inputs);
+  - the kernel below forming G_n tiles on chip (the fp16/bf16 default up to the several-token config's max_t);
+  - more tokens: G_n formed in memory, a chunk of examples at a time, by a GEMM over the tokens
+    (`_common.bmm`), and contracted by the same kernel reading G instead of forming it (GIVEN). Forming on chip
+    costs T multiply-adds per G element on the CUDA cores against BLOCK_Q on the tensor cores; in memory, the
+    GEMM streams G once more.
 
 Strategy: the contraction is a GEMM, scores = G_flat [N, O·I] @ V_flat [Q, O·I]ᵀ, whose left operand is
 formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
@@ -23,9 +28,8 @@ bytes per multiply-add (the token-wise GEMM streams 2 / BLOCK_M + 2 / BLOCK_O), 
 example block keep the tensor cores fed from L2. A test compiles the kernel for sm_90 without a GPU and checks
 the build for tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions and no spills.
 
-With more tokens than BLOCK_T each o step sums its G tile over token chunks in an inner loop: one contraction
-whatever T, but that loop is not pipelined. The kernel is meant for few tokens per example (a segment's
-stacked checkpoints); with many tokens the torch backend's choice is cheaper (dispatch measures it).
+The materialised form (GIVEN) runs the same loop nest with the G tile loaded instead of formed: a plain GEMM
+streaming 2/BLOCK_N + 2/BLOCK_Q bytes per multiply-add, G_n padded to I_pad columns (zeros) so its rows align.
 
 Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
 the same V tiles in the same order (L2 hits); axis 1 = query blocks; axis 2 = splits of the inputs i, used when
@@ -35,11 +39,13 @@ program: deterministic, no atomics.
 
 History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile with the queries by
 elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
-triton score_pairwise rows, and so the dispatch table's entries, are that kernel's). The second formed G
+triton score_pairwise rows are that kernel's). The second formed G
 tiles for a tl.dot but kept a token loop innermost and read unaligned rows: its sm_90 build had neither
 pipelining nor vectorised loads. The third had this loop nest with G as the right operand (stored to shared
-memory every step, each step's wgmma waited for before the next) and g loaded in the step that used it. This
-fourth one has not yet run on a GPU.
+memory every step, each step's wgmma waited for before the next) and g loaded in the step that used it. The
+fourth (this loop nest) ran on an H100 on 2026-11-26 at 597 TFLOP/s for one token (bf16, Q = 512, N = 8192,
+O·I = 1024 × 1025, benchmarks/results/ops_nvidia_h100_80gb_hbm3.md); with 16 tokens its inner token loop
+(since replaced by the materialised form) re-read the inputs every o step: 22 TFLOP/s.
 
 Precision: with v, a and g all fp16 (or all bf16) the fp32 G tile is rounded to that dtype for the
 contraction (fp32 accumulation), as a same-precision computation would; otherwise every dot is IEEE fp32
@@ -92,12 +98,13 @@ def _form_grad(g, a, BLOCK_T: tl.constexpr):
 def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_split,
                            s_vq, s_vo, s_an, s_at, s_go, s_gt, s_os, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
-                           BLOCK_T: tl.constexpr, ONE_CHUNK: tl.constexpr, DOT: tl.constexpr):
+                           BLOCK_T: tl.constexpr, GIVEN: tl.constexpr, DOT: tl.constexpr):
     """out[split, qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis, i in the split's i_per_split inputs, for
-    the query block program_id(1), the example block program_id(0) and the split program_id(2). Unit strides: v and a along i, gt ([O, T, N] view of g) along n, out along n;
-    the other strides are arguments (in elements). ONE_CHUNK (T ≤ BLOCK_T): the inputs are held in registers
-    across the o loop, which has only loads and the dot (pipelined); else each o step sums its G tile over
-    token chunks in an inner loop (not pipelined, but one contraction whatever T)."""
+    the query block program_id(1), the example block program_id(0) and the split program_id(2). Unit strides: v
+    and a along i, gt ([O, T, N] view of g) along n, out along n; the other strides are arguments (in elements).
+    Formed (GIVEN false, T ≤ BLOCK_T): the inputs are held in registers across the o loop, which has only loads,
+    the forming and the dot (pipelined). GIVEN: a_ptr holds G itself, [N, O, I] with strides s_an (example) and
+    s_at (output row), and each o step loads its tile: a plain GEMM (gt_ptr, T and BLOCK_T unused)."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_i = tl.arange(0, BLOCK_I)
@@ -114,25 +121,21 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
     for i0 in range(i_start, i_stop, BLOCK_I):
         ii = i0 + offs_i
         i_ok = ii < I
-        if ONE_CHUNK:  # the examples' inputs for this i-block: loaded once, reused by all O steps
+        if not GIVEN:  # the examples' inputs for this i-block: loaded once, reused by all O steps
             a = _load_inputs(a_rows, s_at, 0, offs_t, offs_t < T, ii, i_ok, n_ok, BLOCK_T)
             # g is loaded one o step ahead: its load is too small for an asynchronous copy, so this hides its
             # latency behind a step's dot instead of stalling every step.
             g_next = _load_g(gt_ptr, 0, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, BLOCK_T)
         for o in range(0, O):
             v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
-            if ONE_CHUNK:
+            if GIVEN:
+                grad = tl.load(a_rows[:, None] + o * s_at + ii[None, :], mask=n_ok[:, None] & i_ok[None, :],
+                               other=0.0)
+            else:
                 g = g_next
                 g_next = _load_g(gt_ptr, o + 1, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok & (o + 1 < O),
                                  BLOCK_T)
                 grad = _form_grad(g, a, BLOCK_T)
-            else:
-                grad = tl.zeros((BLOCK_N, BLOCK_I), dtype=tl.float32)
-                for t0 in range(0, T, BLOCK_T):
-                    tt = t0 + offs_t
-                    a_c = _load_inputs(a_rows, s_at, t0, tt, tt < T, ii, i_ok, n_ok, BLOCK_T)
-                    grad += _form_grad(_load_g(gt_ptr, o, s_go, s_gt, t0, tt, tt < T, offs_n, n_ok, BLOCK_T), a_c,
-                                       BLOCK_T)
             # The formed tile is the dot's left operand: on sm_90 wgmma reads it from registers, so it never goes
             # through shared memory (as a right operand it would be stored there every step).
             acc = _common.mma(grad, tl.trans(v), acc, DOT)
@@ -149,6 +152,61 @@ def _kernel_layout(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor):
     a = _common.aligned_rows(a, i_pad)
     gt = _common.aligned_rows(g.permute(2, 1, 0), _common.round_up(g.shape[0], _common.ALIGN))
     return v, a, gt, i_pad
+
+
+def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.Tensor, t: int, o: int,
+              i_pad: int, cfg: _blocks.PairwiseConfig, dot: int, given: bool) -> None:
+    """out [Q, N] (unit stride along N) = the kernel's contraction of vk [Q, O, I_pad] with the examples: inputs ak
+    [N, T, I_pad] and gt [O, T, N_pad] formed on chip, or (given) G itself in ak, [N, O, I_pad]."""
+    q, n = out.shape
+    grid_n, grid_q = triton.cdiv(n, cfg.block_n), triton.cdiv(q, cfg.block_q)
+    # Few programs (small N·Q for the wide tiles) leave SMs idle: split the inputs i (each program then sums
+    # its share of the contraction) into partials summed in a fixed order, deterministic, within the workspace
+    # bound.
+    i_blocks = triton.cdiv(i_pad, cfg.block_i)
+    splits = _common.split_count(i_blocks, grid_n * grid_q, ak.device, min_per_split=1,
+                                 max_splits=max(1, _common.WORKSPACE_BYTES // (4 * q * n)))
+    i_per_split = triton.cdiv(i_blocks, splits) * cfg.block_i
+    splits = triton.cdiv(i_pad, i_per_split)
+    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=ak.device)
+    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
+    for q0 in range(0, q, step):
+        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
+        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
+            vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split,
+            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), wq.stride(0),
+            wq.stride(1),
+            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=given, DOT=dot,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if splits > 1:
+        out.copy_(torch.sum(ws, dim=0))  # a fixed-order sum of the partials: deterministic
+
+
+def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int) -> int:
+    """Examples per chunk of materialised G_n: SOURCE_FAST_CHUNK_MIB's budget, but at least 2·Q examples (and one
+    example block), so that the queries, read once per chunk, stream at most half the bytes G does; the chunk
+    then holds at most twice the bytes of the query directions themselves."""
+    return min(max(n, 1), max(_common.chunk_examples(n, per_example_bytes), 2 * q, block_n))
+
+
+def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, dot: int) -> None:
+    """out = ⟨V_q, G_n⟩ with G_n = g_nᵀ a_n formed in memory, one chunk of examples at a time, by a GEMM over the
+    tokens (`_common.bmm`, fp32 accumulation, stored in the operand dtype: fp16/bf16 inputs give the rounded G
+    the formed kernel contracts), then contracted by the kernel reading G (GIVEN)."""
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    i_pad = _common.round_up(i, _common.ALIGN)
+    vk = _common.aligned_rows(v, i_pad)
+    half = _common.storage_dtype(dot)
+    cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
+    step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n)
+    grads = torch.zeros(step, o, i_pad, dtype=half, device=a.device)  # the padding columns stay zero
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        chunk = grads[:count]
+        _common.bmm(g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :i], dot=dot)
+        _contract(vk, chunk, chunk, out[:, start:start + count], 1, o, i_pad, cfg, dot, given=True)
 
 
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -168,29 +226,10 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
             return tokenwise_scores(v, a, g, out)
         per_token = tokenwise_scores(v, a, g, torch.empty(q, n * t, dtype=torch.float32, device=a.device))
         return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # a fixed-shape reduction: deterministic
+    if _blocks.pairwise_materializes(t, dot):
+        _materialized_scores(v, a, g, out, dot)
+        return out
     cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)
-    grid_n, grid_q = triton.cdiv(n, cfg.block_n), triton.cdiv(q, cfg.block_q)
-    # Few programs (small N·Q for the wide tiles) leave SMs idle: split the inputs i (each program then sums
-    # its share of the contraction) into partials summed in a fixed order, deterministic, within the workspace
-    # bound.
-    i_blocks = triton.cdiv(i_pad, cfg.block_i)
-    splits = _common.split_count(i_blocks, grid_n * grid_q, a.device, min_per_split=1,
-                                 max_splits=max(1, _common.WORKSPACE_BYTES // (4 * q * n)))
-    i_per_split = triton.cdiv(i_blocks, splits) * cfg.block_i
-    splits = triton.cdiv(i_pad, i_per_split)
-    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=a.device)
-    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
-    for q0 in range(0, q, step):
-        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
-        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
-            vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split,
-            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), wq.stride(0),
-            wq.stride(1),
-            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
-            ONE_CHUNK=t <= cfg.block_t, DOT=dot,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    if splits > 1:
-        torch.sum(ws, dim=0, out=out)  # a fixed-order sum of the partials: deterministic
+    _contract(vk, ak, gt, out, t, o, i_pad, cfg, dot, given=False)
     return out

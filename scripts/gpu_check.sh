@@ -40,9 +40,9 @@ step "environment"
   nvcc --version | tail -2; nproc; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step "build (CUDA on, sm_80 + sm_90)"
+step "build (CUDA ${BUILD_CUDA:-1}, sm_80 + sm_90)"
 BUILD_LOG=$(mktemp)
-limited 240 env SOURCE_FAST_BUILD_EXT=1 SOURCE_FAST_BUILD_CUDA=1 CUDAARCHS="80;90" MAX_JOBS="$(nproc)" \
+limited 240 env SOURCE_FAST_BUILD_EXT=1 SOURCE_FAST_BUILD_CUDA="${BUILD_CUDA:-1}" CUDAARCHS="80;90" MAX_JOBS="$(nproc)" \
   "$PY" -m pip install --no-build-isolation --no-deps -e . > "$BUILD_LOG" 2>&1
 rc=$?; { echo "--- build (pip install -e ., CUDA on), rc=$rc"; cat "$BUILD_LOG"; } >> "$OUT/env.txt"
 tail -3 "$BUILD_LOG"; [ $rc -eq 0 ] || { echo "BUILD FAILED rc=$rc"; tail -60 "$BUILD_LOG"; exit 1; }
@@ -57,11 +57,15 @@ limited 60 "$PY" benchmarks/bench_roofline.py --out "$OUT/roofline.json"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
 step "gpu tests (determinism last)"
-limited "${TESTS_S:-240}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 tests \
-  --ignore=tests/ops/test_determinism_gpu.py > "$OUT/gpu_tests.log" 2>&1
+# GPU_TESTS / GPU_TESTS_K: a re-check of some ops only, e.g. GPU_TESTS="tests/ops/test_covariance.py" and
+# GPU_TESTS_K="covariance" (the determinism tests are selected by -k too)
+# shellcheck disable=SC2086  # GPU_TESTS is a list of paths
+limited "${TESTS_S:-240}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 \
+  ${GPU_TESTS:-tests} ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} --ignore=tests/ops/test_determinism_gpu.py \
+  > "$OUT/gpu_tests.log" 2>&1
 echo "pytest rc=$?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
 limited "${DETERMINISM_S:-90}" "$PY" -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -o timeout=120 \
-  tests/ops/test_determinism_gpu.py >> "$OUT/gpu_tests.log" 2>&1
+  tests/ops/test_determinism_gpu.py ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} >> "$OUT/gpu_tests.log" 2>&1
 echo "pytest (determinism) rc=$?"; tail -2 "$OUT/gpu_tests.log"
 fi
 
@@ -69,11 +73,12 @@ fi
 # memory-bound covariance first) and let the benchmarks below run with the measured choices.
 if [ "${TUNE_S:-150}" -gt 0 ]; then
 step "tune Triton tiles"
+# TUNE_ONLY: some entries only (tune_triton.py --only); the import adds such a run to the device's previous one
 limited "${TUNE_S:-150}" "$PY" benchmarks/tune_triton.py --out "$OUT/triton_blocks.json" \
-  --budget-s $(( ${TUNE_S:-150} - 30 )) >> "$OUT/bench.log" 2>&1
+  --budget-s $(( ${TUNE_S:-150} - 30 )) ${TUNE_ONLY:+--only "$TUNE_ONLY"} >> "$OUT/bench.log" 2>&1
 echo "rc=$?"; grep -E "^BEST|ERROR|WRONG|^tuned" "$OUT/bench.log" | tail -12
 # the open targets' numbers in the command's own output too (bf16 scoring TFLOP/s, the memory-bound covariance)
-grep -E "^  (pairwise_one|per_token|covariance_narrow)" "$OUT/bench.log" | head -24
+grep -E "^  (pairwise_one|pairwise_many|per_token|covariance_narrow)" "$OUT/bench.log" | head -30
 [ -s "$OUT/triton_blocks.json" ] && export SOURCE_FAST_TRITON_BLOCKS="$(cd "$OUT" && pwd)/triton_blocks.json" \
   && echo "benchmarks run with SOURCE_FAST_TRITON_BLOCKS=$SOURCE_FAST_TRITON_BLOCKS" | tee -a "$OUT/env.txt"
 fi

@@ -95,6 +95,9 @@ def compile_for_gpu(cases: list[tuple], timeout: float = 240.0) -> list[dict | N
         raise AssertionError(str(e)) from None
 
 
+SM90_SHARED_BYTES = 232448
+
+
 def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:
     """compile_for_gpu, then for every sm_90 case: no spills (stack 0), pipelined loads (asynchronous copies)
     and, for 16-bit dots (constexpr DOT != 0), wgmma. What makes a Triton kernel fast on Hopper that can be
@@ -105,6 +108,8 @@ def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> list[
         if usage is None or arch != 90:
             continue
         assert usage["stack"] == 0, f"{kernel} {const}: {usage} (spills)"
+        # An H100's limit per block (227 KiB): the driver refuses a launch above it (OutOfResources).
+        assert usage.get("shared", 0) <= SM90_SHARED_BYTES, f"{kernel} {const}: {usage} (shared memory)"
         assert usage["LDGSTS"] + usage["UTMALDG"] > 0, f"{kernel} {const}: {usage} (loads not pipelined)"
         if const.get("DOT", 0) != 0:
             assert usage["HGMMA"] > 0, f"{kernel} {const}: {usage} (no wgmma)"

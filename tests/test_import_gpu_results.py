@@ -103,3 +103,36 @@ def test_import_tuning_run_regenerates_the_tuned_tiles(tmp_path):
     (out / "triton_blocks.json").write_text(json.dumps(dict(new, best={"GEMM_GPU_BLOCKS": {"2": [64, 64]}})))
     with pytest.raises(ValueError, match=r"GEMM_GPU_BLOCKS\[2\]"):
         imp.import_results(out, results, tuned_target=target)
+
+
+def test_partial_tuning_run_adds_to_the_previous_one(tmp_path):
+    """A run over some tables (tune_triton.py --only) keeps the device's previous choices for the others; a table
+    it measured takes its choice, or the default where the run chose none; another capability replaces all."""
+    results, out = tmp_path / "results", tmp_path / "files_at"
+    results.mkdir()
+    out.mkdir()
+    (out / "roofline.json").write_text(json.dumps({"device_name": "NVIDIA H100 80GB HBM3"}))
+    versions = {"torch": "2.11", "triton": "3.6.0", "cuda": "13.0", "git_commit": "abc"}
+    row = lambda table: {"entry": "e", "table": table, "candidate": [1], "ok": True}  # noqa: E731
+    full = {"device": "NVIDIA H100 80GB HBM3", "capability": "sm_90", "versions": versions,
+            "date": "2026-11-26T01:00:00+00:00",
+            "rows": [row("GEMM_GPU_BLOCKS"), row("LOWRANK_GPU_BLOCKS"), row("PER_TOKEN_GPU_BLOCKS")],
+            "best": {"GEMM_GPU_BLOCKS": {"2": [128, 256, 64, 8]}, "LOWRANK_GPU_BLOCKS": {"2": [128, 64, 128, 8, 3]}}}
+    (results / "triton_blocks_nvidia_h100_80gb_hbm3.json").write_text(json.dumps(full))
+    partial = dict(full, date="2026-11-26T02:00:00+00:00",
+                   rows=[row("PAIRWISE_MATERIALIZED_GPU_BLOCKS"), row("LOWRANK_GPU_BLOCKS")],
+                   best={"PAIRWISE_MATERIALIZED_GPU_BLOCKS": {"2": [128, 128, 64, 8, 3]}})
+    (out / "triton_blocks.json").write_text(json.dumps(partial))
+    target = tmp_path / "_tuned_blocks.py"
+    done = imp.import_results(out, results, tuned_target=target)
+    best = done["tuned"]["sm_90"]["best"]
+    assert best == {"GEMM_GPU_BLOCKS": {"2": [128, 256, 64, 8]},
+                    "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {"2": [128, 128, 64, 8, 3]}}  # lowrank: back to default
+    merged = json.loads((results / "triton_blocks_nvidia_h100_80gb_hbm3.json").read_text())
+    assert merged["merged_from"] == [full["date"]] and merged["date"] == partial["date"]
+    assert [r["table"] for r in merged["rows"]] == ["GEMM_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS",
+                                                    "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "LOWRANK_GPU_BLOCKS"]
+    other = dict(partial, capability="sm_80", date="2026-11-26T03:00:00+00:00")
+    (out / "triton_blocks.json").write_text(json.dumps(other))
+    imp.import_results(out, results, tuned_target=target)
+    assert "merged_from" not in json.loads((results / "triton_blocks_nvidia_h100_80gb_hbm3.json").read_text())

@@ -20,6 +20,7 @@ def _no_overrides(monkeypatch):
     _blocks.override_blocks(None)
     yield
     _blocks.override_blocks(None)
+    _blocks._device_cache.clear()  # a test may have patched the measured tables
 
 
 def test_defaults_without_overrides():
@@ -64,7 +65,15 @@ def test_arch_defaults_sit_between_measured_choices_and_the_defaults(monkeypatch
     assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == (64, 64, 32, 4, 3)
     _blocks.override_blocks(None)
     monkeypatch.setattr(_blocks, "device_arch", lambda: "sm_90")
-    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == _blocks.PER_TOKEN_GPU_BLOCKS[2]
+    from source_fast.kernels import _tuned_blocks
+
+    measured = _tuned_blocks.TUNED.get("sm_90", {}).get("best", {}).get("PER_TOKEN_GPU_BLOCKS", {}).get("2")
+    want = tuple(measured) if measured else _blocks.PER_TOKEN_GPU_BLOCKS[2]
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == want  # measured on sm_90 where tuned, else the default
+    assert _blocks.gpu_blocks("PAIR_GPU_BLOCKS", 0) == _blocks.PAIR_GPU_BLOCKS[0]  # never tuned: the default
+    monkeypatch.setattr(_tuned_blocks, "TUNED", {"sm_90": {"best": {"PER_TOKEN_GPU_BLOCKS": {"2": [64, 64, 16, 4, 2]}}}})
+    _blocks._device_cache.clear()
+    assert _blocks.gpu_blocks("PER_TOKEN_GPU_BLOCKS", 2) == (64, 64, 16, 4, 2)
 
 
 def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):

@@ -159,7 +159,7 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits, d, dtype, ma
     from source_fast.kernels.covariance import _covariance
 
     monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
-    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
+    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d, element_bytes=2: (16, 16, 4))
     x, mask = _inputs(203, d, dtype, mask_kind)
     got = _covariance(x, mask, None, splits)
     assert_matches_oracle(got, reference.covariance_ref(x, mask), op="covariance", backend="triton", dtype=dtype,
@@ -178,7 +178,7 @@ def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mas
     from source_fast.kernels.covariance import _covariance_rows
 
     monkeypatch.setattr(_common, "PROMOTE_STEPS", 2)
-    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d: (16, 16, 4))
+    monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d, element_bytes=2: (16, 16, 4))
     x = torch.randn(203, 16).to(torch.float16)
     m = torch.rand(203) * 2.0 if with_mask else None
     nested = _covariance_rows(x, x, m, None, 1, _common.DOT_F16, one_loop=False)
@@ -189,30 +189,44 @@ def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mas
 @pytest.mark.slow
 def test_covariance_kernel_compiles_for_gpu():
     """The GPU blocks of the wide and the narrow (one-tile) case build for sm_90, given the launcher's layout
-    (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies) and, for
-    fp16/bf16, wgmma; the narrow case as a single loop; fp32 runs the in-kernel mask only in fp16/bf16 (the
-    launcher weights fp32 rows)."""
-    from source_fast.kernels import _blocks, _common
+    (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies), shared memory
+    within an H100's limit and, for fp16/bf16, wgmma; the narrow case as a single loop; fp32 runs the in-kernel
+    mask only in fp16/bf16 (the launcher weights fp32 rows). Both the default tiles and the ones measured on
+    sm_90 (`_tuned_blocks`), each with the rows per step the launcher takes for the dtype: the measured 16-bit
+    narrow tile once asked fp32 for more shared memory than an H100 has."""
+    from source_fast.kernels import _blocks, _common, _tuned_blocks
 
+    tables = [dict(_blocks.COVARIANCE_GPU_BLOCKS)]
+    measured = _tuned_blocks.TUNED.get("sm_90", {}).get("best", {}).get("COVARIANCE_GPU_BLOCKS")
+    if measured:
+        tables.append({**tables[0], **{k: tuple(v) for k, v in measured.items()}})
     cases = []
-    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
-        for d, (block_d, block_r, warps) in ((32, _blocks.COVARIANCE_GPU_BLOCKS["narrow"]),
-                                             (2048, _blocks.COVARIANCE_GPU_BLOCKS["wide"])):
-            for has_mask in ((False,) if dot == 0 else (False, True)):
-                sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
-                           rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
-                const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-                             HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d, SHARE_ROWS=d <= block_d)
-                div16 = ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr", "stride_os",
-                         "stride_or"]
-                cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
-                              {"num_warps": warps, "div16": div16}))
+    try:
+        for table in tables:
+            _blocks.override_blocks({"COVARIANCE_GPU_BLOCKS": table})
+            for dot, ptr, element in ((0, "*fp32", 4), (1, "*fp16", 2), (2, "*bf16", 2)):
+                for d in (32, 2048):
+                    block_d, block_r, warps = _blocks.covariance_blocks(1 << 20, d, element)
+                    for has_mask in ((False,) if dot == 0 else (False, True)):
+                        sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64",
+                                   D="i32", rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
+                        const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS,
+                                     DOT=dot, HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d,
+                                     SHARE_ROWS=d <= block_d)
+                        div16 = ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr",
+                                 "stride_os", "stride_or"]
+                        cases.append(("source_fast.kernels.covariance", "_covariance_kernel", sig, const, 90,
+                                      {"num_warps": warps, "div16": div16}))
+    finally:
+        _blocks.override_blocks(None)
+    cases = [c for i, c in enumerate(cases) if c not in cases[:i]]
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
         # The narrow (memory-bound) case is one loop: nested, its pipeline drained every CHUNK_R rows.
         assert usage is None or not case[3]["ONE_TILE"] or usage["LOOPS"] == 1, (case[3], usage)
     # Ampere (mma.sync): the narrow case reads its rows twice there (`_common.shares_dot_operands`), which the
     # build pipelines (read once, it had no asynchronous copies).
-    ampere = [c[:3] + (dict(c[3], SHARE_ROWS=False), 80) + c[5:] for c in cases if c[3]["DOT"] != 0]
+    ampere = [c[:3] + (dict(c[3], SHARE_ROWS=False), 80) + c[5:] for c in cases[:len(cases) // len(tables)]
+              if c[3]["DOT"] != 0]
     for case, usage in zip(ampere, compile_for_gpu(ampere)):
         assert usage is None or usage["LDGSTS"] > 0, (case[3], usage)
 
@@ -222,6 +236,16 @@ def test_covariance_kernel_compiles_for_gpu():
 def test_covariance_bf16_gpu(backend):
     x, mask = _inputs(517, 131, torch.bfloat16, "bool", device="cuda")
     _check(backend, x, mask, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [37, 131], ids=["narrow", "wide"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_covariance_fp32_gpu(backend, d):
+    """fp32 rows at the tiles this device takes (measured ones included): the narrow case's measured 16-bit tile
+    once asked fp32 for more shared memory than an H100 has."""
+    x, mask = _inputs(5000, d, torch.float32, "float", device="cuda")
+    _check(backend, x, mask, torch.float32)
 
 
 @pytest.mark.gpu

@@ -203,13 +203,14 @@ def test_score_pairwise_cpu_materialized_strategy(q, n, t):
 
 @pytest.mark.interpreter
 def test_score_pairwise_triton_many_blocks_and_grid_chunks(monkeypatch):
-    """Several example and query blocks with ragged edges, token chunks (2 + 2 + 1 tokens), and the launcher's
-    split of the query axis into grid-sized chunks (forced down to 2 blocks per launch), in the interpreter."""
+    """Several example and query blocks with ragged edges, 5 tokens in an 8-token step (masked), and the
+    launcher's split of the query axis into grid-sized chunks (forced down to 2 blocks per launch), in the
+    interpreter."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common
 
-    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 2, 4, 1))
+    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 8, 4, 1))
     monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
     v, a, g = _inputs(71, 37, 5, 23, 5, torch.float32)  # 5 query blocks (3 launches), 3 example blocks
     _check("triton", v, a, g, torch.float32)
@@ -251,6 +252,50 @@ def test_score_pairwise_triton_split_inputs(monkeypatch, splits):
             _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)
     finally:
         _blocks.override_blocks(None)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q,n,t,i,o,chunk,splits", [
+    pytest.param(5, 7, 3, 37, 11, 3, 1, id="chunks-3+3+1"),
+    pytest.param(19, 40, 9, 75, 5, 40, 3, id="one-chunk-split-i"),
+    pytest.param(1, 1, 70, 17, 9, 1, 1, id="q1-n1-t70"),
+])
+def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, chunk, splits):
+    """More tokens than the several-token config forms at once: G_n formed in memory (chunks of examples, ragged
+    last chunk, padding columns zero) and contracted by the kernel reading G (GIVEN), with the inputs i split
+    over programs; against the oracle, and checked to take that form."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
+
+    _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
+                                                     for k in ("0", "1")}})  # at most 2 tokens formed on chip
+    monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n: chunk)
+    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, **kw: min(splits, work))
+    calls = []
+    real = kernel._contract
+    monkeypatch.setattr(kernel, "_contract", lambda *args, **kw: calls.append(kw["given"]) or real(*args, **kw))
+    try:
+        assert _blocks.pairwise_materializes(t, _common.dot_code(dtype))
+        _check("triton", *_inputs(q, n, t, i, o, dtype), dtype)
+    finally:
+        _blocks.override_blocks(None)
+    assert calls == [True] * -(-n // chunk)  # one GIVEN contraction per chunk
+
+
+def test_materialized_chunks_hold_twice_the_queries():
+    """A chunk of materialised G_n: the memory budget's examples, but at least 2·Q (the queries then stream at most
+    half the bytes G does) and one example block, and never more than N."""
+    from source_fast import _config
+    from source_fast.kernels import score_pairwise as kernel
+
+    budget = _config.chunk_bytes()
+    per_example = budget // 100
+    assert kernel.materialized_examples(8, 10_000, per_example, 64) == 100
+    assert kernel.materialized_examples(512, 10_000, per_example, 64) == 1024
+    assert kernel.materialized_examples(1, 10_000, budget * 4, 128) == 128
+    assert kernel.materialized_examples(512, 300, per_example, 64) == 300
 
 
 @pytest.mark.interpreter
@@ -303,36 +348,38 @@ def test_score_pairwise_fills_uninitialized_output(backend):
 
 @pytest.mark.slow
 def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
-    """Every GPU configuration (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several: 2 and the most
-    tokens formed at once) builds for sm_90, given the alignment the launcher guarantees, with no register spills,
-    pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots that read the formed tile
-    from registers (the wheel's cuobjdump reports the stack frame and the instructions). More tokens than that
-    (an inner token loop, not pipelined by design) build without spills. The 16-bit configurations also build
-    for sm_80."""
+    """Every GPU configuration builds for sm_90, given the alignment the launcher guarantees, with no register
+    spills, pipelined loads (asynchronous copies) and, for fp16/bf16, wgmma tensor-core dots: the formed kernel
+    (kernels/_blocks.PAIRWISE_GPU_BLOCKS: one token, and several: 2 and the most tokens formed at once) reading
+    the formed tile from registers, and the contraction of materialised G (PAIRWISE_MATERIALIZED_GPU_BLOCKS).
+    The wheel's cuobjdump reports the stack frame and the instructions. The 16-bit configurations also build for
+    sm_80."""
     from source_fast.kernels import _blocks
 
-    fast, chunked = [], []
+    formed, given = [], []
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+        strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
+        sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
+                   I="i32", i_per_split="i32", **strides)
+        div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I",
+                 "i_per_split"]
         for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
-            for block_t, one_chunk in sorted({(min(2, max_t), True), (max_t, True), (max(1, max_t // 2), max_t == 1)}):
-                strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
-                sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
-                           I="i32", i_per_split="i32", **strides)
-                const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, ONE_CHUNK=one_chunk,
+            for block_t in sorted({min(2, max_t), max_t}):
+                const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=block_t, GIVEN=False,
                              DOT=dot)
-                div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I",
-                         "i_per_split"]
-                (fast if one_chunk else chunked).append(
-                    ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
-                     {"num_warps": warps, "num_stages": stages, "div16": div16}))
-    for case, usage in zip(fast, assert_fast_sm90_builds(fast)):
+                formed.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                               {"num_warps": warps, "num_stages": stages, "div16": div16}))
+        block_q, block_n, block_i, warps, stages = _blocks.PAIRWISE_MATERIALIZED_GPU_BLOCKS[dot]
+        const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_T=1, GIVEN=True, DOT=dot)
+        given.append(("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, 90,
+                      {"num_warps": warps, "num_stages": stages, "div16": div16}))
+    for case, usage in zip(formed + given, assert_fast_sm90_builds(formed + given)):
         # The formed G tile is wgmma's left operand, read from registers: storing it to shared memory every step
         # (as a right operand) cost a round trip and a wait per step in the previous kernel.
-        assert usage is None or case[3]["DOT"] == 0 or usage["HGMMA_REG_A"] == usage["HGMMA"], (case[3], usage)
-    for case, usage in zip(chunked, compile_for_gpu(chunked)):
-        assert usage is None or usage["stack"] == 0, (case[3], usage)
+        assert (usage is None or case[3]["DOT"] == 0 or case[3]["GIVEN"]
+                or usage["HGMMA_REG_A"] == usage["HGMMA"]), (case[3], usage)
     # Ampere (sm_80: mma.sync instead of wgmma) builds too, for the 16-bit configurations.
-    compile_for_gpu([case[:4] + (80,) + case[5:] for case in fast + chunked if case[3]["DOT"] != 0])
+    compile_for_gpu([case[:4] + (80,) + case[5:] for case in formed + given if case[3]["DOT"] != 0])
 
 
 @pytest.mark.gpu
