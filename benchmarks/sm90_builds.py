@@ -58,7 +58,7 @@ def pairwise_formed(dot: int, t: int) -> tuple:
     cfg = _blocks.pairwise_blocks(512, 8192, t, 1040, dot)
     strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
-               O="i32", I="i32", i_per_split="i32", **strides)
+               O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
     const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=False,
                  DOT=dot)
     case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
@@ -73,7 +73,7 @@ def pairwise_materialized(dot: int) -> tuple:
     cfg = _blocks.pairwise_materialized_blocks(512, 8192, 1040, dot)
     strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
-               O="i32", I="i32", i_per_split="i32", **strides)
+               O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
     const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=1, GIVEN=True, DOT=dot)
     case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",

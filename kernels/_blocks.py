@@ -76,9 +76,11 @@ PAIRWISE_GPU_BLOCKS = {
 # tile is) and contracted with the queries by the same kernel reading G instead of forming it: a plain GEMM of
 # 2/BLOCK_N + 2/BLOCK_Q bytes per multiply-add. (BLOCK_Q, BLOCK_N, BLOCK_I, num_warps, num_stages). Forming a G
 # tile on chip costs T multiply-adds per element on the CUDA cores against BLOCK_Q on the tensor cores: the H100
-# run of 2026-11-26 formed 16 tokens at 22 TFLOP/s (0.3x the torch backend). 16-bit sm_90 build: 253 registers,
-# no spills, at 256 examples × 128 queries (128 examples × 256 queries spill 848 B, in the transposed store).
-PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 256, 64, 8, 3), 2: (128, 256, 64, 8, 3)}
+# run of 2026-11-26 formed 16 tokens at 22 TFLOP/s (0.3x the torch backend). Its tuning of this form (bf16,
+# Q = 512, N = 8192, T = 16, before the o-splits): 256 examples × 128 queries × 64 inputs 72.1 ms, 128 × 128 × 64
+# 75.9 ms, 256 × 128 × 32 (4 stages) 85.7 ms, torch 129.6 ms. With the o-split arguments the first spills 48 B in
+# the sm_90 build (255 registers); 128 × 128 × 64 takes 154, no spills.
+PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3)}
 
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
@@ -108,8 +110,8 @@ ARCH_BLOCKS = {
     "sm_80": {
         # 128 × 256 × 32 spills 16 B with mma.sync; 16-wide input steps keep the 256 examples (223 registers)
         "PAIRWISE_GPU_BLOCKS": {k: ((128, 256, 16, 1, 8, 3), (128, 64, 32, 8, 8, 3)) for k in (1, 2)},
-        # the materialised contraction's 256 examples spill 136 B with mma.sync (8 B at 32-wide steps)
-        "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 64, 8, 3) for k in (1, 2)},
+        # the materialised contraction's 64-wide input steps spill 16 B with mma.sync (180 registers at 32)
+        "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},
         "PER_TOKEN_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},  # 64-wide K steps spill 8 B
         "LOWRANK_GPU_BLOCKS": {k: (64, 32, 128, 8, 3) for k in (1, 2)},  # 128 rows spill 96 B
         "PAIR_GPU_BLOCKS": {k: (128, 64, 32, 8, 0) for k in (1, 2)},  # capped at 128 registers it spills 8 B

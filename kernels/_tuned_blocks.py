@@ -9,5 +9,5 @@ TUNED: dict = {'sm_90': {'best': {'COVARIANCE_GPU_BLOCKS': {'narrow': [64, 256, 
                     'LOWRANK_GPU_BLOCKS': {'2': [128, 64, 128, 8, 3]},
                     'PAIRWISE_GPU_BLOCKS': {'2': [[128, 256, 64, 1, 8, 3], [128, 128, 32, 4, 8, 3]]},
                     'PER_TOKEN_GPU_BLOCKS': {'2': [128, 128, 64, 8, 4]}},
-           'source': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0, commit ab9b0fd4961e; '
-                     '2026-11-26T11:37:40+00:00'}}
+           'source': 'NVIDIA H100 80GB HBM3; torch 2.11.0+cu130, triton 3.6.0, commit 52d3b3f639a9; '
+                     '2026-11-26T11:58:11+00:00'}}

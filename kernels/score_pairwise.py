@@ -95,12 +95,13 @@ def _form_grad(g, a, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_split,
+def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_split, o_per_split, i_splits,
                            s_vq, s_vo, s_an, s_at, s_go, s_gt, s_os, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
                            BLOCK_T: tl.constexpr, GIVEN: tl.constexpr, DOT: tl.constexpr):
-    """out[split, qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis, i in the split's i_per_split inputs, for
-    the query block program_id(1), the example block program_id(0) and the split program_id(2). Unit strides: v
+    """out[split, qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis, for the query block program_id(1), the
+    example block program_id(0) and the split program_id(2) = (o-split) · i_splits + (i-split): i in the split's
+    i_per_split inputs, o in its o_per_split output rows. Unit strides: v
     and a along i, gt ([O, T, N] view of g) along n, out along n; the other strides are arguments (in elements).
     Formed (GIVEN false, T ≤ BLOCK_T): the inputs are held in registers across the o loop, which has only loads,
     the forming and the dot (pipelined). GIVEN: a_ptr holds G itself, [N, O, I] with strides s_an (example) and
@@ -115,8 +116,10 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
     v_rows = v_ptr + offs_q * s_vq
     s_go = s_go.to(tl.int64)  # o · s_go spans g's [O, T, N_pad] view, which may pass 2^31 elements
     split = tl.program_id(2)
-    i_start = split * i_per_split
+    i_start = (split % i_splits) * i_per_split
     i_stop = tl.minimum(i_start + i_per_split, I)
+    o_start = (split // i_splits) * o_per_split
+    o_stop = tl.minimum(o_start + o_per_split, O)
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for i0 in range(i_start, i_stop, BLOCK_I):
         ii = i0 + offs_i
@@ -125,15 +128,15 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
             a = _load_inputs(a_rows, s_at, 0, offs_t, offs_t < T, ii, i_ok, n_ok, BLOCK_T)
             # g is loaded one o step ahead: its load is too small for an asynchronous copy, so this hides its
             # latency behind a step's dot instead of stalling every step.
-            g_next = _load_g(gt_ptr, 0, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, BLOCK_T)
-        for o in range(0, O):
+            g_next = _load_g(gt_ptr, o_start, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok, BLOCK_T)
+        for o in range(o_start, o_stop):
             v = tl.load(v_rows[:, None] + o * s_vo + ii[None, :], mask=q_ok[:, None] & i_ok[None, :], other=0.0)
             if GIVEN:
                 grad = tl.load(a_rows[:, None] + o * s_at + ii[None, :], mask=n_ok[:, None] & i_ok[None, :],
                                other=0.0)
             else:
                 g = g_next
-                g_next = _load_g(gt_ptr, o + 1, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok & (o + 1 < O),
+                g_next = _load_g(gt_ptr, o + 1, s_go, s_gt, 0, offs_t, offs_t < T, offs_n, n_ok & (o + 1 < o_stop),
                                  BLOCK_T)
                 grad = _form_grad(g, a, BLOCK_T)
             # The formed tile is the dot's left operand: on sm_90 wgmma reads it from registers, so it never goes
@@ -160,20 +163,15 @@ def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.T
     [N, T, I_pad] and gt [O, T, N_pad] formed on chip, or (given) G itself in ak, [N, O, I_pad]."""
     q, n = out.shape
     grid_n, grid_q = triton.cdiv(n, cfg.block_n), triton.cdiv(q, cfg.block_q)
-    # Few programs (small N·Q for the wide tiles) leave SMs idle: split the inputs i (each program then sums
-    # its share of the contraction) into partials summed in a fixed order, deterministic, within the workspace
-    # bound.
-    i_blocks = triton.cdiv(i_pad, cfg.block_i)
-    splits = _common.split_count(i_blocks, grid_n * grid_q, ak.device, min_per_split=1,
-                                 max_splits=max(1, _common.WORKSPACE_BYTES // (4 * q * n)))
-    i_per_split = triton.cdiv(i_blocks, splits) * cfg.block_i
-    splits = triton.cdiv(i_pad, i_per_split)
+    i_per_split, i_splits, o_per_split, o_splits = split_contraction(
+        grid_n * grid_q, i_pad, o, cfg.block_i, q * n, ak.device)
+    splits = i_splits * o_splits
     ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=ak.device)
     step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
     for q0 in range(0, q, step):
         vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
         _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
-            vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split,
+            vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split, o_per_split, i_splits,
             vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), wq.stride(0),
             wq.stride(1),
             BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=given, DOT=dot,
@@ -181,6 +179,25 @@ def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.T
         )
     if splits > 1:
         out.copy_(torch.sum(ws, dim=0))  # a fixed-order sum of the partials: deterministic
+
+
+MIN_O_STEPS = 32  # output rows per split at least: each program's pipelined o loop stays long
+
+
+def split_contraction(tiles: int, i_pad: int, o: int, block_i: int, outputs: int,
+                      device: torch.device) -> tuple[int, int, int, int]:
+    """(i_per_split, i_splits, o_per_split, o_splits): when the example and query blocks alone are too few
+    programs to fill the GPU (the wide tiles give one per 32 768 scores; a materialised chunk with few queries, a
+    handful), the contraction is split into partials summed in a fixed order (deterministic), within the
+    workspace bound: over the inputs i first, then over the output rows o (17 input blocks of 64 would otherwise
+    cap a 1024-wide layer at 17 programs: the H100 run of 2026-11-26 had Q = 64 at 0.47x torch so)."""
+    i_blocks = triton.cdiv(i_pad, block_i)
+    want = _common.split_count(i_blocks * max(1, o // MIN_O_STEPS), tiles, device, min_per_split=1,
+                               max_splits=max(1, _common.WORKSPACE_BYTES // (4 * outputs)))
+    i_per_split = triton.cdiv(i_blocks, min(want, i_blocks)) * block_i
+    i_splits = triton.cdiv(i_pad, i_per_split)
+    o_per_split = triton.cdiv(o, max(1, want // i_splits))
+    return i_per_split, i_splits, o_per_split, triton.cdiv(o, o_per_split)
 
 
 def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int) -> int:

@@ -244,14 +244,34 @@ def test_score_pairwise_triton_split_inputs(monkeypatch, splits):
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common
 
+    from source_fast.kernels import score_pairwise as kernel
+
     monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, **kw: min(splits, work))
     monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 2, 4, 1))
+    monkeypatch.setattr(kernel, "MIN_O_STEPS", 8)  # 70 output rows: up to 8 splits of the o loop too
     _blocks.override_blocks({"PAIRWISE_TOKENWISE_GPU": {"0": [0]}})  # the formed kernel for one token too
     try:
         for t in (1, 2):
-            _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)
+            _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)  # i splits only
+            _check("triton", *_inputs(19, 21, t, 17, 70, torch.float32), torch.float32)  # 2 input blocks: o too
     finally:
         _blocks.override_blocks(None)
+
+
+def test_split_contraction_fills_the_gpu_over_inputs_then_output_rows(monkeypatch):
+    """With 132 SMs (two programs each wanted): a one-token wide tile grid (128 programs) splits the inputs in 3;
+    a materialised chunk of one example block and one query block (1 program) splits all 17 input blocks of a
+    1024 × 1025 layer and then its output rows (255 programs, each with ≥ MIN_O_STEPS rows); a layer of few rows
+    is not split over o."""
+    from source_fast.kernels import _common, score_pairwise as kernel
+
+    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, *, min_per_split, max_splits:
+                        int(max(1, min(-(-264 // tiles), max_splits, work // min_per_split))))
+    cpu = torch.device("cpu")
+    assert kernel.split_contraction(128, 1040, 1024, 64, 512 * 8192, cpu) == (384, 3, 1024, 1)
+    i_per, i_splits, o_per, o_splits = kernel.split_contraction(1, 1040, 1024, 64, 64 * 256, cpu)
+    assert (i_per, i_splits) == (64, 17) and o_splits == 15 and o_per >= kernel.MIN_O_STEPS
+    assert kernel.split_contraction(1, 1040, 20, 64, 64 * 256, cpu) == (64, 17, 20, 1)
 
 
 @pytest.mark.interpreter
@@ -360,7 +380,7 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
         strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
         sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
-                   I="i32", i_per_split="i32", **strides)
+                   I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
         div16 = ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_go", "s_gt", "I",
                  "i_per_split"]
         for block_q, block_n, block_i, max_t, warps, stages in _blocks.PAIRWISE_GPU_BLOCKS[dot]:
