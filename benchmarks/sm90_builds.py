@@ -6,7 +6,8 @@ representative large shape, with the divisibility facts the launchers guarantee.
 speed before any timing:
 
   reg / spill   registers per thread (under the launcher's maxnreg cap where it sets one) and bytes of stack
-                (spills);
+                (spills; "(k in the inner loop)": local loads and stores inside the innermost loop, paid every
+                step, against once per outer step elsewhere);
   CTAs/SM       programs one SM can hold by registers and by shared memory (the smaller);
   wgmma         the HGMMA shapes; "regs A" when the left operand comes from registers;
   async         asynchronous copies (LDGSTS), i.e. loads the software pipeliner overlaps with the dots;
@@ -216,10 +217,12 @@ def main(argv=None) -> int:
         wg = ", ".join(rep["wgmma"]) + (" (regs A)" if rep["HGMMA"] and rep["HGMMA_REG_A"] == rep["HGMMA"] else "")
         wg = wg or ("mma.sync" if rep["HMMA"] else "")
         row = dict(kernel=name, tile=tile, warps=warps, **{k: rep[k] for k in ("reg", "stack", "LDGSTS", "LOOPS",
-                                                                                  "HGMMA", "HGMMA_REG_A", "shared")},
+                                                                                  "HGMMA", "HGMMA_REG_A", "shared",
+                                                                                  "SPILL_IN_LOOP")},
                    wgmma=rep["wgmma"], ctas_per_sm=ctas_per_sm(rep, warps), bytes_per_mac=bpm, note=note)
         rows.append(row)
-        lines.append(f"| {name} | {tile} | {warps} | {rep['reg']} | {rep['stack']} | {row['ctas_per_sm']} | "
+        spill = f"{rep['stack']} ({rep['SPILL_IN_LOOP']} in the inner loop)" if rep["stack"] else "0"
+        lines.append(f"| {name} | {tile} | {warps} | {rep['reg']} | {spill} | {row['ctas_per_sm']} | "
                      f"{wg or '—'} | {rep['LDGSTS']} | {rep['LOOPS']} | "
                      f"{'—' if bpm is None else f'{bpm:.4f}'} | {note} |")
     which = "the tiles measured on a GPU" if args.measured else "their default tiles"

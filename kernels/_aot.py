@@ -35,6 +35,9 @@ def _sass_report(sass: str, usage: str) -> dict | None:
         return None
     ops = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     branches = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?0x([0-9a-f]+)", sass)
+    loops = [(int(target, 16), int(at, 16)) for at, target in branches if int(target, 16) < int(at, 16)]
+    innermost = [(a, b) for a, b in loops if not any((c, d) != (a, b) and a <= c and d <= b for c, d in loops)]
+    local = [int(at, 16) for at in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?(?:LDL|STL)\b", sass)]
     return {
         "reg": int(m.group(1)), "stack": int(m.group(2)), **{k: ops.get(k, 0) for k in OPCODES},
         # wgmma whose left operand is read from registers (else from shared memory)
@@ -42,7 +45,9 @@ def _sass_report(sass: str, usage: str) -> dict | None:
         # the wgmma shapes (M x N x K) the build uses
         "wgmma": sorted(set(re.findall(r"HGMMA\.(\d+x\d+x\d+)", sass))),
         # loops: branches back to a lower address (not the trailing branch-to-self)
-        "LOOPS": sum(int(target, 16) < int(at, 16) for at, target in branches),
+        "LOOPS": len(loops),
+        # spill traffic (local loads/stores) inside an innermost loop: paid every step of the pipelined loop
+        "SPILL_IN_LOOP": sum(any(start <= at <= end for start, end in innermost) for at in local),
     }
 
 
@@ -82,7 +87,8 @@ def _build(cases: list) -> list[dict | None]:
 
 def compile_for_gpu(cases: list, timeout: float = 240.0) -> list[dict | None]:
     """Build each case for its NVIDIA target in a subprocess and return per case its report: "reg", "stack"
-    (bytes of spills), counts of OPCODES, "HGMMA_REG_A", "wgmma" shapes, "LOOPS" and "shared" (dynamic shared
+    (bytes of spills), counts of OPCODES, "HGMMA_REG_A", "wgmma" shapes, "LOOPS", "SPILL_IN_LOOP" (local loads and
+    stores inside an innermost loop) and "shared" (dynamic shared
     memory, bytes); None where the wheel bundles no cuobjdump. Raises RuntimeError with the compiler's error."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "source_fast.kernels._aot", json.dumps(cases)], env=env,
