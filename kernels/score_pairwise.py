@@ -218,7 +218,8 @@ def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out:
     half = _common.storage_dtype(dot)
     cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
     step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n)
-    grads = torch.zeros(step, o, i_pad, dtype=half, device=a.device)  # the padding columns stay zero
+    grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
+    grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
     for start in range(0, n, step):
         count = min(step, n - start)
         chunk = grads[:count]
