@@ -88,6 +88,12 @@ def aligned_rows(x: torch.Tensor, size: int) -> torch.Tensor:
 WORKSPACE_BYTES = 64 << 20  # fp32 partial sums of one split reduction
 
 
+def splits_allowed(device: torch.device) -> bool:
+    """Whether launchers may split a reduction over programs: on CUDA devices, never in the interpreter (whose
+    programs run one after another)."""
+    return device.type == "cuda" and not interpreting()
+
+
 def split_count(work_items: int, tiles: int, device: torch.device, *, min_per_split: int = 4,
                 max_splits: int = 64, split_bytes: int | None = None) -> int:
     """How many fixed-order partial sums to split a long reduction (over rows or examples) into
@@ -98,7 +104,7 @@ def split_count(work_items: int, tiles: int, device: torch.device, *, min_per_sp
     split_bytes: the size of one partial sum. Given, the cap rises from max_splits to two splits per SM
     while the workspace stays within WORKSPACE_BYTES (a small output, e.g. a 32 x 32 covariance of 2^24
     rows, would otherwise leave half of a 132-SM GPU idle)."""
-    if interpreting() or device.type != "cuda":
+    if not splits_allowed(device):
         return 1
     if split_bytes is not None:
         max_splits = max(max_splits, min(2 * num_sms(device), WORKSPACE_BYTES // max(split_bytes, 1)))

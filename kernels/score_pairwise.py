@@ -53,6 +53,8 @@ contraction (fp32 accumulation), as a same-precision computation would; otherwis
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -182,22 +184,49 @@ def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.T
 
 
 MIN_O_STEPS = 32  # output rows per split at least: each program's pipelined o loop stays long
+# A program's fixed cost in steps (one step: an input block × one output row): storing its [BLOCK_N, BLOCK_Q]
+# fp32 partial takes about 10 steps' time at an H100's tensor-core rate and per-SM share of bandwidth, plus the
+# pipeline's fill. An estimate, not a measurement: it keeps small shapes from splitting into tiny programs.
+PROGRAM_OVERHEAD_STEPS = 16
+
+
+@functools.lru_cache(maxsize=1024)
+def _fewest_waves(tiles: int, i_blocks: int, o: int, slots: int, max_splits: int,
+                  min_o: int) -> tuple[int, int, int, int]:
+    """(input blocks per split, input splits, output rows per split, output splits) minimising the kernel's time
+    modelled as waves × one program's time: ceil(programs / slots) · (input blocks · output rows +
+    PROGRAM_OVERHEAD_STEPS), with at most max_splits partials; ties go to fewer splits (less workspace to sum)."""
+    best = None
+    for i_per in sorted({-(-i_blocks // k) for k in range(1, i_blocks + 1)}, reverse=True):
+        i_splits = -(-i_blocks // i_per)
+        if i_splits > max_splits:
+            break
+        for wanted in range(1, max(1, min(max_splits // i_splits, o // max(min_o, 1))) + 1):
+            o_per = -(-o // wanted)
+            o_splits = -(-o // o_per)
+            cost = (-(-tiles * i_splits * o_splits // slots) * (i_per * o_per + PROGRAM_OVERHEAD_STEPS),
+                    i_splits * o_splits)
+            if best is None or cost < best[0]:
+                best = (cost, (i_per, i_splits, o_per, o_splits))
+    return best[1]
 
 
 def split_contraction(tiles: int, i_pad: int, o: int, block_i: int, outputs: int,
                       device: torch.device) -> tuple[int, int, int, int]:
-    """(i_per_split, i_splits, o_per_split, o_splits): when the example and query blocks alone are too few
-    programs to fill the GPU (the wide tiles give one per 32 768 scores; a materialised chunk with few queries, a
-    handful), the contraction is split into partials summed in a fixed order (deterministic), within the
-    workspace bound: over the inputs i first, then over the output rows o (17 input blocks of 64 would otherwise
-    cap a 1024-wide layer at 17 programs: the H100 run of 2026-11-26 had Q = 64 at 0.47x torch so)."""
+    """(i_per_split, i_splits, o_per_split, o_splits) of the contraction over (o, i): partials over ranges of the
+    inputs i and of the output rows o, summed in a fixed order (deterministic), within the workspace bound. The
+    split minimises waves × per-program work for the device's SMs (one program per SM: the 16-bit builds take
+    over 128 registers at 8 warps). Before, the inputs alone were split towards two programs per SM: 17 input
+    blocks of 64 then capped a 1024-wide layer at 17 programs for a materialised chunk of few queries (the H100
+    run of 2026-11-26 had Q = 64 at 0.47x torch so), and wave tails were ignored (Q = 512, T = 16: 272 programs
+    in 3 waves for 2.06 waves of work)."""
     i_blocks = triton.cdiv(i_pad, block_i)
-    want = _common.split_count(i_blocks * max(1, o // MIN_O_STEPS), tiles, device, min_per_split=1,
-                               max_splits=max(1, _common.WORKSPACE_BYTES // (4 * outputs)))
-    i_per_split = triton.cdiv(i_blocks, min(want, i_blocks)) * block_i
-    i_splits = triton.cdiv(i_pad, i_per_split)
-    o_per_split = triton.cdiv(o, max(1, want // i_splits))
-    return i_per_split, i_splits, o_per_split, triton.cdiv(o, o_per_split)
+    if not _common.splits_allowed(device):
+        return i_blocks * block_i, 1, o, 1
+    max_splits = max(1, _common.WORKSPACE_BYTES // (4 * outputs))
+    i_per, i_splits, o_per, o_splits = _fewest_waves(tiles, i_blocks, o, _common.num_sms(device), max_splits,
+                                                     MIN_O_STEPS)
+    return i_per * block_i, i_splits, o_per, o_splits
 
 
 def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int) -> int:

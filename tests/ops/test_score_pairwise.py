@@ -236,55 +236,66 @@ def test_score_pairwise_triton_both_forms(tokenwise, dtype, q, n, t, i, o):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("splits", [2, 3, 64])
-def test_score_pairwise_triton_split_inputs(monkeypatch, splits):
-    """The GPU path's split of the inputs i over programs (partials summed in a fixed order), forced in the
-    interpreter: ragged last split, more splits asked than input blocks, several query and example blocks."""
+@pytest.mark.parametrize("slots", [2, 3, 64])
+def test_score_pairwise_triton_split_contraction(monkeypatch, slots):
+    """The GPU path's split of the contraction over programs (partials over input ranges and output-row ranges,
+    summed in a fixed order), forced in the interpreter for a GPU of `slots` SMs: ragged last splits, several
+    query and example blocks; with 64 slots both the inputs and the output rows are split."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _blocks, _common
+    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
 
-    from source_fast.kernels import score_pairwise as kernel
-
-    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, **kw: min(splits, work))
-    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 2, 4, 1))
+    monkeypatch.setattr(_common, "splits_allowed", lambda device: True)
+    monkeypatch.setattr(_common, "num_sms", lambda device: slots)
+    # 8 tokens formed at once: every T the formed kernel takes (≤ the table's max_t, 8), the self-test's too
+    monkeypatch.setattr(_blocks, "pairwise_blocks", lambda q, n, t, i, dot: _blocks.PairwiseConfig(16, 16, 16, 8, 4, 1))
     monkeypatch.setattr(kernel, "MIN_O_STEPS", 8)  # 70 output rows: up to 8 splits of the o loop too
+    chosen = []
+    real = kernel.split_contraction
+    monkeypatch.setattr(kernel, "split_contraction", lambda *args: chosen.append(real(*args)) or chosen[-1])
     _blocks.override_blocks({"PAIRWISE_TOKENWISE_GPU": {"0": [0]}})  # the formed kernel for one token too
     try:
         for t in (1, 2):
-            _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)  # i splits only
-            _check("triton", *_inputs(19, 21, t, 17, 70, torch.float32), torch.float32)  # 2 input blocks: o too
+            _check("triton", *_inputs(19, 21, t, 75, 5, torch.float32), torch.float32)
+            _check("triton", *_inputs(19, 21, t, 17, 70, torch.float32), torch.float32)
     finally:
         _blocks.override_blocks(None)
+    if slots == 64:
+        assert any(c[1] > 1 for c in chosen) and any(c[3] > 1 for c in chosen), chosen
 
 
-def test_split_contraction_fills_the_gpu_over_inputs_then_output_rows(monkeypatch):
-    """With 132 SMs (two programs each wanted): a one-token wide tile grid (128 programs) splits the inputs in 3;
-    a materialised chunk of one example block and one query block (1 program) splits all 17 input blocks of a
-    1024 × 1025 layer and then its output rows (255 programs, each with ≥ MIN_O_STEPS rows); a layer of few rows
-    is not split over o."""
+def test_split_contraction_fills_one_wave_of_programs(monkeypatch):
+    """On a 132-SM GPU the contraction's split minimises waves × per-program work: a one-token wide tile grid of
+    128 programs is not split (one wave already); a materialised chunk of 2 tiles (Q = 64) is split over inputs
+    and output rows into one full wave; a 32-tile chunk (Q = 512) into 4 output-row ranges (128 programs, not
+    17 input splits in 5 waves); no split off CUDA or in the interpreter."""
     from source_fast.kernels import _common, score_pairwise as kernel
 
-    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, *, min_per_split, max_splits:
-                        int(max(1, min(-(-264 // tiles), max_splits, work // min_per_split))))
     cpu = torch.device("cpu")
-    assert kernel.split_contraction(128, 1040, 1024, 64, 512 * 8192, cpu) == (384, 3, 1024, 1)
-    i_per, i_splits, o_per, o_splits = kernel.split_contraction(1, 1040, 1024, 64, 64 * 256, cpu)
-    assert (i_per, i_splits) == (64, 17) and o_splits == 15 and o_per >= kernel.MIN_O_STEPS
-    assert kernel.split_contraction(1, 1040, 20, 64, 64 * 256, cpu) == (64, 17, 20, 1)
+    assert kernel.split_contraction(2, 1040, 1024, 64, 64 * 256, cpu) == (1088, 1, 1024, 1)
+    monkeypatch.setattr(_common, "splits_allowed", lambda device: True)
+    monkeypatch.setattr(_common, "num_sms", lambda device: 132)
+    assert kernel.split_contraction(128, 1040, 1024, 64, 512 * 8192, cpu) == (1088, 1, 1024, 1)
+    assert kernel.split_contraction(32, 1040, 1024, 64, 512 * 1024, cpu) == (1088, 1, 256, 4)
+    i_per, i_splits, o_per, o_splits = kernel.split_contraction(2, 1040, 1024, 64, 64 * 256, cpu)
+    assert i_splits > 1 and o_splits > 1 and o_per >= kernel.MIN_O_STEPS
+    assert 2 * i_splits * o_splits <= 132 and i_per * i_splits >= 1040 and o_per * o_splits >= 1024
+    # the workspace bound: at most WORKSPACE_BYTES of fp32 partials
+    _, i_splits, _, o_splits = kernel.split_contraction(1, 1040, 1024, 64, 2**22, cpu)
+    assert i_splits * o_splits * 4 * 2**22 <= _common.WORKSPACE_BYTES
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("q,n,t,i,o,chunk,splits", [
+@pytest.mark.parametrize("q,n,t,i,o,chunk,slots", [
     pytest.param(5, 7, 3, 37, 11, 3, 1, id="chunks-3+3+1"),
-    pytest.param(19, 40, 9, 75, 5, 40, 3, id="one-chunk-split-i"),
+    pytest.param(19, 40, 9, 75, 5, 40, 24, id="one-chunk-split"),
     pytest.param(1, 1, 70, 17, 9, 1, 1, id="q1-n1-t70"),
 ])
-def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, chunk, splits):
+def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, chunk, slots):
     """More tokens than the several-token config forms at once: G_n formed in memory (chunks of examples, ragged
-    last chunk, padding columns zero) and contracted by the kernel reading G (GIVEN), with the inputs i split
-    over programs; against the oracle, and checked to take that form."""
+    last chunk, padding columns zero) and contracted by the kernel reading G (GIVEN), split over programs for a
+    GPU of `slots` SMs; against the oracle, and checked to take that form."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common, score_pairwise as kernel
@@ -292,7 +303,8 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
     _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
                                                      for k in ("0", "1")}})  # at most 2 tokens formed on chip
     monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n: chunk)
-    monkeypatch.setattr(_common, "split_count", lambda work, tiles, device, **kw: min(splits, work))
+    monkeypatch.setattr(_common, "splits_allowed", lambda device: slots > 1)
+    monkeypatch.setattr(_common, "num_sms", lambda device: slots)
     calls = []
     real = kernel._contract
     monkeypatch.setattr(kernel, "_contract",
