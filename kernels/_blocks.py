@@ -266,6 +266,11 @@ def gemm_blocks(m: int, n: int, k: int, dot: int) -> tuple[int, int, int, int]:
         return bm, bn, bk, warps
     # A small matrix takes no wider tile than it needs (64: one warpgroup's wgmma rows), and 4 warps for 64 × 64.
     bm, bn, bk = min(bm, clamp_pow2(m, 64, bm)), min(bn, clamp_pow2(n, 64, bn)), min(bk, clamp_pow2(k, 16, bk))
+    if k <= 32:
+        # Few K steps (score_pairwise forming G_n over a few tokens): the program's time is storing its tile, so
+        # smaller tiles let programs overlap on an SM (sm_90, bf16: 128 × 256 × 16 takes 189 registers, one
+        # program per SM; 128 × 128 × 16, 106, two).
+        bn = min(bn, 128)
     return bm, bn, bk, (4 if bm * bn <= 64 * 64 else warps)
 
 

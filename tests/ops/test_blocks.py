@@ -44,11 +44,16 @@ def test_forced_entry_applies_even_under_the_interpreter():
 
 def test_gemm_tiles_shrink_to_small_matrices(monkeypatch):
     """On a GPU the GEMM's table entry is a cap: a small matrix takes no wider tile than it needs (64 rows and
-    columns at least: one warpgroup's wgmma), with 4 warps at 64 × 64; a forced tile is taken as it is."""
+    columns at least: one warpgroup's wgmma), with 4 warps at 64 × 64, and a GEMM of few K steps at most 128
+    columns; a forced tile is taken as it is."""
     monkeypatch.setattr(_blocks, "interpreting", lambda: False)
     assert _blocks.gemm_blocks(65536, 1040, 1040, 2) == _blocks.GEMM_GPU_BLOCKS[2] == (128, 128, 64, 8)
     assert _blocks.gemm_blocks(40, 1000, 20, 2) == (64, 128, 32, 8)
     assert _blocks.gemm_blocks(64, 33, 64, 1) == (64, 64, 64, 4)
+    with monkeypatch.context() as m:
+        m.setattr(_blocks, "gpu_blocks", lambda table, key: (128, 256, 64, 8))  # as measured on the H100
+        assert _blocks.gemm_blocks(1024, 1025, 1040, 2) == (128, 256, 64, 8)
+        assert _blocks.gemm_blocks(1024, 1025, 16, 2) == (128, 128, 16, 8)  # K = 16 tokens: store-bound
     _blocks.override_blocks({"GEMM_GPU_BLOCKS": {"2": [128, 128, 64, 8]}})
     assert _blocks.gemm_blocks(40, 1000, 20, 2) == (128, 128, 64, 8)
 
