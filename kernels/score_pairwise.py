@@ -32,10 +32,11 @@ The materialised form (GIVEN) runs the same loop nest with the G tile loaded ins
 streaming 2/BLOCK_N + 2/BLOCK_Q bytes per multiply-add, G_n padded to I_pad columns (zeros) so its rows align.
 
 Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
-the same V tiles in the same order (L2 hits); axis 1 = query blocks; axis 2 = splits of the inputs i, used when
-the example and query blocks alone are too few programs to fill the GPU (a 256 × 128 tile gives one per
-32 768 scores), each writing its own partial, summed in a fixed order. Each partial is written once, by its own
-program: deterministic, no atomics.
+the same V tiles in the same order (L2 hits); axis 1 = query blocks; axis 2 = splits of the contraction into
+ranges of the inputs i and of the output rows o, used when the example and query blocks alone fill the GPU's
+SMs badly (a 256 × 128 tile gives one program per 32 768 scores; `split_contraction` models the waves), each
+writing its own partial, summed in a fixed order. Each partial is written once, by its own program:
+deterministic, no atomics.
 
 History: the first kernel (until 2026-11-26) contracted each on-chip G_n tile with the queries by
 elementwise FMAs and ran at 1.2-1.9 TFLOP/s on an H200 (benchmarks/results/ops_nvidia_h200.md, whose
@@ -43,7 +44,7 @@ triton score_pairwise rows are that kernel's). The second formed G
 tiles for a tl.dot but kept a token loop innermost and read unaligned rows: its sm_90 build had neither
 pipelining nor vectorised loads. The third had this loop nest with G as the right operand (stored to shared
 memory every step, each step's wgmma waited for before the next) and g loaded in the step that used it. The
-fourth (this loop nest) ran on an H100 on 2026-11-26 at 597 TFLOP/s for one token (bf16, Q = 512, N = 8192,
+fourth (this loop nest) ran on an H100 on 2026-11-26 at 597-625 TFLOP/s for one token (bf16, Q = 512, N = 8192,
 O·I = 1024 × 1025, benchmarks/results/ops_nvidia_h100_80gb_hbm3.md); with 16 tokens its inner token loop
 (since replaced by the materialised form) re-read the inputs every o step: 22 TFLOP/s.
 
@@ -103,8 +104,8 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
                            BLOCK_T: tl.constexpr, GIVEN: tl.constexpr, DOT: tl.constexpr):
     """out[split, qb, nb] = (G[nb] V[qb]ᵀ)ᵀ over the flattened (o, i) axis, for the query block program_id(1), the
     example block program_id(0) and the split program_id(2) = (o-split) · i_splits + (i-split): i in the split's
-    i_per_split inputs, o in its o_per_split output rows. Unit strides: v
-    and a along i, gt ([O, T, N] view of g) along n, out along n; the other strides are arguments (in elements).
+    i_per_split inputs, o in its o_per_split output rows. Unit strides: v and a along i, gt ([O, T, N] view of
+    g) along n, out along n; the other strides are arguments (in elements).
     Formed (GIVEN false, T ≤ BLOCK_T): the inputs are held in registers across the o loop, which has only loads,
     the forming and the dot (pipelined). GIVEN: a_ptr holds G itself, [N, O, I] with strides s_an (example) and
     s_at (output row), and each o step loads its tile: a plain GEMM (gt_ptr, T and BLOCK_T unused)."""
