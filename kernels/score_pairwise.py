@@ -230,11 +230,16 @@ def split_contraction(tiles: int, i_pad: int, o: int, block_i: int, outputs: int
     return i_per * block_i, i_splits, o_per, o_splits
 
 
-def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int) -> int:
+def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
+                          free_bytes: int | None = None) -> int:
     """Examples per chunk of materialised G_n: SOURCE_FAST_CHUNK_MIB's budget, but at least 2·Q examples (and one
     example block), so that the queries, read once per chunk, stream at most half the bytes G does; the chunk
-    then holds at most twice the bytes of the query directions themselves."""
-    return min(max(n, 1), max(_common.chunk_examples(n, per_example_bytes), 2 * q, block_n))
+    then holds at most twice the bytes of the query directions themselves. Above the budget the chunk takes at
+    most a quarter of the device's free memory (free_bytes, when known)."""
+    wanted = max(2 * q, block_n)
+    if free_bytes is not None:
+        wanted = min(wanted, max(1, free_bytes // 4 // max(per_example_bytes, 1)))
+    return min(max(n, 1), max(_common.chunk_examples(n, per_example_bytes), wanted))
 
 
 def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, dot: int) -> None:
@@ -247,7 +252,8 @@ def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out:
     vk = _common.aligned_rows(v, i_pad)
     half = _common.storage_dtype(dot)
     cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
-    step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n)
+    free = torch.cuda.mem_get_info(a.device)[0] if a.device.type == "cuda" else None
+    step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
     grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
     grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
     for start in range(0, n, step):

@@ -302,7 +302,7 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
 
     _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
                                                      for k in ("0", "1")}})  # at most 2 tokens formed on chip
-    monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n: chunk)
+    monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n, free=None: chunk)
     monkeypatch.setattr(_common, "splits_allowed", lambda device: slots > 1)
     monkeypatch.setattr(_common, "num_sms", lambda device: slots)
     calls = []
@@ -324,7 +324,8 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
 
 def test_materialized_chunks_hold_twice_the_queries():
     """A chunk of materialised G_n: the memory budget's examples, but at least 2·Q (the queries then stream at most
-    half the bytes G does) and one example block, and never more than N."""
+    half the bytes G does) and one example block, within a quarter of the free device memory, and never more
+    than N."""
     from source_fast import _config
     from source_fast.kernels import score_pairwise as kernel
 
@@ -334,6 +335,9 @@ def test_materialized_chunks_hold_twice_the_queries():
     assert kernel.materialized_examples(512, 10_000, per_example, 64) == 1024
     assert kernel.materialized_examples(1, 10_000, budget * 4, 128) == 128
     assert kernel.materialized_examples(512, 300, per_example, 64) == 300
+    # a quarter of the free device memory caps what the budget does not ask for
+    assert kernel.materialized_examples(512, 10_000, per_example, 64, free_bytes=per_example * 2000) == 500
+    assert kernel.materialized_examples(512, 10_000, per_example, 64, free_bytes=per_example * 40) == 100
 
 
 @pytest.mark.interpreter
