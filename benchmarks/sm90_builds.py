@@ -43,7 +43,7 @@ ARCH = 90  # the target (--arch); the tiles follow it through _blocks.device_arc
 SM_REGISTERS, SM_THREADS = 65536, 2048  # per SM, both architectures
 SM_SHARED = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use (A100, H100)
 
-PTR = {0: "*fp32", 1: "*fp16", 2: "*bf16"}
+PTR = {0: "*fp32", 1: "*fp16", 2: "*bf16", 3: "*fp32", 4: "*fp32"}  # 3: TF32, 4: 3xTF32
 DTYPE = {0: "fp32", 1: "fp16", 2: "bf16"}
 
 
@@ -91,7 +91,8 @@ def tokenwise(dot: int) -> tuple:
     const = dict(BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi, DOT=dot, ROWS_FASTEST=True, s_vi=1, s_ai=1, s_go=1)
     case = ("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, ARCH,
             _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]))
-    return case, f"{bm} rows × {bo} outputs × {bi} inputs", 2 / bm + 2 / bo, "2/M + 2/N"
+    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
+    return case, f"{bm} rows × {bo} outputs × {bi} inputs", element / bm + element / bo, "2/M + 2/N (4/M + 4/N fp32)"
 
 
 def covariance(dot: int, d: int) -> tuple:
@@ -157,7 +158,7 @@ def gemm(dot: int) -> tuple:
     case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, ARCH,
             _opts(warps, None, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am", "stride_bk",
                                 "stride_cb", "stride_cm"]))
-    element = 4 if dot == _common.DOT_TF32 else 2
+    element = 4 if dot in (_common.DOT_TF32, _common.DOT_F32X3) else 2
     return case, f"{bm} × {bn} × {bk}", element / bm + element / bn, "2/M + 2/N (4/M + 4/N for fp32 operands)"
 
 
@@ -174,6 +175,8 @@ ROWS = [
     ("covariance, D = 32 (narrow)", lambda: covariance(2, 32)),
     ("covariance, D = 2049 (wide)", lambda: covariance(2, 2064)),
     ("token-wise GEMM, fp32", lambda: tokenwise(0)),
+    ("token-wise GEMM, fp32 as 3xTF32 (FP32_TENSOR_CORES)", lambda: tokenwise(_common.DOT_F32X3)),
+    ("GEMM, fp32 as 3xTF32 (FP32_TENSOR_CORES)", lambda: gemm(_common.DOT_F32X3)),
     ("covariance, D = 32 (narrow), fp32", lambda: covariance(0, 32)),
     ("covariance, D = 2049 (wide), fp32", lambda: covariance(0, 2064)),
 ]

@@ -61,7 +61,7 @@ class Entry:
     def key_for(self, shape: dict):
         """The table key the run reads: dtype-keyed tables by the inputs' dtype (smoke runs use fp16 for the
         16-bit entries: the interpreter has no bf16 dots)."""
-        if self.table == "COVARIANCE_GPU_BLOCKS":
+        if self.table in ("COVARIANCE_GPU_BLOCKS", "FP32_TENSOR_CORES"):
             return self.key
         return _common.dot_code(getattr(torch, shape["dtype"]))
 
@@ -194,6 +194,15 @@ ENTRIES = [
           [(64, 64, 32, 4), (64, 64, 16, 4), (128, 64, 16, 8), (128, 128, 16, 8), (64, 128, 32, 8)],
           dict(dtype="float32", M=16384, K=1040, N=1040), dict(dtype="float32", M=70, K=40, N=24),
           _gemm_inputs, _gemm_run, lambda p: 2 * p["M"] * p["K"] * p["N"]),
+    # fp32 inputs on tensor cores as 3xTF32 (about fp32's accuracy: the error gate above still applies) against
+    # IEEE fp32 dots on the CUDA cores, per kernel family: the GEMM (kron_project, rotations) and the token-wise
+    # GEMM (fp32 one-token score_pairwise).
+    Entry("gemm_fp32_tensor_cores", "FP32_TENSOR_CORES", "gemm", None, [(0,), (1,)],
+          dict(dtype="float32", M=16384, K=1040, N=1040), dict(dtype="float32", M=70, K=40, N=24),
+          _gemm_inputs, _gemm_run, lambda p: 2 * p["M"] * p["K"] * p["N"]),
+    Entry("pairwise_one_fp32_tensor_cores", "FP32_TENSOR_CORES", "per_token", None, [(0,), (1,)],
+          dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
+          _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
 ]
 
 

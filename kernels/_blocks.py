@@ -45,7 +45,9 @@ def clamp_pow2(n: int, lo: int, hi: int) -> int:
 # matrices shrink (`gemm_blocks`). An M × N tile streams 2/M + 2/N bytes per 16-bit multiply-add; 128 × 128 × 64
 # at 8 warps builds for sm_90 at 142 registers, no spills (64 × 64 streamed twice the bytes). TF32 (key 3, fp32
 # operands: twice the shared memory per K step) takes 32-wide K steps, 128 registers.
-GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8), 3: (128, 128, 32, 8)}
+# 3xTF32 (key 4, three TF32 products per dot): 128 × 128 × 32 at 8 warps, 202 registers.
+GEMM_GPU_BLOCKS = {0: (64, 64, 32, 4), 1: (128, 128, 64, 8), 2: (128, 128, 64, 8), 3: (128, 128, 32, 8),
+                   4: (128, 128, 32, 8)}
 
 # covariance: (BLOCK_D, BLOCK_R, num_warps). Wide (compute-bound): 128 × 128 output tiles stream 4/128 bytes
 # per multiply-add, half of 64 × 64's (sm_90 build: 195 registers, no spills, at 8 warps; 4 spill); narrow rows
@@ -86,7 +88,16 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
 # 2 / BLOCK_M + 2 / BLOCK_O bytes per multiply-add: 128 × 128 is the widest 16-bit tile without spills (128 × 256
 # spills in its epilogue, where the g tile and the product are converted between layouts).
-PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3)}
+# 3xTF32 (key 4): 128 × 64 × 32 at 8 warps, 206 registers (128 × 128 spills 8 B).
+PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3),
+                        4: (128, 64, 32, 8, 3)}
+
+# fp32 inputs on tensor cores as 3xTF32 (`_common.DOT_F32X3`, about fp32's accuracy) instead of IEEE fp32 dots on
+# the CUDA cores, per kernel family: "gemm" (`_common.bmm`: kron_project, the token rotations), "per_token" (the
+# token-wise GEMM: score_per_token, score_pairwise's fp32 one-token form). (1,) turns it on. Off until measured:
+# the H100 run of 2026-11-26 had these fp32 kernels at 0.23-0.68x the torch backend (cuBLAS fp32, 52 TFLOP/s),
+# and TF32 there ran at 379 TFLOP/s, so three TF32 products could reach about twice cuBLAS's fp32 rate.
+FP32_TENSOR_CORES = {"gemm": (0,), "per_token": (0,)}
 
 # score_pairwise contracts examples of at most this many tokens token-wise (the per-token GEMM summed over
 # tokens: T·Q·N·O·I MACs, both operands streamed from memory) and forms G_n on chip above it (Q·N·O·I MACs plus
@@ -112,17 +123,19 @@ ARCH_BLOCKS = {
         "PAIRWISE_GPU_BLOCKS": {k: ((128, 256, 16, 1, 8, 3), (128, 64, 32, 8, 8, 3)) for k in (1, 2)},
         # the materialised contraction's 64-wide input steps spill 16 B with mma.sync (180 registers at 32)
         "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},
-        "PER_TOKEN_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},  # 64-wide K steps spill 8 B
+        # 64-wide K steps spill 8 B; 3xTF32's 32-wide steps spill 8 B there, 16-wide ones take 170 registers
+        "PER_TOKEN_GPU_BLOCKS": {**{k: (128, 128, 32, 8, 3) for k in (1, 2)}, 4: (128, 64, 16, 8, 3)},
         "LOWRANK_GPU_BLOCKS": {k: (64, 32, 128, 8, 3) for k in (1, 2)},  # 128 rows spill 96 B
         "PAIR_GPU_BLOCKS": {k: (128, 64, 32, 8, 0) for k in (1, 2)},  # capped at 128 registers it spills 8 B
     },
 }
 
 # Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
-ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,)}
+ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,)}
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
-          "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS")
+          "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS",
+          "FP32_TENSOR_CORES")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +395,14 @@ def per_token_blocks(rows: int, o: int, i: int, dot: int) -> tuple[int, int, int
         return clamp_pow2(rows, 16, 128), clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), 4, 1
     block_m, block_o, block_i, warps, stages = gpu_blocks("PER_TOKEN_GPU_BLOCKS", dot)
     return block_m, min(block_o, clamp_pow2(o, 16, block_o)), min(block_i, clamp_pow2(i, 16, block_i)), warps, stages
+
+
+def fp32_dot(family: str) -> int:
+    """The dot code for fp32 inputs of a kernel family (FP32_TENSOR_CORES): DOT_F32 (IEEE) or DOT_F32X3. The
+    interpreter follows the table too (a choice of arithmetic, not of tile size)."""
+    from ._common import DOT_F32, DOT_F32X3
+
+    return DOT_F32X3 if gpu_blocks("FP32_TENSOR_CORES", family)[0] else DOT_F32
 
 
 def pairwise_tokenwise(t: int, dot: int) -> bool:

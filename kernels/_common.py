@@ -6,7 +6,9 @@ Rules every kernel in this folder follows (STYLE.md §6.4-6.6):
 - accumulation is fp32 (`tl.float32`) for fp16/bf16/fp32 inputs; float64 is not supported here
   (dispatch routes it to the torch backend);
 - fp32 `tl.dot` runs with ``input_precision="ieee"`` (never TF32) on values of fp32 inputs: fp32 results
-  must match the float64 oracle to ~1e-6 (DOT_TF32 exists only for fp32 values derived from 16-bit inputs);
+  must match the float64 oracle to ~1e-6 (DOT_TF32 exists only for fp32 values derived from 16-bit inputs).
+  The one alternative is 3xTF32 (DOT_F32X3: three TF32 tensor-core products of hi/lo splits, about fp32's
+  accuracy), opt-in per kernel family through `_blocks.FP32_TENSOR_CORES` until a GPU run shows it faster;
 - every load and store is masked (the interpreter does not check bounds) and row offsets are
   int64 (rows × stride can pass 2^31);
 - no float atomics and no autotuning: each output element is produced by one program in a fixed
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._blocks import gemm_blocks, interpreting
+from ._blocks import fp32_dot, gemm_blocks, interpreting
 
 # ---------------------------------------------------------------------------------------------
 # Device limits and reduction order
@@ -123,6 +125,10 @@ DOT_BF16 = 2
 # significant bits) does not lose (lambda_accum's one-token GEMM of squares, which overflow fp16). Never for fp32
 # inputs.
 DOT_TF32 = 3
+# fp32 operands as 3xTF32 on tensor cores (tl.dot input_precision="tf32x3": x = hi + lo in TF32, the product
+# hi·hi + hi·lo + lo·hi): relative error about 2^-21 per product against fp32's 2^-24 rounding, fp32 accumulation.
+# For fp32 inputs where `_blocks.FP32_TENSOR_CORES` turns it on (`_blocks.fp32_dot`).
+DOT_F32X3 = 4
 
 
 def dot_code(dtype: torch.dtype) -> int:
@@ -138,7 +144,8 @@ def dot_code(dtype: torch.dtype) -> int:
 
 
 def storage_dtype(code: int) -> torch.dtype:
-    return {DOT_F32: torch.float32, DOT_F16: torch.float16, DOT_BF16: torch.bfloat16, DOT_TF32: torch.float32}[code]
+    return {DOT_F32: torch.float32, DOT_F16: torch.float16, DOT_BF16: torch.bfloat16, DOT_TF32: torch.float32,
+            DOT_F32X3: torch.float32}[code]
 
 
 @triton.jit
@@ -155,11 +162,14 @@ def to_dot(x, DOT: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, DOT: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; fp32 operands in IEEE precision, TF32 only when asked (DOT_TF32)."""
+    """acc + a @ b with fp32 accumulation; fp32 operands in IEEE precision, TF32 (DOT_TF32) or 3xTF32 (DOT_F32X3)
+    only when asked."""
     if DOT == 0:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif DOT == 3:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    elif DOT == 4:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     else:
         out = tl.dot(to_dot(a, DOT), to_dot(b, DOT), acc)
     return out
@@ -339,6 +349,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, dot: int = DOT_F
         if not accumulate:
             out.zero_()
         return out
+    if dot == DOT_F32:
+        dot = fp32_dot("gemm")
     if dot in (DOT_F16, DOT_BF16):
         # fp32 operands of a 16-bit dot are rounded here, as the kernel would round each tile (round to nearest
         # even both ways: the same bits), so that both stream as 16-bit rows. In the sm_90 build an fp32 operand

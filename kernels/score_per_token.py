@@ -90,6 +90,8 @@ def tokenwise_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: tor
     n, t, _ = a.shape
     same = v.dtype == a.dtype == g.dtype
     dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
+    if dot == _common.DOT_F32:
+        dot = _blocks.fp32_dot("per_token")
     rows = n * t
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     v = _common.padded(v, (q, o_pad, i_pad))

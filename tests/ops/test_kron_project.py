@@ -191,14 +191,15 @@ def test_bmm_rounds_fp32_operands_as_the_kernel_would():
 
 @pytest.mark.slow
 def test_kron_project_kernels_compile_for_gpu():
-    """Every epilogue builds; the GEMM's 16-bit and TF32 GPU tiles, with both operands 16-bit as `_common.bmm`
-    passes them (fp32 for TF32) and the unit strides Triton's JIT specialises, build for sm_90 without spills,
-    with asynchronous copies and wgmma."""
+    """Every epilogue builds; the GEMM's 16-bit, TF32 and 3xTF32 GPU tiles, with both operands 16-bit as
+    `_common.bmm` passes them (fp32 for TF32 and 3xTF32) and the unit strides Triton's JIT specialises, build for
+    sm_90 without spills, with asynchronous copies and wgmma."""
     from source_fast.kernels import _blocks
 
     compile_for_gpu(bmm_cases({0: "*fp32", 1: "*fp16"}, fkinds=(0, 1, 2, 3, 4)))
     fast = []
-    for dot, ptr in ((1, "*fp16"), (2, "*bf16"), (3, "*fp32")):  # 3: TF32 (lambda_accum's one-token squares)
+    # 3: TF32 (lambda_accum's one-token squares); 4: 3xTF32 (fp32 inputs where FP32_TENSOR_CORES turns it on)
+    for dot, ptr in ((1, "*fp16"), (2, "*bf16"), (3, "*fp32"), (4, "*fp32")):
         bm, bn, bk, warps = _blocks.GEMM_GPU_BLOCKS[dot]
         sig = {k: v for k, v in BMM_SIGNATURE.items() if k not in ("stride_ak", "stride_bn", "stride_cn")}
         sig.update(a_ptr=ptr, b_ptr=ptr)
@@ -208,6 +209,42 @@ def test_kron_project_kernels_compile_for_gpu():
                      {"num_warps": warps, "div16": ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am",
                                                     "stride_bk", "stride_cb", "stride_cm"]}))
     assert_fast_sm90_builds(fast)
+
+
+@pytest.fixture
+def fp32_on_tensor_cores():
+    """_blocks.FP32_TENSOR_CORES on for both kernel families: fp32 GEMMs as 3xTF32 (DOT_F32X3)."""
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"FP32_TENSOR_CORES": {"gemm": [1], "per_token": [1]}})
+    yield
+    _blocks.override_blocks(None)
+
+
+@pytest.mark.interpreter
+def test_kron_project_triton_fp32_as_3xtf32(fp32_on_tensor_cores, monkeypatch):
+    """With FP32_TENSOR_CORES on, kron_project's fp32 GEMMs take the 3xTF32 dot (its tiles, its code) and still
+    match the oracle at fp32's tolerance (the interpreter computes that dot in fp32; the GPU test below holds
+    the tensor cores to the same tolerance)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common
+
+    dots = []
+    real = _common.gemm_blocks
+    monkeypatch.setattr(_common, "gemm_blocks", lambda m, n, k, dot: dots.append(dot) or real(m, n, k, dot))
+    _check("triton", *_inputs(3, 37, 21, torch.float32), FNS[:2], torch.float32)
+    assert dots and set(dots) == {_common.DOT_F32X3}
+    assert _blocks.fp32_dot("gemm") == _common.DOT_F32X3
+    _blocks.override_blocks(None)
+    assert _blocks.fp32_dot("gemm") == _common.DOT_F32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton"])
+def test_kron_project_fp32_as_3xtf32_gpu(fp32_on_tensor_cores, backend):
+    """3xTF32 on the tensor cores keeps fp32's tolerance against the float64 oracle."""
+    _check(backend, *_inputs(5, 131, 67, torch.float32, device="cuda"), FNS, torch.float32)
 
 
 @pytest.mark.gpu

@@ -143,7 +143,8 @@ def test_score_per_token_kernel_compiles_for_gpu():
     from source_fast.kernels import _blocks
 
     cases = []
-    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90))):
+    for dot, ptr, archs in ((0, "*fp32", (90,)), (1, "*fp16", (80, 90)), (2, "*bf16", (80, 90)),
+                            (4, "*fp32", (80, 90))):  # 4: 3xTF32, where FP32_TENSOR_CORES turns it on
         sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", O="i32", I="i32", ROWS="i64",
                    row_start="i64", q_start="i64", s_vq="i64", s_vo="i32", s_ar="i64", s_gr="i64", s_oq="i64")
         div16 = ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]
@@ -154,6 +155,43 @@ def test_score_per_token_kernel_compiles_for_gpu():
             cases += [("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, arch,
                        {"num_warps": warps, "num_stages": stages, "div16": div16}) for arch in archs]
     assert_fast_sm90_builds(cases)
+
+
+@pytest.fixture
+def fp32_on_tensor_cores():
+    """_blocks.FP32_TENSOR_CORES on for the token-wise GEMM: fp32 as 3xTF32 (DOT_F32X3)."""
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"FP32_TENSOR_CORES": {"per_token": [1]}})
+    yield
+    _blocks.override_blocks(None)
+
+
+@pytest.mark.interpreter
+def test_score_per_token_triton_fp32_as_3xtf32(fp32_on_tensor_cores, monkeypatch):
+    """With FP32_TENSOR_CORES on, the token-wise GEMM (score_per_token, and score_pairwise's fp32 one-token form)
+    takes the 3xTF32 dot and matches the oracle at fp32's tolerance (in fp32 arithmetic in the interpreter; the
+    GPU test below holds the tensor cores to it)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common
+
+    dots = []
+    real = _blocks.per_token_blocks
+    monkeypatch.setattr(_blocks, "per_token_blocks", lambda r, o, i, dot: dots.append(dot) or real(r, o, i, dot))
+    v, a, g = _inputs(5, 7, 3, 37, 21, torch.float32)
+    _check("triton", v, a, g, torch.float32)
+    got = ops.score_pairwise(v[..., :], a[:, :1], g[:, :1], backend="triton")
+    assert_matches_oracle(got, reference.score_pairwise_ref(v, a[:, :1], g[:, :1]), op="score_pairwise",
+                          backend="triton", dtype=torch.float32)
+    assert dots and set(dots) == {_common.DOT_F32X3}  # (a first use also runs the backend's self-test)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 9])
+def test_score_per_token_fp32_as_3xtf32_gpu(fp32_on_tensor_cores, t):
+    """3xTF32 on the tensor cores keeps fp32's tolerance against the float64 oracle."""
+    _check("triton", *_inputs(7, 45, t, 131, 67, torch.float32, device="cuda"), torch.float32)
 
 
 @pytest.mark.gpu
