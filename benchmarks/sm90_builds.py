@@ -66,7 +66,8 @@ def pairwise_formed(dot: int, t: int) -> tuple:
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
                                                   "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
-    return case, tile, 2 / cfg.block_n, "only V streams: 2/BLOCK_N"
+    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
+    return case, tile, element / cfg.block_n, "only V streams: 2/BLOCK_N (4/BLOCK_N fp32)"
 
 
 def pairwise_materialized(dot: int) -> tuple:
@@ -80,7 +81,9 @@ def pairwise_materialized(dot: int) -> tuple:
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
                                                   "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs (G read)"
-    return case, tile, 2 / cfg.block_n + 2 / cfg.block_q, "2/BLOCK_N + 2/BLOCK_Q (+ forming G: one more pass)"
+    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
+    return (case, tile, element / cfg.block_n + element / cfg.block_q,
+            "2/BLOCK_N + 2/BLOCK_Q (+ forming G: one more pass)")
 
 
 def tokenwise(dot: int) -> tuple:
@@ -177,6 +180,8 @@ ROWS = [
     ("token-wise GEMM, fp32", lambda: tokenwise(0)),
     ("token-wise GEMM, fp32 as 3xTF32 (FP32_TENSOR_CORES)", lambda: tokenwise(_common.DOT_F32X3)),
     ("GEMM, fp32 as 3xTF32 (FP32_TENSOR_CORES)", lambda: gemm(_common.DOT_F32X3)),
+    ("score_pairwise, 4 tokens, fp32 as 3xTF32 (FP32_TENSOR_CORES)", lambda: pairwise_formed(_common.DOT_F32X3, 4)),
+    ("score_pairwise, 16 tokens (materialised), fp32 as 3xTF32", lambda: pairwise_materialized(_common.DOT_F32X3)),
     ("covariance, D = 32 (narrow), fp32", lambda: covariance(0, 32)),
     ("covariance, D = 2049 (wide), fp32", lambda: covariance(0, 2064)),
 ]

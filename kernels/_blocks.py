@@ -71,6 +71,7 @@ PAIRWISE_GPU_BLOCKS = {
     0: ((64, 32, 16, 1, 4, 2), (64, 32, 16, 8, 4, 2)),
     1: ((128, 256, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
     2: ((128, 256, 32, 1, 8, 3), (128, 64, 32, 8, 8, 3)),
+    4: ((64, 128, 32, 1, 8, 3), (64, 64, 32, 4, 8, 2)),  # 3xTF32: 192 and 227 registers, no spills
 }
 
 # score_pairwise with more tokens than the several-token config forms at once (its max_t): G_n is formed in
@@ -82,7 +83,8 @@ PAIRWISE_GPU_BLOCKS = {
 # Q = 512, N = 8192, T = 16, before the o-splits): 256 examples × 128 queries × 64 inputs 72.1 ms, 128 × 128 × 64
 # 75.9 ms, 256 × 128 × 32 (4 stages) 85.7 ms, torch 129.6 ms. With the o-split arguments the first spills 48 B in
 # the sm_90 build (255 registers); 128 × 128 × 64 takes 154, no spills.
-PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3)}
+PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3),
+                                    4: (64, 128, 32, 8, 3)}  # 3xTF32: 198 registers
 
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
@@ -94,10 +96,11 @@ PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128,
 
 # fp32 inputs on tensor cores as 3xTF32 (`_common.DOT_F32X3`, about fp32's accuracy) instead of IEEE fp32 dots on
 # the CUDA cores, per kernel family: "gemm" (`_common.bmm`: kron_project, the token rotations), "per_token" (the
-# token-wise GEMM: score_per_token, score_pairwise's fp32 one-token form). (1,) turns it on. Off until measured:
+# token-wise GEMM: score_per_token, score_pairwise's fp32 one-token form), "pairwise" (score_pairwise with
+# several tokens: formed on chip or materialised). (1,) turns it on. Off until measured:
 # the H100 run of 2026-11-26 had these fp32 kernels at 0.23-0.68x the torch backend (cuBLAS fp32, 52 TFLOP/s),
 # and TF32 there ran at 379 TFLOP/s, so three TF32 products could reach about twice cuBLAS's fp32 rate.
-FP32_TENSOR_CORES = {"gemm": (0,), "per_token": (0,)}
+FP32_TENSOR_CORES = {"gemm": (0,), "per_token": (0,), "pairwise": (0,)}
 
 # score_pairwise contracts examples of at most this many tokens token-wise (the per-token GEMM summed over
 # tokens: T·Q·N·O·I MACs, both operands streamed from memory) and forms G_n on chip above it (Q·N·O·I MACs plus
@@ -120,7 +123,9 @@ LOWRANK_GPU_BLOCKS = {0: (64, 32, 32, 4, 3), 1: (128, 32, 128, 8, 3), 2: (128, 3
 ARCH_BLOCKS = {
     "sm_80": {
         # 128 × 256 × 32 spills 16 B with mma.sync; 16-wide input steps keep the 256 examples (223 registers)
-        "PAIRWISE_GPU_BLOCKS": {k: ((128, 256, 16, 1, 8, 3), (128, 64, 32, 8, 8, 3)) for k in (1, 2)},
+        # (3xTF32's several-token tile spills 104 B with mma.sync; 16-wide input steps at 4 warps do not)
+        "PAIRWISE_GPU_BLOCKS": {**{k: ((128, 256, 16, 1, 8, 3), (128, 64, 32, 8, 8, 3)) for k in (1, 2)},
+                                4: ((64, 128, 32, 1, 8, 3), (64, 64, 16, 4, 4, 2))},
         # the materialised contraction's 64-wide input steps spill 16 B with mma.sync (180 registers at 32)
         "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},
         # 64-wide K steps spill 8 B; 3xTF32's 32-wide steps spill 8 B there, 16-wide ones take 170 registers

@@ -280,6 +280,8 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
             return tokenwise_scores(v, a, g, out)
         per_token = tokenwise_scores(v, a, g, torch.empty(q, n * t, dtype=torch.float32, device=a.device))
         return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # a fixed-shape reduction: deterministic
+    if dot == _common.DOT_F32:
+        dot = _blocks.fp32_dot("pairwise")  # IEEE, or 3xTF32 where FP32_TENSOR_CORES turns it on
     if _blocks.pairwise_materializes(t, dot):
         _materialized_scores(v, a, g, out, dot)
         return out

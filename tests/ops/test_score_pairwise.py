@@ -399,7 +399,7 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     from source_fast.kernels import _blocks
 
     formed, given = [], []
-    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16")):
+    for dot, ptr in ((0, "*fp32"), (1, "*fp16"), (2, "*bf16"), (4, "*fp32")):  # 4: 3xTF32 (FP32_TENSOR_CORES)
         strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
         sig = dict(v_ptr=ptr, a_ptr=ptr, gt_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32",
                    I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
@@ -420,8 +420,42 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
         # (as a right operand) cost a round trip and a wait per step in the previous kernel.
         assert (usage is None or case[3]["DOT"] == 0 or case[3]["GIVEN"]
                 or usage["HGMMA_REG_A"] == usage["HGMMA"]), (case[3], usage)
-    # Ampere (sm_80: mma.sync instead of wgmma) builds too, for the 16-bit configurations.
+    # Ampere (sm_80: mma.sync instead of wgmma) builds too, for the 16-bit and 3xTF32 configurations.
     compile_for_gpu([case[:4] + (80,) + case[5:] for case in formed + given if case[3]["DOT"] != 0])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("t", [2, 6], ids=["formed", "materialized"])
+def test_score_pairwise_triton_fp32_as_3xtf32(monkeypatch, t):
+    """With FP32_TENSOR_CORES on for "pairwise", fp32 several-token scoring takes the 3xTF32 dot, formed on chip
+    (T ≤ its tile's 4 tokens) or materialised (above), and matches the oracle at fp32's tolerance (fp32
+    arithmetic in the interpreter; the gpu test below holds the tensor cores to it)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
+
+    dots = []
+    real = kernel._contract
+    monkeypatch.setattr(kernel, "_contract", lambda *args, **kw: dots.append((args[8], kw["given"])) or real(*args, **kw))
+    _blocks.override_blocks({"FP32_TENSOR_CORES": {"pairwise": [1]}})
+    try:
+        _check("triton", *_inputs(5, 9, t, 37, 11, torch.float32), torch.float32)
+    finally:
+        _blocks.override_blocks(None)
+    assert dots[-1] == (_common.DOT_F32X3, t > 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [2, 9])
+def test_score_pairwise_fp32_as_3xtf32_gpu(t):
+    """3xTF32 on the tensor cores keeps fp32's tolerance against the float64 oracle."""
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"FP32_TENSOR_CORES": {"pairwise": [1]}})
+    try:
+        _check("triton", *_inputs(7, 45, t, 131, 67, torch.float32, device="cuda"), torch.float32)
+    finally:
+        _blocks.override_blocks(None)
 
 
 @pytest.mark.gpu
