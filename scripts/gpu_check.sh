@@ -83,6 +83,13 @@ grep -E "^  (pairwise_one|pairwise_many|per_token|covariance_narrow)" "$OUT/benc
   && echo "benchmarks run with SOURCE_FAST_TRITON_BLOCKS=$SOURCE_FAST_TRITON_BLOCKS" | tee -a "$OUT/env.txt"
 fi
 
+# Where materialised several-token scoring spends its time (forming G against contracting it), into bench.log
+if [ "${PROFILE_S:-45}" -gt 0 ]; then
+step "profile materialised score_pairwise (bf16, T = 16)"
+limited "${PROFILE_S:-45}" "$PY" benchmarks/profile_pairwise_materialized.py --device cuda >> "$OUT/bench.log" 2>&1
+echo "rc=$?"; grep -E "^PROFILE" "$OUT/bench.log" | tail -2
+fi
+
 # BENCH_PLAN: ";"-separated "op[:extra args]" entries, e.g. "score_pairwise:--dtypes bfloat16;score_self"
 # (default: every op against the torch path only; the Kronfluence baselines are CPU comparisons and slow here).
 # Default order = what the issue's open GPU targets need first: bf16 scoring (≥ 60 % of the tensor-core roof;

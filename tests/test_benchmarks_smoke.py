@@ -72,3 +72,14 @@ def test_sm90_builds_report_builds_every_kernel_form(arch):
     assert len(rows) >= 10, proc.stdout
     if "no cuobjdump" not in proc.stdout:
         assert all(line.split("|")[5].strip() == "0" for line in rows), proc.stdout  # no spills at the defaults
+
+
+def test_profile_pairwise_materialized_smoke():
+    """benchmarks/profile_pairwise_materialized.py runs both stages of one chunk (forming G, contracting it) and
+    the whole op under the interpreter, and checks the op against the oracle."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_pairwise_materialized.py"), "--smoke"], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r"^PROFILE pairwise_materialized: rel_err \S+ \(ok\)", proc.stdout, re.M), proc.stdout
+    assert "SMOKE" in proc.stdout and "chunk" in proc.stdout
