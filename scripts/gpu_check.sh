@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should check, in priority order, each step under a time limit, inside one
 # overall deadline (a lease is short): build the CUDA extension, measure the device's ceilings, run the `gpu`
-# tests, then the op benchmarks (each row is written as soon as it is measured, so a cut-off run keeps them).
+# tests, tune the Triton tiles, profile materialised score_pairwise, then the op benchmarks (each row is written
+# as soon as it is measured, so a cut-off run keeps them).
 #
 #   OUT=gpu_out DEADLINE_S=540 SOURCE_FAST_GIT_COMMIT=$(git rev-parse --short=12 HEAD) bash scripts/gpu_check.sh
 #
-# (on a lent machine: run it with a command timeout a little above DEADLINE_S; the H200 run of 2026-11-26
-# needed ≈ 30 s to build, 70 s for the tests and 20-75 s per op benchmark)
+# (on a lent machine: run it with a command timeout a little above DEADLINE_S; the H100 run of 2026-11-26
+# needed ≈ 25 s to build, 70 s for the tests, 50 s to tune and 20-75 s per op benchmark; a machine started in
+# ≈ 30 s). Steps and their caps: BUILD_CUDA=0, SKIP_TESTS=1, TESTS_S, DETERMINISM_S, TUNE_S (0: skip), PROFILE_S
+# (0: skip), BENCH_S, BENCH_PLAN; a re-check of some ops: GPU_TESTS, GPU_TESTS_K, TUNE_ONLY (see below).
 #
 # Needs a python3 with a CUDA torch and triton (a GPU image's own; nothing is downloaded). Results and logs go
 # to $OUT (at most 8 files come back): env.txt (with the build's log) roofline.json gpu_tests.log
