@@ -6,8 +6,12 @@ Two regimes:
 - on a GPU they come from the tables below (`TABLES`). There is no autotuning at run time: another
   tile is another reduction order, and results must be bitwise reproducible run to run.
 
+Besides tiles, two tables choose a form or an arithmetic the same way: PAIRWISE_TOKENWISE_GPU (score_pairwise
+token-wise or formed) and FP32_TENSOR_CORES (fp32 inputs as 3xTF32 or IEEE).
+
 The defaults were chosen from the sm_90 builds without a GPU (tests/ops/*: no spills, asynchronous copies,
-wgmma; `_backends.assert_fast_sm90_builds`). Measured choices replace them entry by entry (`gpu_blocks`):
+wgmma; `_backends.assert_fast_sm90_builds`); an H100 measured the main ones on 2026-11-26 (`_tuned_blocks`).
+Measured choices replace them entry by entry (`gpu_blocks`):
 1. `override_blocks(...)`: explicit, in-process (benchmarks/tune_triton.py tries candidates this way; it
    also applies under the interpreter, so the tests can run every candidate tile on CPU);
 2. the JSON file named by SOURCE_FAST_TRITON_BLOCKS (a tune_triton.py output: its "best" entries);
