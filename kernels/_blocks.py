@@ -141,6 +141,8 @@ ARCH_BLOCKS = {
 
 # Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
 ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,)}
+# Tables of on/off switches: 0 or 1.
+FLAG_TABLES = ("FP32_TENSOR_CORES",)
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
           "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS",
@@ -199,6 +201,8 @@ def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
                 also = f" (0 allowed at position {zero_ok[0]})" if zero_ok and least else ""
                 raise ValueError(f"{origin}: {table}[{key}]: expected ints >= {least}{also} shaped like "
                                  f"{known[str(key)]}, got {value}")
+            if table in FLAG_TABLES and any(v > 1 for v in _leaves(value)):
+                raise ValueError(f"{origin}: {table}[{key}]: expected (0,) or (1,) (off or on), got {value}")
             out[table][str(key)] = value
     return out
 

@@ -98,6 +98,8 @@ def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
     ({"COVARIANCE_GPU_BLOCKS": {"wide": [64, 0, 4]}}, "expected ints >= 1"),
     ({"PAIRWISE_GPU_BLOCKS": {"2": [128, 128, 32, 1, 8, 3]}}, "shaped like ((128"),
     ({"PAIR_GPU_BLOCKS": {"0": [64, 64, True]}}, "expected ints >= 1"),
+    ({"FP32_TENSOR_CORES": {"gemm": [2]}}, "FP32_TENSOR_CORES[gemm]: expected (0,) or (1,) (off or on), got (2,)"),
+    ({"FP32_TENSOR_CORES": {"attention": [1]}}, "unknown key 'attention'"),
 ])
 def test_bad_overrides_name_table_key_expected_and_actual(entries, needle):
     with pytest.raises(ValueError) as e:
