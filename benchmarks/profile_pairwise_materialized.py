@@ -55,20 +55,16 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
                 / reference.score_pairwise_ref(v, a[sample], g[sample]).norm())
 
     # One chunk, as _materialized_scores runs it.
-    i_pad = _common.round_up(i, _common.ALIGN)
-    vk = _common.aligned_rows(v, i_pad)
-    half = _common.storage_dtype(dot)
-    cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    step = kernel.materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
-    grads = torch.zeros(step, o, i_pad, dtype=half, device=device)
-    out = torch.empty(q, step, dtype=torch.float32, device=device)
+    plan = kernel.materialized_plan(v, a, dot)
+    cfg, step, i_pad = plan.cfg, plan.step, plan.i_pad
+    chunk = kernel.form_chunk(plan, a, g, 0, dot)
+    out = torch.empty(q, chunk.shape[0], dtype=torch.float32, device=device)
 
     def form():
-        _common.bmm(g[:step].transpose(1, 2), a[:step], grads[..., :i], dot=dot)
+        kernel.form_chunk(plan, a, g, 0, dot)
 
     def contract():
-        kernel._contract(vk, grads, grads, out, 1, o, i_pad, cfg, dot, given=True)
+        kernel.contract_chunk(plan, chunk, out, dot)
 
     grid = triton.cdiv(step, cfg.block_n) * triton.cdiv(q, cfg.block_q)
     i_per, i_splits, o_per, o_splits = kernel.split_contraction(grid, i_pad, o, cfg.block_i, q * step, device)
@@ -84,7 +80,7 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
     row["op_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="triton"), device)
     row["torch_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="torch"), device)
     if device.type == "cuda":
-        row["form_gbps"] = step * o * i_pad * half.itemsize / row["form_ms"] / 1e6  # G written
+        row["form_gbps"] = chunk.numel() * chunk.element_size() / row["form_ms"] / 1e6  # G written
         row["contract_tflops"] = 2 * q * step * o * i / row["contract_ms"] / 1e9
         row["op_tflops"] = 2 * q * n * o * i / row["op_ms"] / 1e9
         row["chunks_ms"] = row["chunks"] * (row["form_ms"] + row["contract_ms"])  # vs op_ms: the rest is overhead

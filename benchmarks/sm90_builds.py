@@ -54,35 +54,36 @@ def _opts(warps: int, stages: int | None, div16: list[str]) -> dict:
     return opts
 
 
-def pairwise_formed(dot: int, t: int) -> tuple:
-    """score_pairwise forming G on chip (16-bit default for any T), Q=512, N=8192, O=1024, I=1025."""
-    cfg = _blocks.pairwise_blocks(512, 8192, t, 1040, dot)
+def _element(dot: int) -> int:
+    """Bytes per streamed operand element of a dot dtype code (fp32 for IEEE, TF32 and 3xTF32)."""
+    return _common.storage_dtype(dot).itemsize
+
+
+def _pairwise_case(dot: int, cfg, block_t: int, given: bool) -> tuple:
+    """The build case of `_score_pairwise_kernel` at a configuration, with the launcher's alignment facts."""
     strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
                O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
-    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=False,
+    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=block_t, GIVEN=given,
                  DOT=dot)
-    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
+    return ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
             _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
                                                   "s_at", "s_go", "s_gt", "I", "i_per_split"]))
+
+
+def pairwise_formed(dot: int, t: int) -> tuple:
+    """score_pairwise forming G on chip (16-bit default for any T), Q=512, N=8192, O=1024, I=1025."""
+    cfg = _blocks.pairwise_blocks(512, 8192, t, 1040, dot)
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs, {cfg.block_t} token(s)"
-    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
-    return case, tile, element / cfg.block_n, "only V streams: 2/BLOCK_N (4/BLOCK_N fp32)"
+    return (_pairwise_case(dot, cfg, cfg.block_t, False), tile, _element(dot) / cfg.block_n,
+            "only V streams: 2/BLOCK_N (4/BLOCK_N fp32)")
 
 
 def pairwise_materialized(dot: int) -> tuple:
     """score_pairwise contracting materialised G_n (more tokens than formed on chip), Q=512, O=1024, I=1025."""
     cfg = _blocks.pairwise_materialized_blocks(512, 8192, 1040, dot)
-    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "go", "gt", "os", "oq")}
-    sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], gt_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
-               O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", **strides)
-    const = dict(BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=1, GIVEN=True, DOT=dot)
-    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_kernel", sig, const, ARCH,
-            _opts(cfg.num_warps, cfg.num_stages, ["v_ptr", "a_ptr", "gt_ptr", "out_ptr", "s_vq", "s_vo", "s_an",
-                                                  "s_at", "s_go", "s_gt", "I", "i_per_split"]))
     tile = f"{cfg.block_n} examples × {cfg.block_q} queries × {cfg.block_i} inputs (G read)"
-    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
-    return (case, tile, element / cfg.block_n + element / cfg.block_q,
+    return (_pairwise_case(dot, cfg, 1, True), tile, _element(dot) / cfg.block_n + _element(dot) / cfg.block_q,
             "2/BLOCK_N + 2/BLOCK_Q (+ forming G: one more pass)")
 
 
@@ -94,13 +95,13 @@ def tokenwise(dot: int) -> tuple:
     const = dict(BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi, DOT=dot, ROWS_FASTEST=True, s_vi=1, s_ai=1, s_go=1)
     case = ("source_fast.kernels.score_per_token", "_score_per_token_kernel", sig, const, ARCH,
             _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "s_vq", "s_vo", "s_ar", "s_gr", "O", "I"]))
-    element = 4 if dot in (_common.DOT_F32, _common.DOT_F32X3) else 2
-    return case, f"{bm} rows × {bo} outputs × {bi} inputs", element / bm + element / bo, "2/M + 2/N (4/M + 4/N fp32)"
+    return (case, f"{bm} rows × {bo} outputs × {bi} inputs", _element(dot) / bm + _element(dot) / bo,
+            "2/M + 2/N (4/M + 4/N fp32)")
 
 
 def covariance(dot: int, d: int) -> tuple:
     """covariance of R rows × D (narrow: memory-bound, one tile)."""
-    block_d, block_r, warps = _blocks.covariance_blocks(2 ** 24, d, 4 if dot == _common.DOT_F32 else 2)
+    block_d, block_r, warps = _blocks.covariance_blocks(2 ** 24, d, _element(dot))
     sig = dict(x_ptr=PTR[dot], y_ptr=PTR[dot], m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
     const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
@@ -124,12 +125,12 @@ def lambda_accum(dot: int) -> tuple:
 
 
 def score_self(dot: int) -> tuple:
-    bo, bi, bt, launch = _blocks.pair_blocks(1024, 2064, 16, dot)
+    bo, bi, bt, launch = _blocks.pair_blocks(1024, 2064, 16, dot, cap_registers=False)
     sig = dict(gs_ptr=PTR[dot], as_ptr=PTR[dot], w_ptr="*fp32", ws_ptr="*fp32", N="i32", T="i32", O="i32",
                I="i32", n_per_split="i32", stride_wst="i32")
     const = dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, DOT=dot, ONE_CHUNK=True)
     case = ("source_fast.kernels.score_self", "_score_self_kernel", sig, const, ARCH,
-            {"num_warps": launch["num_warps"], "div16": ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]})
+            {**launch, "div16": ["gs_ptr", "as_ptr", "w_ptr", "ws_ptr", "O", "I"]})
     return case, f"{bo} × {bi} outputs, {bt} tokens", 2 / bo + 2 / bi, "per example: 2/BLOCK_O + 2/BLOCK_I (W kept)"
 
 
@@ -153,16 +154,16 @@ def gemm(dot: int) -> tuple:
     """`_common.bmm` (token rotations, kron_project), M = 65536, K = N = 1040, operands in the dot dtype (fp32 for
     TF32)."""
     bm, bn, bk, warps = _blocks.gemm_blocks(65536, 1040, 1040, dot)
-    sig = dict(a_ptr=PTR.get(dot, "*fp32"), b_ptr=PTR.get(dot, "*fp32"), c_ptr="*fp32", f_ptr="*fp32", M="i32",
-               N="i32", K="i64", stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
+    sig = dict(a_ptr=PTR[dot], b_ptr=PTR[dot], c_ptr="*fp32", f_ptr="*fp32", M="i32", N="i32", K="i64",
+               stride_ab="i64", stride_am="i32", stride_bb="i32", stride_bk="i32", stride_cb="i64", stride_cm="i32",
                stride_fk="i32", stride_fn="i32", spec_c="fp32", spec_damping="fp32")
     const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, FKIND=0, SQUARE=False, ACCUMULATE=False,
                  stride_ak=1, stride_bn=1, stride_cn=1)
     case = ("source_fast.kernels._common", "_bmm_kernel", sig, const, ARCH,
             _opts(warps, None, ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_ab", "stride_am", "stride_bk",
                                 "stride_cb", "stride_cm"]))
-    element = 4 if dot in (_common.DOT_TF32, _common.DOT_F32X3) else 2
-    return case, f"{bm} × {bn} × {bk}", element / bm + element / bn, "2/M + 2/N (4/M + 4/N for fp32 operands)"
+    return (case, f"{bm} × {bn} × {bk}", _element(dot) / bm + _element(dot) / bn,
+            "2/M + 2/N (4/M + 4/N for fp32 operands)")
 
 
 ROWS = [

@@ -312,14 +312,14 @@ def covariance_blocks(r: int, d: int, element_bytes: int = 2) -> tuple[int, int,
     return block_d, max(16, block_r * 2 // max(2, element_bytes)), warps
 
 
-def pair_blocks(o: int, i: int, t: int, dot: int) -> tuple[int, int, int, dict]:
+def pair_blocks(o: int, i: int, t: int, dot: int, cap_registers: bool = True) -> tuple[int, int, int, dict]:
     """(BLOCK_O, BLOCK_I, BLOCK_T, launch options) of the fused per-example kernels (lambda_accum, score_self): an
     O×I tile of (rotated) per-example gradient lives in registers. The options: num_warps, and maxnreg when the
-    table caps the registers."""
+    table caps the registers and the kernel takes the cap (score_self does not: see PAIR_GPU_BLOCKS)."""
     if interpreting() and not is_forced("PAIR_GPU_BLOCKS", dot):
         return clamp_pow2(o, 16, 64), clamp_pow2(i, 16, 64), clamp_pow2(t, 16, 64), {"num_warps": 4}
     block_o, block_i, block_t, warps, maxnreg = gpu_blocks("PAIR_GPU_BLOCKS", dot)
-    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    options = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg and cap_registers else {})}
     # Fewer tokens than the cap: a smaller K step (tl.dot needs 16), not a masked half of one.
     return block_o, block_i, min(block_t, clamp_pow2(t, 16, block_t)), options
 

@@ -185,6 +185,14 @@ def pair_tile(pid, O, I, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
+def _token_rows_product(g_ptr, a_ptr, rows, t_ok, O, I, offs_o, o_ok, offs_i, i_ok, tile, DOT: tl.constexpr):
+    """tile + g[rows, offs_o]ᵀ a[rows, offs_i] for the token rows `rows` (int64) where t_ok."""
+    g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+    a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+    return mma(tl.trans(g), a, tile, DOT)
+
+
+@triton.jit
 def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
                       BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, DOT: tl.constexpr,
                       ONE_CHUNK: tl.constexpr):
@@ -196,19 +204,13 @@ def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
     offs_t = tl.arange(0, BLOCK_T)
     tile = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     if ONE_CHUNK:
-        t_ok = offs_t < T
-        rows = row0 + offs_t.to(tl.int64)
-        g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-        tile = mma(tl.trans(g), a, tile, DOT)
+        tile = _token_rows_product(g_ptr, a_ptr, row0 + offs_t.to(tl.int64), offs_t < T, O, I, offs_o, o_ok, offs_i,
+                                   i_ok, tile, DOT)
     else:
         for t0 in range(0, T, BLOCK_T):
             tt = t0 + offs_t
-            t_ok = tt < T
-            rows = row0 + tt.to(tl.int64)
-            g = tl.load(g_ptr + rows[:, None] * O + offs_o[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rows[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-            tile = mma(tl.trans(g), a, tile, DOT)
+            tile = _token_rows_product(g_ptr, a_ptr, row0 + tt.to(tl.int64), tt < T, O, I, offs_o, o_ok, offs_i,
+                                       i_ok, tile, DOT)
     return tile
 
 

@@ -55,6 +55,7 @@ contraction (fp32 accumulation), as a same-precision computation would; otherwis
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -242,25 +243,53 @@ def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
     return min(max(n, 1), max(_common.chunk_examples(n, per_example_bytes), wanted))
 
 
-def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, dot: int) -> None:
-    """out = ⟨V_q, G_n⟩ with G_n = g_nᵀ a_n formed in memory, one chunk of examples at a time, by a GEMM over the
-    tokens (`_common.bmm`, fp32 accumulation, stored in the operand dtype: fp16/bf16 inputs give the rounded G
-    the formed kernel contracts), then contracted by the kernel reading G (GIVEN)."""
+class MaterializedPlan(NamedTuple):
+    """How `_materialized_scores` runs: the padded query directions, the padded input width, the dtype G is
+    stored in, the contraction's tile, and the examples per chunk with that chunk's G buffer (its padding
+    columns zero)."""
+    vk: torch.Tensor
+    i_pad: int
+    cfg: _blocks.PairwiseConfig
+    step: int
+    grads: torch.Tensor
+
+
+def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> MaterializedPlan:
+    """The chunking and buffers of the materialised form for these inputs (also what
+    benchmarks/profile_pairwise_materialized.py times stage by stage)."""
     q, o, i = v.shape
-    n, t, _ = a.shape
+    n = a.shape[0]
     i_pad = _common.round_up(i, _common.ALIGN)
-    vk = _common.aligned_rows(v, i_pad)
     half = _common.storage_dtype(dot)
     cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
     free = torch.cuda.mem_get_info(a.device)[0] if a.device.type == "cuda" else None
     step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
     grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
     grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        chunk = grads[:count]
-        _common.bmm(g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :i], dot=dot)
-        _contract(vk, chunk, chunk, out[:, start:start + count], 1, o, i_pad, cfg, dot, given=True)
+    return MaterializedPlan(_common.aligned_rows(v, i_pad), i_pad, cfg, step, grads)
+
+
+def form_chunk(plan: MaterializedPlan, a: torch.Tensor, g: torch.Tensor, start: int, dot: int) -> torch.Tensor:
+    """G_n for the chunk of examples from `start`, by a GEMM over the tokens (`_common.bmm`, fp32 accumulation,
+    stored in the operand dtype: fp16/bf16 inputs give the rounded G the formed kernel contracts)."""
+    count = min(plan.step, a.shape[0] - start)
+    chunk = plan.grads[:count]
+    _common.bmm(g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :a.shape[2]], dot=dot)
+    return chunk
+
+
+def contract_chunk(plan: MaterializedPlan, chunk: torch.Tensor, out: torch.Tensor, dot: int) -> None:
+    """out [Q, chunk's examples] = the kernel's contraction of the queries with a formed chunk (GIVEN)."""
+    _contract(plan.vk, chunk, chunk, out, 1, chunk.shape[1], plan.i_pad, plan.cfg, dot, given=True)
+
+
+def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, dot: int) -> None:
+    """out = ⟨V_q, G_n⟩ with G_n = g_nᵀ a_n formed in memory, one chunk of examples at a time (`form_chunk`), then
+    contracted by the kernel reading G (`contract_chunk`)."""
+    plan = materialized_plan(v, a, dot)
+    for start in range(0, a.shape[0], plan.step):
+        chunk = form_chunk(plan, a, g, start, dot)
+        contract_chunk(plan, chunk, out[:, start:start + chunk.shape[0]], dot)
 
 
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -73,9 +73,10 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
     o_pad, i_pad = _common.round_up(o, _common.ALIGN), _common.round_up(i, _common.ALIGN)
     w = _common.padded(w, (o_pad, i_pad))
     q_s, q_a = _common.padded(q_s, (o_pad, o_pad)), _common.padded(q_a, (i_pad, i_pad))  # once, not per chunk
-    block_o, block_i, block_t, launch = _blocks.pair_blocks(o_pad, i_pad, t, dot)
+    # no register cap: 79 registers uncapped, 95 capped (PAIR_GPU_BLOCKS)
+    block_o, block_i, block_t, launch = _blocks.pair_blocks(o_pad, i_pad, t, dot, cap_registers=False)
     tiles = triton.cdiv(o_pad, block_o) * triton.cdiv(i_pad, block_i)
-    per_example = t * (o_pad + i_pad) * torch.empty((), dtype=rot_dtype).element_size() + 4 * tiles
+    per_example = t * (o_pad + i_pad) * rot_dtype.itemsize + 4 * tiles
     step = _common.chunk_examples(n, per_example)
     for start in range(0, n, step):
         a_c, g_c = a[start:start + step], g[start:start + step]
@@ -89,7 +90,7 @@ def score_self_triton(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: 
         _score_self_kernel[(tiles, triton.cdiv(n_c, n_per_split))](
             gs, as_, w, ws, n_c, t, o_pad, i_pad, n_per_split, ws.stride(0),
             BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=block_t, DOT=dot, ONE_CHUNK=t <= block_t,
-            num_warps=launch["num_warps"],  # not the register cap: 79 registers uncapped, 95 capped
+            **launch,
         )
         torch.sum(ws, dim=0, out=out[start:start + step])  # a fixed-order sum over tiles: deterministic
     return out
