@@ -5,7 +5,9 @@ Triton score_pairwise materialises G_n = g_nᵀ a_n when an example has more tok
 O × I = 1024 × 1025) at 72 ms, about 3× an estimate from a memory-bound forming pass plus an L2-bound GEMM. This
 script times the two stages of one chunk apart (CUDA events through the op benchmarks' timer), next to the whole
 op and the torch backend, and prints the chunk size, the contraction's split (programs and waves on this GPU),
-the forming pass's GB/s and the contraction's TFLOP/s:
+the forming pass's GB/s and the contraction's TFLOP/s; then the same for both stages by torch's GEMMs (cuBLAS) on
+the same kind of chunk (`_blocks.PAIRWISE_MATERIALIZED_TORCH`), which shows whether the kernels or the form itself
+are slow:
 
     python benchmarks/profile_pairwise_materialized.py --device cuda [--q 512 --n 8192 --t 16 --o 1024 --i 1025]
     python benchmarks/profile_pairwise_materialized.py --smoke     # CPU interpreter, tiny shapes: runs, no timing
@@ -51,39 +53,57 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
                          f"{_blocks.gpu_blocks('PAIRWISE_GPU_BLOCKS', dot)[1][3]} tokens): pick more tokens")
     got = ops.score_pairwise(v, a, g, backend="triton")
     sample = slice(0, min(n, 64))
-    err = float((got[:, sample].double() - reference.score_pairwise_ref(v, a[sample], g[sample])).norm()
-                / reference.score_pairwise_ref(v, a[sample], g[sample]).norm())
+    want = reference.score_pairwise_ref(v, a[sample], g[sample])
 
-    # One chunk, as _materialized_scores runs it.
-    plan = kernel.materialized_plan(v, a, dot)
-    cfg, step, i_pad = plan.cfg, plan.step, plan.i_pad
-    chunk = kernel.form_chunk(plan, a, g, 0, dot)
-    out = torch.empty(q, chunk.shape[0], dtype=torch.float32, device=device)
+    def rel_err(scores: torch.Tensor) -> float:  # on the first (up to) 64 examples
+        return float((scores[:, sample].double() - want).norm() / want.norm())
 
-    def form():
-        kernel.form_chunk(plan, a, g, 0, dot)
+    err = rel_err(got)
 
-    def contract():
-        kernel.contract_chunk(plan, chunk, out, dot)
+    def stages(by_torch: int) -> dict:
+        """One chunk as _materialized_scores runs it, both stages by the Triton kernels (0) or by torch's GEMMs
+        (1: PAIRWISE_MATERIALIZED_TORCH): chunk size, times and rates (rates compare across chunk sizes)."""
+        _blocks.override_blocks({"PAIRWISE_MATERIALIZED_TORCH": {"form": [by_torch], "contract": [by_torch]}})
+        try:
+            plan = kernel.materialized_plan(v, a, dot)
+            if by_torch and not (plan.torch_form and plan.torch_contract):
+                return {}  # torch cannot keep the precision here (fp32 G, or no fp32-output 16-bit products)
+            chunk = kernel.form_chunk(plan, a, g, 0, dot)
+            out = torch.empty(q, chunk.shape[0], dtype=torch.float32, device=device)
+            kernel.contract_chunk(plan, chunk, out, dot)
+            chunk_err = rel_err(out)
+            form_ms = _time(lambda: kernel.form_chunk(plan, a, g, 0, dot), device)
+            contract_ms = _time(lambda: kernel.contract_chunk(plan, chunk, out, dot), device)
+            row = {"chunk": plan.step, "chunks": -(-n // plan.step), "rel_err": chunk_err, "form_ms": form_ms,
+                   "contract_ms": contract_ms}
+            if device.type == "cuda":
+                row["form_gbps"] = chunk.numel() * chunk.element_size() / form_ms / 1e6  # G written
+                row["contract_tflops"] = 2 * q * plan.step * o * i / contract_ms / 1e9
+                row["chunks_ms"] = row["chunks"] * (form_ms + contract_ms)  # vs op_ms: the rest is overhead
+            if not by_torch:
+                cfg = plan.cfg
+                grid = triton.cdiv(plan.step, cfg.block_n) * triton.cdiv(q, cfg.block_q)
+                _, i_splits, _, o_splits = kernel.split_contraction(grid, plan.i_pad, o, cfg.block_i, q * plan.step,
+                                                                    device)
+                programs = grid * i_splits * o_splits
+                row.update(tile=f"{cfg.block_n} examples x {cfg.block_q} queries x {cfg.block_i} inputs, "
+                                f"{cfg.num_warps} warps, {cfg.num_stages} stages",
+                           split=f"{i_splits} input x {o_splits} output-row splits", programs=programs,
+                           waves=round(programs / _common.num_sms(device), 2))
+            return row
+        finally:
+            _blocks.override_blocks(None)
+            plan = chunk = out = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
-    grid = triton.cdiv(step, cfg.block_n) * triton.cdiv(q, cfg.block_q)
-    i_per, i_splits, o_per, o_splits = kernel.split_contraction(grid, i_pad, o, cfg.block_i, q * step, device)
-    sms = _common.num_sms(device)
-    programs = grid * i_splits * o_splits
-    row = dict(q=q, n=n, t=t, o=o, i=i, dtype=str(dtype).replace("torch.", ""), chunk=step, chunks=-(-n // step),
-               tile=f"{cfg.block_n} examples x {cfg.block_q} queries x {cfg.block_i} inputs, "
-                    f"{cfg.num_warps} warps, {cfg.num_stages} stages",
-               split=f"{i_splits} input x {o_splits} output-row splits", programs=programs,
-               waves=round(programs / sms, 2), rel_err=err)
-    row["form_ms"] = _time(form, device)
-    row["contract_ms"] = _time(contract, device)
+    row = dict(q=q, n=n, t=t, o=o, i=i, dtype=str(dtype).replace("torch.", ""), rel_err=err)
+    row.update({k: val for k, val in stages(0).items() if k != "rel_err"})  # the chunk's error: the op's above
+    row.update({f"torch_{k}": val for k, val in stages(1).items() if k not in ("chunks", "chunks_ms")})
     row["op_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="triton"), device)
-    row["torch_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="torch"), device)
+    row["torch_backend_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="torch"), device)
     if device.type == "cuda":
-        row["form_gbps"] = chunk.numel() * chunk.element_size() / row["form_ms"] / 1e6  # G written
-        row["contract_tflops"] = 2 * q * step * o * i / row["contract_ms"] / 1e9
         row["op_tflops"] = 2 * q * n * o * i / row["op_ms"] / 1e9
-        row["chunks_ms"] = row["chunks"] * (row["form_ms"] + row["contract_ms"])  # vs op_ms: the rest is overhead
     return row
 
 
@@ -104,11 +124,18 @@ def main(argv=None) -> int:
     row = profile(*shape, dtype, device)
     for key, value in row.items():
         print(f"  {key:>16}: {value:.4g}" if isinstance(value, float) else f"  {key:>16}: {value}")
-    ok = row["rel_err"] < (1e-4 if dtype == torch.float32 else 3e-2)
-    print(f"PROFILE pairwise_materialized: rel_err {row['rel_err']:.2e} ({'ok' if ok else 'WRONG'})"
+    bound = 1e-4 if dtype == torch.float32 else 3e-2
+    ok = row["rel_err"] < bound and row.get("torch_rel_err", 0.0) < bound
+    print(f"PROFILE pairwise_materialized: rel_err {row['rel_err']:.2e}"
+          + (f", by cuBLAS {row['torch_rel_err']:.2e}" if "torch_rel_err" in row else "")
+          + f" ({'ok' if ok else 'WRONG'})"
           + (f"; form {row['form_ms']:.3g} ms ({row['form_gbps']:.0f} GB/s), contract {row['contract_ms']:.3g} ms "
              f"({row['contract_tflops']:.0f} TFLOP/s) per chunk of {row['chunk']}; op {row['op_ms']:.3g} ms "
-             f"({row['op_tflops']:.0f} TFLOP/s), torch {row['torch_ms']:.3g} ms" if device.type == "cuda" else ""))
+             f"({row['op_tflops']:.0f} TFLOP/s), torch backend {row['torch_backend_ms']:.3g} ms"
+             + (f"; by cuBLAS: form {row['torch_form_ms']:.3g} ms ({row['torch_form_gbps']:.0f} GB/s), contract "
+                f"{row['torch_contract_ms']:.3g} ms ({row['torch_contract_tflops']:.0f} TFLOP/s) per chunk of "
+                f"{row['torch_chunk']}" if "torch_form_ms" in row else "; cuBLAS stages: not run (precision)")
+             if device.type == "cuda" else ""))
     if args.smoke:
         print("SMOKE: no timing")
     return 0 if ok else 1

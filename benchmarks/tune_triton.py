@@ -61,7 +61,7 @@ class Entry:
     def key_for(self, shape: dict):
         """The table key the run reads: dtype-keyed tables by the inputs' dtype (smoke runs use fp16 for the
         16-bit entries: the interpreter has no bf16 dots)."""
-        if self.table in ("COVARIANCE_GPU_BLOCKS", "FP32_TENSOR_CORES"):
+        if self.table in ("COVARIANCE_GPU_BLOCKS", "FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH"):
             return self.key
         return _common.dot_code(getattr(torch, shape["dtype"]))
 
@@ -131,8 +131,17 @@ _PAIRWISE_ONE = dict(dtype="bfloat16", Q=512, N=8192, T=1, O=1024, I=1025)
 _PAIRWISE_SMOKE = dict(dtype="float16", Q=5, N=7, T=1, O=3, I=37)
 
 
+_PAIRWISE_MANY = dict(dtype="bfloat16", Q=512, N=8192, T=16, O=1024, I=1025)
+_PAIRWISE_MANY_SMOKE = dict(dtype="float16", Q=5, N=7, T=11, O=3, I=37)
+
+
 def _pairwise_flops(p):
     return 2 * p["Q"] * p["N"] * p["T"] * p["O"] * p["I"]
+
+
+def _pairwise_many_flops(p):
+    """The materialised form's MACs × 2: the contraction (Q per G element) and the forming (T)."""
+    return 2 * p["N"] * p["O"] * p["I"] * (p["Q"] + p["T"])
 
 
 ENTRIES = [
@@ -160,10 +169,16 @@ ENTRIES = [
     # the contraction and the forming, 2·N·O·I·(Q + T)).
     Entry("pairwise_many_bf16", "PAIRWISE_MATERIALIZED_GPU_BLOCKS", 2, None,
           [(128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)],  # last spills
-          dict(dtype="bfloat16", Q=512, N=8192, T=16, O=1024, I=1025),
-          dict(dtype="float16", Q=5, N=7, T=11, O=3, I=37), _pairwise_inputs,
-          lambda x, b: ops.score_pairwise(*x, backend=b),
-          lambda p: 2 * p["N"] * p["O"] * p["I"] * (p["Q"] + p["T"])),
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
+    # ... and each of its stages by torch's GEMM (cuBLAS) on the same chunks instead of the Triton kernel, at the
+    # default tiles: the contraction first (most of the MACs), then the forming.
+    Entry("pairwise_many_torch_contract", "PAIRWISE_MATERIALIZED_TORCH", "contract", None, [(0,), (1,)],
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
+    Entry("pairwise_many_torch_form", "PAIRWISE_MATERIALIZED_TORCH", "form", None, [(0,), (1,)],
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
     Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
           [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8), (64, 128, 4)],
           dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,
@@ -203,7 +218,7 @@ ENTRIES = [
     Entry("pairwise_many_fp32_tensor_cores", "FP32_TENSOR_CORES", "pairwise", None, [(0,), (1,)],
           dict(dtype="float32", Q=128, N=2048, T=16, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=9, O=3, I=37),
           _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          lambda p: 2 * p["N"] * p["O"] * p["I"] * (p["Q"] + p["T"])),
+          _pairwise_many_flops),
     Entry("pairwise_one_fp32_tensor_cores", "FP32_TENSOR_CORES", "per_token", None, [(0,), (1,)],
           dict(dtype="float32", Q=128, N=2048, T=1, O=1024, I=1025), dict(dtype="float32", Q=5, N=7, T=1, O=3, I=37),
           _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),

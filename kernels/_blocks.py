@@ -6,8 +6,9 @@ Two regimes:
 - on a GPU they come from the tables below (`TABLES`). There is no autotuning at run time: another
   tile is another reduction order, and results must be bitwise reproducible run to run.
 
-Besides tiles, two tables choose a form or an arithmetic the same way: PAIRWISE_TOKENWISE_GPU (score_pairwise
-token-wise or formed) and FP32_TENSOR_CORES (fp32 inputs as 3xTF32 or IEEE).
+Besides tiles, three tables choose a form or an arithmetic the same way: PAIRWISE_TOKENWISE_GPU (score_pairwise
+token-wise or formed), FP32_TENSOR_CORES (fp32 inputs as 3xTF32 or IEEE) and PAIRWISE_MATERIALIZED_TORCH (the
+materialised form's stages by the Triton kernels or by torch's GEMMs).
 
 The defaults were chosen from the sm_90 builds without a GPU (tests/ops/*: no spills, asynchronous copies,
 wgmma; `_backends.assert_fast_sm90_builds`); an H100 measured the main ones on 2026-11-26 (`_tuned_blocks`).
@@ -106,6 +107,16 @@ PER_TOKEN_GPU_BLOCKS = {0: (64, 64, 32, 4, 3), 1: (128, 128, 64, 8, 3), 2: (128,
 # and TF32 there ran at 379 TFLOP/s, so three TF32 products could reach about twice cuBLAS's fp32 rate.
 FP32_TENSOR_CORES = {"gemm": (0,), "per_token": (0,), "pairwise": (0,)}
 
+# score_pairwise's materialised form by stage: "form" (G_n = g_nᵀ a_n over the tokens, a chunk of examples at a
+# time) and "contract" (⟨V_q, G_n⟩ over that chunk) each run the Triton kernel (0) or torch's GEMM on the same chunk
+# (1: cuBLAS on a GPU; fp32 accumulation, G stored in the inputs' dtype either way, the scores fp32; the
+# contraction only where torch has fp32-output 16-bit products, `_torch_ops.has_fp32_out_mm`). Off until
+# measured. The H100 run of 2026-11-26 had the whole form at 72 ms (126 TFLOP/s) for Q = 512, N = 8192, T = 16,
+# O × I = 1024 × 1025, about 3x an estimate from its bytes; the torch backend, the same two cuBLAS GEMMs on chunks of
+# 128 examples (a 512 × 128 output per GEMM), took 130 ms. On chunks of 2·Q and more examples cuBLAS is untimed:
+# benchmarks/tune_triton.py's pairwise_many_torch_* entries and profile_pairwise_materialized.py time both.
+PAIRWISE_MATERIALIZED_TORCH = {"form": (0,), "contract": (0,)}
+
 # score_pairwise contracts examples of at most this many tokens token-wise (the per-token GEMM summed over
 # tokens: T·Q·N·O·I MACs, both operands streamed from memory) and forms G_n on chip above it (Q·N·O·I MACs plus
 # forming). One token: the same MACs either way; with 16-bit operands the formed kernel streams a quarter of the
@@ -140,13 +151,14 @@ ARCH_BLOCKS = {
 }
 
 # Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
-ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,)}
+ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,),
+                "PAIRWISE_MATERIALIZED_TORCH": (0,)}
 # Tables of on/off switches: 0 or 1.
-FLAG_TABLES = ("FP32_TENSOR_CORES",)
+FLAG_TABLES = ("FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH")
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
           "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS",
-          "FP32_TENSOR_CORES")
+          "FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +428,12 @@ def fp32_dot(family: str) -> int:
     from ._common import DOT_F32, DOT_F32X3
 
     return DOT_F32X3 if gpu_blocks("FP32_TENSOR_CORES", family)[0] else DOT_F32
+
+
+def materialized_by_torch(stage: str) -> bool:
+    """Whether a stage ("form" or "contract") of score_pairwise's materialised form runs torch's GEMM instead of
+    the Triton kernel (PAIRWISE_MATERIALIZED_TORCH). The interpreter follows the table too (a choice of form)."""
+    return bool(gpu_blocks("PAIRWISE_MATERIALIZED_TORCH", stage)[0])
 
 
 def pairwise_tokenwise(t: int, dot: int) -> bool:

@@ -30,6 +30,9 @@ the build for tensor-core (HGMMA) and asynchronous-copy (LDGSTS) instructions an
 
 The materialised form (GIVEN) runs the same loop nest with the G tile loaded instead of formed: a plain GEMM
 streaming 2/BLOCK_N + 2/BLOCK_Q bytes per multiply-add, G_n padded to I_pad columns (zeros) so its rows align.
+Either stage may instead run torch's GEMM on the same chunk (cuBLAS on a GPU) where the measured tables say so
+(`_blocks.PAIRWISE_MATERIALIZED_TORCH`, off by default): both stages are plain GEMMs, so the kernels' part there is
+the chunking, the layout and the choice.
 
 Grid: axis 0 = example blocks (fastest), so the programs resident together share one query block and read
 the same V tiles in the same order (L2 hits); axis 1 = query blocks; axis 2 = splits of the contraction into
@@ -55,6 +58,7 @@ contraction (fp32 accumulation), as a same-precision computation would; otherwis
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -244,14 +248,34 @@ def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
 
 
 class MaterializedPlan(NamedTuple):
-    """How `_materialized_scores` runs: the padded query directions, the padded input width, the dtype G is
-    stored in, the contraction's tile, and the examples per chunk with that chunk's G buffer (its padding
-    columns zero)."""
+    """How `_materialized_scores` runs: the query directions as the contraction reads them, the padded input width,
+    the contraction's tile, the examples per chunk with that chunk's G buffer, and which stages run torch's GEMM
+    (`_blocks.PAIRWISE_MATERIALIZED_TORCH`). For the kernel's contraction v and G rows are padded to i_pad columns
+    (zeros, never written by the forming); for torch's, v is [Q, O·I] and G [step, O, I], unpadded."""
     vk: torch.Tensor
     i_pad: int
     cfg: _blocks.PairwiseConfig
     step: int
     grads: torch.Tensor
+    torch_form: bool = False
+    torch_contract: bool = False
+
+
+def _torch_may_run(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch's GEMMs may run a materialised stage: in the kernels' precision, 16-bit operands with fp32
+    accumulation (and, for the contraction, an fp32 result: `has_fp32_out_mm` on a GPU; the CPU, where the
+    interpreter's tests run, upcasts to fp32), and without an error under torch's deterministic mode (cuBLAS then
+    needs CUBLAS_WORKSPACE_CONFIG; the kernels are deterministic anyway). fp32 G stays with the kernels: torch's
+    fp32 GEMM follows the process's TF32 setting."""
+    from source_fast._torch_ops import has_fp32_out_mm
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if device.type == "cpu":
+        return True
+    if torch.are_deterministic_algorithms_enabled() and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
+        return False
+    return has_fp32_out_mm(device, dtype)
 
 
 def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> MaterializedPlan:
@@ -259,33 +283,50 @@ def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> Materialize
     benchmarks/profile_pairwise_materialized.py times stage by stage)."""
     q, o, i = v.shape
     n = a.shape[0]
-    i_pad = _common.round_up(i, _common.ALIGN)
     half = _common.storage_dtype(dot)
+    by_torch = _torch_may_run(half, a.device)
+    torch_form = by_torch and _blocks.materialized_by_torch("form")
+    torch_contract = by_torch and _blocks.materialized_by_torch("contract")
+    i_pad = i if torch_contract else _common.round_up(i, _common.ALIGN)
     cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
     free = torch.cuda.mem_get_info(a.device)[0] if a.device.type == "cuda" else None
     step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
     grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
     grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
-    return MaterializedPlan(_common.aligned_rows(v, i_pad), i_pad, cfg, step, grads)
+    vk = v.reshape(q, o * i).to(half) if torch_contract else _common.aligned_rows(v, i_pad)
+    return MaterializedPlan(vk, i_pad, cfg, step, grads, torch_form, torch_contract)
 
 
 def form_chunk(plan: MaterializedPlan, a: torch.Tensor, g: torch.Tensor, start: int, dot: int) -> torch.Tensor:
-    """G_n for the chunk of examples from `start`, by a GEMM over the tokens (`_common.bmm`, fp32 accumulation,
-    stored in the operand dtype: fp16/bf16 inputs give the rounded G the formed kernel contracts)."""
+    """G_n for the chunk of examples from `start`, by a GEMM over the tokens (`_common.bmm`, or torch.bmm where
+    the plan says; fp32 accumulation, stored in the operand dtype: fp16/bf16 inputs give the rounded G the formed
+    kernel contracts)."""
     count = min(plan.step, a.shape[0] - start)
     chunk = plan.grads[:count]
-    _common.bmm(g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :a.shape[2]], dot=dot)
+    g_t, a_n, g_n = g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :a.shape[2]]
+    if plan.torch_form:
+        torch.bmm(g_t.to(chunk.dtype), a_n.to(chunk.dtype), out=g_n)  # strided out: cuBLAS's ldc, no copy
+    else:
+        _common.bmm(g_t, a_n, g_n, dot=dot)
     return chunk
 
 
 def contract_chunk(plan: MaterializedPlan, chunk: torch.Tensor, out: torch.Tensor, dot: int) -> None:
-    """out [Q, chunk's examples] = the kernel's contraction of the queries with a formed chunk (GIVEN)."""
+    """out [Q, chunk's examples] = the contraction of the queries with a formed chunk: the kernel reading G
+    (GIVEN), or torch's GEMM where the plan says."""
+    if plan.torch_contract:
+        flat = chunk.reshape(chunk.shape[0], -1)
+        if chunk.device.type == "cpu":  # no fp32-output 16-bit product there: fp32 operands, the same products
+            out.copy_(plan.vk.float() @ flat.float().T)
+        else:
+            out.copy_(torch.mm(plan.vk, flat.T, out_dtype=torch.float32))
+        return
     _contract(plan.vk, chunk, chunk, out, 1, chunk.shape[1], plan.i_pad, plan.cfg, dot, given=True)
 
 
 def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor, dot: int) -> None:
     """out = ⟨V_q, G_n⟩ with G_n = g_nᵀ a_n formed in memory, one chunk of examples at a time (`form_chunk`), then
-    contracted by the kernel reading G (`contract_chunk`)."""
+    contracted (`contract_chunk`)."""
     plan = materialized_plan(v, a, dot)
     for start in range(0, a.shape[0], plan.step):
         chunk = form_chunk(plan, a, g, start, dot)

@@ -100,6 +100,9 @@ def test_tuning_file_named_by_the_environment(tmp_path, monkeypatch):
     ({"PAIR_GPU_BLOCKS": {"0": [64, 64, True]}}, "expected ints >= 1"),
     ({"FP32_TENSOR_CORES": {"gemm": [2]}}, "FP32_TENSOR_CORES[gemm]: expected (0,) or (1,) (off or on), got (2,)"),
     ({"FP32_TENSOR_CORES": {"attention": [1]}}, "unknown key 'attention'"),
+    ({"PAIRWISE_MATERIALIZED_TORCH": {"contract": [3]}},
+     "PAIRWISE_MATERIALIZED_TORCH[contract]: expected (0,) or (1,) (off or on), got (3,)"),
+    ({"PAIRWISE_MATERIALIZED_TORCH": {"score": [1]}}, "unknown key 'score'"),
 ])
 def test_bad_overrides_name_table_key_expected_and_actual(entries, needle):
     with pytest.raises(ValueError) as e:

@@ -322,6 +322,44 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
     assert calls[-len(sizes):] == [(True, size) for size in sizes]
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form,contract", [(1, 0), (0, 1), (1, 1)], ids=["torch-form", "torch-contract", "torch-both"])
+def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, contract):
+    """PAIRWISE_MATERIALIZED_TORCH: either stage of the materialised form by torch's GEMM on the same chunks (ragged
+    last chunk; G unpadded when torch contracts), against the oracle; 16-bit G only (fp32 stays with the kernels,
+    whose products ignore the process's TF32 setting)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
+
+    _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
+                                                     for k in ("0", "1")},  # at most 2 tokens formed on chip
+                             "PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
+    monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n, free=None: 3)
+    stages, kernels = [], []
+    real_plan, real_bmm, real_contract = kernel.materialized_plan, _common.bmm, kernel._contract
+    monkeypatch.setattr(kernel, "materialized_plan",
+                        lambda *args: stages.append(real_plan(*args)) or stages[-1])
+    monkeypatch.setattr(_common, "bmm", lambda *args, **kw: kernels.append("form") or real_bmm(*args, **kw))
+    monkeypatch.setattr(kernel, "_contract", lambda *args, **kw: kernels.append("contract") or real_contract(*args, **kw))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled: unwritten columns would show
+    try:
+        v, a, g = _inputs(5, 7, 3, 37, 11, dtype)
+        _check("triton", v, a, g, dtype)
+        plan = stages[-1]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        _blocks.override_blocks(None)
+    sixteen = dtype != torch.float32
+    assert (plan.torch_form, plan.torch_contract) == (sixteen and form == 1, sixteen and contract == 1)
+    assert plan.i_pad == (37 if plan.torch_contract else _common.round_up(37, _common.ALIGN))
+    kernels = kernels[-6:]  # the last call's three chunks (a first use of the backend runs its self-test before)
+    assert kernels.count("form") == (0 if plan.torch_form else 3)
+    assert kernels.count("contract") == (0 if plan.torch_contract else 3)
+
+
 def test_materialized_chunks_hold_twice_the_queries():
     """A chunk of materialised G_n: the memory budget's examples, but at least 2·Q (the queries then stream at most
     half the bytes G does) and one example block, within a quarter of the free device memory, and never more
@@ -454,6 +492,19 @@ def test_score_pairwise_fp32_as_3xtf32_gpu(t):
     _blocks.override_blocks({"FP32_TENSOR_CORES": {"pairwise": [1]}})
     try:
         _check("triton", *_inputs(7, 45, t, 131, 67, torch.float32, device="cuda"), torch.float32)
+    finally:
+        _blocks.override_blocks(None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form,contract", [(1, 0), (0, 1), (1, 1)], ids=["torch-form", "torch-contract", "torch-both"])
+def test_score_pairwise_bf16_materialized_by_torch_gpu(form, contract):
+    """The materialised form's stages by cuBLAS (PAIRWISE_MATERIALIZED_TORCH) keep bf16's rule against the oracle."""
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
+    try:
+        _check("triton", *_inputs(7, 45, 40, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
     finally:
         _blocks.override_blocks(None)
 
