@@ -9,6 +9,11 @@ import torch
 from . import reference, spectral
 
 _RTOL = 1e-3  # fp32 kernels on tiny shapes agree to ~1e-6; this only catches broken builds.
+# bf16 inputs against the float64 reference on the same (rounded) inputs: the kernels round the formed G_n to bf16
+# (2^-9 relative per element) and accumulate in fp32; a broken kernel is off by O(1).
+_RTOL_BF16 = 3e-2
+# Ops whose 16-bit inputs run other kernels than fp32 on a GPU (the tensor-core forms), checked in bf16 there too.
+_SIXTEEN_BIT_OPS = ("score_pairwise",)
 
 
 def _inputs(device):
@@ -25,8 +30,23 @@ def _inputs(device):
     return a, g, v, q_a, q_s, lam
 
 
-def run(op: str, fn, device) -> str | None:
+def run(op: str, fn, device, sixteen_bit: bool | None = None) -> str | None:
+    """None, or what went wrong. sixteen_bit (default: for _SIXTEEN_BIT_OPS on a CUDA device) also checks bf16
+    inputs, whose kernels there are others than fp32's."""
+    if sixteen_bit is None:
+        sixteen_bit = torch.device(device).type == "cuda" and op in _SIXTEEN_BIT_OPS
+    error = _run(op, fn, device)
+    if error is None and sixteen_bit:
+        error = _run(op, fn, device, torch.bfloat16)
+        if error is not None:
+            error = f"bf16 inputs: {error}"
+    return error
+
+
+def _run(op: str, fn, device, dtype: torch.dtype = torch.float32) -> str | None:
     a, g, v, q_a, q_s, lam = _inputs(device)
+    if dtype != torch.float32:  # the activations, gradients and queries; the eigenbases stay fp32
+        a, g, v = a.to(dtype), g.to(dtype), v.to(dtype)
     try:
         if op == "covariance":
             x = a.reshape(-1, a.shape[-1])
@@ -53,6 +73,6 @@ def run(op: str, fn, device) -> str | None:
         return f"raised {exc.__class__.__name__}: {exc}"
     err = (got.double().cpu() - want.cpu()).abs().max().item()
     scale = want.abs().max().item() + 1e-30
-    if not err <= _RTOL * scale:
+    if not err <= (_RTOL if dtype == torch.float32 else _RTOL_BF16) * scale:
         return f"max error {err:.3g} vs reference scale {scale:.3g} on a tiny case"
     return None

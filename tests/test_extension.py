@@ -82,6 +82,44 @@ def test_nvcc_compiles(cu, tmp_path):
     assert "warning" not in proc.stderr.lower(), f"nvcc warnings for {cu.name}:\n{proc.stderr[-6000:]}"
 
 
+@pytest.mark.slow
+def test_score_pairwise_cuda_tensor_core_build(tmp_path):
+    """The 16-bit score_pairwise CUDA kernel runs on the tensor cores: its sm_80 and sm_90 builds hold HMMA
+    instructions (WMMA 16 x 16 x 16) and no local memory (spills), for fp16 and bf16; the fp32 kernel has none.
+    Read with the cuobjdump Triton's wheel bundles (no GPU needed)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDACXX or put nvcc on PATH)")
+    triton = pytest.importorskip("triton")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this triton wheel bundles no cuobjdump")
+    obj = tmp_path / "score_pairwise.o"
+    cmd = [nvcc, "-c", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-O3", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
+           str(ROOT / "csrc" / "score_pairwise" / "score_pairwise.cu"), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    usage = subprocess.run([str(cuobjdump), "-res-usage", str(obj)], capture_output=True, text=True).stdout
+    sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True).stdout
+    hmma, arch, kernel = {}, None, None
+    for line in sass.splitlines():
+        if "code for sm_" in line:
+            arch = line.split("code for ")[1].split()[0]
+        elif "Function :" in line:
+            kernel = line.split("Function :")[1].strip()
+        elif "HMMA" in line and kernel:
+            hmma[(arch, kernel)] = hmma.get((arch, kernel), 0) + 1
+    for dtype in ("6__half", "13__nv_bfloat16"):
+        for sm in ("sm_80", "sm_90"):
+            found = [n for (a, k), n in hmma.items() if a == sm and "pairwise_tc_kernel" in k and dtype in k]
+            assert found and found[0] > 0, (sm, dtype, sorted(hmma))
+    assert not [k for (_, k) in hmma if "pairwise_kernel" in k], "the SIMT kernel should have no HMMA"
+    lines = usage.splitlines()
+    tc_usage = [lines[j + 1] for j, line in enumerate(lines) if "pairwise_tc_kernel" in line]
+    assert len(tc_usage) == 4 and all("LOCAL:0" in u and "STACK:0" in u for u in tc_usage), tc_usage
+
+
 def test_every_op_has_cuda_and_header():
     for op in ("covariance", "lambda_accum", "kron_project", "score_pairwise", "score_self", "score_lowrank",
                "score_per_token"):

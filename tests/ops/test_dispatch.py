@@ -124,6 +124,28 @@ def test_working_backend_passes_self_test_and_is_selected(monkeypatch):
     assert ("fake", "covariance", "cpu") in _dispatch._self_tested
 
 
+def test_self_test_checks_bf16_scoring_where_its_kernels_differ():
+    """On a CUDA device score_pairwise's self-test also runs bf16 inputs (the tensor-core kernels are others than
+    fp32's): a backend right in fp32 but wrong in bf16 is reported; a right one passes at bf16's tolerance."""
+    from source_fast import _selftest
+
+    def right(v, a, g):
+        return reference.score_pairwise_ref(v, a, g).float()
+
+    def wrong_in_bf16(v, a, g):
+        return right(v, a, g) * (1.1 if v.dtype == torch.bfloat16 else 1.0)
+
+    def bf16_rounded_g(v, a, g):  # what the 16-bit kernels do: G_n formed in fp32, rounded to the inputs' dtype
+        grads = torch.einsum("nto,nti->noi", g.double(), a.double()).to(v.dtype).double()
+        return torch.einsum("qoi,noi->qn", v.double(), grads).float()
+
+    cpu = torch.device("cpu")
+    assert _selftest.run("score_pairwise", wrong_in_bf16, cpu) is None  # CPU default: fp32 only
+    assert "bf16 inputs: max error" in _selftest.run("score_pairwise", wrong_in_bf16, cpu, sixteen_bit=True)
+    assert _selftest.run("score_pairwise", right, cpu, sixteen_bit=True) is None
+    assert _selftest.run("score_pairwise", bf16_rounded_g, cpu, sixteen_bit=True) is None
+
+
 def test_wrong_numbers_disable_backend_with_warning(monkeypatch):
     _install(monkeypatch, lambda x, mask=None, out=None: reference.covariance_ref(x, mask).float() * 1.01)
     x = torch.randn(10, 4)
