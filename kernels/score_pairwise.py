@@ -250,8 +250,9 @@ def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
 class MaterializedPlan(NamedTuple):
     """How `_materialized_scores` runs: the query directions as the contraction reads them, the padded input width,
     the contraction's tile, the examples per chunk with that chunk's G buffer, and which stages run torch's GEMM
-    (`_blocks.PAIRWISE_MATERIALIZED_TORCH`). For the kernel's contraction v and G rows are padded to i_pad columns
-    (zeros, never written by the forming); for torch's, v is [Q, O·I] and G [step, O, I], unpadded."""
+    (`_blocks.PAIRWISE_MATERIALIZED_TORCH`). Either contraction reads v and G rows padded to i_pad columns (zeros,
+    never written by the forming): aligned rows for the kernel's loads and for the forming's stores, and for
+    torch's GEMM a K of O·i_pad, at most 15 columns per row more."""
     vk: torch.Tensor
     i_pad: int
     cfg: _blocks.PairwiseConfig
@@ -287,13 +288,13 @@ def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> Materialize
     by_torch = _torch_may_run(half, a.device)
     torch_form = by_torch and _blocks.materialized_by_torch("form")
     torch_contract = by_torch and _blocks.materialized_by_torch("contract")
-    i_pad = i if torch_contract else _common.round_up(i, _common.ALIGN)
+    i_pad = _common.round_up(i, _common.ALIGN)
     cfg = _blocks.pairwise_materialized_blocks(q, n, i_pad, dot)
     free = torch.cuda.mem_get_info(a.device)[0] if a.device.type == "cuda" else None
     step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
     grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
     grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
-    vk = v.reshape(q, o * i).to(half) if torch_contract else _common.aligned_rows(v, i_pad)
+    vk = _common.aligned_rows(v.to(half) if torch_contract else v, i_pad)
     return MaterializedPlan(vk, i_pad, cfg, step, grads, torch_form, torch_contract)
 
 
@@ -314,12 +315,12 @@ def form_chunk(plan: MaterializedPlan, a: torch.Tensor, g: torch.Tensor, start: 
 def contract_chunk(plan: MaterializedPlan, chunk: torch.Tensor, out: torch.Tensor, dot: int) -> None:
     """out [Q, chunk's examples] = the contraction of the queries with a formed chunk: the kernel reading G
     (GIVEN), or torch's GEMM where the plan says."""
-    if plan.torch_contract:
-        flat = chunk.reshape(chunk.shape[0], -1)
+    if plan.torch_contract:  # [Q, O·i_pad] · [O·i_pad, examples]: the padding columns are zeros on both sides
+        v_flat, g_flat = plan.vk.reshape(plan.vk.shape[0], -1), chunk.reshape(chunk.shape[0], -1)
         if chunk.device.type == "cpu":  # no fp32-output 16-bit product there: fp32 operands, the same products
-            out.copy_(plan.vk.float() @ flat.float().T)
+            out.copy_(v_flat.float() @ g_flat.float().T)
         else:
-            out.copy_(torch.mm(plan.vk, flat.T, out_dtype=torch.float32))
+            out.copy_(torch.mm(v_flat, g_flat.T, out_dtype=torch.float32))
         return
     _contract(plan.vk, chunk, chunk, out, 1, chunk.shape[1], plan.i_pad, plan.cfg, dot, given=True)
 

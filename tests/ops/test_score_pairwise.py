@@ -327,8 +327,8 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
 @pytest.mark.parametrize("form,contract", [(1, 0), (0, 1), (1, 1)], ids=["torch-form", "torch-contract", "torch-both"])
 def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, contract):
     """PAIRWISE_MATERIALIZED_TORCH: either stage of the materialised form by torch's GEMM on the same chunks (ragged
-    last chunk; G unpadded when torch contracts), against the oracle; 16-bit G only (fp32 stays with the kernels,
-    whose products ignore the process's TF32 setting)."""
+    last chunk, padded rows), against the oracle; 16-bit G only (fp32 stays with the kernels, whose products ignore
+    the process's TF32 setting)."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common, score_pairwise as kernel
@@ -354,7 +354,7 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
         _blocks.override_blocks(None)
     sixteen = dtype != torch.float32
     assert (plan.torch_form, plan.torch_contract) == (sixteen and form == 1, sixteen and contract == 1)
-    assert plan.i_pad == (37 if plan.torch_contract else _common.round_up(37, _common.ALIGN))
+    assert plan.i_pad == _common.round_up(37, _common.ALIGN) and plan.grads.shape[2] == plan.i_pad
     kernels = kernels[-6:]  # the last call's three chunks (a first use of the backend runs its self-test before)
     assert kernels.count("form") == (0 if plan.torch_form else 3)
     assert kernels.count("contract") == (0 if plan.torch_contract else 3)
