@@ -3,7 +3,8 @@ hidden @ weightᵀ, forward plus both backwards to `hidden` (a one-pass SOURCE t
 output layer is not tracked), without keeping the logits.
 
 Implementations:
-  torch                  sf.linear_nll_pair (torch ops, no kernel of its own: logits in row chunks of ≈ 64 MiB,
+  torch                  sf.linear_nll_pair (torch ops, its two products on CPU by the compiled GEMM of
+                         source_fast._linalg: logits in row chunks of ≈ 64 MiB,
                          each chunk's softmax shared by the draws and both losses, one product backward
                          (softmax − onehot(drawn)) @ weight for both, dh_true = dh_sampled + weight[drawn] −
                          weight[true])
