@@ -116,3 +116,10 @@ if [ "${E2E:-0}" = 1 ]; then
 fi
 step "done"
 grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -40
+# The open targets' rows in the command's own output: bf16 score_pairwise per backend (ms, TFLOP/s), the PROFILE line
+[ -s "$OUT/ops_gpu.csv" ] && "$PY" -c 'import csv, sys
+for r in csv.DictReader(open(sys.argv[1])):
+    if r["op"] == "score_pairwise" and r["dtype"] == "bfloat16":
+        print("  {backend:<6} {mode:<5} {shape_params:<32} {ms_p50:>10} ms {tflops:>8} TFLOP/s".format(**r))
+' "$OUT/ops_gpu.csv"
+grep -E "^PROFILE" "$OUT/bench.log" 2>/dev/null | tail -1
