@@ -237,14 +237,11 @@ def split_contraction(tiles: int, i_pad: int, o: int, block_i: int, outputs: int
 
 def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
                           free_bytes: int | None = None) -> int:
-    """Examples per chunk of materialised G_n: SOURCE_FAST_CHUNK_MIB's budget, but at least 2·Q examples (and one
-    example block), so that the queries, read once per chunk, stream at most half the bytes G does; the chunk
-    then holds at most twice the bytes of the query directions themselves. Above the budget the chunk takes at
-    most a quarter of the device's free memory (free_bytes, when known)."""
-    wanted = max(2 * q, block_n)
-    if free_bytes is not None:
-        wanted = min(wanted, max(1, free_bytes // 4 // max(per_example_bytes, 1)))
-    return min(max(n, 1), max(_common.chunk_examples(n, per_example_bytes), wanted))
+    """Examples per chunk of materialised G_n: at least 2·Q and one example block, within a quarter of the free
+    device memory (`_torch_ops.materialized_examples`, which the torch backend uses on a GPU too)."""
+    from source_fast._torch_ops import materialized_examples as rule
+
+    return rule(q, n, per_example_bytes, block_n, free_bytes)
 
 
 class MaterializedPlan(NamedTuple):

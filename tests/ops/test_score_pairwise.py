@@ -378,6 +378,23 @@ def test_materialized_chunks_hold_twice_the_queries():
     assert kernel.materialized_examples(512, 10_000, per_example, 64, free_bytes=per_example * 40) == 100
 
 
+def test_torch_backend_widens_materialized_chunks_on_a_gpu_only(monkeypatch):
+    """The torch backend's materialised score_pairwise chunks by the memory budget on CPU, and on a GPU by the
+    Triton form's rule (at least 2·Q examples within a quarter of free memory): a 128-example chunk made each cuBLAS
+    product a Q × 128 output on the H100."""
+    from source_fast import _config, _torch_ops
+
+    per_example = _config.chunk_bytes() // 128 // 2  # bf16 elements: the budget holds 128 examples
+    assert _torch_ops._pairwise_chunk(512, 8192, per_example, torch.bfloat16, torch.device("cpu")) == 128
+    free = {"bytes": 10**12}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], free["bytes"]))
+    cuda = torch.device("cuda")
+    assert _torch_ops._pairwise_chunk(512, 8192, per_example, torch.bfloat16, cuda) == 1024
+    assert _torch_ops._pairwise_chunk(16, 8192, per_example, torch.bfloat16, cuda) == 128  # the budget is more
+    free["bytes"] = 4 * 300 * per_example * 2  # a quarter of free memory holds 300 examples
+    assert _torch_ops._pairwise_chunk(512, 8192, per_example, torch.bfloat16, cuda) == 300
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_score_pairwise_triton_aligned_layout(dtype):
