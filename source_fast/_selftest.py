@@ -9,10 +9,10 @@ import torch
 from . import reference, spectral
 
 _RTOL = 1e-3  # fp32 kernels on tiny shapes agree to ~1e-6; this only catches broken builds.
-# bf16 inputs against the float64 reference on the same (rounded) inputs: the kernels round the formed G_n to bf16
-# (2^-9 relative per element) and accumulate in fp32; a broken kernel is off by O(1).
-_RTOL_BF16 = 3e-2
-# Ops whose 16-bit inputs run other kernels than fp32 on a GPU (the tensor-core forms), checked in bf16 there too.
+# 16-bit inputs against the float64 reference on the same (rounded) inputs: the kernels round the formed G_n to
+# bf16 (2^-9 relative per element; fp16 2^-12) and accumulate in fp32; a broken kernel is off by O(1).
+_RTOL_16BIT = 3e-2
+# Ops whose 16-bit inputs run other kernels than fp32 on a GPU (the tensor-core forms), checked in 16 bits there too.
 _SIXTEEN_BIT_OPS = ("score_pairwise",)
 
 
@@ -31,16 +31,26 @@ def _inputs(device):
 
 
 def run(op: str, fn, device, sixteen_bit: bool | None = None) -> str | None:
-    """None, or what went wrong. sixteen_bit (default: for _SIXTEEN_BIT_OPS on a CUDA device) also checks bf16
-    inputs, whose kernels there are others than fp32's."""
+    """None, or what went wrong. sixteen_bit (default: for _SIXTEEN_BIT_OPS on a CUDA device) also checks 16-bit
+    inputs (`_sixteen_bit_dtype`), whose kernels there are others than fp32's."""
     if sixteen_bit is None:
         sixteen_bit = torch.device(device).type == "cuda" and op in _SIXTEEN_BIT_OPS
     error = _run(op, fn, device)
     if error is None and sixteen_bit:
-        error = _run(op, fn, device, torch.bfloat16)
+        dtype = _sixteen_bit_dtype(device)
+        error = _run(op, fn, device, dtype)
         if error is not None:
-            error = f"bf16 inputs: {error}"
+            error = f"{str(dtype).replace('torch.', '')} inputs: {error}"
     return error
+
+
+def _sixteen_bit_dtype(device) -> torch.dtype:
+    """bf16, or fp16 on a GPU without bf16 products (before sm_80): a 16-bit dtype the device runs, so a backend
+    is not disabled for a dtype its users cannot pass it anyway."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
 
 
 def _run(op: str, fn, device, dtype: torch.dtype = torch.float32) -> str | None:
@@ -73,6 +83,6 @@ def _run(op: str, fn, device, dtype: torch.dtype = torch.float32) -> str | None:
         return f"raised {exc.__class__.__name__}: {exc}"
     err = (got.double().cpu() - want.cpu()).abs().max().item()
     scale = want.abs().max().item() + 1e-30
-    if not err <= (_RTOL if dtype == torch.float32 else _RTOL_BF16) * scale:
+    if not err <= (_RTOL if dtype == torch.float32 else _RTOL_16BIT) * scale:
         return f"max error {err:.3g} vs reference scale {scale:.3g} on a tiny case"
     return None

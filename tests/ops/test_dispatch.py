@@ -141,9 +141,21 @@ def test_self_test_checks_bf16_scoring_where_its_kernels_differ():
 
     cpu = torch.device("cpu")
     assert _selftest.run("score_pairwise", wrong_in_bf16, cpu) is None  # CPU default: fp32 only
-    assert "bf16 inputs: max error" in _selftest.run("score_pairwise", wrong_in_bf16, cpu, sixteen_bit=True)
+    assert "bfloat16 inputs: max error" in _selftest.run("score_pairwise", wrong_in_bf16, cpu, sixteen_bit=True)
     assert _selftest.run("score_pairwise", right, cpu, sixteen_bit=True) is None
     assert _selftest.run("score_pairwise", bf16_rounded_g, cpu, sixteen_bit=True) is None
+
+
+def test_self_test_uses_fp16_before_sm80(monkeypatch):
+    """GPUs without bf16 products (before sm_80) get the 16-bit check in fp16: a backend is not disabled there for
+    a dtype the device cannot run."""
+    from source_fast import _selftest
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert _selftest._sixteen_bit_dtype("cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _selftest._sixteen_bit_dtype("cuda") == torch.bfloat16
+    assert _selftest._sixteen_bit_dtype("cpu") == torch.bfloat16
 
 
 def test_wrong_numbers_disable_backend_with_warning(monkeypatch):
