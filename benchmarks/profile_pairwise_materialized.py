@@ -82,10 +82,8 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
                 row["chunks_ms"] = row["chunks"] * (form_ms + contract_ms)  # vs op_ms: the rest is overhead
             if not by_torch:
                 cfg = plan.cfg
-                grid = triton.cdiv(plan.step, cfg.block_n) * triton.cdiv(q, cfg.block_q)
-                _, i_splits, _, o_splits = kernel.split_contraction(grid, plan.i_pad, o, cfg.block_i, q * plan.step,
-                                                                    device)
-                programs = grid * i_splits * o_splits
+                grid_n, _, i_splits, _, o_splits = kernel.contraction_grid(q, plan.step, o, plan.i_pad, cfg, device)
+                programs = grid_n * triton.cdiv(q, cfg.block_q) * i_splits * o_splits
                 row.update(tile=f"{cfg.block_n} examples x {cfg.block_q} queries x {cfg.block_i} inputs, "
                                 f"{cfg.num_warps} warps, {cfg.num_stages} stages",
                            split=f"{i_splits} input x {o_splits} output-row splits", programs=programs,

@@ -65,6 +65,11 @@ import torch
 import triton
 import triton.language as tl
 
+from source_fast import _torch_ops
+# Examples per chunk of materialised G_n (at least 2·Q and one example block, within a quarter of free memory): the
+# same rule as the torch backend's on a GPU. A module attribute, so tests can fix the chunk.
+from source_fast._torch_ops import materialized_examples
+
 from . import _blocks, _common
 from .score_per_token import tokenwise_scores
 
@@ -170,9 +175,7 @@ def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.T
     """out [Q, N] (unit stride along N) = the kernel's contraction of vk [Q, O, I_pad] with the examples: inputs ak
     [N, T, I_pad] and gt [O, T, N_pad] formed on chip, or (given) G itself in ak, [N, O, I_pad]."""
     q, n = out.shape
-    grid_n, grid_q = triton.cdiv(n, cfg.block_n), triton.cdiv(q, cfg.block_q)
-    i_per_split, i_splits, o_per_split, o_splits = split_contraction(
-        grid_n * grid_q, i_pad, o, cfg.block_i, q * n, ak.device)
+    grid_n, i_per_split, i_splits, o_per_split, o_splits = contraction_grid(q, n, o, i_pad, cfg, ak.device)
     splits = i_splits * o_splits
     ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=ak.device)
     step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
@@ -235,15 +238,6 @@ def split_contraction(tiles: int, i_pad: int, o: int, block_i: int, outputs: int
     return i_per * block_i, i_splits, o_per, o_splits
 
 
-def materialized_examples(q: int, n: int, per_example_bytes: int, block_n: int,
-                          free_bytes: int | None = None) -> int:
-    """Examples per chunk of materialised G_n: at least 2·Q and one example block, within a quarter of the free
-    device memory (`_torch_ops.materialized_examples`, which the torch backend uses on a GPU too)."""
-    from source_fast._torch_ops import materialized_examples as rule
-
-    return rule(q, n, per_example_bytes, block_n, free_bytes)
-
-
 class MaterializedPlan(NamedTuple):
     """How `_materialized_scores` runs: the query directions as the contraction reads them, the padded input width,
     the contraction's tile, the examples per chunk with that chunk's G buffer, and which stages run torch's GEMM
@@ -265,15 +259,21 @@ def _torch_may_run(dtype: torch.dtype, device: torch.device) -> bool:
     interpreter's tests run, upcasts to fp32), and without an error under torch's deterministic mode (cuBLAS then
     needs CUBLAS_WORKSPACE_CONFIG; the kernels are deterministic anyway). fp32 G stays with the kernels: torch's
     fp32 GEMM follows the process's TF32 setting."""
-    from source_fast._torch_ops import has_fp32_out_mm
-
     if dtype not in (torch.float16, torch.bfloat16):
         return False
     if device.type == "cpu":
         return True
     if torch.are_deterministic_algorithms_enabled() and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):
         return False
-    return has_fp32_out_mm(device, dtype)
+    return _torch_ops.has_fp32_out_mm(device, dtype)
+
+
+def contraction_grid(q: int, n: int, o: int, i_pad: int, cfg: _blocks.PairwiseConfig,
+                     device: torch.device) -> tuple[int, int, int, int, int]:
+    """(example blocks, i_per_split, i_splits, o_per_split, o_splits) of the kernel's contraction of Q queries with
+    N examples at tile cfg: the grid is example blocks × query blocks × i_splits · o_splits."""
+    grid_n = triton.cdiv(n, cfg.block_n)
+    return (grid_n, *split_contraction(grid_n * triton.cdiv(q, cfg.block_q), i_pad, o, cfg.block_i, q * n, device))
 
 
 def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> MaterializedPlan:
@@ -291,7 +291,7 @@ def materialized_plan(v: torch.Tensor, a: torch.Tensor, dot: int) -> Materialize
     step = materialized_examples(q, n, o * i_pad * half.itemsize, cfg.block_n, free)
     grads = torch.empty(step, o, i_pad, dtype=half, device=a.device)
     grads[..., i:].zero_()  # the padding columns, never written by the forming GEMM: zeros add nothing
-    vk = _common.aligned_rows(v.to(half) if torch_contract else v, i_pad)
+    vk = _common.aligned_rows(v, i_pad)
     return MaterializedPlan(vk, i_pad, cfg, step, grads, torch_form, torch_contract)
 
 
@@ -303,7 +303,7 @@ def form_chunk(plan: MaterializedPlan, a: torch.Tensor, g: torch.Tensor, start: 
     chunk = plan.grads[:count]
     g_t, a_n, g_n = g[start:start + count].transpose(1, 2), a[start:start + count], chunk[..., :a.shape[2]]
     if plan.torch_form:
-        torch.bmm(g_t.to(chunk.dtype), a_n.to(chunk.dtype), out=g_n)  # strided out: cuBLAS's ldc, no copy
+        torch.bmm(g_t, a_n, out=g_n)  # 16-bit g and a of G's dtype; a strided out is cuBLAS's ldc, no copy
     else:
         _common.bmm(g_t, a_n, g_n, dot=dot)
     return chunk

@@ -715,7 +715,7 @@ class SourceAnalyzer:
                 if seg in done:
                     continue
                 weight = 1.0 / len(members) / stage_sizes[segments[seg][2]] * self.run.loss_scale  # as _score_plan
-                group = self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train)
+                group = self._prepared(self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train))
                 del w
                 items = self._segment_rows(members, kept, group[4], train_dataset, seg)
                 self._score_group_into(scores, 0, group, items, n_train)
@@ -812,10 +812,10 @@ class SourceAnalyzer:
             v = {name: _row_aligned(x, 2) for name, x in v.items()}
         return members, v, weight, stage, basis
 
-    def _score_group_into(self, block, first_col, group, items, n_train, *, prepared: bool = False) -> None:
-        """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members;
-        block's column 0 is training example `first_col`. prepared: the group came from `_prepared`."""
-        _, v, weight, stage, _ = group if prepared else self._prepared(group)
+    def _score_group_into(self, block, first_col, group, items, n_train) -> None:
+        """block[:, j] += weight · Σ_layers ⟨v, G_j⟩ for the training rows `items` of one group's members (a group
+        from `_prepared`); block's column 0 is training example `first_col`."""
+        _, v, weight, stage, _ = group
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
         align = any(self._aligns_rows(x) for x in v.values())  # then each chunk's rows (much smaller) per call
@@ -865,7 +865,7 @@ class SourceAnalyzer:
                 block = torch.zeros(n_query, len(cols), dtype=self.compute_dtype, device=self.device)
                 for group in groups:
                     items = self._stacked_rows(group[0], Subset(train_dataset, cols), group[4], f"block {b + 1}")
-                    self._score_group_into(block, cols[0], group, items, n_train, prepared=True)
+                    self._score_group_into(block, cols[0], group, items, n_train)
                 if self.check_finite and not bool(torch.isfinite(block).all()):
                     raise FloatingPointError(f"scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                              "non-finite training gradients? pass check_finite=False to propagate")

@@ -1,4 +1,6 @@
 """score_pairwise: every available backend against the float64 reference (source_fast/reference/score.py)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -285,6 +287,23 @@ def test_split_contraction_fills_one_wave_of_programs(monkeypatch):
     assert i_splits * o_splits * 4 * 2**22 <= _common.WORKSPACE_BYTES
 
 
+@contextlib.contextmanager
+def _materializing(tables: dict | None = None):
+    """The materialised form under the interpreter: at most 2 tokens formed on chip (plus `tables`' overrides), and
+    torch.empty NaN-filled (deterministic mode), so that a column the forming leaves unwritten shows."""
+    from source_fast.kernels import _blocks
+
+    _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
+                                                     for k in ("0", "1")}, **(tables or {})})
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        _blocks.override_blocks(None)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q,n,t,i,o,chunk,slots", [
@@ -300,8 +319,6 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common, score_pairwise as kernel
 
-    _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
-                                                     for k in ("0", "1")}})  # at most 2 tokens formed on chip
     monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n, free=None: chunk)
     monkeypatch.setattr(_common, "splits_allowed", lambda device: slots > 1)
     monkeypatch.setattr(_common, "num_sms", lambda device: slots)
@@ -309,14 +326,9 @@ def test_score_pairwise_triton_materialized(monkeypatch, dtype, q, n, t, i, o, c
     real = kernel._contract
     monkeypatch.setattr(kernel, "_contract",
                         lambda *args, **kw: calls.append((kw["given"], args[3].shape[1])) or real(*args, **kw))
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled: the padding columns must be zeroed
-    try:
+    with _materializing():
         assert _blocks.pairwise_materializes(t, _common.dot_code(dtype))
         _check("triton", *_inputs(q, n, t, i, o, dtype), dtype)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-        _blocks.override_blocks(None)
     sizes = [min(chunk, n - start) for start in range(0, n, chunk)]
     # one GIVEN contraction per chunk (the last ones: a first use of the backend runs its self-test before)
     assert calls[-len(sizes):] == [(True, size) for size in sizes]
@@ -331,11 +343,8 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
     the process's TF32 setting)."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
+    from source_fast.kernels import _common, score_pairwise as kernel
 
-    _blocks.override_blocks({"PAIRWISE_GPU_BLOCKS": {k: [[64, 32, 16, 1, 4, 2], [64, 32, 16, 2, 4, 2]]
-                                                     for k in ("0", "1")},  # at most 2 tokens formed on chip
-                             "PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
     monkeypatch.setattr(kernel, "materialized_examples", lambda q_, n_, b, block_n, free=None: 3)
     stages, kernels = [], []
     real_plan, real_bmm, real_contract = kernel.materialized_plan, _common.bmm, kernel._contract
@@ -343,15 +352,9 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
                         lambda *args: stages.append(real_plan(*args)) or stages[-1])
     monkeypatch.setattr(_common, "bmm", lambda *args, **kw: kernels.append("form") or real_bmm(*args, **kw))
     monkeypatch.setattr(kernel, "_contract", lambda *args, **kw: kernels.append("contract") or real_contract(*args, **kw))
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # torch.empty → NaN-filled: unwritten columns would show
-    try:
-        v, a, g = _inputs(5, 7, 3, 37, 11, dtype)
-        _check("triton", v, a, g, dtype)
-        plan = stages[-1]
-    finally:
-        torch.use_deterministic_algorithms(previous)
-        _blocks.override_blocks(None)
+    with _materializing({"PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}}):
+        _check("triton", *_inputs(5, 7, 3, 37, 11, dtype), dtype)
+    plan = stages[-1]
     sixteen = dtype != torch.float32
     assert (plan.torch_form, plan.torch_contract) == (sixteen and form == 1, sixteen and contract == 1)
     assert plan.i_pad == _common.round_up(37, _common.ALIGN) and plan.grads.shape[2] == plan.i_pad

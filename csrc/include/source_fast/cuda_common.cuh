@@ -47,9 +47,13 @@ __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// fp32 -> a 16-bit storage type, round to nearest even (what torch's .to() and Triton's casts do).
+// fp32 -> a storage type: itself, or a 16-bit one rounded to nearest even (what torch's .to() and Triton's casts do).
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float x) {
   return __float2half_rn(x);
