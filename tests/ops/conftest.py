@@ -9,3 +9,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def blocks_override():
+    """`_blocks.override_blocks` for one test: force GPU table entries (tiles, forms, arithmetic), cleared after."""
+    from source_fast.kernels import _blocks
+
+    yield _blocks.override_blocks
+    _blocks.override_blocks(None)

@@ -212,13 +212,9 @@ def test_kron_project_kernels_compile_for_gpu():
 
 
 @pytest.fixture
-def fp32_on_tensor_cores():
+def fp32_on_tensor_cores(blocks_override):
     """_blocks.FP32_TENSOR_CORES on for both kernel families: fp32 GEMMs as 3xTF32 (DOT_F32X3)."""
-    from source_fast.kernels import _blocks
-
-    _blocks.override_blocks({"FP32_TENSOR_CORES": {"gemm": [1], "per_token": [1]}})
-    yield
-    _blocks.override_blocks(None)
+    blocks_override({"FP32_TENSOR_CORES": {"gemm": [1], "per_token": [1]}})
 
 
 @pytest.mark.interpreter

@@ -484,49 +484,36 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("t", [2, 6], ids=["formed", "materialized"])
-def test_score_pairwise_triton_fp32_as_3xtf32(monkeypatch, t):
+def test_score_pairwise_triton_fp32_as_3xtf32(monkeypatch, blocks_override, t):
     """With FP32_TENSOR_CORES on for "pairwise", fp32 several-token scoring takes the 3xTF32 dot, formed on chip
     (T ≤ its tile's 4 tokens) or materialised (above), and matches the oracle at fp32's tolerance (fp32
     arithmetic in the interpreter; the gpu test below holds the tensor cores to it)."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
+    from source_fast.kernels import _common, score_pairwise as kernel
 
     dots = []
     real = kernel._contract
     monkeypatch.setattr(kernel, "_contract", lambda *args, **kw: dots.append((args[8], kw["given"])) or real(*args, **kw))
-    _blocks.override_blocks({"FP32_TENSOR_CORES": {"pairwise": [1]}})
-    try:
-        _check("triton", *_inputs(5, 9, t, 37, 11, torch.float32), torch.float32)
-    finally:
-        _blocks.override_blocks(None)
+    blocks_override({"FP32_TENSOR_CORES": {"pairwise": [1]}})
+    _check("triton", *_inputs(5, 9, t, 37, 11, torch.float32), torch.float32)
     assert dots[-1] == (_common.DOT_F32X3, t > 4)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [2, 9])
-def test_score_pairwise_fp32_as_3xtf32_gpu(t):
+def test_score_pairwise_fp32_as_3xtf32_gpu(blocks_override, t):
     """3xTF32 on the tensor cores keeps fp32's tolerance against the float64 oracle."""
-    from source_fast.kernels import _blocks
-
-    _blocks.override_blocks({"FP32_TENSOR_CORES": {"pairwise": [1]}})
-    try:
-        _check("triton", *_inputs(7, 45, t, 131, 67, torch.float32, device="cuda"), torch.float32)
-    finally:
-        _blocks.override_blocks(None)
+    blocks_override({"FP32_TENSOR_CORES": {"pairwise": [1]}})
+    _check("triton", *_inputs(7, 45, t, 131, 67, torch.float32, device="cuda"), torch.float32)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form,contract", [(1, 0), (0, 1), (1, 1)], ids=["torch-form", "torch-contract", "torch-both"])
-def test_score_pairwise_bf16_materialized_by_torch_gpu(form, contract):
+def test_score_pairwise_bf16_materialized_by_torch_gpu(blocks_override, form, contract):
     """The materialised form's stages by cuBLAS (PAIRWISE_MATERIALIZED_TORCH) keep bf16's rule against the oracle."""
-    from source_fast.kernels import _blocks
-
-    _blocks.override_blocks({"PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
-    try:
-        _check("triton", *_inputs(7, 45, 40, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
-    finally:
-        _blocks.override_blocks(None)
+    blocks_override({"PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
+    _check("triton", *_inputs(7, 45, 40, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -158,13 +158,9 @@ def test_score_per_token_kernel_compiles_for_gpu():
 
 
 @pytest.fixture
-def fp32_on_tensor_cores():
+def fp32_on_tensor_cores(blocks_override):
     """_blocks.FP32_TENSOR_CORES on for the token-wise GEMM: fp32 as 3xTF32 (DOT_F32X3)."""
-    from source_fast.kernels import _blocks
-
-    _blocks.override_blocks({"FP32_TENSOR_CORES": {"per_token": [1]}})
-    yield
-    _blocks.override_blocks(None)
+    blocks_override({"FP32_TENSOR_CORES": {"per_token": [1]}})
 
 
 @pytest.mark.interpreter
