@@ -7,7 +7,9 @@ script times the two stages of one chunk apart (CUDA events through the op bench
 op and the torch backend, and prints the chunk size, the contraction's split (programs and waves on this GPU),
 the forming pass's GB/s and the contraction's TFLOP/s; then the same for both stages by torch's GEMMs (cuBLAS) on
 the same kind of chunk (`_blocks.PAIRWISE_MATERIALIZED_TORCH`), which shows whether the kernels or the form itself
-are slow:
+are slow; and the materialised form fused (`_blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS` forced on at the device's
+tile, 16-bit inputs of up to 16 tokens): G tiles formed on the tensor cores and contracted at once, G never in
+memory:
 
     python benchmarks/profile_pairwise_materialized.py --device cuda [--q 512 --n 8192 --t 16 --o 1024 --i 1025]
     python benchmarks/profile_pairwise_materialized.py --smoke     # CPU interpreter, tiny shapes: runs, no timing
@@ -95,9 +97,27 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def fused() -> dict:
+        """The whole op by the fused form, forced on at the device's tile; {} where it cannot take these inputs."""
+        if dot not in (_common.DOT_F16, _common.DOT_BF16) or t > _blocks.MMA_FORMED_MAX_T:
+            return {}
+        entry = list(_blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot))
+        _blocks.override_blocks({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {str(dot): [t, *entry[1:]]}})
+        try:
+            row = {"rel_err": rel_err(ops.score_pairwise(v, a, g, backend="triton")),
+                   "ms": _time(lambda: ops.score_pairwise(v, a, g, backend="triton"), device),
+                   "tile": "{} queries x {} examples x {} output rows x {} inputs, rows in chunks of {}, async g {}, "
+                           "{} warps, {} stages".format(*entry[1:])}
+            if device.type == "cuda":
+                row["tflops"] = 2 * q * n * o * i / row["ms"] / 1e9
+            return row
+        finally:
+            _blocks.override_blocks(None)
+
     row = dict(q=q, n=n, t=t, o=o, i=i, dtype=str(dtype).replace("torch.", ""), rel_err=err)
     row.update({k: val for k, val in stages(0).items() if k != "rel_err"})  # the chunk's error: the op's above
     row.update({f"torch_{k}": val for k, val in stages(1).items() if k not in ("chunks", "chunks_ms")})
+    row.update({f"fused_{k}": val for k, val in fused().items()})
     row["op_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="triton"), device)
     row["torch_backend_ms"] = _time(lambda: ops.score_pairwise(v, a, g, backend="torch"), device)
     if device.type == "cuda":
@@ -123,9 +143,10 @@ def main(argv=None) -> int:
     for key, value in row.items():
         print(f"  {key:>16}: {value:.4g}" if isinstance(value, float) else f"  {key:>16}: {value}")
     bound = 1e-4 if dtype == torch.float32 else 3e-2
-    ok = row["rel_err"] < bound and row.get("torch_rel_err", 0.0) < bound
+    ok = row["rel_err"] < bound and row.get("torch_rel_err", 0.0) < bound and row.get("fused_rel_err", 0.0) < bound
     print(f"PROFILE pairwise_materialized: rel_err {row['rel_err']:.2e}"
           + (f", by cuBLAS {row['torch_rel_err']:.2e}" if "torch_rel_err" in row else "")
+          + (f", fused {row['fused_rel_err']:.2e}" if "fused_rel_err" in row else "")
           + f" ({'ok' if ok else 'WRONG'})"
           + (f"; form {row['form_ms']:.3g} ms ({row['form_gbps']:.0f} GB/s), contract {row['contract_ms']:.3g} ms "
              f"({row['contract_tflops']:.0f} TFLOP/s) per chunk of {row['chunk']}; op {row['op_ms']:.3g} ms "
@@ -133,6 +154,7 @@ def main(argv=None) -> int:
              + (f"; by cuBLAS: form {row['torch_form_ms']:.3g} ms ({row['torch_form_gbps']:.0f} GB/s), contract "
                 f"{row['torch_contract_ms']:.3g} ms ({row['torch_contract_tflops']:.0f} TFLOP/s) per chunk of "
                 f"{row['torch_chunk']}" if "torch_form_ms" in row else "; cuBLAS stages: not run (precision)")
+             + (f"; fused {row['fused_ms']:.3g} ms ({row['fused_tflops']:.0f} TFLOP/s)" if "fused_ms" in row else "")
              if device.type == "cuda" else ""))
     if args.smoke:
         print("SMOKE: no timing")

@@ -87,6 +87,25 @@ def pairwise_materialized(dot: int) -> tuple:
             "2/BLOCK_N + 2/BLOCK_Q (+ forming G: one more pass)")
 
 
+def pairwise_mma_formed(dot: int) -> tuple:
+    """score_pairwise's materialised form fused (PAIRWISE_MMA_FORMED_GPU_BLOCKS, off until timed): G tiles formed by
+    the tensor cores over up to 16 tokens, Q=512, O=1024, I=1025."""
+    _, bq, bn, bo, bi, o_chunk, async_g, warps, stages = _blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot)
+    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "gn", "go", "os", "oq")}
+    sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], g_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
+               O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", o_chunk="i32", **strides)
+    const = dict(BLOCK_Q=bq, BLOCK_N=bn, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=_blocks.MMA_FORMED_MAX_T,
+                 ASYNC_G=bool(async_g))
+    case = ("source_fast.kernels.score_pairwise", "_score_pairwise_mma_kernel", sig, const, ARCH,
+            _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn",
+                                  "s_go", "s_os", "I", "i_per_split"]))
+    t = _blocks.MMA_FORMED_MAX_T
+    return (case, f"{bn} examples × {bq} queries × ({bo} outputs × {bi} inputs), {t} tokens, rows in chunks of "
+            f"{o_chunk or 'all'}" + (", g pipelined" if async_g else ""),
+            _element(dot) / bn + _element(dot) * t / (bq * bi),
+            "2/BLOCK_N (V) + 2·16/(BLOCK_Q·BLOCK_I) (g, from L2 within a chunk of rows); G never in memory")
+
+
 def tokenwise(dot: int) -> tuple:
     """The token-wise GEMM (score_per_token; score_pairwise's fp32 one-token form), N·T = 8192 rows."""
     bm, bo, bi, warps, stages = _blocks.per_token_blocks(8192, 1024, 1040, dot)
@@ -170,6 +189,7 @@ ROWS = [
     ("score_pairwise, 1 token (formed G)", lambda: pairwise_formed(2, 1)),
     ("score_pairwise, 4 tokens (formed G)", lambda: pairwise_formed(2, 4)),
     ("score_pairwise, 16 tokens (materialised G)", lambda: pairwise_materialized(2)),
+    ("score_pairwise, 16 tokens (fused: G formed on tensor cores)", lambda: pairwise_mma_formed(2)),
     ("token-wise GEMM (score_per_token)", lambda: tokenwise(2)),
     ("score_lowrank, R = 32", lambda: lowrank(2)),
     ("lambda_accum, T = 16", lambda: lambda_accum(2)),

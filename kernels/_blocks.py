@@ -6,9 +6,10 @@ Two regimes:
 - on a GPU they come from the tables below (`TABLES`). There is no autotuning at run time: another
   tile is another reduction order, and results must be bitwise reproducible run to run.
 
-Besides tiles, three tables choose a form or an arithmetic the same way: PAIRWISE_TOKENWISE_GPU (score_pairwise
-token-wise or formed), FP32_TENSOR_CORES (fp32 inputs as 3xTF32 or IEEE) and PAIRWISE_MATERIALIZED_TORCH (the
-materialised form's stages by the Triton kernels or by torch's GEMMs).
+Besides tiles, four tables choose a form or an arithmetic the same way: PAIRWISE_TOKENWISE_GPU (score_pairwise
+token-wise or formed), FP32_TENSOR_CORES (fp32 inputs as 3xTF32 or IEEE), PAIRWISE_MATERIALIZED_TORCH (the
+materialised form's stages by the Triton kernels or by torch's GEMMs) and the first element of
+PAIRWISE_MMA_FORMED_GPU_BLOCKS (the materialised form fused, up to that many tokens).
 
 The defaults were chosen from the sm_90 builds without a GPU (tests/ops/*: no spills, asynchronous copies,
 wgmma; `_backends.assert_fast_sm90_builds`); an H100 measured the main ones on 2026-11-26 (`_tuned_blocks`).
@@ -91,6 +92,24 @@ PAIRWISE_GPU_BLOCKS = {
 PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 3), 2: (128, 128, 64, 8, 3),
                                     4: (64, 128, 32, 8, 3)}  # 3xTF32: 198 registers
 
+# score_pairwise's materialised form fused (`score_pairwise._score_pairwise_mma_kernel`): G tiles formed on chip by
+# the tensor cores (a batched dot over the tokens per example) and contracted at once, G never in memory; 16-bit
+# inputs. (most tokens it takes, BLOCK_Q, BLOCK_N, BLOCK_O, BLOCK_I, O_CHUNK, ASYNC_G, num_warps, num_stages):
+# examples of more tokens than the several-token formed config and at most this many (≤ MMA_FORMED_MAX_T, one K step
+# of the forming dot) take it instead of the materialised form; 0, the default, keeps the materialised form until a
+# GPU times it (tune_triton.py's pairwise_many_mma_formed).
+# Traffic: V streams 2/BLOCK_N bytes per multiply-add from L2 (programs resident together share a query block). g is
+# private to a program's examples: read once per input block, so from memory unless the program's chunk of O_CHUNK
+# output rows (BLOCK_N·O_CHUNK·32 bytes: 256 KiB here, 34 MB for 132 programs) stays in L2 across the input blocks
+# (O_CHUNK 0: all rows at once). The inputs a are read once per chunk. At Q = 512, N = 8192, T = 16, 1024 × 1025 that
+# is ≈ 1 GB of g and 8.7 GB of a from memory (with O_CHUNK 0, 140 GB of g), against the materialised form's 17 GB of
+# G written and 69 GB read (once per 128-query block).
+# The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). sm_90 builds (no GPU): these tiles
+# take 255 registers, no spills, 192 KiB of shared memory, g and V in the pipeline (ASYNC_G), wgmma reading G from
+# registers, mma.sync forming; with plain g loads, 16-wide input steps build too (2 stages).
+MMA_FORMED_MAX_T = 16
+PAIRWISE_MMA_FORMED_GPU_BLOCKS = {1: (0, 128, 64, 16, 8, 128, 1, 8, 3), 2: (0, 128, 64, 16, 8, 128, 1, 8, 3)}
+
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
 # 2 / BLOCK_M + 2 / BLOCK_O bytes per multiply-add: 128 × 128 is the widest 16-bit tile without spills (128 × 256
@@ -143,6 +162,9 @@ ARCH_BLOCKS = {
                                 4: ((64, 128, 32, 1, 8, 3), (64, 64, 16, 4, 4, 2))},
         # the materialised contraction's 64-wide input steps spill 16 B with mma.sync (180 registers at 32)
         "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},
+        # the fused materialised form's 16-wide input steps spill 208 B with mma.sync; 8-wide ones with plain g
+        # loads at 2 stages spill 8 B, after the loops (40 B with 64-bit strides)
+        "PAIRWISE_MMA_FORMED_GPU_BLOCKS": {k: (0, 128, 64, 16, 8, 128, 0, 8, 2) for k in (1, 2)},
         # 64-wide K steps spill 8 B; 3xTF32's 32-wide steps spill 8 B there, 16-wide ones take 170 registers
         "PER_TOKEN_GPU_BLOCKS": {**{k: (128, 128, 32, 8, 3) for k in (1, 2)}, 4: (128, 64, 16, 8, 3)},
         "LOWRANK_GPU_BLOCKS": {k: (64, 32, 128, 8, 3) for k in (1, 2)},  # 128 rows spill 96 B
@@ -152,13 +174,16 @@ ARCH_BLOCKS = {
 
 # Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
 ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,),
-                "PAIRWISE_MATERIALIZED_TORCH": (0,)}
+                "PAIRWISE_MATERIALIZED_TORCH": (0,), "PAIRWISE_MMA_FORMED_GPU_BLOCKS": (0, 5, 6)}
+# Flat positions with an upper bound: the fused materialised form forms at most one K step of tokens; ASYNC_G is a
+# switch.
+MOST_ALLOWED = {"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {0: MMA_FORMED_MAX_T, 6: 1}}
 # Tables of on/off switches: 0 or 1.
 FLAG_TABLES = ("FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH")
 
 TABLES = ("GEMM_GPU_BLOCKS", "COVARIANCE_GPU_BLOCKS", "PAIR_GPU_BLOCKS", "PAIRWISE_GPU_BLOCKS",
           "PAIRWISE_MATERIALIZED_GPU_BLOCKS", "PER_TOKEN_GPU_BLOCKS", "PAIRWISE_TOKENWISE_GPU", "LOWRANK_GPU_BLOCKS",
-          "FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH")
+          "FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH", "PAIRWISE_MMA_FORMED_GPU_BLOCKS")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +238,9 @@ def validate(entries: dict, origin: str) -> dict[str, dict[str, Any]]:
                 also = f" (0 allowed at position {zero_ok[0]})" if zero_ok and least else ""
                 raise ValueError(f"{origin}: {table}[{key}]: expected ints >= {least}{also} shaped like "
                                  f"{known[str(key)]}, got {value}")
+            for k, most in MOST_ALLOWED.get(table, {}).items():
+                if list(_leaves(value))[k] > most:
+                    raise ValueError(f"{origin}: {table}[{key}]: expected at most {most} at position {k}, got {value}")
             if table in FLAG_TABLES and any(v > 1 for v in _leaves(value)):
                 raise ValueError(f"{origin}: {table}[{key}]: expected (0,) or (1,) (off or on), got {value}")
             out[table][str(key)] = value
@@ -364,6 +392,38 @@ def pairwise_materializes(t: int, dot: int) -> bool:
     the several-token config forms at once. Like `pairwise_tokenwise`, the interpreter follows the GPU table (a
     choice of form), so the CPU tests run the form a GPU would."""
     return t > gpu_blocks("PAIRWISE_GPU_BLOCKS", dot)[0 if t == 1 else 1][3]
+
+
+class MmaFormedConfig(NamedTuple):
+    """Tile shape and launch options of score_pairwise's fused materialised form: the contraction's M (examples), N
+    (queries), a K step of block_o output rows × block_i inputs, and block_t, the tokens padded to the forming
+    dot's K."""
+    block_q: int
+    block_n: int
+    block_o: int
+    block_i: int
+    block_t: int
+    o_chunk: int
+    async_g: bool
+    num_warps: int
+    num_stages: int
+
+
+def pairwise_mma_formed_blocks(q: int, n: int, t: int, dot: int) -> MmaFormedConfig | None:
+    """The fused materialised form's configuration for examples of t tokens that `pairwise_materializes`, or None
+    where the materialised form stays (fp32 inputs, more tokens than the table's first element, 0 by default). Like
+    `pairwise_materializes`, the interpreter follows the GPU table's choice of form, with tiles fitted to the problem
+    unless forced."""
+    if dot not in (1, 2):
+        return None
+    most, block_q, block_n, block_o, block_i, o_chunk, async_g, warps, stages = gpu_blocks(
+        "PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot)
+    if t > most:
+        return None
+    if interpreting() and not is_forced("PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot):
+        block_q, block_n, warps, stages = clamp_pow2(q, 16, block_q), clamp_pow2(n, 16, 32), 4, 1
+    return MmaFormedConfig(block_q, block_n, block_o, block_i, MMA_FORMED_MAX_T, o_chunk, bool(async_g), warps,
+                           stages)
 
 
 def pairwise_materialized_blocks(q: int, n: int, i: int, dot: int) -> PairwiseConfig:

@@ -10,7 +10,10 @@ Three forms, by the number of tokens (`_blocks.PAIRWISE_TOKENWISE_GPU`, `_blocks
   - more tokens: G_n formed in memory, a chunk of examples at a time, by a GEMM over the tokens
     (`_common.bmm`), and contracted by the same kernel reading G instead of forming it (GIVEN). Forming on chip
     costs T multiply-adds per G element on the CUDA cores against BLOCK_Q on the tensor cores; in memory, the
-    GEMM streams G once more.
+    GEMM streams G once more;
+  - or, for 16-bit inputs of up to 16 tokens where `_blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS` turns it on (off until
+    a GPU times it), G tiles formed on chip by the tensor cores (`_score_pairwise_mma_kernel`, below the main
+    kernel): the materialised form's two GEMMs fused, G never in memory.
 
 Strategy: the contraction is a GEMM, scores = G_flat [N, O·I] @ V_flat [Q, O·I]ᵀ, whose left operand is
 formed on chip. One program per (block of BLOCK_N examples, block of BLOCK_Q queries). Loop nest:
@@ -155,6 +158,72 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
             # The formed tile is the dot's left operand: on sm_90 wgmma reads it from registers, so it never goes
             # through shared memory (as a right operand it would be stored there every step).
             acc = _common.mma(grad, tl.trans(v), acc, DOT)
+    out_ptr += split.to(tl.int64) * s_os
+    tl.store(out_ptr + offs_q[None, :] * s_oq + offs_n[:, None], acc, mask=n_ok[:, None] & q_ok[None, :])
+
+
+@triton.jit
+def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_per_split, o_per_split, i_splits,
+                               o_chunk, s_vq, s_vo, s_an, s_at, s_gn, s_go, s_os, s_oq,
+                               BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                               BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, ASYNC_G: tl.constexpr):
+    """The fused materialised form: out[split, qb, nb] as `_score_pairwise_kernel`'s, with each step's G tile formed
+    on the tensor cores. A step covers BLOCK_O output rows × BLOCK_I inputs: G[n, o-tile, i-block] =
+    g[n, o-tile, :] @ a[n, :, i-block] for the BLOCK_N examples at once (a batched dot, K = the tokens, zero-padded
+    to BLOCK_T), rounded to the inputs' 16-bit dtype, flattened to [BLOCK_N, BLOCK_O · BLOCK_I] and contracted
+    with the queries' V[q-block, o-tile, i-block] flattened the same way (wgmma). Forming costs BLOCK_T
+    multiply-adds per G element against BLOCK_Q for the contraction, both on the tensor cores, where the
+    CUDA-core forming of the main kernel pays T FMAs per element and the materialised form writes and reads G.
+    Loop nest: chunks of o_chunk output rows outside, then i-blocks (a[n-block, :, i-block] loaded once per block
+    and chunk), then output-row tiles (loads of g and V, the two dots; pipelined). 16-bit v, a, g of one dtype;
+    unit strides: v, a along i, g ([N, O, BLOCK_T]) along t, out along n; the i axis padded to a multiple of
+    BLOCK_I (no i masks).
+    ASYNC_G: g's loads as asynchronous copies in the software pipeline (16-byte vectors, one more shared-memory
+    buffer per stage), else plain loads masked by token (g's padding is zero either way), which Triton cannot
+    vectorise and so leaves out of the pipeline: fewer registers and less shared memory, more load instructions."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_i = tl.arange(0, BLOCK_I)
+    # the contraction's K axis within a step: (o, i) pairs, o-major, as the formed tile is flattened
+    k_o = tl.arange(0, BLOCK_O * BLOCK_I) // BLOCK_I
+    k_i = tl.arange(0, BLOCK_O * BLOCK_I) % BLOCK_I
+    n_ok = offs_n < N
+    q_ok = offs_q < Q
+    t_ok = offs_t < T
+    a_rows = a_ptr + offs_n * s_an  # int64 offsets: N·T·I may pass 2^31
+    g_rows = g_ptr + offs_n * s_gn
+    v_rows = v_ptr + offs_q * s_vq
+    split = tl.program_id(2)
+    i_start = (split % i_splits) * i_per_split
+    i_stop = tl.minimum(i_start + i_per_split, I)
+    o_start = (split // i_splits) * o_per_split
+    o_stop = tl.minimum(o_start + o_per_split, O)
+    acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    # Output rows in chunks of o_chunk, outermost: a program re-reads its g[n-block, chunk, :] once per input block,
+    # and a chunk small enough stays in L2 across them (all of O per program would stream g from memory
+    # I / BLOCK_I times); each chunk reads the inputs a once more.
+    for oc in range(o_start, o_stop, o_chunk):
+        oc_stop = tl.minimum(oc + o_chunk, o_stop)
+        for i0 in range(i_start, i_stop, BLOCK_I):
+            a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
+                        mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+            for o0 in range(oc, oc_stop, BLOCK_O):
+                o_ok = (o0 + offs_o) < oc_stop
+                # g's [N, O, BLOCK_T] layout (tokens contiguous, zero-padded) builds without spills; from [N, T, O]
+                # (output rows contiguous) the sm_90 build spilled 784 B.
+                g_at = g_rows[:, None, None] + (o0 + offs_o)[None, :, None] * s_go + offs_t[None, None, :]
+                if ASYNC_G:
+                    g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None], other=0.0)
+                else:
+                    g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None] & t_ok[None, None, :], other=0.0)
+                grad = tl.dot(g, a)  # [BLOCK_N, BLOCK_O, BLOCK_I], fp32 accumulation (mma.sync)
+                grad = tl.reshape(grad.to(v_ptr.dtype.element_ty), (BLOCK_N, BLOCK_O * BLOCK_I))
+                v = tl.load(v_rows[:, None] + (o0 + k_o)[None, :] * s_vo + (i0 + k_i)[None, :],
+                            mask=q_ok[:, None] & ((o0 + k_o) < oc_stop)[None, :], other=0.0)
+                # G as the left operand, as in the main kernel: wgmma reads it from registers
+                acc = tl.dot(grad, tl.trans(v), acc)
     out_ptr += split.to(tl.int64) * s_os
     tl.store(out_ptr + offs_q[None, :] * s_oq + offs_n[:, None], acc, mask=n_ok[:, None] & q_ok[None, :])
 
@@ -331,6 +400,38 @@ def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out:
         contract_chunk(plan, chunk, out[:, start:start + chunk.shape[0]], dot)
 
 
+def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
+                      cfg: _blocks.MmaFormedConfig) -> None:
+    """out [Q, N] = ⟨V_q, G_n⟩ by `_score_pairwise_mma_kernel` (16-bit v, a, g of one dtype, T ≤ cfg.block_t): v and
+    a padded along i to a multiple of block_i, g as [N, O, block_t] (tokens contiguous, zero-padded); the
+    contraction split over ranges of i and of output-row tiles as the main kernel's (`split_contraction`); output
+    rows in chunks of cfg.o_chunk (0: all of a split's rows at once)."""
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    i_pad = _common.round_up(i, max(_common.ALIGN, cfg.block_i))
+    vk = _common.aligned_rows(v, i_pad)
+    ak = _common.aligned_rows(a, i_pad)
+    gk = _common.padded(g.transpose(1, 2), (n, o, cfg.block_t))
+    grid_n = triton.cdiv(n, cfg.block_n)
+    i_per_split, i_splits, o_tiles_per_split, o_splits = split_contraction(
+        grid_n * triton.cdiv(q, cfg.block_q), i_pad, triton.cdiv(o, cfg.block_o), cfg.block_i, q * n, a.device)
+    splits = i_splits * o_splits
+    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=a.device)
+    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
+    for q0 in range(0, q, step):
+        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
+        _score_pairwise_mma_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
+            vq, ak, gk, wq, vq.shape[0], n, t, o, i_pad, i_per_split, o_tiles_per_split * cfg.block_o, i_splits,
+            cfg.o_chunk or o,
+            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gk.stride(0), gk.stride(1), wq.stride(0),
+            wq.stride(1),
+            BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
+            ASYNC_G=cfg.async_g, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if splits > 1:
+        out.copy_(torch.sum(ws, dim=0))  # a fixed-order sum of the partials: deterministic
+
+
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32; v [Q, O, I], a [N, T, I], g [N, T, O] (any
     strides)."""
@@ -351,7 +452,11 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
     if dot == _common.DOT_F32:
         dot = _blocks.fp32_dot("pairwise")  # IEEE, or 3xTF32 where FP32_TENSOR_CORES turns it on
     if _blocks.pairwise_materializes(t, dot):
-        _materialized_scores(v, a, g, out, dot)
+        mma = _blocks.pairwise_mma_formed_blocks(q, n, t, dot)
+        if mma is not None:  # the materialised form fused, where the table turns it on
+            mma_formed_scores(v, a, g, out, mma)
+        else:
+            _materialized_scores(v, a, g, out, dot)
         return out
     cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
     vk, ak, gt, i_pad = _kernel_layout(v, a, g)

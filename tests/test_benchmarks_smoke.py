@@ -63,7 +63,8 @@ def test_cpu_half_inputs_smoke():
 def test_sm90_builds_report_builds_every_kernel_form(arch):
     """benchmarks/sm90_builds.py compiles every kernel form at its default tiles for sm_90 and sm_80 (no GPU) and
     prints a row for each, none spilling: it follows the kernels' signatures and the tables' shapes, and the
-    sm_80 tiles (`_blocks.ARCH_BLOCKS`) build cleanly there."""
+    sm_80 tiles (`_blocks.ARCH_BLOCKS`) build cleanly there (the fused materialised form's spills 8 B after its
+    loops: every pipelined sm_80 tile tried spills some)."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, str(BENCH / "sm90_builds.py"), "--no-write", "--arch", str(arch)],
                           check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -71,16 +72,20 @@ def test_sm90_builds_report_builds_every_kernel_form(arch):
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "kernel" not in line]
     assert len(rows) >= 10, proc.stdout
     if "no cuobjdump" not in proc.stdout:
-        assert all(line.split("|")[5].strip() == "0" for line in rows), proc.stdout  # no spills at the defaults
+        for line in rows:  # no spills at the defaults, except a few bytes after the loops where no sm_80 tile is clean
+            spill = line.split("|")[5].strip()
+            fused_on_sm80 = arch == 80 and "(fused:" in line.split("|")[1]
+            assert spill == "0" or (fused_on_sm80 and spill.endswith("(0 in the inner loop)")), line
 
 
 def test_profile_pairwise_materialized_smoke():
     """benchmarks/profile_pairwise_materialized.py runs both stages of one chunk (forming G, contracting it), by
-    the Triton kernels and by torch's GEMMs, and the whole op under the interpreter, and checks both against the
-    oracle."""
+    the Triton kernels and by torch's GEMMs, the whole op, and the fused form under the interpreter, and checks
+    each against the oracle."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, str(BENCH / "profile_pairwise_materialized.py"), "--smoke"], check=False,
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert re.search(r"^PROFILE pairwise_materialized: rel_err \S+, by cuBLAS \S+ \(ok\)", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^PROFILE pairwise_materialized: rel_err \S+, by cuBLAS \S+, fused \S+ \(ok\)", proc.stdout,
+                     re.M), proc.stdout
     assert "SMOKE" in proc.stdout and "chunk" in proc.stdout

@@ -363,6 +363,81 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
     assert kernels.count("contract") == (0 if plan.torch_contract else 3)
 
 
+MMA_DEFAULT = [128, 64, 16, 8, 128, 1, 8, 3]  # the sm_90 default tile of PAIRWISE_MMA_FORMED_GPU_BLOCKS
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("q,n,t,i,o,tile,slots", [
+    pytest.param(5, 7, 3, 37, 11, None, 1, id="t3-fitted"),
+    pytest.param(19, 40, 16, 75, 33, [16, 16, 16, 16, 0, 0, 4, 1], 24, id="t16-split-plain-g"),
+    pytest.param(4, 20, 7, 24, 70, [16, 16, 16, 8, 32, 1, 4, 1], 2, id="o-chunks-split"),
+    pytest.param(1, 1, 9, 17, 9, MMA_DEFAULT, 1, id="q1-n1-t9-gpu-tile"),
+    pytest.param(70, 3, 5, 16, 40, MMA_DEFAULT, 3, id="q70-gpu-tile-split"),
+])
+def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slots):
+    """PAIRWISE_MMA_FORMED_GPU_BLOCKS on: 16-bit examples of more tokens than the several-token formed config take
+    the fused materialised form (G tiles formed by a batched dot over the tokens and contracted at once), at tiles
+    fitted to the problem or forced (the GPU's default included), split over programs for a GPU of `slots` SMs;
+    odd sizes pad the inputs, the output rows and the tokens; against the oracle, and checked to take that form."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, score_pairwise as kernel
+
+    monkeypatch.setattr(_common, "splits_allowed", lambda device: slots > 1)
+    monkeypatch.setattr(_common, "num_sms", lambda device: slots)
+    calls = []
+    real = kernel.mma_formed_scores
+    monkeypatch.setattr(kernel, "mma_formed_scores", lambda *args: calls.append(args[-1]) or real(*args))
+    entry = [16, *(tile or MMA_DEFAULT)]
+    if tile is None:  # the table's switch without forcing its tile: tiles fitted to the problem
+        monkeypatch.setitem(__import__("source_fast.kernels._blocks", fromlist=["x"]).PAIRWISE_MMA_FORMED_GPU_BLOCKS,
+                            1, tuple(entry))
+        tables = {}
+    else:
+        tables = {"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": entry}}
+    with _materializing(tables):
+        _check("triton", *_inputs(q, n, t, i, o, torch.float16), torch.float16)
+    assert calls, "the fused materialised form did not run"
+    if tile is not None:
+        assert tuple(calls[-1])[:4] == tuple(tile[:4]) and calls[-1].o_chunk == tile[4]
+        assert calls[-1].async_g == bool(tile[5])
+        assert calls[-1].block_t == 16
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype,t", [(torch.float16, 17), (torch.float32, 6)], ids=["fp16-t17", "fp32-t6"])
+def test_score_pairwise_triton_mma_formed_bounds(monkeypatch, dtype, t):
+    """With the fused form on, examples of more tokens than its first element, and fp32 inputs, keep the
+    materialised form (GIVEN contractions), still matching the oracle."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import score_pairwise as kernel
+
+    calls, given = [], []
+    real, real_contract = kernel.mma_formed_scores, kernel._contract
+    monkeypatch.setattr(kernel, "mma_formed_scores", lambda *args: calls.append(t) or real(*args))
+    monkeypatch.setattr(kernel, "_contract",
+                        lambda *args, **kw: given.append(kw["given"]) or real_contract(*args, **kw))
+    with _materializing({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, *MMA_DEFAULT]}}):
+        _check("triton", *_inputs(3, 5, t, 37, 11, dtype), dtype)
+    assert not calls and given and given[-1] is True
+
+
+def test_mma_formed_table_validation():
+    """The fused form's switch takes 0 (off) up to the one K step it forms, 16 tokens."""
+    from source_fast.kernels import _blocks
+
+    assert _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [0, *MMA_DEFAULT]}}, "t")
+    assert _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, *MMA_DEFAULT]}}, "t")
+    with pytest.raises(ValueError, match=r"PAIRWISE_MMA_FORMED_GPU_BLOCKS\[2\]: expected at most 16 at position 0"):
+        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [17, *MMA_DEFAULT]}}, "t")
+    with pytest.raises(ValueError, match="expected ints >= 1"):
+        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, 0, 64, 16, 16, 128, 1, 8, 2]}}, "t")
+    with pytest.raises(ValueError, match="expected at most 1 at position 6"):
+        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, 128, 64, 16, 16, 128, 2, 8, 2]}}, "t")
+    assert _blocks.pairwise_mma_formed_blocks(8, 8, 16, 0) is None  # fp32: never
+
+
 def test_materialized_chunks_hold_twice_the_queries():
     """A chunk of materialised G_n: the memory budget's examples, but at least 2·Q (the queries then stream at most
     half the bytes G does) and one example block, within a quarter of the free device memory, and never more
@@ -482,6 +557,38 @@ def test_score_pairwise_kernel_compiles_for_gpu_without_spills():
     compile_for_gpu([case[:4] + (80,) + case[5:] for case in formed + given if case[3]["DOT"] != 0])
 
 
+@pytest.mark.slow
+def test_score_pairwise_mma_kernel_compiles_for_gpu_without_spills():
+    """The fused materialised form (PAIRWISE_MMA_FORMED_GPU_BLOCKS) builds for sm_90 at its default tiles without
+    spills, within an H100's shared memory, with pipelined loads, the forming on mma.sync (HMMA) and the contraction
+    on wgmma reading the formed tile from registers; and for sm_80 (ARCH_BLOCKS) without spills in its loops.
+    Strides as 64-bit integers, the JIT's type for any above 2^31 (with 32-bit ones the builds take fewer
+    registers)."""
+    from source_fast.kernels import _blocks
+
+    strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "gn", "go", "os", "oq")}
+    div16 = ["v_ptr", "a_ptr", "g_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn", "s_go", "s_os", "I",
+             "i_per_split"]
+    cases = []
+    for arch, table in ((90, _blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS),
+                        (80, _blocks.ARCH_BLOCKS["sm_80"]["PAIRWISE_MMA_FORMED_GPU_BLOCKS"])):
+        for dot, ptr in ((1, "*fp16"), (2, "*bf16")):
+            _, block_q, block_n, block_o, block_i, _, async_g, warps, stages = table[dot]
+            sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32", I="i32",
+                       i_per_split="i32", o_per_split="i32", i_splits="i32", o_chunk="i32", **strides)
+            const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
+                         BLOCK_T=_blocks.MMA_FORMED_MAX_T, ASYNC_G=bool(async_g))
+            cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_mma_kernel", sig, const, arch,
+                          {"num_warps": warps, "num_stages": stages, "div16": div16}))
+    for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
+        if usage is None:
+            continue
+        # sm_80: a few bytes spilled after the loops are paid once per program, not per step
+        assert usage["SPILL_IN_LOOP"] == 0 and usage["HMMA"] > 0 and usage["LDGSTS"] > 0, (case[4], case[3], usage)
+        if case[4] == 90:
+            assert usage["HGMMA"] > 0 and usage["HGMMA_REG_A"] == usage["HGMMA"], (case[3], usage)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("t", [2, 6], ids=["formed", "materialized"])
 def test_score_pairwise_triton_fp32_as_3xtf32(monkeypatch, blocks_override, t):
@@ -514,6 +621,21 @@ def test_score_pairwise_bf16_materialized_by_torch_gpu(blocks_override, form, co
     """The materialised form's stages by cuBLAS (PAIRWISE_MATERIALIZED_TORCH) keep bf16's rule against the oracle."""
     blocks_override({"PAIRWISE_MATERIALIZED_TORCH": {"form": [form], "contract": [contract]}})
     _check("triton", *_inputs(7, 45, 40, 131, 67, torch.bfloat16, device="cuda"), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [2, 16])
+def test_score_pairwise_bf16_mma_formed_gpu(blocks_override, t):
+    """The fused materialised form (forced on, at the device's tile) keeps bf16's rule against the oracle and is
+    bitwise deterministic (no atomics; splits summed in a fixed order)."""
+    from source_fast.kernels import _blocks
+
+    entry = list(_blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", 2))
+    blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, *entry[1:]]}})
+    inputs = _inputs(7, 300, t, 131, 67, torch.bfloat16, device="cuda")
+    first, _ = _check("triton", *inputs, torch.bfloat16)
+    for _ in range(10):
+        assert torch.equal(ops.score_pairwise(*inputs, backend="triton"), first)
 
 
 @pytest.mark.gpu
