@@ -103,7 +103,8 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 # output rows (BLOCK_N·O_CHUNK·32 bytes: 256 KiB here, 34 MB for 132 programs) stays in L2 across the input blocks
 # (O_CHUNK 0: all rows at once). The inputs a are read once per chunk. At Q = 512, N = 8192, T = 16, 1024 × 1025 that
 # is ≈ 1 GB of g and 8.7 GB of a from memory (with O_CHUNK 0, 140 GB of g), against the materialised form's 17 GB of
-# G written and 69 GB read (once per 128-query block).
+# G written and read back (its chunks of 2·Q examples make grids of ≤ 132 programs, so the query blocks of an
+# example block run together and share G's tiles in L2).
 # The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). sm_90 builds (no GPU): these tiles
 # take 255 registers, no spills, 192 KiB of shared memory, g and V in the pipeline (ASYNC_G), wgmma reading G from
 # registers, mma.sync forming; with plain g loads, 16-wide input steps build too (2 stages).
