@@ -12,17 +12,19 @@ _RTOL = 1e-3  # fp32 kernels on tiny shapes agree to ~1e-6; this only catches br
 # 16-bit inputs against the float64 reference on the same (rounded) inputs: the kernels round the formed G_n to
 # bf16 (2^-9 relative per element; fp16 2^-12) and accumulate in fp32; a broken kernel is off by O(1).
 _RTOL_16BIT = 3e-2
-# Ops whose 16-bit inputs run other kernels than fp32 on a GPU (the tensor-core forms), checked in 16 bits there too.
-_SIXTEEN_BIT_OPS = ("score_pairwise",)
+# Ops whose 16-bit inputs run other kernels than fp32 on a GPU (the tensor-core forms), checked in 16 bits there too,
+# at these token counts: 3 (G formed on chip on the CUDA cores) and 12 (more than a formed tile holds: G
+# materialised, or formed on the tensor cores where `_blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS` turns that on).
+_SIXTEEN_BIT_OPS = {"score_pairwise": (3, 12)}
 
 
-def _inputs(device):
+def _inputs(device, tokens: int = 3):
     gen = torch.Generator().manual_seed(1234)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device)
 
-    n, t, i, o, q = 5, 3, 7, 6, 4
+    n, t, i, o, q = 5, tokens, 7, 6, 4
     a, g, v = rnd(n, t, i), rnd(n, t, o), rnd(q, o, i)
     q_a = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0].float().to(device)
     q_s = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0].float().to(device)
@@ -38,9 +40,10 @@ def run(op: str, fn, device, sixteen_bit: bool | None = None) -> str | None:
     error = _run(op, fn, device)
     if error is None and sixteen_bit:
         dtype = _sixteen_bit_dtype(device)
-        error = _run(op, fn, device, dtype)
-        if error is not None:
-            error = f"{str(dtype).replace('torch.', '')} inputs: {error}"
+        for tokens in _SIXTEEN_BIT_OPS.get(op, (3,)):
+            error = _run(op, fn, device, dtype, tokens)
+            if error is not None:
+                return f"{str(dtype).replace('torch.', '')} inputs, {tokens} tokens: {error}"
     return error
 
 
@@ -53,8 +56,8 @@ def _sixteen_bit_dtype(device) -> torch.dtype:
     return torch.bfloat16
 
 
-def _run(op: str, fn, device, dtype: torch.dtype = torch.float32) -> str | None:
-    a, g, v, q_a, q_s, lam = _inputs(device)
+def _run(op: str, fn, device, dtype: torch.dtype = torch.float32, tokens: int = 3) -> str | None:
+    a, g, v, q_a, q_s, lam = _inputs(device, tokens)
     if dtype != torch.float32:  # the activations, gradients and queries; the eigenbases stay fp32
         a, g, v = a.to(dtype), g.to(dtype), v.to(dtype)
     try:

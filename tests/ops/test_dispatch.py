@@ -126,7 +126,8 @@ def test_working_backend_passes_self_test_and_is_selected(monkeypatch):
 
 def test_self_test_checks_bf16_scoring_where_its_kernels_differ():
     """On a CUDA device score_pairwise's self-test also runs bf16 inputs (the tensor-core kernels are others than
-    fp32's): a backend right in fp32 but wrong in bf16 is reported; a right one passes at bf16's tolerance."""
+    fp32's), at a few tokens and at more than a formed tile holds: a backend right in fp32 but wrong in bf16, in
+    either form, is reported; a right one passes at bf16's tolerance."""
     from source_fast import _selftest
 
     def right(v, a, g):
@@ -139,9 +140,15 @@ def test_self_test_checks_bf16_scoring_where_its_kernels_differ():
         grads = torch.einsum("nto,nti->noi", g.double(), a.double()).to(v.dtype).double()
         return torch.einsum("qoi,noi->qn", v.double(), grads).float()
 
+    def wrong_above_formed_tiles(v, a, g):  # the several-token forms (materialised or fused) broken, not the formed one
+        return right(v, a, g) * (1.1 if v.dtype == torch.bfloat16 and a.shape[1] > 8 else 1.0)
+
     cpu = torch.device("cpu")
     assert _selftest.run("score_pairwise", wrong_in_bf16, cpu) is None  # CPU default: fp32 only
-    assert "bfloat16 inputs: max error" in _selftest.run("score_pairwise", wrong_in_bf16, cpu, sixteen_bit=True)
+    assert "bfloat16 inputs, 3 tokens: max error" in _selftest.run("score_pairwise", wrong_in_bf16, cpu,
+                                                                   sixteen_bit=True)
+    assert "bfloat16 inputs, 12 tokens: max error" in _selftest.run("score_pairwise", wrong_above_formed_tiles, cpu,
+                                                                    sixteen_bit=True)
     assert _selftest.run("score_pairwise", right, cpu, sixteen_bit=True) is None
     assert _selftest.run("score_pairwise", bf16_rounded_g, cpu, sixteen_bit=True) is None
 
