@@ -111,6 +111,14 @@ def _form_grad(g, a, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _split_ranges(split, i_splits, i_per_split, o_per_split, I, O):
+    """(i_start, i_stop, o_start, o_stop) of a split: program_id(2) = (o-split) · i_splits + (i-split)."""
+    i_start = (split % i_splits) * i_per_split
+    o_start = (split // i_splits) * o_per_split
+    return i_start, tl.minimum(i_start + i_per_split, I), o_start, tl.minimum(o_start + o_per_split, O)
+
+
+@triton.jit
 def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_split, o_per_split, i_splits,
                            s_vq, s_vo, s_an, s_at, s_go, s_gt, s_os, s_oq,
                            BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -132,10 +140,7 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
     v_rows = v_ptr + offs_q * s_vq
     s_go = s_go.to(tl.int64)  # o · s_go spans g's [O, T, N_pad] view, which may pass 2^31 elements
     split = tl.program_id(2)
-    i_start = (split % i_splits) * i_per_split
-    i_stop = tl.minimum(i_start + i_per_split, I)
-    o_start = (split // i_splits) * o_per_split
-    o_stop = tl.minimum(o_start + o_per_split, O)
+    i_start, i_stop, o_start, o_stop = _split_ranges(split, i_splits, i_per_split, o_per_split, I, O)
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for i0 in range(i_start, i_stop, BLOCK_I):
         ii = i0 + offs_i
@@ -196,10 +201,7 @@ def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_pe
     g_rows = g_ptr + offs_n * s_gn
     v_rows = v_ptr + offs_q * s_vq
     split = tl.program_id(2)
-    i_start = (split % i_splits) * i_per_split
-    i_stop = tl.minimum(i_start + i_per_split, I)
-    o_start = (split // i_splits) * o_per_split
-    o_stop = tl.minimum(o_start + o_per_split, O)
+    i_start, i_stop, o_start, o_stop = _split_ranges(split, i_splits, i_per_split, o_per_split, I, O)
     acc = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     # Output rows in chunks of o_chunk, outermost: a program re-reads its g[n-block, chunk, :] once per input block,
     # and a chunk small enough stays in L2 across them (all of O per program would stream g from memory
@@ -245,20 +247,30 @@ def _contract(vk: torch.Tensor, ak: torch.Tensor, gt: torch.Tensor, out: torch.T
     [N, T, I_pad] and gt [O, T, N_pad] formed on chip, or (given) G itself in ak, [N, O, I_pad]."""
     q, n = out.shape
     grid_n, i_per_split, i_splits, o_per_split, o_splits = contraction_grid(q, n, o, i_pad, cfg, ak.device)
-    splits = i_splits * o_splits
-    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=ak.device)
-    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
-    for q0 in range(0, q, step):
-        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
-        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
+
+    def launch(vq, wq):
+        _score_pairwise_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), i_splits * o_splits)](
             vq, ak, gt, wq, vq.shape[0], n, t, o, i_pad, i_per_split, o_per_split, i_splits,
             vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gt.stride(0), gt.stride(1), wq.stride(0),
             wq.stride(1),
             BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t, GIVEN=given, DOT=dot,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    _launch_by_query_range(launch, vk, out, i_splits * o_splits, cfg.block_q)
+
+
+def _launch_by_query_range(launch, vk: torch.Tensor, out: torch.Tensor, splits: int, block_q: int) -> None:
+    """launch(v rows, partials [splits, rows, N]) over ranges of queries that grid axis 1 can hold (65535 blocks),
+    into out [Q, N] itself or, with splits > 1, into a workspace of partials summed in a fixed order
+    (deterministic)."""
+    q, n = out.shape
+    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=out.device)
+    step = block_q * _common.MAX_GRID_YZ
+    for q0 in range(0, q, step):
+        launch(vk[q0:q0 + step], ws[:, q0:q0 + step])
     if splits > 1:
-        out.copy_(torch.sum(ws, dim=0))  # a fixed-order sum of the partials: deterministic
+        out.copy_(torch.sum(ws, dim=0))
 
 
 MIN_O_STEPS = 32  # output rows per split at least: each program's pipelined o loop stays long
@@ -415,21 +427,16 @@ def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: to
     grid_n = triton.cdiv(n, cfg.block_n)
     i_per_split, i_splits, o_tiles_per_split, o_splits = split_contraction(
         grid_n * triton.cdiv(q, cfg.block_q), i_pad, triton.cdiv(o, cfg.block_o), cfg.block_i, q * n, a.device)
-    splits = i_splits * o_splits
-    ws = out.unsqueeze(0) if splits == 1 else torch.empty(splits, q, n, dtype=torch.float32, device=a.device)
-    step = cfg.block_q * _common.MAX_GRID_YZ  # axis 1 holds at most 65535 query blocks
-    for q0 in range(0, q, step):
-        vq, wq = vk[q0:q0 + step], ws[:, q0:q0 + step]
-        _score_pairwise_mma_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), splits)](
+    def launch(vq, wq):
+        _score_pairwise_mma_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), i_splits * o_splits)](
             vq, ak, gk, wq, vq.shape[0], n, t, o, i_pad, i_per_split, o_tiles_per_split * cfg.block_o, i_splits,
-            cfg.o_chunk or o,
-            vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gk.stride(0), gk.stride(1), wq.stride(0),
-            wq.stride(1),
+            cfg.o_chunk or o, vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gk.stride(0), gk.stride(1),
+            wq.stride(0), wq.stride(1),
             BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
             ASYNC_G=cfg.async_g, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    if splits > 1:
-        out.copy_(torch.sum(ws, dim=0))  # a fixed-order sum of the partials: deterministic
+
+    _launch_by_query_range(launch, vk, out, i_splits * o_splits, cfg.block_q)
 
 
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
