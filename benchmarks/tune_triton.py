@@ -145,6 +145,32 @@ def _pairwise_many_flops(p):
 
 
 ENTRIES = [
+    # Several tokens per example first: bf16 scoring at 16 tokens is the target furthest from its roof (72 ms, 13 %
+    # of the H100's datasheet), and the fused form and cuBLAS stages below have not been timed yet.
+    # More tokens than formed on chip: G_n materialised in chunks and contracted by the kernel's GEMM (TFLOP/s of the
+    # contraction and the forming, 2·N·O·I·(Q + T)), or fused (PAIRWISE_MMA_FORMED_GPU_BLOCKS): G tiles formed on the
+    # tensor cores and contracted at once, never in memory. The default (first) keeps the materialised form; the
+    # others turn the fused form on up to 16 tokens at tiles whose sm_90 builds have no spills: g in the software
+    # pipeline or plain loads, 8- or 16-wide inputs, output rows in chunks of 128 (g's chunk in L2 across the input
+    # blocks), 256 or all at once.
+    Entry("pairwise_many_mma_formed", "PAIRWISE_MMA_FORMED_GPU_BLOCKS", 2, None,
+          [(0, 128, 64, 16, 8, 128, 1, 8, 3), (16, 128, 64, 16, 8, 128, 1, 8, 3), (16, 128, 64, 16, 8, 256, 1, 8, 3),
+           (16, 128, 64, 16, 8, 0, 1, 8, 3), (16, 128, 64, 16, 8, 128, 0, 8, 3), (16, 128, 64, 16, 16, 128, 0, 8, 2)],
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
+    # ... and each of its stages by torch's GEMM (cuBLAS) on the same chunks instead of the Triton kernel, at the
+    # default tiles: the contraction first (most of the MACs), then the forming.
+    Entry("pairwise_many_torch_contract", "PAIRWISE_MATERIALIZED_TORCH", "contract", None, [(0,), (1,)],
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
+    Entry("pairwise_many_torch_form", "PAIRWISE_MATERIALIZED_TORCH", "form", None, [(0,), (1,)],
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
+    # ... and the materialised contraction's own tiles (TFLOP/s of the contraction and the forming, 2·N·O·I·(Q + T)).
+    Entry("pairwise_many_bf16", "PAIRWISE_MATERIALIZED_GPU_BLOCKS", 2, None,
+          [(128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)],  # last spills
+          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
+          _pairwise_many_flops),
     # One token per example: score_pairwise forms G on chip for 16-bit inputs (PAIRWISE_TOKENWISE_GPU); its tiles.
     Entry("pairwise_one_bf16", "PAIRWISE_GPU_BLOCKS", 2, 0, _FORMED_ONE, _PAIRWISE_ONE, _PAIRWISE_SMOKE,
           _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
@@ -165,29 +191,6 @@ ENTRIES = [
           dict(dtype="bfloat16", Q=256, N=4096, T=4, O=1024, I=1025),
           dict(dtype="float16", Q=5, N=7, T=3, O=3, I=37), _pairwise_inputs,
           lambda x, b: ops.score_pairwise(*x, backend=b), _pairwise_flops),
-    # More tokens than formed on chip: G_n materialised in chunks, then the kernel's GEMM reading it (TFLOP/s of
-    # the contraction and the forming, 2·N·O·I·(Q + T)).
-    Entry("pairwise_many_bf16", "PAIRWISE_MATERIALIZED_GPU_BLOCKS", 2, None,
-          [(128, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3)],  # last spills
-          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          _pairwise_many_flops),
-    # ... or fused (PAIRWISE_MMA_FORMED_GPU_BLOCKS): G tiles formed on the tensor cores and contracted at once, never
-    # in memory. The default (first) keeps the materialised form; the others turn the fused form on up to 16 tokens
-    # at tiles whose sm_90 builds have no spills: g in the software pipeline or plain loads, 8- or 16-wide inputs,
-    # output rows in chunks of 128 (g's chunk in L2 across the input blocks), 256 or all at once.
-    Entry("pairwise_many_mma_formed", "PAIRWISE_MMA_FORMED_GPU_BLOCKS", 2, None,
-          [(0, 128, 64, 16, 8, 128, 1, 8, 3), (16, 128, 64, 16, 8, 128, 1, 8, 3), (16, 128, 64, 16, 8, 256, 1, 8, 3),
-           (16, 128, 64, 16, 8, 0, 1, 8, 3), (16, 128, 64, 16, 8, 128, 0, 8, 3), (16, 128, 64, 16, 16, 128, 0, 8, 2)],
-          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          _pairwise_many_flops),
-    # ... and each of its stages by torch's GEMM (cuBLAS) on the same chunks instead of the Triton kernel, at the
-    # default tiles: the contraction first (most of the MACs), then the forming.
-    Entry("pairwise_many_torch_contract", "PAIRWISE_MATERIALIZED_TORCH", "contract", None, [(0,), (1,)],
-          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          _pairwise_many_flops),
-    Entry("pairwise_many_torch_form", "PAIRWISE_MATERIALIZED_TORCH", "form", None, [(0,), (1,)],
-          _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
-          _pairwise_many_flops),
     Entry("covariance_wide_bf16", "COVARIANCE_GPU_BLOCKS", "wide", None,
           [(128, 64, 8), (64, 64, 4), (64, 32, 4), (128, 32, 8), (64, 128, 4)],
           dict(dtype="bfloat16", R=65536, D=2049), dict(dtype="float16", R=150, D=80), _covariance_inputs,
