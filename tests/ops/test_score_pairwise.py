@@ -627,15 +627,35 @@ def test_score_pairwise_bf16_materialized_by_torch_gpu(blocks_override, form, co
 @pytest.mark.parametrize("t", [2, 16])
 def test_score_pairwise_bf16_mma_formed_gpu(blocks_override, t):
     """The fused materialised form (forced on, at the device's tile) keeps bf16's rule against the oracle and is
-    bitwise deterministic (no atomics; splits summed in a fixed order)."""
+    bitwise deterministic over 50 runs (no atomics; splits summed in a fixed order)."""
     from source_fast.kernels import _blocks
 
     entry = list(_blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", 2))
     blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, *entry[1:]]}})
     inputs = _inputs(7, 300, t, 131, 67, torch.bfloat16, device="cuda")
     first, _ = _check("triton", *inputs, torch.bfloat16)
-    for _ in range(10):
+    for _ in range(50):
         assert torch.equal(ops.score_pairwise(*inputs, backend="triton"), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_score_pairwise_mma_formed_index_space_above_2_31_gpu(blocks_override):
+    """The fused form (forced on) with N·T·I > 2^31 input elements (int64 example offsets); checked on a sample."""
+    from source_fast.kernels import _blocks
+
+    entry = list(_blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", 1))
+    blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, *entry[1:]]}})
+    n, t, i, o, q = 262200, 16, 520, 8, 3
+    a = torch.empty(n, t, i, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    g = torch.empty(n, t, o, dtype=torch.float16, device="cuda").uniform_(-1, 1)
+    v = torch.randn(q, o, i, device="cuda").half()
+    assert n * t * i > 2**31
+    got = ops.score_pairwise(v, a, g, backend="triton")
+    sample = torch.tensor([0, 1, n // 2, n - 2, n - 1], device="cuda")
+    assert_matches_oracle(got[:, sample], reference.score_pairwise_ref(v, a[sample], g[sample]), op="score_pairwise",
+                          backend="triton", dtype=torch.float16,
+                          baseline=reference.score_pairwise_ref(v, a[sample], g[sample], upcast=False))
 
 
 @pytest.mark.gpu
