@@ -3,7 +3,8 @@
 Math (SOURCE_MATH.md §7): v [Q, O, I] (preconditioned query directions), a [N, T, I], g [N, T, O],
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ [O, I]; result [Q, N] fp32.
 
-Three forms, by the number of tokens (`_blocks.PAIRWISE_TOKENWISE_GPU`, `_blocks.pairwise_materializes`):
+Four forms, by the number of tokens (`_blocks.PAIRWISE_TOKENWISE_GPU`, `_blocks.pairwise_materializes`,
+`_blocks.pairwise_mma_formed_blocks`):
   - the token-wise GEMM of score_per_token, VA = a V_qᵀ contracted with g in its epilogue (score_per_token.py;
     the default for fp32 one-token inputs);
   - the kernel below forming G_n tiles on chip (the fp16/bf16 default up to the several-token config's max_t);
