@@ -405,6 +405,24 @@ def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slot
 
 
 @pytest.mark.interpreter
+def test_score_pairwise_triton_mma_formed_grid_chunks(monkeypatch):
+    """The fused form's launches over query ranges that the grid's axis 1 can hold (forced down to 2 blocks per
+    launch), with ragged example and query blocks."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    from source_fast.kernels import _common, score_pairwise as kernel
+
+    launches = []
+    real = kernel._score_pairwise_mma_kernel
+    monkeypatch.setattr(kernel, "_score_pairwise_mma_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
+    with _materializing({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 16, 16, 16, 16, 0, 1, 4, 1]}}):
+        _check("triton", *_inputs(71, 37, 9, 23, 5, torch.float16), torch.float16)  # 5 query blocks: 3 launches
+    assert [grid[:2] for grid in launches[-3:]] == [(3, 2), (3, 2), (3, 1)]
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype,t", [(torch.float16, 17), (torch.float32, 6)], ids=["fp16-t17", "fp32-t6"])
 def test_score_pairwise_triton_mma_formed_bounds(monkeypatch, dtype, t):
     """With the fused form on, examples of more tokens than its first element, and fp32 inputs, keep the
