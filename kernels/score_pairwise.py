@@ -415,8 +415,8 @@ def _materialized_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out:
 
 def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor,
                       cfg: _blocks.MmaFormedConfig) -> None:
-    """out [Q, N] = ⟨V_q, G_n⟩ by `_score_pairwise_mma_kernel` (16-bit v, a, g of one dtype, T ≤ cfg.block_t): v and
-    a padded along i to a multiple of block_i, g as [N, O, block_t] (tokens contiguous, zero-padded); the
+    """out [Q, N] = ⟨V_q, G_n⟩ by `_score_pairwise_mma_kernel` (16-bit v, a, g of one dtype, T ≤ cfg.block_t): v
+    and a padded along i to a multiple of block_i, g as [N, O, block_t] (tokens contiguous, zero-padded); the
     contraction split over ranges of i and of output-row tiles as the main kernel's (`split_contraction`); output
     rows in chunks of cfg.o_chunk (0: all of a split's rows at once)."""
     q, o, i = v.shape
@@ -440,6 +440,27 @@ def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: to
     _launch_by_query_range(launch, vk, out, i_splits * o_splits, cfg.block_q)
 
 
+FORMS = {
+    "tokenwise": "token-wise GEMM (score_per_token's kernel, summed over tokens)",
+    "formed": "G_n tiles formed on chip on the CUDA cores",
+    "materialized": "G_n materialised in chunks of examples, then contracted",
+    "fused": "G_n tiles formed on the tensor cores and contracted at once (PAIRWISE_MMA_FORMED_GPU_BLOCKS)",
+}
+
+
+def pairwise_form(q: int, n: int, t: int, dtypes: tuple[torch.dtype, ...]) -> tuple[str, int]:
+    """(form, dot code) that `score_pairwise_triton` takes for these sizes and the (v, a, g) dtypes: a key of FORMS
+    (also what `sf.explain` reports)."""
+    dot = _common.dot_code(dtypes[1]) if len(set(dtypes)) == 1 else _common.DOT_F32
+    if _blocks.pairwise_tokenwise(t, dot):
+        return "tokenwise", dot
+    if dot == _common.DOT_F32:
+        dot = _blocks.fp32_dot("pairwise")  # IEEE, or 3xTF32 where FP32_TENSOR_CORES turns it on
+    if _blocks.pairwise_materializes(t, dot):
+        return ("fused" if _blocks.pairwise_mma_formed_blocks(q, n, t, dot) else "materialized"), dot
+    return "formed", dot
+
+
 def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32; v [Q, O, I], a [N, T, I], g [N, T, O] (any
     strides)."""
@@ -450,23 +471,18 @@ def score_pairwise_triton(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> 
         return out
     if t == 0 or o == 0 or i == 0:
         return out.zero_()
-    same = v.dtype == a.dtype == g.dtype
-    dot = _common.dot_code(a.dtype) if same else _common.DOT_F32
-    if _blocks.pairwise_tokenwise(t, dot):
+    form, dot = pairwise_form(q, n, t, (v.dtype, a.dtype, g.dtype))
+    if form == "tokenwise":
         if t == 1:
             return tokenwise_scores(v, a, g, out)
         per_token = tokenwise_scores(v, a, g, torch.empty(q, n * t, dtype=torch.float32, device=a.device))
         return torch.sum(per_token.view(q, n, t), dim=2, out=out)  # a fixed-shape reduction: deterministic
-    if dot == _common.DOT_F32:
-        dot = _blocks.fp32_dot("pairwise")  # IEEE, or 3xTF32 where FP32_TENSOR_CORES turns it on
-    if _blocks.pairwise_materializes(t, dot):
-        mma = _blocks.pairwise_mma_formed_blocks(q, n, t, dot)
-        if mma is not None:  # the materialised form fused, where the table turns it on
-            mma_formed_scores(v, a, g, out, mma)
-        else:
-            _materialized_scores(v, a, g, out, dot)
-        return out
-    cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
-    vk, ak, gt, i_pad = _kernel_layout(v, a, g)
-    _contract(vk, ak, gt, out, t, o, i_pad, cfg, dot, given=False)
+    if form == "fused":
+        mma_formed_scores(v, a, g, out, _blocks.pairwise_mma_formed_blocks(q, n, t, dot))
+    elif form == "materialized":
+        _materialized_scores(v, a, g, out, dot)
+    else:
+        cfg = _blocks.pairwise_blocks(q, n, t, i, dot)
+        vk, ak, gt, i_pad = _kernel_layout(v, a, g)
+        _contract(vk, ak, gt, out, t, o, i_pad, cfg, dot, given=False)
     return out

@@ -75,6 +75,16 @@ class Backend:
     def function(self, op: str) -> Callable:
         raise NotImplementedError
 
+    def form(self, op: str, tensors: dict[str, torch.Tensor]) -> str | None:
+        """Which of its forms this backend runs op in on these inputs (`explain`), or None where it has one."""
+        return None
+
+
+def _pairwise_sizes(tensors: dict[str, torch.Tensor]) -> tuple[int, int, int, int, int]:
+    """(Q, N, T, O, I) of score_pairwise's v [Q, O, I], a [N, T, I]."""
+    (q, o, i), (n, t, _) = tensors["v"].shape, tensors["a"].shape
+    return q, n, t, o, i
+
 
 class TorchBackend(Backend):
     name = "torch"
@@ -84,6 +94,16 @@ class TorchBackend(Backend):
         from . import _torch_ops
 
         return getattr(_torch_ops, op)
+
+    def form(self, op, tensors):
+        if op != "score_pairwise":
+            return None
+        from . import _torch_ops
+
+        q, n, t, o, i = _pairwise_sizes(tensors)
+        strategy = _torch_ops.pairwise_strategy(q, n, t, o, i)  # as _torch_ops.score_pairwise picks it
+        return {"tokenwise": "token-wise (per-token GEMMs, no G_n)",
+                "materialize": "materialised (G_n formed in chunks, one GEMM)"}[strategy]
 
 
 class TritonBackend(Backend):
@@ -118,6 +138,14 @@ class TritonBackend(Backend):
         module = importlib.import_module(f"source_fast.kernels.{op}")
         return getattr(module, f"{op}_triton")
 
+    def form(self, op, tensors):
+        if op != "score_pairwise":
+            return None
+        kernel = importlib.import_module("source_fast.kernels.score_pairwise")
+        q, n, t, _, _ = _pairwise_sizes(tensors)
+        name, _ = kernel.pairwise_form(q, n, t, tuple(tensors[k].dtype for k in ("v", "a", "g")))
+        return f"{name}: {kernel.FORMS[name]}"
+
 
 class ExtensionBackend(Backend):
     """The compiled pybind11 module source_fast._C (CUDA and/or C++/OpenMP entry points)."""
@@ -149,6 +177,14 @@ class CudaBackend(ExtensionBackend):
 class CpuBackend(ExtensionBackend):
     name = "cpu"
     devices = ("cpu",)
+
+    def form(self, op, tensors):
+        if op != "score_pairwise":
+            return None
+        from . import _extension
+
+        return _extension.CPU_PAIRWISE_KERNELS[_extension.cpu_pairwise_kernel(tensors["v"], tensors["a"], tensors["g"])]
+
     # fp16/bf16 are upcast to float32 by _extension (exactly), as the torch backend does on CPU: no CPU kernel
     # contracts 16-bit operands faster, and the fp32 kernels beat torch's fp32 path.
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -279,7 +315,8 @@ def _checked(name: str, op: str, tensors) -> Callable:
 
 
 def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, deterministic: bool = False) -> str:
-    """A table: each backend, whether it would run op on these inputs, and why not."""
+    """A table: each backend, whether it would run op on these inputs, and why not; for score_pairwise, then the
+    form the selected backend takes (token-wise, formed, materialised, fused, sparse g)."""
     tensors = tensors or {}
     lines = [f"{'backend':8s} | status"]
     chosen = None
@@ -293,4 +330,8 @@ def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, determinist
         else:
             status = "skipped: " + "; ".join(reasons)
         lines.append(f"{name:8s} | {status}")
+    if chosen is not None and all(isinstance(tensors.get(k), torch.Tensor) for k in ("v", "a", "g")):
+        form = BACKENDS[chosen].form(op, tensors)
+        if form:
+            lines.append(f"{'form':8s} | {chosen}: {form}")
     return "\n".join(lines)

@@ -240,24 +240,39 @@ def _sparse_layout(v: torch.Tensor) -> torch.Tensor:
     return queries_innermost_empty(*v.shape, dtype=v.dtype, device=v.device).copy_(v)
 
 
-def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
-    _require_cpu_dtype(v=v, a=a, g=g)
-    v = _f32(v)  # a and g: chunk by chunk below
+# The C++ score_pairwise kernels by name, as `sf.explain` reports them.
+CPU_PAIRWISE_KERNELS = {
+    "score_pairwise_cpu": "token-wise (one token, or the flop model's choice for few queries or long rows)",
+    "score_pairwise_materialized_cpu": "materialised (rows of G_n formed in cache: the flop model's choice)",
+    "score_pairwise_sparse_g_cpu": "sparse g (only the nonzero g[n, o] contracted: exact zeros such as ReLU's)",
+}
+
+
+def cpu_pairwise_kernel(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> str:
+    """The C++ kernel `score_pairwise_cpu` runs for these inputs (a key of CPU_PAIRWISE_KERNELS): token-wise
+    (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the shared flop model
+    (with one token they cost the same and the token-wise kernel runs), or the sparse-g kernel where g has
+    enough exact zeros."""
     q, o, i = v.shape
     n, t, _ = a.shape
-    # Token-wise (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the
-    # shared flop model; with one token they cost the same and the token-wise kernel runs.
-    kernel = "score_pairwise_cpu"
     strategy = _torch_ops.pairwise_strategy(q, n, t, o, i) if t > 1 else "tokenwise"
     cheap_ok = q >= SPARSE_G_MIN_QUERIES and n * o >= SPARSE_G_MIN_ENTRIES  # before reading g for its density
     if (t == 1 or strategy != "tokenwise") and cheap_ok and sparse_g_applies(q, t, n * o, _density(g)):
         # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted (T > 1:
         # only the rows of G_n whose g[n, :, o] is not all zero, e.g. a segment's stacked checkpoints).
-        kernel = "score_pairwise_sparse_g_cpu"
-        v = _sparse_layout(v)
-    elif t > 1 and strategy != "tokenwise":
-        kernel = "score_pairwise_materialized_cpu"
+        return "score_pairwise_sparse_g_cpu"
+    if t > 1 and strategy != "tokenwise":
+        return "score_pairwise_materialized_cpu"
+    return "score_pairwise_cpu"
+
+
+def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
+    _require_cpu_dtype(v=v, a=a, g=g)
+    q, o, i = v.shape
+    n, t, _ = a.shape
+    kernel = cpu_pairwise_kernel(v, a, g)
+    v = _sparse_layout(_f32(v)) if kernel == "score_pairwise_sparse_g_cpu" else _f32(v)  # a, g: chunk by chunk
     out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
     step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)

@@ -101,6 +101,52 @@ def test_explain_table():
         ops.explain("not_an_op", x)
 
 
+@pytest.mark.parametrize("t,sparse", [(1, False), (12, False), (2, True)],
+                         ids=["tokenwise", "materialized", "sparse-g"])
+def test_explain_names_the_score_pairwise_form_that_runs(t, sparse):
+    """For score_pairwise, explain adds the selected backend's form, and on CPU it is the kernel that then runs
+    (recorded calls into the compiled module): token-wise, materialised or sparse g."""
+    if "cpu" not in available_backends("cpu"):
+        pytest.skip("the compiled CPU backend is not built")
+    from _backends import recording_lib_calls
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(0)
+    v, a, g = torch.randn(40, 48, 37, generator=gen), torch.randn(300, t, 37, generator=gen), torch.randn(300, t, 48)
+    if sparse:
+        g = g * (torch.rand(300, 1, 48, generator=gen) < 0.3)
+    form = ops.explain("score_pairwise", v, a, g).splitlines()[-1]
+    with recording_lib_calls() as calls:
+        ops.score_pairwise(v, a, g)
+    kernels = {name for name, _ in calls if name.startswith("score_pairwise")}
+    assert len(kernels) == 1 and form == f"form     | cpu: {_extension.CPU_PAIRWISE_KERNELS[kernels.pop()]}", form
+    expected = {1: "token-wise", 12: "materialised", 2: "sparse g"}[t]
+    assert expected in form
+    # float64 goes to the torch backend, whose flop model picks the form
+    table = ops.explain("score_pairwise", v.double(), a.double(), g.double())
+    assert table.splitlines()[-1].startswith("form     | torch:")
+
+
+def test_triton_score_pairwise_form_follows_the_tables(blocks_override):
+    """The Triton form (what explain reports and what score_pairwise_triton runs): fp32 one token token-wise, 16-bit
+    one token formed on chip, a few tokens formed, more materialised, or fused where the table turns that on."""
+    pytest.importorskip("triton")
+    from source_fast.kernels import score_pairwise as kernel
+
+    def form(t, dtype):
+        return kernel.pairwise_form(64, 512, t, (dtype,) * 3)[0]
+
+    assert form(1, torch.float32) == "tokenwise" and form(1, torch.float16) == "formed"
+    assert form(3, torch.float16) == "formed" and form(12, torch.float16) == "materialized"
+    blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 128, 64, 16, 8, 128, 1, 8, 3]}})
+    assert form(12, torch.float16) == "fused" and form(17, torch.float16) == "materialized"
+    assert form(12, torch.float32) == "materialized"
+    tensors = {"v": torch.empty(4, 6, 7, dtype=torch.float16), "a": torch.empty(5, 12, 7, dtype=torch.float16),
+               "g": torch.empty(5, 12, 6, dtype=torch.float16)}
+    assert _dispatch.BACKENDS["triton"].form("score_pairwise", tensors) == f"fused: {kernel.FORMS['fused']}"
+    assert _dispatch.BACKENDS["triton"].form("covariance", {"x": torch.empty(3, 3)}) is None
+
+
 def test_env_override(monkeypatch):
     x32 = torch.randn(6, 4)
     monkeypatch.setenv("SOURCE_FAST_BACKEND", "torch")
