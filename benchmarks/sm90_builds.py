@@ -124,7 +124,8 @@ def covariance(dot: int, d: int) -> tuple:
     sig = dict(x_ptr=PTR[dot], y_ptr=PTR[dot], m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64", D="i32",
                rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
     const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-                 HAS_MASK=False, ACCUMULATE=False, ONE_TILE=d <= block_d, SHARE_ROWS=d <= block_d and ARCH >= 90)
+                 HAS_MASK=False, ACCUMULATE=False, SELECT_FLUSH=d <= block_d,
+                 SHARE_ROWS=d <= block_d and ARCH >= 90)
     case = ("source_fast.kernels.covariance", "_covariance_kernel", sig, const, ARCH,
             _opts(warps, None, ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr",
                                 "stride_os", "stride_or"]))

@@ -48,15 +48,15 @@ def _rows_product(x_ptr, y_ptr, m_ptr, rr, r_stop, stride_xr, offs_i, offs_j, D,
 def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_split,
                        stride_xr, stride_os, stride_or,
                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr, DOT: tl.constexpr,
-                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, ONE_TILE: tl.constexpr,
+                       HAS_MASK: tl.constexpr, ACCUMULATE: tl.constexpr, SELECT_FLUSH: tl.constexpr,
                        SHARE_ROWS: tl.constexpr):
     """out[s, I, J] = Σ_{r in split s} m_r x[r, I]ᵀ y[r, J] for the tile pair (bi, bj) = pairs[pid], y = x or the
     launcher's mask-weighted copy of x (same strides).
 
     x operands are cast to the DOT dtype (x stays in its own precision; mask-weighted rows are
     rounded once to that dtype), accumulation in fp32. ACCUMULATE: out ← (out + outᵀ)/2 + C.
-    ONE_TILE (one D-tile: memory-bound): a single row loop. SHARE_ROWS (one D-tile and y = x): the J operand is
-    the I operand, read once.
+    SELECT_FLUSH (one D-tile: memory-bound): row chunks flushed by a select, else by a branch (see below).
+    SHARE_ROWS (one D-tile and y = x): the J operand is the I operand, read once.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -70,30 +70,29 @@ def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_s
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
     # Two-level sum: tensor-core accumulators lose low bits on every step (a 4M-row fp16 covariance came
     # out 0.4 % low on an H200 with one accumulator), so each CHUNK_R rows are summed apart, then added
-    # to `acc` with ordinary fp32 rounding.
-    if ONE_TILE:
-        # Memory-bound (one narrow tile): one loop, so the pipeline keeps loads in flight across chunks. As a
-        # nested loop its sm_90 build drained and refilled the pipeline every CHUNK_R rows (PROMOTE_STEPS = 4
-        # steps); here each step waits for its own dot instead, which costs nothing next to the loads. The
-        # chunks and their order are the nested form's: the same bits.
-        steps = CHUNK_R // BLOCK_R
-        part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-        for r0 in range(r_start, r_stop, BLOCK_R):
-            part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, r_stop, stride_xr, offs_i, offs_j, D, part,
-                                 DOT, HAS_MASK, SHARE_ROWS)
-            flush = ((r0 - r_start) // BLOCK_R) % steps == steps - 1
+    # to `acc` with ordinary fp32 rounding. One row loop either way, so the software pipeline keeps loads in flight
+    # across chunks: as nested loops (a chunk of PROMOTE_STEPS = 4 steps inside) the sm_90 builds drained and
+    # refilled the pipeline every chunk, which the H100 measured for the memory-bound narrow case before it became
+    # one loop (2,289 GB/s after). The chunks and their order are the nested form's: the same bits.
+    steps = CHUNK_R // BLOCK_R
+    part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for r0 in range(r_start, r_stop, BLOCK_R):
+        part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, r_stop, stride_xr, offs_i, offs_j, D, part,
+                             DOT, HAS_MASK, SHARE_ROWS)
+        flush = ((r0 - r_start) // BLOCK_R) % steps == steps - 1
+        if SELECT_FLUSH:
+            # Memory-bound (one narrow tile): a select, so each step waits for its own dot, which costs
+            # nothing next to the loads (the form the H100 measured).
             acc = tl.where(flush, acc + part, acc)
             part = tl.where(flush, 0.0, part)
-        acc += part
-    else:
-        # Compute-bound (many tiles): nested, so the inner loop's dots overlap each other (asynchronous wgmma).
-        for c0 in range(r_start, r_stop, CHUNK_R):
-            part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-            c_stop = tl.minimum(c0 + CHUNK_R, r_stop)
-            for r0 in range(c0, c_stop, BLOCK_R):
-                part = _rows_product(x_ptr, y_ptr, m_ptr, r0 + offs_r, c_stop, stride_xr, offs_i, offs_j, D, part,
-                                     DOT, HAS_MASK, SHARE_ROWS)
-            acc += part
+        else:
+            # Compute-bound: a branch, so only a chunk's last step waits for its dot; resetting `part` becomes the
+            # next dot's "no accumulator" flag, and the other steps' dots overlap as in a nested loop
+            # (asynchronous wgmma).
+            if flush:
+                acc += part
+                part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    acc += part
     is_diag = bi == bj
     acc = tl.where(is_diag, (acc + tl.trans(acc)) * 0.5, acc)
     base = out_ptr + split * stride_os
@@ -151,10 +150,10 @@ def _covariance(x: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor | 
 
 
 def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, out: torch.Tensor | None,
-                     splits: int | None, dot: int, one_loop: bool | None = None) -> torch.Tensor:
+                     splits: int | None, dot: int, select_flush: bool | None = None) -> torch.Tensor:
     """Σ_r m_r x_r y_rᵀ for aligned contiguous rows x, y [R, D] (y = x or a weighted copy), with `out` (fp32,
-    contiguous) updated as sym(out) + C when given. one_loop: the kernel's single row loop (default: for one
-    tile, the memory-bound case); the nested loops sum the same chunks in the same order."""
+    contiguous) updated as sym(out) + C when given. select_flush: row chunks flushed by a select (default: for
+    one tile, the memory-bound case) or a branch; both sum the same chunks in the same order."""
     r, d = x.shape
     block_d, block_r, warps = _blocks.covariance_blocks(r, d, x.element_size())
     tiles = triton.cdiv(d, block_d)
@@ -175,7 +174,8 @@ def _covariance_rows(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None, o
         x, y, m if m is not None else x, ws, pairs, r, d, rows_per_split,
         x.stride(0), ws.stride(0), ws.stride(1),
         BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS, DOT=dot,
-        HAS_MASK=m is not None, ACCUMULATE=accumulate, ONE_TILE=tiles == 1 if one_loop is None else one_loop,
+        HAS_MASK=m is not None, ACCUMULATE=accumulate,
+        SELECT_FLUSH=tiles == 1 if select_flush is None else select_flush,
         SHARE_ROWS=tiles == 1 and y is x and _common.shares_dot_operands(x.device), num_warps=warps,
     )
     if splits == 1:

@@ -169,9 +169,10 @@ def test_covariance_triton_promoted_row_chunks(monkeypatch, splits, d, dtype, ma
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mask):
-    """The narrow case's single loop groups rows into the nested loops' chunks, in their order: both give the same
-    bits, with the rows read once (y is x) or twice (y a copy, as on sm_80)."""
+def test_covariance_triton_both_flushes_sum_the_same_chunks(monkeypatch, with_mask):
+    """The row loop's two ways of flushing a chunk (a select for the narrow case, a branch for the wide one) sum the
+    same chunks in the same order: the same bits, with the rows read once (y is x) or twice (y a copy, as on
+    sm_80)."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
     from source_fast.kernels import _blocks, _common
@@ -181,16 +182,16 @@ def test_covariance_triton_one_loop_sums_the_nested_chunks(monkeypatch, with_mas
     monkeypatch.setattr(_blocks, "covariance_blocks", lambda r, d, element_bytes=2: (16, 16, 4))
     x = torch.randn(203, 16).to(torch.float16)
     m = torch.rand(203) * 2.0 if with_mask else None
-    nested = _covariance_rows(x, x, m, None, 1, _common.DOT_F16, one_loop=False)
-    assert torch.equal(_covariance_rows(x, x, m, None, 1, _common.DOT_F16), nested)
-    assert torch.equal(_covariance_rows(x, x.clone(), m, None, 1, _common.DOT_F16), nested)
+    branch = _covariance_rows(x, x, m, None, 1, _common.DOT_F16, select_flush=False)
+    assert torch.equal(_covariance_rows(x, x, m, None, 1, _common.DOT_F16), branch)
+    assert torch.equal(_covariance_rows(x, x.clone(), m, None, 1, _common.DOT_F16), branch)
 
 
 @pytest.mark.slow
 def test_covariance_kernel_compiles_for_gpu():
     """The GPU blocks of the wide and the narrow (one-tile) case build for sm_90, given the launcher's layout
     (rows padded to a multiple of 16), with no spills, pipelined loads (asynchronous copies), shared memory
-    within an H100's limit and, for fp16/bf16, wgmma; the narrow case as a single loop; fp32 runs the in-kernel
+    within an H100's limit and, for fp16/bf16, wgmma; both cases as a single loop; fp32 runs the in-kernel
     mask only in fp16/bf16 (the launcher weights fp32 rows). Both the default tiles and the ones measured on
     sm_90 (`_tuned_blocks`), each with the rows per step the launcher takes for the dtype: the measured 16-bit
     narrow tile once asked fp32 for more shared memory than an H100 has."""
@@ -211,7 +212,7 @@ def test_covariance_kernel_compiles_for_gpu():
                         sig = dict(x_ptr=ptr, y_ptr=ptr, m_ptr="*fp32", out_ptr="*fp32", pairs_ptr="*i32", R="i64",
                                    D="i32", rows_per_split="i64", stride_xr="i32", stride_os="i32", stride_or="i32")
                         const = dict(BLOCK_D=block_d, BLOCK_R=block_r, CHUNK_R=block_r * _common.PROMOTE_STEPS,
-                                     DOT=dot, HAS_MASK=has_mask, ACCUMULATE=has_mask, ONE_TILE=d <= block_d,
+                                     DOT=dot, HAS_MASK=has_mask, ACCUMULATE=has_mask, SELECT_FLUSH=d <= block_d,
                                      SHARE_ROWS=d <= block_d)
                         div16 = ["x_ptr", "y_ptr", "m_ptr", "out_ptr", "D", "rows_per_split", "stride_xr",
                                  "stride_os", "stride_or"]
@@ -221,8 +222,8 @@ def test_covariance_kernel_compiles_for_gpu():
         _blocks.override_blocks(None)
     cases = [c for i, c in enumerate(cases) if c not in cases[:i]]
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
-        # The narrow (memory-bound) case is one loop: nested, its pipeline drained every CHUNK_R rows.
-        assert usage is None or not case[3]["ONE_TILE"] or usage["LOOPS"] == 1, (case[3], usage)
+        # One row loop in both cases: nested, the pipeline drained every CHUNK_R rows.
+        assert usage is None or usage["LOOPS"] == 1, (case[3], usage)
     # Ampere (mma.sync): the narrow case reads its rows twice there (`_common.shares_dot_operands`), which the
     # build pipelines (read once, it had no asynchronous copies).
     ampere = [c[:3] + (dict(c[3], SHARE_ROWS=False), 80) + c[5:] for c in cases[:len(cases) // len(tables)]
