@@ -86,9 +86,9 @@ def _covariance_kernel(x_ptr, y_ptr, m_ptr, out_ptr, pairs_ptr, R, D, rows_per_s
             acc = tl.where(flush, acc + part, acc)
             part = tl.where(flush, 0.0, part)
         else:
-            # Compute-bound: a branch, so only a chunk's last step waits for its dot; resetting `part` becomes the
-            # next dot's "no accumulator" flag, and the other steps' dots overlap as in a nested loop
-            # (asynchronous wgmma).
+            # Compute-bound: a branch, so only a chunk's last step waits for its dot (then adds and zeroes the
+            # chunk sum); the other steps' dots overlap as in a nested loop (asynchronous wgmma: in the sm_90
+            # build one wait with nothing pending, inside the branch).
             if flush:
                 acc += part
                 part = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
