@@ -107,7 +107,7 @@ def profile(q: int, n: int, t: int, o: int, i: int, dtype: torch.dtype, device: 
             row = {"rel_err": rel_err(ops.score_pairwise(v, a, g, backend="triton")),
                    "ms": _time(lambda: ops.score_pairwise(v, a, g, backend="triton"), device),
                    "tile": "{} queries x {} examples x {} output rows x {} inputs, rows in chunks of {}, async g {}, "
-                           "{} warps, {} stages".format(*entry[1:])}
+                           "one loop {}, {} warps, {} stages".format(*entry[1:])}
             if device.type == "cuda":
                 row["tflops"] = 2 * q * n * o * i / row["ms"] / 1e9
             return row

@@ -90,20 +90,22 @@ def pairwise_materialized(dot: int) -> tuple:
 def pairwise_mma_formed(dot: int) -> tuple:
     """score_pairwise's materialised form fused (PAIRWISE_MMA_FORMED_GPU_BLOCKS, off until timed): G tiles formed by
     the tensor cores over up to 16 tokens, Q=512, O=1024, I=1025."""
-    _, bq, bn, bo, bi, o_chunk, async_g, warps, stages = _blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot)
+    _, bq, bn, bo, bi, o_chunk, async_g, flat, warps, stages = _blocks.gpu_blocks("PAIRWISE_MMA_FORMED_GPU_BLOCKS",
+                                                                                  dot)
     strides = {f"s_{k}": "i64" for k in ("vq", "vo", "an", "at", "gn", "go", "os", "oq")}
     sig = dict(v_ptr=PTR[dot], a_ptr=PTR[dot], g_ptr=PTR[dot], out_ptr="*fp32", Q="i32", N="i32", T="i32",
                O="i32", I="i32", i_per_split="i32", o_per_split="i32", i_splits="i32", o_chunk="i32", **strides)
     const = dict(BLOCK_Q=bq, BLOCK_N=bn, BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=_blocks.MMA_FORMED_MAX_T,
-                 ASYNC_G=bool(async_g))
+                 ASYNC_G=bool(async_g), FLAT=bool(flat))
     case = ("source_fast.kernels.score_pairwise", "_score_pairwise_mma_kernel", sig, const, ARCH,
             _opts(warps, stages, ["v_ptr", "a_ptr", "g_ptr", "out_ptr", "s_vq", "s_vo", "s_an", "s_at", "s_gn",
                                   "s_go", "s_os", "I", "i_per_split"]))
     t = _blocks.MMA_FORMED_MAX_T
     return (case, f"{bn} examples × {bq} queries × ({bo} outputs × {bi} inputs), {t} tokens, rows in chunks of "
-            f"{o_chunk or 'all'}" + (", g pipelined" if async_g else ""),
-            _element(dot) / bn + _element(dot) * t / (bq * bi),
-            "2/BLOCK_N (V) + 2·16/(BLOCK_Q·BLOCK_I) (g, from L2 within a chunk of rows); G never in memory")
+            f"{o_chunk or 'all'}" + (", g pipelined" if async_g else "") + (", one loop" if flat else ", nested"),
+            _element(dot) / bn + _element(dot) * t / (bq * bi) + (_element(dot) * t / (bq * bo) if flat else 0),
+            "2/BLOCK_N (V) + 2·16/(BLOCK_Q·BLOCK_I) (g, from L2 within a chunk of rows)"
+            + (" + 2·16/(BLOCK_Q·BLOCK_O) (a, every step)" if flat else "") + "; G never in memory")
 
 
 def tokenwise(dot: int) -> tuple:

@@ -94,7 +94,7 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 
 # score_pairwise's materialised form fused (`score_pairwise._score_pairwise_mma_kernel`): G tiles formed on chip by
 # the tensor cores (a batched dot over the tokens per example) and contracted at once, G never in memory; 16-bit
-# inputs. (most tokens it takes, BLOCK_Q, BLOCK_N, BLOCK_O, BLOCK_I, O_CHUNK, ASYNC_G, num_warps, num_stages):
+# inputs. (most tokens it takes, BLOCK_Q, BLOCK_N, BLOCK_O, BLOCK_I, O_CHUNK, ASYNC_G, FLAT, num_warps, num_stages):
 # examples of more tokens than the several-token formed config and at most this many (≤ MMA_FORMED_MAX_T, one K step
 # of the forming dot) take it instead of the materialised form; 0, the default, keeps the materialised form until a
 # GPU times it (tune_triton.py's pairwise_many_mma_formed).
@@ -105,11 +105,13 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 # is ≈ 1 GB of g and 8.7 GB of a from memory (with O_CHUNK 0, 140 GB of g), against the materialised form's 17 GB of
 # G written and read back (its chunks of 2·Q examples make grids of ≤ 132 programs, so the query blocks of an
 # example block run together and share G's tiles in L2).
+# FLAT: a chunk's input blocks and output-row tiles as one loop, a loaded every step (from L2: a quarter more bytes
+# than V and g), against nested loops whose pipeline refills every O_CHUNK / BLOCK_O = 8 steps.
 # The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). sm_90 builds (no GPU): these tiles
-# take 255 registers, no spills, 192 KiB of shared memory, g and V in the pipeline (ASYNC_G), wgmma reading G from
-# registers, mma.sync forming; with plain g loads, 16-wide input steps build too (2 stages).
+# take 229 registers, no spills, 176 KiB of shared memory, a, g and V in the pipeline, wgmma reading G from
+# registers, mma.sync forming (nested: 255 registers, 192 KiB); 16-wide input steps build at 2 stages.
 MMA_FORMED_MAX_T = 16
-PAIRWISE_MMA_FORMED_GPU_BLOCKS = {1: (0, 128, 64, 16, 8, 128, 1, 8, 3), 2: (0, 128, 64, 16, 8, 128, 1, 8, 3)}
+PAIRWISE_MMA_FORMED_GPU_BLOCKS = {k: (0, 128, 64, 16, 8, 128, 1, 1, 8, 3) for k in (1, 2)}
 
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams
@@ -164,8 +166,8 @@ ARCH_BLOCKS = {
         # the materialised contraction's 64-wide input steps spill 16 B with mma.sync (180 registers at 32)
         "PAIRWISE_MATERIALIZED_GPU_BLOCKS": {k: (128, 128, 32, 8, 3) for k in (1, 2)},
         # the fused materialised form's 16-wide input steps spill 208 B with mma.sync; 8-wide ones with plain g
-        # loads at 2 stages spill 8 B, after the loops (40 B with 64-bit strides)
-        "PAIRWISE_MMA_FORMED_GPU_BLOCKS": {k: (0, 128, 64, 16, 8, 128, 0, 8, 2) for k in (1, 2)},
+        # loads at 2 stages, nested, spill 8 B after the loops (16 B as one loop)
+        "PAIRWISE_MMA_FORMED_GPU_BLOCKS": {k: (0, 128, 64, 16, 8, 128, 0, 0, 8, 2) for k in (1, 2)},
         # 64-wide K steps spill 8 B; 3xTF32's 32-wide steps spill 8 B there, 16-wide ones take 170 registers
         "PER_TOKEN_GPU_BLOCKS": {**{k: (128, 128, 32, 8, 3) for k in (1, 2)}, 4: (128, 64, 16, 8, 3)},
         "LOWRANK_GPU_BLOCKS": {k: (64, 32, 128, 8, 3) for k in (1, 2)},  # 128 rows spill 96 B
@@ -175,10 +177,10 @@ ARCH_BLOCKS = {
 
 # Flat positions of table entries where 0 is valid: no token-wise contraction; no register cap.
 ZERO_ALLOWED = {"PAIRWISE_TOKENWISE_GPU": (0,), "PAIR_GPU_BLOCKS": (4,), "FP32_TENSOR_CORES": (0,),
-                "PAIRWISE_MATERIALIZED_TORCH": (0,), "PAIRWISE_MMA_FORMED_GPU_BLOCKS": (0, 5, 6)}
-# Flat positions with an upper bound: the fused materialised form forms at most one K step of tokens; ASYNC_G is a
-# switch.
-MOST_ALLOWED = {"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {0: MMA_FORMED_MAX_T, 6: 1}}
+                "PAIRWISE_MATERIALIZED_TORCH": (0,), "PAIRWISE_MMA_FORMED_GPU_BLOCKS": (0, 5, 6, 7)}
+# Flat positions with an upper bound: the fused materialised form forms at most one K step of tokens; ASYNC_G and
+# FLAT are switches.
+MOST_ALLOWED = {"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {0: MMA_FORMED_MAX_T, 6: 1, 7: 1}}
 # Tables of on/off switches: 0 or 1.
 FLAG_TABLES = ("FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH")
 
@@ -406,6 +408,7 @@ class MmaFormedConfig(NamedTuple):
     block_t: int
     o_chunk: int
     async_g: bool
+    flat: bool
     num_warps: int
     num_stages: int
 
@@ -417,14 +420,14 @@ def pairwise_mma_formed_blocks(q: int, n: int, t: int, dot: int) -> MmaFormedCon
     unless forced."""
     if dot not in (1, 2):
         return None
-    most, block_q, block_n, block_o, block_i, o_chunk, async_g, warps, stages = gpu_blocks(
+    most, block_q, block_n, block_o, block_i, o_chunk, async_g, flat, warps, stages = gpu_blocks(
         "PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot)
     if t > most:
         return None
     if interpreting() and not is_forced("PAIRWISE_MMA_FORMED_GPU_BLOCKS", dot):
         block_q, block_n, warps, stages = clamp_pow2(q, 16, block_q), clamp_pow2(n, 16, 32), 4, 1
-    return MmaFormedConfig(block_q, block_n, block_o, block_i, MMA_FORMED_MAX_T, o_chunk, bool(async_g), warps,
-                           stages)
+    return MmaFormedConfig(block_q, block_n, block_o, block_i, MMA_FORMED_MAX_T, o_chunk, bool(async_g), bool(flat),
+                           warps, stages)
 
 
 def pairwise_materialized_blocks(q: int, n: int, i: int, dot: int) -> PairwiseConfig:

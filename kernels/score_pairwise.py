@@ -169,10 +169,33 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
 
 
 @triton.jit
+def _mma_formed_step(acc, a, g_rows, v_rows, i0, o0, oc_stop, s_go, s_vo, offs_o, offs_t, k_o, k_i, n_ok, q_ok, t_ok,
+                     BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, ASYNC_G: tl.constexpr):
+    """acc + G[n-block, o-tile, i-block] V[q-block, o-tile, i-block]ᵀ over the flattened (o, i) pairs, the G tile
+    formed from a (the examples' inputs a[n-block, :, i-block]) and g[n-block, o-tile, :] by a batched dot over
+    the tokens."""
+    o_ok = (o0 + offs_o) < oc_stop
+    # g's [N, O, BLOCK_T] layout (tokens contiguous, zero-padded) builds without spills; from [N, T, O] (output
+    # rows contiguous) the sm_90 build spilled 784 B.
+    g_at = g_rows[:, None, None] + (o0 + offs_o)[None, :, None] * s_go + offs_t[None, None, :]
+    if ASYNC_G:
+        g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None], other=0.0)
+    else:
+        g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None] & t_ok[None, None, :], other=0.0)
+    grad = tl.dot(g, a)  # [BLOCK_N, BLOCK_O, BLOCK_I], fp32 accumulation (mma.sync)
+    grad = tl.reshape(grad.to(v_rows.dtype.element_ty), (BLOCK_N, BLOCK_O * BLOCK_I))
+    v = tl.load(v_rows[:, None] + (o0 + k_o)[None, :] * s_vo + (i0 + k_i)[None, :],
+                mask=q_ok[:, None] & ((o0 + k_o) < oc_stop)[None, :], other=0.0)
+    # G as the left operand, as in the main kernel: wgmma reads it from registers
+    return tl.dot(grad, tl.trans(v), acc)
+
+
+@triton.jit
 def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_per_split, o_per_split, i_splits,
                                o_chunk, s_vq, s_vo, s_an, s_at, s_gn, s_go, s_os, s_oq,
                                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
-                               BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, ASYNC_G: tl.constexpr):
+                               BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, ASYNC_G: tl.constexpr,
+                               FLAT: tl.constexpr):
     """The fused materialised form: out[split, qb, nb] as `_score_pairwise_kernel`'s, with each step's G tile formed
     on the tensor cores. A step covers BLOCK_O output rows × BLOCK_I inputs: G[n, o-tile, i-block] =
     g[n, o-tile, :] @ a[n, :, i-block] for the BLOCK_N examples at once (a batched dot, K = the tokens, zero-padded
@@ -186,7 +209,8 @@ def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_pe
     BLOCK_I (no i masks).
     ASYNC_G: g's loads as asynchronous copies in the software pipeline (16-byte vectors, one more shared-memory
     buffer per stage), else plain loads masked by token (g's padding is zero either way), which Triton cannot
-    vectorise and so leaves out of the pipeline: fewer registers and less shared memory, more load instructions."""
+    vectorise and so leaves out of the pipeline: fewer registers and less shared memory, more load instructions.
+    FLAT: the input blocks and output-row tiles of a chunk in one loop (a loaded every step) instead of nested."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_q = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_t = tl.arange(0, BLOCK_T)
@@ -209,24 +233,25 @@ def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_pe
     # I / BLOCK_I times); each chunk reads the inputs a once more.
     for oc in range(o_start, o_stop, o_chunk):
         oc_stop = tl.minimum(oc + o_chunk, o_stop)
-        for i0 in range(i_start, i_stop, BLOCK_I):
-            a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
-                        mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
-            for o0 in range(oc, oc_stop, BLOCK_O):
-                o_ok = (o0 + offs_o) < oc_stop
-                # g's [N, O, BLOCK_T] layout (tokens contiguous, zero-padded) builds without spills; from [N, T, O]
-                # (output rows contiguous) the sm_90 build spilled 784 B.
-                g_at = g_rows[:, None, None] + (o0 + offs_o)[None, :, None] * s_go + offs_t[None, None, :]
-                if ASYNC_G:
-                    g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None], other=0.0)
-                else:
-                    g = tl.load(g_at, mask=n_ok[:, None, None] & o_ok[None, :, None] & t_ok[None, None, :], other=0.0)
-                grad = tl.dot(g, a)  # [BLOCK_N, BLOCK_O, BLOCK_I], fp32 accumulation (mma.sync)
-                grad = tl.reshape(grad.to(v_ptr.dtype.element_ty), (BLOCK_N, BLOCK_O * BLOCK_I))
-                v = tl.load(v_rows[:, None] + (o0 + k_o)[None, :] * s_vo + (i0 + k_i)[None, :],
-                            mask=q_ok[:, None] & ((o0 + k_o) < oc_stop)[None, :], other=0.0)
-                # G as the left operand, as in the main kernel: wgmma reads it from registers
-                acc = tl.dot(grad, tl.trans(v), acc)
+        if FLAT:
+            # One loop over the chunk's (input block, output-row tile) steps: a is loaded every step (the same
+            # tile for a block's o_chunk / BLOCK_O steps, from L2), and the pipeline never drains inside a chunk.
+            tiles = tl.cdiv(oc_stop - oc, BLOCK_O)
+            for step in range(0, tl.cdiv(i_stop - i_start, BLOCK_I) * tiles):
+                i0 = i_start + (step // tiles) * BLOCK_I
+                a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
+                            mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+                acc = _mma_formed_step(acc, a, g_rows, v_rows, i0, oc + (step % tiles) * BLOCK_O, oc_stop, s_go,
+                                       s_vo, offs_o, offs_t, k_o, k_i, n_ok, q_ok, t_ok, BLOCK_N, BLOCK_O, BLOCK_I,
+                                       ASYNC_G)
+        else:
+            # Nested: a loaded once per input block; the pipeline refills every o_chunk / BLOCK_O steps.
+            for i0 in range(i_start, i_stop, BLOCK_I):
+                a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
+                            mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+                for o0 in range(oc, oc_stop, BLOCK_O):
+                    acc = _mma_formed_step(acc, a, g_rows, v_rows, i0, o0, oc_stop, s_go, s_vo, offs_o, offs_t, k_o,
+                                           k_i, n_ok, q_ok, t_ok, BLOCK_N, BLOCK_O, BLOCK_I, ASYNC_G)
     out_ptr += split.to(tl.int64) * s_os
     tl.store(out_ptr + offs_q[None, :] * s_oq + offs_n[:, None], acc, mask=n_ok[:, None] & q_ok[None, :])
 
@@ -434,7 +459,7 @@ def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: to
             cfg.o_chunk or o, vq.stride(0), vq.stride(1), ak.stride(0), ak.stride(1), gk.stride(0), gk.stride(1),
             wq.stride(0), wq.stride(1),
             BLOCK_Q=cfg.block_q, BLOCK_N=cfg.block_n, BLOCK_O=cfg.block_o, BLOCK_I=cfg.block_i, BLOCK_T=cfg.block_t,
-            ASYNC_G=cfg.async_g, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ASYNC_G=cfg.async_g, FLAT=cfg.flat, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
     _launch_by_query_range(launch, vk, out, i_splits * o_splits, cfg.block_q)

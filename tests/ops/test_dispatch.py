@@ -138,7 +138,7 @@ def test_triton_score_pairwise_form_follows_the_tables(blocks_override):
 
     assert form(1, torch.float32) == "tokenwise" and form(1, torch.float16) == "formed"
     assert form(3, torch.float16) == "formed" and form(12, torch.float16) == "materialized"
-    blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 128, 64, 16, 8, 128, 1, 8, 3]}})
+    blocks_override({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 128, 64, 16, 8, 128, 1, 1, 8, 3]}})
     assert form(12, torch.float16) == "fused" and form(17, torch.float16) == "materialized"
     assert form(12, torch.float32) == "materialized"
     tensors = {"v": torch.empty(4, 6, 7, dtype=torch.float16), "a": torch.empty(5, 12, 7, dtype=torch.float16),

@@ -363,14 +363,16 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
     assert kernels.count("contract") == (0 if plan.torch_contract else 3)
 
 
-MMA_DEFAULT = [128, 64, 16, 8, 128, 1, 8, 3]  # the sm_90 default tile of PAIRWISE_MMA_FORMED_GPU_BLOCKS
+MMA_DEFAULT = [128, 64, 16, 8, 128, 1, 1, 8, 3]  # the sm_90 default tile of PAIRWISE_MMA_FORMED_GPU_BLOCKS
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("q,n,t,i,o,tile,slots", [
     pytest.param(5, 7, 3, 37, 11, None, 1, id="t3-fitted"),
-    pytest.param(19, 40, 16, 75, 33, [16, 16, 16, 16, 0, 0, 4, 1], 24, id="t16-split-plain-g"),
-    pytest.param(4, 20, 7, 24, 70, [16, 16, 16, 8, 32, 1, 4, 1], 2, id="o-chunks-split"),
+    pytest.param(19, 40, 16, 75, 33, [16, 16, 16, 16, 0, 0, 0, 4, 1], 24, id="t16-split-plain-g-nested"),
+    pytest.param(4, 20, 7, 24, 70, [16, 16, 16, 8, 32, 1, 0, 4, 1], 2, id="o-chunks-split-nested"),
+    pytest.param(4, 20, 7, 40, 70, [16, 16, 16, 8, 32, 1, 1, 4, 1], 3, id="o-chunks-split-flat"),
+    pytest.param(6, 9, 16, 33, 17, [16, 16, 16, 16, 0, 0, 1, 4, 1], 1, id="t16-plain-g-flat"),
     pytest.param(1, 1, 9, 17, 9, MMA_DEFAULT, 1, id="q1-n1-t9-gpu-tile"),
     pytest.param(70, 3, 5, 16, 40, MMA_DEFAULT, 3, id="q70-gpu-tile-split"),
 ])
@@ -400,7 +402,7 @@ def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slot
     assert calls, "the fused materialised form did not run"
     if tile is not None:
         assert tuple(calls[-1])[:4] == tuple(tile[:4]) and calls[-1].o_chunk == tile[4]
-        assert calls[-1].async_g == bool(tile[5])
+        assert (calls[-1].async_g, calls[-1].flat) == (bool(tile[5]), bool(tile[6]))
         assert calls[-1].block_t == 16
 
 
@@ -417,7 +419,7 @@ def test_score_pairwise_triton_mma_formed_grid_chunks(monkeypatch):
     monkeypatch.setattr(kernel, "_score_pairwise_mma_kernel",
                         type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
     monkeypatch.setattr(_common, "MAX_GRID_YZ", 2)
-    with _materializing({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 16, 16, 16, 16, 0, 1, 4, 1]}}):
+    with _materializing({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 16, 16, 16, 16, 0, 1, 1, 4, 1]}}):
         _check("triton", *_inputs(71, 37, 9, 23, 5, torch.float16), torch.float16)  # 5 query blocks: 3 launches
     assert [grid[:2] for grid in launches[-3:]] == [(3, 2), (3, 2), (3, 1)]
 
@@ -450,9 +452,12 @@ def test_mma_formed_table_validation():
     with pytest.raises(ValueError, match=r"PAIRWISE_MMA_FORMED_GPU_BLOCKS\[2\]: expected at most 16 at position 0"):
         _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [17, *MMA_DEFAULT]}}, "t")
     with pytest.raises(ValueError, match="expected ints >= 1"):
-        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, 0, 64, 16, 16, 128, 1, 8, 2]}}, "t")
-    with pytest.raises(ValueError, match="expected at most 1 at position 6"):
-        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, 128, 64, 16, 16, 128, 2, 8, 2]}}, "t")
+        _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": [16, 0, 64, 16, 16, 128, 1, 1, 8, 2]}}, "t")
+    for position in (6, 7):
+        entry = [16, 128, 64, 16, 16, 128, 1, 1, 8, 2]
+        entry[position] = 2
+        with pytest.raises(ValueError, match=f"expected at most 1 at position {position}"):
+            _blocks.validate({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"2": entry}}, "t")
     assert _blocks.pairwise_mma_formed_blocks(8, 8, 16, 0) is None  # fp32: never
 
 
@@ -591,11 +596,11 @@ def test_score_pairwise_mma_kernel_compiles_for_gpu_without_spills():
     for arch, table in ((90, _blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS),
                         (80, _blocks.ARCH_BLOCKS["sm_80"]["PAIRWISE_MMA_FORMED_GPU_BLOCKS"])):
         for dot, ptr in ((1, "*fp16"), (2, "*bf16")):
-            _, block_q, block_n, block_o, block_i, _, async_g, warps, stages = table[dot]
+            _, block_q, block_n, block_o, block_i, _, async_g, flat, warps, stages = table[dot]
             sig = dict(v_ptr=ptr, a_ptr=ptr, g_ptr=ptr, out_ptr="*fp32", Q="i32", N="i32", T="i32", O="i32", I="i32",
                        i_per_split="i32", o_per_split="i32", i_splits="i32", o_chunk="i32", **strides)
             const = dict(BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
-                         BLOCK_T=_blocks.MMA_FORMED_MAX_T, ASYNC_G=bool(async_g))
+                         BLOCK_T=_blocks.MMA_FORMED_MAX_T, ASYNC_G=bool(async_g), FLAT=bool(flat))
             cases.append(("source_fast.kernels.score_pairwise", "_score_pairwise_mma_kernel", sig, const, arch,
                           {"num_warps": warps, "num_stages": stages, "div16": div16}))
     for case, usage in zip(cases, assert_fast_sm90_builds(cases)):
