@@ -154,10 +154,10 @@ ENTRIES = [
     # or nested, g in the software pipeline or plain loads, 8- or 16-wide inputs, output rows in chunks of 128 (g's
     # chunk in L2 across the input blocks), 256 or all at once.
     Entry("pairwise_many_mma_formed", "PAIRWISE_MMA_FORMED_GPU_BLOCKS", 2, None,
-          [(0, 128, 64, 16, 8, 128, 1, 1, 8, 3), (16, 128, 64, 16, 8, 128, 1, 1, 8, 3),
-           (16, 128, 64, 16, 8, 128, 1, 0, 8, 3), (16, 128, 64, 16, 16, 128, 1, 1, 8, 2),
-           (16, 128, 64, 16, 8, 256, 1, 1, 8, 3), (16, 128, 64, 16, 8, 0, 1, 1, 8, 3),
-           (16, 128, 64, 16, 8, 128, 0, 0, 8, 3), (16, 128, 64, 16, 16, 128, 0, 1, 8, 2)],
+          [(0, 128, 64, 16, 16, 128, 1, 1, 8, 2), (16, 128, 64, 16, 16, 128, 1, 1, 8, 2),
+           (16, 128, 64, 16, 16, 128, 0, 1, 8, 2), (16, 128, 64, 16, 8, 128, 1, 1, 8, 3),
+           (16, 128, 64, 16, 8, 128, 1, 0, 8, 3), (16, 128, 64, 16, 16, 256, 1, 1, 8, 2),
+           (16, 128, 64, 16, 16, 0, 1, 1, 8, 2), (16, 128, 64, 16, 8, 128, 0, 0, 8, 3)],
           _PAIRWISE_MANY, _PAIRWISE_MANY_SMOKE, _pairwise_inputs, lambda x, b: ops.score_pairwise(*x, backend=b),
           _pairwise_many_flops),
     # ... and each of its stages by torch's GEMM (cuBLAS) on the same chunks instead of the Triton kernel, at the

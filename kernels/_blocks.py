@@ -107,11 +107,12 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 # example block run together and share G's tiles in L2).
 # FLAT: a chunk's input blocks and output-row tiles as one loop, a loaded every step (from L2: a quarter more bytes
 # than V and g), against nested loops whose pipeline refills every O_CHUNK / BLOCK_O = 8 steps.
-# The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). sm_90 builds (no GPU): these tiles
-# take 229 registers, no spills, 176 KiB of shared memory, a, g and V in the pipeline, wgmma reading G from
-# registers, mma.sync forming (nested: 255 registers, 192 KiB); 16-wide input steps build at 2 stages.
+# The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). Per multiply-add these tiles stream
+# 0.047 bytes from L2 (8-wide input steps: 0.078). sm_90 builds (no GPU): 250 registers, no spills, 224 KiB of shared
+# memory (3 stages would not fit), a, g and V in the pipeline, wgmma reading G from registers, mma.sync forming;
+# 8-wide input steps at 3 stages: 229 registers, 176 KiB.
 MMA_FORMED_MAX_T = 16
-PAIRWISE_MMA_FORMED_GPU_BLOCKS = {k: (0, 128, 64, 16, 8, 128, 1, 1, 8, 3) for k in (1, 2)}
+PAIRWISE_MMA_FORMED_GPU_BLOCKS = {k: (0, 128, 64, 16, 16, 128, 1, 1, 8, 2) for k in (1, 2)}
 
 # The token-wise GEMM (score_per_token; score_pairwise for few tokens): (BLOCK_M token rows, BLOCK_O, BLOCK_I,
 # num_warps, num_stages); BLOCK_O and BLOCK_I are caps (small layers take smaller blocks). It streams

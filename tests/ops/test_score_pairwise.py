@@ -363,7 +363,7 @@ def test_score_pairwise_triton_materialized_by_torch(monkeypatch, dtype, form, c
     assert kernels.count("contract") == (0 if plan.torch_contract else 3)
 
 
-MMA_DEFAULT = [128, 64, 16, 8, 128, 1, 1, 8, 3]  # the sm_90 default tile of PAIRWISE_MMA_FORMED_GPU_BLOCKS
+MMA_DEFAULT = [128, 64, 16, 16, 128, 1, 1, 8, 2]  # the sm_90 default tile of PAIRWISE_MMA_FORMED_GPU_BLOCKS
 
 
 @pytest.mark.interpreter
