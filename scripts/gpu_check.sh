@@ -123,3 +123,13 @@ for r in csv.DictReader(open(sys.argv[1])):
         print("  {backend:<6} {mode:<5} {shape_params:<32} {ms_p50:>10} ms {tflops:>8} TFLOP/s".format(**r))
 ' "$OUT/ops_gpu.csv"
 grep -E "^PROFILE" "$OUT/bench.log" 2>/dev/null | tail -1
+# ... and the tuner's several-token rows: the fused form's tiles and the cuBLAS stages against the materialised form
+[ -s "$OUT/triton_blocks.json" ] && "$PY" -c 'import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if r["entry"].startswith("pairwise_many"):
+        ms = r.get("ms")
+        timed = "%9.2f ms" % ms if isinstance(ms, float) and ms == ms else "        -   "
+        state = "ok" if r.get("ok") else "NOT OK " + str(r.get("error", "wrong result"))[:80]
+        print("  {:<30} {:<46} {} {}".format(r["entry"], str(r.get("candidate")), timed, state))
+' "$OUT/triton_blocks.json"
+grep -E "^BEST pairwise_many" "$OUT/bench.log" 2>/dev/null
