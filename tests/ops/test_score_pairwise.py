@@ -407,6 +407,22 @@ def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slot
 
 
 @pytest.mark.interpreter
+def test_score_pairwise_triton_mma_formed_strided_inputs():
+    """The fused form on non-contiguous views (a permuted query batch, token- and output-strided slices)."""
+    if "triton" not in [p.values[0] for p in BACKENDS]:
+        pytest.skip("triton is not available in this process")
+    v = torch.randn(13, 41, 3).half().permute(2, 0, 1)  # [3, 13, 41]
+    a = torch.randn(5, 12, 41).half()[:, ::2]            # [5, 6, 41], token stride 2
+    g = torch.randn(5, 6, 26).half()[:, :, ::2]          # [5, 6, 13], output stride 2
+    from source_fast.kernels import score_pairwise as kernel
+
+    assert not (v.is_contiguous() or a.is_contiguous() or g.is_contiguous())
+    with _materializing({"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": [16, 16, 16, 16, 16, 0, 1, 1, 4, 1]}}):
+        assert kernel.pairwise_form(3, 5, 6, (torch.float16,) * 3)[0] == "fused"
+        _check("triton", v, a, g, torch.float16)
+
+
+@pytest.mark.interpreter
 def test_score_pairwise_triton_mma_formed_grid_chunks(monkeypatch):
     """The fused form's launches over query ranges that the grid's axis 1 can hold (forced down to 2 blocks per
     launch), with ragged example and query blocks."""
