@@ -203,8 +203,9 @@ def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_pe
     with the queries' V[q-block, o-tile, i-block] flattened the same way (wgmma). Forming costs BLOCK_T
     multiply-adds per G element against BLOCK_Q for the contraction, both on the tensor cores, where the
     CUDA-core forming of the main kernel pays T FMAs per element and the materialised form writes and reads G.
-    Loop nest: chunks of o_chunk output rows outside, then i-blocks (a[n-block, :, i-block] loaded once per block
-    and chunk), then output-row tiles (loads of g and V, the two dots; pipelined). 16-bit v, a, g of one dtype;
+    Loop nest: chunks of o_chunk output rows outside; inside a chunk its (i-block, output-row tile) steps, as one
+    pipelined loop (FLAT: a[n-block, :, i-block] loaded every step) or nested (a loaded once per i-block, the
+    tiles' loop pipelined); each step loads g and V and runs the two dots. 16-bit v, a, g of one dtype;
     unit strides: v, a along i, g ([N, O, BLOCK_T]) along t, out along n; the i axis padded to a multiple of
     BLOCK_I (no i masks).
     ASYNC_G: g's loads as asynchronous copies in the software pipeline (16-byte vectors, one more shared-memory
