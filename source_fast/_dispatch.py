@@ -330,7 +330,8 @@ def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, determinist
         else:
             status = "skipped: " + "; ".join(reasons)
         lines.append(f"{name:8s} | {status}")
-    if chosen is not None and all(isinstance(tensors.get(k), torch.Tensor) for k in ("v", "a", "g")):
+    if chosen is not None and all(isinstance(tensors.get(k), torch.Tensor) and tensors[k].dim() == 3
+                                  for k in ("v", "a", "g")):
         form = BACKENDS[chosen].form(op, tensors)
         if form:
             lines.append(f"{'form':8s} | {chosen}: {form}")

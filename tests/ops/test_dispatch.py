@@ -125,6 +125,8 @@ def test_explain_names_the_score_pairwise_form_that_runs(t, sparse):
     # float64 goes to the torch backend, whose flop model picks the form
     table = ops.explain("score_pairwise", v.double(), a.double(), g.double())
     assert table.splitlines()[-1].startswith("form     | torch:")
+    # inputs of the wrong rank: the table without a form line (the op itself names the bad argument)
+    assert "form" not in ops.explain("score_pairwise", v[0], a, g)
 
 
 def test_triton_score_pairwise_form_follows_the_tables(blocks_override):
