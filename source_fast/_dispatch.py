@@ -76,7 +76,7 @@ class Backend:
         raise NotImplementedError
 
     def form(self, op: str, tensors: dict[str, torch.Tensor]) -> str | None:
-        """Which of its forms this backend runs op in on these inputs (`explain`), or None where it has one."""
+        """Which of its forms this backend runs op in on these inputs (`explain`), or None where it has only one."""
         return None
 
 
@@ -177,14 +177,6 @@ class CudaBackend(ExtensionBackend):
 class CpuBackend(ExtensionBackend):
     name = "cpu"
     devices = ("cpu",)
-
-    def form(self, op, tensors):
-        if op != "score_pairwise":
-            return None
-        from . import _extension
-
-        return _extension.CPU_PAIRWISE_KERNELS[_extension.cpu_pairwise_kernel(tensors["v"], tensors["a"], tensors["g"])]
-
     # fp16/bf16 are upcast to float32 by _extension (exactly), as the torch backend does on CPU: no CPU kernel
     # contracts 16-bit operands faster, and the fp32 kernels beat torch's fp32 path.
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
@@ -192,6 +184,14 @@ class CpuBackend(ExtensionBackend):
     # kron_project is BLAS GEMMs either way, so torch runs it, and score_lowrank / score_per_token
     # have no C++ CPU kernels (the torch backend serves CPU tensors).
     ops = ("covariance", "lambda_accum", "score_pairwise", "score_self")
+
+    def form(self, op, tensors):
+        if op != "score_pairwise":
+            return None
+        from . import _extension
+
+        kernel = _extension.cpu_pairwise_kernel(tensors["v"], tensors["a"], tensors["g"])
+        return _extension.CPU_PAIRWISE_KERNELS[kernel]
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), TorchBackend())}
