@@ -105,7 +105,7 @@ PAIRWISE_MATERIALIZED_GPU_BLOCKS = {0: (64, 64, 32, 4, 2), 1: (128, 128, 64, 8, 
 # is ≈ 1 GB of g and 8.7 GB of a from memory (with O_CHUNK 0, 140 GB of g), against the materialised form's 17 GB of
 # G written and read back (its chunks of 2·Q examples make grids of ≤ 132 programs, so the query blocks of an
 # example block run together and share G's tiles in L2).
-# FLAT: a chunk's input blocks and output-row tiles as one loop, a loaded every step (from L2: a quarter more bytes
+# FLAT: a chunk's input blocks and output-row tiles as one loop, a loaded every step (from L2: a fifth more bytes
 # than V and g), against nested loops whose pipeline refills every O_CHUNK / BLOCK_O = 8 steps.
 # The formed [BLOCK_N, BLOCK_O, BLOCK_I] fp32 tile caps BLOCK_N at 64 (128 spills). Per multiply-add these tiles stream
 # 0.047 bytes from L2 (8-wide input steps: 0.078). sm_90 builds (no GPU): 250 registers, no spills, 224 KiB of shared
