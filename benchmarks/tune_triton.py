@@ -59,9 +59,9 @@ class Entry:
     bytes: Callable | None = None  # shape -> bytes a memory-bound entry must move (for GB/s in the rows)
 
     def key_for(self, shape: dict):
-        """The table key the run reads: dtype-keyed tables by the inputs' dtype (smoke runs use fp16 for the
-        16-bit entries: the interpreter has no bf16 dots)."""
-        if self.table in ("COVARIANCE_GPU_BLOCKS", "FP32_TENSOR_CORES", "PAIRWISE_MATERIALIZED_TORCH"):
+        """The table key the run reads: a named key ("narrow", "pairwise", "contract", ...) as it is; dtype-keyed
+        tables by the inputs' dtype (smoke runs use fp16 for the 16-bit entries: the interpreter has no bf16 dots)."""
+        if isinstance(self.key, str):
             return self.key
         return _common.dot_code(getattr(torch, shape["dtype"]))
 

@@ -169,6 +169,13 @@ def _score_pairwise_kernel(v_ptr, a_ptr, gt_ptr, out_ptr, Q, N, T, O, I, i_per_s
 
 
 @triton.jit
+def _block_inputs(a_rows, s_at, offs_t, t_ok, i0, offs_i, n_ok):
+    """a[n-block, :, i0 + offs_i] as stored (16-bit, the forming dot's right operand), tokens past T zero."""
+    return tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
+                   mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+
+
+@triton.jit
 def _mma_formed_step(acc, a, g_rows, v_rows, i0, o0, oc_stop, s_go, s_vo, offs_o, offs_t, k_o, k_i, n_ok, q_ok, t_ok,
                      BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, ASYNC_G: tl.constexpr):
     """acc + G[n-block, o-tile, i-block] V[q-block, o-tile, i-block]ᵀ over the flattened (o, i) pairs, the G tile
@@ -240,16 +247,14 @@ def _score_pairwise_mma_kernel(v_ptr, a_ptr, g_ptr, out_ptr, Q, N, T, O, I, i_pe
             tiles = tl.cdiv(oc_stop - oc, BLOCK_O)
             for step in range(0, tl.cdiv(i_stop - i_start, BLOCK_I) * tiles):
                 i0 = i_start + (step // tiles) * BLOCK_I
-                a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
-                            mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+                a = _block_inputs(a_rows, s_at, offs_t, t_ok, i0, offs_i, n_ok)
                 acc = _mma_formed_step(acc, a, g_rows, v_rows, i0, oc + (step % tiles) * BLOCK_O, oc_stop, s_go,
                                        s_vo, offs_o, offs_t, k_o, k_i, n_ok, q_ok, t_ok, BLOCK_N, BLOCK_O, BLOCK_I,
                                        ASYNC_G)
         else:
             # Nested: a loaded once per input block; the pipeline refills every o_chunk / BLOCK_O steps.
             for i0 in range(i_start, i_stop, BLOCK_I):
-                a = tl.load(a_rows[:, None, None] + offs_t[None, :, None] * s_at + (i0 + offs_i)[None, None, :],
-                            mask=n_ok[:, None, None] & t_ok[None, :, None], other=0.0)
+                a = _block_inputs(a_rows, s_at, offs_t, t_ok, i0, offs_i, n_ok)
                 for o0 in range(oc, oc_stop, BLOCK_O):
                     acc = _mma_formed_step(acc, a, g_rows, v_rows, i0, o0, oc_stop, s_go, s_vo, offs_o, offs_t, k_o,
                                            k_i, n_ok, q_ok, t_ok, BLOCK_N, BLOCK_O, BLOCK_I, ASYNC_G)
@@ -376,10 +381,11 @@ def _torch_may_run(dtype: torch.dtype, device: torch.device) -> bool:
     return _torch_ops.has_fp32_out_mm(device, dtype)
 
 
-def contraction_grid(q: int, n: int, o: int, i_pad: int, cfg: _blocks.PairwiseConfig,
+def contraction_grid(q: int, n: int, o: int, i_pad: int, cfg: _blocks.PairwiseConfig | _blocks.MmaFormedConfig,
                      device: torch.device) -> tuple[int, int, int, int, int]:
-    """(example blocks, i_per_split, i_splits, o_per_split, o_splits) of the kernel's contraction of Q queries with
-    N examples at tile cfg: the grid is example blocks × query blocks × i_splits · o_splits."""
+    """(example blocks, i_per_split, i_splits, o_per_split, o_splits) of a contraction of Q queries with N examples
+    over o output-row steps at tile cfg (either kernel's): the grid is example blocks × query blocks × i_splits ·
+    o_splits."""
     grid_n = triton.cdiv(n, cfg.block_n)
     return (grid_n, *split_contraction(grid_n * triton.cdiv(q, cfg.block_q), i_pad, o, cfg.block_i, q * n, device))
 
@@ -451,9 +457,10 @@ def mma_formed_scores(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: to
     vk = _common.aligned_rows(v, i_pad)
     ak = _common.aligned_rows(a, i_pad)
     gk = _common.padded(g.transpose(1, 2), (n, o, cfg.block_t))
-    grid_n = triton.cdiv(n, cfg.block_n)
-    i_per_split, i_splits, o_tiles_per_split, o_splits = split_contraction(
-        grid_n * triton.cdiv(q, cfg.block_q), i_pad, triton.cdiv(o, cfg.block_o), cfg.block_i, q * n, a.device)
+    # the split's output-row ranges in whole tiles of block_o rows
+    grid_n, i_per_split, i_splits, o_tiles_per_split, o_splits = contraction_grid(
+        q, n, triton.cdiv(o, cfg.block_o), i_pad, cfg, a.device)
+
     def launch(vq, wq):
         _score_pairwise_mma_kernel[(grid_n, triton.cdiv(vq.shape[0], cfg.block_q), i_splits * o_splits)](
             vq, ak, gk, wq, vq.shape[0], n, t, o, i_pad, i_per_split, o_tiles_per_split * cfg.block_o, i_splits,

@@ -383,7 +383,7 @@ def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slot
     odd sizes pad the inputs, the output rows and the tokens; against the oracle, and checked to take that form."""
     if "triton" not in [p.values[0] for p in BACKENDS]:
         pytest.skip("triton is not available in this process")
-    from source_fast.kernels import _common, score_pairwise as kernel
+    from source_fast.kernels import _blocks, _common, score_pairwise as kernel
 
     monkeypatch.setattr(_common, "splits_allowed", lambda device: slots > 1)
     monkeypatch.setattr(_common, "num_sms", lambda device: slots)
@@ -392,8 +392,7 @@ def test_score_pairwise_triton_mma_formed(monkeypatch, q, n, t, i, o, tile, slot
     monkeypatch.setattr(kernel, "mma_formed_scores", lambda *args: calls.append(args[-1]) or real(*args))
     entry = [16, *(tile or MMA_DEFAULT)]
     if tile is None:  # the table's switch without forcing its tile: tiles fitted to the problem
-        monkeypatch.setitem(__import__("source_fast.kernels._blocks", fromlist=["x"]).PAIRWISE_MMA_FORMED_GPU_BLOCKS,
-                            1, tuple(entry))
+        monkeypatch.setitem(_blocks.PAIRWISE_MMA_FORMED_GPU_BLOCKS, 1, tuple(entry))
         tables = {}
     else:
         tables = {"PAIRWISE_MMA_FORMED_GPU_BLOCKS": {"1": entry}}
