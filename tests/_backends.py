@@ -100,9 +100,9 @@ SM90_SHARED_BYTES = 232448
 
 def assert_fast_sm90_builds(cases: list[tuple], timeout: float = 240.0) -> list[dict | None]:
     """compile_for_gpu, then for every sm_90 case: no spills (stack 0), shared memory within an H100's per-block
-    limit, pipelined loads (asynchronous copies) and, for tensor-core dots (constexpr DOT != 0), wgmma. What makes a Triton kernel fast on Hopper that can be
-    checked without one: a build without them is on a slower path whatever its timing. Returns the builds'
-    compile_for_gpu reports."""
+    limit, pipelined loads (asynchronous copies) and, for tensor-core dots (constexpr DOT != 0), wgmma. What makes
+    a Triton kernel fast on Hopper that can be checked without one: a build without them is on a slower path
+    whatever its timing. Returns the builds' compile_for_gpu reports."""
     usages = compile_for_gpu(cases, timeout)
     for (_, kernel, _, const, arch, *_), usage in zip(cases, usages):
         if usage is None or arch != 90:
