@@ -227,6 +227,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_family_model() -> str:
+    """"family F model M" from /proc/cpuinfo: virtual machines often report only "AMD EPYC", and two generations
+    behind that name differ twice in AVX-512 throughput (the compiled GEMM against MKL's AVX2 path)."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("cpu family", "model") and key not in found:
+                    found[key] = value.strip()
+                if len(found) == 2:
+                    break
+    except OSError:
+        pass
+    return f"family {found['cpu family']} model {found['model']}" if len(found) == 2 else "?"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -847,7 +865,7 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
             if impl == "triton" and device.type == "cuda" and os.environ.get("SOURCE_FAST_TRITON_BLOCKS"):
                 note = "; ".join(x for x in (note, "tiles=SOURCE_FAST_TRITON_BLOCKS") if x)  # a tuning run's choices
             if device.type != "cuda" and not args.smoke:
-                note = "; ".join(x for x in (note, f"load1={load1()}") if x)
+                note = "; ".join(x for x in (note, f"load1={load1()}", f"cpu={cpu_family_model()}") if x)
             if not passed[(impl, c.dtype)]:
                 record(finish_row(bench.op, impl, c, env, {"status": "FAILED (correctness gate)"}, note))
                 continue

@@ -180,18 +180,20 @@ class CpuBackend(ExtensionBackend):
     # fp16/bf16 are upcast to float32 by _extension (exactly), as the torch backend does on CPU: no CPU kernel
     # contracts 16-bit operands faster, and the fp32 kernels beat torch's fp32 path.
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    # Only the ops where C++/OpenMP beats the torch backend on CPU (measured 1.2-3.9x, README);
-    # kron_project is BLAS GEMMs either way, so torch runs it, and score_lowrank / score_per_token
-    # have no C++ CPU kernels (the torch backend serves CPU tensors).
-    ops = ("covariance", "lambda_accum", "score_pairwise", "score_self")
+    # Only the ops where C++/OpenMP beats the torch backend on CPU (README, benchmarks/results/ops_cpu.md);
+    # kron_project and score_lowrank are GEMMs either way (the compiled GEMM measured no consistent win for
+    # score_lowrank), so torch runs them.
+    ops = ("covariance", "lambda_accum", "score_pairwise", "score_self", "score_per_token")
 
     def form(self, op, tensors):
-        if op != "score_pairwise":
+        if op not in ("score_pairwise", "score_per_token"):
             return None
         from . import _extension
 
-        kernel = _extension.cpu_pairwise_kernel(tensors["v"], tensors["a"], tensors["g"])
-        return _extension.CPU_PAIRWISE_KERNELS[kernel]
+        v, a, g = tensors["v"], tensors["a"], tensors["g"]
+        if op == "score_per_token":  # the one-token kernels on the token rows (_extension.score_per_token_cpu)
+            a, g = _extension.token_rows(a), _extension.token_rows(g)
+        return _extension.CPU_PAIRWISE_KERNELS[_extension.cpu_pairwise_kernel(v, a, g)]
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CudaBackend(), TritonBackend(), CpuBackend(), TorchBackend())}
@@ -315,8 +317,9 @@ def _checked(name: str, op: str, tensors) -> Callable:
 
 
 def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, deterministic: bool = False) -> str:
-    """A table: each backend, whether it would run op on these inputs, and why not; for score_pairwise, then the
-    form the selected backend takes (token-wise, formed, materialised, fused, sparse g)."""
+    """A table: each backend, whether it would run op on these inputs, and why not; then, for the ops with several
+    forms (score_pairwise; score_per_token on CPU), the form the selected backend takes (token-wise, formed,
+    materialised, fused, sparse g)."""
     tensors = tensors or {}
     lines = [f"{'backend':8s} | status"]
     chosen = None

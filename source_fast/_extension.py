@@ -18,7 +18,11 @@ What runs where:
     of examples in cache and contracts them with V (T > 1: sequences, a segment's checkpoints stacked).
   - kron_project: the GEMMs are torch (BLAS); only f(Λ) comes from the module (its fp32
     spectral_eval, shared with the CUDA epilogue). Same speed as the torch backend.
-  - score_lowrank, score_per_token: no C++ CPU kernels; the torch backend serves CPU tensors.
+  - score_per_token: score_pairwise's one-token kernels (token-wise, or sparse g) on the token rows: each
+    (example, token) row is an example of one token, and the [Q, N·T] scores are the [Q, N, T] output.
+  - score_lowrank: no C++ CPU kernel; the torch backend serves CPU tensors. Its work is two GEMMs per chunk
+    (g [U_q] and a [W_q] for every query at once) and a small reduction: on the compiled GEMM it measured
+    0.73-1.51x the torch backend (Zen 4 host, 2026-11-26), no consistent win.
 * ``cuda`` (float32/float16/bfloat16 inputs, float32 accumulation and outputs): the whole op runs in
   the module's kernels (tiled shared-memory GEMMs for rotations, fused epilogues, split-K partials
   reduced in a fixed order). No float atomics: results are bitwise reproducible run to run.
@@ -266,14 +270,17 @@ def cpu_pairwise_kernel(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> st
     return "score_pairwise_cpu"
 
 
-def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32."""
+def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """scores[q, n] = Σ_t g_{n,t}ᵀ V_q a_{n,t} -> [Q, N] fp32. `out`: a float32 [Q, N] tensor (any strides) written
+    in place and returned."""
     _require_cpu_dtype(v=v, a=a, g=g)
     q, o, i = v.shape
     n, t, _ = a.shape
     kernel = cpu_pairwise_kernel(v, a, g)
     v = _sparse_layout(_f32(v)) if kernel == "score_pairwise_sparse_g_cpu" else _f32(v)  # a, g: chunk by chunk
-    out = torch.empty(q, n, dtype=_F32)
+    if out is None:
+        out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.
     step = _torch_ops._chunk_rows(t * (i + o + q), _F32, n)
     lib = _lib()
@@ -286,6 +293,21 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tor
             gc.data_ptr(), gc.stride(0), gc.stride(1), gc.stride(2), 0,
             q, stop - start, t, o, i, part.data_ptr(), part.stride(0), part.stride(1), 0, _threads(),
         )
+    return out
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, T, D] token rows as [N·T, 1, D]: examples of one token (a view when the rows are evenly strided)."""
+    return x.reshape(x.shape[0] * x.shape[1], 1, x.shape[2])
+
+
+def score_per_token_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out[q, n, t] = g_{n,t}ᵀ V_q a_{n,t} -> [Q, N, T] fp32: score_pairwise's one-token kernels on the token rows
+    (the fused contraction never writes the [rows, Q·O] products that the torch backend forms in chunks)."""
+    q = v.shape[0]
+    n, t, _ = a.shape
+    out = torch.empty(q, n, t, dtype=_F32)
+    score_pairwise_cpu(v, token_rows(a), token_rows(g), out=out.view(q, n * t))
     return out
 
 

@@ -6,7 +6,7 @@ score_pairwise.
 import pytest
 import torch
 
-from _backends import assert_fast_sm90_builds, backend_params, require
+from _backends import assert_fast_sm90_builds, at_thread_counts, backend_params, recording_lib_calls, require
 from _tolerances import assert_matches_oracle
 from source_fast import _dispatch, ops, reference
 
@@ -14,7 +14,7 @@ OP = "score_per_token"
 
 
 def _serving(params):
-    """Backends that implement the op (the C++ `cpu` backend does not: torch serves CPU tensors)."""
+    """Backends that implement the op."""
     return [p for p in params if OP in _dispatch.BACKENDS[p.values[0]].ops]
 
 
@@ -124,14 +124,32 @@ def test_score_per_token_validates_shapes():
 
 
 def test_score_per_token_dispatch_and_explain():
+    """CPU tensors go to the C++ backend (score_pairwise's one-token kernels on the token rows), and `explain` names
+    the kernel."""
     v, a, g = _inputs(2, 5, 3, 4, 3, torch.float32)
+    require("cpu", OP, {"v": v, "a": a, "g": g})
     table = ops.explain(OP, v, a, g)
     rows = {line.split("|")[0].strip(): line.split("|", 1)[1].strip() for line in table.splitlines()[1:]}
-    assert rows["torch"] == "selected"
-    assert rows["cpu"].startswith("skipped:")  # no C++ CPU kernel for this op
+    assert rows["cpu"] == "selected" and rows["torch"] == "available (lower priority)"
+    assert rows["form"].startswith("cpu: token-wise")
     assert ops.explain(OP, v=v, a=a, g=g) == table
-    with pytest.raises(NotImplementedError, match="backend 'cpu' cannot run score_per_token"):
-        ops.score_per_token(v, a, g, backend="cpu")
+
+
+def test_score_per_token_cpu_sparse_g_on_token_rows():
+    """Exact zeros in g (ReLU-gated output gradients) take the sparse-g kernel on the token rows, as score_pairwise
+    does for one-token examples: `explain` says so, that kernel is what runs, once per call, bitwise the same at
+    one and two threads, and it matches the oracle."""
+    gen = torch.Generator().manual_seed(3)
+    q, n, t, i, o = 40, 60, 3, 19, 47  # Q and N·T·O above the sparse kernel's thresholds
+    v, a = torch.randn(q, o, i, generator=gen), torch.randn(n, t, i, generator=gen)
+    g = torch.randn(n, t, o, generator=gen) * (torch.rand(n, t, o, generator=gen) < 0.3)
+    require("cpu", OP, {"v": v, "a": a, "g": g})
+    assert ops.explain(OP, v, a, g).splitlines()[-1].startswith("form     | cpu: sparse g")
+    with recording_lib_calls() as recorded:
+        runs = at_thread_counts(lambda: ops.score_per_token(v, a, g, backend="cpu"))
+    assert [name for name, _ in recorded] == ["score_pairwise_sparse_g_cpu"] * 2
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_per_token_ref(v, a, g), op=OP, backend="cpu", dtype=torch.float32)
 
 
 @pytest.mark.slow
