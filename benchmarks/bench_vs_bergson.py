@@ -66,7 +66,6 @@ import csv
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -515,14 +514,9 @@ def _versions(bergson_python: Path | None) -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    import _harness as H
+
+    cpu = f"{H.cpu_model()} ({H.cpu_family_model()})"  # two generations both report "AMD EPYC" here
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "cpu_model": cpu, "source_fast_commit": _process.git_commit()}
 
