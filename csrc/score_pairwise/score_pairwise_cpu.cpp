@@ -114,7 +114,8 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 // memory: Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I. Two layouts, by T:
 //
 // * "lanes": examples along the vector lanes. One row o of G for a block of
-//   panels is formed in cache (T·I per example) and contracted with MR queries at a time by the
+//   panels is formed in cache (T·I per example; from 8 tokens on LANES_MO rows per read of a, the tokens summed
+//   in registers) and contracted with MR queries at a time by the
 //   broadcast micro-kernel, V packed per (row, query block): near peak when Q·O·I is large (the
 //   MLP's SOURCE segments: T = 2, Q = 200, O·I = 400k).
 // * "rows": a task owns a block of examples; each example's G rows are formed
@@ -136,6 +137,52 @@ static inline bool use_rows_layout(index_t Q, index_t T, index_t O, index_t I) {
   return 4.0 * static_cast<double>(Q) * O * I <= MAT_ROWS_MAX_V_BYTES || 4 * T >= Q;
 }
 constexpr index_t MAT_NCB = 8;  // panels per column block: one G row block is I x 8·NR floats (L2)
+// Rows o and inputs i per formed tile, one vector of lanes at a time (MO x IB accumulators in registers, plus MO
+// vectors of g): each load of a serves MO rows, so a panel's a (T·I·NR floats, 1 MB at T = 16 and I = 513: from L3)
+// is read O / MO times instead of O. With fewer than LANES_MO_MIN_T tokens, one row at a time (see `group`).
+constexpr index_t LANES_MO_MIN_T = 8;
+#if defined(__AVX512F__)
+constexpr int LANES_MO = 8, LANES_IB = 2;  // 16 accumulators + 8 g + 1 a of 32 zmm
+#else
+constexpr int LANES_MO = 4, LANES_IB = 2;  // 8 accumulators + 4 g + 1 a of 16 ymm
+#endif
+
+// dst[m][b][:] = Σ_t g[m][t][:] ⊙ a[b][t][:] for m < MO rows and b < IB inputs of one panel (NR examples along the
+// lanes): the sums over the tokens stay in registers (each term costs an FMA; the G rows are written once, not
+// read and written per token). a[b][t] at ap + b * sab + t * NR, g[m][t] at gp + m * sgm + t * NR (tokens
+// innermost: contiguous reads), dst[m][b] at dst + m * drow + b * NR; t = 0 first, then in order.
+template <int MO, int IB>
+static inline __attribute__((always_inline)) void form_lanes(index_t T, const float* __restrict ap, index_t sab,
+                                                             const float* __restrict gp, index_t sgm,
+                                                             float* __restrict dst, index_t drow) {
+  for (int w = 0; w < NV; ++w) {  // one vector of lanes at a time: MO x IB accumulators
+    vf acc[MO][IB];
+    for (int m = 0; m < MO; ++m) {
+      const vf gv = loada(gp + m * sgm + w * VL);
+      for (int b = 0; b < IB; ++b) acc[m][b] = gv * loada(ap + b * sab + w * VL);
+    }
+    for (index_t t = 1; t < T; ++t) {
+      vf gv[MO];
+      for (int m = 0; m < MO; ++m) gv[m] = loada(gp + m * sgm + t * NR + w * VL);
+      for (int b = 0; b < IB; ++b) {
+        const vf av = loada(ap + b * sab + t * NR + w * VL);
+        for (int m = 0; m < MO; ++m) acc[m][b] += gv[m] * av;
+      }
+    }
+    for (int m = 0; m < MO; ++m)
+      for (int b = 0; b < IB; ++b) *reinterpret_cast<vf*>(dst + m * drow + b * NR + w * VL) = acc[m][b];
+  }
+}
+
+// Rows [o0, o0 + MO) of G for one panel into dst (row m at dst + m * drow, [i][NR] each); ad = the panel's packed
+// a ([i][t][NR]), gt = its packed g from row o0 ([o][t][NR]).
+template <int MO>
+static inline void form_rows(index_t T, index_t I, const float* ad, const float* gt, float* dst, index_t drow) {
+  index_t i = 0;
+  for (; i + LANES_IB <= I; i += LANES_IB)
+    form_lanes<MO, LANES_IB>(T, ad + i * T * NR, T * NR, gt, T * NR, dst + i * NR, drow);
+  for (; i < I; ++i) form_lanes<MO, 1>(T, ad + i * T * NR, T * NR, gt, T * NR, dst + i * NR, drow);
+}
 
 }  // namespace
 
@@ -152,8 +199,12 @@ static Status materialized_lanes(const float* v, index_t svq, index_t svo, index
   // T·I per example and row o); with fewer blocks than threads the query blocks are split into groups,
   // each re-forming the block's G rows (overhead T / (MR · query blocks per group)).
   const index_t n_groups = n_cb >= nt ? 1 : std::min<index_t>(n_qb, nt);
-  AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][t][i][NR]
-  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][t][o][NR]
+  // G rows formed per read of a: LANES_MO from LANES_MO_MIN_T tokens on (a is then large and forming dominates);
+  // one below, where a group's rows would only make a round trip through L3 before their contraction.
+  const index_t group = T >= LANES_MO_MIN_T ? LANES_MO : 1;
+  // Tokens innermost: forming a tile of G rows reads each input's (and row's) T·NR floats contiguously.
+  AlignedBuffer apack(static_cast<std::size_t>(n_panels * T * I * NR));  // [panel][i][t][NR]
+  AlignedBuffer gpack(static_cast<std::size_t>(n_panels * T * O * NR));  // [panel][o][t][NR]
   AlignedBuffer cbuf(static_cast<std::size_t>(n_qb * n_panels * MR * NR));  // [qb][panel][MR][NR]
   if (!apack.data() || !gpack.data() || !cbuf.data())
     return Status(Code::kUnsupported, "score_pairwise_materialized_cpu: out of memory for packing");
@@ -167,19 +218,19 @@ static Status materialized_lanes(const float* v, index_t svq, index_t svo, index
 #pragma omp for schedule(static)
     for (index_t p = 0; p < n_panels; ++p) {
       for (index_t t = 0; t < T; ++t) {
-        float* ad = Ap + (p * T + t) * I * NR;
-        float* gd = Gp + (p * T + t) * O * NR;
+        float* ad = Ap + p * T * I * NR + t * NR;
+        float* gd = Gp + p * T * O * NR + t * NR;
         for (int j = 0; j < NR; ++j) {
           const index_t n = p * NR + j;
           const bool valid = n < N;  // padded examples are zero: their G is zero
           const float* ar = a + (valid ? n : 0) * san + t * sat;
           const float* gr = g + (valid ? n : 0) * sgn + t * sgt;
-          for (index_t i = 0; i < I; ++i) ad[i * NR + j] = valid ? ar[i * sai] : 0.0f;
-          for (index_t o = 0; o < O; ++o) gd[o * NR + j] = valid ? gr[o * sgo] : 0.0f;
+          for (index_t i = 0; i < I; ++i) ad[i * T * NR + j] = valid ? ar[i * sai] : 0.0f;
+          for (index_t o = 0; o < O; ++o) gd[o * T * NR + j] = valid ? gr[o * sgo] : 0.0f;
         }
       }
     }
-    AlignedBuffer rowbuf(static_cast<std::size_t>(MAT_NCB * I * NR));  // G rows: [pp][i][NR]
+    AlignedBuffer rowbuf(static_cast<std::size_t>(group * MAT_NCB * I * NR));  // G rows: [m][pp][i][NR]
     AlignedBuffer abuf(static_cast<std::size_t>(I * MR));             // V rows o of MR queries: [i][MR]
     float* B = rowbuf.data();
     float* A = abuf.data();
@@ -194,20 +245,20 @@ static Status materialized_lanes(const float* v, index_t svq, index_t svo, index
       const index_t p0 = cb * MAT_NCB, np = std::min(MAT_NCB, n_panels - p0);
       const index_t qb0 = grp * n_qb / n_groups, qb1 = (grp + 1) * n_qb / n_groups;
       for (index_t o = 0; o < O; ++o) {
-        // Row o of G_n for the block's examples: Σ_t g[n,t,o] a[n,t,:], vectorised over examples.
-        for (index_t pp = 0; pp < np; ++pp) {
-          float* bd = B + pp * I * NR;
-          for (index_t t = 0; t < T; ++t) {
-            const float* ad = Ap + ((p0 + pp) * T + t) * I * NR;
-            const float* gt = Gp + ((p0 + pp) * T + t) * O * NR + o * NR;
-            vf gv[NV];
-            for (int w = 0; w < NV; ++w) gv[w] = loada(gt + w * VL);
-            for (index_t i = 0; i < I; ++i)
-              for (int w = 0; w < NV; ++w) {
-                vf* d = reinterpret_cast<vf*>(bd + i * NR + w * VL);
-                const vf x = gv[w] * loada(ad + i * NR + w * VL);
-                *d = t == 0 ? x : *d + x;
-              }
+        // Rows o.. o + group - 1 of G_n for the block's examples, when o starts a group: Σ_t g[n,t,o] a[n,t,:],
+        // vectorised over examples. Row o of panel pp is at B + ((o % group) · np + pp) · I · NR.
+        const index_t grow = (o % group) * np * I * NR;
+        if (o % group == 0) {
+          const index_t mo = std::min<index_t>(group, O - o);
+          for (index_t pp = 0; pp < np; ++pp) {
+            const float* ad = Ap + (p0 + pp) * T * I * NR;              // [i][t][NR]
+            const float* gt = Gp + ((p0 + pp) * O + o) * T * NR;        // [o][t][NR] from row o
+            float* dst = B + pp * I * NR;
+            if (mo == LANES_MO && group == LANES_MO) {
+              form_rows<LANES_MO>(T, I, ad, gt, dst, np * I * NR);
+            } else {
+              for (index_t m = 0; m < mo; ++m) form_rows<1>(T, I, ad, gt + m * T * NR, dst + m * np * I * NR, 0);
+            }
           }
         }
         for (index_t qb = qb0; qb < qb1; ++qb) {
@@ -222,7 +273,7 @@ static Status materialized_lanes(const float* v, index_t svq, index_t svo, index
               for (int m = 0; m < MR; ++m)
                 for (int w = 0; w < NV; ++w) acc[m][w] = loada(c + m * NR + w * VL);
             }
-            gemm_tile<MR>(I, A, B + pp * I * NR, acc);
+            gemm_tile<MR>(I, A, B + grow + pp * I * NR, acc);
             for (int m = 0; m < MR; ++m)
               for (int w = 0; w < NV; ++w) *reinterpret_cast<vf*>(c + m * NR + w * VL) = acc[m][w];
           }

@@ -84,8 +84,10 @@ def test_score_pairwise_deterministic(backend):
     (5, 37, 4, 25, 32, "contiguous"),     # rows read in place; a partial block of 12 rows of g
     (13, 40, 3, 30, 1024, "contiguous"),  # G rows formed and contracted in several chunks of o
     (6, 19, 5, 14, 48, "strided"),        # non-contiguous V, a and g: packed copies
-    (40, 33, 2, 300, 200, "contiguous"),  # V of 9.6 MB and 4T < Q: the "lanes" layout
-], ids=["in-place", "o-chunks", "strided", "lanes"])
+    (40, 33, 2, 300, 200, "contiguous"),  # V of 9.6 MB and 4T < Q: the "lanes" layout, one G row at a time
+    (40, 33, 8, 301, 201, "contiguous"),  # lanes, T >= 8: G rows formed in groups (the last partial), odd I
+    (40, 37, 9, 299, 203, "strided"),     # the same from strided inputs
+], ids=["in-place", "o-chunks", "strided", "lanes", "lanes-row-groups", "lanes-row-groups-strided"])
 def test_score_pairwise_cpu_materialized_layouts(q, n, t, o, i, layout):
     """The materialised kernel's paths ("rows" layout: in-place rows, padded copies, several row chunks
     per block; the "lanes" layout for a large V and few tokens):
