@@ -114,8 +114,8 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 // memory: Q·N·O·I + T·N·O·I flops instead of the token-wise Q·N·T·O·I. Two layouts, by T:
 //
 // * "lanes": examples along the vector lanes. One row o of G for a block of
-//   panels is formed in cache (T·I per example; from 8 tokens on LANES_MO rows per read of a, the tokens summed
-//   in registers) and contracted with MR queries at a time by the
+//   panels is formed in cache (T·I per example, the tokens summed in registers; from 8 tokens on, LANES_MO rows
+//   per read of a) and contracted with MR queries at a time by the
 //   broadcast micro-kernel, V packed per (row, query block): near peak when Q·O·I is large (the
 //   MLP's SOURCE segments: T = 2, Q = 200, O·I = 400k).
 // * "rows": a task owns a block of examples; each example's G rows are formed
