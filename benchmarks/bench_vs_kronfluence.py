@@ -38,7 +38,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -298,14 +297,9 @@ def _versions():
         kf = version("kronfluence")
     except Exception:
         kf = "not installed"
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    import _harness as H
+
+    cpu = f"{H.cpu_model()} ({H.cpu_family_model()})"  # two generations both report "AMD EPYC" here
     return {"torch_version": torch.__version__, "kronfluence_version": kf, "cpu_model": cpu,
             "source_fast_commit": _process.git_commit()}
 
