@@ -228,8 +228,8 @@ def cpu_model() -> str:
 
 
 def cpu_family_model() -> str:
-    """"family F model M" from /proc/cpuinfo: virtual machines often report only "AMD EPYC", and two generations
-    behind that name differ twice in AVX-512 throughput (the compiled GEMM against MKL's AVX2 path)."""
+    """The CPU's "family F model M" from /proc/cpuinfo: virtual machines often report only "AMD EPYC", and two
+    generations behind that name differ by 2x in AVX-512 throughput (the compiled GEMM against MKL's AVX2 path)."""
     found = {}
     try:
         with open("/proc/cpuinfo") as f:
