@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -216,6 +217,7 @@ def sync(device: torch.device) -> None:
 
 
 # -------------------------------------------------------------------------------- environment
+@functools.lru_cache(maxsize=None)
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -227,6 +229,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: every CPU row's note carries it
 def cpu_family_model() -> str:
     """The CPU's "family F model M" from /proc/cpuinfo: virtual machines often report only "AMD EPYC", and two
     generations behind that name differ by 2x in AVX-512 throughput (the compiled GEMM against MKL's AVX2 path)."""

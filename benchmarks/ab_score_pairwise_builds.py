@@ -12,7 +12,7 @@ two benchmark runs minutes apart cannot tell them apart. Loading both builds of 
         --tokens 2,4,16
 
 Prints, per token count, each build's median time over --repeats alternating runs, the speed-up against the first
-build and each build's error against a float64 einsum. Kernel: score_pairwise_materialized_cpu (--kernel
+build and each build's error against the float64 reference. Kernel: score_pairwise_materialized_cpu (--kernel
 score_pairwise_cpu for the token-wise one).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import importlib.util
 import time
 
 import torch
+
+from source_fast.reference import score_pairwise_ref
 
 
 def load(path: str, tag: str):
@@ -63,7 +65,7 @@ def main() -> None:
                 start = time.perf_counter()
                 run(k)
                 times[k].append(time.perf_counter() - start)
-        want = torch.einsum("qoi,nto,nti->qn", v.double(), g.double(), a.double())
+        want = score_pairwise_ref(v, a, g)  # float64
         base = sorted(times[next(iter(builds))])[args.repeats // 2]
         cells = []
         for k, ts in times.items():

@@ -254,7 +254,7 @@ static Status materialized_lanes(const float* v, index_t svq, index_t svo, index
             const float* ad = Ap + (p0 + pp) * T * I * NR;              // [i][t][NR]
             const float* gt = Gp + ((p0 + pp) * O + o) * T * NR;        // [o][t][NR] from row o
             float* dst = B + pp * I * NR;
-            if (mo == LANES_MO && group == LANES_MO) {
+            if (mo == LANES_MO) {  // a whole group (mo <= group)
               form_rows<LANES_MO>(T, I, ad, gt, dst, np * I * NR);
             } else {
               for (index_t m = 0; m < mo; ++m) form_rows<1>(T, I, ad, gt + m * T * NR, dst + m * np * I * NR, 0);
