@@ -226,6 +226,15 @@ def queries_innermost_empty(q: int, o: int, i: int, *, dtype: torch.dtype, devic
     return buf[..., :q].permute(2, 0, 1)
 
 
+def zero_query_padding(v: torch.Tensor) -> torch.Tensor:
+    """v (a `queries_innermost_empty` view, e.g. handed back for reuse) with its padding lanes set to zero."""
+    q, o, i = v.shape
+    qs = v.stride(2)
+    if qs > q:
+        torch.as_strided(v, (o, i, qs - q), (v.stride(1), qs, 1), v.storage_offset() + q).zero_()
+    return v
+
+
 def is_queries_innermost(v: torch.Tensor) -> bool:
     """Whether v [Q, O, I] is already laid out as `queries_innermost_empty` makes it (rows readable up to
     their padded width)."""

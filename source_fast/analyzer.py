@@ -13,7 +13,7 @@ Passes over the training data (each with a progress bar): per fitted checkpoint 
 covariances and one for the eigenvalue correction (the first one's rows replace the second within
 SOURCE_FAST_ROW_CACHE_MIB); per scored checkpoint one scoring pass for all queries at once. SOURCE's
 pairwise_scores without a prior fit() needs no scoring passes: segments are fitted last to first and
-scored from the covariance passes' rows (`_one_pass_pairwise`; needs Task.compute_train_loss_pair for
+scored from the covariance passes' rows (`_segment_major_pairwise`; needs Task.compute_train_loss_pair for
 the sampled Fisher). Per-example gradients exist only for one batch at a time.
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated
 log = logging.getLogger("source_fast")
 
 METHODS = ("source", "fast_source", "influence", "tracin", "gradient_dot")
+# Scoring segment by segment holds the [Q, N] running sum on the device; above this, block by block.
+SEGMENT_MAJOR_MAX_SCORE_BYTES = 1 << 30
 
 
 class Unit:
@@ -391,7 +393,7 @@ class SourceAnalyzer:
         eigen-correction pass. The two passes of a unit draw the same batches with the same label seeds,
         so rows kept from the first (within SOURCE_FAST_ROW_CACHE_MIB) replace the second's forward and
         backward. kept_for_scoring: also keep the covariance passes' true-label rows there (same
-        budget), for scoring this segment without another pass (`_one_pass_pairwise`)."""
+        budget), for scoring this segment without another pass (`_segment_major_pairwise`)."""
         dt = self.compute_dtype
         # Each segment's curvature comes from its stage's data; the influence function (one segment over
         # the whole run) uses every training example.
@@ -631,7 +633,7 @@ class SourceAnalyzer:
 
         Called before fit() on a SOURCE analyzer (SGD, no per-stage example sets) whose task defines
         ``compute_train_loss_pair`` (or with fisher="empirical"), it fits and scores in one pass per
-        checkpoint instead of two (`_one_pass_pairwise`; resumable per segment). Why it did not is
+        checkpoint instead of two (`_segment_major_pairwise`; resumable per segment). Why it did not is
         logged at INFO level."""
         n_query = self._check_dataset(query_dataset, "query_dataset")
         n_train = self._check_dataset(train_dataset, "train_dataset")
@@ -641,12 +643,18 @@ class SourceAnalyzer:
         if self.score_dtype is not None:  # only when set: stores written before the option still resume
             config["score_dtype"] = str(self.score_dtype)
         store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
-        if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _one_pass_pairwise)
+        if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _segment_major_pairwise)
             reason = self._one_pass_reason(n_train, store)
             if reason is None:
-                return self._one_pass_pairwise(query_dataset, train_dataset, n_query, n_train, store, config)
+                return self._segment_major_pairwise(query_dataset, train_dataset, n_query, n_train, store, config,
+                                                    fit=True)
             log.info("source_fast: fit and scoring make separate passes: %s", reason)
         n_fit, stage_sizes = self._ensure_fit(train_dataset)
+        reason = self._segment_major_reason(n_query, n_train, store)
+        if reason is None:
+            return self._segment_major_pairwise(query_dataset, train_dataset, n_query, n_train, store, config,
+                                                fit=False)
+        log.debug("source_fast: pairwise scores block by block: %s", reason)
         pending = range(self._num_blocks(n_train)) if store is None else store.pending()
         for b, block in self._pairwise_blocks(query_dataset, train_dataset, pending, n_fit, stage_sizes):
             self._emit(store, b, block)
@@ -674,37 +682,66 @@ class SourceAnalyzer:
     def _partial_path(self):
         return self._path("scores", f"pairwise_{self.method}.partial.safetensors")
 
-    def _one_pass_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store,
-                           score_config: dict) -> torch.Tensor:
-        """SOURCE with one training pass per checkpoint: segments are fitted last to first, and each is
-        scored right after its fit, against the true-label rows kept from its covariance passes (the
-        same forward as the sampled-label rows: `Task.compute_train_loss_pair`). The query walk follows
-        segment by segment (`SegmentByStepWalk`). Same scores as fit() then pairwise_scores() up to the
-        order in which segments are summed; a segment whose rows exceed SOURCE_FAST_ROW_CACHE_MIB (or
-        whose factors were stored by an interrupted run) is scored by its own pass, as there.
+    def _segment_major_reason(self, n_query: int, n_train: int, store) -> str | None:
+        """Why pairwise_scores after fit() scores block by block instead of segment by segment (None: it does not)."""
+        if self.method not in ("source", "fast_source"):
+            return f"method {self.method!r} has no walk over segments"
+        if self.run.optimizer == "adam":
+            return "the Adam walk leaves the eigenbases"
+        nbytes = n_query * n_train * torch.empty((), dtype=self.compute_dtype).element_size()
+        if nbytes > SEGMENT_MAJOR_MAX_SCORE_BYTES:
+            return (f"the running score sum ({nbytes >> 20} MiB) would exceed "
+                    f"{SEGMENT_MAJOR_MAX_SCORE_BYTES >> 20} MiB on {self.device}")
+        if store is not None and len(store.pending()) != self._num_blocks(n_train) \
+                and not self._partial_path().exists():
+            return "resuming score blocks stored block by block"
+        return None
+
+    def _partial_path(self):
+        return self._path("scores", f"pairwise_{self.method}.partial.safetensors")
+
+    def _segment_major_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store,
+                                score_config: dict, *, fit: bool) -> torch.Tensor:
+        """SOURCE's pairwise scores one segment at a time, last to first: the query walk goes one step
+        (`SegmentByStepWalk`), the segment's W_ℓ scores every training example into a running sum and is
+        released (its buffers recycled for W_ℓ₋₁), so one W is held instead of L (on the MLP benchmark
+        0.9 GB of 2.1, and the first touch of those pages). Same scores as the block-by-block schedule
+        up to the order in which segments are summed.
+
+        fit=True (pairwise_scores before fit(), `_one_pass_reason`): each segment is fitted right before
+        it is scored, and scored from the true-label rows kept by its covariance passes (the same forward as
+        the sampled-label rows: `Task.compute_train_loss_pair`): one training pass per checkpoint. A segment
+        whose rows exceed SOURCE_FAST_ROW_CACHE_MIB (or whose factors were stored by an interrupted run) is
+        scored by its own pass. fit=False: the fitted blocks, a scoring pass per checkpoint.
 
         With an output_dir, the running sum over finished segments is stored after each segment
         (scores/pairwise_<method>.partial.safetensors), so an interrupted run resumes without
         recomputing them."""
         units, segments = self._units(), self._segments()
-        config = self._factor_config(n_train)
-        stage_sizes = self._stage_sizes(n_train)
         operators = self._operators()
         partial_path = self._partial_path()
         scores, done = self._load_partial(partial_path, score_config, (n_query, n_train))
-        blocks: list[dict[str, EKFACBlock] | None] = [None] * len(segments)
-        if len(done) == len(segments):  # killed while writing the score blocks: the sum is complete
-            blocks = self._load_segment_blocks(config) or blocks
+        if fit:
+            config = self._factor_config(n_train)
+            stage_sizes = self._stage_sizes(n_train)
+            blocks: list[dict[str, EKFACBlock] | None] = [None] * len(segments)
+            if len(done) == len(segments):  # killed while writing the score blocks: the sum is complete
+                blocks = self._load_segment_blocks(config) or blocks
+        else:
+            stage_sizes = self._stage_sizes(self._n_fit)
+            blocks = list(self.blocks)
         sparse_ok = self._sparse_kernel_usable()
         with self._session():
             walk = None
             for seg in reversed(range(len(segments))):
-                if blocks[seg] is not None:
-                    continue
+                if len(done) == len(segments) and all(b is not None for b in blocks):
+                    break  # nothing left to fit or score
                 members = [u for u in units if u.segment == seg]
-                limit = _config.row_cache_bytes()
-                kept = None if seg in done else RowCache(RowBudget(limit, per_unit=limit // len(members)))
-                blocks[seg] = self._fit_segment(train_dataset, seg, units, config, kept)
+                kept = None
+                if fit:
+                    limit = _config.row_cache_bytes()
+                    kept = None if seg in done else RowCache(RowBudget(limit, per_unit=limit // len(members)))
+                    blocks[seg] = self._fit_segment(train_dataset, seg, units, config, kept)
                 if walk is None:
                     self._load(self._final_unit())
                     u_rot = self._query_grads(query_dataset, "query gradients", basis=blocks[seg])
@@ -713,18 +750,23 @@ class SourceAnalyzer:
                 output_side = self._output_side_layers(walk.current, len(members), n_train, sparse_ok)
                 w = walk.step(seg, blocks[seg], operators[seg], queries_innermost=output_side)
                 if seg in done:
+                    walk.recycle(w)
                     continue
-                weight = 1.0 / len(members) / stage_sizes[segments[seg][2]] * self.run.loss_scale  # as _score_plan
-                group = self._prepared(self._cheaper_rotation((members, w, weight, None, blocks[seg]), n_train))
+                stage = segments[seg][2]
+                weight = 1.0 / len(members) / stage_sizes[stage] * self.run.loss_scale  # as _score_plan
+                group = self._prepared(self._cheaper_rotation((members, w, weight, stage, blocks[seg]), n_train))
                 del w
                 items = self._segment_rows(members, kept, group[4], train_dataset, seg)
                 self._score_group_into(scores, 0, group, items, n_train)
+                walk.recycle(group[1])
                 del group, items
-                kept.clear()
+                if kept is not None:
+                    kept.clear()
                 done.add(seg)
                 if partial_path is not None:
                     io.save_tensors(partial_path, {"scores": scores}, score_config, segments_done=sorted(done))
-        self.blocks, self._n_fit = blocks, n_train
+        if fit:
+            self.blocks, self._n_fit = blocks, n_train
         if self.check_finite and not bool(torch.isfinite(scores).all()):
             raise FloatingPointError("pairwise scores are non-finite: non-finite training gradients? pass "
                                      "check_finite=False to propagate")
@@ -751,11 +793,11 @@ class SourceAnalyzer:
     def _segment_rows(self, members, kept, basis, train_dataset, seg):
         """Scoring items of one segment, in `_stacked_rows`' order: the batches kept by every member's
         covariance pass (a common prefix), then a pass of its own over the rest (none when all were kept;
-        all of them when the budget kept nothing or the factors were loaded)."""
+        all of them when the budget kept nothing, the factors were loaded, or kept is None: after fit())."""
         n = len(train_dataset)
-        batches = kept.common_prefix([u.uid for u in members])
+        batches = kept.common_prefix([u.uid for u in members]) if kept is not None else 0
         start = min(n, batches * self.batch_size)
-        if start < n:
+        if start < n and kept is not None:
             log.info("source_fast: segment %d: %d of %d training examples' rows kept (SOURCE_FAST_ROW_CACHE_MIB); "
                      "the rest scored by a pass of its own", seg, start, n)
         rest = Subset(train_dataset, range(start, n))
@@ -775,6 +817,8 @@ class SourceAnalyzer:
 
     def _kept_rows(self, members, kept, basis, batches):
         """`_stacked_rows` from the first `batches` batches kept by the covariance passes (released as used)."""
+        if batches == 0:  # kept may be None (no rows were kept: scoring after fit())
+            return
         offset = 0
         for parts in itertools.islice(zip(*(kept.take(unit.uid) for unit in members)), batches):
             yield offset, parts[0][0], member_lists([self._in_basis(rows, basis) for _, rows in parts])

@@ -11,7 +11,7 @@ E = exp(−c p̄ ⊙ diag H̄) elementwise in parameter space,
 """
 from __future__ import annotations
 
-from typing import Container, Sequence
+from typing import Container, Mapping, Sequence
 
 import torch
 
@@ -128,12 +128,16 @@ def _cross_basis(src: EKFACBlock, dst: EKFACBlock, dtype: torch.dtype) -> tuple[
     return (dst.q_s.T @ src.q_s).to(dtype), (src.q_a.T @ dst.q_a).to(dtype)
 
 
-def _accumulation_term(current: torch.Tensor, r: torch.Tensor, *, queries_innermost: bool, last_use: bool
-                       ) -> torch.Tensor:
-    """W = r(Λ) ⊙ ũ: into a zero-padded queries-innermost buffer when asked, else over ũ at its last use,
-    else a new tensor."""
+def _accumulation_term(current: torch.Tensor, r: torch.Tensor, *, queries_innermost: bool, last_use: bool,
+                       reuse: torch.Tensor | None = None) -> torch.Tensor:
+    """W = r(Λ) ⊙ ũ: into a zero-padded queries-innermost buffer when asked (`reuse`, such a view of ũ's
+    shape that is no longer needed, if given), else over ũ at its last use, else a new tensor."""
     if queries_innermost:
-        w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
+        if reuse is not None and reuse.shape == current.shape and reuse.dtype == current.dtype \
+                and reuse.device == current.device and _extension.is_queries_innermost(reuse):
+            w = _extension.zero_query_padding(reuse)
+        else:
+            w = _extension.queries_innermost_empty(*current.shape, dtype=current.dtype, device=current.device)
         return torch.mul(current, r, out=w)
     return current.mul_(r) if last_use else r * current
 
@@ -178,12 +182,23 @@ class SegmentByStepWalk:
     schedule), so no W_ℓ of another segment is held meanwhile. Same products in the same order as
     `rotated_walk`, so the same W_ℓ bit for bit.
 
-    u_rot: per layer, the query directions rotated into the last segment's basis; consumed."""
+    u_rot: per layer, the query directions rotated into the last segment's basis; consumed.
+    A caller done with a step's W hands it back (`recycle`): the next step writes into those buffers, so
+    a walk over L segments allocates (and first-touches) one W per layer, not L."""
 
     def __init__(self, u_rot: LayerTensors, dtype: torch.dtype):
         self.current, self.dtype = dict(u_rot), dtype
         self._above: tuple[dict[str, EKFACBlock], dict[str, torch.Tensor]] | None = None
         self._next_segment: int | None = None
+        self._spare: LayerTensors = {}  # W buffers handed back by `recycle`
+        self._scratch: LayerTensors = {}  # the cross-basis products' chunk buffers, one per layer
+
+    def recycle(self, w: Mapping[str, object]) -> None:
+        """Hand back W tensors of an earlier step that nothing uses any more (views sharing their storage
+        included, e.g. the output-side product written over W): queries-innermost ones are reused."""
+        for name, x in w.items():
+            if isinstance(x, torch.Tensor) and _extension.is_queries_innermost(x):
+                self._spare[name] = x
 
     def step(self, seg: int, blocks: dict[str, EKFACBlock], operators: tuple[spectral.Spectral, spectral.Spectral],
              *, queries_innermost: Container[str] = ()) -> LayerTensors:
@@ -196,10 +211,14 @@ class SegmentByStepWalk:
         for name, current in self.current.items():
             if self._above is not None:  # bring ũ from the segment above into this one's basis
                 above, s_above = self._above
+                scratch = workspace_buffer(self._scratch, name, (_two_sided_chunk(current), *current.shape[1:]),
+                                           dtype=current.dtype, device=current.device)
                 current = self.current[name] = _two_sided_(current.mul_(s_above[name]),
-                                                           *_cross_basis(above[name], blocks[name], self.dtype))
+                                                           *_cross_basis(above[name], blocks[name], self.dtype),
+                                                           scratch=scratch)
             out[name] = _accumulation_term(current, spectral.evaluate(r, blocks[name].lam.to(self.dtype)),
-                                           queries_innermost=name in queries_innermost, last_use=seg == 0)
+                                           queries_innermost=name in queries_innermost, last_use=seg == 0,
+                                           reuse=self._spare.pop(name, None))
         self._above = (blocks, {name: spectral.evaluate(s, b.lam.to(self.dtype)) for name, b in blocks.items()
                                 if name in self.current})
         self._next_segment = seg - 1

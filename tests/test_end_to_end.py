@@ -1,4 +1,6 @@
 """The whole pipeline against the dense float64 oracle, and the §5 invariances at pipeline level."""
+import logging
+
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -57,6 +59,30 @@ def test_mlp_matches_dense_oracle_float64(mlp_run, monkeypatch, method, rotate):
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
     assert scores.dtype == torch.float64
+    assert _rel(scores, oracle) <= 1e-6
+
+
+@pytest.mark.parametrize("rotate", ["cost-model", "output"])
+@pytest.mark.parametrize("schedule", ["one-pass", "segment-by-segment", "block-by-block"])
+def test_source_scoring_schedules_match_dense_oracle_float64(mlp_run, monkeypatch, caplog, schedule, rotate):
+    """pairwise_scores before fit() (each segment fitted, then scored), after fit() (one segment at a time
+    over all examples, one W_ℓ held) and block by block (every W_ℓ held; top_k's schedule, and
+    pairwise_scores' when the running score sum would be too large): all equal the oracle."""
+    from source_fast import analyzer as analyzer_module
+
+    _force_rotation(monkeypatch, rotate)
+    if schedule == "block-by-block":
+        monkeypatch.setattr(analyzer_module, "SEGMENT_MAJOR_MAX_SCORE_BYTES", 0)
+    model, data, run = mlp_run
+    queries = Subset(data, range(5))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, score_block=14,
+                                 progress=False)
+    if schedule != "one-pass":
+        analyzer.fit(data)
+    with caplog.at_level(logging.DEBUG, logger="source_fast"):
+        scores = analyzer.pairwise_scores(queries, data)
+    assert ("pairwise scores block by block: the running score sum" in caplog.text) == (schedule == "block-by-block")
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
     assert _rel(scores, oracle) <= 1e-6
 
 
@@ -259,9 +285,15 @@ def _force_rotation(monkeypatch, rotate):
 
 
 @pytest.mark.parametrize("rotate", ["cost-model", "output"])
-def test_multi_stage_matches_oracle_and_masks_other_stages(monkeypatch, rotate):
-    """("output": every direction written by the walk in the queries-innermost layout and rotated in place.)"""
+@pytest.mark.parametrize("schedule", ["segment-by-segment", "block-by-block"])
+def test_multi_stage_matches_oracle_and_masks_other_stages(monkeypatch, rotate, schedule):
+    """("output": every direction written by the walk in the queries-innermost layout and rotated in place.
+    Scored one segment at a time over all examples, or block by block: both apply the stage masks.)"""
+    from source_fast import analyzer as analyzer_module
+
     _force_rotation(monkeypatch, rotate)
+    if schedule == "block-by-block":
+        monkeypatch.setattr(analyzer_module, "SEGMENT_MAJOR_MAX_SCORE_BYTES", 0)
     data = classification_data(n=20)
     model = mlp()
     ckpts, steps, lrs = _setup(model, data, steps=24, every=4, lr=0.3)
@@ -284,7 +316,8 @@ def test_multi_stage_matches_oracle_and_masks_other_stages(monkeypatch, rotate):
 
 @pytest.mark.parametrize("rotate", ["cost-model", "output"])
 def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run, monkeypatch, rotate):
-    """(Several training blocks: directions rotated in place once are reused by every block.)"""
+    """(Several training blocks: directions rotated in place once are reused by every block.) pairwise_scores
+    sums the segments one at a time over all examples, top_k block by block: equal up to rounding."""
     _force_rotation(monkeypatch, rotate)
     model, data, run = mlp_run
     queries = Subset(data, range(4))
@@ -293,7 +326,8 @@ def test_streaming_top_k_equals_topk_of_full_matrix(mlp_run, monkeypatch, rotate
     for largest in (True, False):
         values, indices = analyzer.top_k(queries, data, 6, largest=largest)
         want = torch.topk(full, 6, dim=1, largest=largest)
-        assert torch.equal(indices, want.indices) and torch.allclose(values, want.values, rtol=0, atol=0)
+        assert torch.equal(indices, want.indices)
+        assert torch.allclose(values, want.values, rtol=1e-12, atol=1e-15 * full.abs().max().item())
     with pytest.raises(ValueError, match="k must be an integer in"):
         analyzer.top_k(queries, data, 0)
 

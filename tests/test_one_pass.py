@@ -189,6 +189,69 @@ def test_segment_by_step_walk_is_rotated_walk_bit_for_bit(dtype):
         skipping.step(0, blocks[0], operators[0])
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_segment_by_step_walk_writes_into_recycled_buffers(dtype):
+    """W handed back after use is where the next step writes (one buffer per layer over the whole walk), with
+    its padding lanes zeroed again, and the values stay rotated_walk's bit for bit."""
+    from source_fast import _extension
+    from test_source_math import _random_block
+
+    blocks = [{"w": _random_block(5, 7, seed=s, dtype=dtype), "v": _random_block(3, 4, seed=10 + s, dtype=dtype)}
+              for s in range(3)]
+    operators = [source_operators(c) for c in (0.3, 1.1, 0.7)]
+    u = {"w": torch.randn(6, 5, 7, dtype=dtype), "v": torch.randn(6, 3, 4, dtype=dtype)}
+    every = {(seg, "w") for seg in range(3)}
+    want = rotated_walk({k: x.clone() for k, x in u.items()}, blocks, operators,
+                        plan=WalkPlan(blocks, operators, dtype), queries_innermost=every)
+    walk = SegmentByStepWalk({k: x.clone() for k, x in u.items()}, dtype)
+    first = None
+    for seg in (2, 1, 0):
+        got = walk.step(seg, blocks[seg], operators[seg], queries_innermost={"w"})
+        assert _extension.is_queries_innermost(got["w"])
+        assert first is None or got["w"].data_ptr() == first
+        first = got["w"].data_ptr()
+        for name in u:
+            assert torch.equal(got[name], want[seg][name]), (seg, name)
+        padded = torch.as_strided(got["w"], (5, 7, got["w"].stride(2)), (got["w"].stride(1), got["w"].stride(2), 1))
+        assert not padded[..., 6:].any()
+        padded.fill_(float("nan"))  # what the caller leaves in it, padding included
+        walk.recycle(got)  # the [Q, O, I] "v" is not in that layout: dropped, not reused
+
+
+def test_interrupted_scoring_after_fit_resumes_from_finished_segments(run3, tmp_path):
+    """After fit(), segments are scored one at a time and the running sum stored after each: a run killed
+    while scoring the second segment resumes from the first one's share, bitwise the uninterrupted scores."""
+    model, data, run = run3
+    reference, _, _ = _scores(model, data, run, task=ClassificationTask(), fit_first=True,
+                              output_dir=tmp_path / "ref")
+    out = tmp_path / "run"
+    ckpts, steps, lrs = run
+    sf.SourceAnalyzer(model, ClassificationTask(), sf.TrainingRun(ckpts, steps, lr=lrs, momentum=0.5, num_segments=3),
+                      batch_size=7, progress=False, output_dir=out).fit(data)
+
+    class Interrupt(Exception):
+        pass
+
+    class Dying(ClassificationTask):
+        calls = 0
+
+        def compute_train_loss(self, batch, model, sample=False):
+            Dying.calls += 1
+            if Dying.calls > 2 * BATCHES + 1:  # segment 2's two checkpoints scored, then one batch of segment 1
+                raise Interrupt
+            return super().compute_train_loss(batch, model, sample=sample)
+
+    with pytest.raises(Interrupt):
+        _scores(model, data, run, task=Dying(), fit_first=True, output_dir=out)
+    partial = out / "scores" / "pairwise_source.partial.safetensors"
+    _, meta = io.load_tensors(partial)
+    assert meta["info"]["segments_done"] == [2]
+    resumed, forwards, _ = _scores(model, data, run, task=ClassificationTask(), fit_first=True, output_dir=out)
+    assert torch.equal(resumed, reference)
+    assert forwards == 4 * BATCHES + QUERY_BATCHES  # segments 1 and 0 only; nothing refitted
+    assert not partial.exists()
+
+
 def test_killed_while_writing_score_blocks_finishes_from_the_stored_sum(run3, tmp_path, monkeypatch):
     """All segments scored, the run dies after the first of several score blocks: the rerun writes the
     remaining blocks from the stored sum, with no pass over any data."""
