@@ -697,9 +697,6 @@ class SourceAnalyzer:
             return "resuming score blocks stored block by block"
         return None
 
-    def _partial_path(self):
-        return self._path("scores", f"pairwise_{self.method}.partial.safetensors")
-
     def _segment_major_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store,
                                 score_config: dict, *, fit: bool) -> torch.Tensor:
         """SOURCE's pairwise scores one segment at a time, last to first: the query walk goes one step
