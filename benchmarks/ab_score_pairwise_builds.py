@@ -13,24 +13,17 @@ two benchmark runs minutes apart cannot tell them apart. Loading both builds of 
 
 Prints, per token count, each build's median time over --repeats alternating runs, the speed-up against the first
 build and each build's error against the float64 reference. Kernel: score_pairwise_materialized_cpu (--kernel
-score_pairwise_cpu for the token-wise one).
+score_pairwise_cpu for the token-wise one). `ab_builds.py` compares builds on every C++ op through the dispatch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 
 import torch
+from ab_builds import load
 
 from source_fast.reference import score_pairwise_ref
-
-
-def load(path: str, tag: str):
-    spec = importlib.util.spec_from_file_location(f"ab_build_{tag}._C", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> None:

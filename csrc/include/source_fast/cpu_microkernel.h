@@ -19,6 +19,10 @@
 
 #include "source_fast/common.h"
 
+#if defined(__AVX__) || defined(__SSE__)
+#include <immintrin.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -47,7 +51,20 @@ typedef float vfu __attribute__((vector_size(VL * sizeof(float)), aligned(4), ma
 static inline vf loadu(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 static inline vf loada(const float* p) { return *reinterpret_cast<const vf*>(__builtin_assume_aligned(p, 64)); }
 static inline void storeu(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
-static inline vf splat(float x) { return vf{} + x; }
+// A broadcast, not `vf{} + x`: that adds +0.0 (which the compiler must keep, since -0.0 + 0.0 is +0.0), a
+// scalar add before every register broadcast on the FP pipes the FMAs need; the intrinsic is one broadcast
+// from memory, often folded into the FMA ({1to16}). (The sign of an exact zero can differ: nothing else.)
+static inline vf splat(float x) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_set1_ps(x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vf>(_mm256_set1_ps(x));
+#elif defined(__SSE__)
+  return reinterpret_cast<vf>(_mm_set1_ps(x));
+#else
+  return vf{} + x;
+#endif
+}
 static inline float hsum(vf v) {
   // Fixed pairwise order: deterministic.
   float buf[VL];
