@@ -88,29 +88,29 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    builds = {path: load(path, str(k)) for k, path in enumerate(args.builds)}
+    builds = {f"{k}:{path}": load(path, str(k)) for k, path in enumerate(args.builds)}  # a path may repeat
     original = sys.modules.get("source_fast._C")
     print(f"{args.threads} threads, median of {args.repeats} alternating runs; speed-up against {args.builds[0]}")
     try:
         for group, label, thunk in _cases(set(args.cases.split(","))):
-            times = {path: [] for path in builds}
+            times = {key: [] for key in builds}
             results = {}
-            for path, module in builds.items():  # warm-up (and the self-test of a first use)
+            for key, module in builds.items():  # warm-up (and the self-test of a first use)
                 sys.modules["source_fast._C"] = module
-                results[path] = thunk()
+                results[key] = thunk()
             for rep in range(args.repeats):
-                for path in (list(builds) if rep % 2 == 0 else list(builds)[::-1]):
-                    sys.modules["source_fast._C"] = builds[path]
+                for key in (list(builds) if rep % 2 == 0 else list(builds)[::-1]):
+                    sys.modules["source_fast._C"] = builds[key]
                     start = time.perf_counter()
                     thunk()
-                    times[path].append(time.perf_counter() - start)
-            base_path = args.builds[0]
-            base = sorted(times[base_path])[args.repeats // 2]
-            ref = results[base_path].double()
+                    times[key].append(time.perf_counter() - start)
+            base_key = next(iter(builds))
+            base = sorted(times[base_key])[args.repeats // 2]
+            ref = results[base_key].double()
             cells = []
-            for path, ts in times.items():
+            for key, ts in times.items():
                 med = sorted(ts)[args.repeats // 2]
-                diff = ((results[path].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                diff = ((results[key].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                 cells.append(f"{med * 1e3:8.2f} ms ({base / med:.2f}x, diff {diff:.0e})")
             print(f"{group:14s} {label:34s} " + " | ".join(cells), flush=True)
     finally:

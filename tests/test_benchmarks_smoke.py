@@ -89,3 +89,22 @@ def test_profile_pairwise_materialized_smoke():
     assert re.search(r"^PROFILE pairwise_materialized: rel_err \S+, by cuBLAS \S+, fused \S+ \(ok\)", proc.stdout,
                      re.M), proc.stdout
     assert "SMOKE" in proc.stdout and "chunk" in proc.stdout
+
+
+def test_ab_builds_compares_a_build_with_itself():
+    """The A/B script loads each build under its own name and swaps it in: the same build twice gives the same
+    results (diff 0) on every case of the chosen groups."""
+    import importlib
+
+    try:
+        so = Path(importlib.import_module("source_fast._C").__file__)
+    except ImportError as exc:
+        pytest.skip(f"compiled module not built: {exc}")
+    proc = subprocess.run([sys.executable, str(BENCH / "ab_builds.py"), str(so), str(so), "--cases",
+                           "covariance,lambda_accum", "--repeats", "1"], check=False, cwd=BENCH,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("covariance", "lambda_accum"))]
+    assert len(rows) == 4, out[-4000:]
+    assert all(line.count("diff 0e+00") == 2 for line in rows), out[-4000:]
