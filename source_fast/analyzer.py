@@ -629,7 +629,10 @@ class SourceAnalyzer:
         Training examples are processed in blocks of ``score_block`` examples; within a block every
         scored model state makes one pass, for all queries at once. With an output_dir, each finished
         block is flushed to ``scores/pairwise_<method>.npy`` before it is marked done, and a rerun with
-        the same configuration resumes from the finished blocks.
+        the same configuration resumes from the finished blocks. SOURCE on SGD runs instead scores one
+        segment at a time over all examples (one segment's directions held; resumable per segment through
+        ``scores/pairwise_<method>.partial.safetensors``) unless the running [n_query, n_train] sum would
+        exceed 1 GiB (`_segment_major_reason`, logged at DEBUG level).
 
         Called before fit() on a SOURCE analyzer (SGD, no per-stage example sets) whose task defines
         ``compute_train_loss_pair`` (or with fisher="empirical"), it fits and scores in one pass per
