@@ -72,7 +72,7 @@ def _cases(selected: set[str]):
         q, n, i, o = 200, 1024, 785, 512
         v = _extension.queries_innermost_empty(q, o, i, dtype=torch.float32, device=torch.device("cpu"))
         v.copy_(rand(q, o, i))
-        for t, sparse in ((1, False), (16, False), (2, True)):
+        for t, sparse in ((1, False), (16, False), (1, True), (2, True)):
             a, g = rand(n, t, i), rand(n, t, o)
             if sparse:  # ReLU-like: about half of g exactly zero, shared by the tokens (a segment's checkpoints)
                 g = g * (torch.rand(n, 1, o, generator=gen) < 0.5)

@@ -691,10 +691,18 @@ class SourceAnalyzer:
             return f"method {self.method!r} has no walk over segments"
         if self.run.optimizer == "adam":
             return "the Adam walk leaves the eigenbases"
-        nbytes = n_query * n_train * torch.empty((), dtype=self.compute_dtype).element_size()
+        element = torch.empty((), dtype=self.compute_dtype).element_size()
+        nbytes = n_query * n_train * element
         if nbytes > SEGMENT_MAJOR_MAX_SCORE_BYTES:
-            return (f"the running score sum ({nbytes >> 20} MiB) would exceed "
+            return (f"the running score sum ({nbytes / 2**20:.1f} MiB) would exceed "
                     f"{SEGMENT_MAJOR_MAX_SCORE_BYTES >> 20} MiB on {self.device}")
+        # Segment by segment holds the running sum (beside the returned matrix) instead of L − 1 more directions.
+        saved = (len(self.blocks) - 1) * n_query * element * sum(b.q_s.shape[0] * b.q_a.shape[0]
+                                                                 for b in self.blocks[0].values())
+        in_result = store is None and self.device.type == "cpu"  # then the sum is the returned matrix itself
+        if not in_result and nbytes >= saved:
+            return (f"the running score sum ({nbytes / 2**20:.1f} MiB) would outweigh the directions of the other "
+                    f"segments ({saved / 2**20:.1f} MiB)")
         if store is not None and len(store.pending()) != self._num_blocks(n_train) \
                 and not self._partial_path().exists():
             return "resuming score blocks stored block by block"
@@ -721,6 +729,8 @@ class SourceAnalyzer:
         operators = self._operators()
         partial_path = self._partial_path()
         scores, done = self._load_partial(partial_path, score_config, (n_query, n_train))
+        if store is None and scores.device == self._pending_result.device:  # summed in the returned matrix
+            scores = self._pending_result.zero_()
         if fit:
             config = self._factor_config(n_train)
             stage_sizes = self._stage_sizes(n_train)
@@ -770,9 +780,10 @@ class SourceAnalyzer:
         if self.check_finite and not bool(torch.isfinite(scores).all()):
             raise FloatingPointError("pairwise scores are non-finite: non-finite training gradients? pass "
                                      "check_finite=False to propagate")
-        for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
-            cols_b = self._block_columns(b, n_train)
-            self._emit(store, b, scores[:, cols_b[0]:cols_b[-1] + 1])
+        if scores is not self._pending_result:
+            for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
+                cols_b = self._block_columns(b, n_train)
+                self._emit(store, b, scores[:, cols_b[0]:cols_b[-1] + 1])
         result = self._result(store)
         if partial_path is not None and partial_path.exists():
             partial_path.unlink()

@@ -86,6 +86,29 @@ def test_source_scoring_schedules_match_dense_oracle_float64(mlp_run, monkeypatc
     assert _rel(scores, oracle) <= 1e-6
 
 
+def test_segment_by_segment_only_where_its_running_sum_is_the_smaller_hold(mlp_run):
+    """Scoring segment by segment holds a [Q, N] running sum instead of L − 1 segments' directions: chosen when
+    that sum is the returned matrix itself (no store, CPU) or smaller than those directions."""
+    model, data, run = mlp_run
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False)
+    analyzer.fit(data)
+    per_query = 8 * sum(b.q_s.shape[0] * b.q_a.shape[0] for b in analyzer.blocks[0].values())  # float64 bytes
+    directions = (len(analyzer.blocks) - 1) * per_query  # per query
+    n_small, n_large = directions // 8 - 1, directions // 8 + 1  # running sum just below / above them
+
+    class FreshStore:  # a score store with every block still to compute
+        def __init__(self, n):
+            self.n = n
+
+        def pending(self):
+            return list(range(analyzer._num_blocks(self.n)))
+
+    assert analyzer._segment_major_reason(5, n_small, None) is None
+    assert analyzer._segment_major_reason(5, n_large, None) is None  # the sum is the result: nothing held extra
+    assert analyzer._segment_major_reason(5, n_small, FreshStore(n_small)) is None
+    assert "would outweigh the directions" in analyzer._segment_major_reason(5, n_large, FreshStore(n_large))
+
+
 @pytest.mark.parametrize("stack", ["whole-block", "few-batches", "off"])
 def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatch, stack):
     """A segment's checkpoints are scored as one contraction (rows stacked along tokens) for as many whole
