@@ -248,6 +248,11 @@ def cpu_family_model() -> str:
     return f"family {found['cpu family']} model {found['model']}" if len(found) == 2 else "?"
 
 
+def cpu_description() -> str:
+    """"<model name> (family F model M)": the model name alone does not tell two EPYC generations apart."""
+    return f"{cpu_model()} ({cpu_family_model()})"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

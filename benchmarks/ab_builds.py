@@ -35,6 +35,20 @@ def load(path: str, tag: str):
     return module
 
 
+def alternate(keys, run, repeats: int) -> tuple[dict, dict]:
+    """(median seconds, warm-up result) per key of run(key): one warm-up call each, then `repeats` timed rounds
+    over the keys, every other round in reverse order (so neither build always runs first)."""
+    keys = list(keys)
+    results = {key: run(key) for key in keys}
+    times = {key: [] for key in keys}
+    for rep in range(repeats):
+        for key in (keys if rep % 2 == 0 else keys[::-1]):
+            start = time.perf_counter()
+            run(key)
+            times[key].append(time.perf_counter() - start)
+    return {key: sorted(ts)[repeats // 2] for key, ts in times.items()}, results
+
+
 def _cases(selected: set[str]):
     """Yield (group, label, thunk) per case; each thunk returns the op's result. Inputs are made per group, when
     it is reached (with every group's inputs allocated at once, the batched GEMMs ran several times slower
@@ -93,23 +107,15 @@ def main(argv=None) -> None:
     print(f"{args.threads} threads, median of {args.repeats} alternating runs; speed-up against {args.builds[0]}")
     try:
         for group, label, thunk in _cases(set(args.cases.split(","))):
-            times = {key: [] for key in builds}
-            results = {}
-            for key, module in builds.items():  # warm-up (and the self-test of a first use)
-                sys.modules["source_fast._C"] = module
-                results[key] = thunk()
-            for rep in range(args.repeats):
-                for key in (list(builds) if rep % 2 == 0 else list(builds)[::-1]):
-                    sys.modules["source_fast._C"] = builds[key]
-                    start = time.perf_counter()
-                    thunk()
-                    times[key].append(time.perf_counter() - start)
+            def run(key, thunk=thunk):  # the warm-up call also runs the dispatch's self-test of a first use
+                sys.modules["source_fast._C"] = builds[key]
+                return thunk()
+
+            medians, results = alternate(builds, run, args.repeats)
             base_key = next(iter(builds))
-            base = sorted(times[base_key])[args.repeats // 2]
-            ref = results[base_key].double()
+            base, ref = medians[base_key], results[base_key].double()
             cells = []
-            for key, ts in times.items():
-                med = sorted(ts)[args.repeats // 2]
+            for key, med in medians.items():
                 diff = ((results[key].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                 cells.append(f"{med * 1e3:8.2f} ms ({base / med:.2f}x, diff {diff:.0e})")
             print(f"{group:14s} {label:34s} " + " | ".join(cells), flush=True)

@@ -18,10 +18,9 @@ score_pairwise_cpu for the token-wise one). `ab_builds.py` compares builds on ev
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from ab_builds import load
+from ab_builds import alternate, load
 
 from source_fast.reference import score_pairwise_ref
 
@@ -50,19 +49,11 @@ def main() -> None:
                                             *g.stride(), 0, q, n, t, o, i, out.data_ptr(), *out.stride(), 0,
                                             args.threads)
 
-        times: dict[str, list[float]] = {k: [] for k in builds}
-        for k in builds:  # warm-up
-            run(k)
-        for rep in range(args.repeats):
-            for k in (list(builds) if rep % 2 == 0 else list(builds)[::-1]):
-                start = time.perf_counter()
-                run(k)
-                times[k].append(time.perf_counter() - start)
+        medians, _ = alternate(builds, run, args.repeats)
         want = score_pairwise_ref(v, a, g)  # float64
-        base = sorted(times[next(iter(builds))])[args.repeats // 2]
+        base = medians[next(iter(builds))]
         cells = []
-        for k, ts in times.items():
-            med = sorted(ts)[args.repeats // 2]
+        for k, med in medians.items():
             err = ((outs[k].double() - want).abs().max() / want.abs().max()).item()
             cells.append(f"{k.split(':', 1)[1]} {med * 1e3:.1f} ms ({base / med:.2f}x, err {err:.1e})")
         print(f"Q={q} N={n} T={t} I={i} O={o}, {args.threads} threads: " + " | ".join(cells))

@@ -516,7 +516,7 @@ def _versions(bergson_python: Path | None) -> dict:
 
     import _harness as H
 
-    cpu = f"{H.cpu_model()} ({H.cpu_family_model()})"  # two generations both report "AMD EPYC" here
+    cpu = H.cpu_description()
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "cpu_model": cpu, "source_fast_commit": _process.git_commit()}
 

@@ -299,7 +299,7 @@ def _versions():
         kf = "not installed"
     import _harness as H
 
-    cpu = f"{H.cpu_model()} ({H.cpu_family_model()})"  # two generations both report "AMD EPYC" here
+    cpu = H.cpu_description()
     return {"torch_version": torch.__version__, "kronfluence_version": kf, "cpu_model": cpu,
             "source_fast_commit": _process.git_commit()}
 

@@ -631,8 +631,8 @@ class SourceAnalyzer:
         block is flushed to ``scores/pairwise_<method>.npy`` before it is marked done, and a rerun with
         the same configuration resumes from the finished blocks. SOURCE on SGD runs instead scores one
         segment at a time over all examples (one segment's directions held; resumable per segment through
-        ``scores/pairwise_<method>.partial.safetensors``) unless the running [n_query, n_train] sum would
-        exceed 1 GiB (`_segment_major_reason`, logged at DEBUG level).
+        ``scores/pairwise_<method>.partial.safetensors``) unless holding the running [n_query, n_train] sum
+        would cost more (`_segment_major_reason`, logged at DEBUG level).
 
         Called before fit() on a SOURCE analyzer (SGD, no per-stage example sets) whose task defines
         ``compute_train_loss_pair`` (or with fisher="empirical"), it fits and scores in one pass per
@@ -691,7 +691,7 @@ class SourceAnalyzer:
             return f"method {self.method!r} has no walk over segments"
         if self.run.optimizer == "adam":
             return "the Adam walk leaves the eigenbases"
-        element = torch.empty((), dtype=self.compute_dtype).element_size()
+        element = self.compute_dtype.itemsize
         nbytes = n_query * n_train * element
         if nbytes > SEGMENT_MAJOR_MAX_SCORE_BYTES:
             return (f"the running score sum ({nbytes / 2**20:.1f} MiB) would exceed "
@@ -699,14 +699,17 @@ class SourceAnalyzer:
         # Segment by segment holds the running sum (beside the returned matrix) instead of L − 1 more directions.
         saved = (len(self.blocks) - 1) * n_query * element * sum(b.q_s.shape[0] * b.q_a.shape[0]
                                                                  for b in self.blocks[0].values())
-        in_result = store is None and self.device.type == "cpu"  # then the sum is the returned matrix itself
-        if not in_result and nbytes >= saved:
+        if not self._sums_in_result(store) and nbytes >= saved:
             return (f"the running score sum ({nbytes / 2**20:.1f} MiB) would outweigh the directions of the other "
                     f"segments ({saved / 2**20:.1f} MiB)")
         if store is not None and len(store.pending()) != self._num_blocks(n_train) \
                 and not self._partial_path().exists():
             return "resuming score blocks stored block by block"
         return None
+
+    def _sums_in_result(self, store) -> bool:
+        """Whether segment-by-segment scoring sums into the returned matrix itself (no store, scores on the CPU)."""
+        return store is None and self.device.type == "cpu"
 
     def _segment_major_pairwise(self, query_dataset, train_dataset, n_query: int, n_train: int, store,
                                 score_config: dict, *, fit: bool) -> torch.Tensor:
@@ -728,9 +731,10 @@ class SourceAnalyzer:
         units, segments = self._units(), self._segments()
         operators = self._operators()
         partial_path = self._partial_path()
-        scores, done = self._load_partial(partial_path, score_config, (n_query, n_train))
-        if store is None and scores.device == self._pending_result.device:  # summed in the returned matrix
-            scores = self._pending_result.zero_()
+        if self._sums_in_result(store):  # (no output_dir: nothing stored to resume from)
+            scores, done = self._pending_result.zero_(), set()
+        else:
+            scores, done = self._load_partial(partial_path, score_config, (n_query, n_train))
         if fit:
             config = self._factor_config(n_train)
             stage_sizes = self._stage_sizes(n_train)
@@ -741,11 +745,10 @@ class SourceAnalyzer:
             stage_sizes = self._stage_sizes(self._n_fit)
             blocks = list(self.blocks)
         sparse_ok = self._sparse_kernel_usable()
+        finished = len(done) == len(segments) and all(b is not None for b in blocks)  # nothing to fit or score
         with self._session():
             walk = None
-            for seg in reversed(range(len(segments))):
-                if len(done) == len(segments) and all(b is not None for b in blocks):
-                    break  # nothing left to fit or score
+            for seg in reversed(range(len(segments)) if not finished else ()):
                 members = [u for u in units if u.segment == seg]
                 kept = None
                 if fit:
