@@ -554,3 +554,28 @@ def gemm_cpu(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) 
                          b.stride(-1), out3.data_ptr(), out3.stride(0), out3.stride(1), out3.stride(2), m, n, k,
                          _threads())
     return out
+
+
+def rank_one_product_cpu(left: torch.Tensor, g: torch.Tensor, a: torch.Tensor, weight: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """left @ (weight ⊙ g[q] a[q]ᵀ) for every query, float32 CPU, as a [Q, P, I] view of a [P, I, Qs] buffer
+    (queries innermost, Qs = padded_queries(Q), padding lanes zero): the layout the sparse scoring kernel
+    reads. left [P, O], g [Q, O], a [Q, I], weight [O, I] or None (ones); any strides (csrc/rank_one_product).
+    `out`: such a view (e.g. `queries_innermost_empty(Q, P, I)`) written in place and returned."""
+    _require_f32(left=left, g=g, a=a, weight=weight)
+    if left.dim() != 2 or g.dim() != 2 or a.dim() != 2 or g.shape[0] != a.shape[0] or left.shape[1] != g.shape[1]:
+        raise ValueError(f"left, g, a: expected [P, O], [Q, O], [Q, I] with matching O and Q, got "
+                         f"{tuple(left.shape)}, {tuple(g.shape)}, {tuple(a.shape)}")
+    (p, o), (q, i) = left.shape, a.shape
+    if weight is not None and tuple(weight.shape) != (o, i):
+        raise ValueError(f"weight: expected shape [O, I] = [{o}, {i}], got {tuple(weight.shape)}")
+    if out is None:  # padding lanes left to the kernel, which zeroes them: pages first touched by its threads
+        out = torch.empty(p, i, padded_queries(q), dtype=_F32, device=left.device)[..., :q].permute(2, 0, 1)
+    elif tuple(out.shape) != (q, p, i) or out.dtype != _F32 or not is_queries_innermost(out):
+        raise ValueError(f"out: expected a float32 queries-innermost [Q, P, I] = [{q}, {p}, {i}] view "
+                         f"(queries_innermost_empty), got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    w_ptr, swo, swi = (0, 0, 0) if weight is None else (weight.data_ptr(), weight.stride(0), weight.stride(1))
+    _lib().rank_one_product_cpu(left.data_ptr(), left.stride(0), left.stride(1), g.data_ptr(), g.stride(0),
+                                g.stride(1), a.data_ptr(), a.stride(0), a.stride(1), w_ptr, swo, swi, p, q, o, i,
+                                out.data_ptr(), out.stride(1), out.stride(2), padded_queries(q), _threads())
+    return out

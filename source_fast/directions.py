@@ -8,11 +8,15 @@ its queries-innermost copy were the two largest allocations of an influence scor
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from . import _extension, _linalg
+from . import _config, _extension, _linalg
 
 _CHUNK_BYTES = 16 << 20  # one block of columns of the queries-innermost product (a reused heap block)
+_COMPILED_MIN_FLOPS = 4.0e6  # below this the compiled product's setup costs more than it saves
+_state: dict[str, object] = {}
 
 
 class RankOneDirections:
@@ -43,9 +47,13 @@ class RankOneDirections:
         return out if self.weight is None else out.mul_(self.weight)
 
     def left_product_queries_innermost(self, left: torch.Tensor) -> torch.Tensor:
-        """left @ W[q] for every query, like `left_product_queries_innermost(left, self.dense())`: each
-        block of columns of weight ⊙ (g aᵀ) is formed in a small scratch (queries innermost) and
-        multiplied straight into the result buffer."""
+        """left @ W[q] for every query, like `left_product_queries_innermost(left, self.dense())`.
+
+        On CPU in fp32, csrc/rank_one_product: g and a folded into the product's operands, the result written
+        straight into the queries-innermost layout. Otherwise each block of columns of weight ⊙ (g aᵀ) is
+        formed in a small scratch (queries innermost) and multiplied into the result buffer."""
+        if _compiled_rank_one_ok(left, self):
+            return _extension.rank_one_product_cpu(left.to(self.dtype), self.g, self.a, self.weight)
         q, o, i = self.shape
         qs = _extension.padded_queries(q)
         left = left.to(self.dtype)
@@ -94,3 +102,42 @@ def as_dense(v: torch.Tensor | RankOneDirections) -> torch.Tensor:
 
 def _columns_per_chunk(o: int, i: int, qs: int, element_size: int) -> int:
     return max(1, min(i, _CHUNK_BYTES // max(1, o * qs * element_size)))
+
+
+def _compiled_rank_one_ok(left: torch.Tensor, d: RankOneDirections) -> bool:
+    """Whether csrc/rank_one_product runs this product: fp32 CPU operands, no autograd, enough work, no other
+    backend forced, and the kernel agreed with the float64 reference on a tiny case on first use."""
+    tensors = (left, d.g, d.a) + (() if d.weight is None else (d.weight,))
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    q, o, i = d.shape
+    if 2.0 * left.shape[0] * q * o * i < _COMPILED_MIN_FLOPS or _config.backend_override() not in (None, "cpu"):
+        return False
+    if "ok" not in _state:
+        _state["ok"] = _self_test()
+    return bool(_state["ok"])
+
+
+def _self_test() -> bool:
+    from .reference import rank_one_product_ref
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(19, 23, generator=gen)
+    a, w = torch.randn(19, 37, generator=gen), torch.rand(23, 37, generator=gen)
+    left = torch.randn(29, 23, generator=gen)
+    try:
+        got = _extension.rank_one_product_cpu(left, g, a, w)
+    except ImportError:
+        return False
+    except Exception as exc:  # a broken build: fall back, say why
+        warnings.warn(f"source_fast: compiled rank_one_product disabled ({exc.__class__.__name__}: {exc}); "
+                      "using the torch product", RuntimeWarning, stacklevel=4)
+        return False
+    want = rank_one_product_ref(left, g, a, w)
+    if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+        warnings.warn("source_fast: compiled rank_one_product disagrees with the float64 reference on a tiny case; "
+                      "using the torch product", RuntimeWarning, stacklevel=4)
+        return False
+    return True

@@ -18,6 +18,7 @@
 #include "gemm/gemm.h"
 #include "kron_project/kron_project.h"
 #include "lambda_accum/lambda_accum.h"
+#include "rank_one_product/rank_one_product.h"
 #include "score_lowrank/score_lowrank.h"
 #include "score_pairwise/score_pairwise.h"
 #include "score_per_token/score_per_token.h"
@@ -176,6 +177,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("batch"), py::arg("a"), py::arg("sab"), py::arg("sam"), py::arg("sak"), py::arg("b"), py::arg("sbb"),
       py::arg("sbk"), py::arg("sbn"), py::arg("c"), py::arg("scb"), py::arg("scm"), py::arg("scn"), py::arg("M"),
       py::arg("N"), py::arg("K"), py::arg("num_threads"), "C[b] = A[b] @ B[b] (float32; batch stride 0 broadcasts).");
+
+  m.def(
+      "rank_one_product_cpu",
+      [](ptr_t l, index_t slp, index_t slo, ptr_t g, index_t sgq, index_t sgo, ptr_t a, index_t saq, index_t sai,
+         ptr_t w, index_t swo, index_t swi, index_t P, index_t Q, index_t O, index_t I, ptr_t out, index_t sop,
+         index_t soi, index_t qs, int num_threads) {
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::rank_one_product_cpu(as_ptr<const float>(l), slp, slo, as_ptr<const float>(g), sgq, sgo,
+                                       as_ptr<const float>(a), saq, sai, as_ptr<const float>(w), swo, swi, P, Q, O, I,
+                                       as_ptr<float>(out), sop, soi, qs, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("l"), py::arg("slp"), py::arg("slo"), py::arg("g"), py::arg("sgq"), py::arg("sgo"), py::arg("a"),
+      py::arg("saq"), py::arg("sai"), py::arg("w"), py::arg("swo"), py::arg("swi"), py::arg("P"), py::arg("Q"),
+      py::arg("O"), py::arg("I"), py::arg("out"), py::arg("sop"), py::arg("soi"), py::arg("qs"),
+      py::arg("num_threads"),
+      "out[p, i, q] = a[q,i] Σ_o L[p,o] g[q,o] w[o,i] (float32; queries innermost; w = 0: ones).");
 
   // The CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,

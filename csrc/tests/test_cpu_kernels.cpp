@@ -10,6 +10,7 @@
 
 #include "covariance/covariance.h"
 #include "lambda_accum/lambda_accum.h"
+#include "rank_one_product/rank_one_product.h"
 #include "score_pairwise/score_pairwise.h"
 #include "score_self/score_self.h"
 
@@ -175,6 +176,31 @@ void test_score_pairwise(index_t Q, index_t N, index_t T, index_t O, index_t I) 
   }
 }
 
+// out[p, i, q] = a[q,i] Σ_o L[p,o] g[q,o] w[o,i], queries innermost with qs padded lanes (zeroed); L column-major.
+void test_rank_one_product(index_t P, index_t Q, index_t O, index_t I) {
+  std::vector<float> L = randn(P * O), g = randn(Q * O), a = randn(Q * I), w = randn(O * I);
+  const index_t qs = (Q + 15) / 16 * 16;
+  std::vector<double> want(static_cast<std::size_t>(P * I * qs), 0.0);
+  for (index_t p = 0; p < P; ++p)
+    for (index_t i = 0; i < I; ++i)
+      for (index_t q = 0; q < Q; ++q) {
+        double s = 0;
+        for (index_t o = 0; o < O; ++o) s += static_cast<double>(L[o * P + p]) * g[q * O + o] * w[o * I + i];
+        want[(p * I + i) * qs + q] = s * a[q * I + i];
+      }
+  const std::string name = "rank_one_product P=" + std::to_string(P) + " Q=" + std::to_string(Q) +
+                           " O=" + std::to_string(O) + " I=" + std::to_string(I);
+  std::vector<float> out(want.size(), NAN), out1(want.size(), NAN);
+  expect_ok(sf::rank_one_product_cpu(L.data(), 1, P, g.data(), O, 1, a.data(), I, 1, w.data(), I, 1, P, Q, O, I,
+                                     out.data(), I * qs, qs, qs, 2),
+            name);
+  expect_close(out, want, 1e-5, name);
+  expect_ok(sf::rank_one_product_cpu(L.data(), 1, P, g.data(), O, 1, a.data(), I, 1, w.data(), I, 1, P, Q, O, I,
+                                     out1.data(), I * qs, qs, qs, 1),
+            name);
+  expect_equal(out, out1, name + " 1 thread == 2 threads (bitwise)");
+}
+
 void test_errors() {
   float x[4] = {0, 0, 0, 0};
   sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
@@ -214,6 +240,9 @@ int main() {
   test_score_pairwise(5, 70, 2, 7, 65);
   test_score_pairwise(4, 100, 2, 30, 170);  // multi-threaded
   test_score_pairwise(27, 300, 3, 9, 21);   // several query and column blocks
+  test_rank_one_product(1, 1, 1, 1);
+  test_rank_one_product(13, 17, 9, 33);
+  test_rank_one_product(40, 50, 30, 100);  // multi-threaded, several query lines and panels
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);

@@ -7,6 +7,7 @@ low-precision tolerance rule of tests/_tolerances.py).
 from .covariance import covariance_ref
 from .kron_project import kron_project_ref
 from .lambda_accum import lambda_accum_ref
+from .rank_one_product import rank_one_product_ref
 from .score import (per_example_grads_ref, score_lowrank_ref, score_pairwise_ref, score_per_token_ref,
                     score_self_ref)
 
@@ -14,6 +15,7 @@ __all__ = [
     "covariance_ref",
     "kron_project_ref",
     "lambda_accum_ref",
+    "rank_one_product_ref",
     "score_pairwise_ref",
     "score_self_ref",
     "per_example_grads_ref",
