@@ -3,6 +3,8 @@
 //
 // Tasks are (column block, q): each owns scores[q, columns of the block]; rows o of one q are
 // visited in a fixed order of MR-row tiles, so the result is bitwise independent of the thread count.
+// With fewer outputs than tile rows (a regression head: O = 1) a tile holds the rows of several whole
+// queries instead (MR / O of them), which would otherwise leave most of its rows zero.
 #include "score_pairwise/score_pairwise.h"
 
 #include <algorithm>
@@ -38,7 +40,9 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
   float* Bp = bpack.data();  // [panel][I][NR]: a[(n,t)][i]
   float* Gp = gpack.data();  // [panel][o_pad][NR]: g[(n,t)][o], zero rows beyond O
   float* S = sbuf.data();    // [Q][nt_pad]: Σ_o g ⊙ VA per token column
-  const index_t n_tasks = n_cb * Q;
+  const index_t qpt = O < MR ? MR / std::max<index_t>(O, 1) : 1;  // queries per task (whole queries per tile)
+  const index_t n_qgroups = ceil_div(Q, qpt);
+  const index_t n_tasks = n_cb * n_qgroups;
   const int nt = threads_for(static_cast<double>(Q) * NT * O * I, 2.0e6, num_threads);
   int alloc_failed = 0;
 
@@ -59,7 +63,7 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
       }
     }
     AlignedBuffer apack(static_cast<std::size_t>(std::max<index_t>(I, 1) * MR));
-    AlignedBuffer svbuf(static_cast<std::size_t>(NCB * NR));
+    AlignedBuffer svbuf(static_cast<std::size_t>(qpt * NCB * NR));
     float* A = apack.data();
     float* sv = svbuf.data();
     if (!A || !sv) {
@@ -69,8 +73,33 @@ Status score_pairwise_cpu(const float* v, index_t svq, index_t svo, index_t svi,
 #pragma omp for schedule(static)
     for (index_t task = 0; task < n_tasks; ++task) {
       if (!A || !sv) continue;
-      const index_t cb = task / Q, q = task % Q;  // column-block-major: the B block stays in cache
+      const index_t cb = task / n_qgroups, q = (task % n_qgroups) * qpt;  // column-block-major: B stays in cache
       const index_t p0 = cb * NCB, np = std::min(NCB, n_panels - p0);
+      if (qpt > 1) {  // the rows (q', o) of queries q .. q + qn in one tile
+        const index_t qn = std::min(qpt, Q - q), rows = qn * O;
+        std::memset(sv, 0, sizeof(float) * qn * NCB * NR);
+        for (index_t i = 0; i < I; ++i)
+          for (index_t m = 0; m < MR; ++m)
+            A[i * MR + m] = m < rows ? v[(q + m / O) * svq + (m % O) * svo + i * svi] : 0.0f;
+        for (index_t pp = 0; pp < np; ++pp) {
+          const index_t p = p0 + pp;
+          vf acc[MR][NV];
+          zero_tile(acc);
+          gemm_tile<MR>(I, A, Bp + p * I * NR, acc);
+          const float* gt = Gp + p * o_pad * NR;
+#pragma GCC unroll 16
+          for (int m = 0; m < MR; ++m) {
+            if (m >= rows) break;
+            float* s = sv + (m / O) * NCB * NR + pp * NR;
+            const float* gm = gt + (m % O) * NR;
+            for (int v2 = 0; v2 < NV; ++v2)
+              *reinterpret_cast<vf*>(s + v2 * VL) = loada(s + v2 * VL) + acc[m][v2] * loada(gm + v2 * VL);
+          }
+        }
+        for (index_t j = 0; j < qn; ++j)
+          std::memcpy(S + (q + j) * nt_pad + p0 * NR, sv + j * NCB * NR, sizeof(float) * np * NR);
+        continue;
+      }
       std::memset(sv, 0, sizeof(float) * NCB * NR);
       const float* vq = v + q * svq;
       for (index_t o0 = 0; o0 < O; o0 += MR) {

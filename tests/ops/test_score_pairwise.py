@@ -190,6 +190,32 @@ def test_score_pairwise_cpu_sparse_g_grouped_tokens(n, t, strided):
                           dtype=torch.float32)
 
 
+@pytest.mark.parametrize("q,o,t,layout", [(7, 1, 1, "contiguous"), (5, 3, 1, "contiguous"), (13, 5, 2, "contiguous"),
+                                          (9, 6, 1, "strided"), (1, 2, 1, "contiguous")],
+                         ids=["o1", "o3-two-groups", "o5-t2", "o6-strided", "q1-o2"])
+def test_score_pairwise_cpu_tokenwise_few_outputs(q, o, t, layout):
+    """The token-wise kernel with fewer outputs than tile rows puts the rows of several whole queries in one
+    tile (a regression head: O = 1): equal to the float64 oracle, bitwise the same for 1 and 2 threads."""
+    from source_fast import _extension
+
+    v, a, g = _inputs(q, 70, t, 37, o, torch.float32)
+    if layout == "strided":
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    lib = _extension._lib()
+
+    def run():
+        out = torch.empty(q, 70)
+        lib.score_pairwise_cpu(v.data_ptr(), *v.stride(), a.data_ptr(), *a.stride(), g.data_ptr(), *g.stride(), 0,
+                               q, 70, t, o, 37, out.data_ptr(), *out.stride(), 0, torch.get_num_threads())
+        return out
+
+    runs = at_thread_counts(run)
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
 @pytest.mark.parametrize("q,n,t", [(3, 1, 2), (13, 129, 2), (25, 300, 3)], ids=["q3-n1", "q13-n129", "q25-n300"])
 def test_score_pairwise_cpu_materialized_strategy(q, n, t):
     """T > 1 picks the materialised C++ kernel (rows of G_n formed in cache): correct across query
