@@ -48,6 +48,16 @@ inline void row_tile(Operand A, float* C, index_t scm, index_t scn, index_t M, i
   for (index_t p = 0; p < panels; ++p) {
     const index_t c0 = n0 + p * NR, cols = std::min<index_t>(NR, N - c0);
     float* cp = C + m0 * scm + c0 * scn;
+    if (cols <= VL) {  // a last panel of at most VL columns: half the tile or less (narrow_tile)
+      alignas(64) float tile[MR * VL] = {};
+      if (k0 > 0)
+        for (index_t m = 0; m < rows; ++m)
+          for (index_t j = 0; j < cols; ++j) tile[m * VL + j] = cp[m * scm + j * scn];
+      narrow_tile(kc, Ap, Bp + p * kc * NR, NR, cols, tile);
+      for (index_t m = 0; m < rows; ++m)
+        for (index_t j = 0; j < cols; ++j) cp[m * scm + j * scn] = tile[m * VL + j];
+      continue;
+    }
     vf acc[MR][NV];
     const bool full = rows == MR && cols == NR && scn == 1;
     if (k0 == 0) {

@@ -98,7 +98,15 @@ Status lambda_accum_rotated_cpu(const float* gs, index_t sgn, index_t sgt, index
     for (index_t t = 0; t < n_tiles; ++t) {
       const index_t p = t / n_row_tiles, it = t % n_row_tiles;  // panel-major: reuse the B panel
       const float* B = Bp + p * NR * kblk;
-      if (rank_one) {
+      if (rank_one && I - p * NR <= VL) {  // a last panel of at most VL columns (narrow_tile)
+        const index_t cols = I - p * NR;
+        alignas(64) float tile[MR * VL] = {};
+        narrow_tile(nc, Ap + it * MR * kblk, B, NR, cols, tile);
+        for (index_t m = 0; m < MR && it * MR + m < O; ++m) {
+          float* row = out + (it * MR + m) * ldo + p * NR;
+          for (index_t j = 0; j < cols; ++j) row[j] += tile[m * VL + j];
+        }
+      } else if (rank_one) {
         vf acc[MR][NV];
         zero_tile(acc);
         gemm_tile<MR>(nc, Ap + it * MR * kblk, B, acc);

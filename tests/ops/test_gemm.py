@@ -21,7 +21,9 @@ def _check(got, want):
 
 CASES = [  # (a shape, b shape): every operand layout the pipeline uses, sizes 1, odd, above one block
     pytest.param((1, 1), (1, 1), id="1x1x1"),
-    pytest.param((13, 41), (41, 37), id="2d"),
+    pytest.param((13, 41), (41, 37), id="2d"),  # last panel of 5 columns: the 256-bit narrow tile
+    pytest.param((14, 50), (50, 45), id="2d-last-panel-13-columns"),  # the 16-lane narrow tile
+    pytest.param((40, 129), (129, 129), id="2d-width-129"),  # an input dimension plus the bias column
     pytest.param((3, 29, 400), (400, 70), id="3d@2d-K-above-block"),
     pytest.param((5, 1, 41), (41, 600), id="3d@2d-one-row-N-above-block"),
     pytest.param((23, 29), (4, 29, 31), id="2d@3d-shared-left"),

@@ -142,6 +142,39 @@ static inline __attribute__((always_inline)) void strided_tile(index_t K, const 
   }
 }
 
+// tile[m][0 .. VL) += Σ_k A[k * MR + m] · B[k * ldb + (0 .. VL)] for m < MR, k < K, of which only columns
+// < cols <= VL matter: the last panel of a product whose width is 32k + 1..16 (often an input dimension
+// plus the bias column: 129, 257, 513), where the full NR-wide tile would compute mostly padding. With
+// at most 8 columns on an AVX-512 build it runs 256-bit FMAs: Zen 4 issues two of those per cycle
+// against one 512-bit FMA. A packed [K][MR], B rows readable for VL floats; tile 64-byte aligned.
+static inline void narrow_tile(index_t K, const float* __restrict A, const float* __restrict B, index_t ldb,
+                               index_t cols, float* __restrict tile) {
+#if defined(__AVX512F__)
+  if (cols <= 8) {
+    typedef float vh __attribute__((vector_size(8 * sizeof(float))));
+    typedef float vhu __attribute__((vector_size(8 * sizeof(float)), aligned(4), may_alias));
+    vh c[MR];
+    for (int m = 0; m < MR; ++m) c[m] = *reinterpret_cast<const vh*>(tile + m * VL);
+    for (index_t k = 0; k < K; ++k) {
+      const vh b = *reinterpret_cast<const vhu*>(B + k * ldb);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) c[m] += reinterpret_cast<vh>(_mm256_set1_ps(A[k * MR + m])) * b;
+    }
+    for (int m = 0; m < MR; ++m) *reinterpret_cast<vh*>(tile + m * VL) = c[m];
+    return;
+  }
+#endif
+  (void)cols;
+  vf c[MR][1];
+  for (int m = 0; m < MR; ++m) c[m][0] = loada(tile + m * VL);
+  for (index_t k = 0; k < K; ++k) {
+    const vf b = loadu(B + k * ldb);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) c[m][0] += splat(A[k * MR + m]) * b;
+  }
+  for (int m = 0; m < MR; ++m) *reinterpret_cast<vf*>(tile + m * VL) = c[m][0];
+}
+
 template <int M>
 static inline void zero_tile(vf (&c)[M][NV]) {
   for (int m = 0; m < M; ++m)
