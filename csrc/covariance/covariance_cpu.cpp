@@ -83,6 +83,14 @@ Status covariance_cpu(const float* x, index_t R, index_t D, index_t sxr, index_t
 #pragma omp for schedule(static)
       for (index_t t = 0; t < n_tiles; ++t) {
         const index_t it = tiles[t].first, p = tiles[t].second;
+        if (D - p * NR <= VL) {  // a last panel of at most VL columns (narrow_tile; D = 513: 1 column)
+          const index_t i0 = it * MR, j0 = p * NR;
+          alignas(64) float tile[MR * VL] = {};
+          narrow_tile(kc, Ap + it * MR * kc, Bp + p * NR * kc, NR, D - j0, tile);
+          for (index_t m = 0; m < MR && i0 + m < D; ++m)
+            for (index_t j = std::max(i0 + m, j0); j < D; ++j) out[(i0 + m) * ldo + j] += tile[m * VL + j - j0];
+          continue;
+        }
         vf acc[MR][NV];
         zero_tile(acc);
         gemm_tile<MR>(kc, Ap + it * MR * kc, Bp + p * NR * kc, acc);
