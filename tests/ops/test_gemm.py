@@ -24,6 +24,7 @@ CASES = [  # (a shape, b shape): every operand layout the pipeline uses, sizes 1
     pytest.param((13, 41), (41, 37), id="2d"),  # last panel of 5 columns: the 256-bit narrow tile
     pytest.param((14, 50), (50, 45), id="2d-last-panel-13-columns"),  # the 16-lane narrow tile
     pytest.param((40, 129), (129, 129), id="2d-width-129"),  # an input dimension plus the bias column
+    pytest.param((3, 17, 400), (400, 450), id="3d@2d-short-wide-transposed"),  # 51 rows x 450 columns: Cᵀ = Bᵀ Aᵀ
     pytest.param((3, 29, 400), (400, 70), id="3d@2d-K-above-block"),
     pytest.param((5, 1, 41), (41, 600), id="3d@2d-one-row-N-above-block"),
     pytest.param((23, 29), (4, 29, 31), id="2d@3d-shared-left"),
