@@ -3,8 +3,9 @@ rotation W ↦ Q_S W into the queries-innermost layout the CPU sparse-g kernel r
 
 `RankOneDirections` keeps W_q = weight ⊙ (g_q a_qᵀ) as its factors: with one token per query the
 rotated query gradient is rank one, and the influence walk only multiplies it by f(Λ). Its output-side
-product is formed a block of columns at a time, so the dense [Q, O, I] tensor never exists (it and
-its queries-innermost copy were the two largest allocations of an influence scoring call).
+product is one C++ kernel on CPU (csrc/rank_one_product: the factors folded into the GEMM's operands) and
+is formed a block of columns at a time elsewhere, so the dense [Q, O, I] tensor never exists (it and its
+queries-innermost copy were the two largest allocations of an influence scoring call).
 """
 from __future__ import annotations
 
@@ -52,11 +53,11 @@ class RankOneDirections:
         On CPU in fp32, csrc/rank_one_product: g and a folded into the product's operands, the result written
         straight into the queries-innermost layout. Otherwise each block of columns of weight ⊙ (g aᵀ) is
         formed in a small scratch (queries innermost) and multiplied into the result buffer."""
+        left = left.to(self.dtype)
         if _compiled_rank_one_ok(left, self):
-            return _extension.rank_one_product_cpu(left.to(self.dtype), self.g, self.a, self.weight)
+            return _extension.rank_one_product_cpu(left, self.g, self.a, self.weight)
         q, o, i = self.shape
         qs = _extension.padded_queries(q)
-        left = left.to(self.dtype)
         buf = torch.empty(left.shape[0], i, qs, dtype=self.dtype, device=self.g.device)
         cols = _columns_per_chunk(o, i, qs, buf.element_size())
         scratch = torch.zeros(o, cols, qs, dtype=self.dtype, device=self.g.device)  # padding lanes stay 0
