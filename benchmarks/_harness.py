@@ -142,6 +142,30 @@ class OpBench:
         return ""
 
 
+class CpuPrimitiveBench(OpBench):
+    """An internal CPU product of the pipeline (not a dispatched op): ``torch`` and the compiled ``cpu`` only.
+    ``device_input`` names the input whose device decides."""
+
+    device_input: str = ""
+
+    def unavailable(self, impl: str, inputs: dict[str, Any]) -> str | None:
+        if impl == "torch":
+            return None
+        if impl != "cpu" or inputs[self.device_input].device.type != "cpu":
+            return f"{self.op} is a CPU primitive: no {impl} implementation"
+        try:
+            import source_fast._C  # noqa: F401
+        except ImportError as exc:
+            return f"source_fast._C not built ({exc})"
+        return None
+
+    def dispatch_tensors(self, inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return dict(inputs)
+
+    def baselines(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {}
+
+
 # -------------------------------------------------------------------------------------- helpers
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

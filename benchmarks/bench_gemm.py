@@ -21,8 +21,9 @@ import _harness as H
 from _harness import case
 
 
-class GemmBench(H.OpBench):
+class GemmBench(H.CpuPrimitiveBench):
     op = "gemm"
+    device_input = "a"  # the input whose device decides
 
     def cases(self, device, smoke):
         if smoke:
@@ -45,37 +46,12 @@ class GemmBench(H.OpBench):
     def reference(self, inputs):
         return inputs["a"].double() @ inputs["b"].double()
 
-    def unavailable(self, impl, inputs):
-        if impl == "torch":
-            return None
-        if impl != "cpu" or inputs["a"].device.type != "cpu":
-            return f"gemm is a CPU primitive: no {impl} implementation"
-        try:
-            import source_fast._C  # noqa: F401
-        except ImportError as exc:
-            return f"source_fast._C not built ({exc})"
-        return None
-
     def run_backend(self, backend, inputs):
         if backend == "torch":
             return inputs["a"] @ inputs["b"]
         from source_fast import _extension
 
         return _extension.gemm_cpu(inputs["a"], inputs["b"])
-
-    def dispatch_tensors(self, inputs):
-        return dict(inputs)
-
-    def baselines(self):
-        return {}
-
-    def _mnk(self, c):
-        p = c.p
-        if c.mode == "rows":
-            return p["R"], p["I"], p["I"]
-        if c.mode == "right":
-            return p["B"] * p["O"], p["I"], p["I"]
-        return p["B"] * p["O"], p["I"], p["O"]
 
     def flops(self, c):
         m, n, k = self._mnk(c)

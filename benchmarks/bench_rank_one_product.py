@@ -20,8 +20,9 @@ import _harness as H
 from _harness import case
 
 
-class RankOneProductBench(H.OpBench):
+class RankOneProductBench(H.CpuPrimitiveBench):
     op = "rank_one_product"
+    device_input = "left"  # the input whose device decides
 
     def cases(self, device, smoke):
         if smoke:
@@ -44,17 +45,6 @@ class RankOneProductBench(H.OpBench):
 
         return rank_one_product_ref(inputs["left"], inputs["g"], inputs["a"], inputs["weight"])
 
-    def unavailable(self, impl, inputs):
-        if impl == "torch":
-            return None
-        if impl != "cpu" or inputs["left"].device.type != "cpu":
-            return f"rank_one_product is a CPU primitive: no {impl} implementation"
-        try:
-            import source_fast._C  # noqa: F401
-        except ImportError as exc:
-            return f"source_fast._C not built ({exc})"
-        return None
-
     def run_backend(self, backend, inputs):
         from source_fast import _extension, directions
 
@@ -67,12 +57,6 @@ class RankOneProductBench(H.OpBench):
             return d.left_product_queries_innermost(inputs["left"])
         finally:
             directions._compiled_rank_one_ok = saved
-
-    def dispatch_tensors(self, inputs):
-        return dict(inputs)
-
-    def baselines(self):
-        return {}
 
     def flops(self, c):
         p = c.p
