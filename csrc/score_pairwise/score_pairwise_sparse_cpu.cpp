@@ -86,14 +86,16 @@ static void score_block(const float* a, index_t san, index_t sat, index_t sai, c
                         index_t RBp, index_t LDR, const float* VT, index_t vo, index_t ldv, index_t qp0, index_t qp1,
                         index_t Q, index_t Qp, float* Ar, float* Gt, float* R, float* S, index_t* idx) {
   // g transposed per token, examples innermost and zero-padded: Gt[t][o][j] (the masks read 16 examples).
-  for (index_t t = 0; t < T; ++t) {
-    float* gt = Gt + t * O * RBp;
-    for (index_t j = 0; j < RBp; ++j) {
-      const bool valid = j < nb;
-      const float* gr = g + (n0 + (valid ? j : 0)) * sgn + t * sgt;
-      for (index_t o = 0; o < O; ++o) gt[o * RBp + j] = valid ? gr[o * sgo] : 0.0f;
+  // Written in order, read strided: scattered loads from the block of g in cache cost less than scattered
+  // stores (about 7 % of the kernel at I = 65 the other way round).
+  for (index_t t = 0; t < T; ++t)
+    for (index_t o = 0; o < O; ++o) {
+      float* gt = Gt + (t * O + o) * RBp;
+      const float* gc = g + n0 * sgn + t * sgt + o * sgo;
+      index_t j = 0;
+      for (; j < nb; ++j) gt[j] = gc[j * sgn];
+      for (; j < RBp; ++j) gt[j] = 0.0f;
     }
-  }
   // a rows with unit stride: read in place when they are, else copied once ([j][t][i]).
   const bool a_direct = sai == 1;
   if (!a_direct)
@@ -215,8 +217,8 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
       const index_t qp1 = std::min(Qp, (grp + 1) * n_qpanels / n_groups * NR);
       score_block(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDR, VT, vo, ldv, qp0, qp1, Q, Qp, Ar, Gt,
                   Rf, S, idx.get());
-      for (index_t j = 0; j < nb; ++j)
-        for (index_t q = qp0; q < std::min(qp1, Q); ++q) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+      for (index_t q = qp0; q < std::min(qp1, Q); ++q)  // stores in order (scores rows), loads strided
+        for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
