@@ -579,3 +579,27 @@ def rank_one_product_cpu(left: torch.Tensor, g: torch.Tensor, a: torch.Tensor, w
                                 g.stride(1), a.data_ptr(), a.stride(0), a.stride(1), w_ptr, swo, swi, p, q, o, i,
                                 out.data_ptr(), out.stride(1), out.stride(2), padded_queries(q), _threads())
     return out
+
+
+def to_queries_innermost_cpu(x: torch.Tensor, r: torch.Tensor | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """x ⊙ r for x [Q, O, I] and r [O, I] (or None: x itself), float32 CPU, written as a queries-innermost
+    [Q, O, I] view of a [O, I, Qs] buffer (padding lanes zero): the same bits as torch.mul(x, r, out=...)
+    into that layout, which reads x a page per element (csrc/to_queries_innermost). x: rows (one query's
+    [O, I]) contiguous; `out`: such a view (e.g. from `queries_innermost_empty`), written and returned."""
+    _require_f32(x=x, r=r, out=out)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected [Q, O, I], got shape {tuple(x.shape)}")
+    q, o, i = x.shape
+    if x.stride(2) != 1 and i > 1 or x.stride(1) != i and o > 1:
+        raise ValueError(f"x: expected each query's [O, I] contiguous, got strides {x.stride()}")
+    if r is not None and (tuple(r.shape) != (o, i) or not r.is_contiguous()):
+        raise ValueError(f"r: expected a contiguous [O, I] = [{o}, {i}], got {tuple(r.shape)} strides {r.stride()}")
+    if out is None:  # padding lanes left to the kernel, which zeroes them
+        out = torch.empty(o, i, padded_queries(q), dtype=_F32, device=x.device)[..., :q].permute(2, 0, 1)
+    elif tuple(out.shape) != (q, o, i) or not is_queries_innermost(out):
+        raise ValueError(f"out: expected a queries-innermost [Q, O, I] = [{q}, {o}, {i}] view "
+                         f"(queries_innermost_empty), got {tuple(out.shape)} strides {out.stride()}")
+    _lib().to_queries_innermost_cpu(x.data_ptr(), x.stride(0) if q > 1 else o * i, 0 if r is None else r.data_ptr(),
+                                    q, o * i, out.data_ptr(), out.stride(2), padded_queries(q), _threads())
+    return out

@@ -9,15 +9,12 @@ queries-innermost copy were the two largest allocations of an influence scoring 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from . import _config, _extension, _linalg
+from . import _compiled, _extension, _linalg
 
 _CHUNK_BYTES = 16 << 20  # one block of columns of the queries-innermost product (a reused heap block)
 _COMPILED_MIN_FLOPS = 4.0e6  # below this the compiled product's setup costs more than it saves
-_state: dict[str, object] = {}
 
 
 class RankOneDirections:
@@ -106,39 +103,20 @@ def _columns_per_chunk(o: int, i: int, qs: int, element_size: int) -> int:
 
 
 def _compiled_rank_one_ok(left: torch.Tensor, d: RankOneDirections) -> bool:
-    """Whether csrc/rank_one_product runs this product: fp32 CPU operands, no autograd, enough work, no other
-    backend forced, and the kernel agreed with the float64 reference on a tiny case on first use."""
-    tensors = (left, d.g, d.a) + (() if d.weight is None else (d.weight,))
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+    """Whether csrc/rank_one_product runs this product (enough work, and `_compiled.usable`)."""
     q, o, i = d.shape
-    if 2.0 * left.shape[0] * q * o * i < _COMPILED_MIN_FLOPS or _config.backend_override() not in (None, "cpu"):
+    if 2.0 * left.shape[0] * q * o * i < _COMPILED_MIN_FLOPS:
         return False
-    if "ok" not in _state:
-        _state["ok"] = _self_test()
-    return bool(_state["ok"])
+    tensors = (left, d.g, d.a) + (() if d.weight is None else (d.weight,))
+    return _compiled.usable("rank_one_product", _check, *tensors)
 
 
-def _self_test() -> bool:
+def _check() -> bool:
     from .reference import rank_one_product_ref
 
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(19, 23, generator=gen)
     a, w = torch.randn(19, 37, generator=gen), torch.rand(23, 37, generator=gen)
     left = torch.randn(29, 23, generator=gen)
-    try:
-        got = _extension.rank_one_product_cpu(left, g, a, w)
-    except ImportError:
-        return False
-    except Exception as exc:  # a broken build: fall back, say why
-        warnings.warn(f"source_fast: compiled rank_one_product disabled ({exc.__class__.__name__}: {exc}); "
-                      "using the torch product", RuntimeWarning, stacklevel=4)
-        return False
-    want = rank_one_product_ref(left, g, a, w)
-    if not torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
-        warnings.warn("source_fast: compiled rank_one_product disagrees with the float64 reference on a tiny case; "
-                      "using the torch product", RuntimeWarning, stacklevel=4)
-        return False
-    return True
+    got, want = _extension.rank_one_product_cpu(left, g, a, w), rank_one_product_ref(left, g, a, w)
+    return torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

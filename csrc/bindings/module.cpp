@@ -24,6 +24,7 @@
 #include "score_per_token/score_per_token.h"
 #include "score_self/score_self.h"
 #include "source_fast/common.h"
+#include "to_queries_innermost/to_queries_innermost.h"
 #include "source_fast/cpu_microkernel.h"
 #include "source_fast/spectral.h"
 
@@ -198,6 +199,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("O"), py::arg("I"), py::arg("out"), py::arg("sop"), py::arg("soi"), py::arg("qs"),
       py::arg("num_threads"),
       "out[p, i, q] = a[q,i] Σ_o L[p,o] g[q,o] w[o,i] (float32; queries innermost; w = 0: ones).");
+
+  m.def(
+      "to_queries_innermost_cpu",
+      [](ptr_t x, index_t sxq, ptr_t r, index_t Q, index_t C, ptr_t out, index_t ldo, index_t qs, int num_threads) {
+        check_threads(num_threads);
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::to_queries_innermost_cpu(as_ptr<const float>(x), sxq, as_ptr<const float>(r), Q, C,
+                                           as_ptr<float>(out), ldo, qs, num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("x"), py::arg("sxq"), py::arg("r"), py::arg("Q"), py::arg("C"), py::arg("out"), py::arg("ldo"),
+      py::arg("qs"), py::arg("num_threads"),
+      "out[c, q] = x[q, c] r[c] (float32; lanes Q..qs zeroed; r = 0: ones).");
 
   // The CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,

@@ -16,10 +16,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12 reports the _mm512_undefined_ps() pass-through inside the unpack intrinsics as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 #include "source_fast/cpu_microkernel.h"
 
@@ -61,34 +57,6 @@ static inline void query_tile(index_t K, const float* A, const float* Wp, index_
   }
 }
 
-#if defined(__AVX512F__)
-// r[j][e] -> r[e][j] for 16 vectors of 16 floats (unpack ps, unpack pd, two 128-bit lane shuffles).
-static inline void transpose16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);      // lane l: r0[4l] r1[4l] r0[4l+1] r1[4l+1]
-    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);  // lane l: r0[4l+2] r1[4l+2] r0[4l+3] r1[4l+3]
-  }
-  __m512 u[16];  // u[4b + c] lane l: rows 4b .. 4b+3 at element 4l + c
-  for (int b = 0; b < 4; ++b) {
-    const __m512d lo0 = _mm512_castps_pd(t[4 * b]), lo1 = _mm512_castps_pd(t[4 * b + 2]);
-    const __m512d hi0 = _mm512_castps_pd(t[4 * b + 1]), hi1 = _mm512_castps_pd(t[4 * b + 3]);
-    u[4 * b] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
-    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
-    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
-    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(v, x, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(v, x, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(w, y, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(w, y, 0xDD);
-  }
-}
-#endif
 
 // Writes the parked tiles Tb[j][m][0 .. width) of queries q0 + j (j < nq; lanes nq <= j < `lanes` get
 // zeros) to out rows p0 + m, columns i0 ..: one line of 16 queries per (p, i), transposed in registers
@@ -102,7 +70,7 @@ static inline void write_tiles(const float* Tb, index_t rows, index_t width, ind
         __m512 r[16];
         for (index_t j = 0; j < 16; ++j)
           r[j] = j < nq ? _mm512_load_ps(Tb + (j * MR + m) * NR + h * 16) : _mm512_setzero_ps();
-        transpose16(r);
+        transpose16x16(r);
         float* dst = out + m * sop + h * 16 * soi;
         const index_t cols = std::min<index_t>(16, width - h * 16);
         const bool aligned = (reinterpret_cast<std::uintptr_t>(dst) | static_cast<std::uintptr_t>(soi * 4)) % 64 == 0;

@@ -13,6 +13,7 @@
 #include "rank_one_product/rank_one_product.h"
 #include "score_pairwise/score_pairwise.h"
 #include "score_self/score_self.h"
+#include "to_queries_innermost/to_queries_innermost.h"
 
 using sf::index_t;
 
@@ -201,6 +202,25 @@ void test_rank_one_product(index_t P, index_t Q, index_t O, index_t I) {
   expect_equal(out, out1, name + " 1 thread == 2 threads (bitwise)");
 }
 
+// out[c][q] = x[q][c] · r[c] (the same bits as the product), lanes Q..qs zero, lanes beyond qs untouched.
+void test_to_queries_innermost(index_t Q, index_t C) {
+  std::vector<float> x = randn(Q * C), r = randn(C);
+  const index_t qs = (Q + 15) / 16 * 16, ldo = qs + 16;
+  std::vector<float> out(static_cast<std::size_t>(C * ldo), NAN);
+  expect_ok(sf::to_queries_innermost_cpu(x.data(), C, r.data(), Q, C, out.data(), ldo, qs, 2), "to_queries_innermost");
+  bool ok = true;
+  for (index_t c = 0; c < C; ++c)
+    for (index_t q = 0; q < ldo; ++q) {
+      const float got = out[c * ldo + q];
+      if (q < Q) ok = ok && got == x[q * C + c] * r[c];
+      else if (q < qs) ok = ok && got == 0.0f;
+      else ok = ok && std::isnan(got);
+    }
+  std::printf("%s to_queries_innermost Q=%lld C=%lld\n", ok ? "ok  " : "FAIL", static_cast<long long>(Q),
+              static_cast<long long>(C));
+  if (!ok) ++g_failures;
+}
+
 void test_errors() {
   float x[4] = {0, 0, 0, 0};
   sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
@@ -243,6 +263,9 @@ int main() {
   test_rank_one_product(1, 1, 1, 1);
   test_rank_one_product(13, 17, 9, 33);
   test_rank_one_product(40, 50, 30, 100);  // multi-threaded, several query lines and panels
+  test_to_queries_innermost(1, 1);
+  test_to_queries_innermost(37, 300);
+  test_to_queries_innermost(200, 5000);  // multi-threaded
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);

@@ -10,6 +10,7 @@ from .lambda_accum import lambda_accum_ref
 from .rank_one_product import rank_one_product_ref
 from .score import (per_example_grads_ref, score_lowrank_ref, score_pairwise_ref, score_per_token_ref,
                     score_self_ref)
+from .to_queries_innermost import to_queries_innermost_ref
 
 __all__ = [
     "covariance_ref",
@@ -21,4 +22,5 @@ __all__ = [
     "per_example_grads_ref",
     "score_lowrank_ref",
     "score_per_token_ref",
+    "to_queries_innermost_ref",
 ]

@@ -175,6 +175,44 @@ static inline void narrow_tile(index_t K, const float* __restrict A, const float
   for (int m = 0; m < MR; ++m) *reinterpret_cast<vf*>(tile + m * VL) = c[m][0];
 }
 
+#if defined(__AVX512F__)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+// GCC 12 reports the _mm512_undefined_ps() pass-through inside the unpack intrinsics as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// r[j][e] -> r[e][j] for 16 vectors of 16 floats (unpack ps, unpack pd, two 128-bit lane shuffles): writing
+// 16 queries of one row as one 64-byte line of a queries-innermost layout.
+static inline void transpose16x16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);      // lane l: r0[4l] r1[4l] r0[4l+1] r1[4l+1]
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);  // lane l: r0[4l+2] r1[4l+2] r0[4l+3] r1[4l+3]
+  }
+  __m512 u[16];  // u[4b + c] lane l: rows 4b .. 4b+3 at element 4l + c
+  for (int b = 0; b < 4; ++b) {
+    const __m512d lo0 = _mm512_castps_pd(t[4 * b]), lo1 = _mm512_castps_pd(t[4 * b + 2]);
+    const __m512d hi0 = _mm512_castps_pd(t[4 * b + 1]), hi1 = _mm512_castps_pd(t[4 * b + 3]);
+    u[4 * b] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+    u[4 * b + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+    u[4 * b + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+    u[4 * b + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(v, x, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v, x, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(w, y, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(w, y, 0xDD);
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+
 template <int M>
 static inline void zero_tile(vf (&c)[M][NV]) {
   for (int m = 0; m < M; ++m)
