@@ -11,7 +11,7 @@ committed tables without hand-editing:
                           source_fast/kernels/_tuned_blocks.py is regenerated from every such file (per compute
                           capability, the most recent run's choices)
   env.txt, gpu_tests.log  their pass/fail lines are printed (nothing is copied: the note on the issue
-                          and the README record them)
+                          and docs/PERFORMANCE.md record them, the README its summary tables)
 
 <gpu> is the slug of the device name in the CSV rows ("NVIDIA H200" -> nvidia_h200). With --dispatch,
 source_fast/_measured_gpu.py is regenerated from that device's merged CSV (make_dispatch_table.py).

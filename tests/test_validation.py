@@ -1,7 +1,8 @@
 """Bad input gets a clear error naming the argument, what was expected and what was given.
 
 Each row: (description, callable building the bad call, exception type, message regex). The table
-in README.md ("Errors") lists the same cases.
+in docs/ERRORS.md lists the same cases with the messages they give (scripts/gen_error_table.py writes it;
+`test_errors_doc_is_current` fails when it is stale).
 """
 import math
 
@@ -210,3 +211,17 @@ def test_factor_memory_check_uses_the_devices_free_memory_and_logs_large_eigende
     with caplog.at_level("WARNING", logger="source_fast"):
         analyzer(model=model, training_run=one)
     assert "'1' needs a 200 × 200 eigendecomposition" in caplog.text
+
+
+def test_errors_doc_is_current():
+    """docs/ERRORS.md is what scripts/gen_error_table.py writes from BAD_INPUTS now: a new case, or a changed
+    message, without regenerating the table fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_error_table", root / "scripts" / "gen_error_table.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert (root / "docs" / "ERRORS.md").read_text() == gen.render(), \
+        "docs/ERRORS.md is stale: run `.venv/bin/python scripts/gen_error_table.py`"
