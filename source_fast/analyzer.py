@@ -26,10 +26,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import _config, _extension, _linalg, ekfac, io, ops, spectral
+from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
@@ -271,7 +272,7 @@ class SourceAnalyzer:
 
     # ---------------------------------------------------------------------------------- data
     def _loader(self, dataset):
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn)
+        return batches(dataset, self.batch_size, self.collate_fn)
 
     def _to_device(self, batch):
         if isinstance(batch, torch.Tensor):
