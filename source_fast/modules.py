@@ -5,7 +5,8 @@ in as a trailing column of ones), with output pseudo-gradients g ∈ R^O; a per-
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
 
 - nn.Linear: any leading dims; dims after the batch are tokens.
-- nn.Conv2d (groups=1, zero padding): unfolded patches are tokens (positions as tokens).
+- nn.Conv1d / nn.Conv2d (groups=1, zero padding, explicit or "valid"/"same"): unfolded patches are tokens
+  (output positions as tokens); the weight [O, C, k...] flattens to [O, C·k...] in unfold's order.
 - transformers' Conv1D (GPT-2): y = x W + b with W stored [I, O]; same rows as Linear.
 """
 from __future__ import annotations
@@ -24,26 +25,55 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
 
 
+_SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, transformers Conv1D"
+
+
 def supported(module: nn.Module) -> str | None:
     """Why `module` cannot be tracked, or None when it can."""
     if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
         return None
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        kind = type(module).__name__
         if module.groups != 1:
-            return f"Conv2d with groups={module.groups} (only groups=1 is supported)"
+            return f"{kind} with groups={module.groups} (only groups=1 is supported)"
         if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r} (only 'zeros')"
-        if isinstance(module.padding, str):
-            return f"Conv2d with padding={module.padding!r} (give explicit padding)"
+            return f"{kind} with padding_mode={module.padding_mode!r} (only 'zeros')"
         return None
-    return f"{type(module).__name__} is not a supported module type (nn.Linear, nn.Conv2d, transformers Conv1D)"
+    return f"{type(module).__name__} is not a supported module type ({_SUPPORTED})"
+
+
+def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(before, after) zero padding per spatial dim: explicit, "valid" or "same" (which pads kernel − 1
+    dilated positions per dim, the extra one after, as torch's convolution does for an even kernel)."""
+    if module.padding == "valid":
+        return tuple((0, 0) for _ in module.kernel_size)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in module.padding)
+
+
+def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Conv1d/Conv2d input [B, C, *spatial] -> patch rows [B, positions, C·prod(kernel)] in the order of the
+    weight's flattening [O, C, k...] (torch's F.unfold on a 2-D view, after any asymmetric padding)."""
+    pads = _conv_padding(module)
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if x.dim() == 3:  # Conv1d as a Conv2d of height 1
+        x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride
+        pads = ((0, 0),) + pads
+    if any(before != after for before, after in pads):
+        x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
+        padding = 0
+    else:
+        padding = tuple(before for before, _ in pads)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
 
 
 @dataclass
 class TrackedLayer:
     name: str
     module: nn.Module
-    kind: str  # "linear" | "conv2d" | "conv1d"
+    kind: str  # "linear" | "conv" (nn.Conv1d / nn.Conv2d) | "hf_conv1d" (transformers' Conv1D, W stored [I, O])
 
     @property
     def has_bias(self) -> bool:
@@ -53,24 +83,18 @@ class TrackedLayer:
     def in_features(self) -> int:
         """I, including the bias column."""
         w = self.module.weight
-        if self.kind == "linear":
-            base = w.shape[1]
-        elif self.kind == "conv1d":
-            base = w.shape[0]
-        else:
-            base = w.shape[1] * w.shape[2] * w.shape[3]
+        base = w.shape[0] if self.kind == "hf_conv1d" else w[0].numel()
         return base + int(self.has_bias)
 
     @property
     def out_features(self) -> int:
         w = self.module.weight
-        return w.shape[1] if self.kind == "conv1d" else w.shape[0]
+        return w.shape[1] if self.kind == "hf_conv1d" else w.shape[0]
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Module input -> activation rows [B, T, I] (bias column appended)."""
-        if self.kind == "conv2d":
-            m = self.module
-            rows = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
+        if self.kind == "conv":
+            rows = conv_patches(self.module, x)
         else:
             rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.has_bias:
@@ -79,14 +103,14 @@ class TrackedLayer:
 
     def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the module output -> rows [B, T, O]."""
-        if self.kind == "conv2d":
+        if self.kind == "conv":
             return gy.reshape(gy.shape[0], gy.shape[1], -1).transpose(1, 2)
         return gy.reshape(gy.shape[0], -1, gy.shape[-1])
 
     def param_grad(self) -> torch.Tensor:
         """The module's accumulated .grad in the [O, I] bias-last layout (used by oracles and tests)."""
         w = self.module.weight.grad
-        if self.kind == "conv1d":
+        if self.kind == "hf_conv1d":
             w = w.T
         w = w.reshape(w.shape[0], -1)
         if self.has_bias:
@@ -95,7 +119,7 @@ class TrackedLayer:
 
     def parameters_as_matrix(self) -> torch.Tensor:
         w = self.module.weight.detach()
-        if self.kind == "conv1d":
+        if self.kind == "hf_conv1d":
             w = w.T
         w = w.reshape(w.shape[0], -1)
         if self.has_bias:
@@ -111,7 +135,7 @@ class TrackedLayer:
 
     def to_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Any per-parameter tensor (e.g. Adam's v̂) in the [O, I] bias-last layout."""
-        w = weight.T if self.kind == "conv1d" else weight
+        w = weight.T if self.kind == "hf_conv1d" else weight
         w = w.reshape(w.shape[0], -1)
         if bias is not None:
             w = torch.cat([w, bias[:, None]], dim=1)
@@ -136,11 +160,11 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
     else:
         selected = [(n, m) for n, m in model.named_modules() if n and supported(m) is None]
     for name, module in selected:
-        kind = "linear" if isinstance(module, nn.Linear) else "conv2d" if isinstance(module, nn.Conv2d) else "conv1d"
+        kind = "linear" if isinstance(module, nn.Linear) else "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) \
+            else "hf_conv1d"
         layers.append(TrackedLayer(name, module, kind))
     if not layers:
-        raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track (nn.Linear, "
-                         "nn.Conv2d, transformers Conv1D)")
+        raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track ({_SUPPORTED})")
     return layers
 
 

@@ -11,7 +11,7 @@ It follows Kronfluence's `Task` protocol, so a `kronfluence.Task` subclass works
 - ``compute_measurement(batch, model)``: the query measurement f, summed over the batch
   (e.g. the loss, or a margin).
 - ``get_influence_tracked_modules()``: optional list of module names to track (default: every
-  supported module: nn.Linear, nn.Conv2d, transformers' Conv1D).
+  supported module: nn.Linear, nn.Conv1d, nn.Conv2d, transformers' Conv1D).
 - ``get_attention_mask(batch)``: optional ``[batch, tokens]`` mask; masked tokens do not enter the
   activation covariance.
 - ``compute_train_loss_pair(batch, model)``: optional (a source_fast extension): the sampled-label and

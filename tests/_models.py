@@ -68,6 +68,19 @@ class TinyCNN(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class TinyCNN1d(nn.Module):
+    """Two 1-D convolutions ("same" padding with an even kernel, then strided "valid") and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, kernel_size=4, padding="same")
+        self.conv2 = nn.Conv1d(3, 2, kernel_size=3, stride=2)
+        self.fc = nn.Linear(2 * 3, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
+
+
 def classification_data(n=24, d_in=4, classes=3, dtype=torch.float64, seed=0, image=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 6, 6, generator=gen, dtype=dtype) if image else torch.randn(n, d_in, generator=gen,
@@ -110,6 +123,17 @@ def tiny_cnn_run():
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)
     model = TinyCNN().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
+    return model, data, ckpts, steps, lrs
+
+
+def tiny_cnn1d_run():
+    """TinyCNN1d (float64) on 16 sequences of 2 channels × 8 positions, 12 SGD steps, a checkpoint every 4."""
+    gen = torch.Generator().manual_seed(2)
+    data = TensorDataset(torch.randn(16, 2, 8, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,),
+                                                                                                   generator=gen))
+    torch.manual_seed(3)
+    model = TinyCNN1d().double()
     ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
     return model, data, ckpts, steps, lrs
 

@@ -11,7 +11,8 @@ from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _backends import recording_lib_calls
-from _models import ClassificationTask, classification_data, mlp, small_mlp_run, tiny_cnn_run, train_run
+from _models import (ClassificationTask, classification_data, mlp, small_mlp_run, tiny_cnn1d_run, tiny_cnn_run,
+                     train_run)
 
 
 def _setup(model, data, **train_kw):
@@ -175,6 +176,19 @@ def test_cnn_matches_dense_oracle_float64():
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries = Subset(data, range(3))
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_cnn1d_matches_dense_oracle_float64():
+    """nn.Conv1d with "same" padding of an even kernel (one extra zero after) and a strided "valid" one."""
+    model, data, ckpts, steps, lrs = tiny_cnn1d_run()
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    assert [layer.kind for layer in analyzer.layers] == ["conv", "conv", "linear"]
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
     assert _rel(scores, oracle) <= 1e-6

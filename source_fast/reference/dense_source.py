@@ -22,7 +22,7 @@ from torch.utils.data import default_collate
 def _layers(model, names=None):
     mods = dict(model.named_modules())
     if names is None:
-        names = [n for n, m in mods.items() if n and (isinstance(m, (nn.Linear, nn.Conv2d)) or
+        names = [n for n, m in mods.items() if n and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or
                                                      type(m).__name__ == "Conv1D")]
     return [(n, mods[n]) for n in names]
 
@@ -31,6 +31,25 @@ def _as_matrix(module, weight, bias):
     w = weight.T if type(module).__name__ == "Conv1D" else weight
     w = w.reshape(w.shape[0], -1)
     return torch.cat([w, bias[:, None]], 1) if bias is not None else w
+
+
+def _patches(m, x):
+    """One example's conv patches [positions, C·prod(kernel)] by Tensor.unfold per spatial dim (not F.unfold,
+    which the pipeline uses), after zero padding: explicit, "valid", or "same" (the extra position after)."""
+    k, dil, stride = m.kernel_size, m.dilation, m.stride
+    if m.padding == "same":
+        pads = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for d, kk in zip(dil, k)]
+    elif m.padding == "valid":
+        pads = [(0, 0)] * len(k)
+    else:
+        pads = [(p, p) for p in m.padding]
+    x = F.pad(x[0], [p for pair in reversed(pads) for p in pair])  # [C, *spatial]
+    for d in range(len(k)):  # window dims appended at the end, one per spatial dim
+        x = x.unfold(1 + d, dil[d] * (k[d] - 1) + 1, stride[d])
+    x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in dil)]  # [C, *out, *k]
+    n = len(k)
+    x = x.permute(*range(1, 1 + n), 0, *range(1 + n, 1 + 2 * n))  # [*out, C, *k]
+    return x.reshape(-1, x[(0,) * n].numel())
 
 
 def _example_terms(model, task, example, layers, kind):
@@ -55,8 +74,8 @@ def _example_terms(model, task, example, layers, kind):
     for name, m in layers:
         G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None).double()
         x = acts[name].double()
-        if isinstance(m, nn.Conv2d):
-            a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)[0].T
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            a = _patches(m, x)
             g = outs[name].grad.double()[0].reshape(outs[name].shape[1], -1).T
         else:
             a = x.reshape(-1, x.shape[-1])
