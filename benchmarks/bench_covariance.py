@@ -31,7 +31,9 @@ class CovarianceBench(H.OpBench):
         if smoke:
             return [case("nomask", R=64, D=17), case("mask", R=64, D=17)]
         cpu = [case("nomask", R=4096, D=513), case("mask", R=4096, D=513), case("nomask", R=8192, D=1025),
-               case("mask", R=8192, D=1025)]
+               case("mask", R=8192, D=1025),
+               # narrow factors over many rows: a small CNN's conv patches (3·3·3 + 1, 16·3·3 + 1) and outputs
+               case("nomask", R=131072, D=28), case("nomask", R=131072, D=16), case("nomask", R=32768, D=145)]
         if device.type != "cuda":
             return cpu
         big = []

@@ -6,6 +6,9 @@ Workloads (defaults; --smoke shrinks everything to a few seconds):
   cls  MLP 784→512→256→10, cross-entropy, 5,000 train / 200 query examples (random inputs, labels from
        a random teacher MLP)
   reg  MLP 64→128→128→1, Gaussian NLL (sum of ½(y−f)²), 5,000 / 200 (targets from a random teacher)
+  cnn  (not in the default set) CNN on 3×32×32 inputs: conv 3→16 (3×3, "same") → ReLU → max-pool 2 → conv
+       16→32 (3×3, "same") → ReLU → max-pool 2 → linear 2048→10, cross-entropy, 2,000 / 100 (labels from a
+       random teacher CNN): convolutions, whose positions are tokens (1,024 and 256 per example)
 
 Each model is trained 3 epochs of SGD (momentum 0.9, batch 100, 150 steps) and checkpointed 6 times
 (steps 25, 50, …, 150). Measured, each in a fresh subprocess (peak RSS = its VmHWM; also its CPU time):
@@ -49,10 +52,12 @@ import _process
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
-FULL = {"n_train": 5000, "n_query": 200, "cls_dims": (784, 512, 256, 10), "reg_dims": (64, 128, 128, 1)}
-SMOKE = {"n_train": 256, "n_query": 8, "cls_dims": (784, 32, 16, 10), "reg_dims": (16, 32, 32, 1)}
+FULL = {"n_train": 5000, "n_query": 200, "cls_dims": (784, 512, 256, 10), "reg_dims": (64, 128, 128, 1),
+        "cnn": {"n_train": 2000, "n_query": 100, "image": 32}}
+SMOKE = {"n_train": 256, "n_query": 8, "cls_dims": (784, 32, 16, 10), "reg_dims": (16, 32, 32, 1),
+         "cnn": {"n_train": 256, "n_query": 4, "image": 8}}
 EPOCHS, TRAIN_BATCH, NUM_CHECKPOINTS, NUM_SEGMENTS, MOMENTUM = 3, 100, 6, 3, 0.9
-LR = {"cls": 0.05, "reg": 0.01}
+LR = {"cls": 0.05, "reg": 0.01, "cnn": 0.02}
 
 COLUMNS = ["workload", "library", "method", "stage", "seconds", "peak_rss_mib", "threads", "cpu_model",
            "torch_version", "kronfluence_version", "source_fast_commit", "date",
@@ -70,8 +75,14 @@ ONE_PASS = "one_pass"  # source_fast SOURCE only: pairwise_scores without fit() 
 
 
 def build_model(dims):
+    """An MLP of these widths, or ("cnn", image side) for the CNN workload."""
     from torch import nn
 
+    if dims[0] == "cnn":
+        side = dims[1] // 4  # two 2×2 max-pools
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 32, 3, padding="same"), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                             nn.Linear(32 * side * side, 10))
     layers = []
     for k in range(len(dims) - 1):
         layers.append(nn.Linear(dims[k], dims[k + 1]))
@@ -91,7 +102,7 @@ def make_task(workload: str):
     except ImportError:
         from source_fast.task import Task as Base
 
-    if workload == "cls":
+    if workload in ("cls", "cnn"):
         class ClassificationTask(Base):
             @staticmethod
             def _draw(logits):
@@ -140,20 +151,30 @@ def make_task(workload: str):
     return RegressionTask()
 
 
+def workload_sizes(workload: str, sizes: dict) -> dict:
+    """n_train, n_query and the model's dims (widths, or ("cnn", image side)) of one workload."""
+    if workload == "cnn":
+        return {"n_train": sizes["cnn"]["n_train"], "n_query": sizes["cnn"]["n_query"],
+                "dims": ("cnn", sizes["cnn"]["image"])}
+    return {"n_train": sizes["n_train"], "n_query": sizes["n_query"], "dims": sizes[f"{workload}_dims"]}
+
+
 def prepare_workload(workload: str, sizes: dict, path: Path):
     """Data from a random teacher, 3 epochs of SGD with momentum, 6 checkpoints; saved to `path`."""
     import torch
     import torch.nn.functional as F
 
-    gen = torch.Generator().manual_seed(0 if workload == "cls" else 1)
-    dims = sizes["cls_dims"] if workload == "cls" else sizes["reg_dims"]
+    gen = torch.Generator().manual_seed({"cls": 0, "reg": 1, "cnn": 2}[workload])
+    sizes = workload_sizes(workload, sizes)
+    dims = sizes["dims"]
     n = sizes["n_train"] + sizes["n_query"]
-    x = torch.randn(n, dims[0], generator=gen)
+    x = torch.randn(n, 3, dims[1], dims[1], generator=gen) if workload == "cnn" else torch.randn(n, dims[0],
+                                                                                                  generator=gen)
     torch.manual_seed(100)
     teacher = build_model(dims)
     with torch.no_grad():
         out = teacher(x)
-        y = out.argmax(-1) if workload == "cls" else out + 0.1 * torch.randn(out.shape, generator=gen)
+        y = out + 0.1 * torch.randn(out.shape, generator=gen) if workload == "reg" else out.argmax(-1)
     torch.manual_seed(200)
     model = build_model(dims)
     opt = torch.optim.SGD(model.parameters(), lr=LR[workload], momentum=MOMENTUM)
@@ -167,7 +188,7 @@ def prepare_workload(workload: str, sizes: dict, path: Path):
         for start in range(0, n_train, TRAIN_BATCH):
             idx = perm[start:start + TRAIN_BATCH]
             pred = model(x[idx])
-            loss = F.cross_entropy(pred, y[idx]) if workload == "cls" else 0.5 * (pred - y[idx]).square().mean()
+            loss = 0.5 * (pred - y[idx]).square().mean() if workload == "reg" else F.cross_entropy(pred, y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -380,6 +401,10 @@ def _write(rows, out_dir: Path, summary, args):
         for r in rows:
             writer.writerow({k: (f"{r[k]:.3f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
     first = rows[0]
+    seen = {}
+    for r in rows:
+        seen.setdefault(r["workload"], (r["n_train"], r["n_query"]))
+    sizes_text = ", ".join(f"{w}: {n} train / {q} query examples" for w, (n, q) in seen.items())
     loads = [r["loadavg_1m"] for r in rows if isinstance(r["loadavg_1m"], float)] or [0.0]
     where = "all stages in one process (--in-process / --smoke: peak RSS is cumulative)" if args.in_process \
         or args.smoke else "every stage in a fresh process"
@@ -388,15 +413,15 @@ def _write(rows, out_dir: Path, summary, args):
           f"{args.device_name + ' (host: ' + first['cpu_model'] + ')' if args.device != 'cpu' else first['cpu_model']}, "
           f"{first['threads']} torch threads, torch {first['torch_version']}, source_fast "
           f"{first['source_fast_commit']} (backends: `{next((r['sf_backend'] for r in rows if r['sf_backend']), '?')}`), "
-          f"{first['date']}. Batch size {first['batch_size']} for both libraries; {first['n_train']} train / "
-          f"{first['n_query']} query examples. One run each, {where} (peak RSS = that "
+          f"{first['date']}. Batch size {first['batch_size']} for both libraries; {sizes_text}. One run each, {where} (peak RSS = that "
           f"process's VmHWM; Δ = growth during the stage, after imports and data loading). 1-minute load "
           f"average at the end of each stage {min(loads):.1f}–{max(loads):.1f} (the benchmark's own 2 threads "
           f"count ~2; more means other jobs shared the cores: compare with care). CSV: loadavg_1m, cpu_seconds "
           f"(the stage's user+sys CPU time).",
           "",
           f"Workloads: `cls` MLP {'→'.join(map(str, args.sizes['cls_dims']))} (cross-entropy), `reg` MLP "
-          f"{'→'.join(map(str, args.sizes['reg_dims']))} (Gaussian NLL). "
+          f"{'→'.join(map(str, args.sizes['reg_dims']))} (Gaussian NLL), `cnn` CNN on 3×{args.sizes['cnn']['image']}²"
+          f" inputs (conv 3→16, pool, conv 16→32, pool, linear; cross-entropy; positions as tokens). "
           "`influence` = EK-FAC influence at the final checkpoint (true Fisher, heuristic damping) in both "
           "libraries; `source` = SOURCE with L=3 segments over C=6 checkpoints. Kronfluence runs with its default "
           "FactorArguments/ScoreArguments (fp32 gradients, fp64 eigendecomposition) and all queries in one query "
@@ -431,7 +456,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both libraries (default 2)")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per batch, both libraries")
-    parser.add_argument("--workloads", default="cls,reg", help="comma list of cls, reg")
+    parser.add_argument("--workloads", default="cls,reg", help="comma list of cls, reg, cnn (default cls,reg)")
     parser.add_argument("--libraries", default="kronfluence,source_fast", help="comma list")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds); for CI")
     parser.add_argument("--out-dir", default=None,
@@ -465,13 +490,14 @@ def main(argv=None):
         for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
             data = work / f"{workload}.pt"
             prepare_workload(workload, sizes, data)
+            own = workload_sizes(workload, sizes)
             for library, method in PLAN:
                 if library not in libraries:
                     continue
                 for stage in STAGES + ((ONE_PASS,) if (library, method) == ("source_fast", "source") else ()):
                     row = {"workload": workload, "library": library, "method": method, "stage": stage,
-                           "threads": args.threads, "date": date, "n_train": sizes["n_train"],
-                           "n_query": sizes["n_query"], "batch_size": args.batch_size, **meta,
+                           "threads": args.threads, "date": date, "n_train": own["n_train"],
+                           "n_query": own["n_query"], "batch_size": args.batch_size, **meta,
                            "seconds": "", "cpu_seconds": "", "peak_rss_mib": "", "rss_before_mib": "",
                            "loadavg_1m": "", "sf_backend": "", "status": "ok", "device": args.device_name,
                            "peak_gpu_mib": ""}

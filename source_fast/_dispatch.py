@@ -59,6 +59,8 @@ class Backend:
             if t.is_floating_point() and t.dtype not in self.dtypes and name != "mask":  # masks are converted
                 reasons.append(f"{name} dtype {t.dtype} not in {[str(d) for d in self.dtypes]}")
         reasons += self.extra_reasons(op, tensors, deterministic)
+        if not explicit and not reasons:
+            reasons += self.slower_than_torch(op, tensors)
         if not explicit and not reasons and any(isinstance(t, torch.Tensor) and t.device.type == "cuda"
                                                 for t in tensors.values()) and _config.measured_dispatch():
             slower = measured_slowdown(op, self.name, tensors)
@@ -67,6 +69,11 @@ class Backend:
         if (self.name, op) in _disabled:
             reasons.append(f"disabled after a failed numerical self-test: {_disabled[(self.name, op)]}")
         return reasons
+
+    def slower_than_torch(self, op: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Why the automatic choice passes over this backend for these shapes although it can run them (it
+        measured slower than the torch backend there); an explicit backend= still runs it."""
+        return []
 
     def device_reasons(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         return [f"{name} on device {t.device.type!r}; {self.name} runs on {self.devices}"
@@ -174,6 +181,18 @@ class CudaBackend(ExtensionBackend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# The C++ covariance against the torch backend on CPU (bench_covariance.py, Zen 4 host, 2 threads): 0.39x at
+# D = 16 and 0.89x at D = 28 over 131,072 rows, 1.40x at D = 145, 1.6-2.2x from D = 513; with a mask the torch
+# backend's weighting pass makes it the slower one from D = 28 on. So unmasked factors this narrow go to torch.
+COVARIANCE_TORCH_MAX_D = 32
+
+
+def _narrow_covariance(op: str, tensors: dict[str, torch.Tensor]) -> bool:
+    x = tensors.get("x")
+    return (op == "covariance" and isinstance(x, torch.Tensor) and x.dim() == 2
+            and x.shape[1] <= COVARIANCE_TORCH_MAX_D and tensors.get("mask") is None)
+
+
 class CpuBackend(ExtensionBackend):
     name = "cpu"
     devices = ("cpu",)
@@ -184,6 +203,14 @@ class CpuBackend(ExtensionBackend):
     # kron_project and score_lowrank are GEMMs either way (the compiled GEMM measured no consistent win for
     # score_lowrank), so torch runs them.
     ops = ("covariance", "lambda_accum", "score_pairwise", "score_self", "score_per_token")
+
+    def slower_than_torch(self, op, tensors):
+        if _narrow_covariance(op, tensors):
+            return [f"x has {tensors['x'].shape[1]} columns (<= {COVARIANCE_TORCH_MAX_D}) and no mask: the C++ "
+                    "covariance measured slower than the torch backend's GEMM on such narrow factors (D = 16: 0.39x, "
+                    "D = 28: 0.89x, D = 145: 1.40x; benchmarks/results/ops_cpu_zen4.md); pass backend='cpu' to use "
+                    "it anyway"]
+        return []
 
     def form(self, op, tensors):
         if op not in ("score_pairwise", "score_per_token"):
@@ -243,6 +270,11 @@ def measured_slowdown(op: str, backend: str, tensors: dict[str, torch.Tensor]) -
             f"(benchmarks/results); pass backend={backend!r} to use it anyway")
 
 
+def _shape_class(op: str, tensors: dict[str, torch.Tensor]):
+    """What of the shapes a backend's slower_than_torch rule reads (part of the automatic choice's cache key)."""
+    return _narrow_covariance(op, tensors)
+
+
 def _inputs_summary(tensors):
     return ", ".join(
         f"{k}=({tuple(t.shape)}, {t.dtype}, {t.device})" for k, t in tensors.items() if isinstance(t, torch.Tensor)
@@ -273,7 +305,7 @@ def select(op: str, tensors: dict[str, torch.Tensor], backend: str | None = None
     key = (op, deterministic, interpreting(), id(_disabled), len(_disabled),
            tuple((n, id(b)) for n, b in BACKENDS.items()),
            tuple((k, t.device, t.dtype) for k, t in tensors.items() if isinstance(t, torch.Tensor)),
-           regime(op, tensors), _config.measured_dispatch())
+           regime(op, tensors), _config.measured_dispatch(), _shape_class(op, tensors))
     hit = _auto_choice.get(key)
     if hit is not None:
         return hit

@@ -109,3 +109,21 @@ def test_ab_builds_compares_a_build_with_itself():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("covariance", "lambda_accum"))]
     assert len(rows) == 4, out[-4000:]
     assert all(line.count("diff 0e+00") == 2 for line in rows), out[-4000:]
+
+
+def test_bench_vs_kronfluence_smoke_every_workload():
+    """The end-to-end comparison runs every workload (the MLPs and the CNN) at smoke sizes, in one process:
+    every source_fast stage gets a time (Kronfluence's too where it is installed) and nothing is written."""
+    before = {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("vs_kronfluence_*")}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_vs_kronfluence.py"), "--smoke", "--workloads",
+                           "cls,reg,cnn"], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    for workload in ("cls", "reg", "cnn"):
+        for method, stages in (("influence", ("fit", "pairwise", "self")),
+                               ("source", ("fit", "pairwise", "self", "one_pass"))):
+            for stage in stages:
+                assert re.search(rf"^{workload}\s+source_fast\s+{method}\s+{stage}\s+[\d.]+ s", proc.stdout, re.M), \
+                    f"no {workload} {method} {stage} time:\n{out[-4000:]}"
+    after = {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("vs_kronfluence_*")}
+    assert after == before

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _backends import assert_fast_sm90_builds, backend_params, compile_for_gpu, require
+from _backends import assert_fast_sm90_builds, at_thread_counts, backend_params, compile_for_gpu, require
 from _asserts import assert_close_report
 from _tolerances import assert_matches_oracle
 from source_fast import ops, reference
@@ -99,6 +99,29 @@ def test_covariance_strided_input(backend):
     require(backend, "covariance", {"x": x})
     assert_matches_oracle(ops.covariance(x, backend=backend), reference.covariance_ref(x), op="covariance",
                           backend=backend, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("d", [1, 16, 40, 256, 257], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("mask_kind", ["none", "float"])
+def test_covariance_cpu_many_rows_narrow_and_wide(d, mask_kind):
+    """More than one group of rows (the C++ kernel sums narrow factors, D <= 256, in groups of 4096 rows, then
+    the groups in order; D = 257 takes the tile-parallel path): the oracle, accumulation into out, strided rows,
+    and the same bits at 1 and 2 threads."""
+    r = 2 * 4096 + 301
+    x, mask = _inputs(r, d, torch.float32, mask_kind)
+    require("cpu", "covariance", {"x": x})
+    got, _ = _check("cpu", x, mask, torch.float32)
+    assert torch.equal(got, got.T)
+    one, two = at_thread_counts(lambda: ops.covariance(x, mask, backend="cpu"))
+    assert torch.equal(one, two)
+    start = torch.randn(d, d)
+    out = start.clone()
+    ops.covariance(x, mask, out=out, backend="cpu")
+    expected = (start.double() + start.double().T) / 2 + reference.covariance_ref(x, mask)
+    assert_matches_oracle(out, expected, op="covariance", backend="cpu", dtype=torch.float32)
+    wide = torch.randn(r, 2 * d + 1)[:, ::2]  # column stride 2
+    assert_matches_oracle(ops.covariance(wide, backend="cpu"), reference.covariance_ref(wide), op="covariance",
+                          backend="cpu", dtype=torch.float32)
 
 
 @pytest.mark.interpreter

@@ -72,6 +72,23 @@ def test_auto_falls_back_to_torch_on_cpu():
     torch.testing.assert_close(ops.covariance(x64), reference.covariance_ref(x64))
 
 
+def test_narrow_unmasked_covariance_goes_to_torch_on_cpu():
+    """The C++ covariance measured slower than torch on unmasked factors of <= 32 columns: the automatic choice
+    takes torch there (the reason in explain), the C++ kernel elsewhere, and backend="cpu" still runs it."""
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ backend is not built")
+    limit = _dispatch.COVARIANCE_TORCH_MAX_D
+    narrow, wide = torch.randn(300, limit), torch.randn(300, limit + 1)
+    mask = torch.rand(300) > 0.5
+    assert _dispatch.select("covariance", {"x": narrow})[0] == "torch"
+    assert _dispatch.select("covariance", {"x": wide})[0] == "cpu"
+    assert _dispatch.select("covariance", {"x": narrow, "mask": mask})[0] == "cpu"
+    assert _dispatch.select("covariance", {"x": narrow})[0] == "torch"  # the cached choice keeps the shape apart
+    assert "no mask: the C++ covariance measured slower" in _dispatch.explain("covariance", {"x": narrow})
+    assert _dispatch.select("covariance", {"x": narrow}, backend="cpu")[0] == "cpu"
+    torch.testing.assert_close(ops.covariance(narrow, backend="cpu"), ops.covariance(narrow), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.interpreter
 def test_triton_interpreter_runs_only_when_named():
     if "triton" not in available_backends("cpu"):
