@@ -185,6 +185,11 @@ SPARSE_G_MAX_DENSITY = 0.7
 SPARSE_G_MIN_ENTRIES = 4096  # below this the choice costs more than it can save
 SPARSE_G_MIN_QUERIES = 32    # its compression costs ~N·O·I/16 operations: amortised over enough queries
 # (bench_score_pairwise.py, Q = 16: 1.6x slower than the dense kernel; Q = 200: faster)
+# With T tokens it forms a row of G_n per nonzero (n, o) from T token rows, at a much lower rate than the
+# materialised kernel's GEMMs: at half the (n, o) rows zero it measured 0.37-0.72x the materialised kernel's
+# time at T = 8, 0.60-1.54x at T = 16 and 1.15-2.41x from T = 32 (Q = 32..200, O·I = 128·65..256·513; a small
+# CNN's conv layer, T = 256 positions: 7x slower). A segment's stacked checkpoints (T = 2..8) keep it.
+SPARSE_G_MAX_TOKENS = 8
 
 
 def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
@@ -193,7 +198,8 @@ def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
     entries, few enough of them nonzero. `density`: the fraction of (n, o) with any nonzero g[n, :, o]
     (with T > 1 the kernel forms one row of G_n per such entry: (Q + T)·I flops each, against
     (Q + T)·I per entry for the dense materialised kernel, so the same rule holds for every T)."""
-    return q >= SPARSE_G_MIN_QUERIES and entries >= SPARSE_G_MIN_ENTRIES and density <= SPARSE_G_MAX_DENSITY
+    return (q >= SPARSE_G_MIN_QUERIES and t <= SPARSE_G_MAX_TOKENS and entries >= SPARSE_G_MIN_ENTRIES
+            and density <= SPARSE_G_MAX_DENSITY)
 
 
 DENSITY_SAMPLE = 16  # examples read to estimate the density: the kernel choice only compares it with 0.7

@@ -190,6 +190,24 @@ def test_score_pairwise_cpu_sparse_g_grouped_tokens(n, t, strided):
                           dtype=torch.float32)
 
 
+def test_score_pairwise_cpu_sparse_g_only_for_few_tokens():
+    """Past SPARSE_G_MAX_TOKENS tokens (a conv layer's positions) the materialised kernel runs even where g has
+    many exact zeros: the sparse kernel forms rows of G_n from T token rows far slower than its GEMMs."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(3)
+    q, o, i, n = 40, 48, 37, 200
+    v = torch.randn(q, o, i, generator=gen)
+    for t, kernel in [(_extension.SPARSE_G_MAX_TOKENS, "score_pairwise_sparse_g_cpu"),
+                      (_extension.SPARSE_G_MAX_TOKENS + 1, "score_pairwise_materialized_cpu")]:
+        g = torch.randn(n, t, o, generator=gen) * (torch.rand(n, 1, o, generator=gen) < 0.45)
+        a = torch.randn(n, t, i, generator=gen)
+        assert _extension.cpu_pairwise_kernel(v, a, g) == kernel, t
+        require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+        assert_matches_oracle(ops.score_pairwise(v, a, g, backend="cpu"), reference.score_pairwise_ref(v, a, g),
+                              op="score_pairwise", backend="cpu", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("q,o,t,layout", [(7, 1, 1, "contiguous"), (5, 3, 1, "contiguous"), (13, 5, 2, "contiguous"),
                                           (9, 6, 1, "strided"), (1, 2, 1, "contiguous")],
                          ids=["o1", "o3-two-groups", "o5-t2", "o6-strided", "q1-o2"])
