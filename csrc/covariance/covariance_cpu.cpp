@@ -17,9 +17,10 @@ using namespace cpu;
 constexpr index_t KC = 256;  // rows per packed chunk: one B panel (KC x NR) stays in L1
 // Narrow factors (D up to a few hundred: a conv layer's patches, a small MLP) over many rows have too few
 // tiles per chunk to share among threads, and a barrier per chunk costs more than the chunk's work (D = 16:
-// 36x slower than torch.addmm before this path). They are summed in groups of GROUP_CHUNKS chunks instead,
-// a group per task into its own partial, then the partials in group order: the same bits at any thread count.
-constexpr index_t GROUP_CHUNKS = 16;
+// 2.8x slower than now). They are summed in groups of whole chunks instead, a group per task into its own
+// partial, then the partials in group order. The group size depends on R only (about R / 16, 4 to 32
+// chunks), so the bits are the same at any thread count.
+constexpr index_t GROUPS_TARGET = 16, GROUP_CHUNKS_MIN = 4, GROUP_CHUNKS_MAX = 32;
 constexpr index_t GROUPED_MAX_D = 256;
 
 struct Plan {
@@ -97,7 +98,8 @@ Status covariance_cpu(const float* x, index_t R, index_t D, index_t sxr, index_t
 
   const Plan plan(D);
   const index_t n_tiles = static_cast<index_t>(plan.tiles.size());
-  const index_t group_rows = GROUP_CHUNKS * KC, n_groups = ceil_div(R, group_rows);
+  const index_t group_chunks = std::clamp<index_t>(ceil_div(R, GROUPS_TARGET * KC), GROUP_CHUNKS_MIN, GROUP_CHUNKS_MAX);
+  const index_t group_rows = group_chunks * KC, n_groups = ceil_div(R, group_rows);
   const bool grouped = D <= GROUPED_MAX_D && n_groups >= 2;
   const index_t kc_max = std::min<index_t>(KC, std::max<index_t>(R, 1));
   const int nt = threads_for(static_cast<double>(R) * D * D, 2.0e6, num_threads);

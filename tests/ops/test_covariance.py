@@ -104,9 +104,9 @@ def test_covariance_strided_input(backend):
 @pytest.mark.parametrize("d", [1, 16, 40, 256, 257], ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("mask_kind", ["none", "float"])
 def test_covariance_cpu_many_rows_narrow_and_wide(d, mask_kind):
-    """More than one group of rows (the C++ kernel sums narrow factors, D <= 256, in groups of 4096 rows, then
-    the groups in order; D = 257 takes the tile-parallel path): the oracle, accumulation into out, strided rows,
-    and the same bits at 1 and 2 threads."""
+    """Several groups of rows (the C++ kernel sums narrow factors, D <= 256, in groups of whole 256-row chunks
+    sized by R alone, then the groups in order; D = 257 takes the tile-parallel path): the oracle, accumulation
+    into out, strided rows, and the same bits at 1 and 2 threads."""
     r = 2 * 4096 + 301
     x, mask = _inputs(r, d, torch.float32, mask_kind)
     require("cpu", "covariance", {"x": x})
