@@ -22,6 +22,7 @@ constexpr index_t KC = 256;  // rows per packed chunk: one B panel (KC x NR) sta
 // chunks), so the bits are the same at any thread count.
 constexpr index_t GROUPS_TARGET = 16, GROUP_CHUNKS_MIN = 4, GROUP_CHUNKS_MAX = 32;
 constexpr index_t GROUPED_MAX_D = 256;
+constexpr index_t WAVE_GROUPS = 64;  // partials in memory at once: <= 64 · 256² floats (16 MiB)
 
 struct Plan {
   index_t D, n_row_tiles, n_panels;
@@ -103,10 +104,10 @@ Status covariance_cpu(const float* x, index_t R, index_t D, index_t sxr, index_t
   const bool grouped = D <= GROUPED_MAX_D && n_groups >= 2;
   const index_t kc_max = std::min<index_t>(KC, std::max<index_t>(R, 1));
   const int nt = threads_for(static_cast<double>(R) * D * D, 2.0e6, num_threads);
-  // Shared packs (tile-parallel path), or the group partials [n_groups][D][D] (upper triangles).
+  // Shared packs (tile-parallel path), or one wave's group partials [WAVE_GROUPS][D][D] (upper triangles).
   AlignedBuffer apack(grouped ? 0 : static_cast<std::size_t>(plan.n_row_tiles * MR * kc_max));
   AlignedBuffer bpack(grouped ? 0 : static_cast<std::size_t>(plan.n_panels * NR * kc_max));
-  AlignedBuffer partials(grouped ? static_cast<std::size_t>(n_groups * D * D) : 0);
+  AlignedBuffer partials(grouped ? static_cast<std::size_t>(std::min(n_groups, WAVE_GROUPS) * D * D) : 0);
   if (grouped ? !partials.data() : (!apack.data() || !bpack.data()))
     return Status(Code::kUnsupported, "covariance_cpu: out of memory for packing");
   int alloc_failed = 0;
@@ -130,27 +131,31 @@ Status covariance_cpu(const float* x, index_t R, index_t D, index_t sxr, index_t
 #pragma omp atomic write
         alloc_failed = 1;
       }
+      // Waves of at most WAVE_GROUPS partials bound the memory; the partials still reach out in group order.
+      for (index_t g0 = 0; g0 < n_groups; g0 += WAVE_GROUPS) {
+        const index_t g1 = std::min(n_groups, g0 + WAVE_GROUPS);
 #pragma omp for schedule(dynamic, 1)
-      for (index_t g = 0; g < n_groups; ++g) {
-        float* part = partials.data() + g * D * D;
-        std::fill(part, part + D * D, 0.0f);
-        if (!a_local.data() || !b_local.data()) continue;
-        const index_t r_end = std::min(R, (g + 1) * group_rows);
-        for (index_t r0 = g * group_rows; r0 < r_end; r0 += KC) {
-          const index_t kc = std::min(KC, r_end - r0);
-          for (index_t p = 0; p < plan.n_panels; ++p) pack_b(x, sxr, sxc, mask, smask, r0, kc, D, p, b_local.data());
-          for (index_t it = 0; it < plan.n_row_tiles; ++it) pack_a(x, sxr, sxc, r0, kc, D, it, a_local.data());
-          for (const auto& [it, p] : plan.tiles) add_tile(it, p, kc, a_local.data(), b_local.data(), D, part, D);
+        for (index_t g = g0; g < g1; ++g) {
+          float* part = partials.data() + (g - g0) * D * D;
+          std::fill(part, part + D * D, 0.0f);
+          if (!a_local.data() || !b_local.data()) continue;
+          const index_t r_end = std::min(R, (g + 1) * group_rows);
+          for (index_t r0 = g * group_rows; r0 < r_end; r0 += KC) {
+            const index_t kc = std::min(KC, r_end - r0);
+            for (index_t p = 0; p < plan.n_panels; ++p) pack_b(x, sxr, sxc, mask, smask, r0, kc, D, p, b_local.data());
+            for (index_t it = 0; it < plan.n_row_tiles; ++it) pack_a(x, sxr, sxc, r0, kc, D, it, a_local.data());
+            for (const auto& [it, p] : plan.tiles) add_tile(it, p, kc, a_local.data(), b_local.data(), D, part, D);
+          }
         }
-      }
-      // implicit barrier: every partial is complete; add them in group order
+        // implicit barrier: the wave's partials are complete; add them in group order
 #pragma omp for schedule(static)
-      for (index_t i = 0; i < D; ++i)
-        for (index_t g = 0; g < n_groups; ++g) {
-          const float* src = partials.data() + g * D * D + i * D;
-          float* row = out + i * ldo;
-          for (index_t j = i; j < D; ++j) row[j] += src[j];
-        }
+        for (index_t i = 0; i < D; ++i)
+          for (index_t g = g0; g < g1; ++g) {
+            const float* src = partials.data() + (g - g0) * D * D + i * D;
+            float* row = out + i * ldo;
+            for (index_t j = i; j < D; ++j) row[j] += src[j];
+          }
+      }
     } else {
       float *Ap = apack.data(), *Bp = bpack.data();
       for (index_t r0 = 0; r0 < R; r0 += KC) {

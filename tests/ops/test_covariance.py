@@ -124,6 +124,18 @@ def test_covariance_cpu_many_rows_narrow_and_wide(d, mask_kind):
                           backend="cpu", dtype=torch.float32)
 
 
+def test_covariance_cpu_more_groups_than_one_wave():
+    """Past 64 row groups (about 5·10⁵ rows) the C++ kernel sums its partials a wave of 64 at a time, still in group
+    order: the oracle and the same bits at 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(600_000, 3, generator=gen)
+    mask = torch.rand(600_000, generator=gen) * 2.0
+    require("cpu", "covariance", {"x": x, "mask": mask})
+    one, two = at_thread_counts(lambda: ops.covariance(x, mask, backend="cpu"))
+    assert torch.equal(one, two)
+    assert_matches_oracle(one, reference.covariance_ref(x, mask), op="covariance", backend="cpu", dtype=torch.float32)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("with_out", [False, True], ids=["fresh", "out"])
