@@ -127,3 +127,15 @@ def test_bench_vs_kronfluence_smoke_every_workload():
                     f"no {workload} {method} {stage} time:\n{out[-4000:]}"
     after = {p.name: p.stat().st_mtime_ns for p in (BENCH / "results").glob("vs_kronfluence_*")}
     assert after == before
+
+
+def test_alternate_stage_smoke():
+    """benchmarks/alternate_stage.py alternates one stage of both libraries in fresh processes (smoke: one pair)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "alternate_stage.py"), "--smoke"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    if proc.returncode == 2 and "kronfluence is not installed" in proc.stdout:
+        pytest.skip("kronfluence is not installed")
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"^pair 1: Kronfluence influence [\d.]+ s, source_fast influence [\d.]+ s", proc.stdout, re.M), out
+    assert re.search(r"1 alternating pairs: medians .* ratio [\d.]+ .*; SMOKE$", proc.stdout, re.M), out
