@@ -195,9 +195,9 @@ SPARSE_G_MAX_TOKENS = 8
 def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
     """Whether score_pairwise_cpu contracts only the nonzero g (also the pipeline's cost model, so it
     plans the output-side rotation only where this kernel will run): enough queries and (example, o)
-    entries, few enough of them nonzero. `density`: the fraction of (n, o) with any nonzero g[n, :, o]
-    (with T > 1 the kernel forms one row of G_n per such entry: (Q + T)·I flops each, against
-    (Q + T)·I per entry for the dense materialised kernel, so the same rule holds for every T)."""
+    entries, few enough of them nonzero, at most SPARSE_G_MAX_TOKENS tokens. `density`: the fraction of (n, o)
+    with any nonzero g[n, :, o] (with T > 1 the kernel forms one row of G_n per such entry: (Q + T)·I flops each,
+    as many per entry as the dense materialised kernel, but at a lower rate as T grows)."""
     return (q >= SPARSE_G_MIN_QUERIES and t <= SPARSE_G_MAX_TOKENS and entries >= SPARSE_G_MIN_ENTRIES
             and density <= SPARSE_G_MAX_DENSITY)
 
@@ -232,12 +232,18 @@ def queries_innermost_empty(q: int, o: int, i: int, *, dtype: torch.dtype, devic
     return buf[..., :q].permute(2, 0, 1)
 
 
-def zero_query_padding(v: torch.Tensor) -> torch.Tensor:
-    """v (a `queries_innermost_empty` view, e.g. handed back for reuse) with its padding lanes set to zero."""
+def query_padding(v: torch.Tensor) -> torch.Tensor:
+    """The padding lanes [O, I, Qs − Q] behind a `queries_innermost_empty` view v [Q, O, I] (what the sparse
+    kernel reads past the last query)."""
     q, o, i = v.shape
     qs = v.stride(2)
-    if qs > q:
-        torch.as_strided(v, (o, i, qs - q), (v.stride(1), qs, 1), v.storage_offset() + q).zero_()
+    return torch.as_strided(v, (o, i, qs - q), (v.stride(1), qs, 1), v.storage_offset() + q)
+
+
+def zero_query_padding(v: torch.Tensor) -> torch.Tensor:
+    """v (a `queries_innermost_empty` view, e.g. handed back for reuse) with its padding lanes set to zero."""
+    if v.stride(2) > v.shape[0]:
+        query_padding(v).zero_()
     return v
 
 
@@ -275,8 +281,8 @@ def cpu_pairwise_kernel(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> st
     q, o, i = v.shape
     n, t, _ = a.shape
     strategy = _torch_ops.pairwise_strategy(q, n, t, o, i) if t > 1 else "tokenwise"
-    cheap_ok = q >= SPARSE_G_MIN_QUERIES and n * o >= SPARSE_G_MIN_ENTRIES  # before reading g for its density
-    if (t == 1 or strategy != "tokenwise") and cheap_ok and sparse_g_applies(q, t, n * o, _density(g)):
+    sizes_ok = sparse_g_applies(q, t, n * o, 0.0)  # every condition but the density: g is read only when they hold
+    if (t == 1 or strategy != "tokenwise") and sizes_ok and sparse_g_applies(q, t, n * o, _density(g)):
         # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted (T > 1:
         # only the rows of G_n whose g[n, :, o] is not all zero, e.g. a segment's stacked checkpoints).
         return "score_pairwise_sparse_g_cpu"

@@ -16,8 +16,8 @@ namespace {
 using namespace cpu;
 constexpr index_t KC = 256;  // rows per packed chunk: one B panel (KC x NR) stays in L1
 // Narrow factors (D up to a few hundred: a conv layer's patches, a small MLP) over many rows have too few
-// tiles per chunk to share among threads, and a barrier per chunk costs more than the chunk's work (D = 16:
-// 2.8x slower than now). They are summed in groups of whole chunks instead, a group per task into its own
+// tiles per chunk to share among threads, and a barrier per chunk costs more than the chunk's work (D = 16
+// ran 2.8x slower that way). They are summed in groups of whole chunks instead, a group per task into its own
 // partial, then the partials in group order. The group size depends on R only (about R / 16, 4 to 32
 // chunks), so the bits are the same at any thread count.
 constexpr index_t GROUPS_TARGET = 16, GROUP_CHUNKS_MIN = 4, GROUP_CHUNKS_MAX = 32;
@@ -25,9 +25,9 @@ constexpr index_t GROUPED_MAX_D = 256;
 constexpr index_t WAVE_GROUPS = 64;  // partials in memory at once: <= 64 · 256² floats (16 MiB)
 
 struct Plan {
-  index_t D, n_row_tiles, n_panels;
+  index_t n_row_tiles, n_panels;
   std::vector<std::pair<index_t, index_t>> tiles;  // (row tile, panel) touching the upper triangle
-  explicit Plan(index_t d) : D(d), n_row_tiles(ceil_div(d, MR)), n_panels(ceil_div(d, NR)) {
+  explicit Plan(index_t d) : n_row_tiles(ceil_div(d, MR)), n_panels(ceil_div(d, NR)) {
     for (index_t p = 0; p < n_panels; ++p)  // panel-major, so a B panel is reused
       for (index_t it = 0; it < n_row_tiles; ++it)
         if (p * NR + NR > it * MR) tiles.emplace_back(it, p);
