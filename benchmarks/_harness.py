@@ -820,6 +820,7 @@ def parse_args(argv=None, description: str = "") -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:k]")
     p.add_argument("--impls", default="", help="comma list of implementations (backends and baselines)")
     p.add_argument("--dtypes", default="", help="comma list: only the cases of these dtypes (e.g. bfloat16)")
+    p.add_argument("--cases", default="", help="only the cases whose mode contains this text (e.g. 'sparse a')")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's default; smoke: 1)")
     p.add_argument("--out", default="", help="CSV to upsert (default benchmarks/results/ops_<device>.csv; "
                                               "smoke runs write only when given); '-' writes nothing")
@@ -848,6 +849,11 @@ def main(bench: OpBench, argv=None, script: str | None = None) -> int:
     cases = bench.cases(device, args.smoke)
     if args.dtypes:
         cases = [c for c in cases if c.dtype in args.dtypes.split(",")]
+    if args.cases:
+        cases = [c for c in cases if args.cases in c.mode]
+        if not cases:
+            print(f"no case of {bench.op} has {args.cases!r} in its mode", file=sys.stderr)
+            return 2
     print(f"# {bench.op} on {env['device_name']} ({device}), threads={env['threads']}, torch {env['torch']}, "
           f"triton {env['triton'] or '-'}, cuda {env['cuda'] or '-'}, commit {env['git_commit']}"
           f"{', SMOKE' if args.smoke else ''}{', isolated subprocesses' if isolate else ''}", flush=True)

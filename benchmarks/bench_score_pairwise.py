@@ -18,7 +18,8 @@ Shapes: CPU Q ∈ {16, 200}, N=1024, T ∈ {1, 16}, I=513, O=257, and T=1 with h
 ReLU-gated layer, where the CPU backend contracts only the nonzero g; its GFLOP/s are dense-equivalent; V is
 then given queries-innermost, the layout the pipeline stores it in, to every implementation); and T=2 with the
 same zeros on both tokens (ZT=1: a SOURCE segment's two checkpoints stacked, scored by one formed row of G_n
-per nonzero (n, o)).
+per nonzero (n, o)); and a ReLU MLP's hidden layer (Q=200, N=4096, I=129, O=128) with half of g zero, then
+also ZA % of a zero (its unrotated inputs: the sparse-a-and-g kernel, Q·nnz(a)·nnz(g)).
 CUDA adds N·O·I up to ~8.6e9, fp32 and bf16. Flop model: min(token-wise 2·Q·N·T·O·(I+1), materialising 2·N·T·O·I + 2·Q·N·O·I) (the cost model of
 source_fast._torch_ops.pairwise_strategy). Bytes: V, a, g read, scores (fp32) written.
 
@@ -47,7 +48,11 @@ class ScorePairwiseBench(H.OpBench):
             # ReLU-gated output gradients: half of g exactly zero (the CPU backend's sparse-g kernel); and
             # two tokens with the same zeros (a segment's two checkpoints stacked: ZT=1).
             return out + [case("T=1 g half zeros", Q=q, N=1024, T=1, I=513, O=257, Z=50) for q in (16, 200)] \
-                + [case("T=2 g half zeros, same on both tokens", Q=200, N=1024, T=2, I=513, O=257, Z=50, ZT=1)]
+                + [case("T=2 g half zeros, same on both tokens", Q=200, N=1024, T=2, I=513, O=257, Z=50, ZT=1)] \
+                + [case("T=1 g half zeros (a ReLU MLP's hidden layer)", Q=200, N=4096, T=1, I=129, O=128, Z=50),
+                   case("T=1 a and g half zeros (its unrotated rows: sparse a)", Q=200, N=4096, T=1, I=129, O=128,
+                        Z=50, ZA=50),
+                   case("T=1 a 70 % and g half zeros (sparse a)", Q=200, N=4096, T=1, I=129, O=128, Z=50, ZA=70)]
         big = []
         for dtype in ("float32", "bfloat16"):
             for t in (1, 16):
@@ -69,6 +74,9 @@ class ScorePairwiseBench(H.OpBench):
             shape = (p["N"], 1, p["O"]) if p.get("ZT") else x["g"].shape  # ZT: one pattern for every token
             keep = torch.rand(shape, generator=gen).to(device) >= p["Z"] / 100
             x["g"] = x["g"] * keep.to(dt)
+            if p.get("ZA"):  # ZA % of a exactly zero too (a ReLU layer's inputs, unrotated)
+                keep_a = torch.rand((p["N"], 1, p["I"]), generator=gen).to(device) >= p["ZA"] / 100
+                x["a"] = x["a"] * keep_a.to(dt)
             from source_fast import _extension
 
             x["v"] = _extension._sparse_layout(x["v"])

@@ -30,6 +30,7 @@ What runs where:
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Sequence
 
 import torch
@@ -202,11 +203,32 @@ def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
             and density <= SPARSE_G_MAX_DENSITY)
 
 
+# The sparse-a-and-g kernel (same file) also compresses each example's a to its nonzero columns and contracts
+# every nonzero row of G_n with the matching rows of V only: a gather that reuses each loaded row of V once, at
+# about half the sparse-g kernel's rate per flop, falling as I grows. Its time relative to the sparse-g kernel
+# measured 0.1 + c(I)·d_a (d_a = fraction of (n, i) with any nonzero a; Q = 200, T = 1 and 2, host B): c = 1.35
+# at I ≤ 129, 1.8 at 257, 2.1 at 513 (bench_score_pairwise.py "sparse a" rows). It runs where that predicts at
+# least 15 % less time: d_a ≤ 0.55 at I = 129 (a ReLU MLP's hidden layer: 0.50 on the reg benchmark), 0.35 at 513.
+SPARSE_AG_MIN_GAIN = 0.85
+
+
+def sparse_ag_relative_time(i: int, a_density: float) -> float:
+    """The sparse-a-and-g kernel's time over the sparse-g kernel's for inputs of I columns, a fraction
+    `a_density` of (example, column) entries nonzero (the measured model above)."""
+    return 0.1 + (1.35 + 0.37 * max(0.0, math.log2(max(i, 1) / 129.0))) * a_density
+
+
+def sparse_ag_applies(i: int, a_density: float) -> bool:
+    """Whether, where the sparse-g kernel applies, the sparse-a-and-g kernel is expected to be faster."""
+    return sparse_ag_relative_time(i, a_density) <= SPARSE_AG_MIN_GAIN
+
+
 DENSITY_SAMPLE = 16  # examples read to estimate the density: the kernel choice only compares it with 0.7
 
 
 def _density(g: torch.Tensor) -> float:
-    """Fraction of (example, output) entries with a nonzero g over the tokens ([N, T, O]), estimated on at
+    """Fraction of (example, output) entries with a nonzero g over the tokens ([N, T, O]; or of (example, input)
+    entries of a), estimated on at
     most DENSITY_SAMPLE evenly strided examples (deterministic; a full pass cost 0.4 ms per call on a
     GPT-2 batch, for a choice that needs no precision)."""
     if g.shape[0] > DENSITY_SAMPLE:
@@ -270,14 +292,18 @@ CPU_PAIRWISE_KERNELS = {
     "score_pairwise_cpu": "token-wise (one token, or the flop model's choice for few queries or long rows)",
     "score_pairwise_materialized_cpu": "materialised (rows of G_n formed in cache: the flop model's choice)",
     "score_pairwise_sparse_g_cpu": "sparse g (only the nonzero g[n, o] contracted: exact zeros such as ReLU's)",
+    "score_pairwise_sparse_ag_cpu": "sparse a and g (only the nonzero a[n, i] and g[n, o]: a ReLU layer's inputs)",
 }
+
+
+SPARSE_KERNELS = ("score_pairwise_sparse_g_cpu", "score_pairwise_sparse_ag_cpu")  # read V queries-innermost
 
 
 def cpu_pairwise_kernel(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> str:
     """The C++ kernel `score_pairwise_cpu` runs for these inputs (a key of CPU_PAIRWISE_KERNELS): token-wise
     (Q·N·T·O·I) or materialised (Q·N·O·I + T·N·O·I, rows of G_n formed in cache) by the shared flop model
     (with one token they cost the same and the token-wise kernel runs), or the sparse-g kernel where g has
-    enough exact zeros."""
+    enough exact zeros (the sparse-a-and-g kernel where a has enough too)."""
     q, o, i = v.shape
     n, t, _ = a.shape
     strategy = _torch_ops.pairwise_strategy(q, n, t, o, i) if t > 1 else "tokenwise"
@@ -285,7 +311,8 @@ def cpu_pairwise_kernel(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> st
     if (t == 1 or strategy != "tokenwise") and sizes_ok and sparse_g_applies(q, t, n * o, _density(g)):
         # Exact zeros in g (ReLU-gated output gradients): only the nonzero g[n, o] are contracted (T > 1:
         # only the rows of G_n whose g[n, :, o] is not all zero, e.g. a segment's stacked checkpoints).
-        return "score_pairwise_sparse_g_cpu"
+        # Inputs with exact zeros too (a ReLU layer's activations, unrotated): those columns are skipped as well.
+        return "score_pairwise_sparse_ag_cpu" if sparse_ag_applies(i, _density(a)) else "score_pairwise_sparse_g_cpu"
     if t > 1 and strategy != "tokenwise":
         return "score_pairwise_materialized_cpu"
     return "score_pairwise_cpu"
@@ -299,7 +326,7 @@ def score_pairwise_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out: t
     q, o, i = v.shape
     n, t, _ = a.shape
     kernel = cpu_pairwise_kernel(v, a, g)
-    v = _sparse_layout(_f32(v)) if kernel == "score_pairwise_sparse_g_cpu" else _f32(v)  # a, g: chunk by chunk
+    v = _sparse_layout(_f32(v)) if kernel in SPARSE_KERNELS else _f32(v)  # a, g: chunk by chunk
     if out is None:
         out = torch.empty(q, n, dtype=_F32)
     # The kernel packs a, g and a [Q, n·T] partial per chunk: bound that like the torch backend does.

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import _config, _extension, _linalg, ekfac, io, ops, spectral
 from .batches import batches
-from .directions import RankOneDirections, as_dense, left_product_queries_innermost
+from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
 from .rows import RowBudget, RowCache, member_lists, merge_rows, rows_nbytes
@@ -135,6 +135,7 @@ class SourceAnalyzer:
         self._state_cache: dict[str, dict] = {}
         self._query_tokens = 1  # tokens per query row (set by _query_grads): a cost-model hint
         self._query_g_density: dict[str, float] = {}  # nonzero fraction of query output gradients, per layer
+        self._query_a_density: dict[str, float] = {}  # ... and of their (unrotated) activations
 
     # ------------------------------------------------------------------------------ validation
     @staticmethod
@@ -589,12 +590,16 @@ class SourceAnalyzer:
         (`RankOneDirections`, rotated rows only) instead of the [Q, O, I] tensor."""
         rows_per_layer: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {layer.name: [] for layer in self.layers}
         nonzero = dict.fromkeys(rows_per_layer, 0)
+        nonzero_a = dict.fromkeys(rows_per_layer, 0)
         entries = dict.fromkeys(rows_per_layer, 0)
+        entries_a = dict.fromkeys(rows_per_layer, 0)
         for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
                 nonzero[name] += int(torch.count_nonzero(g))
                 entries[name] += g.numel()
+                nonzero_a[name] += int(torch.count_nonzero(a))
+                entries_a[name] += a.numel()
                 a, g = a.to(self.compute_dtype), g.to(self.compute_dtype)
                 # Checked on the token rows (T·(O+I) per query, not O·I): a product of finite rows is finite.
                 if self.check_finite and not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(g).all())):
@@ -604,6 +609,7 @@ class SourceAnalyzer:
                     a, g = _rotate_rows(a, g, basis[name])
                 rows_per_layer[name].append((a, g))  # T·(O+I) per query: small next to O·I
         self._query_g_density = {name: nonzero[name] / max(entries[name], 1) for name in nonzero}
+        self._query_a_density = {name: nonzero_a[name] / max(entries_a[name], 1) for name in nonzero_a}
         grads: dict[str, torch.Tensor | RankOneDirections] = {}
         for name, parts in rows_per_layer.items():
             if factors and all(a.shape[1] == 1 for a, _ in parts):
@@ -939,7 +945,10 @@ class SourceAnalyzer:
         - "output": rotate the direction back on its output side only (V' = Q_S W: Q·O²·I) and the rows'
           activations only, so the output gradients keep their exact zeros (ReLU-gated layers: about
           half) and the CPU's sparse kernel skips them (Q·I·nnz(g) instead of Q·N·O·I).
-        T and the zero fraction come from the query rows (known before the training pass)."""
+        "direction" is also chosen where the activations have exact zeros too (a ReLU layer's inputs): no row is
+        rotated and the sparse-a-and-g kernel skips both (≈ Q·nnz(a)·nnz(g)). Its V is then laid out
+        queries-innermost once here, as the sparse kernels read it.
+        T and the zero fractions come from the query rows (known before the training pass)."""
         members, v, weight, stage, basis = group
         if basis is None:
             return members, {name: as_dense(x) for name, x in v.items()}, weight, stage, basis
@@ -952,8 +961,14 @@ class SourceAnalyzer:
                 v[name] = v[name].contiguous()  # laid out for a plan this one overrides (not expected)
             if plan == "direction":
                 block = basis.pop(name)
-                dense = as_dense(v[name])
-                v[name] = _linalg.matmul(block.q_s.to(dense.dtype), _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
+                if sparse_ok and self._expects_sparse_kernel(name, v[name].shape, len(members), n_train):
+                    # Q_S W Q_Aᵀ formed in the layout the sparse kernels read (once, not a copy per scoring call)
+                    left = left_product_queries_innermost(block.q_s, v[name])
+                    v[name] = right_product_queries_innermost(left, block.q_a.T)
+                else:
+                    dense = as_dense(v[name])
+                    v[name] = _linalg.matmul(block.q_s.to(dense.dtype),
+                                             _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
             elif plan == "output":
                 block = basis[name]
                 basis[name] = _InputSideOnly(block)
@@ -971,7 +986,14 @@ class SourceAnalyzer:
     def _layer_rotation(self, name, shape, members, n_train, sparse_ok) -> str:
         """`_rotation_plan` for one layer's directions (shape [Q, O, I]) with the query rows' T and zeros."""
         return _rotation_plan(*shape, members, n_train, self._query_tokens, self._query_g_density.get(name, 1.0),
-                              sparse_ok)
+                              sparse_ok, self._query_a_density.get(name, 1.0))
+
+    def _expects_sparse_kernel(self, name, shape, members, n_train) -> bool:
+        """Whether the scoring calls of a layer (directions [Q, O, I]) on unrotated rows will take one of the CPU
+        sparse kernels, by the query rows' zeros (the calls decide on the training rows' own)."""
+        q, o, _ = shape
+        return _extension.sparse_g_applies(q, members * self._query_tokens, n_train * o,
+                                           self._query_g_density.get(name, 1.0))
 
     def _output_side_layers(self, directions, members, n_train, sparse_ok) -> set[str]:
         """Layers whose directions ([Q, O, I] per layer) a segment of `members` checkpoints scores by the
@@ -1297,19 +1319,24 @@ def _unpack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def _rotation_plan(q: int, o: int, i: int, members: int, n: int, t: int, g_density: float,
-                   sparse_ok: bool) -> str:
+                   sparse_ok: bool, a_density: float = 1.0) -> str:
     """Cost model of `_cheaper_rotation`: 'rows', 'direction' or 'output' (see there)."""
     rows = members * n * t * (i * i + o * o)
     direction = q * o * i * (o + i)
     if direction < rows:
         return "direction"
     # Output side: where the sparse kernel runs. Stacked members (a segment's checkpoints, T' = members·t
-    # tokens) are scored by one row of G_n per (n, o) with any nonzero g: the query's zero fraction
-    # stands in for theirs (ReLU patterns barely move within a segment: 48-53 % nonzero per checkpoint,
+    # tokens) are scored by one row of G_n per (n, o) with any nonzero g: the query's zero fractions
+    # stand in for theirs (ReLU patterns barely move within a segment: 48-53 % nonzero per checkpoint,
     # 51-53 % for the union of two, on the MLP benchmark).
-    if sparse_ok and _extension.sparse_g_applies(q, members * t, n * o, g_density) \
-            and q * o * o * i + members * n * t * i * i < (1.0 - g_density) * q * n * o * i:
-        return "output"
+    if sparse_ok and _extension.sparse_g_applies(q, members * t, n * o, g_density):
+        sparse_g = g_density * q * n * o * i  # the sparse-g kernel's contraction
+        output = q * o * o * i + members * n * t * i * i + sparse_g
+        if _extension.sparse_ag_applies(i, a_density) \
+                and direction + _extension.sparse_ag_relative_time(i, a_density) * sparse_g < output:
+            return "direction"  # rows unrotated: a's zeros are skipped as well
+        if output < q * n * o * i:
+            return "output"
     return "rows"
 
 

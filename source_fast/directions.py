@@ -94,6 +94,25 @@ def left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor | RankOne
     return buf[..., :q].permute(2, 0, 1)
 
 
+def right_product_queries_innermost(v: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """v[q] @ right for every query (right [I, I]), v a `left_product_queries_innermost` result (queries
+    innermost): overwritten and returned in that layout, per output row buf[o] = rightᵀ @ buf[o] ([I, I] @
+    [I, Qs]) through a chunk-sized scratch. With the left product this turns W into Q_S W Q_Aᵀ without leaving
+    the layout the sparse kernels read."""
+    q, o, i = v.shape
+    if not _extension.is_queries_innermost(v):
+        raise ValueError("v must be laid out queries-innermost (a left_product_queries_innermost result)")
+    qs = v.stride(2)
+    buf = torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))
+    left = right.to(buf.dtype).T
+    rows = max(1, min(o, _CHUNK_BYTES // max(1, i * qs * buf.element_size())))
+    scratch = torch.empty(rows, i, qs, dtype=buf.dtype, device=buf.device)
+    for o0 in range(0, o, rows):
+        part = buf[o0:o0 + rows]
+        part.copy_(torch.matmul(left, part, out=scratch[:part.shape[0]]))
+    return buf[..., :q].permute(2, 0, 1)
+
+
 def as_dense(v: torch.Tensor | RankOneDirections) -> torch.Tensor:
     return v.dense() if isinstance(v, RankOneDirections) else v
 

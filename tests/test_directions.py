@@ -50,3 +50,24 @@ def test_rank_one_rejects_mismatched_factors():
         RankOneDirections(g, a[:2])
     with pytest.raises(ValueError, match=r"weight must be \[O, I\]"):
         RankOneDirections(g, a, w.T)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 11 * 16 * 4 * 3, 1 << 24], ids=["one-row", "three-rows", "one-chunk"])
+@pytest.mark.parametrize("q", [1, 17])
+def test_right_product_queries_innermost_matches_oracle(chunk_bytes, q, monkeypatch):
+    """Q_S W Q_Aᵀ without leaving the queries-innermost layout: the left product, then W'[q] @ right per query
+    in place (several output rows per scratch chunk or one), padding lanes still zero."""
+    monkeypatch.setattr(directions, "_CHUNK_BYTES", chunk_bytes)
+    g, a, w = _factors(q=q)
+    left = torch.linalg.qr(torch.randn(7, 7, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(11, 11, dtype=torch.float64))[0].T
+    r = RankOneDirections(g, a, w)
+    want = left @ r.dense().double() @ right
+    got = directions.right_product_queries_innermost(r.left_product_queries_innermost(left), right)
+    assert got.shape == (q, 7, 11) and _extension.is_queries_innermost(got)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    qs = got.stride(2)
+    padded = torch.as_strided(got.permute(1, 2, 0), (7, 11, qs), (11 * qs, qs, 1))
+    assert torch.equal(padded[..., q:], torch.zeros_like(padded[..., q:]))
+    with pytest.raises(ValueError, match="queries-innermost"):
+        directions.right_product_queries_innermost(r.dense(), right)

@@ -382,3 +382,53 @@ def test_influence_on_a_staged_run_fits_curvature_on_all_examples():
     b = sf.SourceAnalyzer(model, ClassificationTask(), plain, method="influence", damping=0.01, fisher="empirical",
                           progress=False).pairwise_scores(queries, data)
     assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("method", ["influence", "source"])
+def test_relu_mlp_hidden_layer_sparse_activations_match_oracle(monkeypatch, method):
+    """A ReLU MLP's hidden layer has exact zeros on both sides (its inputs are ReLU outputs, its output
+    gradients ReLU-gated): the direction is rotated back whole, the rows stay unrotated and the CPU's
+    sparse-a-and-g kernel skips both (influence: one token per row; SOURCE: a segment's two checkpoints
+    stacked). Ranks match the float64 oracle."""
+    from source_fast import analyzer as analyzer_module
+
+    plans = []
+    plan = analyzer_module._rotation_plan
+    monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
+    data64 = classification_data(n=320, d_in=6)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 3)).double()
+    every, segments = (20, 1) if method == "influence" else (5, 2)
+    ckpts, steps, lrs = _setup(model, data64, steps=20, every=every, lr=0.3)
+    kw = {"damping": 0.01} if method == "influence" else {}
+    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=segments)
+    queries64 = Subset(data64, range(40))
+    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method=method, **kw)
+    ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
+    x, y = data64.tensors
+    data32 = torch.utils.data.TensorDataset(x.float(), y)
+    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=segments)
+    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method=method, fisher="empirical",
+                                 batch_size=256, progress=False, **kw)
+    with recording_lib_calls() as recorded:
+        scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    assert analyzer._query_a_density["2"] < 0.8 and analyzer._query_g_density["2"] < 0.8
+    if analyzer._sparse_kernel_usable():
+        assert "direction" in plans, plans
+        tokens = {args[15] for name, args in recorded if name == "score_pairwise_sparse_ag_cpu"}
+        assert tokens == ({1} if method == "influence" else {2}), (tokens, plans)
+    _rank_checks(scores, oracle)
+
+
+def test_rotation_plan_prefers_unrotated_rows_when_both_sides_have_zeros():
+    """The cost model on the regression benchmark's hidden layer (200 queries, 5,000 examples, O = 128,
+    I = 129, half of g zero): the output side while the activations are dense, the whole direction rotated
+    back once they have enough exact zeros for the sparse-a-and-g kernel; neither sparse form without the
+    compiled kernel."""
+    from source_fast.analyzer import _rotation_plan
+
+    shape = (200, 128, 129, 1, 5000, 1, 0.5)
+    assert _rotation_plan(*shape, True, 1.0) == "output"
+    assert _rotation_plan(*shape, True, 0.5) == "direction"
+    assert _rotation_plan(*shape, False, 0.5) == "rows"

@@ -226,6 +226,8 @@ PYBIND11_MODULE(_C, m) {
        "out[q, n] = ⟨V_q, Σ_t g[n,t] a[n,t]ᵀ⟩ (rows of G_n formed in cache; for T > 1)."},
       {"score_pairwise_sparse_g_cpu", &sf::score_pairwise_sparse_g_cpu,
        "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] over the nonzero g[n,t,o] only (ReLU-gated layers)."},
+      {"score_pairwise_sparse_ag_cpu", &sf::score_pairwise_sparse_ag_cpu,
+       "out[q, n] = Σ_t g[n,t]ᵀ V_q a[n,t] over the nonzero a[n,t,i] and g[n,t,o] only (ReLU layers' inputs)."},
   };
   for (const auto& [name, fn, doc] : pairwise_cpu) {
     m.def(

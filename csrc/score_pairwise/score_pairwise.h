@@ -44,6 +44,14 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
                                    index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
                                    index_t so_q, index_t so_n, int num_threads);
 
+// CPU, float32, for activations and output gradients both with many exact zeros (a ReLU layer's inputs and
+// output gradients): each example's a is compressed to its nonzero columns and each nonzero row of G_n is
+// contracted with the matching rows of V only: Q·nnz(a)·nnz(g) flops. Same arguments and V layout as above.
+Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                    index_t san, index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt,
+                                    index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
+                                    index_t so_q, index_t so_n, int num_threads);
+
 // CUDA: G_n tiles are formed on the fly in shared memory (no N x O x I buffer) and contracted with
 // V; v, a, g of dtype `dtype`; out float32 [Q, N] overwritten. workspace:
 // score_pairwise_cuda_workspace(Q, N, T, O, I) floats.

@@ -17,6 +17,13 @@
 // V is read as [O][I][queries] (queries innermost, rows of at least ceil(Q / VL) · VL readable
 // floats) when it comes that way (svq == 1, svi >= that, svo == I · svi: the pipeline stores it so);
 // otherwise it is packed once per call.
+//
+// score_pairwise_sparse_ag_cpu (second half of the file) also skips a's exact zeros (a ReLU layer's inputs,
+// unrotated: about half of a): each example's a is compressed to the columns where any token is nonzero,
+// and every nonzero row of G_n, in that compressed form, is contracted with the matching rows of V only
+// (Q·nnz(a) flops per (n, o) instead of Q·I). Rows of V are gathered and each is used by one example, so it
+// runs at about half the rate per flop of the tile kernel above: worth it below ≈ 55 % nonzero a at I = 129
+// (fewer as I grows; the cost model is _extension.sparse_ag_relative_time). Same tasks, same fixed order.
 #include <algorithm>
 #include <cstring>
 
@@ -150,6 +157,125 @@ static void score_block(const float* a, index_t san, index_t sat, index_t sai, c
   }
 }
 
+
+// ---- a and g both sparse (score_pairwise_sparse_ag_cpu) ----
+
+// s[0 .. W·VL) += scale · Σ_k r[k] · V[idx[k]][0 .. W·VL): one formed row of G_n (compressed to its nonzero
+// columns idx) times the matching rows of V (row stride ldv). U accumulator sets (k mod U) keep U·W FMA
+// chains in flight; the order is fixed by the shapes alone.
+template <int W, int U>
+static inline void gather_row(const float* __restrict V, index_t ldv, const int32_t* __restrict idx,
+                              const float* __restrict r, index_t nnz, float scale, float* __restrict s) {
+  vf acc[U][W] = {};
+  index_t k = 0;
+  for (; k + U <= nnz; k += U) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const float* vr = V + static_cast<index_t>(idx[k + u]) * ldv;
+      const vf x = splat(r[k + u]);
+#pragma GCC unroll 16
+      for (int w = 0; w < W; ++w) acc[u][w] += x * loadu(vr + w * VL);
+    }
+  }
+  for (int u = 0; k < nnz; ++k, ++u) {
+    const float* vr = V + static_cast<index_t>(idx[k]) * ldv;
+    const vf x = splat(r[k]);
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) acc[u][w] += x * loadu(vr + w * VL);
+  }
+  const vf sc = splat(scale);
+#pragma GCC unroll 16
+  for (int w = 0; w < W; ++w) {
+    vf t = acc[0][w];
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u) t += acc[u][w];
+    storeu(s + w * VL, loadu(s + w * VL) + sc * t);
+  }
+}
+
+static inline void gather_row_any(int w, const float* V, index_t ldv, const int32_t* idx, const float* r,
+                                  index_t nnz, float scale, float* s) {
+  switch (w) {
+    case 1: return gather_row<1, 8>(V, ldv, idx, r, nnz, scale, s);
+    case 2: return gather_row<2, 4>(V, ldv, idx, r, nnz, scale, s);
+    case 3: return gather_row<3, 3>(V, ldv, idx, r, nnz, scale, s);
+    default: return gather_row<4, 2>(V, ldv, idx, r, nnz, scale, s);
+  }
+}
+
+// Query vectors per pass over one output's listed examples: V[o]'s slice for the pass stays in cache (about
+// L1-sized at I = 129). 4 measured fastest of 1..8 at I = 65..513 (host B, Zen 4); fewer vectors pay the
+// per-row overhead (index, broadcast, the scores' load and store) more often, more leave the slice in L2.
+constexpr index_t AG_PANEL = 4;
+
+// One task of the sparse-a-and-g kernel: examples n0 .. n0 + nb, query vectors [qv0, qv1). S[j][q] is set.
+static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
+                           index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T, index_t O, index_t I,
+                           index_t RBp, index_t LDC, const float* VT, index_t vo, index_t ldv, index_t qv0,
+                           index_t qv1, index_t Qp, float* Gt, int32_t* cidx, float* cval, index_t* cnnz, float* R,
+                           float* S, index_t* idx) {
+  for (index_t t = 0; t < T; ++t)
+    for (index_t o = 0; o < O; ++o) {
+      float* gt = Gt + (t * O + o) * RBp;
+      const float* gc = g + n0 * sgn + t * sgt + o * sgo;
+      index_t j = 0;
+      for (; j < nb; ++j) gt[j] = gc[j * sgn];
+      for (; j < RBp; ++j) gt[j] = 0.0f;
+    }
+  // Each example's a compressed to the columns where any token is nonzero: cidx[j][k], cval[j][t][k].
+  for (index_t j = 0; j < nb; ++j) {
+    const float* aj = a + (n0 + j) * san;
+    int32_t* ci = cidx + j * LDC;
+    float* cv = cval + j * T * LDC;
+    index_t k = 0;
+    for (index_t i = 0; i < I; ++i) {
+      bool any = false;
+      for (index_t t = 0; t < T; ++t) any |= aj[t * sat + i * sai] != 0.0f;
+      if (!any) continue;
+      ci[k] = static_cast<int32_t>(i);
+      for (index_t t = 0; t < T; ++t) cv[t * LDC + k] = aj[t * sat + i * sai];
+      ++k;
+    }
+    cnnz[j] = k;
+  }
+  std::memset(S, 0, sizeof(float) * nb * Qp);
+  const index_t n_chunks = RBp / SP_CHUNK;
+  for (index_t o = 0; o < O; ++o) {
+    index_t cnt = 0;
+    for (index_t c = 0; c < n_chunks; ++c) {
+      uint32_t m = 0;
+      for (index_t t = 0; t < T; ++t) m |= nonzero_mask(Gt + (t * O + o) * RBp + c * SP_CHUNK);
+      for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
+    }
+    if (cnt == 0) continue;
+    if (T > 1)  // the compressed rows of G_n: R[k][·] = Σ_t g[j, t, o] · cval[j][t][·] (fixed order over t)
+      for (index_t k = 0; k < cnt; ++k) {
+        const index_t j = idx[k];
+        float* row = R + k * LDC;
+        const float* cv = cval + j * T * LDC;
+        const index_t nz = cnnz[j];
+        const float g0 = Gt[o * RBp + j];
+        for (index_t e = 0; e < nz; ++e) row[e] = g0 * cv[e];
+        for (index_t t = 1; t < T; ++t) {
+          const float gt = Gt[(t * O + o) * RBp + j];
+          for (index_t e = 0; e < nz; ++e) row[e] += gt * cv[t * LDC + e];
+        }
+      }
+    const float* vo_ptr = VT + o * vo;
+    for (index_t qv = qv0; qv < qv1; qv += AG_PANEL) {
+      const int w = static_cast<int>(std::min<index_t>(AG_PANEL, qv1 - qv));
+      const float* vpanel = vo_ptr + qv * VL;
+      for (index_t k = 0; k < cnt; ++k) {
+        const index_t j = idx[k];
+        float* s = S + j * Qp + qv * VL;
+        if (T == 1)  // the row is g[j, o] · a_j: a's compressed values, scaled once at the end
+          gather_row_any(w, vpanel, ldv, cidx + j * LDC, cval + j * LDC, cnnz[j], Gt[o * RBp + j], s);
+        else
+          gather_row_any(w, vpanel, ldv, cidx + j * LDC, R + k * LDC, cnnz[j], 1.0f, s);
+      }
+    }
+  }
+}
 }  // namespace
 
 Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
@@ -222,6 +348,81 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
+  return Status();
+}
+
+}  // namespace sf
+
+namespace sf {
+
+Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
+                                    index_t san, index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt,
+                                    index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
+                                    index_t so_q, index_t so_n, int num_threads) {
+  using namespace cpu;
+  SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
+                                         so_q, so_n));
+  if (Q == 0 || N == 0) return Status();
+  if (T == 0 || O == 0 || I == 0) {
+    for (index_t q = 0; q < Q; ++q)
+      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
+    return Status();
+  }
+  if (I > INT32_MAX) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: I exceeds int32");
+  const index_t Qp = ceil_div(Q, VL) * VL;
+  const bool v_direct = svq == 1 && svi >= Qp && svo == I * svi;
+  AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
+  if (!v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
+  const float* VT = v_direct ? v : vpack.data();
+  const index_t ldv = v_direct ? svi : Qp, vo = v_direct ? svo : I * Qp;
+  const int nt = threads_for(static_cast<double>(Q) * N * T * O * I, 2.0e6, num_threads);
+  const index_t n_blocks0 = ceil_div(std::max<index_t>(ceil_div(N, SP_MAX_EXAMPLES), nt), nt) * nt;
+  const index_t NB = std::max<index_t>(1, ceil_div(N, n_blocks0));
+  const index_t n_blocks = ceil_div(N, NB), n_qvecs = Qp / VL;
+  const index_t n_groups = std::min<index_t>(n_qvecs, ceil_div(2 * nt, n_blocks));
+  const index_t n_tasks = n_blocks * n_groups;
+  const index_t RBp = ceil_div(NB, SP_CHUNK) * SP_CHUNK;
+  const index_t LDC = ceil_div(I, VL) * VL;
+  int alloc_failed = 0;
+
+#pragma omp parallel num_threads(nt)
+  {
+    if (!v_direct) {
+      float* Vp = vpack.data();
+#pragma omp for schedule(static)
+      for (index_t o = 0; o < O; ++o)
+        for (index_t i = 0; i < I; ++i) {
+          float* d = Vp + (o * I + i) * Qp;
+          for (index_t q = 0; q < Q; ++q) d[q] = v[q * svq + o * svo + i * svi];
+          for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
+        }
+    }
+    AlignedBuffer gt_buf(static_cast<std::size_t>(T * O * RBp));
+    AlignedBuffer cval_buf(static_cast<std::size_t>(NB * T * LDC));
+    AlignedBuffer r_buf(static_cast<std::size_t>(T > 1 ? RBp * LDC : 1));
+    AlignedBuffer s_buf(static_cast<std::size_t>(NB * Qp));
+    std::unique_ptr<int32_t[]> cidx(new (std::nothrow) int32_t[NB * LDC]);
+    std::unique_ptr<index_t[]> cnnz(new (std::nothrow) index_t[NB]);
+    std::unique_ptr<index_t[]> idx(new (std::nothrow) index_t[RBp]);
+    float *Gt = gt_buf.data(), *Cv = cval_buf.data(), *Rf = r_buf.data(), *S = s_buf.data();
+    const bool ok = Gt && Cv && Rf && S && cidx && cnnz && idx;
+    if (!ok) {
+#pragma omp atomic write
+      alloc_failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (index_t task = 0; task < n_tasks; ++task) {
+      if (!ok) continue;
+      const index_t blk = task / n_groups, grp = task % n_groups;
+      const index_t n0 = blk * NB, nb = std::min(NB, N - n0);
+      const index_t qv0 = grp * n_qvecs / n_groups, qv1 = (grp + 1) * n_qvecs / n_groups;
+      score_block_ag(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDC, VT, vo, ldv, qv0, qv1, Qp, Gt,
+                     cidx.get(), Cv, cnnz.get(), Rf, S, idx.get());
+      for (index_t q = qv0 * VL; q < std::min(qv1 * VL, Q); ++q)
+        for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+    }
+  }
+  if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
   return Status();
 }
 

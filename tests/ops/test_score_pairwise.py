@@ -208,6 +208,83 @@ def test_score_pairwise_cpu_sparse_g_only_for_few_tokens():
                               op="score_pairwise", backend="cpu", dtype=torch.float32)
 
 
+def _relu_rows(n, t, i, o, a_density, g_density, gen, strided=False):
+    """ReLU-like rows: a's zero columns and g's zero outputs the same on every token (a segment's stacked
+    checkpoints barely change a ReLU pattern), a strided in its last dimension when asked."""
+    a = torch.randn(n, t, 2 * i if strided else i, generator=gen)
+    a = a[..., ::2] if strided else a
+    a = a * (torch.rand(n, 1, i, generator=gen) < a_density)
+    g = torch.randn(n, t, o, generator=gen) * (torch.rand(n, 1, o, generator=gen) < g_density)
+    return a, g
+
+
+@pytest.mark.parametrize("q,n,t,o,i,a_density,layout", [
+    (40, 300, 1, 48, 37, 0.4, "queries-innermost"),  # V read in place (the pipeline's layout)
+    (33, 257, 1, 29, 65, 0.3, "contiguous"),         # V packed per call; Q = 33: a last one-query vector
+    (45, 300, 2, 48, 37, 0.4, "strided"),             # stacked checkpoints: compressed rows of G_n formed
+    (40, 1100, 3, 16, 130, 0.2, "queries-innermost"),  # several example blocks, I past 128
+    (40, 300, 1, 48, 37, 0.0, "queries-innermost"),   # every a zero (an empty row per example)
+], ids=["t1-in-place", "t1-packed", "t2-strided", "t3-blocks", "a-all-zero"])
+def test_score_pairwise_cpu_sparse_ag(q, n, t, o, i, a_density, layout):
+    """With exact zeros in both a and g (a ReLU layer's unrotated inputs and its ReLU-gated output gradients)
+    the CPU backend compresses each example's a to its nonzero columns and contracts only those with the
+    nonzero g: equal to the float64 oracle, bitwise the same for 1 and 2 threads."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(4)
+    v = torch.randn(q, o, i, generator=gen)
+    if layout == "queries-innermost":
+        v = _extension._sparse_layout(v)
+    a, g = _relu_rows(n, t, i, o, a_density, 0.45, gen, strided=layout == "strided")
+    require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+    assert _extension.cpu_pairwise_kernel(v, a, g) == "score_pairwise_sparse_ag_cpu"
+    with recording_lib_calls() as recorded:
+        runs = at_thread_counts(lambda: ops.score_pairwise(v, a, g, backend="cpu"))
+    calls = [name for name, _ in recorded]
+    assert calls.count("score_pairwise_sparse_ag_cpu") == 2, calls
+    assert torch.equal(runs[0], runs[1])
+    assert_matches_oracle(runs[0], reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                          dtype=torch.float32)
+
+
+@pytest.mark.parametrize("q,n,t,o,i", [(1, 1, 1, 1, 1), (5, 37, 1, 23, 19), (17, 40, 2, 9, 3), (70, 33, 3, 7, 41)],
+                         ids=["all-ones", "q5", "q17-t2", "q70-t3"])
+def test_score_pairwise_sparse_ag_kernel_small_shapes(q, n, t, o, i):
+    """The kernel itself below the dispatcher's sizes: one query, query counts around its 16-lane vectors and
+    4-vector panels (70: a partial last panel), I = 1 and odd, T = 1..3, with and without zeros."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(q, o, i, generator=gen)
+    for a_density in (1.0, 0.5):
+        a, g = _relu_rows(n, t, i, o, a_density, 0.5, gen)
+        require("cpu", "score_pairwise", {"v": v, "a": a, "g": g})
+        out = torch.full((q, n), float("nan"))
+        _extension._lib().score_pairwise_sparse_ag_cpu(
+            v.data_ptr(), *v.stride(), a.data_ptr(), *a.stride(), g.data_ptr(), *g.stride(), 0, q, n, t, o, i,
+            out.data_ptr(), *out.stride(), 0, 2)
+        assert_matches_oracle(out, reference.score_pairwise_ref(v, a, g), op="score_pairwise", backend="cpu",
+                              dtype=torch.float32)
+
+
+def test_sparse_ag_choice_follows_the_density_of_a():
+    """The sparse-a-and-g kernel runs only where its measured cost model predicts a gain: where the sparse-g
+    kernel applies and few enough (example, column) entries of a are nonzero; the limit falls as I grows."""
+    from source_fast import _extension
+
+    gen = torch.Generator().manual_seed(6)
+    q, n, o, i = 40, 300, 48, 37
+    v = torch.randn(q, o, i, generator=gen)
+    for a_density, kernel in [(0.3, "score_pairwise_sparse_ag_cpu"), (1.0, "score_pairwise_sparse_g_cpu")]:
+        a, g = _relu_rows(n, 1, i, o, a_density, 0.45, gen)
+        assert _extension.cpu_pairwise_kernel(v, a, g) == kernel, a_density
+    a, _ = _relu_rows(n, 1, i, o, 0.3, 1.0, gen)  # g without zeros: neither sparse kernel
+    assert _extension.cpu_pairwise_kernel(v, a, torch.randn(n, 1, o, generator=gen)) == "score_pairwise_cpu"
+    assert _extension.sparse_ag_applies(129, 0.5) and not _extension.sparse_ag_applies(129, 0.6)
+    assert _extension.sparse_ag_applies(513, 0.3) and not _extension.sparse_ag_applies(513, 0.4)
+    assert not _extension.sparse_ag_applies(8, 1.0)
+
+
 @pytest.mark.parametrize("q,o,t,layout", [(7, 1, 1, "contiguous"), (5, 3, 1, "contiguous"), (13, 5, 2, "contiguous"),
                                           (9, 6, 1, "strided"), (1, 2, 1, "contiguous")],
                          ids=["o1", "o3-two-groups", "o5-t2", "o6-strided", "q1-o2"])
