@@ -118,11 +118,11 @@ def test_explain_table():
         ops.explain("not_an_op", x)
 
 
-@pytest.mark.parametrize("t,sparse", [(1, False), (12, False), (2, True)],
-                         ids=["tokenwise", "materialized", "sparse-g"])
+@pytest.mark.parametrize("t,sparse", [(1, False), (12, False), (2, True), (1, "a and g")],
+                         ids=["tokenwise", "materialized", "sparse-g", "sparse-ag"])
 def test_explain_names_the_score_pairwise_form_that_runs(t, sparse):
     """For score_pairwise, explain adds the selected backend's form, and on CPU it is the kernel that then runs
-    (recorded calls into the compiled module): token-wise, materialised or sparse g."""
+    (recorded calls into the compiled module): token-wise, materialised, sparse g or sparse a and g."""
     if "cpu" not in available_backends("cpu"):
         pytest.skip("the compiled CPU backend is not built")
     from _backends import recording_lib_calls
@@ -132,12 +132,14 @@ def test_explain_names_the_score_pairwise_form_that_runs(t, sparse):
     v, a, g = torch.randn(40, 48, 37, generator=gen), torch.randn(300, t, 37, generator=gen), torch.randn(300, t, 48)
     if sparse:
         g = g * (torch.rand(300, 1, 48, generator=gen) < 0.3)
+    if sparse == "a and g":
+        a = a * (torch.rand(300, 1, 37, generator=gen) < 0.3)
     form = ops.explain("score_pairwise", v, a, g).splitlines()[-1]
     with recording_lib_calls() as calls:
         ops.score_pairwise(v, a, g)
     kernels = {name for name, _ in calls if name.startswith("score_pairwise")}
     assert len(kernels) == 1 and form == f"form     | cpu: {_extension.CPU_PAIRWISE_KERNELS[kernels.pop()]}", form
-    expected = {1: "token-wise", 12: "materialised", 2: "sparse g"}[t]
+    expected = "sparse a and g" if sparse == "a and g" else {1: "token-wise", 12: "materialised", 2: "sparse g"}[t]
     assert expected in form
     # float64 goes to the torch backend, whose flop model picks the form
     table = ops.explain("score_pairwise", v.double(), a.double(), g.double())
