@@ -205,17 +205,19 @@ def sparse_g_applies(q: int, t: int, entries: int, density: float) -> bool:
 
 # The sparse-a-and-g kernel (same file) also compresses each example's a to its nonzero columns and contracts
 # every nonzero row of G_n with the matching rows of V only: a gather that reuses each loaded row of V once, at
-# about half the sparse-g kernel's rate per flop, falling as I grows. Its time relative to the sparse-g kernel
-# measured 0.1 + c(I)·d_a (d_a = fraction of (n, i) with any nonzero a; Q = 200, T = 1 and 2, host B): c = 1.35
-# at I ≤ 129, 1.8 at 257, 2.1 at 513 (bench_score_pairwise.py "sparse a" rows). It runs where that predicts at
-# least 15 % less time: d_a ≤ 0.55 at I = 129 (a ReLU MLP's hidden layer: 0.50 on the reg benchmark), 0.35 at 513.
+# about half the sparse-g kernel's rate per flop, lower for wider layers. Its time relative to the sparse-g kernel
+# measured 0.1 + c(I)·d_a (d_a = fraction of (n, i) with any nonzero a; Q = 100-200, T = 1 and 2, host B, in one
+# process alternating; bench_score_pairwise.py "sparse a" rows): c ≈ 1.35 at I ≤ 129, 1.4-1.75 at 257, 1.85-2.1 at
+# 513, 1.8 at 1025 (columns taken 128 at a time). Modelled as 1.35 + 0.33 per doubling of I past 129, at most
+# 2.0. It runs where that predicts at least 15 % less time: d_a ≤ 0.55 at I = 129 (a ReLU MLP's hidden layer: 0.50
+# on the reg benchmark), 0.45 at 257, 0.37 from 513.
 SPARSE_AG_MIN_GAIN = 0.85
 
 
 def sparse_ag_relative_time(i: int, a_density: float) -> float:
     """The sparse-a-and-g kernel's time over the sparse-g kernel's for inputs of I columns, a fraction
     `a_density` of (example, column) entries nonzero (the measured model above)."""
-    return 0.1 + (1.35 + 0.37 * max(0.0, math.log2(max(i, 1) / 129.0))) * a_density
+    return 0.1 + min(2.0, 1.35 + 0.33 * max(0.0, math.log2(max(i, 1) / 129.0))) * a_density
 
 
 def sparse_ag_applies(i: int, a_density: float) -> bool:

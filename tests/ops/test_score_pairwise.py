@@ -247,11 +247,13 @@ def test_score_pairwise_cpu_sparse_ag(q, n, t, o, i, a_density, layout):
                           dtype=torch.float32)
 
 
-@pytest.mark.parametrize("q,n,t,o,i", [(1, 1, 1, 1, 1), (5, 37, 1, 23, 19), (17, 40, 2, 9, 3), (70, 33, 3, 7, 41)],
-                         ids=["all-ones", "q5", "q17-t2", "q70-t3"])
+@pytest.mark.parametrize("q,n,t,o,i", [(1, 1, 1, 1, 1), (5, 37, 1, 23, 19), (17, 40, 2, 9, 3), (70, 33, 3, 7, 41),
+                                       (5, 37, 2, 23, 300), (5, 37, 1, 23, 700)],
+                         ids=["all-ones", "q5", "q17-t2", "q70-t3", "i300-two-blocks", "i700-five-blocks"])
 def test_score_pairwise_sparse_ag_kernel_small_shapes(q, n, t, o, i):
     """The kernel itself below the dispatcher's sizes: one query, query counts around its 16-lane vectors and
-    4-vector panels (70: a partial last panel), I = 1 and odd, T = 1..3, with and without zeros."""
+    4-vector panels (70: a partial last panel), I = 1 and odd, T = 1..3, with and without zeros; I = 300: two
+    blocks of 150 columns, I = 700: five of 140 (about AG_COLUMN_BLOCK = 128 each)."""
     from source_fast import _extension
 
     gen = torch.Generator().manual_seed(5)
