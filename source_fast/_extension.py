@@ -229,10 +229,9 @@ DENSITY_SAMPLE = 16  # examples read to estimate the density: the kernel choice 
 
 
 def _density(g: torch.Tensor) -> float:
-    """Fraction of (example, output) entries with a nonzero g over the tokens ([N, T, O]; or of (example, input)
-    entries of a), estimated on at
-    most DENSITY_SAMPLE evenly strided examples (deterministic; a full pass cost 0.4 ms per call on a
-    GPT-2 batch, for a choice that needs no precision)."""
+    """Fraction of (example, output) entries with a nonzero g over the tokens ([N, T, O]; the same for a's
+    (example, input) entries), estimated on at most DENSITY_SAMPLE evenly strided examples (deterministic; a full
+    pass cost 0.4 ms per call on a GPT-2 batch, for a choice that needs no precision)."""
     if g.shape[0] > DENSITY_SAMPLE:
         g = g[::-(-g.shape[0] // DENSITY_SAMPLE)]
     nonzero = g != 0
