@@ -135,26 +135,22 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
-@pytest.mark.parametrize("method", ["influence", "source"])
-def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, method):
-    """A ReLU MLP in float32: the first layer takes the output-side rotation, whose exact zeros in g reach
-    the CPU sparse-g kernel when it is built (influence: one token per row; SOURCE: a segment's two
-    checkpoints stacked, one formed row of G_n per (n, o) with any nonzero g); ranks match the float64
-    oracle either way."""
+def _relu_mlp_float32_scores(monkeypatch, method, model, n):
+    """Scores of a ReLU MLP trained in float64 and scored in float32 (40 queries, `n` training examples;
+    influence: one checkpoint; SOURCE: 4 checkpoints, 2 per segment) with the float64 oracle's, the rotation
+    plans taken and the compiled calls made: (analyzer, scores, oracle, plans, recorded)."""
     from source_fast import analyzer as analyzer_module
 
     plans = []
     plan = analyzer_module._rotation_plan
     monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
-    data64 = classification_data(n=256, d_in=6)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
-    every, segments = (20, 1) if method == "influence" else (5, 2)  # SOURCE: 4 checkpoints, 2 per segment
+    data64 = classification_data(n=n, d_in=6)
+    every, segments = (20, 1) if method == "influence" else (5, 2)
     ckpts, steps, lrs = _setup(model, data64, steps=20, every=every, lr=0.3)
     kw = {"damping": 0.01} if method == "influence" else {}
     run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=segments)
-    queries64 = Subset(data64, range(40))
-    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method=method, **kw)
+    oracle = dense_source_scores(model, ClassificationTask(), run64, Subset(data64, range(40)), data64,
+                                 method=method, **kw)
     ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
     x, y = data64.tensors
     data32 = torch.utils.data.TensorDataset(x.float(), y)
@@ -163,6 +159,18 @@ def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, meth
                                  batch_size=256, progress=False, **kw)
     with recording_lib_calls() as recorded:
         scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    return analyzer, scores, oracle, plans, recorded
+
+
+@pytest.mark.parametrize("method", ["influence", "source"])
+def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, method):
+    """A ReLU MLP in float32: the first layer takes the output-side rotation, whose exact zeros in g reach
+    the CPU sparse-g kernel when it is built (influence: one token per row; SOURCE: a segment's two
+    checkpoints stacked, one formed row of G_n per (n, o) with any nonzero g); ranks match the float64
+    oracle either way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).double()
+    analyzer, scores, oracle, plans, recorded = _relu_mlp_float32_scores(monkeypatch, method, model, 256)
     sparse_tokens = [args[15] for name, args in recorded if name == "score_pairwise_sparse_g_cpu"]  # T
     assert 0.2 < analyzer._query_g_density["0"] < 0.8  # the ReLU zeroes part of the first layer's g
     if analyzer._sparse_kernel_usable():  # g unrotated (output side or whole direction rotated back)
@@ -390,29 +398,10 @@ def test_relu_mlp_hidden_layer_sparse_activations_match_oracle(monkeypatch, meth
     gradients ReLU-gated): the direction is rotated back whole, the rows stay unrotated and the CPU's
     sparse-a-and-g kernel skips both (influence: one token per row; SOURCE: a segment's two checkpoints
     stacked). Ranks match the float64 oracle."""
-    from source_fast import analyzer as analyzer_module
-
-    plans = []
-    plan = analyzer_module._rotation_plan
-    monkeypatch.setattr(analyzer_module, "_rotation_plan", lambda *args: plans.append(plan(*args)) or plans[-1])
-    data64 = classification_data(n=320, d_in=6)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
                                 torch.nn.Linear(32, 3)).double()
-    every, segments = (20, 1) if method == "influence" else (5, 2)
-    ckpts, steps, lrs = _setup(model, data64, steps=20, every=every, lr=0.3)
-    kw = {"damping": 0.01} if method == "influence" else {}
-    run64 = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=segments)
-    queries64 = Subset(data64, range(40))
-    oracle = dense_source_scores(model, ClassificationTask(), run64, queries64, data64, method=method, **kw)
-    ckpts32 = [{k: v.float() for k, v in c.items()} for c in ckpts]
-    x, y = data64.tensors
-    data32 = torch.utils.data.TensorDataset(x.float(), y)
-    run32 = sf.TrainingRun(ckpts32, steps, lr=lrs, num_segments=segments)
-    analyzer = sf.SourceAnalyzer(model.float(), ClassificationTask(), run32, method=method, fisher="empirical",
-                                 batch_size=256, progress=False, **kw)
-    with recording_lib_calls() as recorded:
-        scores = analyzer.pairwise_scores(Subset(data32, range(40)), data32)
+    analyzer, scores, oracle, plans, recorded = _relu_mlp_float32_scores(monkeypatch, method, model, 320)
     assert analyzer._query_a_density["2"] < 0.8 and analyzer._query_g_density["2"] < 0.8
     if analyzer._sparse_kernel_usable():
         assert "direction" in plans, plans

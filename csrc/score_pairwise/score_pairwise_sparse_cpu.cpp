@@ -52,6 +52,80 @@ static inline uint32_t nonzero_mask(const float* x) {
 #endif
 }
 
+// g of examples n0 .. n0 + nb transposed per token, examples innermost and zero-padded to RBp: Gt[t][o][j]
+// (the masks read 16 examples). Written in order, read strided: scattered loads from the block of g in cache
+// cost less than scattered stores (about 7 % of the kernel at I = 65 the other way round).
+static void transpose_g(const float* g, index_t sgn, index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T,
+                        index_t O, index_t RBp, float* Gt) {
+  for (index_t t = 0; t < T; ++t)
+    for (index_t o = 0; o < O; ++o) {
+      float* gt = Gt + (t * O + o) * RBp;
+      const float* gc = g + n0 * sgn + t * sgt + o * sgo;
+      index_t j = 0;
+      for (; j < nb; ++j) gt[j] = gc[j * sgn];
+      for (; j < RBp; ++j) gt[j] = 0.0f;
+    }
+}
+
+// The examples of the block (j < RBp) with a nonzero g[j, :, o], in increasing order, into idx; their count.
+static index_t nonzero_examples(const float* Gt, index_t T, index_t O, index_t o, index_t RBp, index_t* idx) {
+  index_t cnt = 0;
+  for (index_t c = 0; c < RBp / SP_CHUNK; ++c) {
+    uint32_t m = 0;
+    for (index_t t = 0; t < T; ++t) m |= nonzero_mask(Gt + (t * O + o) * RBp + c * SP_CHUNK);
+    for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
+  }
+  return cnt;
+}
+
+// What both kernels share: V read in place when it comes queries-innermost, else packed once ([O][I][Qp]), and
+// tasks of (a block of examples, a group of query vectors). Neither size changes the result.
+struct SparsePlan {
+  index_t Qp = 0;                          // queries padded to whole vectors
+  bool v_direct = false;                   // V read in place
+  index_t ldv = 0, vo = 0;                 // strides of V's rows (i) and outputs (o) as read
+  int nt = 1;                              // threads
+  index_t NB = 1, n_blocks = 1, RBp = 0;   // examples per block, blocks, examples per block padded to whole masks
+};
+
+static SparsePlan sparse_plan(index_t Q, index_t N, index_t T, index_t O, index_t I, index_t svq, index_t svo,
+                              index_t svi, int num_threads) {
+  SparsePlan p;
+  p.Qp = ceil_div(Q, VL) * VL;  // whole vectors; a last half-width panel when Qp % NR != 0
+  p.v_direct = svq == 1 && svi >= p.Qp && svo == I * svi;
+  p.ldv = p.v_direct ? svi : p.Qp;
+  p.vo = p.v_direct ? svo : I * p.Qp;
+  p.nt = threads_for(static_cast<double>(Q) * N * T * O * I, 2.0e6, num_threads);
+  // Few, large example blocks (V is read once per block), a multiple of nt of equal size (5000 examples on 2
+  // threads: 6 of 834, not 1024 x 4 + 904: the static schedule would leave one thread a block behind).
+  const index_t n_blocks0 = ceil_div(std::max<index_t>(ceil_div(N, SP_MAX_EXAMPLES), p.nt), p.nt) * p.nt;
+  p.NB = std::max<index_t>(1, ceil_div(N, n_blocks0));
+  p.n_blocks = ceil_div(N, p.NB);
+  p.RBp = ceil_div(p.NB, SP_CHUNK) * SP_CHUNK;
+  return p;
+}
+
+// Inside a parallel region, shared by its threads: V [Q, O, I] (any strides) packed as [O][I][Qp], zero past Q.
+static void pack_v(const float* v, index_t svq, index_t svo, index_t svi, index_t Q, index_t O, index_t I,
+                   index_t Qp, float* Vp) {
+#pragma omp for schedule(static)
+  for (index_t o = 0; o < O; ++o)
+    for (index_t i = 0; i < I; ++i) {
+      float* d = Vp + (o * I + i) * Qp;
+      for (index_t q = 0; q < Q; ++q) d[q] = v[q * svq + o * svo + i * svi];
+      for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
+    }
+}
+
+// Every score zero when there are no tokens, outputs or inputs; whether that was the case.
+static bool zero_scores_if_empty(index_t Q, index_t N, index_t T, index_t O, index_t I, float* out, index_t so_q,
+                                 index_t so_n) {
+  if (T != 0 && O != 0 && I != 0) return false;
+  for (index_t q = 0; q < Q; ++q)
+    for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
+  return true;
+}
+
 // S[idx[m]][0 .. W·VL) += Σ_i R[m][i] · V[i][0 .. W·VL) for the rows m < rows of one panel of MR formed
 // rows (R with row stride ldr, V with row stride ldv).
 template <int W>
@@ -92,17 +166,7 @@ static void score_block(const float* a, index_t san, index_t sat, index_t sai, c
                         index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T, index_t O, index_t I,
                         index_t RBp, index_t LDR, const float* VT, index_t vo, index_t ldv, index_t qp0, index_t qp1,
                         index_t Q, index_t Qp, float* Ar, float* Gt, float* R, float* S, index_t* idx) {
-  // g transposed per token, examples innermost and zero-padded: Gt[t][o][j] (the masks read 16 examples).
-  // Written in order, read strided: scattered loads from the block of g in cache cost less than scattered
-  // stores (about 7 % of the kernel at I = 65 the other way round).
-  for (index_t t = 0; t < T; ++t)
-    for (index_t o = 0; o < O; ++o) {
-      float* gt = Gt + (t * O + o) * RBp;
-      const float* gc = g + n0 * sgn + t * sgt + o * sgo;
-      index_t j = 0;
-      for (; j < nb; ++j) gt[j] = gc[j * sgn];
-      for (; j < RBp; ++j) gt[j] = 0.0f;
-    }
+  transpose_g(g, sgn, sgt, sgo, n0, nb, T, O, RBp, Gt);
   // a rows with unit stride: read in place when they are, else copied once ([j][t][i]).
   const bool a_direct = sai == 1;
   if (!a_direct)
@@ -112,14 +176,8 @@ static void score_block(const float* a, index_t san, index_t sat, index_t sai, c
   const float* a0 = a_direct ? a + n0 * san : Ar;
   const index_t a_n = a_direct ? san : T * I, a_t = a_direct ? sat : I;
   std::memset(S, 0, sizeof(float) * nb * Qp);
-  const index_t n_chunks = RBp / SP_CHUNK;
   for (index_t o = 0; o < O; ++o) {
-    index_t cnt = 0;
-    for (index_t c = 0; c < n_chunks; ++c) {  // examples with any nonzero g[n, :, o]
-      uint32_t m = 0;
-      for (index_t t = 0; t < T; ++t) m |= nonzero_mask(Gt + (t * O + o) * RBp + c * SP_CHUNK);
-      for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
-    }
+    const index_t cnt = nonzero_examples(Gt, T, O, o, RBp, idx);
     if (cnt == 0) continue;
     const index_t cntp = ceil_div(cnt, MR) * MR;
     for (index_t k = 0; k < cnt; ++k) {  // fixed order over t
@@ -224,14 +282,7 @@ static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai
                            index_t qv1, index_t Qp, float* Gt, int32_t* cidx, float* cval, index_t* cnnz,
                            index_t* bnd, float* R, float* S, index_t* idx) {
   const index_t n_ib = ag_column_blocks(I), IB = ceil_div(I, n_ib);
-  for (index_t t = 0; t < T; ++t)
-    for (index_t o = 0; o < O; ++o) {
-      float* gt = Gt + (t * O + o) * RBp;
-      const float* gc = g + n0 * sgn + t * sgt + o * sgo;
-      index_t j = 0;
-      for (; j < nb; ++j) gt[j] = gc[j * sgn];
-      for (; j < RBp; ++j) gt[j] = 0.0f;
-    }
+  transpose_g(g, sgn, sgt, sgo, n0, nb, T, O, RBp, Gt);
   // Each example's a compressed to the columns where any token is nonzero: cidx[j][k], cval[j][t][k].
   for (index_t j = 0; j < nb; ++j) {
     const float* aj = a + (n0 + j) * san;
@@ -252,14 +303,8 @@ static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai
     cnnz[j] = k;
   }
   std::memset(S, 0, sizeof(float) * nb * Qp);
-  const index_t n_chunks = RBp / SP_CHUNK;
   for (index_t o = 0; o < O; ++o) {
-    index_t cnt = 0;
-    for (index_t c = 0; c < n_chunks; ++c) {
-      uint32_t m = 0;
-      for (index_t t = 0; t < T; ++t) m |= nonzero_mask(Gt + (t * O + o) * RBp + c * SP_CHUNK);
-      for (uint32_t bits = m; bits; bits &= bits - 1) idx[cnt++] = c * SP_CHUNK + __builtin_ctz(bits);
-    }
+    const index_t cnt = nonzero_examples(Gt, T, O, o, RBp, idx);
     if (cnt == 0) continue;
     if (T > 1)  // the compressed rows of G_n: R[k][·] = Σ_t g[j, t, o] · cval[j][t][·] (fixed order over t)
       for (index_t k = 0; k < cnt; ++k) {
@@ -301,44 +346,21 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
                                    index_t so_q, index_t so_n, int num_threads) {
   SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
                                          so_q, so_n));
-  if (Q == 0 || N == 0) return Status();
-  if (T == 0 || O == 0 || I == 0) {
-    for (index_t q = 0; q < Q; ++q)
-      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
-    return Status();
-  }
-  const index_t Qp = ceil_div(Q, VL) * VL;  // whole vectors; a last half-width panel when Qp % NR != 0
-  const bool v_direct = svq == 1 && svi >= Qp && svo == I * svi;
-  AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
-  if (!v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
-  const float* VT = v_direct ? v : vpack.data();
-  const index_t ldv = v_direct ? svi : Qp, vo = v_direct ? svo : I * Qp;
-  const int nt = threads_for(static_cast<double>(Q) * N * T * O * I, 2.0e6, num_threads);
-  // Tasks are (block of examples, group of query panels): few, large example blocks (V is read once
-  // per block) and query groups for the threads. Neither size changes the result.
-  // A multiple of nt blocks of equal size (5000 examples on 2 threads: 6 of 834, not 1024 x 4 + 904: the
-  // static schedule would leave one thread a block behind).
-  const index_t n_blocks0 = ceil_div(std::max<index_t>(ceil_div(N, SP_MAX_EXAMPLES), nt), nt) * nt;
-  const index_t NB = std::max<index_t>(1, ceil_div(N, n_blocks0));
-  const index_t n_blocks = ceil_div(N, NB), n_qpanels = ceil_div(Qp, NR);
-  const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * nt, n_blocks));
+  if (Q == 0 || N == 0 || zero_scores_if_empty(Q, N, T, O, I, out, so_q, so_n)) return Status();
+  const SparsePlan plan = sparse_plan(Q, N, T, O, I, svq, svo, svi, num_threads);
+  const index_t Qp = plan.Qp, NB = plan.NB, n_blocks = plan.n_blocks, RBp = plan.RBp, ldv = plan.ldv, vo = plan.vo;
+  AlignedBuffer vpack(plan.v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
+  if (!plan.v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
+  const float* VT = plan.v_direct ? v : vpack.data();
+  const index_t n_qpanels = ceil_div(Qp, NR);
+  const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * plan.nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
-  const index_t RBp = ceil_div(NB, SP_CHUNK) * SP_CHUNK;  // examples per task, padded to whole masks
-  const index_t LDR = ceil_div(I, VL) * VL;              // one formed row of G_n
+  const index_t LDR = ceil_div(I, VL) * VL;  // one formed row of G_n
   int alloc_failed = 0;
 
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(plan.nt)
   {
-    if (!v_direct) {
-      float* Vp = vpack.data();
-#pragma omp for schedule(static)
-      for (index_t o = 0; o < O; ++o)
-        for (index_t i = 0; i < I; ++i) {
-          float* d = Vp + (o * I + i) * Qp;
-          for (index_t q = 0; q < Q; ++q) d[q] = v[q * svq + o * svo + i * svi];
-          for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
-        }
-    }
+    if (!plan.v_direct) pack_v(v, svq, svo, svi, Q, O, I, Qp, vpack.data());
     // Gt[t][o][j] (j = example in the block), a copied to Ar only when its rows are strided, formed rows R.
     AlignedBuffer ar_buf(static_cast<std::size_t>(sai == 1 ? 1 : NB * T * I));
     AlignedBuffer gt_buf(static_cast<std::size_t>(T * O * RBp));
@@ -368,53 +390,29 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
   return Status();
 }
 
-}  // namespace sf
-
-namespace sf {
-
 Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
                                     index_t san, index_t sat, index_t sai, const float* g, index_t sgn, index_t sgt,
                                     index_t sgo, index_t Q, index_t N, index_t T, index_t O, index_t I, float* out,
                                     index_t so_q, index_t so_n, int num_threads) {
-  using namespace cpu;
   SF_RETURN_IF_ERROR(check_pairwise_args(v, svq, svo, svi, a, san, sat, sai, g, sgn, sgt, sgo, Q, N, T, O, I, out,
                                          so_q, so_n));
-  if (Q == 0 || N == 0) return Status();
-  if (T == 0 || O == 0 || I == 0) {
-    for (index_t q = 0; q < Q; ++q)
-      for (index_t n = 0; n < N; ++n) out[q * so_q + n * so_n] = 0.0f;
-    return Status();
-  }
+  if (Q == 0 || N == 0 || zero_scores_if_empty(Q, N, T, O, I, out, so_q, so_n)) return Status();
   if (I > INT32_MAX) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: I exceeds int32");
-  const index_t Qp = ceil_div(Q, VL) * VL;
-  const bool v_direct = svq == 1 && svi >= Qp && svo == I * svi;
-  AlignedBuffer vpack(v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
-  if (!v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
-  const float* VT = v_direct ? v : vpack.data();
-  const index_t ldv = v_direct ? svi : Qp, vo = v_direct ? svo : I * Qp;
-  const int nt = threads_for(static_cast<double>(Q) * N * T * O * I, 2.0e6, num_threads);
-  const index_t n_blocks0 = ceil_div(std::max<index_t>(ceil_div(N, SP_MAX_EXAMPLES), nt), nt) * nt;
-  const index_t NB = std::max<index_t>(1, ceil_div(N, n_blocks0));
-  const index_t n_blocks = ceil_div(N, NB), n_qvecs = Qp / VL;
-  const index_t n_groups = std::min<index_t>(n_qvecs, ceil_div(2 * nt, n_blocks));
+  const SparsePlan plan = sparse_plan(Q, N, T, O, I, svq, svo, svi, num_threads);
+  const index_t Qp = plan.Qp, NB = plan.NB, n_blocks = plan.n_blocks, RBp = plan.RBp, ldv = plan.ldv, vo = plan.vo;
+  AlignedBuffer vpack(plan.v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
+  if (!plan.v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
+  const float* VT = plan.v_direct ? v : vpack.data();
+  const index_t n_qvecs = Qp / VL;
+  const index_t n_groups = std::min<index_t>(n_qvecs, ceil_div(2 * plan.nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
-  const index_t RBp = ceil_div(NB, SP_CHUNK) * SP_CHUNK;
-  const index_t LDC = ceil_div(I, VL) * VL;
+  const index_t LDC = ceil_div(I, VL) * VL;  // one compressed row
   const index_t n_ib = ag_column_blocks(I);
   int alloc_failed = 0;
 
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(plan.nt)
   {
-    if (!v_direct) {
-      float* Vp = vpack.data();
-#pragma omp for schedule(static)
-      for (index_t o = 0; o < O; ++o)
-        for (index_t i = 0; i < I; ++i) {
-          float* d = Vp + (o * I + i) * Qp;
-          for (index_t q = 0; q < Q; ++q) d[q] = v[q * svq + o * svo + i * svi];
-          for (index_t q = Q; q < Qp; ++q) d[q] = 0.0f;
-        }
-    }
+    if (!plan.v_direct) pack_v(v, svq, svo, svi, Q, O, I, Qp, vpack.data());
     AlignedBuffer gt_buf(static_cast<std::size_t>(T * O * RBp));
     AlignedBuffer cval_buf(static_cast<std::size_t>(NB * T * LDC));
     AlignedBuffer r_buf(static_cast<std::size_t>(T > 1 ? RBp * LDC : 1));
