@@ -39,6 +39,19 @@ def test_benchmark_smoke(script):
     assert _results_state() == before, f"{script} --smoke wrote to benchmarks/results"
 
 
+def test_op_bench_cases_filter():
+    """--cases keeps the cases whose mode contains the text (the smoke run of score_pairwise has "T=1" and "T=4");
+    text that matches none exits 2 naming it, before any measurement."""
+    script = [sys.executable, str(BENCH / "bench_score_pairwise.py"), "--smoke", "--impls", "torch", "--cases"]
+    proc = subprocess.run(script + ["T=4"], check=False, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("score_pairwise ")]
+    assert rows and all(" T=4 " in line for line in rows), proc.stdout[-3000:]
+    proc = subprocess.run(script + ["no such case"], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 2 and "'no such case'" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_bench_roofline_refuses_a_cpu_clearly():
     """The ceilings are a GPU's (the CPU tables carry none): without CUDA it exits 2 with a reason, writing nothing."""
     proc = subprocess.run([sys.executable, str(BENCH / "bench_roofline.py"), "--device", "cpu"], check=False,
