@@ -82,7 +82,7 @@ def left_product_queries_innermost(left: torch.Tensor, v: torch.Tensor | RankOne
     q, o, i = v.shape
     v = _extension._sparse_layout(v)  # in place when the walk already wrote it so
     qs = v.stride(2)
-    buf = torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))  # the padded [O, I, Qs] buffer behind the view
+    buf = _padded_buffer(v)
     left = left.to(buf.dtype)
     cols = _columns_per_chunk(o, i, qs, buf.element_size())
     scratch = torch.empty(o, cols * qs, dtype=buf.dtype, device=buf.device)
@@ -103,7 +103,7 @@ def right_product_queries_innermost(v: torch.Tensor, right: torch.Tensor) -> tor
     if not _extension.is_queries_innermost(v):
         raise ValueError("v must be laid out queries-innermost (a left_product_queries_innermost result)")
     qs = v.stride(2)
-    buf = torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))
+    buf = _padded_buffer(v)
     left = right.to(buf.dtype).T
     rows = max(1, min(o, _CHUNK_BYTES // max(1, i * qs * buf.element_size())))
     scratch = torch.empty(rows, i, qs, dtype=buf.dtype, device=buf.device)
@@ -111,6 +111,13 @@ def right_product_queries_innermost(v: torch.Tensor, right: torch.Tensor) -> tor
         part = buf[o0:o0 + rows]
         part.copy_(torch.matmul(left, part, out=scratch[:part.shape[0]]))
     return buf[..., :q].permute(2, 0, 1)
+
+
+def _padded_buffer(v: torch.Tensor) -> torch.Tensor:
+    """The padded [O, I, Qs] buffer behind a queries-innermost view v [Q, O, I]."""
+    _, o, i = v.shape
+    qs = v.stride(2)
+    return torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))
 
 
 def as_dense(v: torch.Tensor | RankOneDirections) -> torch.Tensor:

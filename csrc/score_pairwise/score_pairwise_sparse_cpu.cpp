@@ -105,6 +105,13 @@ static SparsePlan sparse_plan(index_t Q, index_t N, index_t T, index_t O, index_
   return p;
 }
 
+// V as the kernels read it: v itself, or `buf` sized for the packed copy (pack_v fills it in the parallel region);
+// null when that allocation fails.
+static const float* v_source(const SparsePlan& p, const float* v, index_t O, index_t I, AlignedBuffer& buf) {
+  if (p.v_direct) return v;
+  return buf.reset(static_cast<std::size_t>(O * I * p.Qp)) ? buf.data() : nullptr;
+}
+
 // Inside a parallel region, shared by its threads: V [Q, O, I] (any strides) packed as [O][I][Qp], zero past Q.
 static void pack_v(const float* v, index_t svq, index_t svo, index_t svi, index_t Q, index_t O, index_t I,
                    index_t Qp, float* Vp) {
@@ -215,7 +222,6 @@ static void score_block(const float* a, index_t san, index_t sat, index_t sai, c
   }
 }
 
-
 // ---- a and g both sparse (score_pairwise_sparse_ag_cpu) ----
 
 // s[0 .. W·VL) += scale · Σ_k r[k] · V[idx[k]][0 .. W·VL): one formed row of G_n (compressed to its nonzero
@@ -279,28 +285,30 @@ static inline index_t ag_column_blocks(index_t I) {
 static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai, const float* g, index_t sgn,
                            index_t sgt, index_t sgo, index_t n0, index_t nb, index_t T, index_t O, index_t I,
                            index_t RBp, index_t LDC, const float* VT, index_t vo, index_t ldv, index_t qv0,
-                           index_t qv1, index_t Qp, float* Gt, int32_t* cidx, float* cval, index_t* cnnz,
-                           index_t* bnd, float* R, float* S, index_t* idx) {
+                           index_t qv1, index_t Qp, float* Gt, int32_t* cidx, float* cval, index_t* bnd, float* R,
+                           float* S, index_t* idx) {
   const index_t n_ib = ag_column_blocks(I), IB = ceil_div(I, n_ib);
   transpose_g(g, sgn, sgt, sgo, n0, nb, T, O, RBp, Gt);
-  // Each example's a compressed to the columns where any token is nonzero: cidx[j][k], cval[j][t][k].
+  // Each example's a compressed to the columns where any token is nonzero: cidx[j][k], cval[j][t][k]; bj[b]: the
+  // first k of column block b (columns b·IB ..), bj[n_ib] the example's count.
   for (index_t j = 0; j < nb; ++j) {
     const float* aj = a + (n0 + j) * san;
     int32_t* ci = cidx + j * LDC;
     float* cv = cval + j * T * LDC;
-    index_t* bj = bnd + j * (n_ib + 1);  // bj[b]: the first k of column block b (columns b·IB ..)
+    index_t* bj = bnd + j * (n_ib + 1);
     index_t k = 0;
-    for (index_t i = 0; i < I; ++i) {
-      if (i % IB == 0) bj[i / IB] = k;
-      bool any = false;
-      for (index_t t = 0; t < T; ++t) any |= aj[t * sat + i * sai] != 0.0f;
-      if (!any) continue;
-      ci[k] = static_cast<int32_t>(i);
-      for (index_t t = 0; t < T; ++t) cv[t * LDC + k] = aj[t * sat + i * sai];
-      ++k;
+    for (index_t b = 0; b < n_ib; ++b) {
+      bj[b] = k;
+      for (index_t i = b * IB; i < std::min(I, (b + 1) * IB); ++i) {
+        bool any = false;
+        for (index_t t = 0; t < T; ++t) any |= aj[t * sat + i * sai] != 0.0f;
+        if (!any) continue;
+        ci[k] = static_cast<int32_t>(i);
+        for (index_t t = 0; t < T; ++t) cv[t * LDC + k] = aj[t * sat + i * sai];
+        ++k;
+      }
     }
     bj[n_ib] = k;
-    cnnz[j] = k;
   }
   std::memset(S, 0, sizeof(float) * nb * Qp);
   for (index_t o = 0; o < O; ++o) {
@@ -311,7 +319,7 @@ static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai
         const index_t j = idx[k];
         float* row = R + k * LDC;
         const float* cv = cval + j * T * LDC;
-        const index_t nz = cnnz[j];
+        const index_t nz = bnd[j * (n_ib + 1) + n_ib];
         const float g0 = Gt[o * RBp + j];
         for (index_t e = 0; e < nz; ++e) row[e] = g0 * cv[e];
         for (index_t t = 1; t < T; ++t) {
@@ -338,6 +346,7 @@ static void score_block_ag(const float* a, index_t san, index_t sat, index_t sai
       }
   }
 }
+
 }  // namespace
 
 Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, index_t svi, const float* a,
@@ -349,9 +358,9 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
   if (Q == 0 || N == 0 || zero_scores_if_empty(Q, N, T, O, I, out, so_q, so_n)) return Status();
   const SparsePlan plan = sparse_plan(Q, N, T, O, I, svq, svo, svi, num_threads);
   const index_t Qp = plan.Qp, NB = plan.NB, n_blocks = plan.n_blocks, RBp = plan.RBp, ldv = plan.ldv, vo = plan.vo;
-  AlignedBuffer vpack(plan.v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
-  if (!plan.v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
-  const float* VT = plan.v_direct ? v : vpack.data();
+  AlignedBuffer vpack;
+  const float* VT = v_source(plan, v, O, I, vpack);
+  if (!VT) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
   const index_t n_qpanels = ceil_div(Qp, NR);
   const index_t n_groups = std::min<index_t>(n_qpanels, ceil_div(2 * plan.nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
@@ -400,9 +409,9 @@ Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, in
   if (I > INT32_MAX) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: I exceeds int32");
   const SparsePlan plan = sparse_plan(Q, N, T, O, I, svq, svo, svi, num_threads);
   const index_t Qp = plan.Qp, NB = plan.NB, n_blocks = plan.n_blocks, RBp = plan.RBp, ldv = plan.ldv, vo = plan.vo;
-  AlignedBuffer vpack(plan.v_direct ? 0 : static_cast<std::size_t>(O * I * Qp));
-  if (!plan.v_direct && !vpack.data()) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
-  const float* VT = plan.v_direct ? v : vpack.data();
+  AlignedBuffer vpack;
+  const float* VT = v_source(plan, v, O, I, vpack);
+  if (!VT) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
   const index_t n_qvecs = Qp / VL;
   const index_t n_groups = std::min<index_t>(n_qvecs, ceil_div(2 * plan.nt, n_blocks));
   const index_t n_tasks = n_blocks * n_groups;
@@ -418,11 +427,10 @@ Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, in
     AlignedBuffer r_buf(static_cast<std::size_t>(T > 1 ? RBp * LDC : 1));
     AlignedBuffer s_buf(static_cast<std::size_t>(NB * Qp));
     std::unique_ptr<int32_t[]> cidx(new (std::nothrow) int32_t[NB * LDC]);
-    std::unique_ptr<index_t[]> cnnz(new (std::nothrow) index_t[NB]);
     std::unique_ptr<index_t[]> bnd(new (std::nothrow) index_t[NB * (n_ib + 1)]);
     std::unique_ptr<index_t[]> idx(new (std::nothrow) index_t[RBp]);
     float *Gt = gt_buf.data(), *Cv = cval_buf.data(), *Rf = r_buf.data(), *S = s_buf.data();
-    const bool ok = Gt && Cv && Rf && S && cidx && cnnz && bnd && idx;
+    const bool ok = Gt && Cv && Rf && S && cidx && bnd && idx;
     if (!ok) {
 #pragma omp atomic write
       alloc_failed = 1;
@@ -434,7 +442,7 @@ Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, in
       const index_t n0 = blk * NB, nb = std::min(NB, N - n0);
       const index_t qv0 = grp * n_qvecs / n_groups, qv1 = (grp + 1) * n_qvecs / n_groups;
       score_block_ag(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDC, VT, vo, ldv, qv0, qv1, Qp, Gt,
-                     cidx.get(), Cv, cnnz.get(), bnd.get(), Rf, S, idx.get());
+                     cidx.get(), Cv, bnd.get(), Rf, S, idx.get());
       for (index_t q = qv0 * VL; q < std::min(qv1 * VL, Q); ++q)
         for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
     }
