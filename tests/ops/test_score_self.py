@@ -5,7 +5,7 @@ import torch
 from _backends import (TOKEN_SHAPES, assert_fast_sm90_builds, backend_params, bmm_cases, compile_for_gpu,
                        eigh_basis, require)
 from _tolerances import assert_matches_oracle
-from source_fast import ops, reference
+from source_fast import _torch_ops, ops, reference
 
 BACKENDS = backend_params("cpu")
 GPU_BACKENDS = backend_params("cuda")
@@ -41,6 +41,20 @@ def _check(backend, a, g, q_s, q_a, weights, dtype):
 def test_score_self_matches_oracle(backend, dtype, n, t, i, o):
     got = _check(backend, *_inputs(n, t, i, o, dtype), dtype)
     assert got.dtype == torch.float32 and got.shape == (n,)
+
+
+@pytest.mark.parametrize("gain, order", [pytest.param(float("inf"), "rows", id="rows-first"),
+                                         pytest.param(0.0, "materialize", id="G-first")])
+@pytest.mark.parametrize("n,t,i,o", [(5, 3, 41, 13), (3, 40, 17, 9), (2, 6, 1, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_score_self_both_rotation_orders_match_oracle(monkeypatch, backend, dtype, gain, order, n, t, i, o):
+    """Q_Sᵀ G_n Q_A from rotated token rows or from G_n (_torch_ops.rotation_order), each order forced, chunks of
+    one example: against the oracle."""
+    monkeypatch.setattr(_torch_ops, "MATERIALIZE_FIRST_MIN_GAIN", gain)
+    monkeypatch.setattr(_torch_ops, "_chunk_rows", lambda per_row, dtype, total: 1)
+    assert _torch_ops.rotation_order(t, o, i) == order
+    _check(backend, *_inputs(n, t, i, o, dtype), dtype)
 
 
 @pytest.mark.parametrize("t", [1, 3])

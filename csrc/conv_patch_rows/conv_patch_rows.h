@@ -1,0 +1,27 @@
+// conv_patch_rows: a Conv1d/Conv2d input x [B, C, H, W] -> the layer's activation rows
+// out [B, OH·OW, C·KH·KW (+1)]: one row per output position, columns in the order of the weight's
+// flattening [O, C, KH, KW] (F.unfold's), zero padding, and a trailing column of ones for the bias.
+//
+// The torch path (F.unfold, transpose, torch.cat with a ones column) writes the patches twice and reads the
+// unfolded [B, C·K, L] tensor transposed: ≈ 7 ms per 128-image batch of a 3→16 conv at 32×32 on a 2-core
+// Zen 4 host. Here every row is written once, in order, from the (cache-resident) input image.
+#pragma once
+
+#include "source_fast/common.h"
+
+namespace sf {
+
+struct ConvGeometry {
+  index_t KH, KW;             // kernel size (KH = 1 for Conv1d)
+  index_t stride_h, stride_w;
+  index_t dil_h, dil_w;
+  index_t pad_top, pad_left;  // zero padding before; the padding after is implied by OH, OW
+  index_t OH, OW;             // output positions per dim
+};
+
+// CPU, float32. x: any non-negative strides (sb, sc, sh, sw); out: contiguous [B, OH·OW, I] with
+// I = C·KH·KW + (bias ? 1 : 0). Every element is a copy (or 0 / 1): the same bits at any thread count.
+Status conv_patch_rows_cpu(const float* x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc,
+                           index_t sh, index_t sw, const ConvGeometry& geo, bool bias, float* out, int num_threads);
+
+}  // namespace sf
