@@ -53,6 +53,49 @@ class Unit:
         self.uid, self.load, self.segment = uid, load, segment
 
 
+class CovarianceSum:
+    """Σ x xᵀ over the row blocks of a pass (`ops.covariance` into one accumulator), where blocks shorter than
+    MIN_ROWS of a factor at least MIN_WIDTH wide are gathered first: a product of a few rows re-reads the whole
+    [D, D] accumulator for little work (C++ covariance, 2-core Zen 4: D = 2049 at 128 rows took 3.1x the time
+    per row of 1024-row blocks, D = 785 2.1x, D = 513 1.5x). The gathered rows are copies (4·R·D bytes)."""
+
+    MIN_ROWS = 1024
+    MIN_WIDTH = 256
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, *, backend=None, deterministic=None):
+        self.sum = torch.zeros(width, width, dtype=dtype, device=device)
+        self._kwargs = {"backend": backend, "deterministic": deterministic}
+        self._pending: torch.Tensor | None = None  # [MIN_ROWS, D] buffer, its first _filled rows gathered
+        self._filled = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: [R, D] rows of this pass."""
+        if x.shape[0] >= self.MIN_ROWS or x.shape[1] < self.MIN_WIDTH:
+            ops.covariance(x, out=self.sum, **self._kwargs)
+            return
+        if self._pending is None or self._pending.dtype != x.dtype:
+            self._flush()
+            self._pending = torch.empty(self.MIN_ROWS, x.shape[1], dtype=x.dtype, device=x.device)
+        start = 0
+        while start < x.shape[0]:
+            take = min(x.shape[0] - start, self.MIN_ROWS - self._filled)
+            self._pending[self._filled:self._filled + take].copy_(x[start:start + take])
+            self._filled += take
+            start += take
+            if self._filled == self.MIN_ROWS:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._filled:
+            ops.covariance(self._pending[:self._filled], out=self.sum, **self._kwargs)
+            self._filled = 0
+
+    def total(self) -> torch.Tensor:
+        """The sum over every row added so far."""
+        self._flush()
+        return self.sum
+
+
 class SourceAnalyzer:
     """Attribution scores from a training run.
 
@@ -471,13 +514,13 @@ class SourceAnalyzer:
                 for name, (a, g) in rows.items():
                     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                     if name not in acc:
-                        acc[name] = (torch.zeros(a2.shape[1], a2.shape[1], dtype=dt, device=a.device),
-                                     torch.zeros(g2.shape[1], g2.shape[1], dtype=dt, device=a.device))
-                    ops.covariance(a2, out=acc[name][0], backend=self.backend, deterministic=self.deterministic)
-                    ops.covariance(g2, out=acc[name][1], backend=self.backend, deterministic=self.deterministic)
+                        acc[name] = tuple(CovarianceSum(x.shape[1], dt, x.device, backend=self.backend,
+                                                        deterministic=self.deterministic) for x in (a2, g2))
+                    acc[name][0].add(a2)
+                    acc[name][1].add(g2)
             out = {}
-            for name, (A, S) in acc.items():
-                out[f"{name}.A"], out[f"{name}.S"] = A / n, S / n
+            for name, (a_sum, s_sum) in acc.items():
+                out[f"{name}.A"], out[f"{name}.S"] = a_sum.total() / n, s_sum.total() / n
                 if self.check_finite:
                     for key in ("A", "S"):
                         if not bool(torch.isfinite(out[f"{name}.{key}"]).all()):
