@@ -198,6 +198,14 @@ def gpu_token_cases() -> list[Case]:
             for n, i, o in ((1024, 513, 257), (8192, 1025, 1024), (2048, 4097, 1024))]
 
 
+def gpu_conv_cases() -> list[Case]:
+    """Conv layers' positions as tokens (many tokens, narrow layers: the torch backend forms G_n first, the
+    compiled kernels rotate the rows; the dispatcher's "G first" regime) for lambda_accum and score_self on CUDA:
+    3×3 convs at 32×32 (3→16 and 16→32 channels) and 16×16 (64→64) positions."""
+    return [case("conv positions", dtype, N=n, T=t, I=i, O=o) for dtype in ("float32", "bfloat16")
+            for n, t, i, o in ((4096, 1024, 28, 16), (2048, 1024, 145, 32), (2048, 256, 577, 64))]
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

@@ -37,7 +37,7 @@ class ScoreSelfBench(H.OpBench):
         out += [case("conv positions", N=128, T=256, I=145, O=32), case("conv positions", N=128, T=1024, I=28, O=16)]
         if device.type != "cuda":
             return out
-        return H.gpu_token_cases()
+        return H.gpu_token_cases() + H.gpu_conv_cases()
 
     def gate_case(self, dtype):
         return case("T=3", dtype, N=12, T=3, I=17, O=9)

@@ -26,6 +26,8 @@ COMPILED = ("cuda", "triton")
 def regime(op: str, mode: str) -> str:
     if op == "covariance":
         return "mask" if mode.startswith("mask") else "nomask"
+    if mode == "conv positions":  # lambda_accum / score_self cases where the torch backend forms G_n first
+        return "G first"
     tokens = re.match(r"T=(\d+)", mode)  # "T=1", "T=16", "T=1,R=8", "T=1 g half zeros"
     if tokens:
         return "T=1" if int(tokens.group(1)) == 1 else "T>1"

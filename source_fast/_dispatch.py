@@ -247,8 +247,18 @@ def regime(op: str, tensors: dict[str, torch.Tensor]) -> str:
         return "mask" if tensors.get("mask") is not None else "nomask"
     if op == "kron_project":
         return ""
-    a = tensors.get("a")
-    return "" if a is None or a.ndim != 3 else ("T=1" if a.shape[1] == 1 else "T>1")
+    a, g = tensors.get("a"), tensors.get("g")
+    if a is None or a.ndim != 3:
+        return ""
+    if a.shape[1] == 1:
+        return "T=1"
+    if op in ("lambda_accum", "score_self") and g is not None and g.ndim == 3:
+        from . import _torch_ops
+
+        # The torch backend forms G_n first here, the compiled kernels rotate the rows: measured apart.
+        if _torch_ops.rotation_order(a.shape[1], g.shape[2], a.shape[2]) == "materialize":
+            return "G first"
+    return "T>1"
 
 
 def measured_slowdown(op: str, backend: str, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -366,6 +366,7 @@ def test_dispatch_table_regimes_and_time_weighted_speedups():
         == ["T=1", "T>1", "T>1"]
     assert [gen.regime("covariance", m) for m in ("mask", "nomask")] == ["mask", "nomask"]
     assert gen.regime("kron_project", "fns=2(r,s)") == ""
+    assert gen.regime("lambda_accum", "conv positions") == "G first"
 
     def row(backend, shape, ms, status="ok"):
         return {"op": "score_self", "backend": backend, "mode": "T=1", "dtype": "float32", "shape_params": shape,
@@ -375,3 +376,29 @@ def test_dispatch_table_regimes_and_time_weighted_speedups():
             row("torch", "large", 100.0), row("triton", "large", 200.0),  # 2x slower where the time goes
             row("cuda", "large", 1.0, status="ERROR: boom")]              # failed rows are ignored
     assert gen.speedups(rows) == {("score_self", "triton", "float32", "T=1"): round(101.0 / 200.1, 3)}
+
+
+def test_conv_position_cases_are_the_g_first_regime():
+    """The benchmarks' "conv positions" cases (CPU and CUDA lists) are shapes where the torch backend forms G_n
+    first, and the dispatcher files such inputs under the same "G first" regime the table generator gives them."""
+    import sys
+    from pathlib import Path
+
+    from source_fast import _torch_ops
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import _harness
+    finally:
+        sys.path.pop(0)
+    cases = [c for c in _harness.gpu_conv_cases() if c.torch_dtype == torch.float32]
+    assert cases
+    for c in cases:
+        p = c.p
+        assert _torch_ops.rotation_order(p["T"], p["O"], p["I"]) == "materialize"
+        a, g = torch.empty(1, p["T"], p["I"], device="meta"), torch.empty(1, p["T"], p["O"], device="meta")
+        assert _dispatch.regime("lambda_accum", {"a": a, "g": g}) == "G first"
+        assert _dispatch.regime("score_self", {"a": a, "g": g}) == "G first"
+    a, g = torch.empty(1, 35, 65, device="meta"), torch.empty(1, 35, 192, device="meta")  # a transformer's rows
+    assert _dispatch.regime("lambda_accum", {"a": a, "g": g}) == "T>1"
+    assert _dispatch.regime("score_pairwise", {"a": torch.empty(1, 1024, 28, device="meta"), "g": a}) == "T>1"
