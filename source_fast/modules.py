@@ -5,7 +5,7 @@ in as a trailing column of ones), with output pseudo-gradients g ∈ R^O; a per-
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
 
 - nn.Linear: any leading dims; dims after the batch are tokens.
-- nn.Conv1d / nn.Conv2d (groups=1, zero padding, explicit or "valid"/"same"): unfolded patches are tokens
+- nn.Conv1d / nn.Conv2d (groups=1, any padding_mode, explicit or "valid"/"same"): unfolded patches are tokens
   (output positions as tokens); the weight [O, C, k...] flattens to [O, C·k...] in unfold's order.
 - transformers' Conv1D (GPT-2): y = x W + b with W stored [I, O]; same rows as Linear.
 """
@@ -36,14 +36,12 @@ def supported(module: nn.Module) -> str | None:
         kind = type(module).__name__
         if module.groups != 1:
             return f"{kind} with groups={module.groups} (only groups=1 is supported)"
-        if module.padding_mode != "zeros":
-            return f"{kind} with padding_mode={module.padding_mode!r} (only 'zeros')"
         return None
     return f"{type(module).__name__} is not a supported module type ({_SUPPORTED})"
 
 
 def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """(before, after) zero padding per spatial dim: explicit, "valid" or "same" (which pads kernel − 1
+    """(before, after) padding per spatial dim: explicit, "valid" or "same" (which pads kernel − 1
     dilated positions per dim, the extra one after, as torch's convolution does for an even kernel)."""
     if module.padding == "valid":
         return tuple((0, 0) for _ in module.kernel_size)
@@ -55,8 +53,12 @@ def _conv_padding(module: nn.Module) -> tuple[tuple[int, int], ...]:
 
 def _conv_geometry(module: nn.Module, x: torch.Tensor):
     """A Conv1d/Conv2d input as a 2-D one: (x [B, C, H, W], kernel, dilation, stride, ((top, bottom), (left,
-    right)) zero padding); a Conv1d is a Conv2d of height 1."""
+    right)) zero padding); a Conv1d is a Conv2d of height 1. A padding_mode other than zeros is applied to x here,
+    as torch's convolution does before it convolves without padding."""
     pads = _conv_padding(module)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, [p for before_after in reversed(pads) for p in before_after], mode=module.padding_mode)
+        pads = tuple((0, 0) for _ in pads)
     kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     if x.dim() == 3:
         x, kernel, dilation, stride = x.unsqueeze(2), (1,) + kernel, (1,) + dilation, (1,) + stride

@@ -59,9 +59,9 @@ def mlp(d_in=4, hidden=5, d_out=3, dtype=torch.float64, seed=0):
 
 
 class TinyCNN(nn.Module):
-    def __init__(self):
+    def __init__(self, padding_mode="zeros"):
         super().__init__()
-        self.conv = nn.Conv2d(1, 3, kernel_size=3, padding=1, stride=2)
+        self.conv = nn.Conv2d(1, 3, kernel_size=3, padding=1, stride=2, padding_mode=padding_mode)
         self.fc = nn.Linear(3 * 3 * 3, 3)
 
     def forward(self, x):
@@ -117,12 +117,12 @@ def small_mlp_run():
     return model, data, ckpts, steps, lrs
 
 
-def tiny_cnn_run():
+def tiny_cnn_run(padding_mode="zeros"):
     """TinyCNN (float64) on 16 6x6 images, 12 SGD steps, a checkpoint every 4: (model, data, ckpts, steps,
     lrs), shared by the CPU and CUDA oracle tests."""
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)
-    model = TinyCNN().double()
+    model = TinyCNN(padding_mode).double()
     ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
     return model, data, ckpts, steps, lrs
 

@@ -179,8 +179,9 @@ def test_relu_mlp_float32_sparse_output_gradients_match_oracle(monkeypatch, meth
     _rank_checks(scores, oracle)
 
 
-def test_cnn_matches_dense_oracle_float64():
-    model, data, ckpts, steps, lrs = tiny_cnn_run()
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_cnn_matches_dense_oracle_float64(padding_mode):
+    model, data, ckpts, steps, lrs = tiny_cnn_run(padding_mode)
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries = Subset(data, range(3))
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)

@@ -20,6 +20,13 @@ CONVS = [  # (module, spatial size)
     pytest.param(lambda: nn.Conv2d(2, 3, (2, 3), padding="same"), (6, 7), id="conv2d-same-even"),
     pytest.param(lambda: nn.Conv2d(2, 3, 3, stride=2, padding=(1, 2), dilation=(2, 1)), (7, 8), id="conv2d-mixed"),
     pytest.param(lambda: nn.Conv2d(1, 3, 3, padding=1, stride=2), (6, 6), id="conv2d"),
+    pytest.param(lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (5, 6), id="conv2d-reflect"),
+    pytest.param(lambda: nn.Conv2d(2, 3, (3, 2), padding="same", padding_mode="replicate"), (5, 6),
+                 id="conv2d-replicate-same-even"),
+    pytest.param(lambda: nn.Conv2d(2, 3, 3, stride=2, padding=(2, 1), padding_mode="circular"), (7, 6),
+                 id="conv2d-circular-strided"),
+    pytest.param(lambda: nn.Conv1d(2, 3, 3, padding=2, dilation=2, padding_mode="reflect"), (9,),
+                 id="conv1d-reflect-dilated"),
 ]
 
 
@@ -71,7 +78,7 @@ def test_linear_with_token_dims_and_hf_conv1d_rows_give_the_autograd_gradient():
 
 @pytest.mark.parametrize("module, why", [
     (nn.Conv1d(4, 4, 3, groups=2), "Conv1d with groups=2"),
-    (nn.Conv2d(2, 2, 3, padding_mode="reflect", padding=1), "padding_mode='reflect'"),
+    (nn.Conv2d(4, 4, 3, groups=4), "Conv2d with groups=4"),
     (nn.Conv3d(1, 1, 1), "Conv3d is not a supported module type (nn.Linear, nn.Conv1d, nn.Conv2d"),
     (nn.Embedding(3, 2), "Embedding is not a supported"),
 ])

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 
 def conv_patches_one(m, x: torch.Tensor) -> torch.Tensor:
-    """One example's conv patches [positions, C·prod(kernel)] (x: [1, C, *spatial]) after zero padding:
-    explicit, "valid", or "same" (the extra position after, as torch's convolution pads an even kernel)."""
+    """One example's conv patches [positions, C·prod(kernel)] (x: [1, C, *spatial]) after padding (the module's
+    padding_mode): explicit, "valid", or "same" (the extra position after, as torch's convolution pads an even
+    kernel)."""
     k, dil, stride = m.kernel_size, m.dilation, m.stride
     if m.padding == "same":
         pads = [(d * (kk - 1) // 2, d * (kk - 1) - d * (kk - 1) // 2) for d, kk in zip(dil, k)]
@@ -19,7 +20,8 @@ def conv_patches_one(m, x: torch.Tensor) -> torch.Tensor:
         pads = [(0, 0)] * len(k)
     else:
         pads = [(p, p) for p in m.padding]
-    x = F.pad(x[0], [p for pair in reversed(pads) for p in pair])  # [C, *spatial]
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode  # reflect, replicate, circular
+    x = F.pad(x[0], [p for pair in reversed(pads) for p in pair], mode=mode)  # [C, *spatial]
     for d in range(len(k)):  # window dims appended at the end, one per spatial dim
         x = x.unfold(1 + d, dil[d] * (k[d] - 1) + 1, stride[d])
     x = x[(Ellipsis,) + tuple(slice(None, None, d) for d in dil)]  # [C, *out, *k]

@@ -29,6 +29,8 @@ CONVS = [  # (module, input spatial size)
     pytest.param(lambda: nn.Conv2d(2, 2, (1, 7), padding=(0, 3), bias=False), (3, 9), id="conv2d-1x7"),
     pytest.param(lambda: nn.Conv2d(2, 2, 4, dilation=3), (12, 13), id="conv2d-valid-dilated"),
     pytest.param(lambda: nn.Conv2d(3, 2, 3, padding=1), (1, 1), id="conv2d-one-pixel"),
+    pytest.param(lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (5, 6), id="conv2d-reflect"),
+    pytest.param(lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"), (7,), id="conv1d-circular"),
 ]
 
 
