@@ -5,8 +5,9 @@ in as a trailing column of ones), with output pseudo-gradients g ∈ R^O; a per-
 G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
 
 - nn.Linear: any leading dims; dims after the batch are tokens.
-- nn.Conv1d / nn.Conv2d (groups=1, any padding_mode, explicit or "valid"/"same"): unfolded patches are tokens
-  (output positions as tokens); the weight [O, C, k...] flattens to [O, C·k...] in unfold's order.
+- nn.Conv1d / nn.Conv2d (any padding_mode, explicit or "valid"/"same"): unfolded patches are tokens
+  (output positions as tokens); the weight [O, C, k...] flattens to [O, C·k...] in unfold's order. A grouped
+  convolution (groups = G) is G layers "<name>[k]", each its own [O/G, C/G·k... (+1)] matrix.
 - transformers' Conv1D (GPT-2): y = x W + b with W stored [I, O]; same rows as Linear.
 """
 from __future__ import annotations
@@ -30,12 +31,7 @@ _SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, transformers Conv1D"
 
 def supported(module: nn.Module) -> str | None:
     """Why `module` cannot be tracked, or None when it can."""
-    if isinstance(module, nn.Linear) or _is_hf_conv1d(module):
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        kind = type(module).__name__
-        if module.groups != 1:
-            return f"{kind} with groups={module.groups} (only groups=1 is supported)"
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) or _is_hf_conv1d(module):
         return None
     return f"{type(module).__name__} is not a supported module type ({_SUPPORTED})"
 
@@ -111,6 +107,11 @@ class TrackedLayer:
     name: str
     module: nn.Module
     kind: str  # "linear" | "conv" (nn.Conv1d / nn.Conv2d) | "hf_conv1d" (transformers' Conv1D, W stored [I, O])
+    # A grouped convolution is `groups` independent convolutions, one tracked layer each (its own EK-FAC block):
+    # group k maps input channels [k·C/G, (k+1)·C/G) to output channels [k·O/G, (k+1)·O/G).
+    group: int = 0
+    groups: int = 1
+    module_name: str = ""  # the module's name in the model (the layer's own name, but for a group)
 
     @property
     def has_bias(self) -> bool:
@@ -126,11 +127,18 @@ class TrackedLayer:
     @property
     def out_features(self) -> int:
         w = self.module.weight
-        return w.shape[1] if self.kind == "hf_conv1d" else w.shape[0]
+        return w.shape[1] if self.kind == "hf_conv1d" else w.shape[0] // self.groups
+
+    def _outputs(self) -> slice:
+        """This layer's output channels (all of them but for a group of a grouped convolution)."""
+        return slice(self.group * self.out_features, (self.group + 1) * self.out_features)
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Module input -> activation rows [B, T, I] (bias column appended)."""
         if self.kind == "conv":
+            if self.groups > 1:
+                per_group = x.shape[1] // self.groups
+                x = x[:, self.group * per_group:(self.group + 1) * per_group]
             return conv_patch_rows(self.module, x)
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.has_bias:
@@ -140,39 +148,31 @@ class TrackedLayer:
     def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the module output -> rows [B, T, O]."""
         if self.kind == "conv":
+            gy = gy[:, self._outputs()] if self.groups > 1 else gy
             return gy.reshape(gy.shape[0], gy.shape[1], -1).transpose(1, 2)
         return gy.reshape(gy.shape[0], -1, gy.shape[-1])
 
     def param_grad(self) -> torch.Tensor:
         """The module's accumulated .grad in the [O, I] bias-last layout (used by oracles and tests)."""
-        w = self.module.weight.grad
-        if self.kind == "hf_conv1d":
-            w = w.T
-        w = w.reshape(w.shape[0], -1)
-        if self.has_bias:
-            w = torch.cat([w, self.module.bias.grad[:, None]], dim=1)
-        return w
+        return self.to_matrix(self.module.weight.grad, self.module.bias.grad if self.has_bias else None)
 
     def parameters_as_matrix(self) -> torch.Tensor:
-        w = self.module.weight.detach()
-        if self.kind == "hf_conv1d":
-            w = w.T
-        w = w.reshape(w.shape[0], -1)
-        if self.has_bias:
-            w = torch.cat([w, self.module.bias.detach()[:, None]], dim=1)
-        return w
+        return self.to_matrix(self.module.weight.detach(), self.module.bias.detach() if self.has_bias else None)
 
     def param_names(self) -> dict[str, str]:
         """Parameter full names ('weight'/'bias' -> state_dict key)."""
-        names = {"weight": f"{self.name}.weight"}
+        module_name = self.module_name or self.name
+        names = {"weight": f"{module_name}.weight"}
         if self.has_bias:
-            names["bias"] = f"{self.name}.bias"
+            names["bias"] = f"{module_name}.bias"
         return names
 
     def to_matrix(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Any per-parameter tensor (e.g. Adam's v̂) in the [O, I] bias-last layout."""
+        """Any per-parameter tensor (e.g. Adam's v̂) in the [O, I] bias-last layout (this group's rows)."""
         w = weight.T if self.kind == "hf_conv1d" else weight
         w = w.reshape(w.shape[0], -1)
+        if self.groups > 1:
+            w, bias = w[self._outputs()], None if bias is None else bias[self._outputs()]
         if bias is not None:
             w = torch.cat([w, bias[:, None]], dim=1)
         return w
@@ -198,7 +198,12 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
     for name, module in selected:
         kind = "linear" if isinstance(module, nn.Linear) else "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) \
             else "hf_conv1d"
-        layers.append(TrackedLayer(name, module, kind))
+        groups = getattr(module, "groups", 1) if kind == "conv" else 1
+        if groups == 1:
+            layers.append(TrackedLayer(name, module, kind, module_name=name))
+        else:  # one layer per group, named "<module>[k]"
+            layers += [TrackedLayer(f"{name}[{k}]", module, kind, group=k, groups=groups, module_name=name)
+                       for k in range(groups)]
     if not layers:
         raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track ({_SUPPORTED})")
     return layers

@@ -81,6 +81,21 @@ class TinyCNN1d(nn.Module):
         return self.fc(torch.tanh(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
 
 
+class TinyGroupedCNN(nn.Module):
+    """A convolution, a grouped one (2 groups) and a depthwise one (reflect padding), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, kernel_size=3, padding=1, stride=2)
+        self.grouped = nn.Conv2d(4, 4, kernel_size=3, padding=1, groups=2)
+        self.depthwise = nn.Conv2d(4, 4, kernel_size=3, padding=1, groups=4, padding_mode="reflect")
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(torch.tanh(self.conv(x))))
+        return self.fc(torch.tanh(self.depthwise(h)).flatten(1))
+
+
 def classification_data(n=24, d_in=4, classes=3, dtype=torch.float64, seed=0, image=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 6, 6, generator=gen, dtype=dtype) if image else torch.randn(n, d_in, generator=gen,
@@ -117,12 +132,12 @@ def small_mlp_run():
     return model, data, ckpts, steps, lrs
 
 
-def tiny_cnn_run(padding_mode="zeros"):
-    """TinyCNN (float64) on 16 6x6 images, 12 SGD steps, a checkpoint every 4: (model, data, ckpts, steps,
-    lrs), shared by the CPU and CUDA oracle tests."""
+def tiny_cnn_run(padding_mode="zeros", grouped=False):
+    """TinyCNN (TinyGroupedCNN with `grouped`) (float64) on 16 6x6 images, 12 SGD steps, a checkpoint every 4:
+    (model, data, ckpts, steps, lrs), shared by the CPU and CUDA oracle tests."""
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)
-    model = TinyCNN(padding_mode).double()
+    model = (TinyGroupedCNN() if grouped else TinyCNN(padding_mode)).double()
     ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
     return model, data, ckpts, steps, lrs
 

@@ -65,6 +65,37 @@ def test_conv_patches_match_the_oracles_extraction(make, spatial):
     torch.testing.assert_close(got @ conv.weight.reshape(conv.out_channels, -1).T + bias, want)
 
 
+@pytest.mark.parametrize("make, spatial", [
+    pytest.param(lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 6), id="conv2d-groups2"),
+    pytest.param(lambda: nn.Conv2d(3, 6, 3, stride=2, groups=3, bias=False), (7, 7), id="depthwise-multiplier2"),
+    pytest.param(lambda: nn.Conv1d(4, 4, 3, padding="same", groups=4, padding_mode="reflect"), (9,),
+                 id="conv1d-depthwise-reflect"),
+])
+def test_grouped_conv_is_one_layer_per_group_giving_its_slice_of_the_gradient(make, spatial):
+    """A grouped convolution is `groups` tracked layers "<name>[k]": group k's rows (its input channels' patches,
+    its output channels' g) give rows k·O/G..(k+1)·O/G of autograd's weight (and bias) gradient, and the groups
+    together give all of it."""
+    torch.manual_seed(0)
+    conv = make().double()
+    model = nn.Sequential(conv, nn.Tanh())
+    x = torch.randn(1, conv.in_channels, *spatial, dtype=torch.float64)
+    layers, rows = _rows_and_grads(model, x, ["0"])
+    assert [layer.name for layer in layers] == [f"0[{k}]" for k in range(conv.groups)]
+    per_group = []
+    for layer in layers:
+        a, g = rows[layer.name]
+        assert a.shape[2] == layer.in_features == conv.in_channels // conv.groups * conv.weight[0, 0].numel() \
+            + (conv.bias is not None)
+        assert g.shape[2] == layer.out_features == conv.out_channels // conv.groups
+        torch.testing.assert_close(g[0].T @ a[0], layer.param_grad(), rtol=1e-12, atol=1e-12)
+        assert layer.param_names()["weight"] == "0.weight"
+        per_group.append(layer.param_grad())
+    whole = conv.weight.grad.reshape(conv.out_channels, -1)
+    if conv.bias is not None:
+        whole = torch.cat([whole, conv.bias.grad[:, None]], dim=1)
+    assert torch.equal(torch.cat(per_group), whole)
+
+
 def test_linear_with_token_dims_and_hf_conv1d_rows_give_the_autograd_gradient():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -77,8 +108,7 @@ def test_linear_with_token_dims_and_hf_conv1d_rows_give_the_autograd_gradient():
 
 
 @pytest.mark.parametrize("module, why", [
-    (nn.Conv1d(4, 4, 3, groups=2), "Conv1d with groups=2"),
-    (nn.Conv2d(4, 4, 3, groups=4), "Conv2d with groups=4"),
+    (nn.ConvTranspose2d(2, 2, 3), "ConvTranspose2d is not a supported module type"),
     (nn.Conv3d(1, 1, 1), "Conv3d is not a supported module type (nn.Linear, nn.Conv1d, nn.Conv2d"),
     (nn.Embedding(3, 2), "Embedding is not a supported"),
 ])

@@ -21,16 +21,25 @@ from .conv_patch_rows import conv_patches_one
 
 
 def _layers(model, names=None):
+    """(name, module, group, groups) per tracked layer: a grouped convolution is one entry per group, "<name>[k]"
+    (its own block of the block-diagonal curvature)."""
     mods = dict(model.named_modules())
     if names is None:
         names = [n for n, m in mods.items() if n and (isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or
                                                      type(m).__name__ == "Conv1D")]
-    return [(n, mods[n]) for n in names]
+    entries = []
+    for n in names:
+        m = mods[n]
+        groups = m.groups if isinstance(m, (nn.Conv1d, nn.Conv2d)) else 1
+        entries += [(n, m, 0, 1)] if groups == 1 else [(f"{n}[{k}]", m, k, groups) for k in range(groups)]
+    return entries
 
 
-def _as_matrix(module, weight, bias):
+def _as_matrix(module, weight, bias, group=0, groups=1):
     w = weight.T if type(module).__name__ == "Conv1D" else weight
     w = w.reshape(w.shape[0], -1)
+    rows = slice(group * (w.shape[0] // groups), (group + 1) * (w.shape[0] // groups))
+    w, bias = w[rows], None if bias is None else bias[rows]
     return torch.cat([w, bias[:, None]], 1) if bias is not None else w
 
 
@@ -38,30 +47,34 @@ def _example_terms(model, task, example, layers, kind):
     """One example: per layer (G [O, I], a rows [T, I], g rows [T, O]) for the task's loss or measurement."""
     batch = default_collate([example])
     acts, outs = {}, {}
-    hooks = []
-    for name, m in layers:
-        def hook(mod, inp, out, name=name):
-            acts[name], outs[name] = inp[0].detach(), out
+    hooks = {}
+    for _, m, _, _ in layers:
+        if id(m) in hooks:
+            continue
+
+        def hook(mod, inp, out, key=id(m)):
+            acts[key], outs[key] = inp[0].detach(), out
             out.retain_grad()
-        hooks.append(m.register_forward_hook(hook))
+        hooks[id(m)] = m.register_forward_hook(hook)
     model.zero_grad(set_to_none=True)
     value = task.compute_measurement(batch, model) if kind == "measurement" else \
         task.compute_train_loss(batch, model, sample=False)
     value.backward()
-    for h in hooks:
+    for h in hooks.values():
         h.remove()
     get_mask = getattr(task, "get_attention_mask", None)
     mask = get_mask(batch) if callable(get_mask) else None
     result = {}
-    for name, m in layers:
-        G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None).double()
-        x = acts[name].double()
+    for name, m, k, groups in layers:
+        G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None, k, groups).double()
+        x, out = acts[id(m)].double(), outs[id(m)]
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            a = conv_patches_one(m, x)
-            g = outs[name].grad.double()[0].reshape(outs[name].shape[1], -1).T
+            c, o = x.shape[1] // groups, out.shape[1] // groups
+            a = conv_patches_one(m, x[:, k * c:(k + 1) * c])
+            g = out.grad.double()[0, k * o:(k + 1) * o].reshape(o, -1).T
         else:
             a = x.reshape(-1, x.shape[-1])
-            g = outs[name].grad.double().reshape(-1, outs[name].shape[-1])
+            g = out.grad.double().reshape(-1, out.shape[-1])
         if m.bias is not None:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
         if mask is not None and mask.shape == (1, a.shape[0]) and not isinstance(m, nn.Conv2d):
@@ -104,10 +117,10 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
             flats, A, S = [], {}, {}
             for n in range(n_train):
                 terms = _example_terms(model, task, train_dataset[n], layers, "loss")
-                flats.append(torch.cat([terms[name][0].reshape(-1) for name, _ in layers]))
+                flats.append(torch.cat([terms[name][0].reshape(-1) for name, *_ in layers]))
                 if not in_stage[n]:
                     continue
-                for name, _ in layers:
+                for name, *_ in layers:
                     _, a, g = terms[name]
                     A[name] = A.get(name, 0) + a.T @ a
                     S[name] = S.get(name, 0) + g.T @ g
@@ -121,13 +134,13 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     model.load_state_dict(saved)
 
     # Dense segment curvature H̄_ℓ, block diagonal over layers.
-    sizes = [(_as_matrix(m, m.weight, m.bias).shape) for _, m in layers]
+    sizes = [(_as_matrix(m, m.weight, m.bias, k, groups).shape) for _, m, k, groups in layers]
     hessians = []
     for seg, members in enumerate(seg_ckpts):
         stage = seg_list[seg].stage if method == "source" else 0
         keep = torch.ones(n_train, dtype=torch.bool) if stages is None or method != "source" else stages == stage
         blocks, offset = [], 0
-        for (name, _), (o, i) in zip(layers, sizes):
+        for (name, *_), (o, i) in zip(layers, sizes):
             A = sum(covs[c][0][name] for c in members) / len(members)
             S = sum(covs[c][1][name] for c in members) / len(members)
             _, qa = _sym_eigh(A)
