@@ -92,5 +92,8 @@ def source_operators(c: float, *, damping: float = 0.0, operator: str = "continu
 
 
 def heuristic_damping(lam: torch.Tensor) -> float:
-    """Kronfluence's default: 0.1 × mean(Λ)."""
-    return 0.1 * float(lam.mean())
+    """Kronfluence's default: 0.1 × mean(Λ); 1.0 for a layer whose Λ is all zero (every sampled gradient zero,
+    e.g. a channel group behind a dead ReLU), where 0.1 × mean(Λ) would leave (Λ + δ)⁻¹ undefined: its training
+    gradients are zero too, so the value only has to be positive."""
+    mean = float(lam.mean())
+    return 0.1 * mean if mean > 0 else 1.0

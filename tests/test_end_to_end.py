@@ -207,6 +207,39 @@ def test_grouped_and_depthwise_convs_match_dense_oracle_float64(method):
     assert _rel(scores, oracle) <= 1e-6
 
 
+def test_a_layer_without_gradients_gets_a_positive_heuristic_damping():
+    """A tracked layer whose output never reaches the loss has Λ = 0 (a depthwise group behind a dead ReLU is the
+    usual case): the heuristic damping 0.1·mean(Λ) would be 0; it falls back to 1, and the layer adds nothing."""
+
+    class WithDeadBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.dead = mlp(), torch.nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            return self.body(x) + 0.0 * self.dead(x)
+
+    data = classification_data(n=16)
+    torch.manual_seed(0)
+    model = WithDeadBranch()
+    ckpts, steps, lrs = train_run(model, data, steps=6, every=3, lr=0.1)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=1)
+    queries = Subset(data, range(3))
+
+    def scores(names):
+        class Tracked(ClassificationTask):
+            def get_influence_tracked_modules(self):
+                return names
+        analyzer = sf.SourceAnalyzer(model, Tracked(), run, method="influence", batch_size=8, progress=False)
+        return analyzer, analyzer.pairwise_scores(queries, data)
+
+    analyzer, with_dead = scores(["body.0", "body.2", "dead"])
+    assert not analyzer.blocks[0]["dead"].lam.any()
+    _, without = scores(["body.0", "body.2"])
+    assert torch.isfinite(with_dead).all()
+    torch.testing.assert_close(with_dead, without, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_cnn1d_matches_dense_oracle_float64():
     """nn.Conv1d with "same" padding of an even kernel (one extra zero after) and a strided "valid" one."""
