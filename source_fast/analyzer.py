@@ -34,7 +34,7 @@ from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
-from .rows import RowBudget, RowCache, member_lists, merge_rows, rows_nbytes
+from .rows import RowBudget, RowCache, compact_rows, member_lists, merge_rows, rows_nbytes
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
@@ -329,7 +329,7 @@ class SourceAnalyzer:
         return batch
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
-              paired: bool = False) -> Iterator[tuple]:
+              paired: bool = False, sources: dict | None = None) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -338,6 +338,8 @@ class SourceAnalyzer:
         paired: also yield the true-label rows of the same forward pass, (offset, size, rows,
         true_rows) sharing the a tensors: for 'sampled' through the task's compute_train_loss_pair and
         a second backward over the kept graph; for 'empirical' they are the rows themselves.
+        sources: a dict refilled before each yield with `Capture.sources()` of that batch (what a row cache
+        keeps of a conv layer's rows: its module input), valid until the next batch.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -364,6 +366,9 @@ class SourceAnalyzer:
                 _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
                 rows = capture.rows(value, mask, retain_graph=true_value is not None)
                 size = next(iter(rows.values()))[0].shape[0]
+                if sources is not None:
+                    sources.clear()
+                    sources.update(capture.sources())
                 if not paired:
                     yield offset, size, rows
                 elif true_value is None:
@@ -502,15 +507,18 @@ class SourceAnalyzer:
             data = self._stage_subset(train_dataset, stage)
             acc = {}
             n = 0
+            sources = {}  # the caches keep a conv layer's module input, not its patch rows
             for _, size, rows, *paired in self._rows(data, loss=self.fisher, seed_key=k,
                                                      desc=f"covariance {unit.uid} ({k + 1}/{n_units})",
-                                                     paired=kept_for_scoring is not None):
+                                                     paired=kept_for_scoring is not None, sources=sources):
                 n += size
-                cached = cache.offer(unit.uid, size, rows)
+                kept = compact_rows(rows, sources)
+                cached = cache.offer(unit.uid, size, kept)
                 if paired:  # the a rows are shared: counted once while the fit's cache holds them
                     true_rows = paired[0]
                     extra = 0 if true_rows is rows else rows_nbytes({n: (g,) for n, (_, g) in true_rows.items()})
-                    kept_for_scoring.offer(unit.uid, size, true_rows, nbytes=extra if cached else None)
+                    kept_true = kept if true_rows is rows else compact_rows(true_rows, sources)
+                    kept_for_scoring.offer(unit.uid, size, kept_true, nbytes=extra if cached else None)
                 for name, (a, g) in rows.items():
                     a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
                     if name not in acc:

@@ -218,6 +218,7 @@ class Capture:
         self._inputs: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
         self._windows: dict[str, tuple[int, int] | None] = {}
+        self._sources: dict[str, tuple] = {}
         self._handles = []
 
     def __enter__(self):
@@ -241,6 +242,7 @@ class Capture:
         self._inputs.clear()
         self._outputs.clear()
         self._windows.clear()
+        self._sources.clear()
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
         if layer.name not in self._inputs:
@@ -261,7 +263,16 @@ class Capture:
         grads = self.output_rows(loss, retain_graph=retain_graph)
         rows = {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
         self._windows = _padding_windows(mask, rows)
+        self._sources = {layer.name: (layer.input_rows, self._inputs[layer.name]) for layer in self.layers
+                         if layer.kind == "conv" and self._windows[layer.name] is None
+                         and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
+
+    def sources(self) -> dict:
+        """Per conv layer of the last `rows` call whose activation rows are exactly `layer.input_rows(x)` of its
+        module input x (no mask applied, no positions cut): (layer.input_rows, x). A row cache keeps x instead
+        (rows.compact_rows)."""
+        return dict(self._sources)
 
     def paired_rows(self, loss: torch.Tensor, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         """The rows of another loss of the same forward as the last `rows` call: {name: (a, g)}, the a
@@ -323,12 +334,17 @@ def _cut(rows: torch.Tensor, window: tuple[int, int] | None) -> torch.Tensor:
     return rows if window is None else rows[:, window[0]:window[1]].contiguous()
 
 
+def _mask_applies(mask: torch.Tensor | None, rows: torch.Tensor) -> bool:
+    """Whether `apply_mask` zeroes rows of these activation rows (a [B, T] mask over their T tokens)."""
+    return mask is not None and mask.dim() == 2 and mask.shape[1] == rows.shape[1]
+
+
 def apply_mask(rows: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
     """Zero the activation rows of masked tokens ([B, T] mask, 1 = keep)."""
     if mask.dim() != 2 or mask.shape[0] != rows.shape[0]:
         raise ValueError(f"attention mask must be [batch, tokens] = [{rows.shape[0]}, {rows.shape[1]}] for "
                          f"layer {name!r}, got {tuple(mask.shape)}")
-    if mask.shape[1] != rows.shape[1]:
+    if not _mask_applies(mask, rows):
         # Conv layers or layers whose tokens are not the sequence: masks do not apply.
         return rows
     return rows * mask.to(rows.dtype)[:, :, None]

@@ -7,10 +7,47 @@ from __future__ import annotations
 import torch
 
 
+class Rebuilt:
+    """A layer's activation rows kept as what makes them: a conv layer's module input (C·H·W values per example)
+    instead of its patch rows (positions × C·k², 9× more for a 3×3 "same" conv), rebuilt by `rows()` when used
+    (csrc/conv_patch_rows: ≈ 1 ms per 128 CIFAR-sized images, far less than the model pass that recomputing
+    rows which did not fit the row cache costs)."""
+
+    __slots__ = ("make", "source")
+
+    def __init__(self, make, source: torch.Tensor):
+        self.make, self.source = make, source
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel() * self.source.element_size()
+
+    def rows(self) -> torch.Tensor:
+        return self.make(self.source)
+
+
+def compact_rows(rows: dict, sources: dict) -> dict:
+    """rows {layer: (a, g)} with the a of each layer in `sources` ({layer: (make, source)}, see
+    `modules.Capture.sources`) kept as `Rebuilt(make, source)` where the source is the smaller."""
+    out = {}
+    for name, (a, g) in rows.items():
+        source = sources.get(name)
+        out[name] = (Rebuilt(*source) if source is not None and source[1].numel() < a.numel() else a, g)
+    return out
+
+
+def expanded_rows(rows: dict) -> dict:
+    """`compact_rows`' inverse: every Rebuilt a made into its rows again."""
+    return {name: (a.rows() if isinstance(a, Rebuilt) else a, g) for name, (a, g) in rows.items()}
+
+
+def _nbytes(t) -> int:
+    return t.nbytes if isinstance(t, Rebuilt) else t.numel() * t.element_size()
+
+
 def rows_nbytes(rows) -> int:
-    """Bytes of token rows {layer: (a, g)}, a and g tensors or lists of tensors."""
-    tensors = [t for pair in rows.values() for x in pair for t in (x if isinstance(x, list) else [x])]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of token rows {layer: (a, g)}, a and g tensors (or `Rebuilt`) or lists of them."""
+    return sum(_nbytes(t) for pair in rows.values() for x in pair for t in (x if isinstance(x, list) else [x]))
 
 
 def member_lists(per_member: list[dict]) -> dict:
@@ -114,11 +151,13 @@ class RowCache:
         return min(len(self._rows.get(uid, ())) for uid in uids)
 
     def take(self, uid: str):
-        """Yield the unit's cached batches in order, releasing each once used."""
+        """Yield the unit's cached batches (size, rows) in order, rows rebuilt (`expanded_rows`), releasing each
+        once used."""
         entries = self._rows.pop(uid, [])
         entries.reverse()
         while entries:
-            yield entries.pop()
+            size, rows = entries.pop()
+            yield size, expanded_rows(rows)
 
     def clear(self) -> None:
         self._rows.clear()

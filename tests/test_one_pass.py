@@ -291,3 +291,43 @@ def test_one_pass_over_a_fit_stored_by_an_earlier_run(run3, tmp_path):
     scores, forwards, _ = _scores(model, data, run, task=task, fit_first=False, output_dir=tmp_path)
     assert forwards == 6 * BATCHES + QUERY_BATCHES  # scoring passes only: nothing refitted
     assert torch.allclose(scores, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
+
+
+def test_conv_rows_are_kept_as_the_layer_input(monkeypatch):
+    """The row caches keep a conv layer's module input instead of its patch rows (rows.Rebuilt, 36 against 90
+    values per 6×6 image here) and rebuild the rows when used: a budget that holds every batch that way but
+    not as patch rows scores from one pass per checkpoint, with the scores of the separate-pass schedule."""
+    from _models import TinyCNN
+
+    from source_fast import analyzer as analyzer_module
+
+    data = classification_data(n=16, image=True)
+    torch.manual_seed(1)
+    model = TinyCNN().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    members = max(len(s.checkpoints) for s in run.segments)
+    # Bytes per example (float64), both caches: conv a (patches 9 × 10, or the 1×6×6 input) + conv g (9 × 3)
+    # + fc a (28) and g (3) for the fit, and the true-label g again (27 + 3) for scoring.
+    patches, compact = 8 * (90 + 27 + 28 + 3 + 30), 8 * (36 + 27 + 28 + 3 + 30)
+    budget = members * 16 * (compact + patches) // 2  # between the two
+    monkeypatch.setattr(_config, "row_cache_bytes", lambda: budget)
+
+    def scores(fit_first):
+        forwards = []
+        handle = model.register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            analyzer = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=7, progress=False)
+            if fit_first:
+                analyzer.fit(data)
+            return analyzer.pairwise_scores(Subset(data, range(3)), data), len(forwards)
+        finally:
+            handle.remove()
+
+    two, _ = scores(fit_first=True)
+    one, forwards = scores(fit_first=False)
+    assert torch.allclose(one, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+    assert forwards == len(ckpts) * 3 + 1  # one pass per checkpoint (3 batches), one query batch
+    monkeypatch.setattr(analyzer_module, "compact_rows", lambda rows, sources: rows)  # patch rows kept
+    again, forwards_patches = scores(fit_first=False)
+    assert forwards_patches > forwards and torch.allclose(again, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())

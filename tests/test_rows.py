@@ -1,0 +1,33 @@
+"""source_fast.rows: kept rows' byte accounting and the compact form of conv rows (rows.Rebuilt)."""
+import torch
+from torch import nn
+
+from source_fast import modules
+from source_fast.rows import Rebuilt, RowBudget, RowCache, compact_rows, expanded_rows, rows_nbytes
+
+
+def test_conv_rows_kept_as_their_source_are_rebuilt_equal_and_counted_by_the_source():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    (layer,) = modules.find_tracked_layers(nn.Sequential(conv), ["0"])
+    x = torch.randn(4, 2, 5, 5)
+    a, g = layer.input_rows(x), torch.randn(4, 25, 3)
+    dense = {"0": (a, g), "fc": (torch.randn(4, 1, 7), torch.randn(4, 1, 2))}
+    compact = compact_rows(dense, {"0": (layer.input_rows, x)})
+    assert isinstance(compact["0"][0], Rebuilt) and compact["0"][1] is g and compact["fc"] is not None
+    assert rows_nbytes(compact) == rows_nbytes(dense) - a.numel() * 4 + x.numel() * 4
+    cache = RowCache(RowBudget(rows_nbytes(compact)))
+    assert cache.offer("u", 4, compact)
+    ((size, rows),) = list(cache.take("u"))
+    assert size == 4 and torch.equal(rows["0"][0], a) and rows["0"][1] is g and rows["fc"][0] is dense["fc"][0]
+    assert expanded_rows(dense)["0"][0] is a  # tensors pass through
+
+
+def test_a_source_larger_than_its_rows_is_not_used():
+    """A 1×1 convolution with stride 2 has fewer patch values than input values: the rows are kept."""
+    conv = nn.Conv2d(4, 3, 1, stride=2, bias=False)
+    (layer,) = modules.find_tracked_layers(nn.Sequential(conv), ["0"])
+    x = torch.randn(2, 4, 6, 6)
+    a = layer.input_rows(x)
+    assert a.numel() < x.numel()
+    kept = compact_rows({"0": (a, torch.zeros(2, 9, 3))}, {"0": (layer.input_rows, x)})
+    assert kept["0"][0] is a
