@@ -13,6 +13,7 @@ G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -133,13 +134,17 @@ class TrackedLayer:
         """This layer's output channels (all of them but for a group of a grouped convolution)."""
         return slice(self.group * self.out_features, (self.group + 1) * self.out_features)
 
+    def layer_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The part of the module input this layer reads: a group's input channels, or all of x."""
+        if self.groups == 1:
+            return x
+        per_group = x.shape[1] // self.groups
+        return x[:, self.group * per_group:(self.group + 1) * per_group]
+
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Module input -> activation rows [B, T, I] (bias column appended)."""
         if self.kind == "conv":
-            if self.groups > 1:
-                per_group = x.shape[1] // self.groups
-                x = x[:, self.group * per_group:(self.group + 1) * per_group]
-            return conv_patch_rows(self.module, x)
+            return conv_patch_rows(self.module, self.layer_input(x))
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         if self.has_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
@@ -263,15 +268,16 @@ class Capture:
         grads = self.output_rows(loss, retain_graph=retain_graph)
         rows = {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
         self._windows = _padding_windows(mask, rows)
-        self._sources = {layer.name: (layer.input_rows, self._inputs[layer.name]) for layer in self.layers
-                         if layer.kind == "conv" and self._windows[layer.name] is None
-                         and not _mask_applies(mask, rows[layer.name][0])}
+        self._sources = {
+            layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]))
+            for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
+            and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
 
     def sources(self) -> dict:
-        """Per conv layer of the last `rows` call whose activation rows are exactly `layer.input_rows(x)` of its
-        module input x (no mask applied, no positions cut): (layer.input_rows, x). A row cache keeps x instead
-        (rows.compact_rows)."""
+        """Per conv layer of the last `rows` call whose activation rows are exactly its patch rows (no mask
+        applied, no positions cut): (make, x) with make(x) those rows and x the layer's input (a group's channels
+        for a grouped convolution). A row cache keeps x instead (rows.compact_rows)."""
         return dict(self._sources)
 
     def paired_rows(self, loss: torch.Tensor, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):

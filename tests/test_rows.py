@@ -31,3 +31,20 @@ def test_a_source_larger_than_its_rows_is_not_used():
     assert a.numel() < x.numel()
     kept = compact_rows({"0": (a, torch.zeros(2, 9, 3))}, {"0": (layer.input_rows, x)})
     assert kept["0"][0] is a
+
+
+def test_a_depthwise_group_is_kept_as_its_own_channel():
+    """Each group of a depthwise convolution is kept as its input channel (H·W values against H·W·(k² + 1) patch
+    values), rebuilt to the group's rows."""
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+    model = nn.Sequential(conv)
+    layers = modules.find_tracked_layers(model, ["0"])
+    x = torch.randn(2, 3, 5, 5)
+    with modules.Capture(layers) as capture:
+        rows = capture.rows(model(x).square().sum())
+        sources = capture.sources()
+    kept = compact_rows(rows, sources)
+    for k, layer in enumerate(layers):
+        a, _ = kept[layer.name]
+        assert isinstance(a, Rebuilt) and a.nbytes == 2 * 25 * 4 and torch.equal(a.source, x[:, k:k + 1])
+        assert torch.equal(a.rows(), rows[layer.name][0])
