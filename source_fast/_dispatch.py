@@ -93,6 +93,21 @@ def _pairwise_sizes(tensors: dict[str, torch.Tensor]) -> tuple[int, int, int, in
     return q, n, t, o, i
 
 
+def _rotation_form(tensors: dict[str, torch.Tensor]) -> str | None:
+    """How the torch and cpu backends form Q_Sᵀ G_n Q_A for lambda_accum / score_self (_torch_ops.rotation_order)."""
+    from . import _torch_ops
+
+    a, g = tensors.get("a"), tensors.get("g")
+    if a is None or g is None or a.dim() != 3 or g.dim() != 3:
+        return None
+    t, i, o = a.shape[1], a.shape[2], g.shape[2]
+    if t == 1:
+        return "one token: the rotated rows' squares in one product"
+    if _torch_ops.rotation_order(t, o, i) == "materialize":
+        return f"G_n formed first, then rotated ({t} tokens on a {o}x{i} layer: fewer multiply-adds)"
+    return f"token rows rotated first, then their outer products summed ({t} tokens on a {o}x{i} layer)"
+
+
 class TorchBackend(Backend):
     name = "torch"
     devices = ("cpu", "cuda", "mps", "xpu")
@@ -103,6 +118,8 @@ class TorchBackend(Backend):
         return getattr(_torch_ops, op)
 
     def form(self, op, tensors):
+        if op in ("lambda_accum", "score_self"):
+            return _rotation_form(tensors)
         if op != "score_pairwise":
             return None
         from . import _torch_ops
@@ -213,6 +230,8 @@ class CpuBackend(ExtensionBackend):
         return []
 
     def form(self, op, tensors):
+        if op in ("lambda_accum", "score_self"):
+            return _rotation_form(tensors)
         if op not in ("score_pairwise", "score_per_token"):
             return None
         from . import _extension
@@ -360,8 +379,8 @@ def _checked(name: str, op: str, tensors) -> Callable:
 
 def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, deterministic: bool = False) -> str:
     """A table: each backend, whether it would run op on these inputs, and why not; then, for the ops with several
-    forms (score_pairwise; score_per_token on CPU), the form the selected backend takes (token-wise, formed,
-    materialised, fused, sparse g)."""
+    forms (score_pairwise; score_per_token on CPU; lambda_accum and score_self on the torch and cpu backends),
+    the form the selected backend takes (token-wise, formed, materialised, fused, sparse g; rows or G_n first)."""
     tensors = tensors or {}
     lines = [f"{'backend':8s} | status"]
     chosen = None
@@ -375,8 +394,9 @@ def explain(op: str, tensors: dict[str, torch.Tensor] | None = None, determinist
         else:
             status = "skipped: " + "; ".join(reasons)
         lines.append(f"{name:8s} | {status}")
+    operands = ("a", "g") if op in ("lambda_accum", "score_self") else ("v", "a", "g")
     if chosen is not None and all(isinstance(tensors.get(k), torch.Tensor) and tensors[k].dim() == 3
-                                  for k in ("v", "a", "g")):
+                                  for k in operands):
         form = BACKENDS[chosen].form(op, tensors)
         if form:
             lines.append(f"{'form':8s} | {chosen}: {form}")

@@ -402,3 +402,21 @@ def test_conv_position_cases_are_the_g_first_regime():
     a, g = torch.empty(1, 35, 65, device="meta"), torch.empty(1, 35, 192, device="meta")  # a transformer's rows
     assert _dispatch.regime("lambda_accum", {"a": a, "g": g}) == "T>1"
     assert _dispatch.regime("score_pairwise", {"a": torch.empty(1, 1024, 28, device="meta"), "g": a}) == "T>1"
+
+
+@pytest.mark.parametrize("op", ["lambda_accum", "score_self"])
+def test_explain_names_the_rotation_order(op):
+    """lambda_accum and score_self on the torch/cpu backends: explain says whether G_n is formed first (a conv
+    layer's many positions on a narrow layer) or the token rows are rotated first (a transformer's rows)."""
+    def tensors(t, o, i):
+        a, g = torch.randn(2, t, i), torch.randn(2, t, o)
+        q_a, q_s = torch.eye(i), torch.eye(o)
+        if op == "lambda_accum":
+            return a, g, q_a, q_s
+        return a, g, q_s, q_a, torch.ones(o, i)
+
+    conv = ops.explain(op, *tensors(256, 32, 145)).splitlines()[-1]
+    assert conv.startswith("form") and "G_n formed first" in conv, conv
+    rows = ops.explain(op, *tensors(35, 192, 65)).splitlines()[-1]
+    assert "token rows rotated first" in rows, rows
+    assert "one token" in ops.explain(op, *tensors(1, 8, 9)).splitlines()[-1]
