@@ -12,7 +12,8 @@ of SOURCE's removal-effect convention in addition. Covariances are normalised di
 (Kronfluence divides A and S by the number of *tokens*, source_fast by the number of *examples*),
 which changes no eigenvector; Λ is a mean over *examples* in both, hence the token case below.
 
-Skipped cleanly when Kronfluence is not installed (see requirements-kronfluence.txt); an installed
+Architectures: an MLP, a token MLP and a small CNN (conv positions as tokens; in float32 the compiled patch
+rows). Skipped cleanly when Kronfluence is not installed (see requirements-kronfluence.txt); an installed
 Kronfluence that fails to import (e.g. a missing light dependency) fails the test instead.
 """
 from __future__ import annotations
@@ -73,6 +74,18 @@ class TokenMLP(nn.Module):
         return self.head(h.mean(1))
 
 
+class TinyCNN(nn.Module):
+    """A padded, strided 3×3 convolution (its 9 output positions are tokens) and a linear head, on 1×6×6 inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1, stride=2)
+        self.head = nn.Linear(27, 4)
+
+    def forward(self, x):  # x [B, 36] -> [B, 1, 6, 6]
+        return self.head(torch.tanh(self.conv(x.reshape(x.shape[0], 1, 6, 6))).flatten(1))
+
+
 def _mlp():
     return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
 
@@ -80,12 +93,13 @@ def _mlp():
 def _problem(arch, dtype):
     """Data (teacher labels), a model trained a few full-batch SGD steps, 3 checkpoints."""
     gen = torch.Generator().manual_seed(1234)
-    x = torch.randn(N_TRAIN + N_QUERY, 10, generator=gen, dtype=torch.float64)
-    teacher = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    features = 36 if arch == "cnn" else 10
+    x = torch.randn(N_TRAIN + N_QUERY, features, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(features, 4, generator=gen, dtype=torch.float64)
     y = (x @ teacher + 0.5 * torch.randn(N_TRAIN + N_QUERY, 4, generator=gen, dtype=torch.float64)).argmax(-1)
     x = x.to(dtype)
     torch.manual_seed(0)
-    model = (_mlp() if arch == "mlp" else TokenMLP()).to(dtype)
+    model = {"mlp": _mlp, "tokens": TokenMLP, "cnn": TinyCNN}[arch]().to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     checkpoints, steps = [], []
     for step in range(1, STEPS + 1):
@@ -149,6 +163,8 @@ def _check_relation(ours, theirs, *, rel_tol, label):
     ("mlp", torch.float64, 1e-3, 1e-9),
     ("mlp", torch.float64, "heuristic", 1e-9),
     ("tokens", torch.float64, 1e-3, 1e-9),
+    ("cnn", torch.float64, 1e-3, 1e-9),  # conv positions as tokens
+    ("cnn", torch.float32, 1e-3, 2e-3),  # and the compiled fp32 patch rows (csrc/conv_patch_rows)
     ("mlp", torch.float32, 1e-3, 2e-3),
 ])
 def test_influence_matches_kronfluence(arch, dtype, damping, rel_tol, tmp_path):
