@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import _config, _extension, _linalg, ekfac, io, ops, spectral
+from . import _config, _extension, _linalg, _torch_ops, ekfac, io, ops, spectral
 from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
@@ -1284,10 +1284,8 @@ class SourceAnalyzer:
         def score(seg, name, w):  # W_ℓ of one layer: scored at once, its buffer is reused
             members = [x for x in units if x.segment == seg]
             stage = segments[seg][2]
-            # The members' rows stacked along tokens: one pass over W_ℓ for the whole segment.
-            a = torch.cat([rows[x.uid][name][0] for x in members], 1)
-            g = torch.cat([rows[x.uid][name][1] for x in members], 1)
-            val = _rotated_dot(w, a, g, self.blocks[seg][name]) / len(members)
+            # The members' rows taken together (stacked along tokens): one pass over W_ℓ for the whole segment.
+            val = _rotated_dot(w, [rows[x.uid][name] for x in members], self.blocks[seg][name]) / len(members)
             out.add_((self.run.loss_scale / stage_sizes[stage]) * val * self._chunk_stage(stages, idx, stage))
 
         rotated_walk_visit(u_rot, plan, score, workspace=workspace)
@@ -1435,14 +1433,28 @@ def _per_example_grads(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | Non
     return torch.bmm(g.transpose(1, 2), a, out=out)
 
 
-def _rotated_dot(w: torch.Tensor, a: torch.Tensor, g: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
-    """Per example ⟨W_n, Q_Sᵀ G_n Q_A⟩ = Σ_t (Q_Sᵀ g_{n,t})ᵀ W_n (Q_Aᵀ a_{n,t}) -> [n], without forming G_n."""
+def _rotated_dot(w: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor]], block: EKFACBlock) -> torch.Tensor:
+    """Per example ⟨W_n, Q_Sᵀ G_n Q_A⟩ -> [n], G_n = Σ over the members' rows (a, g) of Σ_t g aᵀ: token-wise,
+    Σ_t (Q_Sᵀ g_{n,t})ᵀ W_n (Q_Aᵀ a_{n,t}) without forming G_n, or from G_n formed and rotated where that needs
+    fewer multiply-adds (`_torch_ops.rotation_order`: a conv layer's many positions)."""
+    t, (o, i) = sum(a.shape[1] for a, _ in members), w.shape[1:]
+    if _torch_ops.rotation_order(t, o, i) == "materialize":
+        grads = sum(_per_example_grads(a, g) for a, g in members)
+        dt = grads.dtype
+        return (w * _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)))).sum((1, 2))
+    a = torch.cat([a for a, _ in members], 1) if len(members) > 1 else members[0][0]
+    g = torch.cat([g for _, g in members], 1) if len(members) > 1 else members[0][1]
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
 
 
 def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Q_Sᵀ G_n Q_A for one batch -> [n, O, I] (into `out` when given); rank one per example when T = 1."""
+    """Q_Sᵀ G_n Q_A for one batch -> [n, O, I] (into `out` when given); rank one per example when T = 1; from G_n
+    formed first where that needs fewer multiply-adds (`_torch_ops.rotation_order`)."""
+    if _torch_ops.rotation_order(a.shape[1], g.shape[2], a.shape[2]) == "materialize":
+        grads = _per_example_grads(a, g)
+        dt = grads.dtype
+        return _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)), out=out)
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     if a.shape[1] == 1:
         return torch.mul(gs[:, 0, :, None], as_[:, 0, None, :], out=out)

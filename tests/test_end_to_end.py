@@ -278,6 +278,23 @@ def test_self_scores_equal_pairwise_diagonal_for_every_method(mlp_run):
         assert torch.allclose(self_scores, torch.diagonal(pairwise), rtol=1e-9, atol=1e-14), method
 
 
+@pytest.mark.parametrize("gain", [pytest.param(None, id="cheaper-order"), pytest.param(float("inf"), id="rows-first")])
+def test_cnn_self_scores_equal_pairwise_diagonal(monkeypatch, gain):
+    """SOURCE self-influence on conv layers takes G_n first where that is cheaper (its walk's rotation and the
+    segments' dots, `_torch_ops.rotation_order`), the pairwise path its own kernels: the diagonal agrees either way."""
+    from source_fast import _torch_ops
+
+    if gain is not None:
+        monkeypatch.setattr(_torch_ops, "MATERIALIZE_FIRST_MIN_GAIN", gain)
+    model, data, ckpts, steps, lrs = tiny_cnn_run(grouped=True)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    assert _torch_ops.rotation_order(9, 4, 10) == ("rows" if gain else "materialize")  # the first conv: 9 positions
+    for method in ("source", "influence"):
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, batch_size=5, progress=False)
+        pairwise = analyzer.pairwise_scores(data, data)
+        assert torch.allclose(analyzer.self_scores(data), torch.diagonal(pairwise), rtol=1e-9, atol=1e-14), method
+
+
 def test_scaling_loss_by_k_and_lr_by_one_over_k_changes_nothing(mlp_run):
     model, data, run = mlp_run
     queries = Subset(data, range(4))
