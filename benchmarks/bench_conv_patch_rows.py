@@ -49,8 +49,7 @@ class ConvPatchRowsBench(H.CpuPrimitiveBench):
         from source_fast import modules
 
         if backend == "torch":
-            rows = modules.conv_patches(inputs["conv"], inputs["x"])
-            return torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], dim=2)
+            return modules.conv_patch_rows_torch(inputs["conv"], inputs["x"])
         from source_fast import _extension
 
         x, kernel, dilation, stride, pads = modules._conv_geometry(inputs["conv"], inputs["x"])

@@ -1439,22 +1439,24 @@ def _rotated_dot(w: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor
     fewer multiply-adds (`_torch_ops.rotation_order`: a conv layer's many positions)."""
     t, (o, i) = sum(a.shape[1] for a, _ in members), w.shape[1:]
     if _torch_ops.rotation_order(t, o, i) == "materialize":
-        grads = sum(_per_example_grads(a, g) for a, g in members)
-        dt = grads.dtype
-        return (w * _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)))).sum((1, 2))
+        return (w * _rotated_grads(sum(_per_example_grads(a, g) for a, g in members), block)).sum((1, 2))
     a = torch.cat([a for a, _ in members], 1) if len(members) > 1 else members[0][0]
     g = torch.cat([g for _, g in members], 1) if len(members) > 1 else members[0][1]
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
 
 
+def _rotated_grads(grads: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q_Sᵀ G_n Q_A for formed per-example gradients [n, O, I] (into `out` when given)."""
+    dt = grads.dtype
+    return _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)), out=out)
+
+
 def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
     """Q_Sᵀ G_n Q_A for one batch -> [n, O, I] (into `out` when given); rank one per example when T = 1; from G_n
     formed first where that needs fewer multiply-adds (`_torch_ops.rotation_order`)."""
     if _torch_ops.rotation_order(a.shape[1], g.shape[2], a.shape[2]) == "materialize":
-        grads = _per_example_grads(a, g)
-        dt = grads.dtype
-        return _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)), out=out)
+        return _rotated_grads(_per_example_grads(a, g), block, out=out)
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     if a.shape[1] == 1:
         return torch.mul(gs[:, 0, :, None], as_[:, 0, None, :], out=out)

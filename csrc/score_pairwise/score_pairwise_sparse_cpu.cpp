@@ -124,6 +124,14 @@ static void pack_v(const float* v, index_t svq, index_t svo, index_t svi, index_
     }
 }
 
+// A task's scores of queries [q0, q1) for examples [n0, n0 + nb), S [nb][Qp], into out (stores in order along the
+// score rows, loads strided).
+static void store_scores(const float* S, index_t Qp, index_t q0, index_t q1, index_t n0, index_t nb, float* out,
+                         index_t so_q, index_t so_n) {
+  for (index_t q = q0; q < q1; ++q)
+    for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+}
+
 // Every score zero when there are no tokens, outputs or inputs; whether that was the case.
 static bool zero_scores_if_empty(index_t Q, index_t N, index_t T, index_t O, index_t I, float* out, index_t so_q,
                                  index_t so_n) {
@@ -391,8 +399,7 @@ Status score_pairwise_sparse_g_cpu(const float* v, index_t svq, index_t svo, ind
       const index_t qp1 = std::min(Qp, (grp + 1) * n_qpanels / n_groups * NR);
       score_block(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDR, VT, vo, ldv, qp0, qp1, Q, Qp, Ar, Gt,
                   Rf, S, idx.get());
-      for (index_t q = qp0; q < std::min(qp1, Q); ++q)  // stores in order (scores rows), loads strided
-        for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+      store_scores(S, Qp, qp0, std::min(qp1, Q), n0, nb, out, so_q, so_n);
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_g_cpu: out of memory");
@@ -443,8 +450,7 @@ Status score_pairwise_sparse_ag_cpu(const float* v, index_t svq, index_t svo, in
       const index_t qv0 = grp * n_qvecs / n_groups, qv1 = (grp + 1) * n_qvecs / n_groups;
       score_block_ag(a, san, sat, sai, g, sgn, sgt, sgo, n0, nb, T, O, I, RBp, LDC, VT, vo, ldv, qv0, qv1, Qp, Gt,
                      cidx.get(), Cv, bnd.get(), Rf, S, idx.get());
-      for (index_t q = qv0 * VL; q < std::min(qv1 * VL, Q); ++q)
-        for (index_t j = 0; j < nb; ++j) out[q * so_q + (n0 + j) * so_n] = S[j * Qp + q];
+      store_scores(S, Qp, qv0 * VL, std::min(qv1 * VL, Q), n0, nb, out, so_q, so_n);
     }
   }
   if (alloc_failed) return Status(Code::kUnsupported, "score_pairwise_sparse_ag_cpu: out of memory");
