@@ -34,7 +34,7 @@ from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, TrackedLayer, find_tracked_layers
-from .rows import RowBudget, RowCache, compact_rows, member_lists, merge_rows, rows_nbytes
+from .rows import Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, rows_nbytes, stacking_pays
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
@@ -935,12 +935,27 @@ class SourceAnalyzer:
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
         align = any(self._aligns_rows(x) for x in v.values())  # then each chunk's rows (much smaller) per call
-        for offset, size, rows in merge_rows(items, _config.stack_bytes()):
+
+        def scores(name, a, g):
             if align:
-                rows = {name: (_row_aligned(a, 1), _row_aligned(g, 1)) for name, (a, g) in rows.items()}
-            part = sum(ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
-                                          deterministic=self.deterministic).to(self.compute_dtype)
-                       for name, (a, g) in rows.items())
+                a, g = _row_aligned(a, 1), _row_aligned(g, 1)
+            return ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
+                                      deterministic=self.deterministic).to(self.compute_dtype)
+
+        def layer_scores(name, rows, size):
+            if not isinstance(rows, Pieces):
+                return scores(name, *rows)
+            out = torch.zeros(len(block), size, dtype=self.compute_dtype, device=self.device)
+            for col, a, g in rows:
+                out[:, col:col + a.shape[0]] += scores(name, a, g)
+            return out
+
+        # Copies cost more than extra contractions for a conv layer's many positions on CPU; on GPU (unmeasured
+        # there) every layer is stacked as before.
+        stacks = None if self.device.type != "cpu" else (
+            lambda name, tokens, examples, pieces: stacking_pays(*v[name].shape, tokens, examples, pieces))
+        for offset, size, rows in merge_rows(items, _config.stack_bytes(), stacks):
+            part = sum(layer_scores(name, layer_rows, size) for name, layer_rows in rows.items())
             if in_stage is not None:
                 part = part * in_stage[first_col + offset:first_col + offset + size].to(part.dtype)
             block[:, offset:offset + size] += weight * part

@@ -56,11 +56,39 @@ def member_lists(per_member: list[dict]) -> dict:
             for name in per_member[0]}
 
 
-def merge_rows(items, budget: int):
+# Stacking a layer's rows pays where what it saves outweighs the elements it copies, Σ_k T_k·(I + O) per example:
+# the contractions, max(members - 1, 1)·Q·O·I multiply-adds per example (one per extra member; for one member,
+# merged batches' better reuse of the query tiles), at this many multiply-adds per copied element, and the calls,
+# each worth STACK_CALL_ELEMENTS copied elements (≈ 30 µs of fixed cost per score_pairwise call, ≈ 1.6 ns per
+# element copied into a fresh stack). Measured on host B (2 threads, score_pairwise's cpu backend): at ratios of
+# contractions to copies of 0.5 and 5 (a small CNN's conv layers, 512 examples of 2 members: 4.6x and 1.9x faster
+# unstacked; its SOURCE pairwise stage 4.1-4.5 -> 3.6-3.7 s); 500 (a one-token linear layer: 1.8x faster stacked);
+# 23-37 (the Bergson workload's GPT-2 layers, 35 tokens: its one-pass run 5 % slower unstacked, 3 alternating pairs).
+STACK_MIN_MACS_PER_COPIED = 16
+STACK_CALL_ELEMENTS = 16384
+
+
+def stacking_pays(q: int, o: int, i: int, tokens: list[int], examples: int, pieces: int) -> bool:
+    """Whether `merge_rows` should stack `pieces` (batches × members) of a layer, `examples` in all with these token
+    counts per member, for Q directions of O × I instead of scoring each piece on its own."""
+    copied = examples * sum(tokens) * (i + o)
+    saved = examples * max(len(tokens) - 1, 1) * q * o * i / STACK_MIN_MACS_PER_COPIED
+    return copied <= saved + STACK_CALL_ELEMENTS * (pieces - 1)
+
+
+class Pieces(list):
+    """A layer's rows left unstacked: [(first column, a, g)] per batch and member, each scored by its own call and
+    added (⟨V, Σ_k G^(k)⟩ = Σ_k ⟨V, G^(k)⟩), where copying them into one stack would cost more than the extra
+    contractions (`stacking_pays`: a conv layer's hundreds of positions per example)."""
+
+
+def merge_rows(items, budget: int, stacks=None):
     """Turn (offset, size, {layer: ([a per member], [g per member])}) items into scoring calls: each
     layer's members stacked along tokens, and consecutive batches with the same token counts merged along
     examples up to `budget` bytes (the scoring kernels run ~15-20 % faster on 512+ examples per call than
-    on one batch: their packed query tiles are reused across more columns). Every row is copied once."""
+    on one batch: their packed query tiles are reused across more columns). Every stacked row is copied once.
+    stacks(layer, token counts per member, examples, pieces) -> False leaves that layer's rows as `Pieces`
+    instead (None: stack every layer)."""
     pending, used = [], 0
 
     def token_counts(rows):
@@ -69,10 +97,17 @@ def merge_rows(items, budget: int):
     def merged():
         if len(pending) == 1 and all(len(a) == 1 for a, _ in pending[0][2].values()):
             return pending[0][0], pending[0][1], {n: (a[0], g[0]) for n, (a, g) in pending[0][2].items()}
-        rows = {}
-        for name in pending[0][2]:
-            rows[name] = tuple(stack_grid([item[2][name][side] for item in pending]) for side in (0, 1))
-        return pending[0][0], sum(item[1] for item in pending), rows
+        rows, examples = {}, sum(item[1] for item in pending)
+        for name, (first_a, _) in pending[0][2].items():
+            tokens = [x.shape[1] for x in first_a]
+            if stacks is None or stacks(name, tokens, examples, len(pending) * len(tokens)):
+                rows[name] = tuple(stack_grid([item[2][name][side] for item in pending]) for side in (0, 1))
+                continue
+            rows[name], col = Pieces(), 0
+            for _, size, item_rows in pending:
+                rows[name].extend((col, a, g) for a, g in zip(*item_rows[name]))
+                col += size
+        return pending[0][0], examples, rows
 
     for item in items:
         nbytes = rows_nbytes(item[2])

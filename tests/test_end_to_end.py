@@ -135,6 +135,39 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
+@pytest.mark.parametrize("method", ["source", "influence"])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_cnn_rows_scored_stacked_or_piece_by_piece(monkeypatch, method, stacked):
+    """A layer's rows are stacked (members along tokens, batches along examples) or, where `rows.stacking_pays`
+    says the copy costs more (a conv layer's many positions), scored one batch and member at a time and added:
+    both equal the oracle, and the calls see the stacked or the single-member token counts."""
+    model, data, ckpts, steps, lrs = tiny_cnn_run()
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=1)  # SOURCE: one segment of 3 checkpoints
+    queries = Subset(data, range(3))
+    monkeypatch.setattr("source_fast.analyzer.stacking_pays", lambda *args: stacked)
+    monkeypatch.setenv("SOURCE_FAST_STACK_MIB", "1024")
+    kwargs = {"damping": 1e-3} if method == "influence" else {}
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False,
+                                 method=method, **kwargs)
+    calls, score_pairwise = [], sf.ops.score_pairwise
+
+    def recording(v, a, g, **kw):
+        calls.append(tuple(a.shape[:2]))
+        return score_pairwise(v, a, g, **kw)
+
+    monkeypatch.setattr(sf.ops, "score_pairwise", recording)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kwargs)
+    assert _rel(scores, oracle) <= 1e-6
+    members = 3 if method == "source" else 1
+    conv_calls = [tokens for n, tokens in calls if tokens > 1]  # the conv layer's 9 positions, the linear's 1 token
+    if stacked:  # the 16 examples (4 batches of at most 5) merged into one call per layer, members along tokens
+        assert sorted(calls) == [(16, members), (16, 9 * members)]
+    else:  # one call per batch and member
+        assert len(conv_calls) == 4 * members and set(conv_calls) == {9}
+        assert sorted({n for n, _ in calls}) == [1, 5]
+
+
 def _relu_mlp_float32_scores(monkeypatch, method, model, n):
     """Scores of a ReLU MLP trained in float64 and scored in float32 (40 queries, `n` training examples;
     influence: one checkpoint; SOURCE: 4 checkpoints, 2 per segment) with the float64 oracle's, the rotation

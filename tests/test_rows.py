@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from source_fast import modules
-from source_fast.rows import Rebuilt, RowBudget, RowCache, compact_rows, expanded_rows, rows_nbytes
+from source_fast.rows import Rebuilt, RowBudget, RowCache, compact_rows, expanded_rows, rows_nbytes, stacking_pays
 
 
 def test_conv_rows_kept_as_their_source_are_rebuilt_equal_and_counted_by_the_source():
@@ -48,3 +48,12 @@ def test_a_depthwise_group_is_kept_as_its_own_channel():
         a, _ = kept[layer.name]
         assert isinstance(a, Rebuilt) and a.nbytes == 2 * 25 * 4 and torch.equal(a.source, x[:, k:k + 1])
         assert torch.equal(a.rows(), rows[layer.name][0])
+
+
+def test_stacking_pays_for_one_token_layers_and_small_calls_not_for_conv_positions():
+    """The measured cases behind rows.stacking_pays (512 examples of 2 members, 100 queries): a conv layer's
+    positions are scored piece by piece, a one-token linear layer stacked, and tiny pieces stacked for their calls."""
+    assert not stacking_pays(100, 16, 28, [1024, 1024], 512, 8)  # conv 3→16 at 32×32: 4.6x faster unstacked
+    assert not stacking_pays(100, 32, 145, [256, 256], 512, 8)  # conv 16→32 at 16×16: 1.9x faster unstacked
+    assert stacking_pays(100, 10, 2049, [1, 1], 512, 8)  # linear 2048→10: 1.8x faster stacked
+    assert stacking_pays(4, 8, 9, [1, 1], 16, 8)  # a few bytes per piece: one call instead of eight
