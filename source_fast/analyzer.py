@@ -1131,8 +1131,8 @@ class SourceAnalyzer:
                 weights = {n: spectral.evaluate(spectral.inverse(self._damping_for(blocks[n].lam, c)), blocks[n].lam)
                            for n in u_rot}
                 # In place where dense: u_rot is ours and used once.
-                walked = [{n: x.weighted(weights[n]) if isinstance(x, RankOneDirections) else x.mul_(weights[n].to(x.dtype))
-                           for n, x in u_rot.items()}]
+                walked = [{n: x.weighted(weights[n]) if isinstance(x, RankOneDirections)
+                           else x.mul_(weights[n].to(x.dtype)) for n, x in u_rot.items()}]
                 bases = self.blocks
             elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
                 walked = self._walk(self._query_grads(query_dataset, "query gradients"))
