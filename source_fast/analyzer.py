@@ -329,7 +329,7 @@ class SourceAnalyzer:
         return batch
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
-              paired: bool = False, sources: dict | None = None) -> Iterator[tuple]:
+              paired: bool = False, sources: dict | None = None, gradient_form: bool = False) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -340,6 +340,8 @@ class SourceAnalyzer:
         a second backward over the kept graph; for 'empirical' they are the rows themselves.
         sources: a dict refilled before each yield with `Capture.sources()` of that batch (what a row cache
         keeps of a conv layer's rows: its module input), valid until the next batch.
+        gradient_form: for passes that use the rows only through G_n (`Capture.rows`): a depthwise convolution's
+        groups as their per-example gradients.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -364,7 +366,7 @@ class SourceAnalyzer:
                 else:
                     value = self.task.compute_train_loss(batch, self.model, sample=False)
                 _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
-                rows = capture.rows(value, mask, retain_graph=true_value is not None)
+                rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form)
                 size = next(iter(rows.values()))[0].shape[0]
                 if sources is not None:
                     sources.clear()
@@ -558,14 +560,15 @@ class SourceAnalyzer:
                     ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
                                      deterministic=self.deterministic)
             cached = 0
-            for size, rows in cache.take(unit.uid):
+            for size, rows in cache.take(unit.uid, gradient_form=True):
                 n += size
                 cached += 1
                 accumulate(rows)
             self._load(unit)
             data = self._stage_subset(train_dataset, stage)
             for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k, first_batch=cached,
-                                            desc=f"eigen-correction {unit.uid} ({k + 1}/{n_units})"):
+                                            desc=f"eigen-correction {unit.uid} ({k + 1}/{n_units})",
+                                            gradient_form=True):
                 n += size
                 accumulate(rows)
             if self.check_finite:
@@ -644,7 +647,7 @@ class SourceAnalyzer:
         nonzero_a = dict.fromkeys(rows_per_layer, 0)
         entries = dict.fromkeys(rows_per_layer, 0)
         entries_a = dict.fromkeys(rows_per_layer, 0)
-        for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc):
+        for _, _, rows in self._rows(query_dataset, loss="measurement", desc=desc, gradient_form=True):
             self._query_tokens = max(a.shape[1] for a, _ in rows.values())
             for name, (a, g) in rows.items():
                 nonzero[name] += int(torch.count_nonzero(g))
@@ -892,7 +895,7 @@ class SourceAnalyzer:
         if batches == 0:  # kept may be None (no rows were kept: scoring after fit())
             return
         offset = 0
-        for parts in itertools.islice(zip(*(kept.take(unit.uid) for unit in members)), batches):
+        for parts in itertools.islice(zip(*(kept.take(unit.uid, gradient_form=True) for unit in members)), batches):
             yield offset, parts[0][0], member_lists([self._in_basis(rows, basis) for _, rows in parts])
             offset += parts[0][0]
 
@@ -1088,7 +1091,8 @@ class SourceAnalyzer:
         SOURCE_FAST_STACK_MIB (at least one batch; at 0 the members are scored one after another)."""
         def member_rows(unit, subset):
             self._load(unit)
-            for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}"):
+            for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}",
+                                                 gradient_form=True):
                 yield offset, size, self._in_basis(rows, basis)
 
         budget = _config.stack_bytes()
@@ -1238,7 +1242,7 @@ class SourceAnalyzer:
         self._load(self._units()[0])
         c = self._segments()[0][0]
         weights = {name: 1.0 / (b.lam.clamp_min(0) + self._damping_for(b.lam, c)) for name, b in self.blocks[0].items()}
-        for offset, size, rows in self._rows(chunk, loss="empirical", desc="self-influence"):
+        for offset, size, rows in self._rows(chunk, loss="empirical", desc="self-influence", gradient_form=True):
             for name, (a, g) in rows.items():
                 b = self.blocks[0][name]
                 out[offset:offset + size] += ops.score_self(self._score_operands(a), self._score_operands(g), b.q_s,
@@ -1316,7 +1320,7 @@ class SourceAnalyzer:
         progress, self.progress = self.progress, False
         try:
             parts = {layer.name: ([], []) for layer in self.layers}
-            for _, _, rows in self._rows(dataset, loss="empirical", desc=""):
+            for _, _, rows in self._rows(dataset, loss="empirical", desc="", gradient_form=True):
                 for name, (a, g) in rows.items():
                     parts[name][0].append(a.to(self.compute_dtype))
                     parts[name][1].append(g.to(self.compute_dtype))

@@ -110,6 +110,43 @@ def _check_patch_rows() -> bool:
     return ok
 
 
+def one_channel_group_grads(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients G [B, C, m, prod(kernel) (+1 bias column)] of a Conv1d/Conv2d whose groups each read one
+    input channel (a depthwise convolution with channel multiplier m; or C = 1, a convolution of one input channel),
+    from those groups' input channels x [B, C, *spatial] and their outputs' gradient gy [B, C·m, *out_spatial]:
+    G[n, c, j, k] = Σ_p gy[n, c·m + j, p] · x[n, c, p·stride + k·dilation], one convolution of every (example,
+    channel) image with its own output gradient as the kernel (groups = B·C·m; the module's stride is that
+    convolution's dilation and vice versa). No patch rows: they hold prod(kernel) + 1 values per input value, and
+    forming G from them took 3.5x as long for 128 images of 32×32 (host B). Accumulates in float32 or wider."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    x2, kernel, dilation, stride, pads = _conv_geometry(module, x.to(dt))
+    if any(p for before_after in pads for p in before_after):
+        x2 = F.pad(x2, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
+    n, c = x2.shape[:2]
+    out_hw = [(size - d * (k - 1) - 1) // s + 1 for size, k, d, s in zip(x2.shape[2:], kernel, dilation, stride)]
+    if gy.shape[0] != n or gy.shape[1] % c or gy[0, 0].numel() != out_hw[0] * out_hw[1]:
+        raise ValueError(f"gy must be the output gradient [B={n}, C·m, *out_spatial] of this convolution's "
+                         f"{c} groups ({out_hw[0] * out_hw[1]} output positions), got shape {tuple(gy.shape)}")
+    m = gy.shape[1] // c
+    kernels = gy.to(dt).reshape(n * c * m, 1, *out_hw)
+    images = x2.reshape(1, n * c, *x2.shape[2:])
+    if m > 1:  # one group per (example, channel, output): torch's depthwise path, faster than m outputs per group
+        images = images.repeat_interleave(m, dim=1)
+    grads = F.conv2d(images, kernels, stride=dilation, dilation=stride, groups=n * c * m)
+    grads = grads[0, :, :kernel[0], :kernel[1]].reshape(n, c, m, kernel[0] * kernel[1])
+    if getattr(module, "bias", None) is not None:
+        grads = torch.cat([grads, gy.to(dt).reshape(n, c, m, -1).sum(3, keepdim=True)], dim=3)
+    return grads
+
+
+def gradient_rows(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example gradients G_n [B, O, I] as token rows (a, g) with Σ_t g_t a_tᵀ = G_n: O tokens, a_t = row t of
+    G_n and g_t = e_t (an identity per example). Exact for every use of rows that goes through G_n (eigenvalue
+    correction, scoring, query gradients, self-influence), not for the covariances A = Σ a aᵀ, S = Σ g gᵀ."""
+    n, o, _ = grads.shape
+    return grads, torch.eye(o, dtype=grads.dtype, device=grads.device).expand(n, o, o).contiguous()
+
+
 @dataclass
 class TrackedLayer:
     name: str
@@ -136,6 +173,11 @@ class TrackedLayer:
     def out_features(self) -> int:
         w = self.module.weight
         return w.shape[1] if self.kind == "hf_conv1d" else w.shape[0] // self.groups
+
+    @property
+    def reads_one_channel(self) -> bool:
+        """A conv layer (or group) of one input channel: per-example gradients by `one_channel_group_grads`."""
+        return self.kind == "conv" and self.module.in_channels // self.groups == 1
 
     def _outputs(self) -> slice:
         """This layer's output channels (all of them but for a group of a grouped convolution)."""
@@ -229,6 +271,7 @@ class Capture:
         self._outputs: dict[str, torch.Tensor] = {}
         self._windows: dict[str, tuple[int, int] | None] = {}
         self._sources: dict[str, tuple] = {}
+        self._gradient_form: set[str] = set()  # layers whose last rows are `gradient_rows`
         self._handles = []
 
     def __enter__(self):
@@ -253,6 +296,7 @@ class Capture:
         self._outputs.clear()
         self._windows.clear()
         self._sources.clear()
+        self._gradient_form = set()
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
         if layer.name not in self._inputs:
@@ -262,38 +306,79 @@ class Capture:
             rows = apply_mask(rows, mask, layer.name)
         return rows
 
-    def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False):
+    def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False,
+             gradient_form: bool = False):
         """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows.
         retain_graph: keep the graph for another loss of the same forward (`paired_rows`).
 
         Token positions that the mask removes from every example of the batch at its start or end
         (padding to a fixed length, left or right) are cut from a layer's rows when its g is exactly
         zero there too: every use of the rows is then unchanged (a = 0 there, so no outer product g aᵀ
-        sees them, and the zero g rows add nothing to S), and the kernels do less work."""
-        grads = self.output_rows(loss, retain_graph=retain_graph)
-        rows = {layer.name: (self.activations(layer, mask), grads[layer.name]) for layer in self.layers}
-        self._windows = _padding_windows(mask, rows)
+        sees them, and the zero g rows add nothing to S), and the kernels do less work.
+
+        gradient_form: for a pass that uses the rows only through G_n = Σ_t g aᵀ (not a covariance pass), the
+        layers of one input channel (a depthwise convolution's groups) on CPU without a mask are returned as
+        `gradient_rows` of their per-example gradients (`one_channel_group_grads`): m tokens instead of every
+        output position, and no patch rows."""
+        raw = self._output_grads(loss, retain_graph=retain_graph)
+        self._gradient_form = {layer.name for layer in self.layers
+                               if gradient_form and self._gradient_form_applies(layer, mask)}
+        rows = self._gradient_form_rows(raw)
+        rows = {layer.name: rows.get(layer.name) or (self.activations(layer, mask), layer.output_rows(raw[layer.name]))
+                for layer in self.layers}
+        windows = _padding_windows(mask, {n: r for n, r in rows.items() if n not in self._gradient_form})
+        self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
-            layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]))
+            layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
+                         layer.module if self._gradient_form_applies(layer, mask) else None)
             for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
-            and not _mask_applies(mask, rows[layer.name][0])}
+            and layer.name not in self._gradient_form and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
+
+    def _gradient_form_applies(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:
+        # CPU only: measured there (on GPU the patch rows' unfold and the scoring kernels are unmeasured against it)
+        x = self._inputs.get(layer.name)
+        return layer.reads_one_channel and mask is None and x is not None and x.device.type == "cpu"
+
+    def _gradient_form_rows(self, raw: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`gradient_rows` of the layers in gradient form: one `one_channel_group_grads` call per module (all its
+        groups at once), from the module's whole input and output gradient."""
+        rows, done = {}, set()
+        for layer in self.layers:
+            if layer.name not in self._gradient_form or id(layer.module) in done:
+                continue
+            done.add(id(layer.module))
+            grads = one_channel_group_grads(layer.module, self._inputs[layer.name], raw[layer.name])
+            for member in self.layers:
+                if member.module is layer.module and member.name in self._gradient_form:
+                    rows[member.name] = gradient_rows(grads[:, member.group].contiguous())
+        return rows
 
     def sources(self) -> dict:
         """Per conv layer of the last `rows` call whose activation rows are exactly its patch rows (no mask
-        applied, no positions cut): (make, x) with make(x) those rows and x the layer's input (a group's channels
-        for a grouped convolution). A row cache keeps x instead (rows.compact_rows)."""
+        applied, no positions cut, not in gradient form): (make, x, module) with make(x) those rows, x the layer's
+        input (a group's channels for a grouped convolution) and the module where its per-example gradients can be
+        formed from x and g (`one_channel_group_grads`; else None). A row cache keeps x instead (rows.compact_rows)."""
         return dict(self._sources)
 
     def paired_rows(self, loss: torch.Tensor, rows: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         """The rows of another loss of the same forward as the last `rows` call: {name: (a, g)}, the a
         tensors shared with `rows` and g cut to the same token window (exact for its outer products with
-        a, which is zero outside the window)."""
-        grads = self.output_rows(loss)
-        return {name: (a, _cut(grads[name], self._windows.get(name))) for name, (a, _) in rows.items()}
+        a, which is zero outside the window); layers in gradient form formed again from the new gradients."""
+        raw = self._output_grads(loss)
+        formed = self._gradient_form_rows(raw)
+        layers = {layer.name: layer for layer in self.layers}
+        return {name: formed[name] if name in formed
+                else (a, _cut(layers[name].output_rows(raw[name]), self._windows.get(name)))
+                for name, (a, _) in rows.items()}
 
     def output_rows(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
         """Backpropagate `loss` to the tracked outputs only: returns {name: g} output-gradient rows."""
+        raw = self._output_grads(loss, retain_graph=retain_graph)
+        return {layer.name: layer.output_rows(raw[layer.name]) for layer in self.layers}
+
+    def _output_grads(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+        """{name: gradient of `loss` w.r.t. the layer's module output} (zeros where the output is unused)."""
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self._outputs]
         if missing:
@@ -303,12 +388,8 @@ class Capture:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
                                "be part of its graph")
         grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=retain_graph)
-        result = {}
-        for layer, out, gy in zip(self.layers, outputs, grads):
-            if gy is None:
-                gy = torch.zeros_like(out)
-            result[layer.name] = layer.output_rows(gy.detach())
-        return result
+        return {name: torch.zeros_like(out) if gy is None else gy.detach()
+                for name, out, gy in zip(names, outputs, grads)}
 
 
 # Cut padded token positions only when that removes at least this fraction: the cut copies the rows.

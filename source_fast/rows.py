@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import torch
 
+from .modules import gradient_rows, one_channel_group_grads
+
 
 class Rebuilt:
     """A layer's activation rows kept as what makes them: a conv layer's module input (C·H·W values per example)
     instead of its patch rows (positions × C·k², 9× more for a 3×3 "same" conv), rebuilt by `rows()` when used
     (csrc/conv_patch_rows: ≈ 1 ms per 128 CIFAR-sized images, far less than the model pass that recomputing
-    rows which did not fit the row cache costs)."""
+    rows which did not fit the row cache costs). module: the convolution when the layer reads one input channel
+    (a depthwise group), whose per-example gradients `expanded_rows` can form from the source and g instead."""
 
-    __slots__ = ("make", "source")
+    __slots__ = ("make", "source", "module")
 
-    def __init__(self, make, source: torch.Tensor):
-        self.make, self.source = make, source
+    def __init__(self, make, source: torch.Tensor, module=None):
+        self.make, self.source, self.module = make, source, module
 
     @property
     def nbytes(self) -> int:
@@ -27,8 +30,8 @@ class Rebuilt:
 
 
 def compact_rows(rows: dict, sources: dict) -> dict:
-    """rows {layer: (a, g)} with the a of each layer in `sources` ({layer: (make, source)}, see
-    `modules.Capture.sources`) kept as `Rebuilt(make, source)` where the source is the smaller."""
+    """rows {layer: (a, g)} with the a of each layer in `sources` ({layer: (make, source, module)}, see
+    `modules.Capture.sources`) kept as `Rebuilt(make, source, module)` where the source is the smaller."""
     out = {}
     for name, (a, g) in rows.items():
         source = sources.get(name)
@@ -36,9 +39,25 @@ def compact_rows(rows: dict, sources: dict) -> dict:
     return out
 
 
-def expanded_rows(rows: dict) -> dict:
-    """`compact_rows`' inverse: every Rebuilt a made into its rows again."""
-    return {name: (a.rows() if isinstance(a, Rebuilt) else a, g) for name, (a, g) in rows.items()}
+def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
+    """`compact_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
+    through G_n only), those of one input channel into `modules.gradient_rows` of their per-example gradients
+    instead, one `one_channel_group_grads` call for all the groups of a module."""
+    out, families = {}, {}
+    for name, (a, g) in rows.items():
+        if gradient_form and isinstance(a, Rebuilt) and a.module is not None:
+            families.setdefault(id(a.module), []).append(name)
+            out[name] = None  # formed below, in this place of the layer order
+        else:
+            out[name] = (a.rows() if isinstance(a, Rebuilt) else a, g)
+    for names in families.values():
+        sources = [rows[name][0] for name in names]
+        x = torch.cat([a.source for a in sources], dim=1) if len(names) > 1 else sources[0].source
+        gy = torch.cat([rows[name][1].transpose(1, 2) for name in names], dim=1)  # [B, channels·m, positions]
+        grads = one_channel_group_grads(sources[0].module, x, gy)
+        for k, name in enumerate(names):
+            out[name] = gradient_rows(grads[:, k].contiguous())
+    return out
 
 
 def _nbytes(t) -> int:
@@ -185,14 +204,14 @@ class RowCache:
         """Batches kept for every one of the units (0 for a unit whose pass kept none or did not run)."""
         return min(len(self._rows.get(uid, ())) for uid in uids)
 
-    def take(self, uid: str):
-        """Yield the unit's cached batches (size, rows) in order, rows rebuilt (`expanded_rows`), releasing each
-        once used."""
+    def take(self, uid: str, gradient_form: bool = False):
+        """Yield the unit's cached batches (size, rows) in order, rows rebuilt (`expanded_rows`, with
+        `gradient_form` for uses through G_n only), releasing each once used."""
         entries = self._rows.pop(uid, [])
         entries.reverse()
         while entries:
             size, rows = entries.pop()
-            yield size, expanded_rows(rows)
+            yield size, expanded_rows(rows, gradient_form)
 
     def clear(self) -> None:
         self._rows.clear()

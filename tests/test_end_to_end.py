@@ -141,7 +141,7 @@ def test_cnn_rows_scored_stacked_or_piece_by_piece(monkeypatch, method, stacked)
     """A layer's rows are stacked (members along tokens, batches along examples) or, where `rows.stacking_pays`
     says the copy costs more (a conv layer's many positions), scored one batch and member at a time and added:
     both equal the oracle, and the calls see the stacked or the single-member token counts."""
-    model, data, ckpts, steps, lrs = tiny_cnn_run()
+    model, data, ckpts, steps, lrs = tiny_cnn1d_run()  # conv layers of 2 and 3 input channels: patch rows
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=1)  # SOURCE: one segment of 3 checkpoints
     queries = Subset(data, range(3))
     monkeypatch.setattr("source_fast.analyzer.stacking_pays", lambda *args: stacked)
@@ -160,12 +160,11 @@ def test_cnn_rows_scored_stacked_or_piece_by_piece(monkeypatch, method, stacked)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kwargs)
     assert _rel(scores, oracle) <= 1e-6
     members = 3 if method == "source" else 1
-    conv_calls = [tokens for n, tokens in calls if tokens > 1]  # the conv layer's 9 positions, the linear's 1 token
     if stacked:  # the 16 examples (4 batches of at most 5) merged into one call per layer, members along tokens
-        assert sorted(calls) == [(16, members), (16, 9 * members)]
-    else:  # one call per batch and member
-        assert len(conv_calls) == 4 * members and set(conv_calls) == {9}
-        assert sorted({n for n, _ in calls}) == [1, 5]
+        assert sorted(calls) == [(16, members), (16, 3 * members), (16, 8 * members)]  # fc, conv2, conv tokens
+    else:  # one call per layer, batch and member
+        assert len(calls) == 3 * 4 * members
+        assert {t for _, t in calls} == {1, 3, 8} and {n for n, _ in calls} == {1, 5}
 
 
 def _relu_mlp_float32_scores(monkeypatch, method, model, n):
@@ -224,7 +223,7 @@ def test_cnn_matches_dense_oracle_float64(padding_mode):
 
 
 @pytest.mark.parametrize("method", ["source", "influence"])
-def test_grouped_and_depthwise_convs_match_dense_oracle_float64(method):
+def test_grouped_and_depthwise_convs_match_dense_oracle_float64(monkeypatch, method):
     """A grouped (2 groups) and a depthwise convolution: one EK-FAC block per group ("grouped[0]", ...), against
     the dense oracle, which builds the same block-diagonal curvature from autograd's per-example gradients."""
     model, data, ckpts, steps, lrs = tiny_cnn_run(grouped=True)
@@ -235,9 +234,22 @@ def test_grouped_and_depthwise_convs_match_dense_oracle_float64(method):
                                  method=method, **kwargs)
     assert [layer.name for layer in analyzer.layers] == ["conv", "grouped[0]", "grouped[1]"] + \
         [f"depthwise[{k}]" for k in range(4)] + ["fc"]
+    formed, one_channel_group_grads = [], sf.modules.one_channel_group_grads
+
+    def recording(module, x, gy):
+        formed.append(module.groups)
+        return one_channel_group_grads(module, x, gy)
+
+    monkeypatch.setattr(sf.modules, "one_channel_group_grads", recording)
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kwargs)
     assert _rel(scores, oracle) <= 1e-6
+    # in gradient form: the depthwise layer's four groups (one input channel each) in one call per batch, and the
+    # first conv (one input channel); not the grouped conv's two groups of two channels
+    assert set(formed) == {1, 4}
+    self_scores = analyzer.self_scores(data)
+    diagonal = dense_source_scores(model, ClassificationTask(), run, data, data, method=method, **kwargs).diagonal()
+    assert _rel(self_scores, diagonal) <= 1e-6
 
 
 def test_a_layer_without_gradients_gets_a_positive_heuristic_damping():

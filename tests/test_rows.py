@@ -57,3 +57,30 @@ def test_stacking_pays_for_one_token_layers_and_small_calls_not_for_conv_positio
     assert not stacking_pays(100, 32, 145, [256, 256], 512, 8)  # conv 16→32 at 16×16: 1.9x faster unstacked
     assert stacking_pays(100, 10, 2049, [1, 1], 512, 8)  # linear 2048→10: 1.8x faster stacked
     assert stacking_pays(4, 8, 9, [1, 1], 16, 8)  # a few bytes per piece: one call instead of eight
+
+
+def test_kept_depthwise_groups_expand_to_their_gradients_in_one_call(monkeypatch):
+    """With gradient_form (the eigen-correction's and scoring's use of kept rows), the kept groups of a depthwise
+    convolution expand to `gradient_rows` of their per-example gradients, formed by one call for the module: the
+    same Σ_t g aᵀ as their patch rows; other layers expand as before."""
+    from source_fast import modules as modules_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 25, 2))
+    layers = modules.find_tracked_layers(model)
+    x = torch.randn(2, 3, 5, 5)
+    with modules.Capture(layers) as capture:
+        rows = capture.rows(model(x).square().sum())
+        kept = compact_rows(rows, capture.sources())
+    calls, form = [], modules_module.one_channel_group_grads
+    monkeypatch.setattr("source_fast.rows.one_channel_group_grads", lambda *args: calls.append(1) or form(*args))
+    formed = expanded_rows(kept, gradient_form=True)
+    assert len(calls) == 1 and list(formed) == list(rows)
+    for layer in layers:
+        a, g = formed[layer.name]
+        if layer.kind == "conv":
+            assert a.shape == (2, 2, 10) and g.shape == (2, 2, 2)
+        else:
+            assert a is rows[layer.name][0]
+        want = torch.bmm(rows[layer.name][1].transpose(1, 2), rows[layer.name][0])
+        torch.testing.assert_close(torch.bmm(g.transpose(1, 2), a), want, rtol=1e-5, atol=1e-5)
