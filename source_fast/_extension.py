@@ -658,11 +658,8 @@ def to_queries_innermost_cpu(x: torch.Tensor, r: torch.Tensor | None = None,
     return out
 
 
-def conv_patch_rows_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
-                        padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
-    """A Conv2d's activation rows [B, OH·OW, C·KH·KW (+1 column of ones with `bias`)] from its input x
-    [B, C, H, W], float32 CPU, any strides; `padding` ((top, bottom), (left, right)) zeros (csrc/conv_patch_rows:
-    each row written once, in order; F.unfold + transpose + torch.cat write the patches twice)."""
+def _conv_output_size(x: torch.Tensor, kernel_size, stride, dilation, padding) -> tuple[int, int]:
+    """Checks of a Conv2d geometry on x [B, C, H, W] (float32 CPU) and its output size (OH, OW)."""
     _require_f32(x=x)
     if x.dim() != 4:
         raise ValueError(f"x: expected [B, C, H, W], got shape {tuple(x.shape)}")
@@ -679,7 +676,35 @@ def conv_patch_rows_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Seq
     if oh < 1 or ow < 1:
         raise ValueError(f"x: spatial size {h} x {w} with padding {tuple(map(tuple, padding))} is smaller than the "
                          f"dilated kernel {dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}")
+    return oh, ow
+
+
+def conv_patch_rows_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                        padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
+    """A Conv2d's activation rows [B, OH·OW, C·KH·KW (+1 column of ones with `bias`)] from its input x
+    [B, C, H, W], float32 CPU, any strides; `padding` ((top, bottom), (left, right)) zeros (csrc/conv_patch_rows:
+    each row written once, in order; F.unfold + transpose + torch.cat write the patches twice)."""
+    oh, ow = _conv_output_size(x, kernel_size, stride, dilation, padding)
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (pt, _), (pl, _) = padding
+    b, c, h, w = x.shape
     out = torch.empty(b, oh * ow, c * kh * kw + int(bias), dtype=_F32)
     _lib().conv_patch_rows_cpu(x.data_ptr(), b, c, h, w, *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
                                bool(bias), out.data_ptr(), _threads())
+    return out
+
+
+def conv_patch_covariance_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                              dilation: Sequence[int], padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
+    """Per channel c of x [B, C, H, W] (float32 CPU, any strides), Σ over images and output positions of r rᵀ with r
+    channel c's KH·KW patch (and a 1 with `bias`): [C, D, D], what the patch rows of a convolution whose groups
+    read one channel each would give its groups' covariances, without writing them (csrc/conv_patch_covariance)."""
+    oh, ow = _conv_output_size(x, kernel_size, stride, dilation, padding)
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (pt, _), (pl, _) = padding
+    b, c, h, w = x.shape
+    d = kh * kw + int(bias)
+    out = torch.empty(c, d, d, dtype=_F32)
+    _lib().conv_patch_covariance_cpu(x.data_ptr(), b, c, h, w, *x.stride(), kh, kw, sh, sw, dh, dw, pt, pl, oh, ow,
+                                     bool(bias), out.data_ptr(), _threads())
     return out

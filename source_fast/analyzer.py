@@ -29,11 +29,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from . import _config, _extension, _linalg, _torch_ops, ekfac, io, ops, spectral
+from . import _config, _extension, _linalg, _torch_ops, ekfac, io, modules, ops, spectral
 from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
-from .modules import Capture, TrackedLayer, find_tracked_layers
+from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
 from .rows import Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, rows_nbytes, stacking_pays
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
@@ -84,6 +84,10 @@ class CovarianceSum:
             start += take
             if self._filled == self.MIN_ROWS:
                 self._flush()
+
+    def add_sum(self, total: torch.Tensor) -> None:
+        """Add a precomputed Σ x xᵀ [D, D] (`modules.conv_patch_covariance`)."""
+        self.sum.add_(total.to(self.sum.dtype))
 
     def _flush(self) -> None:
         if self._filled:
@@ -329,7 +333,8 @@ class SourceAnalyzer:
         return batch
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
-              paired: bool = False, sources: dict | None = None, gradient_form: bool = False) -> Iterator[tuple]:
+              paired: bool = False, sources: dict | None = None, gradient_form: bool = False,
+              covariance_form: bool = False) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -341,7 +346,7 @@ class SourceAnalyzer:
         sources: a dict refilled before each yield with `Capture.sources()` of that batch (what a row cache
         keeps of a conv layer's rows: its module input), valid until the next batch.
         gradient_form: for passes that use the rows only through G_n (`Capture.rows`): a depthwise convolution's
-        groups as their per-example gradients.
+        groups as their per-example gradients. covariance_form: for the covariance pass, their a as a `Rebuilt`.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -366,8 +371,9 @@ class SourceAnalyzer:
                 else:
                     value = self.task.compute_train_loss(batch, self.model, sample=False)
                 _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
-                rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form)
-                size = next(iter(rows.values()))[0].shape[0]
+                rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
+                                    covariance_form=covariance_form)
+                size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
                 if sources is not None:
                     sources.clear()
                     sources.update(capture.sources())
@@ -502,8 +508,6 @@ class SourceAnalyzer:
     def _fit_covariance(self, train_dataset, unit, k, n_units, config, stage, cache, kept_for_scoring=None):
         """A unit's activation and gradient covariances (A, S), stored as packed upper triangles.
         kept_for_scoring: a cache for the pass's true-label rows (None: not kept)."""
-        dt = self.compute_dtype
-
         def compute():
             self._load(unit)
             data = self._stage_subset(train_dataset, stage)
@@ -512,7 +516,8 @@ class SourceAnalyzer:
             sources = {}  # the caches keep a conv layer's module input, not its patch rows
             for _, size, rows, *paired in self._rows(data, loss=self.fisher, seed_key=k,
                                                      desc=f"covariance {unit.uid} ({k + 1}/{n_units})",
-                                                     paired=kept_for_scoring is not None, sources=sources):
+                                                     paired=kept_for_scoring is not None, sources=sources,
+                                                     covariance_form=True):
                 n += size
                 kept = compact_rows(rows, sources)
                 cached = cache.offer(unit.uid, size, kept)
@@ -521,13 +526,7 @@ class SourceAnalyzer:
                     extra = 0 if true_rows is rows else rows_nbytes({n: (g,) for n, (_, g) in true_rows.items()})
                     kept_true = kept if true_rows is rows else compact_rows(true_rows, sources)
                     kept_for_scoring.offer(unit.uid, size, kept_true, nbytes=extra if cached else None)
-                for name, (a, g) in rows.items():
-                    a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-                    if name not in acc:
-                        acc[name] = tuple(CovarianceSum(x.shape[1], dt, x.device, backend=self.backend,
-                                                        deterministic=self.deterministic) for x in (a2, g2))
-                    acc[name][0].add(a2)
-                    acc[name][1].add(g2)
+                self._add_covariances(acc, rows)
             out = {}
             for name, (a_sum, s_sum) in acc.items():
                 out[f"{name}.A"], out[f"{name}.S"] = a_sum.total() / n, s_sum.total() / n
@@ -544,6 +543,34 @@ class SourceAnalyzer:
         packed = self._load_or_compute(self._path("factors", f"covariance_{unit.uid}.safetensors"), config, keys,
                                        compute)
         return _unpack_symmetric(packed)
+
+    def _add_covariances(self, acc: dict, rows: dict) -> None:
+        """Add one batch's Σ a aᵀ and Σ g gᵀ per layer to acc {layer: (CovarianceSum A, CovarianceSum S)}. A layer
+        whose a is a `Rebuilt` of one input channel (a depthwise group, `Capture.rows` covariance_form) takes its
+        A from that channel, every such group of a module in one `modules.conv_patch_covariance` call, and its S
+        in one batched product with the module's other groups."""
+        families: dict[int, list[str]] = {}
+        for name, (a, g) in rows.items():
+            if name not in acc:
+                in_features = next(layer.in_features for layer in self.layers if layer.name == name)
+                acc[name] = tuple(CovarianceSum(w, self.compute_dtype, g.device, backend=self.backend,
+                                                deterministic=self.deterministic) for w in (in_features, g.shape[-1]))
+            if isinstance(a, Rebuilt) and a.module is not None:
+                families.setdefault(id(a.module), []).append(name)
+                continue
+            acc[name][0].add((a.rows() if isinstance(a, Rebuilt) else a).reshape(-1, acc[name][0].sum.shape[0]))
+            acc[name][1].add(g.reshape(-1, g.shape[-1]))
+        for names in families.values():
+            sources = [rows[name][0] for name in names]
+            x = torch.cat([a.source for a in sources], dim=1) if len(names) > 1 else sources[0].source
+            a_sums = modules.conv_patch_covariance(sources[0].module, x)
+            # the groups' S = Σ g gᵀ in one batched product too ([m, m] each, m the channel multiplier)
+            g = torch.stack([rows[name][1] for name in names]).to(self.compute_dtype)  # [groups, B, positions, m]
+            g = g.reshape(len(names), -1, g.shape[-1])
+            s_sums = torch.bmm(g.transpose(1, 2), g)
+            for name, a_sum, s_sum in zip(names, a_sums, s_sums):
+                acc[name][0].add_sum(a_sum)
+                acc[name][1].add_sum(s_sum)
 
     def _fit_lambda(self, train_dataset, unit, k, n_units, config, stage, basis, cache):
         """A unit's eigenvalue correction Λ in its segment's basis (cached rows first, then the rest)."""

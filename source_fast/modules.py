@@ -110,6 +110,65 @@ def _check_patch_rows() -> bool:
     return ok
 
 
+def conv_patch_covariance_torch(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`conv_patch_covariance` by torch: every channel's patch rows (F.unfold) and their product, in x's dtype."""
+    patches = conv_patches(module, x)  # [B, positions, C·K]
+    n, positions, width = patches.shape
+    c = x.shape[1]
+    rows = patches.reshape(n * positions, c, width // c).transpose(0, 1)  # [C, rows, K]
+    if getattr(module, "bias", None) is not None:
+        rows = torch.cat([rows, rows.new_ones(c, n * positions, 1)], dim=2)
+    return rows.transpose(1, 2) @ rows
+
+
+def conv_patch_covariance(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per channel c of x [B, C, *spatial]: Σ over images and output positions of r rᵀ, r = channel c's patch of the
+    module's kernel (+ a 1 for the bias): [C, D, D], the activation covariance sums of a convolution's groups that
+    read one input channel each (a depthwise convolution's), without their patch rows (D = prod(kernel) + 1 values
+    per input value). On float32 CPU inputs csrc/conv_patch_covariance (its check passed: `_compiled.usable`),
+    else torch (`conv_patch_covariance_torch`)."""
+    if _compiled.usable("conv patch covariance", _check_patch_covariance, x):
+        x2, kernel, dilation, stride, pads = _conv_geometry(module, x)
+        return _extension.conv_patch_covariance_cpu(x2, kernel, stride, dilation, pads,
+                                                    getattr(module, "bias", None) is not None)
+    return conv_patch_covariance_torch(module, x)
+
+
+def _check_patch_covariance() -> bool:
+    """The compiled covariances match the torch path's (float64) on a strided, padded, dilated case and a Conv1d."""
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    for conv, x in ((nn.Conv2d(3, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
+                     torch.randn(5, 5, 7, 6, generator=gen)[:, 1:4]),
+                    (nn.Conv1d(2, 2, 4, padding="same", groups=2, bias=False), torch.randn(3, 2, 9, generator=gen))):
+        x2, kernel, dilation, stride, pads = _conv_geometry(conv, x)
+        got = _extension.conv_patch_covariance_cpu(x2, kernel, stride, dilation, pads, conv.bias is not None)
+        want = conv_patch_covariance_torch(conv, x.double())
+        ok = ok and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    return ok
+
+
+class Rebuilt:
+    """A layer's activation rows kept as what makes them: a conv layer's module input (C·H·W values per example)
+    instead of its patch rows (positions × C·k², 9× more for a 3×3 "same" conv), rebuilt by `rows()` when used
+    (csrc/conv_patch_rows: ≈ 1 ms per 128 CIFAR-sized images, far less than the model pass that recomputing
+    rows which did not fit the row cache costs). module: the convolution when the layer reads one input channel
+    (a depthwise group): the covariance pass then takes its covariance from the source (`conv_patch_covariance`)
+    and `rows.expanded_rows` its per-example gradients (`one_channel_group_grads`), neither building the rows."""
+
+    __slots__ = ("make", "source", "module")
+
+    def __init__(self, make, source: torch.Tensor, module=None):
+        self.make, self.source, self.module = make, source, module
+
+    @property
+    def nbytes(self) -> int:
+        return self.source.numel() * self.source.element_size()
+
+    def rows(self) -> torch.Tensor:
+        return self.make(self.source)
+
+
 def one_channel_group_grads(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
     """Per-example gradients G [B, C, m, prod(kernel) (+1 bias column)] of a Conv1d/Conv2d whose groups each read one
     input channel (a depthwise convolution with channel multiplier m; or C = 1, a convolution of one input channel),
@@ -307,7 +366,7 @@ class Capture:
         return rows
 
     def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False,
-             gradient_form: bool = False):
+             gradient_form: bool = False, covariance_form: bool = False):
         """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows.
         retain_graph: keep the graph for another loss of the same forward (`paired_rows`).
 
@@ -319,20 +378,30 @@ class Capture:
         gradient_form: for a pass that uses the rows only through G_n = Σ_t g aᵀ (not a covariance pass), the
         layers of one input channel (a depthwise convolution's groups) on CPU without a mask are returned as
         `gradient_rows` of their per-example gradients (`one_channel_group_grads`): m tokens instead of every
-        output position, and no patch rows."""
+        output position, and no patch rows. covariance_form: for the covariance pass, those layers' a is a
+        `Rebuilt` (their input channel, not built into patch rows; see `conv_patch_covariance`)."""
         raw = self._output_grads(loss, retain_graph=retain_graph)
         self._gradient_form = {layer.name for layer in self.layers
                                if gradient_form and self._gradient_form_applies(layer, mask)}
         rows = self._gradient_form_rows(raw)
-        rows = {layer.name: rows.get(layer.name) or (self.activations(layer, mask), layer.output_rows(raw[layer.name]))
-                for layer in self.layers}
+        for layer in self.layers:
+            if layer.name in rows:
+                continue
+            if covariance_form and self._gradient_form_applies(layer, mask):
+                a = Rebuilt(partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
+                            layer.module)
+            else:
+                a = self.activations(layer, mask)
+            rows[layer.name] = a, layer.output_rows(raw[layer.name])
+        rows = {layer.name: rows[layer.name] for layer in self.layers}  # in the layers' order
         windows = _padding_windows(mask, {n: r for n, r in rows.items() if n not in self._gradient_form})
         self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
             layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
                          layer.module if self._gradient_form_applies(layer, mask) else None)
             for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
-            and layer.name not in self._gradient_form and not _mask_applies(mask, rows[layer.name][0])}
+            and layer.name not in self._gradient_form and not isinstance(rows[layer.name][0], Rebuilt)
+            and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
 
     def _gradient_form_applies(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:

@@ -6,27 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .modules import gradient_rows, one_channel_group_grads
-
-
-class Rebuilt:
-    """A layer's activation rows kept as what makes them: a conv layer's module input (C·H·W values per example)
-    instead of its patch rows (positions × C·k², 9× more for a 3×3 "same" conv), rebuilt by `rows()` when used
-    (csrc/conv_patch_rows: ≈ 1 ms per 128 CIFAR-sized images, far less than the model pass that recomputing
-    rows which did not fit the row cache costs). module: the convolution when the layer reads one input channel
-    (a depthwise group), whose per-example gradients `expanded_rows` can form from the source and g instead."""
-
-    __slots__ = ("make", "source", "module")
-
-    def __init__(self, make, source: torch.Tensor, module=None):
-        self.make, self.source, self.module = make, source, module
-
-    @property
-    def nbytes(self) -> int:
-        return self.source.numel() * self.source.element_size()
-
-    def rows(self) -> torch.Tensor:
-        return self.make(self.source)
+from .modules import Rebuilt, gradient_rows, one_channel_group_grads  # noqa: F401 (Rebuilt: re-exported)
 
 
 def compact_rows(rows: dict, sources: dict) -> dict:

@@ -135,6 +135,7 @@ def test_segment_checkpoints_scored_stacked_or_one_at_a_time(mlp_run, monkeypatc
     assert tokens == ({1} if stack == "off" else {2})
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("method", ["source", "influence"])
 @pytest.mark.parametrize("stacked", [True, False])
 def test_cnn_rows_scored_stacked_or_piece_by_piece(monkeypatch, method, stacked):

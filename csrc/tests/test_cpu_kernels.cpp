@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_patch_covariance/conv_patch_covariance.h"
 #include "conv_patch_rows/conv_patch_rows.h"
 #include "covariance/covariance.h"
 #include "lambda_accum/lambda_accum.h"
@@ -251,6 +252,40 @@ void test_conv_patch_rows(index_t B, index_t C, index_t H, index_t W, const sf::
   if (!ok) ++g_failures;
 }
 
+// Per-channel patch covariances against a naive float64 loop over (b, oh, ow) of each channel's patch (+1).
+void test_conv_patch_covariance(index_t B, index_t C, index_t H, index_t W, const sf::ConvGeometry& geo, bool bias) {
+  std::vector<float> x = randn(B * C * H * W);
+  const index_t K = geo.KH * geo.KW, D = K + (bias ? 1 : 0);
+  std::vector<float> out(static_cast<std::size_t>(C * D * D), NAN);
+  expect_ok(sf::conv_patch_covariance_cpu(x.data(), B, C, H, W, C * H * W, H * W, W, 1, geo, bias, out.data(), 2),
+            "conv_patch_covariance");
+  bool ok = true;
+  std::vector<double> r(static_cast<std::size_t>(D));
+  for (index_t c = 0; c < C; ++c) {
+    std::vector<double> want(static_cast<std::size_t>(D * D), 0.0);
+    for (index_t b = 0; b < B; ++b)
+      for (index_t oh = 0; oh < geo.OH; ++oh)
+        for (index_t ow = 0; ow < geo.OW; ++ow) {
+          for (index_t kh = 0; kh < geo.KH; ++kh)
+            for (index_t kw = 0; kw < geo.KW; ++kw) {
+              const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
+              const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
+              const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+              r[kh * geo.KW + kw] = inside ? x[((b * C + c) * H + ih) * W + iw] : 0.0;
+            }
+          if (bias) r[K] = 1.0;
+          for (index_t i = 0; i < D; ++i)
+            for (index_t j = 0; j < D; ++j) want[i * D + j] += r[i] * r[j];
+        }
+    for (index_t i = 0; i < D * D; ++i)
+      ok = ok && std::fabs(out[c * D * D + i] - want[i]) <= 1e-4 * (1.0 + std::fabs(want[i]));
+  }
+  std::printf("%s conv_patch_covariance B=%lld C=%lld %lldx%lld kernel %lldx%lld\n", ok ? "ok  " : "FAIL",
+              static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(H),
+              static_cast<long long>(W), static_cast<long long>(geo.KH), static_cast<long long>(geo.KW));
+  if (!ok) ++g_failures;
+}
+
 void test_errors() {
   float x[4] = {0, 0, 0, 0};
   sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
@@ -299,6 +334,9 @@ int main() {
   test_conv_patch_rows(2, 3, 7, 9, {3, 3, 1, 1, 1, 1, 1, 1, 7, 9}, true);      // "same" 3x3
   test_conv_patch_rows(3, 2, 8, 7, {3, 2, 2, 1, 2, 3, 1, 2, 4, 5}, false);     // strided, dilated, padded
   test_conv_patch_rows(64, 16, 16, 16, {3, 3, 1, 1, 1, 1, 1, 1, 16, 16}, true);  // multi-threaded
+  test_conv_patch_covariance(5, 3, 7, 9, {3, 3, 1, 1, 1, 1, 1, 1, 7, 9}, true);      // "same" 3x3
+  test_conv_patch_covariance(3, 2, 8, 7, {3, 2, 2, 1, 2, 3, 1, 2, 4, 5}, false);     // strided, dilated, padded
+  test_conv_patch_covariance(9, 4, 3, 40, {1, 3, 1, 1, 1, 1, 0, 1, 3, 40}, true);     // 1x3, rows of 40 outputs
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);

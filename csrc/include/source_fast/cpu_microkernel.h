@@ -230,5 +230,14 @@ static inline int threads_for(double work, double threshold, int requested) {
 #endif
 }
 
+// This thread's index inside a parallel region (0 outside one or without OpenMP): per-thread scratch buffers.
+static inline index_t thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace sf
