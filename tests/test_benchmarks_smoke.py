@@ -40,6 +40,22 @@ def test_benchmark_smoke(script):
     assert _results_state() == before, f"{script} --smoke wrote to benchmarks/results"
 
 
+def test_depthwise_cnn_bench_smoke():
+    """bench_depthwise_cnn.py --smoke runs every stage with both handlings of the depthwise groups, prints their
+    scores' agreement (the same scores up to float32 rounding) and writes nothing."""
+    before = sorted((BENCH / "results").glob("depthwise_cnn_cpu.*"))
+    stamps = [p.stat().st_mtime_ns for p in before]
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_depthwise_cnn.py"), "--smoke"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| influence_") or line.startswith("| source")]
+    assert len(rows) == 8 and "SMOKE OK" in proc.stdout
+    agreement = re.search(r"max \|difference\| / max \|score\|: (.*)", proc.stdout).group(1)
+    assert all(float(v.split()[1]) < 1e-3 for v in agreement.split(", ")), agreement
+    after = sorted((BENCH / "results").glob("depthwise_cnn_cpu.*"))
+    assert after == before and [p.stat().st_mtime_ns for p in after] == stamps
+
+
 def test_op_bench_cases_filter():
     """--cases keeps the cases whose mode contains the text (the smoke run of score_pairwise has "T=1" and "T=4");
     text that matches none exits 2 naming it, before any measurement."""
