@@ -97,17 +97,25 @@ def conv_patch_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return conv_patch_rows_torch(module, x)
 
 
-def _check_patch_rows() -> bool:
-    """The compiled patch rows equal the torch path's on a strided, padded, dilated case and a Conv1d."""
+def _check_conv_kernel(kernel, torch_form, same, groups_of_one: bool) -> bool:
+    """A compiled kernel of a convolution input against its torch form, compared by `same(got, want)`, on a strided,
+    padded, dilated Conv2d of a channel slice and a "same" Conv1d (convolutions whose groups read one channel each
+    with `groups_of_one`)."""
     gen = torch.Generator().manual_seed(0)
+    cases = ((nn.Conv2d(3, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3 if groups_of_one else 1),
+              torch.randn(5, 5, 7, 6, generator=gen)[:, 1:4]),
+             (nn.Conv1d(2, 2, 4, padding="same", groups=2 if groups_of_one else 1, bias=not groups_of_one),
+              torch.randn(3, 2, 9, generator=gen)))
     ok = True
-    for conv, x in ((nn.Conv2d(3, 2, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
-                     torch.randn(2, 5, 7, 6, generator=gen)[:, 1:4]),
-                    (nn.Conv1d(2, 2, 4, padding="same"), torch.randn(3, 2, 9, generator=gen))):
-        x2, kernel, dilation, stride, pads = _conv_geometry(conv, x)
-        got = _extension.conv_patch_rows_cpu(x2, kernel, stride, dilation, pads, True)
-        ok = ok and torch.equal(got, conv_patch_rows_torch(conv, x))
+    for conv, x in cases:
+        x2, kernel_size, dilation, stride, pads = _conv_geometry(conv, x)
+        ok = ok and same(kernel(x2, kernel_size, stride, dilation, pads, conv.bias is not None), torch_form(conv, x))
     return ok
+
+
+def _check_patch_rows() -> bool:
+    """The compiled patch rows equal the torch path's (the same bits)."""
+    return _check_conv_kernel(_extension.conv_patch_rows_cpu, conv_patch_rows_torch, torch.equal, False)
 
 
 def conv_patch_covariance_torch(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,17 +143,10 @@ def conv_patch_covariance(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_patch_covariance() -> bool:
-    """The compiled covariances match the torch path's (float64) on a strided, padded, dilated case and a Conv1d."""
-    gen = torch.Generator().manual_seed(0)
-    ok = True
-    for conv, x in ((nn.Conv2d(3, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
-                     torch.randn(5, 5, 7, 6, generator=gen)[:, 1:4]),
-                    (nn.Conv1d(2, 2, 4, padding="same", groups=2, bias=False), torch.randn(3, 2, 9, generator=gen))):
-        x2, kernel, dilation, stride, pads = _conv_geometry(conv, x)
-        got = _extension.conv_patch_covariance_cpu(x2, kernel, stride, dilation, pads, conv.bias is not None)
-        want = conv_patch_covariance_torch(conv, x.double())
-        ok = ok and torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
-    return ok
+    """The compiled covariances match the torch path's in float64."""
+    return _check_conv_kernel(_extension.conv_patch_covariance_cpu,
+                              lambda conv, x: conv_patch_covariance_torch(conv, x.double()),
+                              lambda got, want: torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), True)
 
 
 class Rebuilt:

@@ -218,49 +218,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("qs"), py::arg("num_threads"),
       "out[c, q] = x[q, c] r[c] (float32; lanes Q..qs zeroed; r = 0: ones).");
 
-  m.def(
-      "conv_patch_rows_cpu",
-      [](ptr_t x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc, index_t sh, index_t sw,
-         index_t KH, index_t KW, index_t stride_h, index_t stride_w, index_t dil_h, index_t dil_w, index_t pad_top,
-         index_t pad_left, index_t OH, index_t OW, bool bias, ptr_t out, int num_threads) {
-        check_threads(num_threads);
-        const sf::ConvGeometry geo{KH, KW, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, OH, OW};
-        sf::Status s;
-        {
-          py::gil_scoped_release release;
-          s = sf::conv_patch_rows_cpu(as_ptr<const float>(x), B, C, H, W, sb, sc, sh, sw, geo, bias,
-                                      as_ptr<float>(out), num_threads);
-        }
-        raise_if_error(s);
-      },
-      py::arg("x"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("sb"), py::arg("sc"),
-      py::arg("sh"), py::arg("sw"), py::arg("KH"), py::arg("KW"), py::arg("stride_h"), py::arg("stride_w"),
-      py::arg("dil_h"), py::arg("dil_w"), py::arg("pad_top"), py::arg("pad_left"), py::arg("OH"), py::arg("OW"),
-      py::arg("bias"), py::arg("out"), py::arg("num_threads"),
-      "out[b, oh*OW + ow, (c, kh, kw)] = x[b, c, ih, iw] or 0 outside the image; out[..., -1] = 1 with bias "
-      "(float32; out contiguous).");
-
-  m.def(
-      "conv_patch_covariance_cpu",
-      [](ptr_t x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc, index_t sh, index_t sw,
-         index_t KH, index_t KW, index_t stride_h, index_t stride_w, index_t dil_h, index_t dil_w, index_t pad_top,
-         index_t pad_left, index_t OH, index_t OW, bool bias, ptr_t out, int num_threads) {
-        check_threads(num_threads);
-        const sf::ConvGeometry geo{KH, KW, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, OH, OW};
-        sf::Status s;
-        {
-          py::gil_scoped_release release;
-          s = sf::conv_patch_covariance_cpu(as_ptr<const float>(x), B, C, H, W, sb, sc, sh, sw, geo, bias,
-                                            as_ptr<float>(out), num_threads);
-        }
-        raise_if_error(s);
-      },
-      py::arg("x"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("sb"), py::arg("sc"),
-      py::arg("sh"), py::arg("sw"), py::arg("KH"), py::arg("KW"), py::arg("stride_h"), py::arg("stride_w"),
-      py::arg("dil_h"), py::arg("dil_w"), py::arg("pad_top"), py::arg("pad_left"), py::arg("OH"), py::arg("OW"),
-      py::arg("bias"), py::arg("out"), py::arg("num_threads"),
-      "out[c] = sum over images and output positions of r r^T, r = (channel c's KH*KW patch, 1 with bias) "
-      "(float32; out contiguous [C, D, D], overwritten).");
+  // The kernels of a convolution input share one signature (x, its sizes and strides, the geometry, bias, out).
+  using ConvCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, index_t, index_t, index_t, index_t,
+                                   index_t, const sf::ConvGeometry&, bool, float*, int);
+  auto def_conv = [&m](const char* name, ConvCpuFn fn, const char* doc) {
+    m.def(
+        name,
+        [fn](ptr_t x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc, index_t sh, index_t sw,
+             index_t KH, index_t KW, index_t stride_h, index_t stride_w, index_t dil_h, index_t dil_w,
+             index_t pad_top, index_t pad_left, index_t OH, index_t OW, bool bias, ptr_t out, int num_threads) {
+          check_threads(num_threads);
+          const sf::ConvGeometry geo{KH, KW, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, OH, OW};
+          sf::Status s;
+          {
+            py::gil_scoped_release release;
+            s = fn(as_ptr<const float>(x), B, C, H, W, sb, sc, sh, sw, geo, bias, as_ptr<float>(out), num_threads);
+          }
+          raise_if_error(s);
+        },
+        py::arg("x"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("sb"), py::arg("sc"),
+        py::arg("sh"), py::arg("sw"), py::arg("KH"), py::arg("KW"), py::arg("stride_h"), py::arg("stride_w"),
+        py::arg("dil_h"), py::arg("dil_w"), py::arg("pad_top"), py::arg("pad_left"), py::arg("OH"), py::arg("OW"),
+        py::arg("bias"), py::arg("out"), py::arg("num_threads"), doc);
+  };
+  def_conv("conv_patch_rows_cpu", &sf::conv_patch_rows_cpu,
+           "out[b, oh*OW + ow, (c, kh, kw)] = x[b, c, ih, iw] or 0 outside the image; out[..., -1] = 1 with bias "
+           "(float32; out contiguous).");
+  def_conv("conv_patch_covariance_cpu", &sf::conv_patch_covariance_cpu,
+           "out[c] = sum over images and output positions of r r^T, r = (channel c's KH*KW patch, 1 with bias) "
+           "(float32; out contiguous [C, D, D], overwritten).");
 
   // The CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,

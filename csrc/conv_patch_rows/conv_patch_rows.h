@@ -19,6 +19,20 @@ struct ConvGeometry {
   index_t OH, OW;             // output positions per dim
 };
 
+// The checks every kernel of a convolution input shares: the geometry's sizes, and x [B, C, H, W] with non-negative
+// strides (sb, sc, sh, sw) whose reach fits int64.
+inline Status check_conv_input(const ConvGeometry& geo, index_t B, index_t C, index_t H, index_t W, index_t sb,
+                               index_t sc, index_t sh, index_t sw) {
+  SF_CHECK_ARG(geo.KH >= 1 && geo.KW >= 1, "kernel_size: expected >= 1, got ", geo.KH, " x ", geo.KW);
+  SF_CHECK_ARG(geo.stride_h >= 1 && geo.stride_w >= 1, "stride: expected >= 1, got ", geo.stride_h, " x ",
+               geo.stride_w);
+  SF_CHECK_ARG(geo.dil_h >= 1 && geo.dil_w >= 1, "dilation: expected >= 1, got ", geo.dil_h, " x ", geo.dil_w);
+  SF_CHECK_ARG(geo.pad_top >= 0 && geo.pad_left >= 0, "padding: expected >= 0, got ", geo.pad_top, " x ",
+               geo.pad_left);
+  SF_CHECK_ARG(geo.OH >= 0 && geo.OW >= 0, "output size: expected >= 0, got ", geo.OH, " x ", geo.OW);
+  return check_strided("x", {B, C, H, W}, {sb, sc, sh, sw});
+}
+
 // CPU, float32. x: any non-negative strides (sb, sc, sh, sw); out: contiguous [B, OH·OW, I] with
 // I = C·KH·KW + (bias ? 1 : 0). Every element is a copy (or 0 / 1): the same bits at any thread count.
 Status conv_patch_rows_cpu(const float* x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc,

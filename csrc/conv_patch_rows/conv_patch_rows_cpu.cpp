@@ -68,14 +68,7 @@ Status conv_patch_rows_cpu(const float* x, index_t B, index_t C, index_t H, inde
                            index_t sh, index_t sw, const ConvGeometry& geo, bool bias, float* out,
                            int num_threads) {
   const index_t KH = geo.KH, KW = geo.KW;
-  SF_CHECK_ARG(KH >= 1 && KW >= 1, "kernel_size: expected >= 1, got ", KH, " x ", KW);
-  SF_CHECK_ARG(geo.stride_h >= 1 && geo.stride_w >= 1, "stride: expected >= 1, got ", geo.stride_h, " x ",
-               geo.stride_w);
-  SF_CHECK_ARG(geo.dil_h >= 1 && geo.dil_w >= 1, "dilation: expected >= 1, got ", geo.dil_h, " x ", geo.dil_w);
-  SF_CHECK_ARG(geo.pad_top >= 0 && geo.pad_left >= 0, "padding: expected >= 0, got ", geo.pad_top, " x ",
-               geo.pad_left);
-  SF_CHECK_ARG(geo.OH >= 0 && geo.OW >= 0, "output size: expected >= 0, got ", geo.OH, " x ", geo.OW);
-  SF_RETURN_IF_ERROR(check_strided("x", {B, C, H, W}, {sb, sc, sh, sw}));
+  SF_RETURN_IF_ERROR(check_conv_input(geo, B, C, H, W, sb, sc, sh, sw));
   index_t ck = 0, rows = 0, total = 0;
   SF_RETURN_IF_ERROR(checked_numel("C*KH*KW", {C, KH, KW}, &ck));
   const index_t I = ck + (bias ? 1 : 0);
