@@ -180,10 +180,13 @@ def one_channel_group_grads(module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     forming G from them took 3.5x as long for 128 images of 32×32 (host B). Accumulates in float32 or wider."""
     dt = torch.promote_types(x.dtype, torch.float32)
     x2, kernel, dilation, stride, pads = _conv_geometry(module, x.to(dt))
-    if any(p for before_after in pads for p in before_after):
+    padding = tuple(before for before, _ in pads)  # zeros by the convolution itself (no padded copy)
+    if any(before != after for before, after in pads):  # an even kernel's "same": the extra zeros after
         x2 = F.pad(x2, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
+        padding = (0, 0)
     n, c = x2.shape[:2]
-    out_hw = [(size - d * (k - 1) - 1) // s + 1 for size, k, d, s in zip(x2.shape[2:], kernel, dilation, stride)]
+    out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+              for size, p, k, d, s in zip(x2.shape[2:], padding, kernel, dilation, stride)]
     if gy.shape[0] != n or gy.shape[1] % c or gy[0, 0].numel() != out_hw[0] * out_hw[1]:
         raise ValueError(f"gy must be the output gradient [B={n}, C·m, *out_spatial] of this convolution's "
                          f"{c} groups ({out_hw[0] * out_hw[1]} output positions), got shape {tuple(gy.shape)}")
@@ -192,7 +195,7 @@ def one_channel_group_grads(module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     images = x2.reshape(1, n * c, *x2.shape[2:])
     if m > 1:  # one group per (example, channel, output): torch's depthwise path, faster than m outputs per group
         images = images.repeat_interleave(m, dim=1)
-    grads = F.conv2d(images, kernels, stride=dilation, dilation=stride, groups=n * c * m)
+    grads = F.conv2d(images, kernels, stride=dilation, dilation=stride, padding=padding, groups=n * c * m)
     grads = grads[0, :, :kernel[0], :kernel[1]].reshape(n, c, m, kernel[0] * kernel[1])
     if getattr(module, "bias", None) is not None:
         grads = torch.cat([grads, gy.to(dt).reshape(n, c, m, -1).sum(3, keepdim=True)], dim=3)
