@@ -253,6 +253,45 @@ def test_grouped_and_depthwise_convs_match_dense_oracle_float64(monkeypatch, met
     assert _rel(self_scores, diagonal) <= 1e-6
 
 
+@pytest.mark.parametrize("fit_first", [False, True])
+def test_depthwise_multiplier_and_strided_one_channel_convs_match_dense_oracle_float64(fit_first):
+    """Layers of one input channel in every form the pipeline gives them (gradient form with a channel multiplier of
+    2, a strided depthwise conv with circular padding, a Conv1d of one channel; covariances from the layer input):
+    SOURCE scores and self-influence equal the dense oracle's, with the one-pass schedule (kept rows expanded to the
+    gradient form) and with fit() first (scoring passes of their own)."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv1d(1, 2, 3, padding=1)  # one input channel, 2 outputs
+            self.multiplier = nn.Conv2d(2, 4, 3, padding=1, groups=2)  # depthwise, multiplier 2
+            self.strided = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode="circular")
+            self.fc = nn.Linear(4 * 2 * 3, 3)
+
+        def forward(self, x):  # x [B, 1, 20]
+            h = torch.tanh(self.first(x)).reshape(x.shape[0], 2, 4, 5)
+            h = torch.tanh(self.strided(torch.tanh(self.multiplier(h))))
+            return self.fc(h.flatten(1))
+
+    gen = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(14, 1, 20, generator=gen, dtype=torch.float64),
+                                          torch.randint(0, 3, (14,), generator=gen))
+    torch.manual_seed(4)
+    model = Net().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=4, progress=False)
+    if fit_first:
+        analyzer.fit(data)
+    queries = Subset(data, range(3))
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert _rel(scores, oracle) <= 1e-6
+    diagonal = dense_source_scores(model, ClassificationTask(), run, data, data).diagonal()
+    assert _rel(analyzer.self_scores(data), diagonal) <= 1e-6
+
+
 def test_a_layer_without_gradients_gets_a_positive_heuristic_damping():
     """A tracked layer whose output never reaches the loss has Λ = 0 (a depthwise group behind a dead ReLU is the
     usual case): the heuristic damping 0.1·mean(Λ) would be 0; it falls back to 1, and the layer adds nothing."""
