@@ -58,7 +58,7 @@ def worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     if spec["form"] == "patch_rows":  # the same build, every group's patch rows built (the behaviour before)
-        sf.modules.Capture._gradient_form_applies = lambda *args: False
+        sf.modules.Capture._one_channel_forms_apply = lambda *args: False
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = build_model(tuple(spec["widths"]))

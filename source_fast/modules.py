@@ -386,12 +386,12 @@ class Capture:
         `Rebuilt` (their input channel, not built into patch rows; see `conv_patch_covariance`)."""
         raw = self._output_grads(loss, retain_graph=retain_graph)
         self._gradient_form = {layer.name for layer in self.layers
-                               if gradient_form and self._gradient_form_applies(layer, mask)}
+                               if gradient_form and self._one_channel_forms_apply(layer, mask)}
         rows = self._gradient_form_rows(raw)
         for layer in self.layers:
             if layer.name in rows:
                 continue
-            if covariance_form and self._gradient_form_applies(layer, mask):
+            if covariance_form and self._one_channel_forms_apply(layer, mask):
                 a = Rebuilt(partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
                             layer.module)
             else:
@@ -402,14 +402,15 @@ class Capture:
         self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
             layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
-                         layer.module if self._gradient_form_applies(layer, mask) else None)
+                         layer.module if self._one_channel_forms_apply(layer, mask) else None)
             for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
             and layer.name not in self._gradient_form and not isinstance(rows[layer.name][0], Rebuilt)
             and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
 
-    def _gradient_form_applies(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:
-        # CPU only: measured there (on GPU the patch rows' unfold and the scoring kernels are unmeasured against it)
+    def _one_channel_forms_apply(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:
+        """Whether the layer can take the gradient and covariance forms: one input channel, no mask, CPU (measured
+        there; on GPU the patch rows' unfold and the scoring kernels are unmeasured against them)."""
         x = self._inputs.get(layer.name)
         return layer.reads_one_channel and mask is None and x is not None and x.device.type == "cpu"
 

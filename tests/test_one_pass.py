@@ -330,6 +330,6 @@ def test_conv_rows_are_kept_as_the_layer_input(monkeypatch):
     assert forwards == len(ckpts) * 3 + 1  # one pass per checkpoint (3 batches), one query batch
     monkeypatch.setattr(analyzer_module, "compact_rows", lambda rows, sources: rows)  # patch rows kept
     # (and the conv, of one input channel, not in the covariance pass's Rebuilt form: its patch rows are built)
-    monkeypatch.setattr(sf.modules.Capture, "_gradient_form_applies", lambda *args: False)
+    monkeypatch.setattr(sf.modules.Capture, "_one_channel_forms_apply", lambda *args: False)
     again, forwards_patches = scores(fit_first=False)
     assert forwards_patches > forwards and torch.allclose(again, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())

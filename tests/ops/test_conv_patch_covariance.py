@@ -107,7 +107,7 @@ def _depthwise_factors(tmp_path, monkeypatch, form: bool):
     from source_fast import io
 
     if not form:
-        monkeypatch.setattr(modules.Capture, "_gradient_form_applies", lambda *a: False)
+        monkeypatch.setattr(modules.Capture, "_one_channel_forms_apply", lambda *a: False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
                           nn.Tanh(), nn.Flatten(), nn.Linear(4 * 36, 3))
