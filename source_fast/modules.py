@@ -133,8 +133,10 @@ def conv_patch_covariance(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per channel c of x [B, C, *spatial]: Σ over images and output positions of r rᵀ, r = channel c's patch of the
     module's kernel (+ a 1 for the bias): [C, D, D], the activation covariance sums of a convolution's groups that
     read one input channel each (a depthwise convolution's), without their patch rows (D = prod(kernel) + 1 values
-    per input value). On float32 CPU inputs csrc/conv_patch_covariance (its check passed: `_compiled.usable`),
-    else torch (`conv_patch_covariance_torch`)."""
+    per input value). In float32 or wider: 16-bit inputs are widened first, as the covariance op accumulates them.
+    On float32 CPU inputs csrc/conv_patch_covariance (its check passed: `_compiled.usable`), else torch
+    (`conv_patch_covariance_torch`)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     if _compiled.usable("conv patch covariance", _check_patch_covariance, x):
         x2, kernel, dilation, stride, pads = _conv_geometry(module, x)
         return _extension.conv_patch_covariance_cpu(x2, kernel, stride, dilation, pads,

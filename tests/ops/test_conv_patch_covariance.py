@@ -72,6 +72,18 @@ def test_conv_patch_covariance_uses_the_kernel_on_float32_cpu_and_torch_otherwis
     assert calls == [1]
 
 
+def test_16_bit_inputs_are_summed_in_float32():
+    """A bf16/fp16 layer input is widened before the products (as ops.covariance accumulates 16-bit rows in fp32):
+    the sums of the rounded values, not of bf16 products."""
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+    x = torch.randn(6, 3, 9, 9)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = modules.conv_patch_covariance(conv, x.to(dtype))
+        want = conv_patch_covariance_ref(conv, x.to(dtype).double())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+
+
 def test_conv_patch_covariance_bitwise_independent_of_threads():
     conv, x = nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.randn(37, 8, 16, 16)
     one, two = at_thread_counts(lambda: modules.conv_patch_covariance(conv, x))
