@@ -34,10 +34,12 @@ from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
-from .rows import Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, rows_nbytes, stacking_pays
+from .rows import (Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, one_channel_families,
+                   rows_nbytes, stacking_pays)
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
-from .walk import SegmentByStepWalk, WalkPlan, query_walk, rotated_walk, rotated_walk_visit, workspace_buffer
+from .walk import (SegmentByStepWalk, WalkPlan, query_walk, rotate_in, rotated_walk, rotated_walk_visit,
+                   workspace_buffer)
 
 log = logging.getLogger("source_fast")
 
@@ -549,21 +551,18 @@ class SourceAnalyzer:
         whose a is a `Rebuilt` of one input channel (a depthwise group, `Capture.rows` covariance_form) takes its
         A from that channel, every such group of a module in one `modules.conv_patch_covariance` call, and its S
         in one batched product with the module's other groups."""
-        families: dict[int, list[str]] = {}
+        families = one_channel_families(rows)
+        in_families = {name for _, names, _ in families for name in names}
         for name, (a, g) in rows.items():
             if name not in acc:
                 in_features = next(layer.in_features for layer in self.layers if layer.name == name)
                 acc[name] = tuple(CovarianceSum(w, self.compute_dtype, g.device, backend=self.backend,
                                                 deterministic=self.deterministic) for w in (in_features, g.shape[-1]))
-            if isinstance(a, Rebuilt) and a.module is not None:
-                families.setdefault(id(a.module), []).append(name)
-                continue
-            acc[name][0].add((a.rows() if isinstance(a, Rebuilt) else a).reshape(-1, acc[name][0].sum.shape[0]))
-            acc[name][1].add(g.reshape(-1, g.shape[-1]))
-        for names in families.values():
-            sources = [rows[name][0] for name in names]
-            x = torch.cat([a.source for a in sources], dim=1) if len(names) > 1 else sources[0].source
-            a_sums = modules.conv_patch_covariance(sources[0].module, x)
+            if name not in in_families:
+                acc[name][0].add((a.rows() if isinstance(a, Rebuilt) else a).reshape(-1, acc[name][0].sum.shape[0]))
+                acc[name][1].add(g.reshape(-1, g.shape[-1]))
+        for module, names, x in families:
+            a_sums = modules.conv_patch_covariance(module, x)
             # the groups' S = Σ g gᵀ in one batched product too ([m, m] each, m the channel multiplier)
             g = torch.stack([rows[name][1] for name in names]).to(self.compute_dtype)  # [groups, B, positions, m]
             g = g.reshape(len(names), -1, g.shape[-1])
@@ -1485,24 +1484,18 @@ def _rotated_dot(w: torch.Tensor, members: list[tuple[torch.Tensor, torch.Tensor
     fewer multiply-adds (`_torch_ops.rotation_order`: a conv layer's many positions)."""
     t, (o, i) = sum(a.shape[1] for a, _ in members), w.shape[1:]
     if _torch_ops.rotation_order(t, o, i) == "materialize":
-        return (w * _rotated_grads(sum(_per_example_grads(a, g) for a, g in members), block)).sum((1, 2))
+        return (w * rotate_in(sum(_per_example_grads(a, g) for a, g in members), block)).sum((1, 2))
     a = torch.cat([a for a, _ in members], 1) if len(members) > 1 else members[0][0]
     g = torch.cat([g for _, g in members], 1) if len(members) > 1 else members[0][1]
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     return (torch.bmm(w, as_.transpose(1, 2)) * gs.transpose(1, 2)).sum((1, 2))
 
 
-def _rotated_grads(grads: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Q_Sᵀ G_n Q_A for formed per-example gradients [n, O, I] (into `out` when given)."""
-    dt = grads.dtype
-    return _linalg.matmul(block.q_s.T.to(dt), _linalg.matmul(grads, block.q_a.to(dt)), out=out)
-
-
 def _rotate(a: torch.Tensor, g: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
     """Q_Sᵀ G_n Q_A for one batch -> [n, O, I] (into `out` when given); rank one per example when T = 1; from G_n
     formed first where that needs fewer multiply-adds (`_torch_ops.rotation_order`)."""
     if _torch_ops.rotation_order(a.shape[1], g.shape[2], a.shape[2]) == "materialize":
-        return _rotated_grads(_per_example_grads(a, g), block, out=out)
+        return rotate_in(_per_example_grads(a, g), block, out=out)
     gs, as_ = _linalg.matmul(g, block.q_s.to(g.dtype)), _linalg.matmul(a, block.q_a.to(a.dtype))
     if a.shape[1] == 1:
         return torch.mul(gs[:, 0, :, None], as_[:, 0, None, :], out=out)

@@ -63,15 +63,19 @@ def _conv_geometry(module: nn.Module, x: torch.Tensor):
     return x, kernel, dilation, stride, pads
 
 
+def _symmetric_padding(x: torch.Tensor, pads) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(x, padding) for an op that pads both sides alike (F.unfold, F.conv2d): uneven zero padding (an even
+    kernel's "same") applied to x first, else left to the op (no padded copy)."""
+    if any(before != after for before, after in pads):
+        return F.pad(x, [p for before_after in reversed(pads) for p in before_after]), (0, 0)
+    return x, tuple(before for before, _ in pads)
+
+
 def conv_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Conv1d/Conv2d input [B, C, *spatial] -> patch rows [B, positions, C·prod(kernel)] in the order of the
     weight's flattening [O, C, k...] (torch's F.unfold on a 2-D view, after any asymmetric padding)."""
     x, kernel, dilation, stride, pads = _conv_geometry(module, x)
-    if any(before != after for before, after in pads):
-        x = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
-        padding = 0
-    else:
-        padding = tuple(before for before, _ in pads)
+    x, padding = _symmetric_padding(x, pads)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
 
 
@@ -125,7 +129,7 @@ def conv_patch_covariance_torch(module: nn.Module, x: torch.Tensor) -> torch.Ten
     c = x.shape[1]
     rows = patches.reshape(n * positions, c, width // c).transpose(0, 1)  # [C, rows, K]
     if getattr(module, "bias", None) is not None:
-        rows = torch.cat([rows, rows.new_ones(c, n * positions, 1)], dim=2)
+        rows = with_bias_column(rows)
     return rows.transpose(1, 2) @ rows
 
 
@@ -182,10 +186,7 @@ def one_channel_group_grads(module: nn.Module, x: torch.Tensor, gy: torch.Tensor
     forming G from them took 3.5x as long for 128 images of 32×32 (host B). Accumulates in float32 or wider."""
     dt = torch.promote_types(x.dtype, torch.float32)
     x2, kernel, dilation, stride, pads = _conv_geometry(module, x.to(dt))
-    padding = tuple(before for before, _ in pads)  # zeros by the convolution itself (no padded copy)
-    if any(before != after for before, after in pads):  # an even kernel's "same": the extra zeros after
-        x2 = F.pad(x2, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
-        padding = (0, 0)
+    x2, padding = _symmetric_padding(x2, pads)
     n, c = x2.shape[:2]
     out_hw = [(size + 2 * p - d * (k - 1) - 1) // s + 1
               for size, p, k, d, s in zip(x2.shape[2:], padding, kernel, dilation, stride)]
@@ -394,8 +395,7 @@ class Capture:
             if layer.name in rows:
                 continue
             if covariance_form and self._one_channel_forms_apply(layer, mask):
-                a = Rebuilt(partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
-                            layer.module)
+                a = Rebuilt(*self._kept_input(layer, mask))
             else:
                 a = self.activations(layer, mask)
             rows[layer.name] = a, layer.output_rows(raw[layer.name])
@@ -403,12 +403,17 @@ class Capture:
         windows = _padding_windows(mask, {n: r for n, r in rows.items() if n not in self._gradient_form})
         self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
-            layer.name: (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
-                         layer.module if self._one_channel_forms_apply(layer, mask) else None)
+            layer.name: self._kept_input(layer, mask)
             for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
             and layer.name not in self._gradient_form and not isinstance(rows[layer.name][0], Rebuilt)
             and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
+
+    def _kept_input(self, layer: TrackedLayer, mask: torch.Tensor | None) -> tuple:
+        """(make, x, module) for a `Rebuilt` of a conv layer's rows: its input (a group's channels), the patch rows
+        from it, and the module where the one-channel forms apply (else None)."""
+        return (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
+                layer.module if self._one_channel_forms_apply(layer, mask) else None)
 
     def _one_channel_forms_apply(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:
         """Whether the layer can take the gradient and covariance forms: one input channel, no mask, CPU (measured

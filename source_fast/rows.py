@@ -19,25 +19,32 @@ def compact_rows(rows: dict, sources: dict) -> dict:
     return out
 
 
+def one_channel_families(rows: dict) -> list[tuple[object, list[str], torch.Tensor]]:
+    """The layers whose a is a `Rebuilt` of one input channel (a depthwise convolution's groups), by module:
+    (module, their names in layer order, their input channels side by side [B, groups, *spatial])."""
+    families: dict[int, list[str]] = {}
+    for name, (a, _) in rows.items():
+        if isinstance(a, Rebuilt) and a.module is not None:
+            families.setdefault(id(a.module), []).append(name)
+    out = []
+    for names in families.values():
+        sources = [rows[name][0] for name in names]
+        x = torch.cat([a.source for a in sources], dim=1) if len(names) > 1 else sources[0].source
+        out.append((sources[0].module, names, x))
+    return out
+
+
 def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
     """`compact_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
     through G_n only), those of one input channel into `modules.gradient_rows` of their per-example gradients
     instead, one `one_channel_group_grads` call for all the groups of a module."""
-    out, families = {}, {}
-    for name, (a, g) in rows.items():
-        if gradient_form and isinstance(a, Rebuilt) and a.module is not None:
-            families.setdefault(id(a.module), []).append(name)
-            out[name] = None  # formed below, in this place of the layer order
-        else:
-            out[name] = (a.rows() if isinstance(a, Rebuilt) else a, g)
-    for names in families.values():
-        sources = [rows[name][0] for name in names]
-        x = torch.cat([a.source for a in sources], dim=1) if len(names) > 1 else sources[0].source
+    formed = {}
+    for module, names, x in one_channel_families(rows) if gradient_form else ():
         gy = torch.cat([rows[name][1].transpose(1, 2) for name in names], dim=1)  # [B, channels·m, positions]
-        grads = one_channel_group_grads(sources[0].module, x, gy)
-        for k, name in enumerate(names):
-            out[name] = gradient_rows(grads[:, k].contiguous())
-    return out
+        grads = one_channel_group_grads(module, x, gy)
+        formed.update((name, gradient_rows(grads[:, k].contiguous())) for k, name in enumerate(names))
+    return {name: formed[name] if name in formed else (a.rows() if isinstance(a, Rebuilt) else a, g)
+            for name, (a, g) in rows.items()}
 
 
 def _nbytes(t) -> int:

@@ -59,14 +59,16 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     return out
 
 
-def rotate_in(v: torch.Tensor, block: EKFACBlock) -> torch.Tensor:
-    """Q_Sᵀ V Q_A for a batch V [Q, O, I]: one large GEMM (batch folded into the rows), one batched."""
-    return _two_sided(v, block.q_s.T, block.q_a)
+def rotate_in(v: torch.Tensor, block: EKFACBlock, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q_Sᵀ V Q_A for a batch V [Q, O, I] (query directions, or formed per-example gradients): one large GEMM (batch
+    folded into the rows), one batched; into `out` when given."""
+    return _two_sided(v, block.q_s.T, block.q_a, out=out)
 
 
-def _two_sided(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left · X_q · right for a batch X [Q, O, I]."""
-    return _linalg.matmul(left.to(x.dtype), _linalg.matmul(x, right.to(x.dtype)))
+def _two_sided(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """left · X_q · right for a batch X [Q, O, I] (into `out` when given)."""
+    return _linalg.matmul(left.to(x.dtype), _linalg.matmul(x, right.to(x.dtype)), out=out)
 
 
 _IN_PLACE_CHUNK_BYTES = 32 << 20  # scratch of one chunk of queries: stays a reused heap block, not a fresh mmap

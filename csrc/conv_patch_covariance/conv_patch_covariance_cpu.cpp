@@ -21,11 +21,6 @@ constexpr index_t kLanes = cpu::VL;     // lane sums per product: one vector
 constexpr index_t kImagesPerTask = 4;   // fixed: the task sums, and so the result, do not depend on threads
 constexpr index_t kBlockBytes = 16384;  // per patch row and block of output rows
 
-// First k >= 0 with start + k * step >= limit (step > 0).
-inline index_t first_at_least(index_t start, index_t step, index_t limit) {
-  return start >= limit ? 0 : ceil_div(limit - start, step);
-}
-
 // Output columns [lo, hi) whose kernel column kw reads inside the image (the rest read padding zeros).
 struct ColumnRange {
   index_t iw0, lo, hi;  // iw0: input column of output column 0

@@ -19,6 +19,12 @@ struct ConvGeometry {
   index_t OH, OW;             // output positions per dim
 };
 
+// First k >= 0 with start + k * step >= limit (step > 0): the first output position whose input index
+// start + k·step reaches `limit` (the kernels' interior/edge ranges).
+inline index_t first_at_least(index_t start, index_t step, index_t limit) {
+  return start >= limit ? 0 : ceil_div(limit - start, step);
+}
+
 // The checks every kernel of a convolution input shares: the geometry's sizes, and x [B, C, H, W] with non-negative
 // strides (sb, sc, sh, sw) whose reach fits int64.
 inline Status check_conv_input(const ConvGeometry& geo, index_t B, index_t C, index_t H, index_t W, index_t sb,

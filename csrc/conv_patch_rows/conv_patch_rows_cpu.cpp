@@ -12,11 +12,6 @@
 namespace sf {
 namespace {
 
-// First k >= 0 with start + k * step >= limit (step > 0).
-inline index_t first_at_least(index_t start, index_t step, index_t limit) {
-  return start >= limit ? 0 : ceil_div(limit - start, step);
-}
-
 struct RowGeometry {  // one output row of one image
   const float* x;      // the image's channel 0
   index_t C, H, W, sc, sh, sw, KH, KW, dil_h, dil_w;
