@@ -74,6 +74,18 @@ def cut_padding() -> bool:
     return _switch("SOURCE_FAST_CUT_PADDING")
 
 
+EIGH_LAPACKS = ("auto", "torch", "numpy")
+
+
+def eigh_lapack() -> str:
+    """SOURCE_FAST_EIGH_LAPACK picks the LAPACK of the float64 eigendecompositions on CPU: torch's, numpy's, or
+    auto (numpy's OpenBLAS where torch's LAPACK is MKL on a non-Intel CPU; see _linalg.eigh)."""
+    value = os.environ.get("SOURCE_FAST_EIGH_LAPACK", "auto").strip().lower() or "auto"
+    if value not in EIGH_LAPACKS:
+        raise ValueError(f"SOURCE_FAST_EIGH_LAPACK must be one of {EIGH_LAPACKS}, got {value!r}")
+    return value
+
+
 def _switch(name: str) -> bool:
     """An on-by-default switch: off for 0, false, False or off."""
     return os.environ.get(name, "1").strip() not in ("0", "false", "False", "off")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import spectral
+from . import _linalg, spectral
 
 
 class CurvatureError(RuntimeError):
@@ -61,7 +61,7 @@ def eigen_basis(cov: torch.Tensor, *, name: str, segment: int, check_finite: boo
         nan = torch.full_like(cov64, float("nan"))  # propagate, as asked: every score touching it is NaN
         return nan[0], nan
     try:
-        evals, evecs = torch.linalg.eigh(cov64)
+        evals, evecs = _linalg.eigh(cov64)
     except torch.linalg.LinAlgError as exc:
         raise CurvatureError(f"eigendecomposition failed for layer {name!r}, segment {segment}, size "
                              f"{tuple(cov.shape)}: {exc}") from exc
