@@ -1,6 +1,7 @@
 """A depthwise-separable CNN end to end on CPU: source_fast's stages with a depthwise layer's groups handled from
-the layer input (the default) against the same build building every group's patch rows (`--forms both`), each
-stage in a fresh process, the two alternating.
+the layer input (the default) against the same build building every group's patch rows (`--forms both`), and the
+model in PyTorch's default (contiguous, NCHW) or channels-last memory format (`--layouts both`; the model's own
+passes run faster in channels-last on CPU), each stage in a fresh process, the variants alternating.
 
 Workload (seeded, no downloads): conv 3→32 (3×3), then three blocks of a 3×3 depthwise conv (32, 64, 128
 channels) and a 1×1 pointwise conv (32→64, 64→128, 128→128) with ReLUs and 2×2 max-pools between, a global average
@@ -13,7 +14,7 @@ Kronfluence is not compared here: it approximates a grouped convolution (inputs 
 would not compute the same curvature.
 
     python benchmarks/bench_depthwise_cnn.py                       # both forms, 2 alternating repeats
-    python benchmarks/bench_depthwise_cnn.py --forms input --repeats 1
+    python benchmarks/bench_depthwise_cnn.py --forms input --layouts both
     python benchmarks/bench_depthwise_cnn.py --smoke               # CI: tiny sizes, one repeat
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import _process
 HERE = Path(__file__).resolve().parent
 STAGES = ("influence_fit", "influence_pairwise", "influence_self", "source_one_pass")
 FORMS = {"input": "from the layer input (default)", "patch_rows": "every group's patch rows"}
+LAYOUTS = {"contiguous": "torch.contiguous_format", "channels_last": "torch.channels_last"}
 
 
 def build_model(widths=(32, 64, 128)):
@@ -61,7 +63,8 @@ def worker(spec: dict) -> dict:
         sf.modules.Capture._one_channel_forms_apply = lambda *args: False
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = build_model(tuple(spec["widths"]))
+    model = build_model(tuple(spec["widths"])).to(memory_format=getattr(torch, spec.get("layout", "contiguous")
+                                                                          .replace("contiguous", "contiguous_format")))
     n, q, side = spec["n_train"], spec["n_query"], spec["side"]
     x, y = torch.randn(n, 3, side, side, generator=gen), torch.randint(0, 10, (n,), generator=gen)
     train = torch.utils.data.TensorDataset(x, y)
@@ -104,22 +107,29 @@ def worker(spec: dict) -> dict:
             "layers": len(analyzer.layers)}
 
 
-def _agreement(work: Path, forms: list[str]) -> dict[str, float]:
-    """Per scoring stage, max |difference| / max |score| between the two forms' scores (both float32)."""
+def _agreement(work: Path, variants: list[str]) -> dict[str, float]:
+    """Per scoring stage, max |difference| / max |score| between the scores of each variant and the first one's
+    (all float32)."""
     import torch
 
-    if len(forms) != 2:
-        return {}
     out = {}
     for stage in STAGES[1:]:
-        a, b = (torch.load(work / f"{stage}_{form}.pt") for form in forms)
-        out[stage] = float((a - b).abs().max() / b.abs().max())
+        first = torch.load(work / f"{stage}_{variants[0]}.pt")
+        for variant in variants[1:]:
+            other = torch.load(work / f"{stage}_{variant}.pt")
+            out[f"{stage} {variant}"] = float((other - first).abs().max() / first.abs().max())
     return out
+
+
+def _variant_name(form: str, layout: str) -> str:
+    return f"{form}-{layout}"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--forms", default="both", choices=["both", *FORMS], help="which handling of depthwise groups")
+    p.add_argument("--layouts", default="contiguous", choices=["both", *LAYOUTS],
+                   help="the model's memory format (default contiguous)")
     p.add_argument("--repeats", type=int, default=2, help="alternating repeats per stage (medians reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
@@ -132,48 +142,53 @@ def main(argv=None) -> int:
     sizes = ({"n_train": 24, "n_query": 3, "side": 8, "widths": [4, 8, 8]} if args.smoke else
              {"n_train": 1000, "n_query": 20, "side": 32, "widths": [32, 64, 128]})
     forms = list(FORMS) if args.forms == "both" else [args.forms]
+    layouts = list(LAYOUTS) if args.layouts == "both" else [args.layouts]
+    variants = [(form, layout) for layout in layouts for form in forms]
+    variant_names = [_variant_name(form, layout) for form, layout in variants]
     repeats = 1 if args.smoke else args.repeats
     times: dict[tuple[str, str], list[dict]] = {}
     work = Path(tempfile.mkdtemp(prefix="bench_depthwise_"))
     try:
         for stage in STAGES:
             for _ in range(repeats):
-                for form in forms:  # alternating: both forms see the same stretch of host load
-                    spec = {"stage": stage, "form": form, "threads": args.threads, "batch_size": args.batch_size,
-                            "out_dir": str(work / form), "scores_path": str(work / f"{stage}_{form}.pt"), **sizes}
-                    if stage in ("influence_pairwise", "influence_self") and not (work / form / "influence").exists():
+                for (form, layout), name in zip(variants, variant_names):  # alternating: same stretch of host load
+                    spec = {"stage": stage, "form": form, "layout": layout, "threads": args.threads,
+                            "batch_size": args.batch_size, "out_dir": str(work / name),
+                            "scores_path": str(work / f"{stage}_{name}.pt"), **sizes}
+                    if stage in ("influence_pairwise", "influence_self") and not (work / name / "influence").exists():
                         _process.run_worker(__file__, dict(spec, stage="influence_fit"),
                                             env=_process.worker_env(args.threads), what="influence fit")
                     res = _process.run_worker(__file__, spec, env=_process.worker_env(args.threads),
-                                              what=f"{stage} ({form})")
-                    times.setdefault((stage, form), []).append(res)
-                    print(f"  {stage:20s} {form:10s} {res['seconds']:7.2f} s  peak RSS {res['peak_rss_mib']:6.0f} MiB",
-                          flush=True)
-        agreement = _agreement(work, forms)
+                                              what=f"{stage} ({name})")
+                    times.setdefault((stage, form, layout), []).append(res)
+                    print(f"  {stage:20s} {name:26s} {res['seconds']:7.2f} s  peak RSS {res['peak_rss_mib']:6.0f} "
+                          "MiB", flush=True)
+        agreement = _agreement(work, variant_names)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
     import _harness as H
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for (stage, form), runs in times.items():
-        rows.append({"stage": stage, "form": form, "median_s": round(statistics.median(r["seconds"] for r in runs), 3),
+    for (stage, form, layout), runs in times.items():
+        rows.append({"stage": stage, "form": form, "layout": layout, "median_s": round(statistics.median(r["seconds"] for r in runs), 3),
                      "runs_s": " ".join(f"{r['seconds']:.2f}" for r in runs),
                      "peak_rss_mib": round(max(r["peak_rss_mib"] for r in runs)), "layers": runs[0]["layers"],
                      "threads": args.threads, "cpu": H.cpu_description(), "torch": H.torch.__version__,
                      "source_fast_commit": H.git_commit(), "date": date})
-    lines = [f"| {r['stage']} | {r['form']} | {r['median_s']:.2f} | {r['runs_s']} | {r['peak_rss_mib']} |"
-             for r in rows]
-    table = "\n".join(["| stage | depthwise groups | median s | runs (s) | peak RSS (MiB) |", "|---|---|---:|---|---:|",
-                       *lines])
+    lines = [f"| {r['stage']} | {r['form']} | {r['layout']} | {r['median_s']:.2f} | {r['runs_s']} | "
+             f"{r['peak_rss_mib']} |" for r in rows]
+    table = "\n".join(["| stage | depthwise groups | model layout | median s | runs (s) | peak RSS (MiB) |",
+                       "|---|---|---|---:|---|---:|", *lines])
     if agreement:
-        table += "\n\nScores of the two forms, max |difference| / max |score|: " + ", ".join(
-            f"{stage} {value:.1e}" for stage, value in agreement.items())
+        table += (f"\n\nScores against {variant_names[0]}'s, max |difference| / max |score|: "
+                  + ", ".join(f"{key} {value:.1e}" for key, value in agreement.items()))
     print("\n" + table)
     for stage in STAGES:
-        if len(forms) == 2:
-            new, old = (statistics.median(r["seconds"] for r in times[(stage, f)]) for f in forms)
-            print(f"{stage:20s} from the input {new:6.2f} s, patch rows {old:6.2f} s: {old / new:4.2f}x")
+        base = statistics.median(r["seconds"] for r in times[(stage, *variants[0])])
+        for variant, name in zip(variants[1:], variant_names[1:]):
+            other = statistics.median(r["seconds"] for r in times[(stage, *variant)])
+            print(f"{stage:20s} {variant_names[0]} {base:6.2f} s, {name} {other:6.2f} s: {base / other:4.2f}x")
     if args.smoke:
         print("SMOKE OK")
         return 0
@@ -191,7 +206,8 @@ def main(argv=None) -> int:
             f"{sizes['n_train']} train / {sizes['n_query']} query images of 3×{sizes['side']}², batch "
             f"{args.batch_size}, {rows[0]['layers']} tracked layers; every stage in a fresh process, the forms "
             f"alternating, {repeats} repeat(s). Command: `python benchmarks/bench_depthwise_cnn.py"
-            f"{'' if args.forms == 'both' else ' --forms ' + args.forms} --repeats {repeats}`.\n\n")
+            f"{'' if args.forms == 'both' else ' --forms ' + args.forms}"
+            f"{'' if args.layouts == 'contiguous' else ' --layouts ' + args.layouts} --repeats {repeats}`.\n\n")
     (out / "depthwise_cnn_cpu.md.tmp").write_text(head + table + "\n")
     os.replace(out / "depthwise_cnn_cpu.md.tmp", out / "depthwise_cnn_cpu.md")
     print(f"wrote {out / 'depthwise_cnn_cpu.csv'} and {out / 'depthwise_cnn_cpu.md'}")

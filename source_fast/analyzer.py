@@ -35,7 +35,7 @@ from .directions import RankOneDirections, as_dense, left_product_queries_innerm
 from .ekfac import EKFACBlock
 from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
 from .rows import (Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, one_channel_families,
-                   rows_nbytes, stacking_pays)
+                   rows_nbytes, stacked, stacking_pays)
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import (SegmentByStepWalk, WalkPlan, query_walk, rotate_in, rotated_walk, rotated_walk_visit,
@@ -563,10 +563,15 @@ class SourceAnalyzer:
                 acc[name][1].add(g.reshape(-1, g.shape[-1]))
         for module, names, x in families:
             a_sums = modules.conv_patch_covariance(module, x)
-            # the groups' S = Σ g gᵀ in one batched product too ([m, m] each, m the channel multiplier)
-            g = torch.stack([rows[name][1] for name in names]).to(self.compute_dtype)  # [groups, B, positions, m]
-            g = g.reshape(len(names), -1, g.shape[-1])
-            s_sums = torch.bmm(g.transpose(1, 2), g)
+            # the groups' S = Σ g gᵀ ([m, m] each, m the channel multiplier) together: a view of the module's output
+            # gradient where the groups' g are its consecutive channels; with m = 1 a sum of squares (≈ 10x the
+            # batched product, which first copies g into [groups, rows, m])
+            g = stacked([rows[name][1] for name in names]).to(self.compute_dtype)  # [groups, B, P, m]
+            if g.shape[-1] == 1:
+                s_sums = g.square().sum(dim=(1, 2))[:, :, None]
+            else:
+                g = g.reshape(len(names), -1, g.shape[-1])
+                s_sums = torch.bmm(g.transpose(1, 2), g)
             for name, a_sum, s_sum in zip(names, a_sums, s_sums):
                 acc[name][0].add_sum(a_sum)
                 acc[name][1].add_sum(s_sum)

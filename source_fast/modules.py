@@ -142,6 +142,8 @@ def conv_patch_covariance(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (`conv_patch_covariance_torch`)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if _compiled.usable("conv patch covariance", _check_patch_covariance, x):
+        if x.stride(-1) != 1:  # channels-last: one copy first is faster than the kernel's per-block gathers
+            x = x.contiguous()  # (32 ch 32×32, 128 images: 2.2 ms copy + 5.4 against 10.8 ms, host B)
         x2, kernel, dilation, stride, pads = _conv_geometry(module, x)
         return _extension.conv_patch_covariance_cpu(x2, kernel, stride, dilation, pads,
                                                     getattr(module, "bias", None) is not None)

@@ -41,17 +41,18 @@ def test_benchmark_smoke(script):
 
 
 def test_depthwise_cnn_bench_smoke():
-    """bench_depthwise_cnn.py --smoke runs every stage with both handlings of the depthwise groups, prints their
-    scores' agreement (the same scores up to float32 rounding) and writes nothing."""
+    """bench_depthwise_cnn.py --smoke runs every stage with both handlings of the depthwise groups and the model in
+    both memory formats, prints their scores' agreement (the same scores up to float32 rounding) and writes
+    nothing."""
     before = sorted((BENCH / "results").glob("depthwise_cnn_cpu.*"))
     stamps = [p.stat().st_mtime_ns for p in before]
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_depthwise_cnn.py"), "--smoke"], check=False, cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_depthwise_cnn.py"), "--smoke", "--layouts", "both"],
+                          check=False, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| influence_") or line.startswith("| source")]
-    assert len(rows) == 8 and "SMOKE OK" in proc.stdout
-    agreement = re.search(r"max \|difference\| / max \|score\|: (.*)", proc.stdout).group(1)
-    assert all(float(v.split()[1]) < 1e-3 for v in agreement.split(", ")), agreement
+    assert len(rows) == 16 and "SMOKE OK" in proc.stdout
+    agreement = re.search(r"max \|difference\| / max \|score\|: (.*)", proc.stdout).group(1).split(", ")
+    assert len(agreement) == 3 * 3 and all(float(v.split()[-1]) < 1e-3 for v in agreement), agreement
     after = sorted((BENCH / "results").glob("depthwise_cnn_cpu.*"))
     assert after == before and [p.stat().st_mtime_ns for p in after] == stamps
 

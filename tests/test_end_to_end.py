@@ -223,11 +223,17 @@ def test_cnn_matches_dense_oracle_float64(padding_mode):
     assert _rel(scores, oracle) <= 1e-6
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("method", ["source", "influence"])
-def test_grouped_and_depthwise_convs_match_dense_oracle_float64(monkeypatch, method):
+def test_grouped_and_depthwise_convs_match_dense_oracle_float64(monkeypatch, method, layout):
     """A grouped (2 groups) and a depthwise convolution: one EK-FAC block per group ("grouped[0]", ...), against
-    the dense oracle, which builds the same block-diagonal curvature from autograd's per-example gradients."""
+    the dense oracle, which builds the same block-diagonal curvature from autograd's per-example gradients. With the
+    model in channels-last (faster model passes on CPU) every activation and gradient the pipeline reads is
+    channels-last: the groups' inputs and output gradients are joined as views of them (rows.joined, stacked)."""
     model, data, ckpts, steps, lrs = tiny_cnn_run(grouped=True)
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        assert model.depthwise.weight.is_contiguous(memory_format=torch.channels_last)
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     queries = Subset(data, range(3))
     kwargs = {"damping": 1e-3} if method == "influence" else {}

@@ -1,4 +1,5 @@
 """source_fast.rows: kept rows' byte accounting and the compact form of conv rows (rows.Rebuilt)."""
+import pytest
 import torch
 from torch import nn
 
@@ -84,3 +85,35 @@ def test_kept_depthwise_groups_expand_to_their_gradients_in_one_call(monkeypatch
             assert a is rows[layer.name][0]
         want = torch.bmm(rows[layer.name][1].transpose(1, 2), rows[layer.name][0])
         torch.testing.assert_close(torch.bmm(g.transpose(1, 2), a), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_joined_and_stacked_are_views_of_consecutive_group_slices(layout):
+    """A module's groups read consecutive channels of its input and write consecutive channels of its output: their
+    cat (and the stack of their output-gradient rows) is then a view of the module's tensor, in either layout;
+    anything else is the copy torch.cat / torch.stack make."""
+    from source_fast.rows import joined, stacked
+
+    x = torch.randn(4, 6, 5, 3).contiguous(memory_format=layout)
+    for width in (1, 2, 3):
+        parts = [x[:, k:k + width] for k in range(0, 6, width)]
+        view = joined(parts, dim=1)
+        assert torch.equal(view, x) and view.data_ptr() == x.data_ptr()
+        rows = [p.reshape(4, width, -1).transpose(1, 2) for p in parts]  # a group's g rows [B, positions, m]
+        view = stacked(rows)
+        assert torch.equal(view, torch.stack(rows)) and view.data_ptr() == x.data_ptr()
+    middle = joined([x[:, 1:2], x[:, 2:3], x[:, 3:4]], dim=1)
+    assert torch.equal(middle, x[:, 1:4]) and middle.data_ptr() == x[:, 1:4].data_ptr()
+    assert joined([x[:, 2:3]], dim=1) is not None and joined([x[:, 2:3]], dim=1).data_ptr() == x[:, 2:3].data_ptr()
+    assert torch.equal(stacked([x[:, 0]]), x[:, 0][None])
+    copies = [([x[:, 0:1], x[:, 2:3]], 1),            # not consecutive
+              ([x[:, 1:2], x[:, 0:1]], 1),            # out of order
+              ([x[:, 0:1], x[:, 0:1]], 1),            # the same slice twice
+              ([x[:, 0:1], x[:, 1:3]], 1),            # unequal widths
+              ([x[:, 0:1], x[:, 1:2].clone()], 1),    # another tensor
+              ([x[:, :, 0:1], x[:, :, 1:2]], 1)]      # consecutive along another dim than the joined one
+    for parts, dim in copies:
+        assert torch.equal(joined(parts, dim=dim), torch.cat(parts, dim=dim))
+    for parts, _ in copies[:5]:
+        if all(p.shape == parts[0].shape for p in parts):
+            assert torch.equal(stacked(parts), torch.stack(parts))
