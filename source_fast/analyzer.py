@@ -115,6 +115,19 @@ class CovarianceSum:
         return self.sum
 
 
+def _seed_draws(device: torch.device, seed: int) -> None:
+    """torch.manual_seed(seed) for the generators a task's label draws use: the CPU's and, on CUDA, the model's
+    device's. torch.manual_seed also queues a seed for every not-yet-initialised CUDA, XPU and MTIA device, each
+    recording a formatted stack trace (0.086 against 0.006 ms per sampled batch on CPU), and reseeds every CUDA
+    device, where fork_rng restores only the model's."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
+    elif device.type != "cpu":
+        torch.manual_seed(seed)
+
+
 def _batched_product_pays(x: torch.Tensor) -> bool:
     """Whether `CovarianceSum.add_tokens` sums x [B, T, D] by a batched product: CPU rows with positions innermost
     (flattening them copies) and D ≤ 64 or T ≥ 4·D. Measured against the copy and the covariance op (2-core Zen 4,
@@ -389,7 +402,7 @@ class SourceAnalyzer:
                     value = self.task.compute_measurement(batch, self.model)
                 elif loss == "sampled":
                     with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        torch.manual_seed(hash((self.seed, seed_key, b)) % (2**63))
+                        _seed_draws(self.device, hash((self.seed, seed_key, b)) % (2**63))
                         if paired:
                             value, true_value = _loss_pair(self.task.compute_train_loss_pair(batch, self.model))
                         else:

@@ -250,3 +250,22 @@ def test_linear_nll_pair_on_cuda_matches_cpu():
     got, = torch.autograd.grad(true, gpu)
     exp, = torch.autograd.grad(want, cpu)
     torch.testing.assert_close(got.cpu(), exp, rtol=1e-4, atol=1e-5)
+
+
+def _draws(device):
+    return torch.rand(4, device=device), torch.multinomial(torch.ones(10, device=device), 3), torch.randn(2, device=device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sampled_labels_are_seeded_as_torch_manual_seed_seeds_them(device):
+    """The fit seeds each sampled batch's draws (analyzer._seed_draws) on the generators they use: the same draws as
+    torch.manual_seed with that seed, so stored factors and scores do not depend on which of the two seeded them."""
+    from source_fast.analyzer import _seed_draws
+
+    for seed in (0, 12345, 2**62 + 7):
+        torch.manual_seed(seed)
+        want = _draws(device)
+        torch.manual_seed(999)  # another state first
+        _seed_draws(torch.device(device), seed)
+        got = _draws(device)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), seed
