@@ -115,6 +115,39 @@ class CovarianceSum:
         return self.sum
 
 
+class LambdaSum:
+    """The fit's Λ += Σ_n ((g_n Q_S)ᵀ (a_n Q_A))² over a pass, for one layer. Short blocks of one-token rows (a
+    linear layer's 128 examples of a batch) are gathered to MIN_ROWS examples before the op: its rotation packs
+    the whole eigenbasis per call, so a few rows per call pay that again and again (compiled GEMM, 2-core Zen 4,
+    time per 128 rows at 128 against 512 rows per call: 1.24x at 785 columns, 1.28x at 513, 1.55x at 2049, 2.0x at
+    257). Gathered rows are copies (4·rows·(I + O) bytes); tokens and conv rows go to the op as they come."""
+
+    MIN_ROWS = 512
+
+    def __init__(self, q_a: torch.Tensor, q_s: torch.Tensor, out: torch.Tensor, *, backend=None, deterministic=None):
+        self.q_a, self.q_s, self.out = q_a, q_s, out
+        self._kwargs = {"backend": backend, "deterministic": deterministic}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._rows = 0
+
+    def add(self, a, g) -> None:
+        if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[1] != 1 or a.shape[0] >= self.MIN_ROWS:
+            ops.lambda_accum(a, g, self.q_a, self.q_s, out=self.out, **self._kwargs)
+            return
+        self._pending.append((a, g))
+        self._rows += a.shape[0]
+        if self._rows >= self.MIN_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the gathered rows (call once the pass is over)."""
+        if not self._pending:
+            return
+        a, g = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._pending))
+        self._pending, self._rows = [], 0
+        ops.lambda_accum(a, g, self.q_a, self.q_s, out=self.out, **self._kwargs)
+
+
 def _seed_draws(device: torch.device, seed: int) -> None:
     """torch.manual_seed(seed) for the generators a task's label draws use: the CPU's and, on CUDA, the model's
     device's. torch.manual_seed also queues a seed for every not-yet-initialised CUDA, XPU and MTIA device, each
@@ -622,11 +655,12 @@ class SourceAnalyzer:
                    for layer in self.layers}
             n = 0
 
+            sums = {name: LambdaSum(*basis[name], acc[name], backend=self.backend, deterministic=self.deterministic)
+                    for name in acc}
+
             def accumulate(rows):
                 for name, (a, g) in rows.items():
-                    q_a, q_s = basis[name]
-                    ops.lambda_accum(a, g, q_a, q_s, out=acc[name], backend=self.backend,
-                                     deterministic=self.deterministic)
+                    sums[name].add(a, g)
             cached = 0
             for size, rows in cache.take(unit.uid, gradient_form=True):
                 n += size
@@ -639,6 +673,8 @@ class SourceAnalyzer:
                                             gradient_form=True):
                 n += size
                 accumulate(rows)
+            for lam_sum in sums.values():
+                lam_sum.flush()
             if self.check_finite:
                 for name, lam in acc.items():
                     if not bool(torch.isfinite(lam).all()):

@@ -1,10 +1,10 @@
-"""analyzer.CovarianceSum: the fit's Σ x xᵀ over a pass, with short blocks of wide factors gathered before the
-product, equals one product over all the rows, whatever the block sizes."""
+"""analyzer.CovarianceSum and LambdaSum: the fit's Σ x xᵀ and Λ over a pass, with short blocks gathered before the
+op, equal the op over all the rows, whatever the block sizes."""
 import pytest
 import torch
 
 from source_fast import ops
-from source_fast.analyzer import CovarianceSum
+from source_fast.analyzer import CovarianceSum, LambdaSum
 
 
 @pytest.mark.parametrize("blocks", [[3, 5, 2], [6, 5, 7], [7], [16, 1], [4, 4, 4, 4, 4], [1] * 9, [2, 40, 3]],
@@ -61,3 +61,36 @@ def test_token_rows_with_positions_innermost_sum_in_place(monkeypatch, t, d, bat
     contiguous = CovarianceSum(d, total.dtype, torch.device("cpu"))
     contiguous.add_tokens(rows.contiguous())  # rows already flat in memory: never the batched product
     torch.testing.assert_close(contiguous.total().double(), flat.T @ flat, **tol)
+
+
+@pytest.mark.parametrize("blocks", [[3, 5, 2], [600], [7, 600, 2], [256, 256, 9], [1] * 5],
+                         ids=["short", "long", "short-long-short", "exact", "single-rows"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_lambda_sum_equals_the_op_over_every_block(monkeypatch, blocks, tokens):
+    """One-token blocks shorter than MIN_ROWS examples are gathered (fewer op calls, each ≥ MIN_ROWS but the last);
+    token rows go to the op as they come; the sum is the same."""
+    gen = torch.Generator().manual_seed(sum(blocks) + tokens)
+    o, i = 5, 7
+    q_a = torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0]
+    q_s = torch.linalg.qr(torch.randn(o, o, generator=gen, dtype=torch.float64))[0]
+    parts = [(torch.randn(r, tokens, i, generator=gen, dtype=torch.float64),
+              torch.randn(r, tokens, o, generator=gen, dtype=torch.float64)) for r in blocks]
+    want = torch.zeros(o, i, dtype=torch.float64)
+    for a, g in parts:
+        ops.lambda_accum(a, g, q_a, q_s, out=want)
+    calls = []
+    original = ops.lambda_accum
+    monkeypatch.setattr(ops, "lambda_accum", lambda a, g, *r, **k: calls.append(a.shape[0]) or original(a, g, *r, **k))
+    got = torch.zeros(o, i, dtype=torch.float64)
+    acc = LambdaSum(q_a, q_s, got)
+    for a, g in parts:
+        acc.add(a, g)
+    acc.flush()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert sum(calls) == sum(blocks)
+    if tokens > 1:
+        assert calls == blocks
+    else:
+        assert all(r >= LambdaSum.MIN_ROWS for r in calls[:-1]) and len(calls) <= len(blocks)
+    acc.flush()  # nothing left: adds nothing
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
