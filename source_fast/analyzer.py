@@ -120,7 +120,7 @@ class LambdaSum:
     linear layer's 128 examples of a batch) are gathered to MIN_ROWS examples before the op: its rotation packs
     the whole eigenbasis per call, so a few rows per call pay that again and again (compiled GEMM, 2-core Zen 4,
     time per 128 rows at 128 against 512 rows per call: 1.24x at 785 columns, 1.28x at 513, 1.55x at 2049, 2.0x at
-    257). Gathered rows are copies (4·rows·(I + O) bytes); tokens and conv rows go to the op as they come."""
+    257). Gathered rows are copies (4·rows·(I + O) bytes); tokens, conv rows and GPU rows go to the op as they come."""
 
     MIN_ROWS = 512
 
@@ -131,7 +131,8 @@ class LambdaSum:
         self._rows = 0
 
     def add(self, a, g) -> None:
-        if not isinstance(a, torch.Tensor) or a.dim() != 3 or a.shape[1] != 1 or a.shape[0] >= self.MIN_ROWS:
+        if (not isinstance(a, torch.Tensor) or a.device.type != "cpu" or a.dim() != 3 or a.shape[1] != 1
+                or a.shape[0] >= self.MIN_ROWS):  # (on GPU unmeasured: rows go to the op as they come)
             ops.lambda_accum(a, g, self.q_a, self.q_s, out=self.out, **self._kwargs)
             return
         self._pending.append((a, g))
