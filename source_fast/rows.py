@@ -46,13 +46,13 @@ def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _even_step(parts: list[torch.Tensor]) -> int | None:
     """The storage offset step between consecutive parts (two or more) if they are views of one storage with one
-    shape, strides and dtype at offsets first + k·step (step > 0), else None."""
+    shape, strides, dtype and device at offsets first + k·step (step > 0), else None."""
     first = parts[0]
     step = parts[1].storage_offset() - first.storage_offset()
     ptr = first.untyped_storage().data_ptr()
     for k, part in enumerate(parts):
         if (part.shape != first.shape or part.stride() != first.stride() or part.dtype != first.dtype
-                or part.storage_offset() != first.storage_offset() + k * step
+                or part.device != first.device or part.storage_offset() != first.storage_offset() + k * step
                 or part.untyped_storage().data_ptr() != ptr):
             return None
     return step if step > 0 else None
