@@ -156,8 +156,8 @@ def _seed_draws(device: torch.device, seed: int) -> None:
     device, where fork_rng restores only the model's."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
-                                      ].manual_seed(seed)
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)  # that device's generator (queued if CUDA is not initialised yet)
     elif device.type != "cpu":
         torch.manual_seed(seed)
 
