@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import platform
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from . import _compiled, _config
+
+log = logging.getLogger("source_fast")
 
 _MIN_FLOPS = 4.0e6   # below this a parallel region and packing cost more than they save
 _MIN_COLUMNS = 16    # the micro-kernel pads columns to whole 32-wide panels
@@ -70,9 +73,10 @@ def _check() -> bool:
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues ascending, eigenvectors as columns) of a symmetric matrix from its lower triangle, as
     torch.linalg.eigh returns them (and raising its LinAlgError), by the LAPACK that `eigh_lapack` picks."""
-    lapack, _ = eigh_lapack(matrix)
+    lapack, why = eigh_lapack(matrix)
     if lapack == "torch":
         return torch.linalg.eigh(matrix)
+    _log_once(f"source_fast: float64 eigendecompositions in numpy's LAPACK ({why})")
     with _blas_threads(torch.get_num_threads()):  # numpy's OpenBLAS would otherwise take every core
         try:
             evals, evecs = np.linalg.eigh(matrix.numpy(), UPLO="L")
@@ -98,7 +102,13 @@ def eigh_lapack(matrix: torch.Tensor) -> tuple[str, str]:
     numpy_lapack = _numpy_lapack()
     if "openblas" not in numpy_lapack.lower():
         return "torch", f"numpy's LAPACK is {numpy_lapack or 'unknown'}, not OpenBLAS"
-    return "numpy", f"torch's LAPACK is MKL on this {vendor} CPU: numpy's {numpy_lapack} runs faster there"
+    return "numpy", (f"torch's LAPACK is MKL on this {vendor} CPU: numpy's {numpy_lapack} runs faster there from "
+                     f"{_NUMPY_EIGH_MIN_SIZE} rows on")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 @functools.lru_cache(maxsize=None)

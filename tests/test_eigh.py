@@ -129,3 +129,15 @@ def test_pipeline_matches_dense_oracle_with_either_lapack(monkeypatch, lapack, m
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **kw)
     assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
+
+
+def test_the_lapack_taken_is_logged_once(monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setenv("SOURCE_FAST_EIGH_LAPACK", "numpy")
+    _linalg._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="source_fast"):
+        for _ in range(3):
+            _linalg.eigh(_symmetric(5)[0])
+    messages = [r.getMessage() for r in caplog.records if "numpy's LAPACK" in r.getMessage()]
+    assert messages == ["source_fast: float64 eigendecompositions in numpy's LAPACK (SOURCE_FAST_EIGH_LAPACK=numpy)"]
