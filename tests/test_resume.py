@@ -150,15 +150,17 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("d", [1, 2, 7, 130])
-def test_stored_factors_pack_the_upper_triangle_row_major_and_unpack_exactly(d):
+def test_stored_factors_pack_the_upper_triangle_row_major_and_unpack_exactly(d, device):
     """The on-disk form of a covariance factor: its upper triangle, row by row (what safetensors files written
-    by earlier versions hold), read back to the same symmetric matrix bit for bit."""
+    by earlier versions hold), read back to the same symmetric matrix bit for bit (row slices on CPU, one gather
+    on a GPU)."""
     from source_fast.analyzer import _pack_symmetric, _unpack_symmetric
 
     m = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
-    m = m + m.T
-    rows, cols = torch.triu_indices(d, d)
+    m = (m + m.T).to(device)
+    rows, cols = torch.triu_indices(d, d, device=device)
     packed = _pack_symmetric({"fc.A": m})
     assert list(packed) == ["fc.A_triu"] and torch.equal(packed["fc.A_triu"], m[rows, cols])
     back = _unpack_symmetric(packed)
