@@ -9,6 +9,7 @@ CPUs). Matrices: Q diag(λ) Qᵀ with a random orthogonal Q and λ ~ U(0, 10), l
 The gate compares the eigenvalues with λ.
 
     python benchmarks/bench_eigh.py --threads 2     # full run, upserts benchmarks/results/ops_<device>.csv
+    (a CPU comparison: with --device cuda only torch's row runs; the numpy baseline reports an error row)
     python benchmarks/bench_eigh.py --smoke         # CI: tiny shape, gate + one iteration
 """
 from __future__ import annotations
