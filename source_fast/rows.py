@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .modules import Rebuilt, gradient_rows, one_channel_group_grads  # noqa: F401 (Rebuilt: re-exported)
+from .modules import Rebuilt, gradient_rows, one_channel_group_grads
 
 
 def compact_rows(rows: dict, sources: dict) -> dict:
