@@ -18,6 +18,7 @@ the sampled Fisher). Per-example gradients exist only for one batch at a time.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from contextlib import contextmanager
@@ -34,8 +35,8 @@ from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
-from .rows import (Pieces, RowBudget, RowCache, compact_rows, member_lists, merge_rows, one_channel_families,
-                   rows_nbytes, stacked, stacking_pays)
+from .rows import (Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists, merge_rows,
+                   one_channel_families, rows_nbytes, stacked, stacking_pays)
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import (SegmentByStepWalk, WalkPlan, query_walk, rotate_in, rotated_walk, rotated_walk_visit,
@@ -593,13 +594,18 @@ class SourceAnalyzer:
                                                      paired=kept_for_scoring is not None, sources=sources,
                                                      covariance_form=True):
                 n += size
-                kept = compact_rows(rows, sources)
-                cached = cache.offer(unit.uid, size, kept)
+                # What the caches keep of these rows (conv layers' G_n or module inputs), made once they fit.
+                formed = formed_layers(rows, sources)
+                kept = functools.lru_cache(maxsize=1)(lambda rows=rows: kept_rows(rows, sources, formed))
+                cached = cache.offer(unit.uid, size, kept, nbytes=kept_nbytes(rows, sources, formed))
                 if paired:  # the a rows are shared: counted once while the fit's cache holds them
                     true_rows = paired[0]
-                    extra = 0 if true_rows is rows else rows_nbytes({n: (g,) for n, (_, g) in true_rows.items()})
-                    kept_true = kept if true_rows is rows else compact_rows(true_rows, sources)
-                    kept_for_scoring.offer(unit.uid, size, kept_true, nbytes=extra if cached else None)
+                    if true_rows is rows:
+                        kept_true, extra = kept, 0 if cached else kept_nbytes(rows, sources, formed)
+                    else:
+                        kept_true = functools.partial(kept_rows, true_rows, sources, formed)
+                        extra = kept_nbytes(true_rows, sources, formed, shared_a=cached)
+                    kept_for_scoring.offer(unit.uid, size, kept_true, nbytes=extra)
                 self._add_covariances(acc, rows)
             out = {}
             for name, (a_sum, s_sum) in acc.items():

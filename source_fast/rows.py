@@ -74,20 +74,124 @@ def one_channel_families(rows: dict) -> list[tuple[object, list[str], torch.Tens
 
 
 def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
-    """`compact_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
+    """`kept_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
     through G_n only), those of one input channel into `modules.gradient_rows` of their per-example gradients
-    instead, one `one_channel_group_grads` call for all the groups of a module."""
+    instead, one `one_channel_group_grads` call for all the groups of a module, and every `Formed` layer into
+    `gradient_rows` of its kept gradients (which have no other form)."""
     formed = {}
     for module, names, x in one_channel_families(rows) if gradient_form else ():
-        gy = joined([rows[name][1].transpose(1, 2) for name in names], dim=1)  # [B, channels·m, positions]
-        grads = one_channel_group_grads(module, x, gy)
+        grads = _family_grads(module, names, x, rows)
         formed.update((name, gradient_rows(grads[:, k].contiguous())) for k, name in enumerate(names))
-    return {name: formed[name] if name in formed else (a.rows() if isinstance(a, Rebuilt) else a, g)
-            for name, (a, g) in rows.items()}
+    out = {}
+    for name, (a, g) in rows.items():
+        if name in formed:
+            out[name] = formed[name]
+        elif isinstance(a, Formed):
+            if not gradient_form:
+                raise ValueError(f"layer {name!r} was kept as its per-example gradients (rows.Formed): its token "
+                                 "rows exist only for uses through G_n (gradient_form=True)")
+            out[name] = gradient_rows(a.grads.contiguous())
+        else:
+            out[name] = (a.rows() if isinstance(a, Rebuilt) else a, g)
+    return out
+
+
+def _family_grads(module, names: list[str], x: torch.Tensor, rows: dict) -> torch.Tensor:
+    """`one_channel_group_grads` [B, groups, m, k² (+1)] of one module's groups `names` (in `rows`, whose a are
+    `Rebuilt` of their input channels, x those channels side by side)."""
+    gy = joined([rows[name][1].transpose(1, 2) for name in names], dim=1)  # [B, channels·m, positions]
+    return one_channel_group_grads(module, x, gy)
+
+
+class Formed:
+    """A layer's per-example gradients G_n = Σ_t g_t a_tᵀ [B, O, I], kept by a row cache in place of its token rows
+    (as `(Formed(G), None)`) where every later use of them goes through G_n (the eigen-correction and scoring) and
+    they take at most half the bytes (`formed_layers`): a conv layer's positions. E.g. a 3×3 conv 16→32 at 16×16
+    keeps 32·145 values per example instead of its input (16·256) and output gradients (256·32); a depthwise
+    group 10 instead of 2·H·W. More batches then fit SOURCE_FAST_ROW_CACHE_MIB, and each one that fits saves a
+    forward and backward pass (and a rebuild of patch rows). Read back as `gradient_rows` (O tokens)."""
+
+    __slots__ = ("grads",)
+
+    def __init__(self, grads: torch.Tensor):
+        self.grads = grads
+
+    @property
+    def nbytes(self) -> int:
+        return self.grads.numel() * self.grads.element_size()
+
+
+def _a_width(a) -> int:
+    """I of a layer's rows: a's last size, or for a `Rebuilt` of one input channel its kernel (+ bias) width."""
+    if isinstance(a, Rebuilt):
+        return a.module.weight[0].numel() + int(getattr(a.module, "bias", None) is not None)
+    return a.shape[-1]
+
+
+def _grads_dtype(g: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(g.dtype, torch.float32)  # G_n summed over positions: fp32 accumulation or wider
+
+
+def formed_layers(rows: dict, sources: dict) -> set[str]:
+    """The layers of one batch's rows {layer: (a, g)} (a a tensor or a `Rebuilt` of one input channel, sources as
+    for `compact_rows`) that a row cache keeps as `Formed`: CPU rows whose G_n take at most half the bytes of their
+    compact rows, so at least two tokens per output row (T ≥ 2·O·I / (I + O)); the extra work of reading them back
+    as O tokens (O²·I multiply-adds per example in the eigen-correction) is then under half of forming G_n from
+    the T rows. Not on GPU (unmeasured there: its kernels take token rows as they come)."""
+    out = set()
+    for name, (a, g) in rows.items():
+        if g.device.type != "cpu" or g.dim() != 3 or (a.module is None if isinstance(a, Rebuilt) else a.dim() != 3):
+            continue
+        b, _, o = g.shape
+        grads_bytes = b * o * _a_width(a) * _grads_dtype(g).itemsize
+        if 2 * grads_bytes <= _compact_nbytes(a, sources.get(name)) + _nbytes(g):
+            out.add(name)
+    return out
+
+
+def _compact_nbytes(a, source) -> int:
+    """Bytes `compact_rows` keeps of a layer's a: its source where that is smaller."""
+    if isinstance(a, Rebuilt):
+        return a.nbytes
+    if source is not None and source[1].numel() < a.numel():
+        return source[1].numel() * source[1].element_size()
+    return _nbytes(a)
+
+
+def kept_nbytes(rows: dict, sources: dict, formed: set[str], *, shared_a: bool = False) -> int:
+    """Bytes of `kept_rows(rows, sources, formed)`, from shapes (before forming anything). shared_a: without the
+    a of layers kept as rows (held already by another cache entry: a pass's true-label rows share the sampled
+    rows' a)."""
+    total = 0
+    for name, (a, g) in rows.items():
+        if name in formed:
+            total += g.shape[0] * g.shape[2] * _a_width(a) * _grads_dtype(g).itemsize
+        else:
+            total += _nbytes(g) + (0 if shared_a else _compact_nbytes(a, sources.get(name)))
+    return total
+
+
+def kept_rows(rows: dict, sources: dict, formed: set[str]) -> dict:
+    """What a row cache keeps of one batch's rows: `compact_rows`, but the layers in `formed` as `Formed` per-example
+    gradients: a depthwise convolution's groups by one `one_channel_group_grads` call per module, other layers by
+    one batched product of their rows."""
+    out = compact_rows({name: pair for name, pair in rows.items() if name not in formed}, sources)
+    family_rows = {name: pair for name, pair in rows.items() if name in formed and isinstance(pair[0], Rebuilt)}
+    for module, names, x in one_channel_families(family_rows):
+        grads = _family_grads(module, names, x, family_rows)
+        out.update((name, (Formed(grads[:, k]), None)) for k, name in enumerate(names))
+    for name in formed:
+        if name not in out:
+            a, g = rows[name]
+            dt = _grads_dtype(g)
+            out[name] = (Formed(torch.matmul(g.transpose(1, 2).to(dt), a.to(dt))), None)
+    return {name: out[name] for name in rows}  # in the layers' order
 
 
 def _nbytes(t) -> int:
-    return t.nbytes if isinstance(t, Rebuilt) else t.numel() * t.element_size()
+    if t is None:  # the g of a `Formed` layer
+        return 0
+    return t.nbytes if isinstance(t, (Rebuilt, Formed)) else t.numel() * t.element_size()
 
 
 def rows_nbytes(rows) -> int:
@@ -214,14 +318,20 @@ class RowCache:
         self._rows: dict[str, list] = {}
         self._closed: set[str] = set()  # units whose prefix ended (a later batch did not fit)
 
-    def offer(self, uid: str, size: int, rows: dict, nbytes: int | None = None) -> bool:
-        """Keep the batch if it fits; nbytes: what it adds to memory (default: all its tensors)."""
+    def offer(self, uid: str, size: int, rows, nbytes: int | None = None) -> bool:
+        """Keep the batch if it fits; nbytes: what it adds to memory (default: all its tensors). rows: a dict, or
+        a function making it (called only when the batch fits; nbytes is then required)."""
         if uid in self._closed:
             return False
-        nbytes = rows_nbytes(rows) if nbytes is None else nbytes
+        if nbytes is None:
+            if callable(rows):
+                raise ValueError("RowCache.offer: nbytes is required when rows is a function")
+            nbytes = rows_nbytes(rows)
         if not self.budget.take(uid, nbytes):
             self._closed.add(uid)
             return False
+        if callable(rows):
+            rows = rows()
         self._held[uid] = self._held.get(uid, 0) + nbytes
         self._rows.setdefault(uid, []).append((size, rows))
         return True

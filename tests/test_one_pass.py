@@ -293,13 +293,16 @@ def test_one_pass_over_a_fit_stored_by_an_earlier_run(run3, tmp_path):
     assert torch.allclose(scores, reference, rtol=1e-12, atol=1e-14 * reference.abs().max().item())
 
 
-def test_conv_rows_are_kept_as_the_layer_input(monkeypatch):
-    """The row caches keep a conv layer's module input instead of its patch rows (rows.Rebuilt, 36 against 90
-    values per 6×6 image here) and rebuild the rows when used: a budget that holds every batch that way but
-    not as patch rows scores from one pass per checkpoint, with the scores of the separate-pass schedule."""
+def test_conv_rows_are_kept_as_their_gradients_or_the_layer_input(monkeypatch):
+    """The row caches keep a conv layer's per-example gradients where they are at most half the bytes of its rows
+    (rows.Formed: 3 × 10 values per example here), else its module input instead of its patch rows (rows.Rebuilt,
+    36 against 90 values per 6×6 image), and read them back when used: a budget that holds every batch in the
+    first form but not in the second scores from one pass per checkpoint; each larger form needs more passes.
+    Always the scores of the separate-pass schedule."""
     from _models import TinyCNN
 
     from source_fast import analyzer as analyzer_module
+    from source_fast import rows as rows_module
 
     data = classification_data(n=16, image=True)
     torch.manual_seed(1)
@@ -307,11 +310,11 @@ def test_conv_rows_are_kept_as_the_layer_input(monkeypatch):
     ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2)
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
     members = max(len(s.checkpoints) for s in run.segments)
-    # Bytes per example (float64), both caches: conv a (patches 9 × 10, or the 1×6×6 input) + conv g (9 × 3)
-    # + fc a (28) and g (3) for the fit, and the true-label g again (27 + 3) for scoring.
-    patches, compact = 8 * (90 + 27 + 28 + 3 + 30), 8 * (36 + 27 + 28 + 3 + 30)
-    budget = members * 16 * (compact + patches) // 2  # between the two
-    monkeypatch.setattr(_config, "row_cache_bytes", lambda: budget)
+    # Bytes per example (float64), both caches: the conv's G_n (3 × 10) or its a (the 1×6×6 input; patches 9 × 10)
+    # and g (9 × 3), fc a (28) and g (3) for the fit, and the conv's true-label G_n (30) or g (27) and fc's g (3)
+    # for scoring (the a are shared).
+    formed, compact = 8 * (30 + 28 + 3 + 30 + 3), 8 * (36 + 27 + 28 + 3 + 30)
+    monkeypatch.setattr(_config, "row_cache_bytes", lambda: members * 16 * (formed + compact) // 2)  # between
 
     def scores(fit_first):
         forwards = []
@@ -324,12 +327,25 @@ def test_conv_rows_are_kept_as_the_layer_input(monkeypatch):
         finally:
             handle.remove()
 
+    def assert_same(scores):
+        assert torch.allclose(scores, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+
     two, _ = scores(fit_first=True)
+    made = []
+    kept_rows = rows_module.kept_rows
+    monkeypatch.setattr(analyzer_module, "kept_rows", lambda *args: made.append(args[2]) or kept_rows(*args))
     one, forwards = scores(fit_first=False)
-    assert torch.allclose(one, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+    assert_same(one)
+    assert made and all(formed_names == {"conv"} for formed_names in made)
     assert forwards == len(ckpts) * 3 + 1  # one pass per checkpoint (3 batches), one query batch
-    monkeypatch.setattr(analyzer_module, "compact_rows", lambda rows, sources: rows)  # patch rows kept
-    # (and the conv, of one input channel, not in the covariance pass's Rebuilt form: its patch rows are built)
+    monkeypatch.setattr(analyzer_module, "formed_layers", lambda rows, sources: set())  # the module input kept
+    again, forwards_compact = scores(fit_first=False)
+    assert forwards_compact > forwards
+    assert_same(again)
+    # patch rows kept (and the conv, of one input channel, not in the covariance pass's Rebuilt form)
+    monkeypatch.setattr(rows_module, "compact_rows", lambda rows, sources: rows)
     monkeypatch.setattr(sf.modules.Capture, "_one_channel_forms_apply", lambda *args: False)
+    monkeypatch.setattr(rows_module, "_compact_nbytes", lambda a, source: rows_module._nbytes(a))
     again, forwards_patches = scores(fit_first=False)
-    assert forwards_patches > forwards and torch.allclose(again, two, rtol=1e-12, atol=1e-14 * two.abs().max().item())
+    assert forwards_patches > forwards_compact
+    assert_same(again)

@@ -117,3 +117,79 @@ def test_joined_and_stacked_are_views_of_consecutive_group_slices(layout):
     for parts, _ in copies[:5]:
         if all(p.shape == parts[0].shape for p in parts):
             assert torch.equal(stacked(parts), torch.stack(parts))
+
+
+def _conv_model_rows(layout=torch.contiguous_format):
+    """One batch's covariance-pass rows (a depthwise conv's groups as `Rebuilt` of their channels) and sources of a
+    model with a 3×3 conv (many positions), a depthwise conv, a 1×1 conv on 2×2 positions and a linear head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                          nn.Tanh(), nn.AvgPool2d(3), nn.Conv2d(4, 6, 1), nn.Flatten(), nn.Linear(24, 3))
+    model = model.double().to(memory_format=layout)
+    layers = modules.find_tracked_layers(model)
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64).contiguous(memory_format=layout)
+    with modules.Capture(layers) as capture:
+        rows = capture.rows(model(x).square().sum(), covariance_form=True)
+        sources = capture.sources()
+    return layers, rows, sources
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_kept_rows_form_the_gradients_of_layers_with_many_positions(layout):
+    """`formed_layers` picks the layers whose G_n take at most half the bytes of their kept rows (the 3×3 conv's 36
+    positions, the depthwise groups), not the 1×1 conv on 4 positions (6·5 values of G_n against 4·(5 + 6) of rows)
+    nor the one-token linear layer; `kept_rows` keeps those as `Formed` G_n = Σ_t g aᵀ (a depthwise module's groups
+    from one call), the rest as `compact_rows` does, in `kept_nbytes` bytes; `expanded_rows` reads them back as
+    `gradient_rows`, and refuses to without gradient_form."""
+    from source_fast.rows import Formed, formed_layers, kept_nbytes, kept_rows
+
+    layers, rows, sources = _conv_model_rows(layout)
+    depthwise = [layer.name for layer in layers if layer.groups == 4]
+    formed = formed_layers(rows, sources)
+    assert formed == {"0", *depthwise}
+    kept = kept_rows(rows, sources, formed)
+    assert list(kept) == list(rows) and rows_nbytes(kept) == kept_nbytes(rows, sources, formed)
+    shared = kept_nbytes(rows, sources, formed, shared_a=True)
+    assert shared == rows_nbytes(kept) - sum(rows_nbytes({n: (kept[n][0],)}) for n in kept if n not in formed)
+    expanded = expanded_rows(kept, gradient_form=True)
+    full = expanded_rows(rows, gradient_form=False)  # every layer's token rows
+    for layer in layers:
+        a, g = kept[layer.name]
+        want = torch.bmm(full[layer.name][1].transpose(1, 2), full[layer.name][0])
+        if layer.name in formed:
+            assert isinstance(a, Formed) and g is None and a.grads.dtype == torch.float64
+            torch.testing.assert_close(a.grads, want, rtol=1e-12, atol=1e-12)
+            ea, eg = expanded[layer.name]
+            assert ea.shape[1] == eg.shape[1] == want.shape[1]  # O tokens
+            torch.testing.assert_close(torch.bmm(eg.transpose(1, 2), ea), want, rtol=1e-12, atol=1e-12)
+        else:
+            assert not isinstance(a, Formed) and g is rows[layer.name][1]
+    with pytest.raises(ValueError, match="'0' was kept as its per-example gradients"):
+        expanded_rows(kept)
+
+
+def test_formed_layers_leave_gpu_rows_as_they_are():
+    """On other devices than the CPU the kernels take token rows as they come (the choice is unmeasured there)."""
+    from source_fast.rows import formed_layers
+
+    a, g = torch.empty(4, 1024, 28, device="meta"), torch.empty(4, 1024, 16, device="meta")
+    assert formed_layers({"conv": (a, g)}, {}) == set()
+    assert formed_layers({"conv": (torch.empty(4, 1024, 28), torch.empty(4, 1024, 16))}, {}) == {"conv"}
+
+
+def test_a_row_cache_makes_offered_rows_only_when_they_fit():
+    """RowCache.offer takes a function making the rows: called only for a batch within the budget; its bytes must
+    be given."""
+    cache = RowCache(RowBudget(100))
+    made = []
+
+    def make():
+        made.append(1)
+        return {"x": (torch.zeros(4), torch.zeros(4))}
+
+    assert cache.offer("u", 1, make, nbytes=64) and made == [1]
+    assert not cache.offer("u", 1, make, nbytes=64) and made == [1]  # over the budget: not made
+    with pytest.raises(ValueError, match="nbytes is required"):
+        RowCache(RowBudget(100)).offer("v", 1, make)
+    ((size, rows),) = list(cache.take("u"))
+    assert size == 1 and torch.equal(rows["x"][0], torch.zeros(4))
