@@ -102,6 +102,10 @@ def test_joined_and_stacked_are_views_of_consecutive_group_slices(layout):
         rows = [p.reshape(4, width, -1).transpose(1, 2) for p in parts]  # a group's g rows [B, positions, m]
         view = stacked(rows)
         assert torch.equal(view, torch.stack(rows)) and view.data_ptr() == x.data_ptr()
+        # joined back along channels (rows.expanded_rows): a reshape sets a size-1 dim's stride to anything
+        channels = [r.transpose(1, 2) for r in rows]
+        view = joined(channels, dim=1)
+        assert torch.equal(view, torch.cat(channels, dim=1)) and view.data_ptr() == x.data_ptr()
     middle = joined([x[:, 1:2], x[:, 2:3], x[:, 3:4]], dim=1)
     assert torch.equal(middle, x[:, 1:4]) and middle.data_ptr() == x[:, 1:4].data_ptr()
     assert joined([x[:, 2:3]], dim=1) is not None and joined([x[:, 2:3]], dim=1).data_ptr() == x[:, 2:3].data_ptr()
