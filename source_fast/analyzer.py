@@ -36,7 +36,7 @@ from .directions import RankOneDirections, as_dense, left_product_queries_innerm
 from .ekfac import EKFACBlock
 from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
 from .rows import (Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists, merge_rows,
-                   one_channel_families, rows_nbytes, stacked, stacking_pays)
+                   one_channel_families, rows_nbytes, stacked, stacking_pays, with_formed_gradients)
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import (SegmentByStepWalk, WalkPlan, query_walk, rotate_in, rotated_walk, rotated_walk_visit,
@@ -409,7 +409,7 @@ class SourceAnalyzer:
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
               paired: bool = False, sources: dict | None = None, gradient_form: bool = False,
-              covariance_form: bool = False) -> Iterator[tuple]:
+              covariance_form: bool = False, formed: bool = False) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -421,7 +421,10 @@ class SourceAnalyzer:
         sources: a dict refilled before each yield with `Capture.sources()` of that batch (what a row cache
         keeps of a conv layer's rows: its module input), valid until the next batch.
         gradient_form: for passes that use the rows only through G_n (`Capture.rows`): a depthwise convolution's
-        groups as their per-example gradients. covariance_form: for the covariance pass, their a as a `Rebuilt`.
+        groups as their per-example gradients. formed (with gradient_form): the conv layers a row cache keeps as G_n
+        as well, formed as it forms them (`rows.with_formed_gradients`), for the eigen-correction pass, whose
+        factors are then bitwise the same whether a batch was kept or not (not faster: the other passes keep rows,
+        which the scoring kernels contract faster than a product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -448,6 +451,8 @@ class SourceAnalyzer:
                 _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
                 rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
                                     covariance_form=covariance_form)
+                if gradient_form and formed:  # conv layers as the G_n a row cache keeps of them (rows.Formed)
+                    rows = with_formed_gradients(rows, capture.sources())
                 size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
                 if sources is not None:
                     sources.clear()
@@ -678,7 +683,7 @@ class SourceAnalyzer:
             data = self._stage_subset(train_dataset, stage)
             for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k, first_batch=cached,
                                             desc=f"eigen-correction {unit.uid} ({k + 1}/{n_units})",
-                                            gradient_form=True):
+                                            gradient_form=True, formed=True):
                 n += size
                 accumulate(rows)
             for lam_sum in sums.values():

@@ -186,10 +186,21 @@ def kept_rows(rows: dict, sources: dict, formed: set[str]) -> dict:
         out.update((name, (Formed(grads[:, k]), None)) for k, name in enumerate(names))
     for name in formed:
         if name not in out:
-            a, g = rows[name]
-            dt = _grads_dtype(g)
-            out[name] = (Formed(torch.matmul(g.transpose(1, 2).to(dt), a.to(dt))), None)
+            out[name] = (Formed(_formed_grads(*rows[name])), None)
     return {name: out[name] for name in rows}  # in the layers' order
+
+
+def with_formed_gradients(rows: dict, sources: dict) -> dict:
+    """Rows of a pass that uses them through G_n only, the layers `formed_layers` picks made `gradient_rows` of the
+    G_n that `kept_rows` keeps for them (the same product): the eigen-correction and scores of a batch are then
+    bitwise the same whether a row cache kept it or a pass recomputed it."""
+    formed = formed_layers(rows, sources)
+    return {name: gradient_rows(_formed_grads(a, g)) if name in formed else (a, g) for name, (a, g) in rows.items()}
+
+
+def _formed_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    dt = _grads_dtype(g)
+    return torch.matmul(g.transpose(1, 2).to(dt), a.to(dt))
 
 
 def _nbytes(t) -> int:

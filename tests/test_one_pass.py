@@ -349,3 +349,41 @@ def test_conv_rows_are_kept_as_their_gradients_or_the_layer_input(monkeypatch):
     again, forwards_patches = scores(fit_first=False)
     assert forwards_patches > forwards_compact
     assert_same(again)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv_gradients_kept_or_recomputed_give_bitwise_the_same_factors_and_scores(monkeypatch, layout):
+    """A float32 CNN whose conv layers the row caches keep as G_n (rows.Formed: a 3×3 conv's 36 positions and a
+    depthwise conv's groups): the eigen-correction from kept G_n and from a recomputing pass are bitwise the same
+    (the pass forms the same G_n, rows.with_formed_gradients), whatever SOURCE_FAST_ROW_CACHE_MIB keeps; one-pass
+    scores equal the separate passes' within float32 summation order."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1, groups=3),
+                          nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 3)).to(memory_format=layout)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 2, 6, 6, generator=gen), torch.randint(0, 3, (20,), generator=gen))
+    ckpts, steps, lrs = train_run(model, data, steps=8, every=2, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    from source_fast import rows as rows_module
+
+    kept, make = [], rows_module.kept_rows
+    monkeypatch.setattr("source_fast.analyzer.kept_rows", lambda *args: kept.append(args[2]) or make(*args))
+
+    def fit(budget):
+        monkeypatch.setattr(_config, "row_cache_bytes", lambda: budget)
+        analyzer = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=6, progress=False)
+        return analyzer.fit(data).blocks
+
+    recomputed, kept_all = fit(0), fit(2**30)
+    assert kept and all(formed == {"0", "2[0]", "2[1]", "2[2]"} for formed in kept)
+    for seg, ref in zip(kept_all, recomputed):
+        for name, block in seg.items():
+            assert torch.equal(block.lam, ref[name].lam), name
+    monkeypatch.setattr(_config, "row_cache_bytes", lambda: 2**30)
+    queries = Subset(data, range(4))
+    analyzer = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=6, progress=False)
+    one = analyzer.pairwise_scores(queries, data)
+    two = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=6, progress=False).fit(data)
+    torch.testing.assert_close(one, two.pairwise_scores(queries, data), rtol=1e-5, atol=1e-5 * one.abs().max().item())
