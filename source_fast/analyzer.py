@@ -35,8 +35,8 @@ from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
 from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
-from .rows import (Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists, merge_rows,
-                   one_channel_families, rows_nbytes, stacked, stacking_pays, with_formed_gradients)
+from .rows import (Formed, Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists,
+                   merge_rows, one_channel_families, rows_nbytes, stacked, stacking_pays, with_formed_gradients)
 from .run import TrainingRun
 from .task import attention_mask, check_task, has_loss_pair, tracked_module_names
 from .walk import (SegmentByStepWalk, WalkPlan, query_walk, rotate_in, rotated_walk, rotated_walk_visit,
@@ -132,6 +132,10 @@ class LambdaSum:
         self._rows = 0
 
     def add(self, a, g) -> None:
+        """a, g: one block's token rows, or `rows.Formed` per-example gradients and None."""
+        if isinstance(a, Formed):
+            self._add_formed(a.grads)
+            return
         if (not isinstance(a, torch.Tensor) or a.device.type != "cpu" or a.dim() != 3 or a.shape[1] != 1
                 or a.shape[0] >= self.MIN_ROWS):  # (on GPU unmeasured: rows go to the op as they come)
             ops.lambda_accum(a, g, self.q_a, self.q_s, out=self.out, **self._kwargs)
@@ -141,6 +145,17 @@ class LambdaSum:
         if self._rows >= self.MIN_ROWS:
             self.flush()
 
+    def _add_formed(self, grads: torch.Tensor) -> None:
+        """Λ += Σ_n (Q_Sᵀ G_n Q_A)² from per-example gradients [n, O, I] (a conv layer's, kept as `rows.Formed`):
+        two products and a sum of squares, in chunks of examples bounded like the ops' own."""
+        dt = self.out.dtype
+        q_a, q_s_t = self.q_a.to(dt), self.q_s.T.to(dt)
+        o, i = grads.shape[1:]
+        step = max(1, _FORMED_CHUNK_BYTES // (2 * o * i * self.out.element_size()))
+        for start in range(0, grads.shape[0], step):  # (contiguous: the same products for kept and fresh G_n)
+            rotated = _linalg.matmul(q_s_t, _linalg.matmul(grads[start:start + step].to(dt).contiguous(), q_a))
+            self.out.add_(rotated.square_().sum(dim=0))
+
     def flush(self) -> None:
         """Add the gathered rows (call once the pass is over)."""
         if not self._pending:
@@ -148,6 +163,9 @@ class LambdaSum:
         a, g = (torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*self._pending))
         self._pending, self._rows = [], 0
         ops.lambda_accum(a, g, self.q_a, self.q_s, out=self.out, **self._kwargs)
+
+
+_FORMED_CHUNK_BYTES = 64 << 20  # rotated per-example gradients held at once by LambdaSum (and their input)
 
 
 def _seed_draws(device: torch.device, seed: int) -> None:
@@ -451,9 +469,9 @@ class SourceAnalyzer:
                 _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
                 rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
                                     covariance_form=covariance_form)
-                if gradient_form and formed:  # conv layers as the G_n a row cache keeps of them (rows.Formed)
-                    rows = with_formed_gradients(rows, capture.sources())
                 size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
+                if gradient_form and formed:  # conv layers as the G_n a row cache keeps of them (rows.Formed)
+                    rows = with_formed_gradients(rows, capture.sources(), capture.gradient_form_layers())
                 if sources is not None:
                     sources.clear()
                     sources.update(capture.sources())
@@ -1021,8 +1039,9 @@ class SourceAnalyzer:
         against a direction in the original basis)."""
         if not basis:
             return rows
-        return {n: _rotate_rows(a.to(self.compute_dtype), g.to(self.compute_dtype), basis[n])
-                if n in basis else (a, g) for n, (a, g) in rows.items()}
+        dt = self.compute_dtype
+        return {n: (a, g) if n not in basis else (Formed(_rotate_formed(a.grads.to(dt), basis[n])), None)
+                if isinstance(a, Formed) else _rotate_rows(a.to(dt), g.to(dt), basis[n]) for n, (a, g) in rows.items()}
 
     def _score_operands(self, x: torch.Tensor) -> torch.Tensor:
         """An operand of the scoring contraction in `score_dtype`. On CPU, 16-bit values are rounded and kept in
@@ -1057,6 +1076,9 @@ class SourceAnalyzer:
         align = any(self._aligns_rows(x) for x in v.values())  # then each chunk's rows (much smaller) per call
 
         def scores(name, a, g):
+            if isinstance(a, Formed):  # ⟨V_q, G_n⟩ for every (q, n): one GEMM (per-example gradients, CPU)
+                v_flat = v[name].reshape(v[name].shape[0], -1)
+                return _linalg.matmul(v_flat, cast(a.grads.reshape(a.shape[0], -1)).T).to(self.compute_dtype)
             if align:
                 a, g = _row_aligned(a, 1), _row_aligned(g, 1)
             return ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
@@ -1553,6 +1575,13 @@ def _row_aligned(x: torch.Tensor, dims: int) -> torch.Tensor:
     for size in reversed(x.shape[-dims:]):
         pad += [0, -size % ROW_ALIGN]
     return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
+def _rotate_formed(grads: torch.Tensor, entry) -> torch.Tensor:
+    """Per-example gradients [n, O, I] in a basis entry's eigenbasis: Q_Sᵀ G_n Q_A (G_n Q_A for `_InputSideOnly`)."""
+    if isinstance(entry, _InputSideOnly):
+        return _linalg.matmul(grads, entry.block.q_a.to(grads.dtype))
+    return _linalg.matmul(entry.q_s.T.to(grads.dtype), _linalg.matmul(grads, entry.q_a.to(grads.dtype)))
 
 
 def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor, torch.Tensor]:

@@ -437,6 +437,10 @@ class Capture:
                     rows[member.name] = gradient_rows(grads[:, member.group].contiguous())
         return rows
 
+    def gradient_form_layers(self) -> set[str]:
+        """The layers the last `rows` call gave as `gradient_rows` (its gradient_form)."""
+        return set(self._gradient_form)
+
     def sources(self) -> dict:
         """Per conv layer of the last `rows` call whose activation rows are exactly its patch rows (no mask
         applied, no positions cut, not in gradient form): (make, x, module) with make(x) those rows, x the layer's

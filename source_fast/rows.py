@@ -79,9 +79,9 @@ def one_channel_families(rows: dict) -> list[tuple[object, list[str], torch.Tens
 
 def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
     """`kept_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
-    through G_n only), those of one input channel into `modules.gradient_rows` of their per-example gradients
-    instead, one `one_channel_group_grads` call for all the groups of a module, and every `Formed` layer into
-    `gradient_rows` of its kept gradients (which have no other form)."""
+    through G_n only, which take `Formed` layers as they are), those of one input channel into
+    `modules.gradient_rows` of their per-example gradients instead, one `one_channel_group_grads` call for all the
+    groups of a module."""
     formed = {}
     for module, names, x in one_channel_families(rows) if gradient_form else ():
         grads = _family_grads(module, names, x, rows)
@@ -92,9 +92,9 @@ def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
             out[name] = formed[name]
         elif isinstance(a, Formed):
             if not gradient_form:
-                raise ValueError(f"layer {name!r} was kept as its per-example gradients (rows.Formed): its token "
-                                 "rows exist only for uses through G_n (gradient_form=True)")
-            out[name] = gradient_rows(a.grads.contiguous())
+                raise ValueError(f"layer {name!r} was kept as its per-example gradients (rows.Formed): they have "
+                                 "no token rows, only uses through G_n (gradient_form=True) can take them")
+            out[name] = (a, g)
         else:
             out[name] = (a.rows() if isinstance(a, Rebuilt) else a, g)
     return out
@@ -108,17 +108,22 @@ def _family_grads(module, names: list[str], x: torch.Tensor, rows: dict) -> torc
 
 
 class Formed:
-    """A layer's per-example gradients G_n = Σ_t g_t a_tᵀ [B, O, I], kept by a row cache in place of its token rows
-    (as `(Formed(G), None)`) where every later use of them goes through G_n (the eigen-correction and scoring) and
-    they take at most half the bytes (`formed_layers`): a conv layer's positions. E.g. a 3×3 conv 16→32 at 16×16
-    keeps 32·145 values per example instead of its input (16·256) and output gradients (256·32); a depthwise
-    group 10 instead of 2·H·W. More batches then fit SOURCE_FAST_ROW_CACHE_MIB, and each one that fits saves a
-    forward and backward pass (and a rebuild of patch rows). Read back as `gradient_rows` (O tokens)."""
+    """A layer's per-example gradients G_n = Σ_t g_t a_tᵀ [B, O, I] in place of its token rows (a rows entry
+    `(Formed(G), None)`), where every later use of them goes through G_n and they take at most half the bytes
+    (`formed_layers`): a conv layer's positions. A row cache keeps them so (e.g. a 3×3 conv 16→32 at 16×16: 32·145
+    values per example instead of its input, 16·256, and output gradients, 256·32; a depthwise group 10 instead of
+    2·H·W): more batches fit SOURCE_FAST_ROW_CACHE_MIB, each saving a forward and backward pass. Their users: the
+    eigen-correction (`analyzer.LambdaSum`: Σ_n (Q_Sᵀ G_n Q_A)²) and scoring (one GEMM against the directions;
+    `merge_rows` sums a segment's checkpoints). shape: G's, [B, O, I]."""
 
     __slots__ = ("grads",)
 
     def __init__(self, grads: torch.Tensor):
         self.grads = grads
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.grads.shape
 
     @property
     def nbytes(self) -> int:
@@ -138,13 +143,16 @@ def _grads_dtype(g: torch.Tensor) -> torch.dtype:
 
 def formed_layers(rows: dict, sources: dict) -> set[str]:
     """The layers of one batch's rows {layer: (a, g)} (a a tensor or a `Rebuilt` of one input channel, sources as
-    for `compact_rows`) that a row cache keeps as `Formed`: CPU rows whose G_n take at most half the bytes of their
-    compact rows, so at least two tokens per output row (T ≥ 2·O·I / (I + O)); the extra work of reading them back
-    as O tokens (O²·I multiply-adds per example in the eigen-correction) is then under half of forming G_n from
-    the T rows. Not on GPU (unmeasured there: its kernels take token rows as they come)."""
+    for `compact_rows`) that a row cache keeps as `Formed`: the groups of one input channel (a depthwise
+    convolution's: every later use takes their G_n anyway, `Capture.rows` gradient_form), and CPU rows whose G_n
+    take at most half the bytes of their compact rows, so at least two tokens per output row (T ≥ 2·O·I / (I + O)).
+    Not on GPU (unmeasured there: its kernels take token rows as they come)."""
     out = set()
     for name, (a, g) in rows.items():
         if g.device.type != "cpu" or g.dim() != 3 or (a.module is None if isinstance(a, Rebuilt) else a.dim() != 3):
+            continue
+        if isinstance(a, Rebuilt):
+            out.add(name)
             continue
         b, _, o = g.shape
         grads_bytes = b * o * _a_width(a) * _grads_dtype(g).itemsize
@@ -190,12 +198,21 @@ def kept_rows(rows: dict, sources: dict, formed: set[str]) -> dict:
     return {name: out[name] for name in rows}  # in the layers' order
 
 
-def with_formed_gradients(rows: dict, sources: dict) -> dict:
-    """Rows of a pass that uses them through G_n only, the layers `formed_layers` picks made `gradient_rows` of the
-    G_n that `kept_rows` keeps for them (the same product): the eigen-correction and scores of a batch are then
+def with_formed_gradients(rows: dict, sources: dict, gradient_form: set[str]) -> dict:
+    """Rows of a pass that uses them through G_n only (`Capture.rows` gradient_form; `gradient_form` the layers it
+    gave as `gradient_rows` of their G_n) as a row cache keeps them: those layers' G_n and the G_n of the layers
+    `formed_layers` picks (the same product as `kept_rows`) as `Formed`. The eigen-correction of a batch is then
     bitwise the same whether a row cache kept it or a pass recomputed it."""
     formed = formed_layers(rows, sources)
-    return {name: gradient_rows(_formed_grads(a, g)) if name in formed else (a, g) for name, (a, g) in rows.items()}
+    out = {}
+    for name, (a, g) in rows.items():
+        if name in gradient_form:
+            out[name] = (Formed(a), None)  # a: G_n [B, m, I] (g the identity)
+        elif name in formed:
+            out[name] = (Formed(_formed_grads(a, g)), None)
+        else:
+            out[name] = (a, g)
+    return out
 
 
 def _formed_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -263,6 +280,9 @@ def merge_rows(items, budget: int, stacks=None):
             return pending[0][0], pending[0][1], {n: (a[0], g[0]) for n, (a, g) in pending[0][2].items()}
         rows, examples = {}, sum(item[1] for item in pending)
         for name, (first_a, _) in pending[0][2].items():
+            if isinstance(first_a[0], Formed):  # the members' G_n summed, batches one after another
+                rows[name] = (Formed(_summed_formed([item[2][name][0] for item in pending])), None)
+                continue
             tokens = [x.shape[1] for x in first_a]
             if stacks is None or stacks(name, tokens, examples, len(pending) * len(tokens)):
                 rows[name] = tuple(stack_grid([item[2][name][side] for item in pending]) for side in (0, 1))
@@ -284,6 +304,20 @@ def merge_rows(items, budget: int, stacks=None):
         used += nbytes
     if pending:
         yield merged()
+
+
+def _summed_formed(grid: list[list[Formed]]) -> torch.Tensor:
+    """grid[batch][member] of `Formed` [n_b, O, I] -> [Σ n_b, O, I], each batch's members summed (Σ_k G_n^(k))."""
+    first = grid[0][0].grads
+    out = first.new_empty(sum(row[0].shape[0] for row in grid), *first.shape[1:])
+    r = 0
+    for row in grid:
+        block = out[r:r + row[0].shape[0]]
+        block.copy_(row[0].grads)
+        for x in row[1:]:
+            block.add_(x.grads)
+        r += block.shape[0]
+    return out
 
 
 def stack_grid(grid: list[list[torch.Tensor]]) -> torch.Tensor:
