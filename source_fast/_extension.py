@@ -694,6 +694,30 @@ def conv_patch_rows_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Seq
     return out
 
 
+def conv_group_grads_cpu(x: torch.Tensor, gy: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                         dilation: Sequence[int], padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
+    """Per-example gradients [B, C, M, KH·KW (+1 with `bias`)] of a Conv2d whose groups read one channel each, from
+    its input x [B, C, H, W] (float32 CPU, any strides) and output gradient gy [B, C·M, OH, OW] (float32 CPU; copied
+    to contiguous unless its planes are): out[b, c, j, k] = Σ over output positions of gy[b, c·M + j] times channel
+    c's patch value k, the last column gy's sum (csrc/conv_group_grads)."""
+    oh, ow = _conv_output_size(x, kernel_size, stride, dilation, padding)
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (pt, _), (pl, _) = padding
+    b, c, h, w = x.shape
+    _require_f32(gy=gy)
+    if gy.device.type != "cpu":
+        raise ValueError(f"gy: expected a CPU tensor, got device {gy.device}")
+    if gy.dim() != 4 or gy.shape[0] != b or gy.shape[1] % max(c, 1) or tuple(gy.shape[2:]) != (oh, ow):
+        raise ValueError(f"gy: expected [B={b}, C·M (C={c}), OH={oh}, OW={ow}], got {tuple(gy.shape)}")
+    if gy.stride(3) != 1 or gy.stride(2) != ow:
+        gy = gy.contiguous()
+    m = gy.shape[1] // c if c else 1
+    out = torch.empty(b, c, m, kh * kw + int(bias), dtype=_F32)
+    _lib().conv_group_grads_cpu(x.data_ptr(), b, c, h, w, *x.stride(), gy.data_ptr(), m, gy.stride(0), gy.stride(1),
+                                kh, kw, sh, sw, dh, dw, pt, pl, oh, ow, bool(bias), out.data_ptr(), _threads())
+    return out
+
+
 def conv_patch_covariance_cpu(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
                               dilation: Sequence[int], padding: Sequence[Sequence[int]], bias: bool) -> torch.Tensor:
     """Per channel c of x [B, C, H, W] (float32 CPU, any strides), Σ over images and output positions of r rᵀ with r

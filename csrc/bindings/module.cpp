@@ -25,6 +25,7 @@
 #include "score_self/score_self.h"
 #include "source_fast/common.h"
 #include "to_queries_innermost/to_queries_innermost.h"
+#include "conv_group_grads/conv_group_grads.h"
 #include "conv_patch_covariance/conv_patch_covariance.h"
 #include "conv_patch_rows/conv_patch_rows.h"
 #include "source_fast/cpu_microkernel.h"
@@ -247,6 +248,29 @@ PYBIND11_MODULE(_C, m) {
   def_conv("conv_patch_covariance_cpu", &sf::conv_patch_covariance_cpu,
            "out[c] = sum over images and output positions of r r^T, r = (channel c's KH*KW patch, 1 with bias) "
            "(float32; out contiguous [C, D, D], overwritten).");
+  m.def(
+      "conv_group_grads_cpu",
+      [](ptr_t x, index_t B, index_t C, index_t H, index_t W, index_t sb, index_t sc, index_t sh, index_t sw,
+         ptr_t gy, index_t M, index_t gsb, index_t gsc, index_t KH, index_t KW, index_t stride_h, index_t stride_w,
+         index_t dil_h, index_t dil_w, index_t pad_top, index_t pad_left, index_t OH, index_t OW, bool bias,
+         ptr_t out, int num_threads) {
+        check_threads(num_threads);
+        const sf::ConvGeometry geo{KH, KW, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, OH, OW};
+        sf::Status s;
+        {
+          py::gil_scoped_release release;
+          s = sf::conv_group_grads_cpu(as_ptr<const float>(x), B, C, H, W, sb, sc, sh, sw, as_ptr<const float>(gy),
+                                       M, gsb, gsc, geo, bias, as_ptr<float>(out), num_threads);
+        }
+        raise_if_error(s);
+      },
+      py::arg("x"), py::arg("B"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("sb"), py::arg("sc"),
+      py::arg("sh"), py::arg("sw"), py::arg("gy"), py::arg("M"), py::arg("gsb"), py::arg("gsc"), py::arg("KH"),
+      py::arg("KW"), py::arg("stride_h"), py::arg("stride_w"), py::arg("dil_h"), py::arg("dil_w"),
+      py::arg("pad_top"), py::arg("pad_left"), py::arg("OH"), py::arg("OW"), py::arg("bias"), py::arg("out"),
+      py::arg("num_threads"),
+      "out[b, c, j, k] = sum over output positions of gy[b, c*M + j] times channel c's patch value k (k < KH*KW; "
+      "k = KH*KW: gy's sum, with bias) (float32; gy planes contiguous; out contiguous [B, C, M, D], overwritten).");
 
   // The CPU strategies of score_pairwise share one signature.
   using PairwiseCpuFn = sf::Status (*)(const float*, index_t, index_t, index_t, const float*, index_t, index_t,

@@ -4,6 +4,7 @@ Each reference is the simplest correct code, not the fast path: `upcast=True` (d
 float64 (the oracle); `upcast=False` computes in the input dtype (a same-precision baseline for the
 low-precision tolerance rule of tests/_tolerances.py).
 """
+from .conv_group_grads import conv_group_grads_ref
 from .conv_patch_covariance import conv_patch_covariance_ref
 from .conv_patch_rows import conv_patch_rows_ref
 from .covariance import covariance_ref
@@ -15,6 +16,7 @@ from .score import (per_example_grads_ref, score_lowrank_ref, score_pairwise_ref
 from .to_queries_innermost import to_queries_innermost_ref
 
 __all__ = [
+    "conv_group_grads_ref",
     "conv_patch_covariance_ref",
     "conv_patch_rows_ref",
     "covariance_ref",
