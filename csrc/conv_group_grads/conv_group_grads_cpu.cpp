@@ -63,13 +63,7 @@ Status conv_group_grads_cpu(const float* x, index_t B, index_t C, index_t H, ind
     if (gathered) conv_patches::gather_columns(xc, H, W, sh, sw, geo, rows_z, z);
     for (index_t oh0 = 0; oh0 < geo.OH; oh0 += block_rows) {
       const index_t oh1 = std::min(geo.OH, oh0 + block_rows), n = (oh1 - oh0) * geo.OW;
-      if (gathered) {
-        for (index_t k = 0; k < K; ++k)
-          row[k] = z + (k % KW) * rows_z * geo.OW + (oh0 + (k / KW) * geo.dil_h) * geo.OW;
-      } else {
-        conv_patches::patch_block(xc, H, W, sh, sw, geo, oh0, oh1, n, z);
-        for (index_t k = 0; k < K; ++k) row[k] = z + k * n;
-      }
+      conv_patches::block_patch_rows(gathered, xc, H, W, sh, sw, geo, rows_z, oh0, oh1, z, row);
       for (index_t j = 0; j < M; ++j) {
         const float* g = gy + b * gsb + (c * M + j) * gsc + oh0 * geo.OW;
         float* a = acc + j * D * kLanes;

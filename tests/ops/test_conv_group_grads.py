@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from _backends import at_thread_counts, require
+from _one_channel_convs import LAYOUTS, ONE_CHANNEL_CONVS, layout_tensor
 from source_fast import _compiled, _extension, modules
 from source_fast.reference import conv_group_grads_ref
 
@@ -19,41 +20,14 @@ def _needs_extension():
     require("cpu", "covariance", {"x": torch.zeros(1, 64)})
 
 
-CONVS = [  # (module, input spatial size): groups of one input channel each
-    pytest.param(lambda: nn.Conv2d(3, 3, 3, padding=1, groups=3), (32, 32), id="depthwise-3x3-same"),
-    pytest.param(lambda: nn.Conv2d(4, 8, 3, stride=2, groups=4, bias=False), (9, 8), id="multiplier-2-strided-nobias"),
-    pytest.param(lambda: nn.Conv2d(2, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), (7, 6),
-                 id="multiplier-3-mixed"),
-    pytest.param(lambda: nn.Conv2d(2, 2, 7, padding=3, groups=2), (11, 13), id="depthwise-7x7"),
-    pytest.param(lambda: nn.Conv2d(2, 2, 3, padding=2, dilation=2, groups=2), (9, 8), id="depthwise-dilated"),
-    pytest.param(lambda: nn.Conv2d(2, 2, 3, stride=(2, 1), padding=1, groups=2), (70, 90),
-                 id="row-stride-2-several-blocks"),
-    pytest.param(lambda: nn.Conv2d(1, 3, 5, padding=4, stride=3), (6, 6), id="one-channel-5x5-wide-padding"),
-    pytest.param(lambda: nn.Conv2d(2, 2, 3, padding=1, groups=2), (1, 1), id="one-pixel"),
-    pytest.param(lambda: nn.Conv2d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"), (5, 6), id="reflect"),
-    pytest.param(lambda: nn.Conv1d(4, 4, 4, padding="same", groups=4, padding_mode="circular"), (7,),
-                 id="conv1d-circular-same-even"),
-    pytest.param(lambda: nn.Conv1d(3, 6, 3, stride=2, dilation=2, padding=2, groups=3), (41,), id="conv1d-dilated"),
-]
-
-
-@pytest.mark.parametrize("make, spatial", CONVS)
-@pytest.mark.parametrize("layout", ["contiguous", "channel-slice", "channels-last"])
+@pytest.mark.parametrize("make, spatial", ONE_CHANNEL_CONVS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_conv_group_grads_match_the_reference(make, spatial, layout):
     torch.manual_seed(0)
     conv = make()
-    c = conv.in_channels
-    if layout == "channel-slice":  # the channels of a wider tensor: batch and channel strides differ
-        x = torch.randn(5, c + 2, *spatial)[:, 1:1 + c]
-    elif layout == "channels-last":
-        x = torch.randn(5, *spatial, c).movedim(-1, 1)
-    else:
-        x = torch.randn(5, c, *spatial)
+    x = layout_tensor((5, conv.in_channels, *spatial), layout)
     with torch.no_grad():
-        out_shape = conv(x).shape
-    gy = torch.randn(out_shape)
-    if layout == "channels-last":
-        gy = torch.randn(out_shape[0], *out_shape[2:], out_shape[1]).movedim(-1, 1)
+        gy = layout_tensor(conv(x).shape, layout)
     want = conv_group_grads_ref(conv, x, gy)
     x2, kernel, dilation, stride, pads = modules._conv_geometry(conv, x)
     got = _extension.conv_group_grads_cpu(x2, gy.reshape(gy.shape[0], gy.shape[1], -1, gy.shape[-1]), kernel, stride,

@@ -119,6 +119,22 @@ inline void sum_into(const float* a, index_t n, float* acc) {
   acc[0] += tail;
 }
 
+// row[k] (k < KH·KW): channel xc's patch rows over output rows [oh0, oh1), (oh1 - oh0)·OW values each: slices of its
+// gathered columns z when `gathered` (row stride 1; `gather_columns` filled z for this channel), else copied into z
+// by `patch_block`.
+inline void block_patch_rows(bool gathered, const float* xc, index_t H, index_t W, index_t sh, index_t sw,
+                             const ConvGeometry& geo, index_t rows_z, index_t oh0, index_t oh1, float* z,
+                             const float** row) {
+  const index_t K = geo.KH * geo.KW, n = (oh1 - oh0) * geo.OW;
+  if (gathered) {
+    for (index_t k = 0; k < K; ++k)
+      row[k] = z + (k % geo.KW) * rows_z * geo.OW + (oh0 + (k / geo.KW) * geo.dil_h) * geo.OW;
+  } else {
+    patch_block(xc, H, W, sh, sw, geo, oh0, oh1, n, z);
+    for (index_t k = 0; k < K; ++k) row[k] = z + k * n;
+  }
+}
+
 // Whole output rows per block: kBlockBytes of values per patch row (at least one row).
 inline index_t block_rows(const ConvGeometry& geo) {
   const index_t ow = std::max<index_t>(geo.OW, 1);
