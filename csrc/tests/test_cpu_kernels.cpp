@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_group_grads/conv_group_grads.h"
 #include "conv_patch_covariance/conv_patch_covariance.h"
 #include "conv_patch_rows/conv_patch_rows.h"
 #include "covariance/covariance.h"
@@ -286,6 +287,43 @@ void test_conv_patch_covariance(index_t B, index_t C, index_t H, index_t W, cons
   if (!ok) ++g_failures;
 }
 
+// Per-example gradients of one-channel groups against a naive float64 loop over (b, c, j, oh, ow) and the kernel.
+void test_conv_group_grads(index_t B, index_t C, index_t M, index_t H, index_t W, const sf::ConvGeometry& geo,
+                           bool bias) {
+  std::vector<float> x = randn(B * C * H * W), gy = randn(B * C * M * geo.OH * geo.OW);
+  const index_t K = geo.KH * geo.KW, D = K + (bias ? 1 : 0), P = geo.OH * geo.OW;
+  std::vector<float> out(static_cast<std::size_t>(B * C * M * D), NAN);
+  expect_ok(sf::conv_group_grads_cpu(x.data(), B, C, H, W, C * H * W, H * W, W, 1, gy.data(), M, C * M * P, P, geo,
+                                     bias, out.data(), 2),
+            "conv_group_grads");
+  bool ok = true;
+  for (index_t b = 0; b < B; ++b)
+    for (index_t c = 0; c < C; ++c)
+      for (index_t j = 0; j < M; ++j) {
+        std::vector<double> want(static_cast<std::size_t>(D), 0.0);
+        const float* g = gy.data() + (b * C * M + c * M + j) * P;
+        for (index_t oh = 0; oh < geo.OH; ++oh)
+          for (index_t ow = 0; ow < geo.OW; ++ow) {
+            for (index_t kh = 0; kh < geo.KH; ++kh)
+              for (index_t kw = 0; kw < geo.KW; ++kw) {
+                const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
+                const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
+                if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+                  want[kh * geo.KW + kw] +=
+                      static_cast<double>(g[oh * geo.OW + ow]) * x[((b * C + c) * H + ih) * W + iw];
+              }
+            if (bias) want[K] += g[oh * geo.OW + ow];
+          }
+        const float* o = out.data() + ((b * C + c) * M + j) * D;
+        for (index_t k = 0; k < D; ++k) ok = ok && std::fabs(o[k] - want[k]) <= 1e-4 * (1.0 + std::fabs(want[k]));
+      }
+  std::printf("%s conv_group_grads B=%lld C=%lld M=%lld %lldx%lld kernel %lldx%lld\n", ok ? "ok  " : "FAIL",
+              static_cast<long long>(B), static_cast<long long>(C), static_cast<long long>(M),
+              static_cast<long long>(H), static_cast<long long>(W), static_cast<long long>(geo.KH),
+              static_cast<long long>(geo.KW));
+  if (!ok) ++g_failures;
+}
+
 void test_errors() {
   float x[4] = {0, 0, 0, 0};
   sf::Status s = sf::covariance_cpu(x, 2, 2, -1, 1, nullptr, 0, x, 2, false, 1);
@@ -337,6 +375,9 @@ int main() {
   test_conv_patch_covariance(5, 3, 7, 9, {3, 3, 1, 1, 1, 1, 1, 1, 7, 9}, true);      // "same" 3x3
   test_conv_patch_covariance(3, 2, 8, 7, {3, 2, 2, 1, 2, 3, 1, 2, 4, 5}, false);     // strided, dilated, padded
   test_conv_patch_covariance(9, 4, 3, 40, {1, 3, 1, 1, 1, 1, 0, 1, 3, 40}, true);     // 1x3, rows of 40 outputs
+  test_conv_group_grads(5, 3, 1, 7, 9, {3, 3, 1, 1, 1, 1, 1, 1, 7, 9}, true);        // depthwise "same" 3x3
+  test_conv_group_grads(3, 2, 2, 8, 7, {3, 2, 2, 1, 2, 3, 1, 2, 4, 5}, false);       // multiplier 2, row stride 2
+  test_conv_group_grads(4, 3, 1, 33, 33, {3, 3, 1, 1, 1, 1, 1, 1, 33, 33}, true);    // rows beyond one vector
   test_errors();
   if (g_failures) {
     std::printf("%d FAILURES\n", g_failures);
