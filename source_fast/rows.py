@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _linalg
 from .modules import Rebuilt, gradient_rows, one_channel_group_grads
 
 
@@ -216,8 +217,15 @@ def with_formed_gradients(rows: dict, sources: dict, gradient_form: set[str]) ->
 
 
 def _formed_grads(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """G_n = Σ_t g aᵀ [B, O, I] (a transposed view where formed as G_nᵀ), by the product measured fastest for a conv
+    layer's rows (128 images, 2 threads, host C, against torch's batched gᵀa): I ≥ 64 the compiled GEMM (1.26–1.64×
+    at I = 65–145), else torch's aᵀg (1.15–1.25× at I = 28–33 with 256–1,024 positions). In the small CNN's one pass
+    (cProfile) this took 0.73 → 0.69 s: the rows there come fresh from the passes, less cache-warm than measured."""
     dt = _grads_dtype(g)
-    return torch.matmul(g.transpose(1, 2).to(dt), a.to(dt))
+    a, g = a.to(dt), g.to(dt)
+    if a.shape[-1] >= 64:
+        return _linalg.matmul(g.transpose(1, 2), a)
+    return torch.matmul(a.transpose(1, 2), g).transpose(1, 2)
 
 
 def _nbytes(t) -> int:
