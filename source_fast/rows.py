@@ -1,6 +1,7 @@
 """Token rows {layer: (a [B, T, I], g [B, T, O])} between the passes that make them and the ops that use
 them: a byte-budgeted cache of whole batches (kept from a covariance pass for the eigen-correction, and for
-scoring in the one-pass schedule), and the stacking of a segment's checkpoints along tokens and of
+scoring in the one-pass schedule; a conv layer kept as its module input, `Rebuilt`, or as its per-example
+gradients, `Formed`, whichever is smaller), and the stacking of a segment's checkpoints along tokens and of
 consecutive batches along examples for the scoring kernels."""
 from __future__ import annotations
 
@@ -146,8 +147,8 @@ def formed_layers(rows: dict, sources: dict) -> set[str]:
     """The layers of one batch's rows {layer: (a, g)} (a a tensor or a `Rebuilt` of one input channel, sources as
     for `compact_rows`) that a row cache keeps as `Formed`: the groups of one input channel (a depthwise
     convolution's: every later use takes their G_n anyway, `Capture.rows` gradient_form), and CPU rows whose G_n
-    take at most half the bytes of their compact rows, so at least two tokens per output row (T ≥ 2·O·I / (I + O)).
-    Not on GPU (unmeasured there: its kernels take token rows as they come)."""
+    take at most half the bytes of their compact rows (for rows kept whole: T ≥ 2·O·I / (I + O) tokens, so G_n read
+    back costs less than forming it). Not on GPU (unmeasured there: its kernels take token rows as they come)."""
     out = set()
     for name, (a, g) in rows.items():
         if g.device.type != "cpu" or g.dim() != 3 or (a.module is None if isinstance(a, Rebuilt) else a.dim() != 3):
