@@ -168,6 +168,33 @@ class LambdaSum:
 _FORMED_CHUNK_BYTES = 64 << 20  # rotated per-example gradients held at once by LambdaSum (and their input)
 
 
+class GroupsLambdaSum:
+    """`LambdaSum._add_formed` for all the groups of one module at once (a depthwise convolution's: hundreds of
+    [m, k² + 1] layers): Λ_c += Σ_n (Q_S,cᵀ G_n,c Q_A,c)² by two batched products over the groups' stacked bases
+    instead of two tiny products per group and batch."""
+
+    def __init__(self, names: list[str], basis: dict, acc: dict):
+        self.names = names
+        self.outs = [acc[name] for name in names]
+        dt = self.outs[0].dtype
+        self.q_a = torch.stack([basis[name][0].to(dt) for name in names])  # [C, I, I]
+        self.q_s_t = torch.stack([basis[name][1].T.to(dt) for name in names])[:, None]  # [C, 1, m, m]
+
+    def add(self, grads: list[torch.Tensor]) -> None:
+        """grads: the groups' per-example gradients [B, m, I] each, in `names` order."""
+        dt = self.outs[0].dtype
+        c, (b, m, i) = len(grads), grads[0].shape
+        step = max(1, _FORMED_CHUNK_BYTES // (2 * c * m * i * self.outs[0].element_size()))
+        totals = torch.zeros(c, m, i, dtype=dt, device=self.outs[0].device)
+        for start in range(0, b, step):
+            g = torch.stack([x[start:start + step].to(dt) for x in grads])  # [C, n, m, I]
+            n = g.shape[1]
+            rotated = torch.matmul(self.q_s_t, torch.matmul(g.reshape(c, n * m, i), self.q_a).reshape(c, n, m, i))
+            totals.add_(rotated.square_().sum(dim=1))
+        for out, total in zip(self.outs, totals):
+            out.add_(total)
+
+
 def _seed_draws(device: torch.device, seed: int) -> None:
     """torch.manual_seed(seed) for the generators a task's label draws use: the CPU's and, on CUDA, the model's
     device's. torch.manual_seed also queues a seed for every not-yet-initialised CUDA, XPU and MTIA device, each
@@ -688,10 +715,17 @@ class SourceAnalyzer:
 
             sums = {name: LambdaSum(*basis[name], acc[name], backend=self.backend, deterministic=self.deterministic)
                     for name in acc}
+            families = [GroupsLambdaSum(names, basis, acc) for names in self._one_channel_modules()]
 
             def accumulate(rows):
+                done = set()
+                for family in families:  # a depthwise module's groups, kept or given as their G_n
+                    if all(isinstance(rows[name][0], Formed) for name in family.names):
+                        family.add([rows[name][0].grads for name in family.names])
+                        done.update(family.names)
                 for name, (a, g) in rows.items():
-                    sums[name].add(a, g)
+                    if name not in done:
+                        sums[name].add(a, g)
             cached = 0
             for size, rows in cache.take(unit.uid, gradient_form=True):
                 n += size
@@ -715,6 +749,15 @@ class SourceAnalyzer:
             return {f"{name}.lam": lam * (self.run.loss_scale / n) for name, lam in acc.items()}
         keys = [f"{layer.name}.lam" for layer in self.layers]
         return self._load_or_compute(self._path("factors", f"lambda_{unit.uid}.safetensors"), config, keys, compute)
+
+    def _one_channel_modules(self) -> list[list[str]]:
+        """The names of the tracked groups of each module whose groups read one input channel (a depthwise
+        convolution with more than one group), in layer order."""
+        by_module: dict[int, list[str]] = {}
+        for layer in self.layers:
+            if layer.reads_one_channel and layer.groups > 1:
+                by_module.setdefault(id(layer.module), []).append(layer.name)
+        return list(by_module.values())
 
     def _ensure_fit(self, train_dataset):
         """Fit on train_dataset unless fit() already ran; returns N and N_ℓ per stage of the fitted set

@@ -94,3 +94,33 @@ def test_lambda_sum_equals_the_op_over_every_block(monkeypatch, blocks, tokens):
         assert all(r >= LambdaSum.MIN_ROWS for r in calls[:-1]) and len(calls) <= len(blocks)
     acc.flush()  # nothing left: adds nothing
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_groups_lambda_sum_equals_each_groups_own(monkeypatch, m):
+    """The eigen-correction of a depthwise module's groups given as their G_n (rows.Formed) in batched products over
+    the stacked bases (GroupsLambdaSum, chunked here) equals each group's own LambdaSum: Σ_n (Q_Sᵀ G_n Q_A)², in
+    float64 to 1e-12."""
+    from source_fast import analyzer
+    from source_fast.rows import Formed
+
+    gen = torch.Generator().manual_seed(0)
+    names, i = [f"dw[{c}]" for c in range(5)], 10
+    basis = {name: (torch.linalg.qr(torch.randn(i, i, generator=gen, dtype=torch.float64))[0],
+                    torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]) for name in names}
+    grads = torch.randn(9, 5, m, i, generator=gen, dtype=torch.float64)  # one module's [B, C, m, I]
+    monkeypatch.setattr(analyzer, "_FORMED_CHUNK_BYTES", 2 * 5 * m * i * 8 * 4)  # chunks of 4 examples
+    together = {name: torch.zeros(m, i, dtype=torch.float64) for name in names}
+    family = analyzer.GroupsLambdaSum(names, basis, together)
+    family.add([grads[:, c] for c in range(5)])
+    family.add([grads[:3, c] for c in range(5)])
+    for c, name in enumerate(names):
+        own = torch.zeros(m, i, dtype=torch.float64)
+        one = LambdaSum(*basis[name], own)
+        one.add(Formed(grads[:, c]), None)
+        one.add(Formed(grads[:3, c]), None)
+        q_a, q_s = basis[name]
+        want = sum((q_s.T @ grads[n, c] @ q_a).square() for n in range(9)) + \
+            sum((q_s.T @ grads[n, c] @ q_a).square() for n in range(3))
+        torch.testing.assert_close(own, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(together[name], want, rtol=1e-12, atol=1e-12)
