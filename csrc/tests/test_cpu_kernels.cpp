@@ -253,6 +253,19 @@ void test_conv_patch_rows(index_t B, index_t C, index_t H, index_t W, const sf::
   if (!ok) ++g_failures;
 }
 
+// r[kh·KW + kw] = the value image plane `plane` of x [.., H, W] (contiguous) holds at kernel offset (kh, kw) for
+// output position (oh, ow), 0 in the padding: the naive patch the conv kernels' tests compare against.
+void patch_values(const float* x, index_t plane, index_t H, index_t W, const sf::ConvGeometry& geo, index_t oh,
+                  index_t ow, double* r) {
+  for (index_t kh = 0; kh < geo.KH; ++kh)
+    for (index_t kw = 0; kw < geo.KW; ++kw) {
+      const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
+      const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
+      const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
+      r[kh * geo.KW + kw] = inside ? x[(plane * H + ih) * W + iw] : 0.0;
+    }
+}
+
 // Per-channel patch covariances against a naive float64 loop over (b, oh, ow) of each channel's patch (+1).
 void test_conv_patch_covariance(index_t B, index_t C, index_t H, index_t W, const sf::ConvGeometry& geo, bool bias) {
   std::vector<float> x = randn(B * C * H * W);
@@ -267,13 +280,7 @@ void test_conv_patch_covariance(index_t B, index_t C, index_t H, index_t W, cons
     for (index_t b = 0; b < B; ++b)
       for (index_t oh = 0; oh < geo.OH; ++oh)
         for (index_t ow = 0; ow < geo.OW; ++ow) {
-          for (index_t kh = 0; kh < geo.KH; ++kh)
-            for (index_t kw = 0; kw < geo.KW; ++kw) {
-              const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
-              const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
-              const bool inside = ih >= 0 && ih < H && iw >= 0 && iw < W;
-              r[kh * geo.KW + kw] = inside ? x[((b * C + c) * H + ih) * W + iw] : 0.0;
-            }
+          patch_values(x.data(), b * C + c, H, W, geo, oh, ow, r.data());
           if (bias) r[K] = 1.0;
           for (index_t i = 0; i < D; ++i)
             for (index_t j = 0; j < D; ++j) want[i * D + j] += r[i] * r[j];
@@ -297,6 +304,7 @@ void test_conv_group_grads(index_t B, index_t C, index_t M, index_t H, index_t W
                                      bias, out.data(), 2),
             "conv_group_grads");
   bool ok = true;
+  std::vector<double> r(static_cast<std::size_t>(K));
   for (index_t b = 0; b < B; ++b)
     for (index_t c = 0; c < C; ++c)
       for (index_t j = 0; j < M; ++j) {
@@ -304,14 +312,8 @@ void test_conv_group_grads(index_t B, index_t C, index_t M, index_t H, index_t W
         const float* g = gy.data() + (b * C * M + c * M + j) * P;
         for (index_t oh = 0; oh < geo.OH; ++oh)
           for (index_t ow = 0; ow < geo.OW; ++ow) {
-            for (index_t kh = 0; kh < geo.KH; ++kh)
-              for (index_t kw = 0; kw < geo.KW; ++kw) {
-                const index_t ih = oh * geo.stride_h - geo.pad_top + kh * geo.dil_h;
-                const index_t iw = ow * geo.stride_w - geo.pad_left + kw * geo.dil_w;
-                if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-                  want[kh * geo.KW + kw] +=
-                      static_cast<double>(g[oh * geo.OW + ow]) * x[((b * C + c) * H + ih) * W + iw];
-              }
+            patch_values(x.data(), b * C + c, H, W, geo, oh, ow, r.data());
+            for (index_t k = 0; k < K; ++k) want[k] += static_cast<double>(g[oh * geo.OW + ow]) * r[k];
             if (bias) want[K] += g[oh * geo.OW + ow];
           }
         const float* o = out.data() + ((b * C + c) * M + j) * D;
