@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from _backends import require
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -18,3 +20,10 @@ def blocks_override():
 
     yield _blocks.override_blocks
     _blocks.override_blocks(None)
+
+
+@pytest.fixture
+def _needs_extension():
+    """Skip unless the compiled C++ CPU backend (source_fast._C) is built and usable: the tests of the CPU-only
+    pipeline products (gemm, rank_one_product, to_queries_innermost, the conv kernels) call it directly."""
+    require("cpu", "covariance", {"x": torch.zeros(1, 64)})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _backends import at_thread_counts, require
+from _backends import at_thread_counts
 from _one_channel_convs import LAYOUTS, ONE_CHANNEL_CONVS, layout_tensor
 from source_fast import _compiled, _extension, modules
 from source_fast.reference import conv_patch_covariance_ref
@@ -14,10 +14,6 @@ from source_fast.reference import conv_patch_covariance_ref
 pytestmark = [pytest.mark.usefixtures("_needs_extension"),
               pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")]
 
-
-@pytest.fixture
-def _needs_extension():
-    require("cpu", "covariance", {"x": torch.zeros(1, 64)})
 
 
 @pytest.mark.parametrize("make, spatial", ONE_CHANNEL_CONVS)

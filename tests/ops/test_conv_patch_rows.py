@@ -5,17 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from _backends import at_thread_counts, require
+from _backends import at_thread_counts
 from source_fast import _compiled, _extension, modules
 from source_fast.reference import conv_patch_rows_ref
 
 pytestmark = [pytest.mark.usefixtures("_needs_extension"),
               pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")]
 
-
-@pytest.fixture
-def _needs_extension():
-    require("cpu", "covariance", {"x": torch.zeros(1, 64)})
 
 
 CONVS = [  # (module, input spatial size)

@@ -2,15 +2,11 @@
 import pytest
 import torch
 
-from _backends import at_thread_counts, require
+from _backends import at_thread_counts
 from source_fast import _linalg
 
 pytestmark = pytest.mark.usefixtures("_needs_extension")
 
-
-@pytest.fixture
-def _needs_extension():
-    require("cpu", "score_pairwise", {"v": torch.zeros(1, 1, 1), "a": torch.zeros(1, 1, 1), "g": torch.zeros(1, 1, 1)})
 
 
 def _check(got, want):

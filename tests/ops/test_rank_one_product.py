@@ -3,17 +3,13 @@ routing from RankOneDirections (compiled on fp32 CPU, the torch product otherwis
 import pytest
 import torch
 
-from _backends import at_thread_counts, require
+from _backends import at_thread_counts
 from source_fast import _extension, directions
 from source_fast.directions import RankOneDirections
 from source_fast.reference import rank_one_product_ref
 
 pytestmark = pytest.mark.usefixtures("_needs_extension")
 
-
-@pytest.fixture
-def _needs_extension():
-    require("cpu", "score_pairwise", {"v": torch.zeros(1, 1, 1), "a": torch.zeros(1, 1, 1), "g": torch.zeros(1, 1, 1)})
 
 
 def _inputs(p, q, o, i, seed=0):

@@ -3,16 +3,12 @@ lanes zeroed, and the walk's use of it."""
 import pytest
 import torch
 
-from _backends import at_thread_counts, require
+from _backends import at_thread_counts
 from source_fast import _compiled, _extension, walk
 from source_fast.reference import to_queries_innermost_ref
 
 pytestmark = pytest.mark.usefixtures("_needs_extension")
 
-
-@pytest.fixture
-def _needs_extension():
-    require("cpu", "score_pairwise", {"v": torch.zeros(1, 1, 1), "a": torch.zeros(1, 1, 1), "g": torch.zeros(1, 1, 1)})
 
 
 def _padding(out: torch.Tensor) -> torch.Tensor:
