@@ -454,7 +454,7 @@ class SourceAnalyzer:
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
               paired: bool = False, sources: dict | None = None, gradient_form: bool = False,
-              covariance_form: bool = False, formed: bool = False) -> Iterator[tuple]:
+              covariance_form: bool = False, formed: str | None = None) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -466,10 +466,12 @@ class SourceAnalyzer:
         sources: a dict refilled before each yield with `Capture.sources()` of that batch (what a row cache
         keeps of a conv layer's rows: its module input), valid until the next batch.
         gradient_form: for passes that use the rows only through G_n (`Capture.rows`): a depthwise convolution's
-        groups as their per-example gradients. formed (with gradient_form): the conv layers a row cache keeps as G_n
-        as well, formed as it forms them (`rows.with_formed_gradients`), for the eigen-correction pass, whose
-        factors are then bitwise the same whether a batch was kept or not (not faster: the other passes keep rows,
-        which the scoring kernels contract faster than a product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`.
+        groups as their per-example gradients. formed (with gradient_form; for users that take `rows.Formed`):
+        "groups" gives those groups as `Formed` (scoring: one GEMM per group instead of the kernel on identity
+        token rows); "all" also forms the conv layers a row cache keeps as G_n, as it forms them
+        (`rows.with_formed_gradients`), for the eigen-correction pass, whose factors are then bitwise the same
+        whether a batch was kept or not (not for scoring: the kernels contract those layers' rows faster than a
+        product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`.
         """
         offset = first_batch * self.batch_size
         if offset >= len(dataset):
@@ -497,8 +499,9 @@ class SourceAnalyzer:
                 rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
                                     covariance_form=covariance_form)
                 size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
-                if gradient_form and formed:  # conv layers as the G_n a row cache keeps of them (rows.Formed)
-                    rows = with_formed_gradients(rows, capture.sources(), capture.gradient_form_layers())
+                if gradient_form and formed:  # layers as the G_n a row cache keeps of them (rows.Formed)
+                    rows = with_formed_gradients(rows, capture.sources(), capture.gradient_form_layers(),
+                                                 convs=formed == "all")
                 if sources is not None:
                     sources.clear()
                     sources.update(capture.sources())
@@ -735,7 +738,7 @@ class SourceAnalyzer:
             data = self._stage_subset(train_dataset, stage)
             for _, size, rows in self._rows(data, loss=self.fisher, seed_key=k, first_batch=cached,
                                             desc=f"eigen-correction {unit.uid} ({k + 1}/{n_units})",
-                                            gradient_form=True, formed=True):
+                                            gradient_form=True, formed="all"):
                 n += size
                 accumulate(rows)
             for lam_sum in sums.values():
@@ -1274,7 +1277,7 @@ class SourceAnalyzer:
         def member_rows(unit, subset):
             self._load(unit)
             for offset, size, rows in self._rows(subset, loss="empirical", desc=f"scoring {unit.uid} {desc}",
-                                                 gradient_form=True):
+                                                 gradient_form=True, formed="groups"):
                 yield offset, size, self._in_basis(rows, basis)
 
         budget = _config.stack_bytes()

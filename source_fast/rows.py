@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import _linalg
-from .modules import Rebuilt, gradient_rows, one_channel_group_grads
+from .modules import Rebuilt, one_channel_group_grads
 
 
 def compact_rows(rows: dict, sources: dict) -> dict:
@@ -81,13 +81,12 @@ def one_channel_families(rows: dict) -> list[tuple[object, list[str], torch.Tens
 
 def expanded_rows(rows: dict, gradient_form: bool = False) -> dict:
     """`kept_rows`' inverse: every Rebuilt a made into its rows again; with gradient_form (for uses of the rows
-    through G_n only, which take `Formed` layers as they are), those of one input channel into
-    `modules.gradient_rows` of their per-example gradients instead, one `one_channel_group_grads` call for all the
-    groups of a module."""
+    through G_n only, which take `Formed` layers as they are), those of one input channel into `Formed` per-example
+    gradients instead, one `one_channel_group_grads` call for all the groups of a module."""
     formed = {}
     for module, names, x in one_channel_families(rows) if gradient_form else ():
         grads = _family_grads(module, names, x, rows)
-        formed.update((name, gradient_rows(grads[:, k].contiguous())) for k, name in enumerate(names))
+        formed.update((name, (Formed(grads[:, k]), None)) for k, name in enumerate(names))
     out = {}
     for name, (a, g) in rows.items():
         if name in formed:
@@ -200,12 +199,12 @@ def kept_rows(rows: dict, sources: dict, formed: set[str]) -> dict:
     return {name: out[name] for name in rows}  # in the layers' order
 
 
-def with_formed_gradients(rows: dict, sources: dict, gradient_form: set[str]) -> dict:
+def with_formed_gradients(rows: dict, sources: dict, gradient_form: set[str], *, convs: bool = True) -> dict:
     """Rows of a pass that uses them through G_n only (`Capture.rows` gradient_form; `gradient_form` the layers it
-    gave as `gradient_rows` of their G_n) as a row cache keeps them: those layers' G_n and the G_n of the layers
-    `formed_layers` picks (the same product as `kept_rows`) as `Formed`. The eigen-correction of a batch is then
-    bitwise the same whether a row cache kept it or a pass recomputed it."""
-    formed = formed_layers(rows, sources)
+    gave as `gradient_rows` of their G_n) as a row cache keeps them: those layers' G_n and, with `convs`, the G_n of
+    the layers `formed_layers` picks (the same product as `kept_rows`) as `Formed`. The eigen-correction of a batch
+    is then bitwise the same whether a row cache kept it or a pass recomputed it."""
+    formed = formed_layers(rows, sources) if convs else set()
     out = {}
     for name, (a, g) in rows.items():
         if name in gradient_form:

@@ -61,10 +61,11 @@ def test_stacking_pays_for_one_token_layers_and_small_calls_not_for_conv_positio
 
 
 def test_kept_depthwise_groups_expand_to_their_gradients_in_one_call(monkeypatch):
-    """With gradient_form (the eigen-correction's and scoring's use of kept rows), the kept groups of a depthwise
-    convolution expand to `gradient_rows` of their per-example gradients, formed by one call for the module: the
-    same Σ_t g aᵀ as their patch rows; other layers expand as before."""
+    """With gradient_form (the eigen-correction's and scoring's use of kept rows), the groups of a depthwise
+    convolution kept as their input channels expand to `Formed` per-example gradients, formed by one call for the
+    module: the same Σ_t g aᵀ as their patch rows; other layers expand as before."""
     from source_fast import modules as modules_module
+    from source_fast.rows import Formed
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 25, 2))
@@ -79,12 +80,12 @@ def test_kept_depthwise_groups_expand_to_their_gradients_in_one_call(monkeypatch
     assert len(calls) == 1 and list(formed) == list(rows)
     for layer in layers:
         a, g = formed[layer.name]
+        want = torch.bmm(rows[layer.name][1].transpose(1, 2), rows[layer.name][0])
         if layer.kind == "conv":
-            assert a.shape == (2, 2, 10) and g.shape == (2, 2, 2)
+            assert isinstance(a, Formed) and g is None and a.shape == (2, 2, 10)
+            torch.testing.assert_close(a.grads, want, rtol=1e-5, atol=1e-5)
         else:
             assert a is rows[layer.name][0]
-        want = torch.bmm(rows[layer.name][1].transpose(1, 2), rows[layer.name][0])
-        torch.testing.assert_close(torch.bmm(g.transpose(1, 2), a), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
@@ -171,6 +172,12 @@ def test_kept_rows_form_the_gradients_of_layers_with_many_positions(layout):
             assert not isinstance(a, Formed) and g is rows[layer.name][1]
     with pytest.raises(ValueError, match="'0' was kept as its per-example gradients"):
         expanded_rows(kept)
+    # Without convs (the scoring passes): only the layers given as gradient rows become Formed, as they are.
+    given = {name: (torch.ones(3, 1, 10), None) if name in depthwise else pair for name, pair in full.items()}
+    groups_only = with_formed_gradients(given, sources, set(depthwise), convs=False)
+    assert all(isinstance(groups_only[name][0], Formed) for name in depthwise)
+    assert groups_only[depthwise[0]][0].grads is given[depthwise[0]][0]
+    assert all(groups_only[name] == given[name] for name in given if name not in depthwise)
 
 
 def test_formed_layers_leave_gpu_rows_as_they_are():
