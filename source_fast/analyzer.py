@@ -121,7 +121,8 @@ class LambdaSum:
     linear layer's 128 examples of a batch) are gathered to MIN_ROWS examples before the op: its rotation packs
     the whole eigenbasis per call, so a few rows per call pay that again and again (compiled GEMM, 2-core Zen 4,
     time per 128 rows at 128 against 512 rows per call: 1.24x at 785 columns, 1.28x at 513, 1.55x at 2049, 2.0x at
-    257). Gathered rows are copies (4·rows·(I + O) bytes); tokens, conv rows and GPU rows go to the op as they come."""
+    257). Gathered rows are copies (4·rows·(I + O) bytes); tokens, conv rows and GPU rows go to the op as they
+    come."""
 
     MIN_ROWS = 512
 
@@ -149,11 +150,10 @@ class LambdaSum:
         """Λ += Σ_n (Q_Sᵀ G_n Q_A)² from per-example gradients [n, O, I] (a conv layer's, kept as `rows.Formed`):
         two products and a sum of squares, in chunks of examples bounded like the ops' own."""
         dt = self.out.dtype
-        q_a, q_s_t = self.q_a.to(dt), self.q_s.T.to(dt)
         o, i = grads.shape[1:]
         step = max(1, _FORMED_CHUNK_BYTES // (2 * o * i * self.out.element_size()))
         for start in range(0, grads.shape[0], step):  # (contiguous: the same products for kept and fresh G_n)
-            rotated = _linalg.matmul(q_s_t, _linalg.matmul(grads[start:start + step].to(dt).contiguous(), q_a))
+            rotated = rotate_in(grads[start:start + step].to(dt).contiguous(), self)  # self holds q_a, q_s
             self.out.add_(rotated.square_().sum(dim=0))
 
     def flush(self) -> None:
@@ -1120,11 +1120,13 @@ class SourceAnalyzer:
         in_stage = self._stage_mask(n_train, stage)
         cast = self._score_operands
         align = any(self._aligns_rows(x) for x in v.values())  # then each chunk's rows (much smaller) per call
+        flat: dict[str, torch.Tensor] = {}  # directions [Q, O·I] of layers given as G_n (a copy if laid out otherwise)
 
         def scores(name, a, g):
             if isinstance(a, Formed):  # ⟨V_q, G_n⟩ for every (q, n): one GEMM (per-example gradients, CPU)
-                v_flat = v[name].reshape(v[name].shape[0], -1)
-                return _linalg.matmul(v_flat, cast(a.grads.reshape(a.shape[0], -1)).T).to(self.compute_dtype)
+                if name not in flat:
+                    flat[name] = v[name].reshape(v[name].shape[0], -1)
+                return _linalg.matmul(flat[name], cast(a.grads.reshape(a.shape[0], -1)).T).to(self.compute_dtype)
             if align:
                 a, g = _row_aligned(a, 1), _row_aligned(g, 1)
             return ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
@@ -1627,7 +1629,7 @@ def _rotate_formed(grads: torch.Tensor, entry) -> torch.Tensor:
     """Per-example gradients [n, O, I] in a basis entry's eigenbasis: Q_Sᵀ G_n Q_A (G_n Q_A for `_InputSideOnly`)."""
     if isinstance(entry, _InputSideOnly):
         return _linalg.matmul(grads, entry.block.q_a.to(grads.dtype))
-    return _linalg.matmul(entry.q_s.T.to(grads.dtype), _linalg.matmul(grads, entry.q_a.to(grads.dtype)))
+    return rotate_in(grads, entry)
 
 
 def _rotate_rows(a: torch.Tensor, g: torch.Tensor, entry) -> tuple[torch.Tensor, torch.Tensor]:
