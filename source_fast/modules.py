@@ -373,12 +373,17 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
 
 class Capture:
     """Forward hooks that keep each tracked layer's input rows and output tensor, so that
-    `grads(loss)` yields per-layer (a [B,T,I], g [B,T,O]) token rows for one batch."""
+    `grads(loss)` yields per-layer (a [B,T,I], g [B,T,O]) token rows for one batch.
+
+    A module called more than once in a forward (shared weights: a loop over time steps, a siamese encoder) gets
+    the tokens of all its calls, in call order, as one layer's rows: its weight gradient is the sum over calls, so
+    G_n = Σ_calls Σ_t g aᵀ, and every call's tokens enter its covariances (Kronfluence's has_shared_parameters).
+    Every call must keep the batch's examples along dim 0."""
 
     def __init__(self, layers: list[TrackedLayer]):
         self.layers = layers
-        self._inputs: dict[str, torch.Tensor] = {}
-        self._outputs: dict[str, torch.Tensor] = {}
+        self._inputs: dict[str, list[torch.Tensor]] = {}  # per layer, each call's input (one per module call)
+        self._outputs: dict[str, list[torch.Tensor]] = {}
         self._windows: dict[str, tuple[int, int] | None] = {}
         self._sources: dict[str, tuple] = {}
         self._gradient_form: set[str] = set()  # layers whose last rows are `gradient_rows`
@@ -397,9 +402,29 @@ class Capture:
 
     def _hook(self, layer):
         def hook(module, inputs, output):
-            self._inputs[layer.name] = inputs[0].detach()
-            self._outputs[layer.name] = output
+            self._inputs.setdefault(layer.name, []).append(inputs[0].detach())
+            self._outputs.setdefault(layer.name, []).append(output)
         return hook
+
+    def calls(self, name: str) -> int:
+        """How many times the layer's module was called in the current forward."""
+        return len(self._inputs.get(name, ()))
+
+    def _single_input(self, layer: TrackedLayer) -> torch.Tensor | None:
+        """The module input of a layer called once (None otherwise): what the conv forms are built from."""
+        xs = self._inputs.get(layer.name)
+        return xs[0] if xs is not None and len(xs) == 1 else None
+
+    def _joined_calls(self, layer: TrackedLayer, rows: list[torch.Tensor]) -> torch.Tensor:
+        """One layer's rows [B, T, ·] of each module call joined along the tokens."""
+        if len(rows) == 1:
+            return rows[0]
+        sizes = [r.shape[0] for r in rows]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"tracked module {layer.module_name or layer.name!r} was called {len(rows)} times in "
+                             f"one forward with batch sizes {sizes} along dim 0: a module called more than once "
+                             f"must see the batch's examples along dim 0 in every call")
+        return torch.cat(rows, 1)
 
     def clear(self):
         self._inputs.clear()
@@ -411,10 +436,14 @@ class Capture:
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
         if layer.name not in self._inputs:
             raise RuntimeError(f"tracked module {layer.name!r} was not called in the forward pass")
-        rows = layer.input_rows(self._inputs[layer.name])
-        if mask is not None:
-            rows = apply_mask(rows, mask, layer.name)
-        return rows
+        rows = [layer.input_rows(x) for x in self._inputs[layer.name]]
+        if mask is not None:  # per call: a mask applies to the calls whose tokens are its tokens
+            rows = [apply_mask(r, mask, layer.name) for r in rows]
+        return self._joined_calls(layer, rows)
+
+    def _gradient_rows_of(self, layer: TrackedLayer, raw: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """The layer's output-gradient rows [B, T, O], every call's tokens in call order."""
+        return self._joined_calls(layer, [layer.output_rows(gy) for gy in raw[layer.name]])
 
     def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False,
              gradient_form: bool = False, covariance_form: bool = False):
@@ -442,27 +471,30 @@ class Capture:
                 a = Rebuilt(*self._kept_input(layer, mask))
             else:
                 a = self.activations(layer, mask)
-            rows[layer.name] = a, layer.output_rows(raw[layer.name])
+            rows[layer.name] = a, self._gradient_rows_of(layer, raw)
         rows = {layer.name: rows[layer.name] for layer in self.layers}  # in the layers' order
-        windows = _padding_windows(mask, {n: r for n, r in rows.items() if n not in self._gradient_form})
+        # A mask's window is exact for the rows of one call (the mask zeroed their a); a shared module's joined
+        # tokens are not the mask's.
+        windows = _padding_windows(mask, {n: r for n, r in rows.items()
+                                          if n not in self._gradient_form and self.calls(n) == 1})
         self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
             layer.name: self._kept_input(layer, mask)
             for layer in self.layers if layer.kind == "conv" and self._windows[layer.name] is None
-            and layer.name not in self._gradient_form and not isinstance(rows[layer.name][0], Rebuilt)
-            and not _mask_applies(mask, rows[layer.name][0])}
+            and self.calls(layer.name) == 1 and layer.name not in self._gradient_form
+            and not isinstance(rows[layer.name][0], Rebuilt) and not _mask_applies(mask, rows[layer.name][0])}
         return {name: (_cut(a, self._windows[name]), _cut(g, self._windows[name])) for name, (a, g) in rows.items()}
 
     def _kept_input(self, layer: TrackedLayer, mask: torch.Tensor | None) -> tuple:
         """(make, x, module) for a `Rebuilt` of a conv layer's rows: its input (a group's channels), the patch rows
         from it, and the module where the one-channel forms apply (else None)."""
-        return (partial(conv_patch_rows, layer.module), layer.layer_input(self._inputs[layer.name]),
+        return (partial(conv_patch_rows, layer.module), layer.layer_input(self._single_input(layer)),
                 layer.module if self._one_channel_forms_apply(layer, mask) else None)
 
     def _one_channel_forms_apply(self, layer: TrackedLayer, mask: torch.Tensor | None) -> bool:
         """Whether the layer can take the gradient and covariance forms: one input channel, no mask, CPU (measured
-        there; on GPU the patch rows' unfold and the scoring kernels are unmeasured against them)."""
-        x = self._inputs.get(layer.name)
+        there; on GPU the patch rows' unfold and the scoring kernels are unmeasured against them), called once."""
+        x = self._single_input(layer)
         return layer.reads_one_channel and mask is None and x is not None and x.device.type == "cpu"
 
     def _gradient_form_rows(self, raw: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -473,7 +505,7 @@ class Capture:
             if layer.name not in self._gradient_form or id(layer.module) in done:
                 continue
             done.add(id(layer.module))
-            grads = one_channel_group_grads(layer.module, self._inputs[layer.name], raw[layer.name])
+            grads = one_channel_group_grads(layer.module, self._single_input(layer), raw[layer.name][0])
             for member in self.layers:
                 if member.module is layer.module and member.name in self._gradient_form:
                     rows[member.name] = gradient_rows(grads[:, member.group].contiguous())
@@ -498,27 +530,29 @@ class Capture:
         formed = self._gradient_form_rows(raw)
         layers = {layer.name: layer for layer in self.layers}
         return {name: formed[name] if name in formed
-                else (a, _cut(layers[name].output_rows(raw[name]), self._windows.get(name)))
+                else (a, _cut(self._gradient_rows_of(layers[name], raw), self._windows.get(name)))
                 for name, (a, _) in rows.items()}
 
     def output_rows(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
         """Backpropagate `loss` to the tracked outputs only: returns {name: g} output-gradient rows."""
         raw = self._output_grads(loss, retain_graph=retain_graph)
-        return {layer.name: layer.output_rows(raw[layer.name]) for layer in self.layers}
+        return {layer.name: self._gradient_rows_of(layer, raw) for layer in self.layers}
 
-    def _output_grads(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
-        """{name: gradient of `loss` w.r.t. the layer's module output} (zeros where the output is unused)."""
+    def _output_grads(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
+        """{name: gradient of `loss` w.r.t. the layer's module output, one per call} (zeros where unused)."""
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self._outputs]
         if missing:
             raise RuntimeError(f"tracked modules {missing} were not called in the forward pass")
-        outputs = [self._outputs[n] for n in names]
+        outputs = [(name, out) for name in names for out in self._outputs[name]]
         if not loss.requires_grad:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
                                "be part of its graph")
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True, retain_graph=retain_graph)
-        return {name: torch.zeros_like(out) if gy is None else gy.detach()
-                for name, out, gy in zip(names, outputs, grads)}
+        grads = torch.autograd.grad(loss, [out for _, out in outputs], allow_unused=True, retain_graph=retain_graph)
+        raw: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for (name, out), gy in zip(outputs, grads):
+            raw[name].append(torch.zeros_like(out) if gy is None else gy.detach())
+        return raw
 
 
 # Cut padded token positions only when that removes at least this fraction: the cut copies the rows.

@@ -96,6 +96,37 @@ class TinyGroupedCNN(nn.Module):
         return self.fc(torch.tanh(self.depthwise(h)).flatten(1))
 
 
+class SharedMLP(nn.Module):
+    """A Linear applied `repeats` times (weights shared across the calls, as an unrolled recurrence), between an
+    input and an output layer."""
+
+    def __init__(self, d_in=4, hidden=5, d_out=3, repeats=2):
+        super().__init__()
+        self.inp, self.shared, self.head = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, d_out)
+        self.repeats = repeats
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for _ in range(self.repeats):
+            h = torch.tanh(self.shared(h))
+        return self.head(h)
+
+
+class SiameseCNN(nn.Module):
+    """One convolution and one depthwise convolution each applied to an image and to its mirror image (a siamese
+    encoder: shared weights, two calls per forward), then a linear head on both views."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, kernel_size=3, padding=1, stride=2)
+        self.depthwise = nn.Conv2d(3, 3, kernel_size=3, padding=1, groups=3)
+        self.fc = nn.Linear(2 * 3 * 3 * 3, 3)
+
+    def forward(self, x):
+        views = [torch.tanh(self.depthwise(torch.tanh(self.conv(v)))).flatten(1) for v in (x, x.flip(-1))]
+        return self.fc(torch.cat(views, 1))
+
+
 def classification_data(n=24, d_in=4, classes=3, dtype=torch.float64, seed=0, image=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 1, 6, 6, generator=gen, dtype=dtype) if image else torch.randn(n, d_in, generator=gen,

@@ -44,7 +44,8 @@ def _as_matrix(module, weight, bias, group=0, groups=1):
 
 
 def _example_terms(model, task, example, layers, kind):
-    """One example: per layer (G [O, I], a rows [T, I], g rows [T, O]) for the task's loss or measurement."""
+    """One example: per layer (G [O, I], a rows [T, I], g rows [T, O]) for the task's loss or measurement.
+    A module called several times in the forward (shared weights) has every call's rows, in call order."""
     batch = default_collate([example])
     acts, outs = {}, {}
     hooks = {}
@@ -53,7 +54,8 @@ def _example_terms(model, task, example, layers, kind):
             continue
 
         def hook(mod, inp, out, key=id(m)):
-            acts[key], outs[key] = inp[0].detach(), out
+            acts.setdefault(key, []).append(inp[0].detach())
+            outs.setdefault(key, []).append(out)
             out.retain_grad()
         hooks[id(m)] = m.register_forward_hook(hook)
     model.zero_grad(set_to_none=True)
@@ -67,20 +69,25 @@ def _example_terms(model, task, example, layers, kind):
     result = {}
     for name, m, k, groups in layers:
         G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None, k, groups).double()
-        x, out = acts[id(m)].double(), outs[id(m)]
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            c, o = x.shape[1] // groups, out.shape[1] // groups
-            a = conv_patches_one(m, x[:, k * c:(k + 1) * c])
-            g = out.grad.double()[0, k * o:(k + 1) * o].reshape(o, -1).T
-        else:
-            a = x.reshape(-1, x.shape[-1])
-            g = out.grad.double().reshape(-1, out.shape[-1])
-        if m.bias is not None:
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
-        if mask is not None and mask.shape == (1, a.shape[0]) and not isinstance(m, nn.Conv2d):
-            a = a * mask[0, :, None].to(a.dtype)  # masked tokens leave the activation covariance
-        result[name] = (G, a, g)
+        calls = [_call_rows(m, x.double(), out, k, groups, mask) for x, out in zip(acts[id(m)], outs[id(m)])]
+        result[name] = (G, torch.cat([a for a, _ in calls]), torch.cat([g for _, g in calls]))
     return result
+
+
+def _call_rows(m, x, out, k, groups, mask):
+    """(a rows [T, I], g rows [T, O]) of one call of module m (group k of `groups`) for one example."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        c, o = x.shape[1] // groups, out.shape[1] // groups
+        a = conv_patches_one(m, x[:, k * c:(k + 1) * c])
+        g = out.grad.double()[0, k * o:(k + 1) * o].reshape(o, -1).T
+    else:
+        a = x.reshape(-1, x.shape[-1])
+        g = out.grad.double().reshape(-1, out.shape[-1])
+    if m.bias is not None:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)
+    if mask is not None and mask.shape == (1, a.shape[0]) and not isinstance(m, nn.Conv2d):
+        a = a * mask[0, :, None].to(a.dtype)  # masked tokens leave the activation covariance
+    return a, g
 
 
 def _sym_eigh(m):
