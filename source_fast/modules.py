@@ -267,6 +267,9 @@ class TrackedLayer:
     group: int = 0
     groups: int = 1
     module_name: str = ""  # the module's name in the model (the layer's own name, but for a group)
+    # The examples' dim of the module's input and output: 1 for the Linears of torch's sequence-first
+    # (batch_first=False) transformer layers, which see [T, B, ·]; rows are always [B, T, ·].
+    batch_dim: int = 0
 
     @property
     def has_bias(self) -> bool:
@@ -304,14 +307,19 @@ class TrackedLayer:
         """Module input -> activation rows [B, T, I] (bias column appended)."""
         if self.kind == "conv":
             return conv_patch_rows(self.module, self.layer_input(x))
+        x = self._batch_first(x)
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         return with_bias_column(rows) if self.has_bias else rows
+
+    def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, self.batch_dim) if self.batch_dim and x.dim() > 2 else x
 
     def output_rows(self, gy: torch.Tensor) -> torch.Tensor:
         """Gradient w.r.t. the module output -> rows [B, T, O]."""
         if self.kind == "conv":
             gy = gy[:, self._outputs()] if self.groups > 1 else gy
             return gy.reshape(gy.shape[0], gy.shape[1], -1).transpose(1, 2)
+        gy = self._batch_first(gy)
         return gy.reshape(gy.shape[0], -1, gy.shape[-1])
 
     def param_grad(self) -> torch.Tensor:
@@ -340,10 +348,31 @@ class TrackedLayer:
         return w
 
 
+def _never_called(model: nn.Module) -> dict[int, str]:
+    """Supported modules whose forward torch never calls, by id, with the reason: nn.MultiheadAttention reads its
+    `out_proj`'s weight and bias in F.multi_head_attention_forward (no hook of the module ever fires)."""
+    return {id(m.out_proj): "nn.MultiheadAttention uses its out_proj's weight directly and never calls the module "
+            "(no forward hook fires), so it cannot be tracked" for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Module)}
+
+
+def _sequence_first(model: nn.Module) -> set[int]:
+    """Ids of the modules inside torch's transformer layers built with batch_first=False: their inputs and outputs
+    are [T, B, ·] (tokens first)."""
+    found = set()
+    for m in model.modules():
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) \
+                and not getattr(getattr(m, "self_attn", None), "batch_first", True):
+            found |= {id(sub) for sub in m.modules() if sub is not m}
+    return found
+
+
 def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> list[TrackedLayer]:
-    """Tracked layers of `model`: the named ones (each must be supported) or every supported one."""
+    """Tracked layers of `model`: the named ones (each must be supported) or every supported one (but those whose
+    forward is never called: nn.MultiheadAttention's out_proj)."""
     layers = []
     modules = dict(model.named_modules())
+    never_called = _never_called(model)
     if names is not None:
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
             raise TypeError(f"get_influence_tracked_modules() must return a list of module names, got {names!r}")
@@ -351,18 +380,21 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
             if name not in modules:
                 raise ValueError(f"tracked module {name!r} (from get_influence_tracked_modules) is not in the model; "
                                  f"available: {sorted(k for k in modules if k)[:20]}")
-            why = supported(modules[name])
+            why = supported(modules[name]) or never_called.get(id(modules[name]))
             if why:
                 raise ValueError(f"tracked module {name!r}: {why}")
         selected = [(n, modules[n]) for n in names]
     else:
-        selected = [(n, m) for n, m in model.named_modules() if n and supported(m) is None]
+        selected = [(n, m) for n, m in model.named_modules()
+                    if n and supported(m) is None and id(m) not in never_called]
+    sequence_first = _sequence_first(model)
     for name, module in selected:
         kind = "linear" if isinstance(module, nn.Linear) else "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) \
             else "hf_conv1d"
         groups = getattr(module, "groups", 1) if kind == "conv" else 1
         if groups == 1:
-            layers.append(TrackedLayer(name, module, kind, module_name=name))
+            layers.append(TrackedLayer(name, module, kind, module_name=name,
+                                       batch_dim=int(kind != "conv" and id(module) in sequence_first)))
         else:  # one layer per group, named "<module>[k]"
             layers += [TrackedLayer(f"{name}[{k}]", module, kind, group=k, groups=groups, module_name=name)
                        for k in range(groups)]
@@ -473,6 +505,7 @@ class Capture:
                 a = self.activations(layer, mask)
             rows[layer.name] = a, self._gradient_rows_of(layer, raw)
         rows = {layer.name: rows[layer.name] for layer in self.layers}  # in the layers' order
+        _check_examples(rows)
         # A mask's window is exact for the rows of one call (the mask zeroed their a); a shared module's joined
         # tokens are not the mask's.
         windows = _padding_windows(mask, {n: r for n, r in rows.items()
@@ -553,6 +586,16 @@ class Capture:
         for (name, out), gy in zip(outputs, grads):
             raw[name].append(torch.zeros_like(out) if gy is None else gy.detach())
         return raw
+
+
+def _check_examples(rows: dict[str, tuple]) -> None:
+    """Every layer's rows have the batch's examples along dim 0 (one per-example gradient each)."""
+    sizes = {name: g.shape[0] for name, (_, g) in rows.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"tracked layers disagree on the number of examples in the batch (dim 0 of their inputs and "
+                         f"outputs): {sizes}. source_fast reads dim 0 of a tracked module's input as the examples; a "
+                         f"module that sees another layout (tokens first, examples folded into other dims) cannot "
+                         f"be tracked: leave it out of get_influence_tracked_modules()")
 
 
 # Cut padded token positions only when that removes at least this fraction: the cut copies the rows.
