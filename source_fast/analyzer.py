@@ -474,7 +474,8 @@ class SourceAnalyzer:
         product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`.
         """
         offset = first_batch * self.batch_size
-        if offset >= len(dataset):
+        end = len(dataset)
+        if offset >= end:
             return
         if first_batch:
             dataset = Subset(dataset, range(offset, len(dataset)))
@@ -499,6 +500,13 @@ class SourceAnalyzer:
                 rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
                                     covariance_form=covariance_form)
                 size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
+                if size != min(self.batch_size, end - offset):
+                    raise ValueError(
+                        f"the tracked layers see {size} examples along dim 0 of their inputs, but batch {b} holds "
+                        f"{min(self.batch_size, end - offset)} of the dataset's examples: source_fast reads dim 0 of "
+                        f"a tracked module's input as the examples, one score each (a model that flattens tokens "
+                        f"into dim 0, x.view(-1, d), before its Linears needs them fed [B, T, d]; a collate_fn must "
+                        f"keep one batch row per dataset example)")
                 if gradient_form and formed:  # layers as the G_n a row cache keeps of them (rows.Formed)
                     rows = with_formed_gradients(rows, capture.sources(), capture.gradient_form_layers(),
                                                  convs=formed == "all")

@@ -63,19 +63,3 @@ def test_transformer_encoder_layer_matches_dense_oracle_float64(batch_first):
                                  module_names=[layer.name for layer in layers])
     assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
 
-
-def test_a_module_that_sees_tokens_first_is_named():
-    class TokensFirst(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.mix, self.head = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-
-        def forward(self, x):  # mix sees [T, B, 8]
-            return self.head(torch.tanh(self.mix(self.emb(x).transpose(0, 1))).mean(0))
-
-    data = _data()
-    model = TokensFirst().double()
-    run = sf.TrainingRun([model.state_dict()], [1], lr=0.1, num_segments=1)
-    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
-    with pytest.raises(ValueError, match=r"disagree on the number of examples .*'mix': 4"):
-        analyzer.pairwise_scores(Subset(data, range(2)), data)

@@ -68,6 +68,51 @@ class SingleLossPairTask(ClassificationTask):
         return self.compute_train_loss(batch, model, sample=True)
 
 
+class TokensIntoDim0(nn.Module):
+    """Flattens [B, T, 4] tokens into dim 0 before its Linears (x.view(-1, d)), then pools them back."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        return self.out(torch.tanh(self.inner(x.reshape(b * t, 4)))).view(b, t, 3).mean(1)
+
+
+class TokensFirst(nn.Module):
+    """Its second Linear sees [T, B, ·] (tokens first): the layers disagree on dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(self.emb(x).transpose(0, 1))).mean(0))
+
+
+class SharedAcrossBatchSizes(nn.Module):
+    """One Linear called on the whole batch and on its first example."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.lin(x) + self.lin(x[:1]))
+
+
+def _one_checkpoint(model):
+    return sf.TrainingRun([{k: v.clone() for k, v in model.state_dict().items()}], [1], lr=0.1, num_segments=1)
+
+
+def _scores_of(model, data):
+    return analyzer(model=model, training_run=_one_checkpoint(model), batch_size=5).pairwise_scores(data, data)
+
+
+TOKEN_DATA = TensorDataset(torch.linspace(-1, 1, 72, dtype=torch.float64).view(6, 3, 4), torch.zeros(6).long())
+
+
 BAD_INPUTS = [
     # TrainingRun
     ("empty checkpoint list", lambda: run(checkpoints=[], steps=[]), ValueError, "at least one checkpoint"),
@@ -124,6 +169,17 @@ BAD_INPUTS = [
      "must return a scalar tensor"),
     ("loss pair that is one loss", lambda: analyzer(task=SingleLossPairTask()).pairwise_scores(DATA, DATA), TypeError,
      r"compute_train_loss_pair must return \(sampled_loss, true_loss\)"),
+    ("tracked layers that fold tokens into the examples' dim", lambda: _scores_of(TokensIntoDim0().double(),
+                                                                                   TOKEN_DATA), ValueError,
+     "the tracked layers see 15 examples along dim 0 of their inputs, but batch 0 holds 5"),
+    ("a tracked layer that sees tokens first", lambda: _scores_of(TokensFirst().double(), TOKEN_DATA), ValueError,
+     r"tracked layers disagree on the number of examples in the batch .*'mix': 3"),
+    ("a shared module called with another batch size", lambda: _scores_of(SharedAcrossBatchSizes().double(), DATA),
+     ValueError, r"'lin' was called 2 times in one forward with batch sizes \[5, 1\]"),
+    ("tracking nn.MultiheadAttention's out_proj", lambda: analyzer(model=nn.ModuleDict({
+        "attn": nn.MultiheadAttention(4, 2), "head": nn.Linear(4, 3)}), task=type("T", (ClassificationTask,), {
+            "get_influence_tracked_modules": lambda self: ["attn.out_proj"]})()), ValueError,
+     "'attn.out_proj': nn.MultiheadAttention uses its out_proj's weight directly"),
     ("a tracked layer whose EK-FAC cannot fit in memory", lambda: _huge_output_analyzer(), ValueError,
      r"tracked module '1' \(\[300000, 5\]\) needs a 300000 × 300000 float64 eigendecomposition"),
     ("nll_pair labels of the wrong shape", lambda: sf.nll_pair(torch.zeros(3, 4), torch.zeros(4, dtype=torch.long)),
