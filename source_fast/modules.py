@@ -420,6 +420,7 @@ class Capture:
         self._sources: dict[str, tuple] = {}
         self._gradient_form: set[str] = set()  # layers whose last rows are `gradient_rows`
         self._handles = []
+        self._in_backward = False
 
     def __enter__(self):
         for layer in self.layers:
@@ -434,6 +435,8 @@ class Capture:
 
     def _hook(self, layer):
         def hook(module, inputs, output):
+            if self._in_backward:  # activation checkpointing recomputes the forward inside the backward
+                return
             self._inputs.setdefault(layer.name, []).append(inputs[0].detach())
             self._outputs.setdefault(layer.name, []).append(output)
         return hook
@@ -581,7 +584,18 @@ class Capture:
         if not loss.requires_grad:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
                                "be part of its graph")
-        grads = torch.autograd.grad(loss, [out for _, out in outputs], allow_unused=True, retain_graph=retain_graph)
+        detached = sorted({name for name, out in outputs if not out.requires_grad})
+        if detached:
+            raise RuntimeError(f"the outputs of tracked modules {detached} do not require grad: they were computed "
+                               f"without autograd (under torch.no_grad, or inside a reentrant activation checkpoint, "
+                               f"torch.utils.checkpoint(..., use_reentrant=True), whose forward runs without it; "
+                               f"use_reentrant=False works)")
+        self._in_backward = True
+        try:
+            grads = torch.autograd.grad(loss, [out for _, out in outputs], allow_unused=True,
+                                        retain_graph=retain_graph)
+        finally:
+            self._in_backward = False
         raw: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for (name, out), gy in zip(outputs, grads):
             raw[name].append(torch.zeros_like(out) if gy is None else gy.detach())

@@ -146,3 +146,38 @@ def test_shared_linear_sampled_fisher_one_pass_equals_fit_first():
     two = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=6, progress=False)
     two.fit(data)
     assert _rel(scores, two.pairwise_scores(queries, data)) <= 1e-10
+
+
+class _CheckpointedMLP(torch.nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a, self.b, self.c = torch.nn.Linear(4, 6), torch.nn.Linear(6, 6), torch.nn.Linear(6, 3)
+
+    def block(self, x):
+        return torch.tanh(self.b(torch.tanh(self.a(x))))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.c(self.block(x))
+        return self.c(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant))
+
+
+def test_activation_checkpointing_recomputes_no_second_call():
+    """torch.utils.checkpoint(use_reentrant=False) runs the block's forward again inside the backward: those calls
+    are not more calls of the modules (the hooks ignore the backward). The reentrant form runs its forward without
+    autograd: named."""
+    data = classification_data(n=12)
+    torch.manual_seed(0)
+    model = _CheckpointedMLP(None).double()
+    ckpts, steps, lrs = train_run(model, data, steps=6, every=3, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    queries = Subset(data, range(3))
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    model.reentrant = False
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    assert _rel(analyzer.pairwise_scores(queries, data), oracle) <= 1e-10
+    model.reentrant = True
+    with pytest.raises(RuntimeError, match=r"tracked modules \['a', 'b'\] do not require grad.*use_reentrant=False"), \
+            pytest.warns(UserWarning, match="None of the inputs have requires_grad"):  # torch's own, for that form
+        analyzer.pairwise_scores(queries, data)
