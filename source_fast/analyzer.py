@@ -355,18 +355,32 @@ class SourceAnalyzer:
                         widest.name, n, n, 9 * n ** 3 / 1e12)
 
     def _check_checkpoint_keys(self):
-        expected = set(self.model.state_dict().keys())
+        model_state = self.model.state_dict()
         for i, ckpt in enumerate(self.run.checkpoints):
             if isinstance(ckpt, Mapping):
-                self._compare_keys(i, set(ckpt.keys()), expected)
+                state = io.fill_tied(ckpt, model_state)
+                self._compare_keys(i, set(state.keys()), set(model_state.keys()), state)
 
     @staticmethod
-    def _compare_keys(index, got, expected):
-        if got != expected:
-            missing, unexpected = sorted(expected - got), sorted(got - expected)
-            raise ValueError(f"checkpoints[{index}] does not match the model's state_dict: missing keys "
-                             f"{missing[:8]}{'…' if len(missing) > 8 else ''}, unexpected keys "
-                             f"{unexpected[:8]}{'…' if len(unexpected) > 8 else ''}")
+    def _compare_keys(index, got, expected, state=None):
+        if got == expected:
+            return
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        hint = ""
+        nested = sorted(k for k in unexpected if state is not None and isinstance(state.get(k), Mapping))
+        if nested:  # {"model": state_dict, "optimizer": ...}
+            hint = (f"; it holds mappings under {nested[:4]}: a training checkpoint, not a state_dict (pass its "
+                    f"model's state_dict, e.g. torch.load(path)[{nested[0]!r}])")
+        else:
+            for prefix in ("module.", "_orig_mod.", "model."):  # DataParallel/DDP, torch.compile, a wrapper
+                if unexpected and {k.removeprefix(prefix) for k in unexpected if k.startswith(prefix)} >= set(missing):
+                    hint = (f"; its keys carry the prefix {prefix!r} (a wrapped model's state_dict): strip it, "
+                            f"{{k.removeprefix({prefix!r}): v for k, v in state.items()}}")
+                    break
+        index = f"checkpoints[{index}]" if isinstance(index, int) else f"checkpoint {index!r}"
+        raise ValueError(f"{index} does not match the model's state_dict: missing keys "
+                         f"{missing[:8]}{'…' if len(missing) > 8 else ''}, unexpected keys "
+                         f"{unexpected[:8]}{'…' if len(unexpected) > 8 else ''}{hint}")
 
     def _check_dataset(self, dataset, name):
         if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
@@ -412,8 +426,10 @@ class SourceAnalyzer:
 
     def _load(self, unit: Unit):
         if unit.uid not in self._state_cache:
-            state = unit.load()
-            self._compare_keys(unit.uid, set(state.keys()), set(self.model.state_dict().keys()))
+            model_state = self.model.state_dict()
+            state = io.fill_tied(unit.load(), model_state)
+            which = int(unit.uid[4:]) if unit.uid.startswith("ckpt") else unit.uid  # "ckpt<i>": checkpoints[i]
+            self._compare_keys(which, set(state.keys()), set(model_state.keys()), state)
             if len(self._state_cache) >= 8:  # bound memory: states are reloaded when evicted
                 self._state_cache.clear()
             self._state_cache[unit.uid] = state

@@ -1,4 +1,5 @@
-"""Results on disk: atomic writes, safetensors factors with a validated manifest.
+"""Results on disk: atomic writes, safetensors factors with a validated manifest; model checkpoints read from
+torch.save files, safetensors files and Hugging Face model directories.
 
 Every file is written as: temp file in the same directory → flush + fsync → os.replace → fsync the
 directory, so a crash leaves either the old file or the new one, never a torn one. A stored file
@@ -199,3 +200,61 @@ class ScoreStore:
 
     def complete(self) -> bool:
         return bool(self.done.all())
+
+
+# What a Hugging Face model directory (`save_pretrained`, a Trainer's checkpoint-<step>/) holds, in preference order:
+# one file, or shards listed by an index whose "weight_map" maps each tensor to its shard.
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A model's state_dict from a file or a directory, on the CPU.
+
+    A directory is read as a Hugging Face model directory (its first of model.safetensors, a sharded
+    model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json); a ``.safetensors`` file
+    with safetensors; anything else with ``torch.load(weights_only=True)``. Tied weights that `save_pretrained`
+    wrote once come back once: the analyzer fills the model's aliases (`fill_tied`)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in _HF_WEIGHTS:
+            if (path / name).is_file():
+                return _load_weights_file(path / name)
+        raise FileNotFoundError(f"directory {str(path)!r} holds none of {list(_HF_WEIGHTS)} (a Hugging Face model "
+                                f"directory); found {sorted(p.name for p in path.iterdir())[:10]}")
+    if not path.exists():
+        raise FileNotFoundError(f"file {str(path)!r} does not exist")
+    return _load_weights_file(path)
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".index.json"):
+        weight_map = json.loads(path.read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_load_weights_file(path.parent / shard))
+        return state
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
+    """`state` with the keys it lacks that are aliases in the model (tied weights: one tensor under two names, as
+    GPT-2's lm_head.weight and transformer.wte.weight) taken from the alias it has."""
+    missing = [k for k in model_state if k not in state]
+    if not missing:
+        return state
+    by_storage: dict[tuple, list[str]] = {}
+    for key, tensor in model_state.items():
+        if tensor.numel():
+            by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                                   tensor.stride()), []).append(key)
+    filled = dict(state)
+    for names in by_storage.values():
+        present = [n for n in names if n in state]
+        for name in names:
+            if name not in filled and present:
+                filled[name] = state[present[0]]
+    return filled

@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from .io import load_state_dict
+
 CheckpointLike = "Mapping[str, torch.Tensor] | str | os.PathLike"
 
 
@@ -43,8 +45,9 @@ class TrainingRun:
     """Checkpoints, schedule and segmentation of one training run.
 
     Args:
-        checkpoints: state_dicts or file paths (torch.save of a state_dict), in training order; the
-            last one is the final model.
+        checkpoints: state_dicts or paths, in training order; the last one is the final model. A path is a
+            torch.save of a state_dict, a .safetensors file, or a Hugging Face model directory
+            (`save_pretrained`, a Trainer's checkpoint-<step>/; tied weights it stores once are filled in).
         steps: global step (number of updates done) at which each checkpoint was taken, strictly
             increasing.
         lr: per-update learning rates (sequence, index k = update k), a callable k -> lr, or a float.
@@ -245,9 +248,9 @@ class TrainingRun:
         if isinstance(ckpt, Mapping):
             return dict(ckpt)
         try:
-            return torch.load(ckpt, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoints[{index}]: file {os.fspath(ckpt)!r} does not exist") from None
+            return load_state_dict(ckpt)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"checkpoints[{index}]: {exc}") from None
 
     def averaged_state(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Parameter average of several checkpoints (Fast-SOURCE); non-float buffers from the last."""

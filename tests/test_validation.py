@@ -159,6 +159,13 @@ BAD_INPUTS = [
     ("mismatched checkpoint keys", lambda: analyzer(training_run=run(
         checkpoints=[{"0.weight": torch.zeros(5, 4)}] + CKPTS[1:])), ValueError,
      r"checkpoints\[0\] does not match the model's state_dict: missing keys"),
+    ("a training checkpoint instead of a state_dict", lambda: analyzer(training_run=run(
+        checkpoints=[{"model": c, "optimizer": {}, "epoch": 3} for c in CKPTS])), ValueError,
+     r"it holds mappings under \['model', 'optimizer'\]: a training checkpoint, not a state_dict \(pass its model's "
+     r"state_dict, e.g. torch.load\(path\)\['model'\]\)"),
+    ("a wrapped model's checkpoint keys", lambda: analyzer(training_run=run(
+        checkpoints=[{f"module.{k}": v for k, v in c.items()} for c in CKPTS])), ValueError,
+     r"its keys carry the prefix 'module.' \(a wrapped model's state_dict\): strip it"),
     ("empty dataset", lambda: analyzer().fit(TensorDataset(torch.zeros(0, 4), torch.zeros(0).long())),
      ValueError, "train_dataset is empty"),
     ("dataset without length", lambda: analyzer().fit(iter([1, 2])), TypeError, "map-style"),
