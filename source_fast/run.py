@@ -242,6 +242,50 @@ class TrainingRun:
                 bounds.append(self._stage_span(stage)[1])
         return bounds
 
+    @classmethod
+    def from_hf_trainer(cls, source, model=None, *, num_segments: int | Sequence[int] = 3, lr=None,
+                        loss_scale: float = 1.0, stage_boundaries: Sequence[int] | None = None,
+                        example_stages: Sequence[int] | None = None) -> "TrainingRun":
+        """The run a Hugging Face `Trainer` saved: its output_dir (every checkpoint-<step>/ in it) or a list of
+        checkpoint directories (see `source_fast.hf_trainer`).
+
+        Reads the steps, the learning rate of every update (the Trainer's scheduler rebuilt from
+        training_args.bin and checked against the logged rates and each optimizer.pt's; or `lr` as given) and the
+        optimizer from optimizer.pt: SGD with its heavy-ball momentum, or Adam/AdamW with each parameter's v̂ and
+        eps (`model` names the parameters: needed for Adam). `loss_scale`: the Trainer's loss is a batch mean (a
+        token mean for causal LMs), so pass the optimiser's per-example loss over the task's (≈ 1 / tokens per
+        example for `CausalLMTask`); the default 1 suits a per-example mean such as `ClassificationTask`'s.
+        """
+        from . import hf_trainer
+
+        dirs = hf_trainer.checkpoint_dirs(source)
+        states = [hf_trainer._trainer_state(d) for d in dirs]
+        steps = [int(s["global_step"]) for s in states]
+        if lr is None:
+            lrs = hf_trainer.learning_rates(dirs[-1], steps[-1])
+            hf_trainer._check_logged(lrs, states[-1].get("log_history", []))
+            for directory, step in zip(dirs, steps):
+                held = hf_trainer.next_update_lr(directory)
+                if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
+                    raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
+                                     f"rebuilt schedule {lrs[step]:.6g}: pass lr= (one value per update)")
+            lr = lrs[:steps[-1]]
+        optimizers = [hf_trainer.optimizer_state(d, model) for d in dirs]
+        kinds = {o["optimizer"] for o in optimizers}
+        if len(kinds) > 1:
+            raise ValueError(f"the checkpoints were saved by different optimizers: {sorted(kinds)}")
+        common = dict(num_segments=num_segments, stage_boundaries=stage_boundaries, example_stages=example_stages,
+                      loss_scale=loss_scale)
+        paths = [str(d) for d in dirs]
+        if kinds == {"adam"}:
+            return cls(paths, steps, lr, momentum=0.0, optimizer="adam",
+                       adam_second_moments=[o["moments"] for o in optimizers], adam_eps=optimizers[-1]["eps"],
+                       **common)
+        momenta = {o["momentum"] for o in optimizers}
+        if len(momenta) > 1:
+            raise ValueError(f"the checkpoints' optimizers use different momenta {sorted(momenta)}")
+        return cls(paths, steps, lr, momentum=momenta.pop(), **common)
+
     # --------------------------------------------------------------------------------- helpers
     def load_checkpoint(self, index: int) -> dict[str, torch.Tensor]:
         ckpt = self.checkpoints[index]

@@ -1,0 +1,166 @@
+"""A `TrainingRun` from a Hugging Face `Trainer`'s output: its checkpoint-<step>/ directories.
+
+Each directory holds the model (model.safetensors or shards), the optimizer's state (optimizer.pt), the trainer's
+state (trainer_state.json: global step, logged learning rates) and its arguments (training_args.bin). From them:
+
+- checkpoints and steps: the directories, at their `global_step`;
+- the learning rate of every update: the Trainer's own scheduler rebuilt from its arguments
+  (`transformers.get_scheduler` with the same type, warmup and length), checked against every learning rate the run
+  logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises;
+- the optimizer, read from optimizer.pt: SGD (its heavy-ball momentum) or Adam/AdamW (per parameter the
+  bias-corrected second moment v̂ = exp_avg_sq / (1 − β₂^t) and eps, named by the Trainer's parameter groups:
+  weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape).
+
+Not read: the loss scale. The Trainer's loss is a mean over the batch (over its tokens for a causal LM), so the
+optimiser's per-example loss is `loss_scale` × the task's (≈ 1 / tokens per example for a causal LM with
+`sf.CausalLMTask`): pass it. Weight decay is not part of SOURCE's operators (SOURCE_MATH §4).
+
+training_args.bin is a pickle, loaded as the Trainer loads it when resuming (`torch.load(weights_only=False)`): read
+only directories you wrote.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+_STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dirs(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The checkpoint-<step>/ directories of a Trainer's output_dir (sorted by step), or the given ones."""
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if (root / "trainer_state.json").is_file():
+            return [root]
+        found = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+        if not found:
+            raise FileNotFoundError(f"{str(root)!r} holds no checkpoint-<step> directories (a Trainer's output_dir "
+                                    f"with save_strategy set) and is not one")
+        return [p for _, p in found]
+    dirs = [Path(p) for p in source]
+    if not dirs:
+        raise ValueError("checkpoint directories: got an empty list")
+    return dirs
+
+
+def _trainer_state(directory: Path) -> dict:
+    path = directory / "trainer_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no trainer_state.json: not a Trainer checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def learning_rates(directory: Path, total: int) -> list[float]:
+    """The learning rate of updates 0 … total (one more than the run made: the next update's, which a checkpoint's
+    optimizer holds), from the Trainer's scheduler rebuilt from training_args.bin."""
+    import transformers
+
+    args_path = directory / "training_args.bin"
+    if not args_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no training_args.bin: the learning-rate schedule cannot be "
+                                f"rebuilt; pass lr= (one value per update)")
+    args = torch.load(args_path, weights_only=False)
+    state = _trainer_state(directory)
+    max_steps = int(state.get("max_steps") or total)
+    param = nn.Parameter(torch.zeros(()))
+    optimizer = torch.optim.SGD([param], lr=float(args.learning_rate))
+    scheduler = transformers.get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                                           num_warmup_steps=args.get_warmup_steps(max_steps),
+                                           num_training_steps=max_steps,
+                                           scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {})
+    lrs = []
+    for _ in range(total + 1):
+        lrs.append(float(optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def _check_logged(lrs: list[float], log_history: list[dict]) -> None:
+    """Every learning rate the run logged is the rebuilt schedule's: the one of the update at that step (Trainers
+    log it after the update, as the lr it used or, in older versions, the next one's)."""
+    logged = [(int(e["step"]), float(e["learning_rate"])) for e in log_history
+              if "learning_rate" in e and "step" in e and 0 < int(e["step"]) <= len(lrs) - 1]
+    for shift in (1, 0):  # lr of update step − 1 (the one it used), or of update step (the next)
+        if all(math.isclose(lr, lrs[step - shift], rel_tol=1e-5, abs_tol=1e-12) for step, lr in logged):
+            return
+    step, lr = next((s, v) for s, v in logged if not math.isclose(v, lrs[s - 1], rel_tol=1e-5, abs_tol=1e-12))
+    raise ValueError(f"the learning rate logged at step {step} ({lr:.6g}) is not the rebuilt schedule's "
+                     f"({lrs[step - 1]:.6g}): the run's schedule is not its Trainer's default one (a custom "
+                     f"scheduler or optimizer?); pass lr= (one value per update)")
+
+
+def _decay_parameter_names(model: nn.Module) -> list[str]:
+    import transformers
+
+    return list(transformers.Trainer.get_decay_parameter_names(None, model))
+
+
+def _optimizer_names(model: nn.Module, groups: list[dict]) -> list[str]:
+    """Parameter names in the optimizer's order: the Trainer's groups (weight decay, then the others)."""
+    decay = set(_decay_parameter_names(model))
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in params if n in decay] + [n for n, _ in params if n not in decay]
+    sizes = [len(g["params"]) for g in groups]
+    expected = [sum(n in decay for n, _ in params), sum(n not in decay for n, _ in params)]
+    if sizes != [s for s in expected if s] and sizes != expected:
+        raise ValueError(f"optimizer.pt has parameter groups of sizes {sizes}, but the Trainer's grouping of this "
+                         f"model gives {expected}: pass optimizer='adam' with adam_second_moments by hand")
+    return names
+
+
+def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
+    """{"optimizer": "sgd", "momentum": β} or {"optimizer": "adam", "moments": {name: v̂}, "eps": eps}."""
+    path = directory / "optimizer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no optimizer.pt (saved with save_only_model?): the optimizer "
+                                f"cannot be read")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    groups, state = saved["param_groups"], saved["state"]
+    first = groups[0]
+    if "betas" in first:
+        if model is None:
+            raise ValueError("an Adam run needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
+                             "model=model))")
+        if any(g.get("amsgrad") for g in groups):
+            raise ValueError("optimizer.pt is AMSGrad: SOURCE's Adam approximation takes Adam's v̂")
+        names = _optimizer_names(model, groups)
+        shapes = dict((n, p.shape) for n, p in model.named_parameters())
+        moments = {}
+        for group in groups:
+            beta2 = float(group["betas"][1])
+            for index in group["params"]:
+                name = names[index] if index < len(names) else None
+                entry = state.get(index)
+                if entry is None:  # a parameter that never got a gradient
+                    continue
+                if name is None or tuple(entry["exp_avg_sq"].shape) != tuple(shapes[name]):
+                    raise ValueError(f"optimizer.pt's parameter {index} ({tuple(entry['exp_avg_sq'].shape)}) does not "
+                                     f"match the model's parameter {name!r} in the Trainer's order: pass "
+                                     f"adam_second_moments by hand")
+                step = float(entry["step"])
+                moments[name] = entry["exp_avg_sq"].float() / (1 - beta2 ** step)
+        return {"optimizer": "adam", "moments": moments, "eps": float(first["eps"])}
+    if "momentum" in first:
+        if any(g.get("nesterov") or g.get("dampening") for g in groups):
+            raise ValueError("optimizer.pt is SGD with Nesterov momentum or dampening: TrainingRun models heavy-ball "
+                             "momentum only")
+        momenta = {float(g["momentum"]) for g in groups}
+        if len(momenta) > 1:
+            raise ValueError(f"optimizer.pt's parameter groups use different momenta {sorted(momenta)}")
+        return {"optimizer": "sgd", "momentum": momenta.pop()}
+    raise ValueError(f"optimizer.pt is neither SGD nor Adam/AdamW (its parameter groups hold {sorted(first)}): "
+                     f"SOURCE models those two")
+
+
+def next_update_lr(directory: Path) -> float:
+    """The learning rate the checkpoint's optimizer holds: its next update's."""
+    saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+    return float(saved["param_groups"][0]["lr"])

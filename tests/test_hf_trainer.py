@@ -1,0 +1,83 @@
+"""TrainingRun.from_hf_trainer on a real Hugging Face Trainer run (tiny GPT-2 from a config, CPU, seconds)."""
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import source_fast as sf
+from source_fast.io import load_state_dict
+
+from _models import TokenDataset, padded_tokens, tiny_gpt2
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer's own dependency
+
+
+def _train(tmp_path, **kwargs):
+    model = tiny_gpt2(torch.float32)
+    data = TokenDataset(*padded_tokens(n=16))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=12, save_steps=4, logging_steps=1, learning_rate=0.01,
+                                          warmup_steps=2, lr_scheduler_type="cosine", report_to=[], use_cpu=True,
+                                          seed=0, disable_tqdm=True, **kwargs)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    return model, data, tmp_path / "out"
+
+
+def test_adamw_run_steps_schedule_and_second_moments(tmp_path):
+    model, data, out = _train(tmp_path)
+    run = sf.TrainingRun.from_hf_trainer(out, model, num_segments=3)
+    assert run.steps == [4, 8, 12] and run.optimizer == "adam" and run.momentum == 0.0
+    assert [p.rsplit("/", 1)[-1] for p in run.checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
+    # the schedule: warmup 0 → 0.01 over 2 updates, then cosine to 0 over 10; every update logged
+    want = [0.01 * k / 2 for k in range(2)] + \
+        [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 10)) for k in range(2, 12)]
+    assert run.lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
+    log = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    assert [e["learning_rate"] for e in log if "learning_rate" in e] == pytest.approx(want, rel=1e-5)
+    # v̂ of a named parameter, by hand from optimizer.pt (the Trainer's groups: decay, then no decay)
+    saved = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    decay = transformers.Trainer.get_decay_parameter_names(None, model)
+    order = [n for n, _ in model.named_parameters() if n in decay] + \
+        [n for n, _ in model.named_parameters() if n not in decay]
+    index = order.index("transformer.h.0.mlp.c_fc.weight")
+    entry = saved["state"][index]
+    torch.testing.assert_close(run.adam_second_moments[1]["transformer.h.0.mlp.c_fc.weight"],
+                               entry["exp_avg_sq"] / (1 - 0.999 ** float(entry["step"])))
+    assert run.adam_eps == 1e-8
+    # scores from the directories, as from the same pieces given by hand
+    states = [load_state_dict(p) for p in run.checkpoints]
+    by_hand = sf.TrainingRun(states, [4, 8, 12], want, optimizer="adam", adam_second_moments=run.adam_second_moments,
+                             num_segments=3)
+    task = sf.CausalLMTask([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
+    queries = Subset(data, range(3))
+    got = sf.SourceAnalyzer(model, task, run, batch_size=8, progress=False).pairwise_scores(queries, data)
+    expected = sf.SourceAnalyzer(model, task, by_hand, batch_size=8, progress=False).pairwise_scores(queries, data)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+    assert bool(torch.isfinite(got).all()) and got.abs().max() > 0
+
+
+def test_sgd_momentum_run(tmp_path):
+    model, _, out = _train(tmp_path, optim="sgd", optim_args="momentum=0.9")
+    run = sf.TrainingRun.from_hf_trainer(out, num_segments=[6])  # SGD needs no model; explicit boundaries
+    assert run.optimizer == "sgd" and run.momentum == 0.9 and run.steps == [4, 8, 12]
+    assert len(run.segments) == 2 and run.lrs[2] == pytest.approx(0.01)
+
+
+def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
+    model, _, out = _train(tmp_path)
+    state_path = out / "checkpoint-12" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["log_history"][5]["learning_rate"] *= 2  # as if a custom scheduler had run
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"learning rate logged at step 6 .* is not the rebuilt schedule's"):
+        sf.TrainingRun.from_hf_trainer(out, model)
+    run = sf.TrainingRun.from_hf_trainer(out, model, lr=0.01)  # given by hand: taken as it is
+    assert list(run.lrs) == [0.01] * 12
+
+
+def test_not_a_trainer_output_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint-<step> directories"):
+        sf.TrainingRun.from_hf_trainer(tmp_path)
