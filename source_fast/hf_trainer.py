@@ -98,9 +98,15 @@ def _check_logged(lrs: list[float], log_history: list[dict]) -> None:
 
 
 def _decay_parameter_names(model: nn.Module) -> list[str]:
+    """The Trainer's own rule (no parameter group of its own is built here: the method reads only the model)."""
     import transformers
 
-    return list(transformers.Trainer.get_decay_parameter_names(None, model))
+    try:
+        return list(transformers.Trainer.get_decay_parameter_names(None, model))
+    except Exception as exc:  # another transformers whose rule needs a Trainer
+        raise ValueError(f"transformers {transformers.__version__}: the Trainer's weight-decay grouping could not be "
+                         f"rebuilt ({type(exc).__name__}: {exc}), so optimizer.pt's parameters cannot be named: build "
+                         f"the TrainingRun with optimizer='adam' and adam_second_moments by hand") from exc
 
 
 def _optimizer_names(model: nn.Module, groups: list[dict]) -> list[str]:
