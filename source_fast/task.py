@@ -30,7 +30,7 @@ Face-style causal LMs: mapping batches with ``input_ids``), all with ``compute_t
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -84,13 +84,30 @@ class ClassificationTask(_ReadyMadeTask):
     `sample_labels` draws them); `compute_train_loss_pair` gives both losses from one forward (one pass per
     checkpoint).
 
+    Hugging Face-style batches work too: a mapping with ``labels`` (``[B]``) and the model's other inputs
+    (``input_ids``, ``attention_mask``, ...), for a model called as ``model(**inputs)`` whose output has
+    ``.logits`` (``AutoModelForSequenceClassification``); its ``attention_mask`` is the task's, so padded tokens
+    leave the activation covariances. A Trainer's mean cross-entropy is this loss per example:
+    ``TrainingRun.from_hf_trainer``'s default ``loss_scale=1`` fits.
+
     Args:
         tracked_modules: module names to attribute through (default: every supported module).
     """
 
+    def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
+        return batch.get("attention_mask") if isinstance(batch, Mapping) else None
+
     def _logits_and_targets(self, batch, model):
-        inputs, targets = self._inputs_targets(batch)
-        logits = model(inputs)
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                raise TypeError(f"ClassificationTask expects (inputs, targets) batches or a mapping with 'labels' "
+                                f"beside the model's inputs, got a mapping with keys {sorted(batch)}")
+            targets = batch["labels"]
+            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            logits = getattr(out, "logits", out)
+        else:
+            inputs, targets = self._inputs_targets(batch)
+            logits = model(inputs)
         if logits.dim() != 2 or targets.shape != logits.shape[:1]:
             raise ValueError(f"ClassificationTask expects logits [batch, classes] and targets [batch], got logits "
                              f"{tuple(logits.shape)} and targets {tuple(targets.shape)}")

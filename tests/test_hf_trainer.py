@@ -81,3 +81,32 @@ def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
 def test_not_a_trainer_output_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoint-<step> directories"):
         sf.TrainingRun.from_hf_trainer(tmp_path)
+
+
+def test_a_fine_tuned_sequence_classifier_end_to_end(tmp_path):
+    """Trainer fine-tunes a BERT classifier (AdamW, linear schedule) on mapping batches; its output_dir gives the
+    run, sf.ClassificationTask reads the same batches: SOURCE scores and self-influence come out finite."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=8, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)
+    ids, mask = padded_tokens(n=16, lengths=(2, 6))
+    labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=8, save_steps=2, logging_steps=3, learning_rate=1e-3,
+                                          report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=Items()).train()
+    run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=2)
+    assert run.steps == [2, 4, 6, 8] and run.optimizer == "adam"
+    analyzer = sf.SourceAnalyzer(model, sf.ClassificationTask(), run, batch_size=8, progress=False)
+    scores = analyzer.pairwise_scores(Subset(Items(), range(3)), Items())
+    assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
+    assert bool(torch.isfinite(analyzer.self_scores(Items())).all())

@@ -206,3 +206,53 @@ def test_causal_lm_task_fused_output_layer_gives_the_same_scores():
     assert torch.allclose(scores[0], scores[1], rtol=1e-10, atol=1e-12 * scores[1].abs().max().item())
     with pytest.raises(ValueError, match="fused_output_layer=True\\) needs tracked_modules"):
         sf.CausalLMTask(fused_output_layer=True)
+
+
+class _LabelledTokens(torch.utils.data.Dataset):
+    """Hugging Face-style sequence-classification items: input_ids, attention_mask, labels (one per sequence)."""
+
+    def __init__(self, ids, mask, labels):
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_classification_task_on_a_hugging_face_sequence_classifier_matches_dense_oracle():
+    """A BERT classifier from a config, mapping batches with labels and right padding: every Linear tracked (the
+    attention mask leaves padded tokens out of the covariances), against the dense oracle."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=LM_VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=8, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.BertForSequenceClassification(config).double()
+    ids, mask = padded_tokens(n=12, lengths=(2, 6))
+    data = _LabelledTokens(ids, mask, torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1)))
+    task = sf.ClassificationTask()
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    assert torch.equal(task.get_attention_mask(batch), mask[:4])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(task.compute_train_loss(batch, model), F.cross_entropy(logits, batch["labels"],
+                                                                                 reduction="sum"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    full = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    ckpts, steps = [], []
+    for k in range(6):
+        opt.zero_grad()
+        (task.compute_train_loss(full, model) / len(data)).backward()
+        opt.step()
+        if (k + 1) % 2 == 0:
+            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+            steps.append(k + 1)
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=3)
+    queries = Subset(data, range(3))
+    scores = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=5,
+                               progress=False).pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
+    with pytest.raises(TypeError, match="or a mapping with 'labels'"):
+        task.compute_train_loss({"input_ids": ids}, model)
