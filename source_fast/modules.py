@@ -12,6 +12,7 @@ G_n = Σ_t g_{n,t} a_{n,t}ᵀ in this "[O, I], bias last" layout.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -400,7 +401,22 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
                        for k in range(groups)]
     if not layers:
         raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track ({_SUPPORTED})")
+    _warn_tied(selected)
     return layers
+
+
+def _warn_tied(selected: list[tuple[str, nn.Module]]) -> None:
+    """Tracked modules that share a Parameter (weights tied between two layers) are two layers to source_fast: two
+    EK-FAC blocks whose gradients are not summed (Kronfluence does the same). Say so once per pair."""
+    owners: dict[int, str] = {}
+    for name, module in selected:
+        for pname, param in module.named_parameters(recurse=False):
+            first = owners.setdefault(id(param), f"{name}.{pname}")
+            if first != f"{name}.{pname}":
+                logging.getLogger("source_fast").warning(
+                    "source_fast: tracked parameters %s and %s are one tensor (tied weights): each module is its own "
+                    "layer with its own EK-FAC block, and their gradients are not summed; track one of them to "
+                    "attribute through that use only", first, f"{name}.{pname}")
 
 
 class Capture:

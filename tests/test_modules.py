@@ -208,3 +208,15 @@ def test_unsupported_modules_say_why(module, why):
     assert why in supported(module)
     with pytest.raises(ValueError, match="tracked module 'm'"):
         find_tracked_layers(nn.ModuleDict({"m": module}), ["m"])
+
+
+def test_tracked_modules_sharing_a_weight_are_named(caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model[2].weight = model[0].weight
+    with caplog.at_level("WARNING", logger="source_fast"):
+        find_tracked_layers(model)
+    assert "tracked parameters 0.weight and 2.weight are one tensor (tied weights)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="source_fast"):
+        find_tracked_layers(model, ["0", "3"])
+    assert "tied" not in caplog.text

@@ -63,3 +63,4 @@ def test_transformer_encoder_layer_matches_dense_oracle_float64(batch_first):
                                  module_names=[layer.name for layer in layers])
     assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
 
+
