@@ -71,15 +71,18 @@ def learning_rates(directory: Path, total: int) -> list[float]:
     max_steps = int(state.get("max_steps") or total)
     param = nn.Parameter(torch.zeros(()))
     optimizer = torch.optim.SGD([param], lr=float(args.learning_rate))
-    scheduler = transformers.get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                                           num_warmup_steps=args.get_warmup_steps(max_steps),
-                                           num_training_steps=max_steps,
-                                           scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {})
     lrs = []
-    for _ in range(total + 1):
-        lrs.append(float(optimizer.param_groups[0]["lr"]))
-        optimizer.step()
-        scheduler.step()
+    try:
+        scheduler = transformers.get_scheduler(
+            args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
+            num_training_steps=max_steps, scheduler_specific_kwargs=getattr(args, "lr_scheduler_kwargs", None) or {})
+        for _ in range(total + 1):
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+            optimizer.step()
+            scheduler.step()
+    except Exception as exc:  # a schedule that needs more than the step count (reduce_lr_on_plateau: metrics)
+        raise ValueError(f"the Trainer's {args.lr_scheduler_type!s} schedule could not be rebuilt from "
+                         f"training_args.bin ({type(exc).__name__}: {exc}): pass lr= (one value per update)") from exc
     return lrs
 
 
