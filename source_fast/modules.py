@@ -369,8 +369,9 @@ def _sequence_first(model: nn.Module) -> set[int]:
 
 
 def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> list[TrackedLayer]:
-    """Tracked layers of `model`: the named ones (each must be supported) or every supported one (but those whose
-    forward is never called: nn.MultiheadAttention's out_proj)."""
+    """Tracked layers of `model`: the named ones (each must be supported) or every supported one that trained (with a
+    parameter that requires grad, when some are frozen; see `_trained`) but those whose forward is never called
+    (nn.MultiheadAttention's out_proj)."""
     layers = []
     modules = dict(model.named_modules())
     never_called = _never_called(model)
@@ -388,6 +389,7 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
     else:
         selected = [(n, m) for n, m in model.named_modules()
                     if n and supported(m) is None and id(m) not in never_called]
+        selected = _trained(selected)
     sequence_first = _sequence_first(model)
     for name, module in selected:
         kind = "linear" if isinstance(module, nn.Linear) else "conv" if isinstance(module, (nn.Conv1d, nn.Conv2d)) \
@@ -403,6 +405,22 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
         raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track ({_SUPPORTED})")
     _warn_tied(selected)
     return layers
+
+
+def _trained(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Of the supported modules, those with a parameter that requires grad, when the model has both kinds: a frozen
+    module did not move in training (a frozen backbone, LoRA's base layers), so nothing flows through it to the
+    final parameters and its gradients would only add terms to the scores. A model frozen as a whole (set up for
+    inference) keeps every module."""
+    trained = [(n, m) for n, m in selected if any(p.requires_grad for p in m.parameters(recurse=False))]
+    if trained and len(trained) < len(selected):
+        frozen = [n for n, m in selected if (n, m) not in trained]
+        logging.getLogger("source_fast").info(
+            "source_fast: tracking the %d supported modules with parameters that require grad; left out %d frozen "
+            "ones (%s%s); name the modules in the task's get_influence_tracked_modules() to choose", len(trained),
+            len(frozen), ", ".join(frozen[:4]), ", …" if len(frozen) > 4 else "")
+        return trained
+    return selected
 
 
 def _warn_tied(selected: list[tuple[str, nn.Module]]) -> None:

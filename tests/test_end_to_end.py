@@ -580,3 +580,28 @@ def test_rotation_plan_prefers_unrotated_rows_when_both_sides_have_zeros():
     assert _rotation_plan(*shape, True, 1.0) == "output"
     assert _rotation_plan(*shape, True, 0.5) == "direction"
     assert _rotation_plan(*shape, False, 0.5) == "rows"
+
+
+def test_frozen_modules_are_left_out_by_default_and_scores_match_the_oracle_of_the_trained_ones(caplog):
+    """A fine-tune with a frozen first layer (a frozen backbone, LoRA's base layers): the frozen layer did not move,
+    so by default it is not tracked, and the scores are the oracle's over the trained layers. A model frozen as a
+    whole (set up for inference) keeps every layer."""
+    from torch import nn
+
+    data = classification_data(n=16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model[0].requires_grad_(False)
+    ckpts, steps, lrs = train_run(model, data, steps=9, every=3, lr=0.3)
+    assert torch.equal(ckpts[0]["0.weight"], ckpts[-1]["0.weight"])  # it did not train
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    with caplog.at_level("INFO", logger="source_fast"):
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5,
+                                     progress=False)
+    assert [layer.name for layer in analyzer.layers] == ["2", "4"]
+    assert "left out 1 frozen ones (0)" in caplog.text
+    queries = Subset(data, range(3))
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, module_names=["2", "4"])
+    assert _rel(analyzer.pairwise_scores(queries, data), oracle) <= 1e-6
+    model.requires_grad_(False)
+    assert len(sf.SourceAnalyzer(model, ClassificationTask(), run, progress=False).layers) == 3
