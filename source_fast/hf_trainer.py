@@ -156,6 +156,14 @@ def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
                                      f"adam_second_moments by hand")
                 step = float(entry["step"])
                 moments[name] = entry["exp_avg_sq"].float() / (1 - beta2 ** step)
+        aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names (GPT-2's lm_head)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(param), []).append(name)
+        for names_of_one in aliases.values():
+            known = [n for n in names_of_one if n in moments]
+            for alias in names_of_one:
+                if known and alias not in moments:
+                    moments[alias] = moments[known[0]]
         return {"optimizer": "adam", "moments": moments, "eps": float(first["eps"])}
     if "momentum" in first:
         if any(g.get("nesterov") or g.get("dampening") for g in groups):
