@@ -294,6 +294,14 @@ class SourceAnalyzer:
         self.score_block = batch_size * max(1, -(-target // batch_size))
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.layers: list[TrackedLayer] = find_tracked_layers(model, tracked_module_names(task))
+        # What a saved checkpoint may leave out and the model restores (io.match_to_model): PEFT's adapter names in
+        # its keys and, in a model with both trained and frozen parameters (a PEFT adapter on a frozen base), the
+        # frozen parameters and the buffers, which did not train. (A model frozen as a whole tells nothing.)
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        partial = bool(frozen) and any(p.requires_grad for p in model.parameters())
+        self._checkpoint_gaps = {
+            "constant": frozen | {n for n, _ in model.named_buffers(remove_duplicate=False)} if partial else set(),
+            "adapter_names": tuple(getattr(model, "peft_config", None) or ())}
         self._check_checkpoint_keys()
         if method in ("source", "fast_source", "influence"):
             self._check_factor_memory()
@@ -358,7 +366,7 @@ class SourceAnalyzer:
         model_state = self.model.state_dict()
         for i, ckpt in enumerate(self.run.checkpoints):
             if isinstance(ckpt, Mapping):
-                state = io.fill_tied(ckpt, model_state)
+                state = io.match_to_model(ckpt, model_state, **self._checkpoint_gaps)
                 self._compare_keys(i, set(state.keys()), set(model_state.keys()), state)
 
     @staticmethod
@@ -427,7 +435,7 @@ class SourceAnalyzer:
     def _load(self, unit: Unit):
         if unit.uid not in self._state_cache:
             model_state = self.model.state_dict()
-            state = io.fill_tied(unit.load(), model_state)
+            state = io.match_to_model(unit.load(), model_state, **self._checkpoint_gaps)
             which = int(unit.uid[4:]) if unit.uid.startswith("ckpt") else unit.uid  # "ckpt<i>": checkpoints[i]
             self._compare_keys(which, set(state.keys()), set(model_state.keys()), state)
             if len(self._state_cache) >= 8:  # bound memory: states are reloaded when evicted

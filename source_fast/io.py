@@ -204,16 +204,18 @@ class ScoreStore:
 
 # What a Hugging Face model directory (`save_pretrained`, a Trainer's checkpoint-<step>/) holds, in preference order:
 # one file, or shards listed by an index whose "weight_map" maps each tensor to its shard.
-_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+               "adapter_model.safetensors", "adapter_model.bin")  # the last two: a PEFT adapter's weights only
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A model's state_dict from a file or a directory, on the CPU.
 
     A directory is read as a Hugging Face model directory (its first of model.safetensors, a sharded
-    model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json); a ``.safetensors`` file
-    with safetensors; anything else with ``torch.load(weights_only=True)``. Tied weights that `save_pretrained`
-    wrote once come back once: the analyzer fills the model's aliases (`fill_tied`)."""
+    model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json, or a PEFT adapter's
+    adapter_model.safetensors / .bin); a ``.safetensors`` file with safetensors; anything else with
+    ``torch.load(weights_only=True)``. What such files leave out (tied weights written once, a PEFT adapter's
+    frozen base model, the adapter name in its keys) the analyzer restores against its model (`match_to_model`)."""
     path = Path(path)
     if path.is_dir():
         for name in _HF_WEIGHTS:
@@ -258,3 +260,26 @@ def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
             if name not in filled and present:
                 filled[name] = state[present[0]]
     return filled
+
+
+def match_to_model(state: dict, model_state: dict[str, torch.Tensor], *, constant: set[str] = frozenset(),
+                   adapter_names: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's tensors under the model's state_dict keys, with what a saved file may leave out restored:
+    tied weights (`fill_tied`); the adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the
+    model's "…lora_A.default.weight", one of `adapter_names`); and the `constant` keys it lacks (parameters frozen in
+    the model, and buffers: they did not train, as a PEFT adapter's base model), taken from `model_state`."""
+    state = fill_tied(state, model_state)
+    unknown = [k for k in state if k not in model_state]
+    if unknown and adapter_names:
+        saved_as: dict[str, list[str]] = {}
+        for key in model_state:
+            for name in adapter_names:
+                if f".{name}." in key:
+                    saved_as.setdefault(key.replace(f".{name}.", ".", 1), []).append(key)
+        state = dict(state)
+        for key in unknown:
+            targets = saved_as.get(key, [])
+            if len(targets) == 1 and targets[0] not in state:
+                state[targets[0]] = state.pop(key)
+    missing = [k for k in model_state if k not in state and k in constant]
+    return {**state, **{k: model_state[k] for k in missing}} if missing else state

@@ -111,3 +111,39 @@ def test_a_fine_tuned_sequence_classifier_end_to_end(tmp_path):
     scores = analyzer.pairwise_scores(Subset(Items(), range(3)), Items())
     assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
     assert bool(torch.isfinite(analyzer.self_scores(Items())).all())
+
+
+def test_a_lora_fine_tune_from_its_adapter_checkpoints(tmp_path):
+    """Trainer on a PEFT LoRA model: its checkpoint directories hold the adapter only. from_hf_trainer names the
+    adapters' v̂ (the optimizer's only parameters); the analyzer tracks the adapters (the base is frozen) and reads
+    the adapter checkpoints against the model: the same scores as from the full state_dicts."""
+    peft = pytest.importorskip("peft")
+    base = tiny_gpt2(torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True, r=2,
+                                                      init_lora_weights=False))
+    data = TokenDataset(*padded_tokens(n=16))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=6, save_steps=3, logging_steps=1, learning_rate=0.01,
+                                          report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "checkpoint-3" / "model.safetensors").exists()
+    run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=2)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert run.optimizer == "adam" and sorted(run.adam_second_moments[1]) == sorted(lora)
+    analyzer = sf.SourceAnalyzer(model, sf.CausalLMTask(), run, batch_size=8, progress=False)
+    assert [layer.name for layer in analyzer.layers] == [n.removesuffix(".weight") for n in lora]
+    queries = Subset(data, range(3))
+    scores = analyzer.pairwise_scores(queries, data)
+    full = [{k: v.clone() for k, v in model.state_dict().items()} for _ in run.checkpoints]
+    for state, directory in zip(full, run.checkpoints):  # the full state_dicts of the same checkpoints
+        adapter = load_state_dict(directory)
+        for key in list(state):
+            saved = key.replace(".default.", ".")
+            if saved in adapter:
+                state[key] = adapter[saved]
+    by_hand = sf.TrainingRun(full, run.steps, list(run.lrs), optimizer="adam",
+                             adam_second_moments=run.adam_second_moments, num_segments=2)
+    expected = sf.SourceAnalyzer(model, sf.CausalLMTask(), by_hand, batch_size=8,
+                                 progress=False).pairwise_scores(queries, data)
+    assert torch.equal(scores, expected) and bool(torch.isfinite(scores).all())
