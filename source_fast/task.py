@@ -91,7 +91,7 @@ class ClassificationTask(_ReadyMadeTask):
     ``TrainingRun.from_hf_trainer``'s default ``loss_scale=1`` fits.
 
     Args:
-        tracked_modules: module names to attribute through (default: every supported module).
+        tracked_modules: module names to attribute through (default: every supported module that trained).
     """
 
     def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
@@ -131,7 +131,7 @@ class RegressionTask(_ReadyMadeTask):
     with ``TrainingRun(loss_scale=2)`` (a mean over examples is already handled by 1/N).
 
     Args:
-        tracked_modules: module names to attribute through (default: every supported module).
+        tracked_modules: module names to attribute through (default: every supported module that trained).
     """
 
     def _predictions_and_targets(self, batch, model):
@@ -169,7 +169,7 @@ class CausalLMTask(_ReadyMadeTask):
     checkpoint). The activation covariance counts the positions of the attention mask.
 
     Args:
-        tracked_modules: module names to attribute through (default: every supported module, which for
+        tracked_modules: module names to attribute through (default: every supported module that trained, which for
             a Hugging Face LM includes ``lm_head``).
         fused_output_layer: compute the losses from the base model's last hidden states and the output
             layer's weight with `linear_nll_pair`, never keeping the logits (for large vocabularies). Only for
