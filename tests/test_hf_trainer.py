@@ -113,6 +113,7 @@ def test_a_fine_tuned_sequence_classifier_end_to_end(tmp_path):
     assert bool(torch.isfinite(analyzer.self_scores(Items())).all())
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # transformers' own
 def test_a_lora_fine_tune_from_its_adapter_checkpoints(tmp_path):
     """Trainer on a PEFT LoRA model: its checkpoint directories hold the adapter only. from_hf_trainer names the
     adapters' v̂ (the optimizer's only parameters); the analyzer tracks the adapters (the base is frozen) and reads
