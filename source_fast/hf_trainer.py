@@ -25,7 +25,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,13 +125,43 @@ def _optimizer_names(model: nn.Module, groups: list[dict]) -> list[str]:
     return names
 
 
-def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
-    """{"optimizer": "sgd", "momentum": β} or {"optimizer": "adam", "moments": {name: v̂}, "eps": eps}."""
+class SecondMoments(Mapping):
+    """A checkpoint's Adam v̂ by parameter name, read on access from its memory-mapped optimizer.pt: the analyzer
+    takes only its tracked layers' (holding every parameter's v̂ of every checkpoint would not fit a large model).
+    Tied weights' aliases (GPT-2's lm_head.weight) map to their parameter's."""
+
+    def __init__(self, path: Path, state: dict, entries: dict[str, tuple[int, float]]):
+        self._path, self._state, self._entries = path, state, entries  # name -> (state index, β₂)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        index, beta2 = self._entries[name]
+        entry = self._state[index]
+        return entry["exp_avg_sq"].float() / (1 - beta2 ** float(entry["step"]))
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"SecondMoments({str(self._path)!r}, {len(self)} parameters)"
+
+
+def _load_optimizer(directory: Path) -> dict:
     path = directory / "optimizer.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no optimizer.pt (saved with save_only_model?): the optimizer "
                                 f"cannot be read")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: only the tensors read are read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
+    """{"optimizer": "sgd", "momentum": β} or {"optimizer": "adam", "moments": SecondMoments, "eps": eps}."""
+    saved = _load_optimizer(directory)
     groups, state = saved["param_groups"], saved["state"]
     first = groups[0]
     if "betas" in first:
@@ -142,7 +172,7 @@ def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
             raise ValueError("optimizer.pt is AMSGrad: SOURCE's Adam approximation takes Adam's v̂")
         names = _optimizer_names(model, groups)
         shapes = dict((n, p.shape) for n, p in model.named_parameters())
-        moments = {}
+        entries: dict[str, tuple[int, float]] = {}
         for group in groups:
             beta2 = float(group["betas"][1])
             for index in group["params"]:
@@ -154,16 +184,16 @@ def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
                     raise ValueError(f"optimizer.pt's parameter {index} ({tuple(entry['exp_avg_sq'].shape)}) does not "
                                      f"match the model's parameter {name!r} in the Trainer's order: pass "
                                      f"adam_second_moments by hand")
-                step = float(entry["step"])
-                moments[name] = entry["exp_avg_sq"].float() / (1 - beta2 ** step)
-        aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names (GPT-2's lm_head)
+                entries[name] = (index, beta2)
+        aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names
         for name, param in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(param), []).append(name)
         for names_of_one in aliases.values():
-            known = [n for n in names_of_one if n in moments]
+            known = [n for n in names_of_one if n in entries]
             for alias in names_of_one:
-                if known and alias not in moments:
-                    moments[alias] = moments[known[0]]
+                if known and alias not in entries:
+                    entries[alias] = entries[known[0]]
+        moments = SecondMoments(directory / "optimizer.pt", state, entries)
         return {"optimizer": "adam", "moments": moments, "eps": float(first["eps"])}
     if "momentum" in first:
         if any(g.get("nesterov") or g.get("dampening") for g in groups):
@@ -179,5 +209,4 @@ def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
 
 def next_update_lr(directory: Path) -> float:
     """The learning rate the checkpoint's optimizer holds: its next update's."""
-    saved = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    return float(saved["param_groups"][0]["lr"])
+    return float(_load_optimizer(directory)["param_groups"][0]["lr"])
