@@ -9,7 +9,11 @@ state (trainer_state.json: global step, logged learning rates) and its arguments
   logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises;
 - the optimizer, read from optimizer.pt: SGD (its heavy-ball momentum) or Adam/AdamW (per parameter the
   bias-corrected second moment v̂ = exp_avg_sq / (1 − β₂^t) and eps, named by the Trainer's parameter groups:
-  weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape).
+  weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape;
+  read on access from the memory-mapped file, so only the tracked layers' v̂ are ever read).
+
+The model files are read by `io.load_state_dict` when the analyzer loads a checkpoint (a PEFT model's directories
+hold its adapter only: `io.match_to_model` puts it on the model's frozen base).
 
 Not read: the loss scale. The Trainer's loss is a mean over the batch (over its tokens for a causal LM), so the
 optimiser's per-example loss is `loss_scale` × the task's (≈ 1 / tokens per example for a causal LM with
