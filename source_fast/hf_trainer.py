@@ -16,8 +16,8 @@ The model files are read by `io.load_state_dict` when the analyzer loads a check
 hold its adapter only: `io.match_to_model` puts it on the model's frozen base).
 
 Not read: the loss scale. The Trainer's loss is a mean over the batch (over its tokens for a causal LM), so the
-optimiser's per-example loss is `loss_scale` × the task's (≈ 1 / tokens per example for a causal LM with
-`sf.CausalLMTask`): pass it. Weight decay is not part of SOURCE's operators (SOURCE_MATH §4).
+optimiser's per-example loss is `loss_scale` × the task's (for `sf.CausalLMTask`, its
+`token_mean_loss_scale(train_dataset)`): pass it. Weight decay is not part of SOURCE's operators (SOURCE_MATH §4).
 
 training_args.bin is a pickle, loaded as the Trainer loads it when resuming (`torch.load(weights_only=False)`): read
 only directories you wrote.

@@ -253,8 +253,9 @@ class TrainingRun:
         training_args.bin and checked against the logged rates and each optimizer.pt's; or `lr` as given) and the
         optimizer from optimizer.pt: SGD with its heavy-ball momentum, or Adam/AdamW with each parameter's v̂ and
         eps (`model` names the parameters: needed for Adam). `loss_scale`: the Trainer's loss is a batch mean (a
-        token mean for causal LMs), so pass the optimiser's per-example loss over the task's (≈ 1 / tokens per
-        example for `CausalLMTask`); the default 1 suits a per-example mean such as `ClassificationTask`'s.
+        token mean for causal LMs), so pass the optimiser's per-example loss over the task's (for `CausalLMTask`,
+        its `token_mean_loss_scale(train_dataset)`); the default 1 suits a per-example mean such as
+        `ClassificationTask`'s.
         """
         from . import hf_trainer
 

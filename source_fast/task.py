@@ -230,6 +230,22 @@ class CausalLMTask(_ReadyMadeTask):
     def get_attention_mask(self, batch: Any) -> torch.Tensor | None:
         return batch.get("attention_mask") if hasattr(batch, "get") else None
 
+    def token_mean_loss_scale(self, dataset, batch_size: int = 64) -> float:
+        """`TrainingRun`'s ``loss_scale`` for a run that stepped on the mean over the batch's predicted tokens (a
+        Hugging Face Trainer's causal-LM loss): this task's loss sums a document's tokens, so the optimiser's
+        per-example loss is B / (predicted tokens in the batch) times it, taken here as its dataset mean,
+        documents / predicted tokens (exact when every batch has the mean number of tokens per document)."""
+        from torch.utils.data import DataLoader
+
+        documents = predicted = 0
+        for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            _, _, labels = self._ids_mask_labels(batch)
+            documents += labels.shape[0]
+            predicted += int((labels != self.ignore_index).sum())
+        if predicted == 0:
+            raise ValueError("token_mean_loss_scale: the dataset has no predicted tokens")
+        return documents / predicted
+
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one label per row from softmax(logits) (for ``compute_train_loss(..., sample=True)``).

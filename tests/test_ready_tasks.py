@@ -256,3 +256,10 @@ def test_classification_task_on_a_hugging_face_sequence_classifier_matches_dense
     assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
     with pytest.raises(TypeError, match="or a mapping with 'labels'"):
         task.compute_train_loss({"input_ids": ids}, model)
+
+
+def test_causal_lm_task_token_mean_loss_scale_is_documents_over_predicted_tokens():
+    ids, mask = padded_tokens(n=10)
+    data = TokenDataset(ids, mask, with_labels=False)
+    predicted = int((mask[:, 1:] == 1).sum())  # position t predicts token t + 1 where it is a real token
+    assert sf.CausalLMTask().token_mean_loss_scale(data, batch_size=3) == pytest.approx(10 / predicted)
