@@ -613,7 +613,10 @@ class Capture:
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self._outputs]
         if missing:
-            raise RuntimeError(f"tracked modules {missing} were not called in the forward pass")
+            raise RuntimeError(f"tracked modules {missing} were not called in the forward pass (a module whose weight "
+                               f"the model reads directly, F.linear(x, m.weight), or that a batch can skip, as an "
+                               f"expert of a mixture, cannot be tracked: leave it out of "
+                               f"get_influence_tracked_modules())")
         outputs = [(name, out) for name in names for out in self._outputs[name]]
         if not loss.requires_grad:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "

@@ -102,6 +102,17 @@ class SharedAcrossBatchSizes(nn.Module):
         return self.head(self.lin(x) + self.lin(x[:1]))
 
 
+class WeightReadDirectly(nn.Module):
+    """Uses its Linear's weight through F.linear: the module itself is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(x, self.lin.weight, self.lin.bias))
+
+
 def _one_checkpoint(model):
     return sf.TrainingRun([{k: v.clone() for k, v in model.state_dict().items()}], [1], lr=0.1, num_segments=1)
 
@@ -183,6 +194,9 @@ BAD_INPUTS = [
      r"tracked layers disagree on the number of examples in the batch .*'mix': 3"),
     ("a shared module called with another batch size", lambda: _scores_of(SharedAcrossBatchSizes().double(), DATA),
      ValueError, r"'lin' was called 2 times in one forward with batch sizes \[5, 1\]"),
+    ("a tracked module whose weight is read directly", lambda: _scores_of(WeightReadDirectly().double(), DATA),
+     RuntimeError, r"tracked modules \['lin'\] were not called in the forward pass \(a module whose weight the "
+                   r"model reads directly"),
     ("tracking nn.MultiheadAttention's out_proj", lambda: analyzer(model=nn.ModuleDict({
         "attn": nn.MultiheadAttention(4, 2), "head": nn.Linear(4, 3)}), task=type("T", (ClassificationTask,), {
             "get_influence_tracked_modules": lambda self: ["attn.out_proj"]})()), ValueError,
