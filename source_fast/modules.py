@@ -540,7 +540,7 @@ class Capture:
                 a = Rebuilt(*self._kept_input(layer, mask))
             else:
                 a = self.activations(layer, mask)
-            rows[layer.name] = a, self._gradient_rows_of(layer, raw)
+            rows[layer.name] = _one_dtype(a, self._gradient_rows_of(layer, raw))
         rows = {layer.name: rows[layer.name] for layer in self.layers}  # in the layers' order
         _check_examples(rows)
         # A mask's window is exact for the rows of one call (the mask zeroed their a); a shared module's joined
@@ -600,7 +600,7 @@ class Capture:
         formed = self._gradient_form_rows(raw)
         layers = {layer.name: layer for layer in self.layers}
         return {name: formed[name] if name in formed
-                else (a, _cut(self._gradient_rows_of(layers[name], raw), self._windows.get(name)))
+                else _one_dtype(a, _cut(self._gradient_rows_of(layers[name], raw), self._windows.get(name)))
                 for name, (a, _) in rows.items()}
 
     def output_rows(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, torch.Tensor]:
@@ -637,6 +637,18 @@ class Capture:
         for (name, out), gy in zip(outputs, grads):
             raw[name].append(torch.zeros_like(out) if gy is None else gy.detach())
         return raw
+
+
+def _one_dtype(a, g: torch.Tensor) -> tuple:
+    """(a, g) in one dtype, the wider of theirs. Under autocast a module's input (its hook's `a`) keeps the model's
+    dtype while its output, hence g, is the autocast dtype (fp32 input, bf16 output gradient): the rows take fp32."""
+    source = a.source if isinstance(a, Rebuilt) else a
+    if source.dtype == g.dtype:
+        return a, g
+    dtype = torch.promote_types(source.dtype, g.dtype)
+    if source.dtype != dtype:
+        a = Rebuilt(a.make, a.source.to(dtype), a.module) if isinstance(a, Rebuilt) else a.to(dtype)
+    return a, g.to(dtype)
 
 
 def _check_examples(rows: dict[str, tuple]) -> None:

@@ -605,3 +605,42 @@ def test_frozen_modules_are_left_out_by_default_and_scores_match_the_oracle_of_t
     assert _rel(analyzer.pairwise_scores(queries, data), oracle) <= 1e-6
     model.requires_grad_(False)
     assert len(sf.SourceAnalyzer(model, ClassificationTask(), run, progress=False).layers) == 3
+
+
+class _AutocastTask(ClassificationTask):
+    """The classification losses under CPU autocast to bfloat16 (as a mixed-precision training script runs them)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().compute_train_loss(batch, model, sample)
+
+    def compute_measurement(self, batch, model):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().compute_measurement(batch, model)
+
+
+@pytest.mark.parametrize("fit_first", [False, True])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_autocast_losses_score_as_float32_within_bfloat16_precision(arch, fit_first):
+    """Under autocast a module's input (the hook's a) stays float32 while its output gradient g is bfloat16: the rows
+    take float32 (before: "a and g must share a dtype"). The scores differ from the float32 run's by bfloat16
+    rounding of the model's own passes only. The CNN's first conv reads one channel (its rows rebuilt from its
+    float32 input)."""
+    if arch == "cnn":
+        model, data, ckpts, steps, lrs = tiny_cnn_run()
+    else:
+        model, data = mlp(), classification_data(n=16)
+        ckpts, steps, lrs = train_run(model, data, steps=6, every=3, lr=0.3)
+    model = model.float()
+    x, y = data.tensors
+    data = torch.utils.data.TensorDataset(x.float(), y)
+    run = sf.TrainingRun([{k: v.float() for k, v in c.items()} for c in ckpts], steps, lr=lrs, num_segments=2)
+    queries = Subset(data, range(3))
+    scores = {}
+    for name, task in (("float32", ClassificationTask()), ("autocast", _AutocastTask())):
+        analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=5, progress=False)
+        if fit_first:
+            analyzer.fit(data)
+        scores[name] = analyzer.pairwise_scores(queries, data)
+    assert scores["autocast"].dtype == torch.float32
+    assert _rel(scores["autocast"].double(), scores["float32"].double()) <= 3e-2
