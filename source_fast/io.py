@@ -262,12 +262,18 @@ def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
     return filled
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's state_dict keys
+
+
 def match_to_model(state: dict, model_state: dict[str, torch.Tensor], *, constant: set[str] = frozenset(),
                    adapter_names: tuple[str, ...] = ()) -> dict:
     """A checkpoint's tensors under the model's state_dict keys, with what a saved file may leave out restored:
-    tied weights (`fill_tied`); the adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the
+    the "_orig_mod." prefix of a torch.compile'd module's state_dict dropped; tied weights (`fill_tied`); the adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the
     model's "…lora_A.default.weight", one of `adapter_names`); and the `constant` keys it lacks (parameters frozen in
     the model, and buffers: they did not train, as a PEFT adapter's base model), taken from `model_state`."""
+    if state and all(k.startswith(COMPILED_PREFIX) for k in state) and \
+            not any(k.startswith(COMPILED_PREFIX) for k in model_state):  # saved from a torch.compile'd module
+        state = {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}
     state = fill_tied(state, model_state)
     unknown = [k for k in state if k not in model_state]
     if unknown and adapter_names:
