@@ -34,7 +34,7 @@ from . import _config, _extension, _linalg, _torch_ops, ekfac, io, modules, ops,
 from .batches import batches
 from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
 from .ekfac import EKFACBlock
-from .modules import Capture, Rebuilt, TrackedLayer, find_tracked_layers
+from .modules import Capture, OutputChangedInPlace, Rebuilt, TrackedLayer, find_tracked_layers
 from .rows import (Formed, Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists,
                    merge_rows, one_channel_families, rows_nbytes, stacked, stacking_pays, with_formed_gradients)
 from .run import TrainingRun
@@ -309,6 +309,7 @@ class SourceAnalyzer:
         if names is not None and isinstance(names, (list, tuple)):  # a compiled model's names, from the task
             names = [n.removeprefix(io.COMPILED_PREFIX) if isinstance(n, str) else n for n in names]
         self.layers: list[TrackedLayer] = find_tracked_layers(model, names)
+        self._copied_outputs: set[int] = set()  # modules whose output the forward changes in place (Capture)
         # What a saved checkpoint may leave out and the model restores (io.match_to_model): PEFT's adapter names in
         # its keys and, in a model with both trained and frozen parameters (a PEFT adapter on a frozen base), the
         # frozen parameters and the buffers, which did not train. (A model frozen as a whole tells nothing.)
@@ -518,26 +519,32 @@ class SourceAnalyzer:
             return
         if first_batch:
             dataset = Subset(dataset, range(offset, len(dataset)))
-        with Capture(self.layers) as capture:
+        def forward(batch, b):
+            """(value, true_value or None) of the batch's forward: the same label draws every time it runs."""
+            if loss == "measurement":
+                return self.task.compute_measurement(batch, self.model), None
+            if loss != "sampled":
+                return self.task.compute_train_loss(batch, self.model, sample=False), None
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                _seed_draws(self.device, hash((self.seed, seed_key, b)) % (2**63))
+                if paired:
+                    return _loss_pair(self.task.compute_train_loss_pair(batch, self.model))
+                return self.task.compute_train_loss(batch, self.model, sample=True), None
+
+        with Capture(self.layers, copied=self._copied_outputs) as capture:
             for b, batch in enumerate(tqdm(self._loader(dataset), desc=desc, disable=not self.progress,
                                            leave=False), start=first_batch):
                 batch = self._to_device(batch)
                 mask = attention_mask(self.task, batch)
-                true_value = None
-                if loss == "measurement":
-                    value = self.task.compute_measurement(batch, self.model)
-                elif loss == "sampled":
-                    with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                        _seed_draws(self.device, hash((self.seed, seed_key, b)) % (2**63))
-                        if paired:
-                            value, true_value = _loss_pair(self.task.compute_train_loss_pair(batch, self.model))
-                        else:
-                            value = self.task.compute_train_loss(batch, self.model, sample=True)
-                else:
-                    value = self.task.compute_train_loss(batch, self.model, sample=False)
-                _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
-                rows = capture.rows(value, mask, retain_graph=true_value is not None, gradient_form=gradient_form,
-                                    covariance_form=covariance_form)
+                while True:
+                    value, true_value = forward(batch, b)
+                    _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
+                    try:
+                        rows = capture.rows(value, mask, retain_graph=true_value is not None,
+                                            gradient_form=gradient_form, covariance_form=covariance_form)
+                        break
+                    except OutputChangedInPlace:  # those modules now hand the model copies: the forward again
+                        capture.clear()
                 size = next(iter(rows.values()))[1].shape[0]  # g: a may be a Rebuilt (covariance_form)
                 if size != min(self.batch_size, end - offset):
                     raise ValueError(

@@ -437,6 +437,11 @@ def _warn_tied(selected: list[tuple[str, nn.Module]]) -> None:
                     "attribute through that use only", first, f"{name}.{pname}")
 
 
+class OutputChangedInPlace(RuntimeError):
+    """The forward changed a tracked module's output in place; its module now hands the model a copy: run the batch's
+    forward again (`Capture.rows` raises it on the first batch that shows it, once per module)."""
+
+
 class Capture:
     """Forward hooks that keep each tracked layer's input rows and output tensor, so that
     `grads(loss)` yields per-layer (a [B,T,I], g [B,T,O]) token rows for one batch.
@@ -446,19 +451,24 @@ class Capture:
     G_n = Σ_calls Σ_t g aᵀ, and every call's tokens enter its covariances (Kronfluence's has_shared_parameters).
     Every call must keep the batch's examples along dim 0."""
 
-    def __init__(self, layers: list[TrackedLayer]):
+    def __init__(self, layers: list[TrackedLayer], copied: set[int] | None = None):
         self.layers = layers
         self._inputs: dict[str, list[torch.Tensor]] = {}  # per layer, each call's input (one per module call)
-        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._outputs: dict[str, list[tuple[torch.Tensor, int]]] = {}  # each call's output and its version
         self._windows: dict[str, tuple[int, int] | None] = {}
         self._sources: dict[str, tuple] = {}
         self._gradient_form: set[str] = set()  # layers whose last rows are `gradient_rows`
         self._handles = []
         self._in_backward = False
+        # ids of modules whose output the model gets a copy of (changed in place); shared between passes
+        self._copied: set[int] = copied if copied is not None else set()
 
     def __enter__(self):
+        members: dict[int, list[TrackedLayer]] = {}  # a grouped convolution's layers share one module: one hook
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            members.setdefault(id(layer.module), []).append(layer)
+        for group in members.values():
+            self._handles.append(group[0].module.register_forward_hook(self._hook(group)))
         return self
 
     def __exit__(self, *exc):
@@ -467,13 +477,32 @@ class Capture:
         self._handles.clear()
         self.clear()
 
-    def _hook(self, layer):
+    def _hook(self, layers: list[TrackedLayer]):
         def hook(module, inputs, output):
             if self._in_backward:  # activation checkpointing recomputes the forward inside the backward
-                return
-            self._inputs.setdefault(layer.name, []).append(inputs[0].detach())
-            self._outputs.setdefault(layer.name, []).append(output)
+                return None
+            x = inputs[0].detach()
+            for layer in layers:
+                self._inputs.setdefault(layer.name, []).append(x)
+                self._outputs.setdefault(layer.name, []).append((output, output._version))
+            # An output the model then changes in place (nn.ReLU(inplace=True) right after the layer) is no longer
+            # the layer's output to autograd: the model gets a copy instead (`_check_versions` marks such modules).
+            return output.clone() if id(module) in self._copied else None
         return hook
+
+    def _check_versions(self) -> None:
+        """Raise `OutputChangedInPlace` naming the modules whose captured output the forward changed in place (its
+        gradient would be that of the in-place op's result: with a ReLU, masked), after marking them so that the
+        next forward hands the model a copy of their output."""
+        changed = {layer.module_name or layer.name: layer.module for layer in self.layers
+                   if any(out._version != version for out, version in self._outputs.get(layer.name, ()))}
+        again = sorted(name for name, m in changed.items() if id(m) in self._copied)
+        if again:  # its original output changed although the model got a copy: something else holds it
+            raise RuntimeError(f"the outputs of tracked modules {again} are changed in place after the forward even "
+                               f"though the model gets copies of them: their gradients cannot be read")
+        if changed:
+            self._copied |= {id(m) for m in changed.values()}
+            raise OutputChangedInPlace(f"outputs of {sorted(changed)} changed in place by the forward")
 
     def calls(self, name: str) -> int:
         """How many times the layer's module was called in the current forward."""
@@ -617,7 +646,8 @@ class Capture:
                                f"the model reads directly, F.linear(x, m.weight), or that a batch can skip, as an "
                                f"expert of a mixture, cannot be tracked: leave it out of "
                                f"get_influence_tracked_modules())")
-        outputs = [(name, out) for name in names for out in self._outputs[name]]
+        self._check_versions()
+        outputs = [(name, out) for name in names for out, _ in self._outputs[name]]
         if not loss.requires_grad:
             raise RuntimeError("the task's loss/measurement does not require grad: tracked layers' outputs must "
                                "be part of its graph")

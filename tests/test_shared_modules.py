@@ -181,3 +181,31 @@ def test_activation_checkpointing_recomputes_no_second_call():
     with pytest.raises(RuntimeError, match=r"tracked modules \['a', 'b'\] do not require grad.*use_reentrant=False"), \
             pytest.warns(UserWarning, match="None of the inputs have requires_grad"):  # torch's own, for that form
         analyzer.pairwise_scores(queries, data)
+
+
+@pytest.mark.parametrize("schedule", ["one pass", "fit first"])
+def test_outputs_changed_in_place_score_as_without(schedule):
+    """nn.ReLU(inplace=True) right after a tracked layer (VGG's convs, many MLPs) changes the tensor the hook kept:
+    autograd's gradient w.r.t. it is then the ReLU's output's (32 % off, silently, before). On the first batch that
+    shows it, those modules start handing the model a copy and the batch runs again: the scores equal the same
+    model's with out-of-place ReLUs."""
+    def net(inplace):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(inplace=inplace), torch.nn.Flatten(),
+            torch.nn.Linear(3 * 36, 8), torch.nn.ReLU(inplace=inplace), torch.nn.Linear(8, 3)).double()
+
+    data = classification_data(n=14, image=True)
+    reference = net(False)
+    ckpts, steps, lrs = train_run(reference, data, steps=6, every=3, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    queries = Subset(data, range(3))
+    scores = []
+    for model in (reference, net(True)):
+        analyzer = sf.SourceAnalyzer(model, PairedClassificationTask(), run, batch_size=5, progress=False)
+        if schedule == "fit first":
+            analyzer.fit(data)
+        scores.append(analyzer.pairwise_scores(queries, data))
+        if model is not reference:
+            assert len(analyzer._copied_outputs) == 2  # the conv and the first Linear
+    assert torch.equal(scores[1], scores[0])
