@@ -263,3 +263,47 @@ def test_causal_lm_task_token_mean_loss_scale_is_documents_over_predicted_tokens
     data = TokenDataset(ids, mask, with_labels=False)
     predicted = int((mask[:, 1:] == 1).sum())  # position t predicts token t + 1 where it is a real token
     assert sf.CausalLMTask().token_mean_loss_scale(data, batch_size=3) == pytest.approx(10 / predicted)
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, pixels, labels):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def test_classification_task_on_a_hugging_face_vision_transformer_matches_dense_oracle():
+    """A ViT classifier from a config (its patch embedding a strided Conv2d), mapping batches of pixel_values and
+    labels: every Linear and the conv tracked, against the dense oracle."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=16, num_labels=3,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = transformers.ViTForImageClassification(config).double()
+    gen = torch.Generator().manual_seed(2)
+    data = _LabelledImages(torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64),
+                           torch.randint(0, 3, (12,), generator=gen))
+    task = sf.ClassificationTask()
+    full = torch.utils.data.default_collate([data[i] for i in range(len(data))])
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    ckpts, steps = [], []
+    for k in range(4):
+        opt.zero_grad()
+        (task.compute_train_loss(full, model) / len(data)).backward()
+        opt.step()
+        if (k + 1) % 2 == 0:
+            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+            steps.append(k + 1)
+    run = sf.TrainingRun(ckpts, steps, lr=0.3, num_segments=2)
+    analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=5, progress=False)
+    names = [layer.name for layer in analyzer.layers]
+    assert any(name.endswith("patch_embeddings.projection") for name in names)
+    queries = Subset(data, range(3))
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data, module_names=names)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
