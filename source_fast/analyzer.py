@@ -220,15 +220,18 @@ def _batched_product_pays(x: torch.Tensor) -> bool:
     return d <= 64 or t >= 4 * d
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module a torch.compile'd model wraps: forward hooks inside a compiled graph see tensors that autograd does
-    not connect to the loss (measured: scores 40 % off), so the passes run the original module (eagerly)."""
+def _uncompiled(model: nn.Module, names: list[str] | None) -> tuple[nn.Module, list[str] | None]:
+    """(the module a torch.compile'd model wraps, the task's tracked names without the wrapper's "_orig_mod."):
+    forward hooks inside a compiled graph see tensors that autograd does not connect to the loss (measured: scores
+    40 % off), so the passes run the original module (eagerly). Any other model and names as they are."""
     inner = getattr(model, "_orig_mod", None)
-    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-        log.warning("source_fast: the model is torch.compile'd; its passes run the original module "
-                    "(model._orig_mod), whose forward hooks see the tensors autograd differentiates")
-        return inner
-    return model
+    if not (isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule"):
+        return model, names
+    log.warning("source_fast: the model is torch.compile'd; its passes run the original module "
+                "(model._orig_mod), whose forward hooks see the tensors autograd differentiates")
+    if isinstance(names, (list, tuple)):
+        names = [n.removeprefix(io.COMPILED_PREFIX) if isinstance(n, str) else n for n in names]
+    return inner, names
 
 
 class SourceAnalyzer:
@@ -276,8 +279,8 @@ class SourceAnalyzer:
                  score_dtype: torch.dtype | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = _uncompiled(model)
         check_task(task)
+        model, names = _uncompiled(model, tracked_module_names(task))
         if not isinstance(run, TrainingRun):
             raise TypeError(f"run must be a source_fast.TrainingRun, got {type(run).__name__}")
         if method not in METHODS:
@@ -305,9 +308,6 @@ class SourceAnalyzer:
         target = score_block if score_block is not None else 4096
         self.score_block = batch_size * max(1, -(-target // batch_size))
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        names = tracked_module_names(task)
-        if names is not None and isinstance(names, (list, tuple)):  # a compiled model's names, from the task
-            names = [n.removeprefix(io.COMPILED_PREFIX) if isinstance(n, str) else n for n in names]
         self.layers: list[TrackedLayer] = find_tracked_layers(model, names)
         self._copied_outputs: set[int] = set()  # modules whose output the forward changes in place (Capture)
         # What a saved checkpoint may leave out and the model restores (io.match_to_model): PEFT's adapter names in
@@ -379,11 +379,17 @@ class SourceAnalyzer:
                         widest.name, n, n, 9 * n ** 3 / 1e12)
 
     def _check_checkpoint_keys(self):
-        model_state = self.model.state_dict()
         for i, ckpt in enumerate(self.run.checkpoints):
             if isinstance(ckpt, Mapping):
-                state = io.match_to_model(ckpt, model_state, **self._checkpoint_gaps)
-                self._compare_keys(i, set(state.keys()), set(model_state.keys()), state)
+                self._matched(ckpt, i)
+
+    def _matched(self, state: Mapping, which) -> dict:
+        """A checkpoint's state under the model's keys (`io.match_to_model`), or a ValueError naming checkpoint
+        `which` and what its keys lack."""
+        model_state = self.model.state_dict()
+        state = io.match_to_model(state, model_state, **self._checkpoint_gaps)
+        self._compare_keys(which, set(state.keys()), set(model_state.keys()), state)
+        return state
 
     @staticmethod
     def _compare_keys(index, got, expected, state=None):
@@ -450,10 +456,8 @@ class SourceAnalyzer:
 
     def _load(self, unit: Unit):
         if unit.uid not in self._state_cache:
-            model_state = self.model.state_dict()
-            state = io.match_to_model(unit.load(), model_state, **self._checkpoint_gaps)
             which = int(unit.uid[4:]) if unit.uid.startswith("ckpt") else unit.uid  # "ckpt<i>": checkpoints[i]
-            self._compare_keys(which, set(state.keys()), set(model_state.keys()), state)
+            state = self._matched(unit.load(), which)
             if len(self._state_cache) >= 8:  # bound memory: states are reloaded when evicted
                 self._state_cache.clear()
             self._state_cache[unit.uid] = state
@@ -519,6 +523,7 @@ class SourceAnalyzer:
             return
         if first_batch:
             dataset = Subset(dataset, range(offset, len(dataset)))
+
         def forward(batch, b):
             """(value, true_value or None) of the batch's forward: the same label draws every time it runs."""
             if loss == "measurement":

@@ -34,6 +34,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from . import io
+
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -61,9 +63,9 @@ def _trainer_state(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def learning_rates(directory: Path, total: int) -> list[float]:
+def learning_rates(directory: Path, total: int, max_steps: int) -> list[float]:
     """The learning rate of updates 0 … total (one more than the run made: the next update's, which a checkpoint's
-    optimizer holds), from the Trainer's scheduler rebuilt from training_args.bin."""
+    optimizer holds), from the Trainer's scheduler (over `max_steps` updates) rebuilt from training_args.bin."""
     import transformers
 
     args_path = directory / "training_args.bin"
@@ -71,8 +73,6 @@ def learning_rates(directory: Path, total: int) -> list[float]:
         raise FileNotFoundError(f"{str(directory)!r} has no training_args.bin: the learning-rate schedule cannot be "
                                 f"rebuilt; pass lr= (one value per update)")
     args = torch.load(args_path, weights_only=False)
-    state = _trainer_state(directory)
-    max_steps = int(state.get("max_steps") or total)
     param = nn.Parameter(torch.zeros(()))
     optimizer = torch.optim.SGD([param], lr=float(args.learning_rate))
     lrs = []
@@ -163,54 +163,77 @@ def _load_optimizer(directory: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def optimizer_state(directory: Path, model: nn.Module | None) -> dict:
-    """{"optimizer": "sgd", "momentum": β} or {"optimizer": "adam", "moments": SecondMoments, "eps": eps}."""
-    saved = _load_optimizer(directory)
-    groups, state = saved["param_groups"], saved["state"]
+def _adam_entries(saved: dict, names: list[str], shapes: dict[str, torch.Size],
+                  tied: list[list[str]]) -> dict[str, tuple[int, float]]:
+    """{parameter name: (index in optimizer.pt's state, β₂)}, tied weights' aliases included."""
+    entries: dict[str, tuple[int, float]] = {}
+    for group in saved["param_groups"]:
+        beta2 = float(group["betas"][1])
+        for index in group["params"]:
+            name = names[index] if index < len(names) else None
+            entry = saved["state"].get(index)
+            if entry is None:  # a parameter that never got a gradient
+                continue
+            if name is None or tuple(entry["exp_avg_sq"].shape) != tuple(shapes[name]):
+                raise ValueError(f"optimizer.pt's parameter {index} ({tuple(entry['exp_avg_sq'].shape)}) does not "
+                                 f"match the model's parameter {name!r} in the Trainer's order: pass "
+                                 f"adam_second_moments by hand")
+            entries[name] = (index, beta2)
+    for group in tied:
+        known = [n for n in group if n in entries]
+        for alias in group:
+            if known and alias not in entries:
+                entries[alias] = entries[known[0]]
+    return entries
+
+
+def _optimizer_kind(groups: list[dict]) -> str:
     first = groups[0]
     if "betas" in first:
-        if model is None:
-            raise ValueError("an Adam run needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
-                             "model=model))")
         if any(g.get("amsgrad") for g in groups):
             raise ValueError("optimizer.pt is AMSGrad: SOURCE's Adam approximation takes Adam's v̂")
-        names = _optimizer_names(model, groups)
-        shapes = dict((n, p.shape) for n, p in model.named_parameters())
-        entries: dict[str, tuple[int, float]] = {}
-        for group in groups:
-            beta2 = float(group["betas"][1])
-            for index in group["params"]:
-                name = names[index] if index < len(names) else None
-                entry = state.get(index)
-                if entry is None:  # a parameter that never got a gradient
-                    continue
-                if name is None or tuple(entry["exp_avg_sq"].shape) != tuple(shapes[name]):
-                    raise ValueError(f"optimizer.pt's parameter {index} ({tuple(entry['exp_avg_sq'].shape)}) does not "
-                                     f"match the model's parameter {name!r} in the Trainer's order: pass "
-                                     f"adam_second_moments by hand")
-                entries[name] = (index, beta2)
-        aliases: dict[int, list[str]] = {}  # tied weights: one parameter, several names
-        for name, param in model.named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(param), []).append(name)
-        for names_of_one in aliases.values():
-            known = [n for n in names_of_one if n in entries]
-            for alias in names_of_one:
-                if known and alias not in entries:
-                    entries[alias] = entries[known[0]]
-        moments = SecondMoments(directory / "optimizer.pt", state, entries)
-        return {"optimizer": "adam", "moments": moments, "eps": float(first["eps"])}
+        return "adam"
     if "momentum" in first:
         if any(g.get("nesterov") or g.get("dampening") for g in groups):
             raise ValueError("optimizer.pt is SGD with Nesterov momentum or dampening: TrainingRun models heavy-ball "
                              "momentum only")
-        momenta = {float(g["momentum"]) for g in groups}
-        if len(momenta) > 1:
-            raise ValueError(f"optimizer.pt's parameter groups use different momenta {sorted(momenta)}")
-        return {"optimizer": "sgd", "momentum": momenta.pop()}
+        return "sgd"
     raise ValueError(f"optimizer.pt is neither SGD nor Adam/AdamW (its parameter groups hold {sorted(first)}): "
                      f"SOURCE models those two")
 
 
-def next_update_lr(directory: Path) -> float:
-    """The learning rate the checkpoint's optimizer holds: its next update's."""
-    return float(_load_optimizer(directory)["param_groups"][0]["lr"])
+def run_arguments(source, model: nn.Module | None = None, lr=None) -> dict:
+    """`TrainingRun`'s checkpoints, steps, lr, momentum and optimizer arguments for a Trainer's run (see the module
+    doc); each checkpoint's trainer_state.json and optimizer.pt are read once."""
+    dirs = checkpoint_dirs(source)
+    states = [_trainer_state(d) for d in dirs]
+    steps = [int(s["global_step"]) for s in states]
+    saved = [_load_optimizer(d) for d in dirs]
+    if lr is None:
+        lrs = learning_rates(dirs[-1], steps[-1], int(states[-1].get("max_steps") or steps[-1]))
+        _check_logged(lrs, states[-1].get("log_history", []))
+        for directory, step, optimizer in zip(dirs, steps, saved):
+            held = float(optimizer["param_groups"][0]["lr"])  # the next update's
+            if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
+                raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
+                                 f"rebuilt schedule {lrs[step]:.6g}: pass lr= (one value per update)")
+        lr = lrs[:steps[-1]]
+    kinds = {_optimizer_kind(o["param_groups"]) for o in saved}
+    if len(kinds) > 1:
+        raise ValueError(f"the checkpoints were saved by different optimizers: {sorted(kinds)}")
+    arguments = {"checkpoints": [str(d) for d in dirs], "steps": steps, "lr": lr}
+    if kinds == {"sgd"}:
+        momenta = {float(g["momentum"]) for o in saved for g in o["param_groups"]}
+        if len(momenta) > 1:
+            raise ValueError(f"the checkpoints' optimizers use different momenta {sorted(momenta)}")
+        return {**arguments, "momentum": momenta.pop()}
+    if model is None:
+        raise ValueError("an Adam run needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
+                         "model=model))")
+    names = _optimizer_names(model, saved[0]["param_groups"])  # the same order in every checkpoint
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    tied = io.tied_names(dict(model.named_parameters(remove_duplicate=False)))
+    moments = [SecondMoments(d / "optimizer.pt", o["state"], _adam_entries(o, names, shapes, tied))
+               for d, o in zip(dirs, saved)]
+    return {**arguments, "momentum": 0.0, "optimizer": "adam", "adam_second_moments": moments,
+            "adam_eps": float(saved[-1]["param_groups"][0]["eps"])}

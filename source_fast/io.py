@@ -242,19 +242,22 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
-    """`state` with the keys it lacks that are aliases in the model (tied weights: one tensor under two names, as
-    GPT-2's lm_head.weight and transformer.wte.weight) taken from the alias it has."""
-    missing = [k for k in model_state if k not in state]
-    if not missing:
-        return state
+def tied_names(model_state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of a state_dict that are one tensor (tied weights: GPT-2's lm_head.weight and
+    transformer.wte.weight), each group in the state_dict's order; a name alone is a group of one."""
     by_storage: dict[tuple, list[str]] = {}
     for key, tensor in model_state.items():
-        if tensor.numel():
-            by_storage.setdefault((tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                                   tensor.stride()), []).append(key)
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        by_storage.setdefault(where if tensor.numel() else key, []).append(key)
+    return list(by_storage.values())
+
+
+def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
+    """`state` with the keys it lacks that are aliases in the model (`tied_names`) taken from the alias it has."""
+    if all(k in state for k in model_state):
+        return state
     filled = dict(state)
-    for names in by_storage.values():
+    for names in tied_names(model_state):
         present = [n for n in names if n in state]
         for name in names:
             if name not in filled and present:
@@ -268,8 +271,9 @@ COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its m
 def match_to_model(state: dict, model_state: dict[str, torch.Tensor], *, constant: set[str] = frozenset(),
                    adapter_names: tuple[str, ...] = ()) -> dict:
     """A checkpoint's tensors under the model's state_dict keys, with what a saved file may leave out restored:
-    the "_orig_mod." prefix of a torch.compile'd module's state_dict dropped; tied weights (`fill_tied`); the adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the
-    model's "…lora_A.default.weight", one of `adapter_names`); and the `constant` keys it lacks (parameters frozen in
+    the "_orig_mod." prefix of a torch.compile'd module's state_dict dropped; tied weights (`fill_tied`); the
+    adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the model's "…lora_A.default.weight",
+    one of `adapter_names`); and the `constant` keys it lacks (parameters frozen in
     the model, and buffers: they did not train, as a PEFT adapter's base model), taken from `model_state`."""
     if state and all(k.startswith(COMPILED_PREFIX) for k in state) and \
             not any(k.startswith(COMPILED_PREFIX) for k in model_state):  # saved from a torch.compile'd module

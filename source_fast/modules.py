@@ -414,7 +414,8 @@ def _trained(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
     inference) keeps every module."""
     trained = [(n, m) for n, m in selected if any(p.requires_grad for p in m.parameters(recurse=False))]
     if trained and len(trained) < len(selected):
-        frozen = [n for n, m in selected if (n, m) not in trained]
+        kept = {n for n, _ in trained}
+        frozen = [n for n, _ in selected if n not in kept]
         logging.getLogger("source_fast").info(
             "source_fast: tracking the %d supported modules with parameters that require grad; left out %d frozen "
             "ones (%s%s); name the modules in the task's get_influence_tracked_modules() to choose", len(trained),

@@ -259,33 +259,8 @@ class TrainingRun:
         """
         from . import hf_trainer
 
-        dirs = hf_trainer.checkpoint_dirs(source)
-        states = [hf_trainer._trainer_state(d) for d in dirs]
-        steps = [int(s["global_step"]) for s in states]
-        if lr is None:
-            lrs = hf_trainer.learning_rates(dirs[-1], steps[-1])
-            hf_trainer._check_logged(lrs, states[-1].get("log_history", []))
-            for directory, step in zip(dirs, steps):
-                held = hf_trainer.next_update_lr(directory)
-                if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
-                    raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
-                                     f"rebuilt schedule {lrs[step]:.6g}: pass lr= (one value per update)")
-            lr = lrs[:steps[-1]]
-        optimizers = [hf_trainer.optimizer_state(d, model) for d in dirs]
-        kinds = {o["optimizer"] for o in optimizers}
-        if len(kinds) > 1:
-            raise ValueError(f"the checkpoints were saved by different optimizers: {sorted(kinds)}")
-        common = dict(num_segments=num_segments, stage_boundaries=stage_boundaries, example_stages=example_stages,
-                      loss_scale=loss_scale)
-        paths = [str(d) for d in dirs]
-        if kinds == {"adam"}:
-            return cls(paths, steps, lr, momentum=0.0, optimizer="adam",
-                       adam_second_moments=[o["moments"] for o in optimizers], adam_eps=optimizers[-1]["eps"],
-                       **common)
-        momenta = {o["momentum"] for o in optimizers}
-        if len(momenta) > 1:
-            raise ValueError(f"the checkpoints' optimizers use different momenta {sorted(momenta)}")
-        return cls(paths, steps, lr, momentum=momenta.pop(), **common)
+        return cls(**hf_trainer.run_arguments(source, model, lr), num_segments=num_segments,
+                   stage_boundaries=stage_boundaries, example_stages=example_stages, loss_scale=loss_scale)
 
     # --------------------------------------------------------------------------------- helpers
     def load_checkpoint(self, index: int) -> dict[str, torch.Tensor]:

@@ -204,6 +204,20 @@ class TokenDataset(torch.utils.data.Dataset):
         return item
 
 
+class MappingItems(torch.utils.data.Dataset):
+    """Hugging Face-style items from equally long tensors: item i is {name: column[i]} (e.g. input_ids,
+    attention_mask and labels; pixel_values and labels)."""
+
+    def __init__(self, **columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, i):
+        return {name: column[i] for name, column in self.columns.items()}
+
+
 def padded_tokens(n=10, lengths=(3, LM_SEQ), seed=0):
     """(ids [n, LM_SEQ], right-padding attention mask): documents of lengths[0]..lengths[1] tokens (inclusive)."""
     gen = torch.Generator().manual_seed(seed)
@@ -223,7 +237,7 @@ def tiny_gpt2(dtype=torch.float64):
 
 
 def lm_checkpoints(model, data, task, steps=8, every=2, lr=0.5):
-    """Full-batch SGD on the task's mean per-document loss: (checkpoints, steps)."""
+    """Full-batch SGD on the task's mean per-example (per-document) loss: (checkpoints, steps)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
     ckpts, ckpt_steps = [], []

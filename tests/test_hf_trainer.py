@@ -9,7 +9,7 @@ from torch.utils.data import Subset
 import source_fast as sf
 from source_fast.io import load_state_dict
 
-from _models import TokenDataset, padded_tokens, tiny_gpt2
+from _models import MappingItems, TokenDataset, padded_tokens, tiny_gpt2
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer's own dependency
@@ -93,25 +93,19 @@ def test_a_fine_tuned_sequence_classifier_end_to_end(tmp_path):
                                      intermediate_size=16, max_position_embeddings=8, num_labels=3)
     model = transformers.BertForSequenceClassification(config)
     ids, mask = padded_tokens(n=16, lengths=(2, 6))
-    labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1))
-
-    class Items(torch.utils.data.Dataset):
-        def __len__(self):
-            return 16
-
-        def __getitem__(self, i):
-            return {"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]}
+    items = MappingItems(input_ids=ids, attention_mask=mask,
+                         labels=torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(1)))
 
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
                                           max_steps=8, save_steps=2, logging_steps=3, learning_rate=1e-3,
                                           report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
-    transformers.Trainer(model=model, args=args, train_dataset=Items()).train()
+    transformers.Trainer(model=model, args=args, train_dataset=items).train()
     run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=2)
     assert run.steps == [2, 4, 6, 8] and run.optimizer == "adam"
     analyzer = sf.SourceAnalyzer(model, sf.ClassificationTask(), run, batch_size=8, progress=False)
-    scores = analyzer.pairwise_scores(Subset(Items(), range(3)), Items())
+    scores = analyzer.pairwise_scores(Subset(items, range(3)), items)
     assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
-    assert bool(torch.isfinite(analyzer.self_scores(Items())).all())
+    assert bool(torch.isfinite(analyzer.self_scores(items)).all())
 
 
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # transformers' own

@@ -8,8 +8,8 @@ from torch.utils.data import Subset
 import source_fast as sf
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import (LM_VOCAB, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens, tiny_gpt2,
-                     train_run)
+from _models import (LM_VOCAB, MappingItems, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens,
+                     tiny_gpt2, train_run)
 
 
 def _seeded(fn, seed=3):
@@ -208,19 +208,6 @@ def test_causal_lm_task_fused_output_layer_gives_the_same_scores():
         sf.CausalLMTask(fused_output_layer=True)
 
 
-class _LabelledTokens(torch.utils.data.Dataset):
-    """Hugging Face-style sequence-classification items: input_ids, attention_mask, labels (one per sequence)."""
-
-    def __init__(self, ids, mask, labels):
-        self.ids, self.mask, self.labels = ids, mask, labels
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
-
-
 def test_classification_task_on_a_hugging_face_sequence_classifier_matches_dense_oracle():
     """A BERT classifier from a config, mapping batches with labels and right padding: every Linear tracked (the
     attention mask leaves padded tokens out of the covariances), against the dense oracle."""
@@ -231,23 +218,15 @@ def test_classification_task_on_a_hugging_face_sequence_classifier_matches_dense
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = transformers.BertForSequenceClassification(config).double()
     ids, mask = padded_tokens(n=12, lengths=(2, 6))
-    data = _LabelledTokens(ids, mask, torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1)))
+    data = MappingItems(input_ids=ids, attention_mask=mask,
+                        labels=torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1)))
     task = sf.ClassificationTask()
     batch = torch.utils.data.default_collate([data[i] for i in range(4)])
     assert torch.equal(task.get_attention_mask(batch), mask[:4])
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(task.compute_train_loss(batch, model), F.cross_entropy(logits, batch["labels"],
                                                                                  reduction="sum"))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    full = torch.utils.data.default_collate([data[i] for i in range(len(data))])
-    ckpts, steps = [], []
-    for k in range(6):
-        opt.zero_grad()
-        (task.compute_train_loss(full, model) / len(data)).backward()
-        opt.step()
-        if (k + 1) % 2 == 0:
-            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-            steps.append(k + 1)
+    ckpts, steps = lm_checkpoints(model, data, task, steps=6, every=2, lr=0.5)
     run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=3)
     queries = Subset(data, range(3))
     scores = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=5,
@@ -265,17 +244,6 @@ def test_causal_lm_task_token_mean_loss_scale_is_documents_over_predicted_tokens
     assert sf.CausalLMTask().token_mean_loss_scale(data, batch_size=3) == pytest.approx(10 / predicted)
 
 
-class _LabelledImages(torch.utils.data.Dataset):
-    def __init__(self, pixels, labels):
-        self.pixels, self.labels = pixels, labels
-
-    def __len__(self):
-        return len(self.pixels)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
-
-
 def test_classification_task_on_a_hugging_face_vision_transformer_matches_dense_oracle():
     """A ViT classifier from a config (its patch embedding a strided Conv2d), mapping batches of pixel_values and
     labels: every Linear and the conv tracked, against the dense oracle."""
@@ -286,19 +254,10 @@ def test_classification_task_on_a_hugging_face_vision_transformer_matches_dense_
                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = transformers.ViTForImageClassification(config).double()
     gen = torch.Generator().manual_seed(2)
-    data = _LabelledImages(torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64),
-                           torch.randint(0, 3, (12,), generator=gen))
+    data = MappingItems(pixel_values=torch.randn(12, 1, 8, 8, generator=gen, dtype=torch.float64),
+                        labels=torch.randint(0, 3, (12,), generator=gen))
     task = sf.ClassificationTask()
-    full = torch.utils.data.default_collate([data[i] for i in range(len(data))])
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    ckpts, steps = [], []
-    for k in range(4):
-        opt.zero_grad()
-        (task.compute_train_loss(full, model) / len(data)).backward()
-        opt.step()
-        if (k + 1) % 2 == 0:
-            ckpts.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-            steps.append(k + 1)
+    ckpts, steps = lm_checkpoints(model, data, task, steps=4, every=2, lr=0.3)
     run = sf.TrainingRun(ckpts, steps, lr=0.3, num_segments=2)
     analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=5, progress=False)
     names = [layer.name for layer in analyzer.layers]
