@@ -13,8 +13,11 @@ Tasks (data generated or bundled with scikit-learn; no download):
   regression        MLP 8-32-32-1 on 1,000 synthetic points (teacher tanh network + noise), 20 epochs.
                     The optimiser uses MSE (mean of (y−f)²) = 2 × the Gaussian-NLL task's ½(y−f)², so
                     TrainingRun(loss_scale=2).
+  digits_decay      digits_brief's data and model, 30 epochs of SGD with weight decay 0.01 on the weights (not
+                    the biases, the common recipe): Σ η·wd ≈ 2.2 over the run, so the decay, not the loss,
+                    forgets the early steps; TrainingRun(weight_decay={weights: 0.01}).
 
-Every run is plain SGD (no momentum), batch 32, lr decaying linearly to half its peak over each stage,
+Every run is plain SGD (no momentum; weight decay only in digits_decay), batch 32, lr decaying linearly to half its peak over each stage,
 with a batch order fixed by the seed. Training randomness across seeds = init seed + batch order; the
 attributed model is seed 0. Measurement f: the query's cross-entropy (classification) or squared error
 (regression).
@@ -41,7 +44,8 @@ Checks and ablations (a separate table; --no-ablations skips them): SOURCE with 
 checkpoint each), with the empirical Fisher (true labels) instead of the sampled one, and with the scoring
 contraction in bf16 (score_dtype=torch.bfloat16; fp32 accumulation); EK-FAC influence with
 fixed dampings 0.01 and 0.1; on two_stage, EK-FAC influence given the staged run (a check: its curvature
-must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with loss_scale=1 (a curvature 2× too small for the MSE the optimiser used).
+must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with loss_scale=1 (a curvature 2× too small for the MSE the optimiser used); on digits_decay,
+SOURCE ignoring the weight decay, and decaying the biases too (a uniform shift, which the run did not have).
 
     python benchmarks/lds_reproduction.py              # full run: writes benchmarks/results/lds_cpu.{csv,md,png}
     python benchmarks/lds_reproduction.py --quick      # smoke run (tiny M, S, queries; < 1 min)
@@ -111,18 +115,30 @@ class Spec:
     label_noise: float = 0.0
     batch_size: int = 32
     decay: float = 0.5  # lr falls linearly from lr to lr·(1 − decay) over each stage
+    weight_decay: float = 0.0  # L2 on the weights (not the biases), added to their gradients
+
+    def weight_decays(self, biases: bool = False) -> dict[str, float] | float:
+        """The run's weight decay for TrainingRun: by parameter name (weights only, as trained), or on every
+        parameter (biases=True: a uniform decay the run did not have, for the ablation)."""
+        if biases or not self.weight_decay:
+            return self.weight_decay
+        return {f"{2 * j}.weight": self.weight_decay for j in range(len(self.dims) - 1)}
 
     @property
     def loss_scale(self) -> float:
         return 2.0 if self.kind == "reg" else 1.0  # MSE mean = 2 × mean Gaussian NLL ½(y−f)²
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        fields = dataclasses.asdict(self)
+        if not fields["weight_decay"]:  # the key of every task from before weight decay existed: caches stay valid
+            del fields["weight_decay"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def make_specs(quick: bool) -> dict[str, Spec]:
     n, q = (200, 8) if quick else (1000, 100)
     conv_epochs = 40 if quick else 300
+    decay_epochs = 10 if quick else 30
     specs = [
         Spec("digits_brief", "digits MLP, 30 % label noise, 3 epochs (brief)", "cls", "digits_noisy", (64, 64, 10),
              (Stage(3, 0.3, 6),), (n,), q, label_noise=0.3),
@@ -133,6 +149,9 @@ def make_specs(quick: bool) -> dict[str, Spec]:
              (160, 80) if quick else (1000, 400), q),
         Spec("regression", "regression MLP 8-32-32-1, synthetic, 20 epochs", "reg", "regression", (8, 32, 32, 1),
              (Stage(20, 0.05, 6),), (n,), q),
+        Spec("digits_decay", f"digits MLP, 30 % label noise, {decay_epochs} epochs, weight decay 0.01 on weights",
+             "cls", "digits_noisy", (64, 64, 10), (Stage(decay_epochs, 0.3, 6),), (n,), q, label_noise=0.3,
+             weight_decay=0.01),
     ]
     return {s.name: s for s in specs}
 
@@ -155,7 +174,7 @@ METHODS = (
 # Checks and ablations (reported separately from the main comparison): key, label, method, damping, segments,
 # tasks (None: all), options. options: "stages": False fits a single-stage run (all examples share one data set),
 # "loss_scale": overrides the task's, "fisher": "empirical" uses the true labels for the curvature, "score_dtype":
-# the SourceAnalyzer option (a torch dtype name).
+# the SourceAnalyzer option (a torch dtype name), "weight_decay": "none" (0) or "all" (biases too) instead of the run's.
 ABLATIONS = (
     ("source_L6", "SOURCE (L=6, one checkpoint per segment)", "source", None, 6, None, {}),
     ("source_empirical_fisher", "SOURCE (L=3), empirical Fisher", "source", None, 3, None, {"fisher": "empirical"}),
@@ -169,6 +188,10 @@ ABLATIONS = (
      "heuristic", 3, ("two_stage",), {}),
     ("source_loss_scale_1", "SOURCE (L=3) with loss_scale=1 (curvature 2× too small)", "source", None, 3,
      ("regression",), {"loss_scale": 1.0}),
+    ("source_no_weight_decay", "SOURCE (L=3) ignoring the weight decay", "source", None, 3, ("digits_decay",),
+     {"weight_decay": "none"}),
+    ("source_weight_decay_on_biases", "SOURCE (L=3) with the weight decay on the biases too (uniform)", "source",
+     None, 3, ("digits_decay",), {"weight_decay": "all"}),
 )
 
 
@@ -309,6 +332,8 @@ def train(spec: Spec, data: Data, keep: np.ndarray, seed: int, protocol: str, re
             idx = order[(k % per_pass) * spec.batch_size:(k % per_pass + 1) * spec.batch_size]
             eta = stage.lr * (1.0 - spec.decay * k / total)
             for (w, b), (gw, gb) in zip(params, batch_grads(params, data.x[idx], data.y[idx], spec.kind)):
+                if spec.weight_decay:
+                    gw = gw + spec.weight_decay * w
                 w.sub_(gw, alpha=eta)
                 b.sub_(gb, alpha=eta)
             lrs.append(eta)
@@ -407,11 +432,13 @@ def attribute(spec: Spec, data: Data, ckpts, steps, lrs, bounds, progress: bool,
     scores, seconds, report = {}, {}, None
     for key, _, method, damping, segments, options, _ in method_entries(spec, ablations):
         staged = len(spec.stages) > 1 and options.get("stages", True)
+        decay = {"none": 0.0, "all": spec.weight_decays(biases=True)}.get(options.get("weight_decay"),
+                                                                          spec.weight_decays())
         run = TrainingRun(ckpts, steps, lr=lrs, momentum=0.0,
                           num_segments=max(segments, len(spec.stages)) if staged else segments,
                           stage_boundaries=bounds if staged else None,
                           example_stages=data.stages.tolist() if staged else None,
-                          loss_scale=options.get("loss_scale", spec.loss_scale))
+                          loss_scale=options.get("loss_scale", spec.loss_scale), weight_decay=decay)
         t0 = time.perf_counter()
         score_dtype = getattr(torch, options["score_dtype"]) if "score_dtype" in options else None
         analyzer = SourceAnalyzer(model, task, run, method=method, damping=damping, batch_size=500,
@@ -648,7 +675,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, M, S and queries (< 1 min)")
     parser.add_argument("--full", dest="quick", action="store_false", help="the full run (default)")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of: digits_brief, digits_converged, "
-                                                      "two_stage, regression")
+                                                      "two_stage, regression, digits_decay")
     parser.add_argument("--num-subsets", type=int, default=None, help="M (default 100; quick 8)")
     parser.add_argument("--num-seeds", type=int, default=None, help="S, even (default 8; quick 2)")
     parser.add_argument("--workers", type=int, default=2, help="retraining processes (0: in this process)")

@@ -221,7 +221,7 @@ def example_grad_tile(g_ptr, a_ptr, row0, T, O, I, offs_o, o_ok, offs_i, i_ok,
 F_NONE = 0      # no scaling (also `identity`)
 F_TABLE = 1     # multiply by a precomputed f(Λ) table (host-evaluated: discrete_s, discrete_r)
 F_INVERSE = 2   # 1 / (σ + δ)
-F_EXP = 3       # exp(−c σ)
+F_EXP = 3       # exp(−c (σ + δ))
 F_SOURCE_R = 4  # −expm1(−c (σ + δ)) / (σ + δ), limit c at σ + δ = 0
 
 
@@ -240,20 +240,19 @@ def spectral_code(spec) -> int:
 
 @triton.jit
 def spectral_eval(sigma, c, damping, FKIND: tl.constexpr):
-    """f(σ) elementwise in fp32 for FKIND in {F_INVERSE, F_EXP, F_SOURCE_R}; σ clamped at 0.
+    """f(σ + δ) elementwise in fp32 for FKIND in {F_INVERSE, F_EXP, F_SOURCE_R}; σ clamped at 0 first.
 
     source_r: with x = c·(σ+δ), r = (1 − e^{−x})/(σ+δ). For x < 0.5 the Taylor series
     c·Σ_{k≤10} (−x)^k/(k+1)! (Horner form, truncation < x^11/12! ≈ 1e-12) replaces the
     subtraction 1 − e^{−x}, which would cancel (there is no expm1 without libdevice); for x ≥ 0.5
     1 − e^{−x} ≥ 0.39 and the fp32 subtraction loses at most ~2 ulp. Limit c at σ+δ = 0, 0 at c = 0.
     """
-    s = tl.maximum(sigma.to(tl.float32), 0.0)
+    sd = tl.maximum(sigma.to(tl.float32), 0.0) + damping
     if FKIND == 2:
-        f = 1.0 / (s + damping)
+        f = 1.0 / sd
     elif FKIND == 3:
-        f = tl.exp(-(c * s))
+        f = tl.exp(-(c * sd))
     else:
-        sd = s + damping
         x = c * sd
         xs = tl.minimum(x, 0.5)  # the series branch only; keeps the unused lanes finite
         p = 1.0 - xs / 11.0

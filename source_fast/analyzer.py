@@ -319,6 +319,7 @@ class SourceAnalyzer:
             "constant": frozen | {n for n, _ in model.named_buffers(remove_duplicate=False)} if partial else set(),
             "adapter_names": tuple(getattr(model, "peft_config", None) or ())}
         self._check_checkpoint_keys()
+        self._check_weight_decay_names()
         if method in ("source", "fast_source", "influence"):
             self._check_factor_memory()
         self.blocks: list[dict[str, EKFACBlock]] | None = None
@@ -840,22 +841,63 @@ class SourceAnalyzer:
 
     def _walk(self, u: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Adam runs: v per segment (training order) in parameter space for query directions u."""
-        adam, adam_damping = self._adam_terms()
+        adam, adam_damping, adam_decay = self._adam_terms()
         return query_walk(u, self.blocks, self._operators(), adam=adam, adam_damping=adam_damping,
-                          backend=self.backend)
+                          adam_decay=adam_decay, backend=self.backend)
 
     def _operators(self):
-        """(r, s) spectral functions per segment (SGD forms)."""
+        """(r, s) spectral functions per segment (SGD forms; weight decay enters through `_decayed` blocks)."""
         damping = 0.0 if self.damping in (None, "heuristic") else float(self.damping)
         return [ekfac.source_operators(c, damping=damping, operator=self.operator, eta=c / max(steps, 1),
                                        steps=steps) for c, steps, _ in self._segments()]
 
+    def _check_weight_decay_names(self) -> None:
+        """A per-parameter weight decay must name the model's parameters (a misspelt or prefixed name would
+        silently give its layer none)."""
+        if not isinstance(self.run.weight_decay, dict):
+            return
+        known = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        unknown = [n for n in self.run.weight_decay if n not in known]
+        if unknown:
+            raise ValueError(f"run.weight_decay names {len(unknown)} parameters the model does not have, e.g. "
+                             f"{unknown[:3]}; the model's are named like {sorted(known)[:3]}")
+
+    def _weight_decay_matrix(self, layer: TrackedLayer) -> torch.Tensor:
+        """The layer's per-parameter weight decay in its [O, I] layout (bias column last), float64, on CPU."""
+        names = layer.param_names()
+        module = layer.module
+        weight = torch.full(module.weight.shape, self.run.parameter_weight_decay(names["weight"]), dtype=torch.float64)
+        bias = None if "bias" not in names else torch.full(module.bias.shape,
+                                                            self.run.parameter_weight_decay(names["bias"]),
+                                                            dtype=torch.float64)
+        return layer.to_matrix(weight, bias)
+
+    def _decayed(self, blocks: dict[str, EKFACBlock]) -> dict[str, EKFACBlock]:
+        """A segment's blocks for the SGD walk: Λ + the weight decay's diagonal in each eigenbasis (r and s of
+        H̄ + diag(wd)). A layer decayed uniformly shifts Λ by wd exactly; one whose bias is decayed otherwise gets
+        the projected diagonal (`EKFACBlock.eigen_diagonal`), EK-FAC's own approximation."""
+        if not self.run.has_weight_decay:
+            return blocks
+        out = dict(blocks)
+        for layer in self.layers:
+            if layer.name not in blocks:
+                continue
+            block, wd = blocks[layer.name], self._weight_decay_matrix(layer)
+            first = float(wd.reshape(-1)[0])
+            shift = first if bool((wd == first).all()) else block.eigen_diagonal(wd.to(block.q_a.device)).to(
+                block.lam.dtype)
+            out[layer.name] = block.shifted(shift)
+        return out
+
     def _adam_terms(self):
-        if self.run.optimizer != "adam":
-            return None, None
-        pbars, dampings = [], []
+        """Per segment and layer: p̄, the accumulation inverse's δ, and (without weight decay: None) the weight
+        decay's (rate in the exponent, shift of the inverse's Λ): (p̄ ⊙ wd, wd's eigen-diagonal) for Adam (L2 in
+        the gradient), (wd, the eigen-diagonal of wd / p̄) for AdamW (decoupled)."""
+        if not self.run.is_adam:
+            return None, None, None
+        pbars, dampings, decays = [], [], []
         for seg in self.run.segments:
-            per_layer, damp = {}, {}
+            per_layer, damp, decay = {}, {}, {}
             for layer in self.layers:
                 names = layer.param_names()
                 mats = []
@@ -867,13 +909,21 @@ class SourceAnalyzer:
                     mats.append(1.0 / (layer.to_matrix(moments[names["weight"]],
                                                         moments.get(names.get("bias", ""), None)).double().sqrt()
                                        + self.run.adam_eps))
-                per_layer[layer.name] = (sum(mats) / len(mats)).to(self.compute_dtype).to(self.device)
-                lam = self.blocks[seg.index][layer.name].lam
-                damp[layer.name] = ekfac.heuristic_damping(lam) if self.damping in (None, "heuristic") \
+                p_bar = sum(mats) / len(mats)
+                per_layer[layer.name] = p_bar.to(self.compute_dtype).to(self.device)
+                block = self.blocks[seg.index][layer.name]
+                damp[layer.name] = ekfac.heuristic_damping(block.lam) if self.damping in (None, "heuristic") \
                     else float(self.damping)
+                if self.run.has_weight_decay:
+                    wd = self._weight_decay_matrix(layer)
+                    decoupled = self.run.optimizer == "adamw"
+                    rate, inverse_part = (wd, wd / p_bar) if decoupled else (p_bar * wd, wd)
+                    shift = block.eigen_diagonal(inverse_part.to(block.q_a.device))
+                    decay[layer.name] = (rate.to(self.compute_dtype).to(self.device), shift.to(block.lam.dtype))
             pbars.append(per_layer)
             dampings.append(damp)
-        return pbars, dampings
+            decays.append(decay)
+        return pbars, dampings, decays if self.run.has_weight_decay else None
 
     # ----------------------------------------------------------------------------- gradients
     def _query_grads(self, query_dataset, desc, basis: dict[str, EKFACBlock] | None = None, *,
@@ -970,7 +1020,7 @@ class SourceAnalyzer:
             return "fit() already ran (its passes are over)"
         if self.method not in ("source", "fast_source"):
             return f"method {self.method!r} scores other model states than it fits"
-        if self.run.optimizer == "adam":
+        if self.run.is_adam:
             return "the Adam walk leaves the eigenbases"
         if self.run.example_stages is not None:
             return "segments fit on their own stages' examples"
@@ -990,7 +1040,7 @@ class SourceAnalyzer:
         """Why pairwise_scores after fit() scores block by block instead of segment by segment (None: it does not)."""
         if self.method not in ("source", "fast_source"):
             return f"method {self.method!r} has no walk over segments"
-        if self.run.optimizer == "adam":
+        if self.run.is_adam:
             return "the Adam walk leaves the eigenbases"
         element = self.compute_dtype.itemsize
         nbytes = n_query * n_train * element
@@ -1062,7 +1112,7 @@ class SourceAnalyzer:
                     walk = SegmentByStepWalk(u_rot, self.compute_dtype)
                     del u_rot
                 output_side = self._output_side_layers(walk.current, len(members), n_train, sparse_ok)
-                w = walk.step(seg, blocks[seg], operators[seg], queries_innermost=output_side)
+                w = walk.step(seg, self._decayed(blocks[seg]), operators[seg], queries_innermost=output_side)
                 if seg in done:
                     walk.recycle(w)
                     continue
@@ -1384,7 +1434,7 @@ class SourceAnalyzer:
                 walked = [{n: x.weighted(weights[n]) if isinstance(x, RankOneDirections)
                            else x.mul_(weights[n].to(x.dtype)) for n, x in u_rot.items()}]
                 bases = self.blocks
-            elif self.run.optimizer == "adam":  # the Adam walk leaves the eigenbasis
+            elif self.run.is_adam:  # the Adam walk leaves the eigenbasis
                 walked = self._walk(self._query_grads(query_dataset, "query gradients"))
             else:
                 u_rot = self._query_grads(query_dataset, "query gradients", basis=self.blocks[-1])
@@ -1393,7 +1443,7 @@ class SourceAnalyzer:
                 output_side = {(seg, name) for seg in range(len(self.blocks))
                                for name in self._output_side_layers(u_rot, sum(1 for u in units if u.segment == seg),
                                                                     n_scored, sparse_ok)}
-                walked = rotated_walk(u_rot, self.blocks, self._operators(), consume=True,
+                walked = rotated_walk(u_rot, [self._decayed(b) for b in self.blocks], self._operators(), consume=True,
                                       queries_innermost=output_side)
                 bases = self.blocks
         for unit in units:
@@ -1463,8 +1513,8 @@ class SourceAnalyzer:
             config["score_dtype"] = str(self.score_dtype)
         store = self._store(f"self_{self.method}", (n_train,), config)
         plan = None  # spectral weights and basis changes of the walk, shared by every batch
-        if self.method in ("source", "fast_source") and self.run.optimizer != "adam":
-            plan = WalkPlan(self.blocks, self._operators(), self.compute_dtype)
+        if self.method in ("source", "fast_source") and not self.run.is_adam:
+            plan = WalkPlan([self._decayed(b) for b in self.blocks], self._operators(), self.compute_dtype)
         workspace: dict[str, torch.Tensor] = {}  # the walk's buffers, reused by every batch of this call
         with self._session():
             for b in (range(self._num_blocks(n_train)) if store is None else store.pending()):
@@ -1530,7 +1580,7 @@ class SourceAnalyzer:
                 in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
                 out += w * self.run.loss_scale * val * in_stage
             return out
-        if self.run.optimizer == "adam":  # the walk leaves the eigenbasis (elementwise p̄ ⊙ diag H)
+        if self.run.is_adam:  # the walk leaves the eigenbasis (elementwise p̄ ⊙ diag H)
             u = {name: _per_example_grads(a, g) for name, (a, g) in rows["final"].items()}
             vs = self._walk(u)
             for seg, (c, _, stage) in enumerate(segments):

@@ -37,6 +37,16 @@ class EKFACBlock:
         """diag(H̄) in the [O, I] layout: (Q_S∘Q_S) Λ (Q_A∘Q_A)ᵀ."""
         return (self.q_s * self.q_s) @ self.lam @ (self.q_a * self.q_a).T
 
+    def eigen_diagonal(self, d: torch.Tensor) -> torch.Tensor:
+        """The diagonal, in this block's eigenbasis, of the parameter-space diagonal matrix diag(vec d), d [O, I]:
+        (Q_S∘Q_S)ᵀ d (Q_A∘Q_A) (EK-FAC's projection: exact when diag(d) is diagonal in the eigenbasis, e.g. uniform)."""
+        q_s, q_a = self.q_s.to(d.dtype), self.q_a.to(d.dtype)
+        return (q_s * q_s).T @ d @ (q_a * q_a)
+
+    def shifted(self, shift: torch.Tensor | float) -> "EKFACBlock":
+        """The same eigenbasis with Λ + shift: H̄ + the (eigenbasis-diagonal) matrix `shift` stands for."""
+        return EKFACBlock(self.q_a, self.q_s, self.lam + shift)
+
     def dense(self) -> torch.Tensor:
         """The dense [O·I, O·I] matrix (row-major vec of [O, I]); for tests on small layers only."""
         basis = torch.kron(self.q_s, self.q_a)
@@ -80,14 +90,15 @@ def clamp_lambda(lam: torch.Tensor, *, name: str, segment: int, check_finite: bo
 
 
 def source_operators(c: float, *, damping: float = 0.0, operator: str = "continuous", eta: float = 0.0,
-                     steps: int = 0) -> tuple[spectral.Spectral, spectral.Spectral]:
+                     steps: int = 0, weight_decay: float = 0.0) -> tuple[spectral.Spectral, spectral.Spectral]:
     """(r, s) of a segment. "continuous" = the paper's exponential forms; "discrete" = exact
-    unrolling of `steps` SGD steps of size `eta` (for exact checks)."""
+    unrolling of `steps` SGD steps of size `eta` (for exact checks). `weight_decay` wd: both are evaluated on
+    H̄ + wd I (an L2 term in the objective); `damping` δ shifts r alone (the optional extra damping)."""
     if operator == "continuous":
-        return spectral.accumulation(c, damping), spectral.propagation(c)
+        return spectral.accumulation(c, damping + weight_decay), spectral.propagation(c, weight_decay)
     if operator == "discrete":
-        return spectral.Spectral("discrete_r", eta=eta, steps=steps), spectral.Spectral("discrete_s", eta=eta,
-                                                                                       steps=steps)
+        return (spectral.Spectral("discrete_r", eta=eta, steps=steps, damping=weight_decay),
+                spectral.Spectral("discrete_s", eta=eta, steps=steps, damping=weight_decay))
     raise ValueError(f"operator must be 'continuous' or 'discrete', got {operator!r}")
 
 

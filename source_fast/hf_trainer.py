@@ -10,14 +10,17 @@ state (trainer_state.json: global step, logged learning rates) and its arguments
 - the optimizer, read from optimizer.pt: SGD (its heavy-ball momentum) or Adam/AdamW (per parameter the
   bias-corrected second moment v̂ = exp_avg_sq / (1 − β₂^t) and eps, named by the Trainer's parameter groups:
   weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape;
-  read on access from the memory-mapped file, so only the tracked layers' v̂ are ever read).
+  read on access from the memory-mapped file, so only the tracked layers' v̂ are ever read);
+- the weight decay of each parameter group (one number when every group has the same; else per parameter, named
+  as above), and whether it is decoupled (AdamW: torch's `decoupled_weight_decay`; a file without that flag is
+  taken as AdamW, the Trainer's Adam optimizers all are).
 
 The model files are read by `io.load_state_dict` when the analyzer loads a checkpoint (a PEFT model's directories
 hold its adapter only: `io.match_to_model` puts it on the model's frozen base).
 
 Not read: the loss scale. The Trainer's loss is a mean over the batch (over its tokens for a causal LM), so the
 optimiser's per-example loss is `loss_scale` × the task's (for `sf.CausalLMTask`, its
-`token_mean_loss_scale(train_dataset)`): pass it. Weight decay is not part of SOURCE's operators (SOURCE_MATH §4).
+`token_mean_loss_scale(train_dataset)`): pass it.
 
 training_args.bin is a pickle, loaded as the Trainer loads it when resuming (`torch.load(weights_only=False)`): read
 only directories you wrote.
@@ -125,7 +128,8 @@ def _optimizer_names(model: nn.Module, groups: list[dict]) -> list[str]:
     expected = [sum(n in decay for n, _ in params), sum(n not in decay for n, _ in params)]
     if sizes != [s for s in expected if s] and sizes != expected:
         raise ValueError(f"optimizer.pt has parameter groups of sizes {sizes}, but the Trainer's grouping of this "
-                         f"model gives {expected}: pass optimizer='adam' with adam_second_moments by hand")
+                         f"model gives {expected}: build the TrainingRun by hand (adam_second_moments, weight_decay "
+                         f"by parameter name)")
     return names
 
 
@@ -192,7 +196,7 @@ def _optimizer_kind(groups: list[dict]) -> str:
     if "betas" in first:
         if any(g.get("amsgrad") for g in groups):
             raise ValueError("optimizer.pt is AMSGrad: SOURCE's Adam approximation takes Adam's v̂")
-        return "adam"
+        return "adamw" if first.get("decoupled_weight_decay", True) else "adam"
     if "momentum" in first:
         if any(g.get("nesterov") or g.get("dampening") for g in groups):
             raise ValueError("optimizer.pt is SGD with Nesterov momentum or dampening: TrainingRun models heavy-ball "
@@ -200,6 +204,27 @@ def _optimizer_kind(groups: list[dict]) -> str:
         return "sgd"
     raise ValueError(f"optimizer.pt is neither SGD nor Adam/AdamW (its parameter groups hold {sorted(first)}): "
                      f"SOURCE models those two")
+
+
+def _group_weight_decays(saved: list[dict]) -> list[float]:
+    """Each parameter group's weight decay, the same in every checkpoint."""
+    per_checkpoint = [[float(g.get("weight_decay", 0.0)) for g in o["param_groups"]] for o in saved]
+    if any(values != per_checkpoint[0] for values in per_checkpoint):
+        raise ValueError(f"the checkpoints' optimizers have different weight decays {per_checkpoint}: TrainingRun "
+                         f"models a constant one")
+    return per_checkpoint[0]
+
+
+def _named_weight_decay(groups: list[dict], values: list[float], names: list[str],
+                        tied: list[list[str]]) -> dict[str, float]:
+    """Groups of different weight decays: each parameter's, by name (tied aliases included)."""
+    decay = {names[index]: value for group, value in zip(groups, values) for index in group["params"]}
+    for group in tied:
+        known = [n for n in group if n in decay]
+        for alias in group:
+            if known and alias not in decay:
+                decay[alias] = decay[known[0]]
+    return decay
 
 
 def run_arguments(source, model: nn.Module | None = None, lr=None) -> dict:
@@ -222,18 +247,25 @@ def run_arguments(source, model: nn.Module | None = None, lr=None) -> dict:
     if len(kinds) > 1:
         raise ValueError(f"the checkpoints were saved by different optimizers: {sorted(kinds)}")
     arguments = {"checkpoints": [str(d) for d in dirs], "steps": steps, "lr": lr}
+    groups = saved[0]["param_groups"]
+    decays = _group_weight_decays(saved)
+    names = tied = None
+    if kinds != {"sgd"} or len(set(decays)) > 1:  # parameters to name: v̂, or groups' different weight decays
+        if model is None:
+            need = "an Adam run" if kinds != {"sgd"} else f"parameter groups with different weight decays {decays}"
+            raise ValueError(f"{need} needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
+                             f"model=model))")
+        names = _optimizer_names(model, groups)  # the same order in every checkpoint
+        tied = io.tied_names(dict(model.named_parameters(remove_duplicate=False)))
+    arguments["weight_decay"] = decays[0] if len(set(decays)) == 1 else _named_weight_decay(groups, decays, names,
+                                                                                             tied)
     if kinds == {"sgd"}:
         momenta = {float(g["momentum"]) for o in saved for g in o["param_groups"]}
         if len(momenta) > 1:
             raise ValueError(f"the checkpoints' optimizers use different momenta {sorted(momenta)}")
         return {**arguments, "momentum": momenta.pop()}
-    if model is None:
-        raise ValueError("an Adam run needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
-                         "model=model))")
-    names = _optimizer_names(model, saved[0]["param_groups"])  # the same order in every checkpoint
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    tied = io.tied_names(dict(model.named_parameters(remove_duplicate=False)))
     moments = [SecondMoments(d / "optimizer.pt", o["state"], _adam_entries(o, names, shapes, tied))
                for d, o in zip(dirs, saved)]
-    return {**arguments, "momentum": 0.0, "optimizer": "adam", "adam_second_moments": moments,
+    return {**arguments, "momentum": 0.0, "optimizer": kinds.pop(), "adam_second_moments": moments,
             "adam_eps": float(saved[-1]["param_groups"][0]["eps"])}

@@ -9,6 +9,10 @@ Conventions (stated once, used everywhere):
   step s in (start_ℓ, end_ℓ] (step 0, the initialisation, belongs to the first segment).
 - Stages (multi-stage runs): ``stage_boundaries`` are the steps where a new stage starts; segments
   never cross them; ``example_stages[m]`` is the stage whose data set contains training example m.
+- Weight decay wd (constant over the run): SGD and Adam add wd·θ to the gradient (an L2 term wd·½‖θ‖² in the
+  objective, torch.optim.SGD/Adam's ``weight_decay``); AdamW subtracts η_k·wd·θ_k apart from the preconditioned
+  step (torch.optim.AdamW). Either way the dynamics' curvature gains wd I, so a segment's operators are evaluated on
+  H̄ + wd I: s = exp(−c (H̄ + wd)) forgets earlier segments faster (docs/DESIGN.md, "Weight decay").
 """
 from __future__ import annotations
 
@@ -58,18 +62,22 @@ class TrainingRun:
         example_stages: multi-stage runs: stage index of each training example.
         loss_scale: the optimiser's per-example loss = loss_scale × the task's per-example loss
             (e.g. 2 for MSE trained against a Gaussian-NLL task, 1/tokens for a per-token mean).
-        optimizer: "sgd" (default) or "adam" (SOURCE_MATH.md §4 approximation; needs
-            ``adam_second_moments``).
-        adam_second_moments: for "adam": one mapping per checkpoint from parameter name to the
+        optimizer: "sgd" (default), "adam" or "adamw" (SOURCE_MATH.md §4 approximation; both need
+            ``adam_second_moments``; they differ only in how weight decay enters: added to the gradient for
+            "adam", decoupled for "adamw").
+        adam_second_moments: for "adam"/"adamw": one mapping per checkpoint from parameter name to the
             bias-corrected second moment v̂ (same shape as the parameter).
         adam_eps: Adam's epsilon in the preconditioner 1 / (sqrt(v̂) + eps).
+        weight_decay: the optimizer's weight decay wd ≥ 0: one number for every parameter, or a mapping from
+            parameter name to its decay (names it lacks: 0), as parameter groups set it (e.g. none on biases).
+            On SGD runs a tracked layer's operators take its weight's decay (its bias column shares it).
     """
 
     def __init__(self, checkpoints: Sequence, steps: Sequence[int], lr, momentum: float = 0.0,
                  num_segments: int | Sequence[int] = 3, stage_boundaries: Sequence[int] | None = None,
                  example_stages: Sequence[int] | None = None, *, loss_scale: float = 1.0,
                  optimizer: str = "sgd", adam_second_moments: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                 adam_eps: float = 1e-8):
+                 adam_eps: float = 1e-8, weight_decay: float | Mapping[str, float] = 0.0):
         if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
             raise TypeError(f"checkpoints must be a list of state_dicts or paths, got {type(checkpoints).__name__}")
         if len(checkpoints) == 0:
@@ -93,21 +101,53 @@ class TrainingRun:
         self.stage_boundaries = self._check_stage_boundaries(stage_boundaries, self.total_steps)
         self.num_stages = len(self.stage_boundaries) + 1
         self.example_stages = self._check_example_stages(example_stages, self.num_stages)
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
         self.optimizer = optimizer
-        if optimizer == "adam":
+        if self.is_adam:
             if adam_second_moments is None or len(adam_second_moments) != len(self.checkpoints):
                 got = None if adam_second_moments is None else len(adam_second_moments)
-                raise ValueError(f"optimizer='adam' needs adam_second_moments with one mapping per checkpoint "
+                raise ValueError(f"optimizer={optimizer!r} needs adam_second_moments with one mapping per checkpoint "
                                  f"({len(self.checkpoints)}), got {got}")
             if not (isinstance(adam_eps, (int, float)) and math.isfinite(adam_eps) and adam_eps > 0):
                 raise ValueError(f"adam_eps must be a finite number > 0, got {adam_eps!r}")
         self.adam_second_moments = list(adam_second_moments) if adam_second_moments is not None else None
         self.adam_eps = float(adam_eps)
+        self.weight_decay = self._check_weight_decay(weight_decay)
         self.segments = self._make_segments(num_segments)
 
+    @property
+    def is_adam(self) -> bool:
+        """Adam or AdamW: the walk leaves the eigenbasis (elementwise preconditioner, SOURCE_MATH.md §4)."""
+        return self.optimizer in ("adam", "adamw")
+
+    def parameter_weight_decay(self, name: str) -> float:
+        """The weight decay of parameter `name`."""
+        if isinstance(self.weight_decay, float):
+            return self.weight_decay
+        return self.weight_decay.get(name, 0.0)
+
+    @property
+    def has_weight_decay(self) -> bool:
+        values = [self.weight_decay] if isinstance(self.weight_decay, float) else self.weight_decay.values()
+        return any(v > 0 for v in values)
+
     # ----------------------------------------------------------------------------------- checks
+    @staticmethod
+    def _check_weight_decay(weight_decay) -> float | dict[str, float]:
+        def number(value, what):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+            return float(value)
+
+        if isinstance(weight_decay, Mapping):
+            for key in weight_decay:
+                if not isinstance(key, str):
+                    raise TypeError(f"weight_decay: keys must be parameter names (str), got {key!r}")
+            return {key: number(value, f"weight_decay[{key!r}]") for key, value in weight_decay.items()}
+        return number(weight_decay, "weight_decay")
+
     @staticmethod
     def _check_steps(steps, n):
         if not isinstance(steps, Sequence) and not isinstance(steps, (np.ndarray, torch.Tensor)):
@@ -291,16 +331,24 @@ class TrainingRun:
 
     def describe(self) -> str:
         rows = [f"TrainingRun: {len(self.checkpoints)} checkpoints at steps {self.steps}, T={self.total_steps}, "
-                f"momentum={self.momentum}, optimizer={self.optimizer}, loss_scale={self.loss_scale}"]
+                f"momentum={self.momentum}, optimizer={self.optimizer}, loss_scale={self.loss_scale}"
+                + (f", weight_decay={self._weight_decay_summary()}" if self.has_weight_decay else "")]
         for seg in self.segments:
             rows.append(f"  segment {seg.index}: updates [{seg.start}, {seg.end}), checkpoints "
                         f"{[self.steps[i] for i in seg.checkpoints]}, lr mass {seg.lr_mass:.4g}, c={seg.c:.4g}, "
                         f"stage {seg.stage}")
         return "\n".join(rows)
 
+    def _weight_decay_summary(self) -> str:
+        if isinstance(self.weight_decay, float):
+            return f"{self.weight_decay:g}"
+        values = sorted(set(self.weight_decay.values()))
+        return f"{'/'.join(f'{v:g}' for v in values)} over {len(self.weight_decay)} named parameters"
+
     def fingerprint(self) -> dict:
-        """What identifies this run's segmentation in stored factors and scores."""
-        return {
+        """What identifies this run's segmentation in stored factors and scores (weight decay only when there is
+        one, so stores written before it was modelled stay valid)."""
+        out = {
             "steps": self.steps,
             "segments": [[s.start, s.end, list(s.checkpoints), round(s.c, 12), s.stage] for s in self.segments],
             "momentum": self.momentum,
@@ -308,3 +356,6 @@ class TrainingRun:
             "optimizer": self.optimizer,
             "stage_boundaries": self.stage_boundaries,
         }
+        if self.has_weight_decay:
+            out["weight_decay"] = self.weight_decay
+        return out

@@ -4,18 +4,20 @@ Each function is described by a small frozen dataclass, `Spectral`, so that ever
 Triton epilogue, CUDA epilogue) evaluates exactly the same formula from the same few numbers:
 
 ===============  =============================================  =========================
-kind             f(σ)                                           value at σ = 0
+kind             f(σ)                                           value at σ = 0, δ = 0
 ===============  =============================================  =========================
 ``identity``     1                                              1
 ``inverse``      1 / (σ + δ)                                    1/δ (δ > 0 required)
-``exp``          exp(−c σ)                 (propagation s)      1
-``source_r``     −expm1(−c σ) / σ  [+ δ: see below]            c
-``discrete_s``   (1 − η σ)^K               (exact unrolled s)   1
-``discrete_r``   (1 − (1 − η σ)^K) / σ     (exact unrolled r)   η K
+``exp``          exp(−c (σ + δ))           (propagation s)      1
+``source_r``     −expm1(−c (σ+δ)) / (σ+δ)  (accumulation r)     c
+``discrete_s``   (1 − η (σ+δ))^K           (exact unrolled s)   1
+``discrete_r``   (1 − (1 − η (σ+δ))^K) / (σ+δ)  (exact r)       η K
 ===============  =============================================  =========================
 
-``source_r`` with an optional extra damping δ ≥ 0 evaluates −expm1(−c (σ+δ)) / (σ+δ); δ = 0
-(the default, as the paper) needs none since r ≤ min(c, 1/σ) is already bounded.
+``damping`` δ ≥ 0 shifts σ in every kind but ``identity``: f is evaluated on the curvature H + δ I. SOURCE uses it
+twice: as weight decay (an L2 term wd·½‖θ‖² in the training objective adds wd I to the Hessian of the dynamics, so
+both r and s of a segment take δ = wd) and as the optional extra damping of r alone (δ = 0 by default, as the paper:
+r ≤ min(c, 1/σ) is already bounded).
 σ is clamped at 0 before evaluation: corrected eigenvalues are PSD by construction and tiny
 negatives are round-off.
 """
@@ -67,28 +69,28 @@ def inverse(damping: float) -> Spectral:
     return Spectral("inverse", damping=float(damping))
 
 
-def propagation(c: float) -> Spectral:
-    """s(σ) = exp(−c σ)."""
-    return Spectral("exp", c=float(c))
+def propagation(c: float, damping: float = 0.0) -> Spectral:
+    """s(σ) = exp(−c (σ + δ))."""
+    return Spectral("exp", c=float(c), damping=float(damping))
 
 
 def accumulation(c: float, damping: float = 0.0) -> Spectral:
-    """r(σ) = (1 − exp(−c σ)) / σ with limit c at σ = 0."""
+    """r(σ) = (1 − exp(−c (σ + δ))) / (σ + δ) with limit c at σ + δ = 0."""
     return Spectral("source_r", c=float(c), damping=float(damping))
 
 
 def evaluate(spec: Spectral, sigma: torch.Tensor) -> torch.Tensor:
-    """f(σ) elementwise, in σ's dtype (callers pass fp32 or float64). Never NaN for finite σ ≥ 0."""
-    s = sigma.clamp_min(0)
+    """f(σ + δ) elementwise, in σ's dtype (callers pass fp32 or float64). Never NaN for finite σ ≥ 0."""
     kind = spec.kind
     if kind == "identity":
-        return torch.ones_like(s)
+        return torch.ones_like(sigma)
+    s = sigma.clamp_min(0) + spec.damping
     if kind == "inverse":
-        return 1.0 / (s + spec.damping)
+        return 1.0 / s
     if kind == "exp":
         return torch.exp(-spec.c * s)
     if kind == "source_r":
-        return _one_minus_exp_over(s + spec.damping, spec.c)
+        return _one_minus_exp_over(s, spec.c)
     # Discrete (exact unrolling of K steps with constant η): 1 − ησ may be negative (unstable step).
     x = spec.eta * s
     stable = x < 1

@@ -8,6 +8,10 @@ Both come from one rotation per segment and layer (ops.kron_project with two spe
 Adam variant (§4, an approximation): with p̄ the segment-averaged preconditioner and
 E = exp(−c p̄ ⊙ diag H̄) elementwise in parameter space,
     v_ℓ = (H̄ + δ I)⁻¹ ((1 − E) ⊙ u_ℓ),   u_{ℓ−1} = E ⊙ u_ℓ.
+With weight decay (per parameter wd): E = exp(−c p̄ ⊙ (diag H̄ + wd)) for Adam (L2 in the gradient) and
+exp(−c (p̄ ⊙ diag H̄ + wd)) for AdamW (decoupled), and the inverse is of H̄ + diag(wd) (Adam) or H̄ + diag(wd / p̄)
+(AdamW), that diagonal projected on the eigenbasis (`EKFACBlock.eigen_diagonal`). SGD segments take weight decay
+in their blocks' Λ (the analyzer's `_decayed`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
                operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
                adam: Sequence[dict[str, torch.Tensor] | None] | None = None,
                adam_damping: Sequence[dict[str, float]] | None = None,
+               adam_decay: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
                backend: str | None = None) -> list[LayerTensors]:
     """Walk u back through segments (given in training order). Returns v_ℓ per segment, training order.
 
@@ -34,6 +39,8 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
         operators: per segment, (r, s) spectral functions.
         adam: per segment, per layer p̄ ``[O, I]`` (None for SGD segments).
         adam_damping: per segment, per layer δ of the Adam accumulation inverse.
+        adam_decay: weight decay of Adam segments, per segment and layer: (its rate in the exponent, added to
+            p̄ ⊙ diag H̄, in parameter space [O, I]; its shift of the inverse's Λ, in the eigenbasis [O, I]).
     """
     if not (len(blocks) == len(operators)):
         raise ValueError(f"blocks and operators must have one entry per segment, got {len(blocks)} and "
@@ -48,10 +55,14 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
             if p_bar is None:
                 v, nxt = ops.kron_project(direction, block.q_s, block.q_a, block.lam, (r, s), backend=backend)
             else:
-                decay = torch.exp(-s.c * p_bar[name].to(direction.dtype) * block.diagonal().clamp_min(0).to(
-                    direction.dtype))
+                rate = p_bar[name].to(direction.dtype) * block.diagonal().clamp_min(0).to(direction.dtype)
+                lam = block.lam
+                if adam_decay is not None:
+                    rate = rate + adam_decay[seg][name][0].to(direction.dtype)
+                    lam = lam + adam_decay[seg][name][1].to(lam.dtype)
+                decay = torch.exp(-s.c * rate)
                 damping = adam_damping[seg][name]
-                v = ops.kron_project((1 - decay) * direction, block.q_s, block.q_a, block.lam,
+                v = ops.kron_project((1 - decay) * direction, block.q_s, block.q_a, lam,
                                      spectral.inverse(damping), backend=backend)
                 nxt = decay * direction
             out[seg][name] = v

@@ -135,10 +135,11 @@ def classification_data(n=24, d_in=4, classes=3, dtype=torch.float64, seed=0, im
     return TensorDataset(x, y)
 
 
-def train_run(model, dataset, *, steps=30, every=5, lr=0.3, momentum=0.0, lr_schedule=None, batch=None):
+def train_run(model, dataset, *, steps=30, every=5, lr=0.3, momentum=0.0, lr_schedule=None, batch=None,
+              weight_decay=0.0):
     """Full-batch (or fixed mini-batch) SGD; returns (checkpoints, steps, per-step lrs)."""
     x, y = dataset.tensors
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     lrs = [lr_schedule(k) if lr_schedule else lr for k in range(steps)]
     ckpts, ckpt_steps = [], []
     for k in range(steps):

@@ -207,7 +207,8 @@ def test_cpu_score_pairwise(q, n, t, i, o):
     _assert_close(ext.score_pairwise_cpu(v_nc, a, g), want, name="score_pairwise strided v")
 
 
-FNS = [spectral.identity(), spectral.inverse(0.3), spectral.propagation(0.7), spectral.accumulation(0.7),
+FNS = [spectral.identity(), spectral.inverse(0.3), spectral.propagation(0.7), spectral.propagation(0.7, damping=0.2),
+       spectral.Spectral("discrete_s", eta=0.01, steps=30, damping=0.5), spectral.accumulation(0.7),
        spectral.accumulation(2.0, damping=0.1), spectral.Spectral("discrete_s", eta=0.01, steps=30),
        spectral.Spectral("discrete_r", eta=0.01, steps=30), spectral.Spectral("discrete_r", eta=3.0, steps=3)]
 

@@ -26,10 +26,10 @@ def _train(tmp_path, **kwargs):
     return model, data, tmp_path / "out"
 
 
-def test_adamw_run_steps_schedule_and_second_moments(tmp_path):
-    model, data, out = _train(tmp_path)
+def test_adamw_run_steps_schedule_second_moments_and_weight_decay(tmp_path):
+    model, data, out = _train(tmp_path, weight_decay=0.1)
     run = sf.TrainingRun.from_hf_trainer(out, model, num_segments=3)
-    assert run.steps == [4, 8, 12] and run.optimizer == "adam" and run.momentum == 0.0
+    assert run.steps == [4, 8, 12] and run.optimizer == "adamw" and run.momentum == 0.0
     assert [p.rsplit("/", 1)[-1] for p in run.checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     # the schedule: warmup 0 → 0.01 over 2 updates, then cosine to 0 over 10; every update logged
     want = [0.01 * k / 2 for k in range(2)] + \
@@ -49,10 +49,13 @@ def test_adamw_run_steps_schedule_and_second_moments(tmp_path):
     assert run.adam_eps == 1e-8
     torch.testing.assert_close(run.adam_second_moments[2]["lm_head.weight"],  # tied: one parameter, two names
                                run.adam_second_moments[2]["transformer.wte.weight"], rtol=0, atol=0)
+    # the Trainer's groups: 0.1 on the decay parameters (tied aliases too), 0 on biases and LayerNorm weights
+    assert {n: v for n, v in run.weight_decay.items() if v > 0} == {**{n: 0.1 for n in decay}, "lm_head.weight": 0.1}
+    assert run.weight_decay["transformer.h.0.mlp.c_fc.bias"] == 0.0 and run.weight_decay["transformer.ln_f.weight"] == 0
     # scores from the directories, as from the same pieces given by hand
     states = [load_state_dict(p) for p in run.checkpoints]
-    by_hand = sf.TrainingRun(states, [4, 8, 12], want, optimizer="adam", adam_second_moments=run.adam_second_moments,
-                             num_segments=3)
+    by_hand = sf.TrainingRun(states, [4, 8, 12], want, optimizer="adamw", adam_second_moments=run.adam_second_moments,
+                             num_segments=3, weight_decay={n: 0.1 for n in [*decay, "lm_head.weight"]})
     task = sf.CausalLMTask([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
     queries = Subset(data, range(3))
     got = sf.SourceAnalyzer(model, task, run, batch_size=8, progress=False).pairwise_scores(queries, data)
@@ -65,7 +68,20 @@ def test_sgd_momentum_run(tmp_path):
     model, _, out = _train(tmp_path, optim="sgd", optim_args="momentum=0.9")
     run = sf.TrainingRun.from_hf_trainer(out, num_segments=[6])  # SGD needs no model; explicit boundaries
     assert run.optimizer == "sgd" and run.momentum == 0.9 and run.steps == [4, 8, 12]
-    assert len(run.segments) == 2 and run.lrs[2] == pytest.approx(0.01)
+    assert len(run.segments) == 2 and run.lrs[2] == pytest.approx(0.01) and run.weight_decay == 0.0
+
+
+def test_sgd_weight_decay_groups_need_the_model(tmp_path):
+    """The Trainer's SGD with weight decay: its decay group and its no-decay group differ, so naming them takes the
+    model; the groups are read into a per-parameter weight decay."""
+    model, _, out = _train(tmp_path, optim="sgd", optim_args="momentum=0.9", weight_decay=0.05)
+    with pytest.raises(ValueError, match=r"parameter groups with different weight decays \[0.05, 0.0\] needs the "
+                                         r"model"):
+        sf.TrainingRun.from_hf_trainer(out)
+    run = sf.TrainingRun.from_hf_trainer(out, model)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert run.weight_decay == {n: 0.05 if n in decay or n == "lm_head.weight" else 0.0
+                                for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
 def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
@@ -101,7 +117,7 @@ def test_a_fine_tuned_sequence_classifier_end_to_end(tmp_path):
                                           report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
     transformers.Trainer(model=model, args=args, train_dataset=items).train()
     run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=2)
-    assert run.steps == [2, 4, 6, 8] and run.optimizer == "adam"
+    assert run.steps == [2, 4, 6, 8] and run.optimizer == "adamw"
     analyzer = sf.SourceAnalyzer(model, sf.ClassificationTask(), run, batch_size=8, progress=False)
     scores = analyzer.pairwise_scores(Subset(items, range(3)), items)
     assert scores.shape == (3, 16) and bool(torch.isfinite(scores).all())
@@ -126,7 +142,7 @@ def test_a_lora_fine_tune_from_its_adapter_checkpoints(tmp_path):
     assert not (tmp_path / "out" / "checkpoint-3" / "model.safetensors").exists()
     run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=2)
     lora = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert run.optimizer == "adam" and sorted(run.adam_second_moments[1]) == sorted(lora)
+    assert run.optimizer == "adamw" and sorted(run.adam_second_moments[1]) == sorted(lora)
     analyzer = sf.SourceAnalyzer(model, sf.CausalLMTask(), run, batch_size=8, progress=False)
     assert [layer.name for layer in analyzer.layers] == [n.removesuffix(".weight") for n in lora]
     queries = Subset(data, range(3))
@@ -138,7 +154,7 @@ def test_a_lora_fine_tune_from_its_adapter_checkpoints(tmp_path):
             saved = key.replace(".default.", ".")
             if saved in adapter:
                 state[key] = adapter[saved]
-    by_hand = sf.TrainingRun(full, run.steps, list(run.lrs), optimizer="adam",
+    by_hand = sf.TrainingRun(full, run.steps, list(run.lrs), optimizer="adamw",
                              adam_second_moments=run.adam_second_moments, num_segments=2)
     expected = sf.SourceAnalyzer(model, sf.CausalLMTask(), by_hand, batch_size=8,
                                  progress=False).pairwise_scores(queries, data)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lds_reproduction.py"
-TASKS = ("digits_brief", "digits_converged", "two_stage", "regression")
+TASKS = ("digits_brief", "digits_converged", "two_stage", "regression", "digits_decay")
 PROTOCOLS = ("same_epochs", "same_steps")
 
 

@@ -7,7 +7,9 @@ over layers), forms exp(−cH̄) and (I − exp(−cH̄))H̄⁻¹ by dense eigen
 
     τ(z_q, z_m) = Σ_ℓ (1/N_ℓ) ∇f(z_q)ᵀ S_L ··· S_{ℓ+1} R_ℓ ḡ_ℓ(z_m)
 
-as explicit matrix products. Empirical Fisher only (true labels), so no sampling enters. Tokens that
+as explicit matrix products, with H̄_ℓ + diag(wd) when the run has weight decay (each parameter its own decay,
+the bias column included: exact where the pipeline shares a layer's weight decay with its bias column).
+Empirical Fisher only (true labels), so no sampling enters. Tokens that
 the task's attention mask marks 0 leave the activation covariance, the pipeline's convention.
 Cost is O(P³) in the number of tracked parameters P: keep P ≲ 2000.
 """
@@ -41,6 +43,18 @@ def _as_matrix(module, weight, bias, group=0, groups=1):
     rows = slice(group * (w.shape[0] // groups), (group + 1) * (w.shape[0] // groups))
     w, bias = w[rows], None if bias is None else bias[rows]
     return torch.cat([w, bias[:, None]], 1) if bias is not None else w
+
+
+def _weight_decays(run, layers) -> torch.Tensor:
+    """Every tracked parameter's weight decay, flattened as the per-example gradients are."""
+    out = []
+    for name, m, k, groups in layers:
+        module = name.split("[")[0]
+        weight = torch.full(m.weight.shape, run.parameter_weight_decay(f"{module}.weight"), dtype=torch.float64)
+        bias = None if m.bias is None else torch.full(m.bias.shape, run.parameter_weight_decay(f"{module}.bias"),
+                                                      dtype=torch.float64)
+        out.append(_as_matrix(m, weight, bias, k, groups).reshape(-1))
+    return torch.cat(out)
 
 
 def _example_terms(model, task, example, layers, kind):
@@ -160,7 +174,7 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
             lam = run.loss_scale * lam / len(members)
             blocks.append(basis @ torch.diag(lam) @ basis.T)
             offset += o * i
-        hessians.append(torch.block_diag(*blocks))
+        hessians.append(torch.block_diag(*blocks) + torch.diag(_weight_decays(run, layers)))
 
     def matfun(h, fn):
         w, v = _sym_eigh(h)

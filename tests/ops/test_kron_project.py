@@ -22,15 +22,18 @@ FNS = (
     spectral.identity(),
     spectral.inverse(0.1),
     spectral.propagation(0.7),
+    spectral.propagation(3.0, damping=0.05),  # weight decay shifts s too
     spectral.accumulation(0.7),
     spectral.accumulation(3.0, damping=0.05),
     spectral.accumulation(1e6),
     spectral.accumulation(0.0),
 )
-FN_IDS = ["identity", "inverse", "exp", "source_r", "source_r-damped", "source_r-c1e6", "source_r-c0"]
+FN_IDS = ["identity", "inverse", "exp", "exp-damped", "source_r", "source_r-damped", "source_r-c1e6", "source_r-c0"]
 DISCRETE = [
     pytest.param(spectral.Spectral("discrete_s", eta=0.5, steps=9), id="discrete_s"),
     pytest.param(spectral.Spectral("discrete_r", eta=0.5, steps=9), id="discrete_r"),
+    pytest.param(spectral.Spectral("discrete_s", eta=0.5, steps=9, damping=0.1), id="discrete_s-damped"),
+    pytest.param(spectral.Spectral("discrete_r", eta=0.5, steps=9, damping=0.1), id="discrete_r-damped"),
 ]
 def _lam(o, i, device="cpu"):
     """Eigenvalues over 12 decades, with an exact 0 and a round-off negative (clamped to 0)."""
@@ -155,7 +158,8 @@ def test_kron_project_triton_spectral_epilogue_matches_spectral_evaluate():
     from source_fast.kernels import _common
 
     sigma = torch.cat([torch.zeros(1), torch.logspace(-20, 20, 1001), torch.linspace(0.4, 0.6, 101) / 0.7])
-    for spec in (spectral.inverse(1e-3), spectral.propagation(0.7), spectral.accumulation(0.7),
+    for spec in (spectral.inverse(1e-3), spectral.propagation(0.7), spectral.propagation(0.7, damping=2.0),
+                 spectral.accumulation(0.7),
                  spectral.accumulation(0.7, damping=1e-3), spectral.accumulation(1e6), spectral.accumulation(0.0)):
         out = torch.empty(1, 1, sigma.numel())
         _common.bmm(torch.ones(1, 1, 1), torch.ones(1, 1, sigma.numel()), out, fkind=_common.spectral_code(spec),

@@ -1,4 +1,4 @@
-// f(σ) for the spectral functions of source_fast/spectral.py in fp32, with the same branches and
+// f(σ + δ) for the spectral functions of source_fast/spectral.py in fp32, with the same branches and
 // thresholds as spectral.evaluate, except the discrete forms, which use log1p/expm1 for stable steps
 // (spectral.evaluate's 1 − (1 − ησ)^K loses all digits in fp32 for small ησ). Host and device.
 #pragma once
@@ -39,17 +39,18 @@ inline SpectralF32 to_f32_spec(const SpectralSpec& s) {
 }
 
 SF_HOST_DEVICE float spectral_eval(const SpectralF32& f, float sigma) {
-  const float s = sigma < 0.0f ? 0.0f : sigma;  // clamp at 0; NaN propagates like torch.clamp_min
+  if (f.kind == kIdentity) return 1.0f;
+  // Clamp at 0 (NaN propagates like torch.clamp_min), then shift by δ: every kind but identity is evaluated on
+  // the curvature H + δI (weight decay, damping).
+  const float s = (sigma < 0.0f ? 0.0f : sigma) + f.damping;
   switch (f.kind) {
-    case kIdentity: return 1.0f;
-    case kInverse: return 1.0f / (s + f.damping);
+    case kInverse: return 1.0f / s;
     case kExp: return expf(-f.c * s);
     case kSourceR: {
       if (f.c_is_zero) return 0.0f;
-      const float sd = s + f.damping;
-      const float x = f.c * sd;
+      const float x = f.c * s;
       if (x < 1e-6f) return f.c * (1.0f - x / 2.0f + x * x / 6.0f);
-      return -expm1f(-x) / sd;
+      return -expm1f(-x) / s;
     }
     default: {
       // Discrete unrolling (1 − ησ)^K. For a stable step (ησ < 1) go through log1p/expm1: the torch
