@@ -22,7 +22,9 @@ a table and `plot_report` draws the spectra and shares into a PNG.
     plot_report(rows, "curvature.png")
 
 The eigenvalues are those of the curvature of the loss the optimiser stepped on (Λ̄ already carries
-``run.loss_scale``), so c·σ is on the scale the operators use. For ``method="influence"`` the
+``run.loss_scale``), so c·σ is on the scale the operators use. A run with weight decay has its operators
+evaluated on σ + wd (SGD runs: the decay's diagonal in each eigenbasis), so the regimes count c·(σ + wd); the
+spectrum columns stay Λ̄'s. For ``method="influence"`` the
 analyzer has one block set at the final model; it is reported as one segment with c = Σ_ℓ c_ℓ (the
 mass behind ``damping="source"``).
 """
@@ -87,11 +89,14 @@ def curvature_report(analyzer: Any, *, low: float = 0.1, high: float = 10.0) -> 
         raise ValueError(f"analyzer.blocks has {len(blocks)} segments but its run has {len(info)}; was the run "
                          "replaced after fit()?")
     rows = []
+    # The operators' argument: Λ̄ + the weight decay's eigen-diagonal (SOURCE on SGD runs; `_decayed`).
+    decayed = getattr(analyzer, "_decayed", None) if method != "influence" and not analyzer.run.is_adam else None
     for seg, (seg_blocks, (c, steps, stage)) in enumerate(zip(blocks, info)):
+        operated = decayed(seg_blocks) if decayed is not None else seg_blocks
         for name, block in seg_blocks.items():
             sigma = block.lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
             spectrum = np.sort(sigma)[::-1]
-            x = c * sigma
+            x = c * operated[name].lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
             n = sigma.size
             tracin = float(np.count_nonzero(x < low)) / n
             influence = float(np.count_nonzero(x > high)) / n

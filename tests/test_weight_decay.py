@@ -2,6 +2,7 @@
 dynamics, so a segment's operators are r and s of H̄ + wd I. Checked where it is exact (one-step segments against
 unrolling and retraining; heavy ball on a stationary quadratic), the pipeline against the dense oracle (which adds
 each parameter's own decay to H̄), and the Adam/AdamW forms where the diagonal model makes them closed-form."""
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -256,3 +257,24 @@ def test_weight_decay_naming_unknown_parameters_is_named(decayed_run):
     with pytest.raises(ValueError, match=r"run.weight_decay names 1 parameters the model does not have, e.g. "
                                          r"\['model.0.weight'\]"):
         sf.SourceAnalyzer(model, ClassificationTask(), run, progress=False)
+
+
+def test_curvature_report_counts_the_decayed_argument(decayed_run):
+    """The regimes are those of the operators' argument c·(σ + wd): a decay with c·wd above `high` in every
+    segment makes every direction influence-like; the spectrum stays Λ̄'s."""
+    from source_fast.diagnostics import curvature_report
+
+    model, data, ckpts, steps, lrs = decayed_run
+
+    def report(weight_decay):
+        run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3, weight_decay=weight_decay)
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, progress=False).fit(data)
+        return run, curvature_report(analyzer)
+
+    plain_run, plain = report(0.0)
+    wd = 20.0 / min(s.c for s in plain_run.segments)
+    _, decayed = report(wd)
+    assert any(r["influence_like"] < 1 for r in plain)
+    assert all(r["influence_like"] == 1.0 for r in decayed)
+    for a, b in zip(plain, decayed):
+        assert np.array_equal(a["spectrum"], b["spectrum"])
