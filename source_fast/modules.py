@@ -450,7 +450,9 @@ class Capture:
     A module called more than once in a forward (shared weights: a loop over time steps, a siamese encoder) gets
     the tokens of all its calls, in call order, as one layer's rows: its weight gradient is the sum over calls, so
     G_n = Σ_calls Σ_t g aᵀ, and every call's tokens enter its covariances (Kronfluence's has_shared_parameters).
-    Every call must keep the batch's examples along dim 0."""
+    Every call must keep the batch's examples along dim 0. A call whose output the loss does not depend on (the model
+    uses it detached: PEFT's DoRA runs its adapters on an identity matrix for a detached weight norm) adds nothing to
+    the gradient and is no call of the layer's; a module none of whose calls reach the loss keeps zero gradients."""
 
     def __init__(self, layers: list[TrackedLayer], copied: set[int] | None = None):
         self.layers = layers
@@ -459,6 +461,7 @@ class Capture:
         self._windows: dict[str, tuple[int, int] | None] = {}
         self._sources: dict[str, tuple] = {}
         self._gradient_form: set[str] = set()  # layers whose last rows are `gradient_rows`
+        self._unused: dict[str, set[int]] = {}  # per layer, its calls whose output the last loss did not reach
         self._handles = []
         self._in_backward = False
         # ids of modules whose output the model gets a copy of (changed in place); shared between passes
@@ -506,13 +509,18 @@ class Capture:
             raise OutputChangedInPlace(f"outputs of {sorted(changed)} changed in place by the forward")
 
     def calls(self, name: str) -> int:
-        """How many times the layer's module was called in the current forward."""
-        return len(self._inputs.get(name, ()))
+        """How many calls of the layer's module in the current forward reach the loss (see the class doc)."""
+        return len(self._used(name, self._inputs.get(name, [])))
+
+    def _used(self, name: str, per_call: list) -> list:
+        """The entries of `per_call` (one per module call) of the calls that reach the loss."""
+        unused = self._unused.get(name)
+        return [x for i, x in enumerate(per_call) if i not in unused] if unused else per_call
 
     def _single_input(self, layer: TrackedLayer) -> torch.Tensor | None:
         """The module input of a layer called once (None otherwise): what the conv forms are built from."""
-        xs = self._inputs.get(layer.name)
-        return xs[0] if xs is not None and len(xs) == 1 else None
+        xs = self._used(layer.name, self._inputs.get(layer.name, []))
+        return xs[0] if len(xs) == 1 else None
 
     def _joined_calls(self, layer: TrackedLayer, rows: list[torch.Tensor]) -> torch.Tensor:
         """One layer's rows [B, T, ·] of each module call joined along the tokens."""
@@ -531,11 +539,12 @@ class Capture:
         self._windows.clear()
         self._sources.clear()
         self._gradient_form = set()
+        self._unused = {}
 
     def activations(self, layer: TrackedLayer, mask: torch.Tensor | None = None) -> torch.Tensor:
         if layer.name not in self._inputs:
             raise RuntimeError(f"tracked module {layer.name!r} was not called in the forward pass")
-        rows = [layer.input_rows(x) for x in self._inputs[layer.name]]
+        rows = [layer.input_rows(x) for x in self._used(layer.name, self._inputs[layer.name])]
         if mask is not None:  # per call: a mask applies to the calls whose tokens are its tokens
             rows = [apply_mask(r, mask, layer.name) for r in rows]
         return self._joined_calls(layer, rows)
@@ -626,7 +635,7 @@ class Capture:
         """The rows of another loss of the same forward as the last `rows` call: {name: (a, g)}, the a
         tensors shared with `rows` and g cut to the same token window (exact for its outer products with
         a, which is zero outside the window); layers in gradient form formed again from the new gradients."""
-        raw = self._output_grads(loss)
+        raw = self._output_grads(loss, first_loss=False)
         formed = self._gradient_form_rows(raw)
         layers = {layer.name: layer for layer in self.layers}
         return {name: formed[name] if name in formed
@@ -638,8 +647,10 @@ class Capture:
         raw = self._output_grads(loss, retain_graph=retain_graph)
         return {layer.name: self._gradient_rows_of(layer, raw) for layer in self.layers}
 
-    def _output_grads(self, loss: torch.Tensor, *, retain_graph: bool = False) -> dict[str, list[torch.Tensor]]:
-        """{name: gradient of `loss` w.r.t. the layer's module output, one per call} (zeros where unused)."""
+    def _output_grads(self, loss: torch.Tensor, *, retain_graph: bool = False,
+                      first_loss: bool = True) -> dict[str, list[torch.Tensor]]:
+        """{name: gradient of `loss` w.r.t. the layer's module output, one per call that reaches the loss} (zeros for
+        a module none of whose calls does). first_loss=False: another loss of the same forward (`paired_rows`)."""
         names = [layer.name for layer in self.layers]
         missing = [n for n in names if n not in self._outputs]
         if missing:
@@ -664,10 +675,23 @@ class Capture:
                                         retain_graph=retain_graph)
         finally:
             self._in_backward = False
-        raw: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        raw: dict[str, list[torch.Tensor | None]] = {name: [] for name in names}
         for (name, out), gy in zip(outputs, grads):
-            raw[name].append(torch.zeros_like(out) if gy is None else gy.detach())
-        return raw
+            raw[name].append(gy)
+        # Calls the loss does not reach are dropped where another call of the module does reach it (the class doc);
+        # the forward's rows and every loss of it must agree on which (a paired loss shares the first one's a rows).
+        unused = {name: {i for i, gy in enumerate(gys) if gy is None} for name, gys in raw.items()}
+        unused = {name: u for name, u in unused.items() if u and len(u) < len(raw[name])}
+        if first_loss:
+            self._unused = unused
+        elif unused != self._unused:
+            differ = sorted(set(unused) ^ set(self._unused) | {n for n in unused if unused[n] != self._unused.get(n)})
+            raise RuntimeError(f"tracked modules {differ} have calls that one loss of the forward reaches and another "
+                               f"does not: their rows cannot be shared between the losses")
+        outs = {name: [out for n, out in outputs if n == name] for name in names}
+        return {name: [gy.detach() if gy is not None else torch.zeros_like(out)
+                       for gy, out in self._used(name, list(zip(gys, outs[name])))]
+                for name, gys in raw.items()}
 
 
 def _one_dtype(a, g: torch.Tensor) -> tuple:

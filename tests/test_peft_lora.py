@@ -16,16 +16,20 @@ LORA_LAYERS = ["base_model.model.0.lora_A.default", "base_model.model.0.lora_B.d
                "base_model.model.2.lora_A.default", "base_model.model.2.lora_B.default"]
 
 
-def _lora_mlp():
+def _lora_mlp(use_dora=False):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    config = peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False)
+    config = peft.LoraConfig(target_modules=["0", "2"], r=2, lora_alpha=4, init_lora_weights=False, use_dora=use_dora)
     return peft.get_peft_model(base, config)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("method", ["source", "influence"])
-def test_lora_adapters_are_tracked_and_adapter_checkpoints_score_as_state_dicts(tmp_path, method):
-    model = _lora_mlp()
+def test_lora_adapters_are_tracked_and_adapter_checkpoints_score_as_state_dicts(tmp_path, method, use_dora):
+    """DoRA too: its adapters also run on an identity matrix for a detached weight norm (calls that do not reach
+    the loss, so not the layer's); its magnitude vector trains but is no supported module (left out, as a
+    LayerNorm's weight is)."""
+    model = _lora_mlp(use_dora)
     data = classification_data(n=16)
     states, steps, lrs = train_run(model, data, steps=9, every=3, lr=0.3)
     dirs = []

@@ -5,6 +5,7 @@ tokens enter its covariances (Kronfluence's `has_shared_parameters`; the dense o
 the forward hooks kept only the last call and the scores were silently wrong."""
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
 import source_fast as sf
@@ -209,3 +210,30 @@ def test_outputs_changed_in_place_score_as_without(schedule):
         if model is not reference:
             assert len(analyzer._copied_outputs) == 2  # the conv and the first Linear
     assert torch.equal(scores[1], scores[0])
+
+
+class DetachedSecondCall(nn.Module):
+    """Calls its first layer twice: on the batch, and on an identity matrix whose result is used detached (as PEFT's
+    DoRA computes a weight norm): only the first call is part of the gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        weight = self.lin(torch.eye(4, dtype=x.dtype)).detach()
+        scale = 1.0 / weight.norm(dim=0).view(1, -1)
+        return self.head(torch.tanh(self.lin(x) * scale))
+
+
+def test_a_call_the_loss_does_not_reach_is_no_call_of_the_layer():
+    torch.manual_seed(0)
+    model = DetachedSecondCall().double()
+    data = classification_data(n=12)
+    ckpts, steps, lrs = train_run(model, data, steps=6, every=2, lr=0.3)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6

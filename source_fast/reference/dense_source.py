@@ -59,7 +59,8 @@ def _weight_decays(run, layers) -> torch.Tensor:
 
 def _example_terms(model, task, example, layers, kind):
     """One example: per layer (G [O, I], a rows [T, I], g rows [T, O]) for the task's loss or measurement.
-    A module called several times in the forward (shared weights) has every call's rows, in call order."""
+    A module called several times in the forward (shared weights) has every call's rows, in call order (those
+    whose output reaches the loss)."""
     batch = default_collate([example])
     acts, outs = {}, {}
     hooks = {}
@@ -83,7 +84,15 @@ def _example_terms(model, task, example, layers, kind):
     result = {}
     for name, m, k, groups in layers:
         G = _as_matrix(m, m.weight.grad, m.bias.grad if m.bias is not None else None, k, groups).double()
-        calls = [_call_rows(m, x.double(), out, k, groups, mask) for x, out in zip(acts[id(m)], outs[id(m)])]
+        pairs = list(zip(acts[id(m)], outs[id(m)]))
+        # A call whose output the loss does not reach (used detached) is no part of the gradient: dropped, unless
+        # no call reaches it (then zero gradient rows).
+        reached = [(x, out) for x, out in pairs if out.grad is not None] or \
+            [(x, out.detach().requires_grad_()) for x, out in pairs]
+        for _, out in reached:
+            if out.grad is None:
+                out.grad = torch.zeros_like(out)
+        calls = [_call_rows(m, x.double(), out, k, groups, mask) for x, out in reached]
         result[name] = (G, torch.cat([a for a, _ in calls]), torch.cat([g for _, g in calls]))
     return result
 
