@@ -16,8 +16,12 @@ Tasks (data generated or bundled with scikit-learn; no download):
   digits_decay      digits_brief's data and model, 30 epochs of SGD with weight decay 0.01 on the weights (not
                     the biases, the common recipe): Σ η·wd ≈ 2.2 over the run, so the decay, not the loss,
                     forgets the early steps; TrainingRun(weight_decay={weights: 0.01}).
+  digits_decay_converged  the same for 300 epochs (Σ η·wd ≈ 22: converged to the regularised optimum).
+  logistic_decay, logistic_decay_converged  the same two runs of a multinomial logistic regression 64-10 (convex:
+                    its Gauss-Newton curvature is its Hessian), weight decay 0.01 on the weights.
 
-Every run is plain SGD (no momentum; weight decay only in digits_decay), batch 32, lr decaying linearly to half its peak over each stage,
+Every run is plain SGD (no momentum; weight decay only in the *_decay tasks), batch 32, lr decaying linearly to
+half its peak over each stage,
 with a batch order fixed by the seed. Training randomness across seeds = init seed + batch order; the
 attributed model is seed 0. Measurement f: the query's cross-entropy (classification) or squared error
 (regression).
@@ -44,8 +48,9 @@ Checks and ablations (a separate table; --no-ablations skips them): SOURCE with 
 checkpoint each), with the empirical Fisher (true labels) instead of the sampled one, and with the scoring
 contraction in bf16 (score_dtype=torch.bfloat16; fp32 accumulation); EK-FAC influence with
 fixed dampings 0.01 and 0.1; on two_stage, EK-FAC influence given the staged run (a check: its curvature
-must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with loss_scale=1 (a curvature 2× too small for the MSE the optimiser used); on digits_decay,
-SOURCE ignoring the weight decay, and decaying the biases too (a uniform shift, which the run did not have).
+must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with
+loss_scale=1 (a curvature 2× too small for the MSE the optimiser used); on the *_decay tasks, SOURCE ignoring the weight decay, and decaying the biases too (a uniform shift, which the
+run did not have).
 
     python benchmarks/lds_reproduction.py              # full run: writes benchmarks/results/lds_cpu.{csv,md,png}
     python benchmarks/lds_reproduction.py --quick      # smoke run (tiny M, S, queries; < 1 min)
@@ -152,6 +157,15 @@ def make_specs(quick: bool) -> dict[str, Spec]:
         Spec("digits_decay", f"digits MLP, 30 % label noise, {decay_epochs} epochs, weight decay 0.01 on weights",
              "cls", "digits_noisy", (64, 64, 10), (Stage(decay_epochs, 0.3, 6),), (n,), q, label_noise=0.3,
              weight_decay=0.01),
+        Spec("digits_decay_converged", f"digits MLP, 30 % label noise, {conv_epochs} epochs, weight decay 0.01 on "
+             f"weights (converged)", "cls", "digits_noisy", (64, 64, 10), (Stage(conv_epochs, 0.3, 6),), (n,), q,
+             label_noise=0.3, weight_decay=0.01),
+        Spec("logistic_decay", f"digits logistic regression (convex), 30 % label noise, {decay_epochs} epochs, weight "
+             f"decay 0.01", "cls", "digits_noisy", (64, 10), (Stage(decay_epochs, 0.3, 6),), (n,), q,
+             label_noise=0.3, weight_decay=0.01),
+        Spec("logistic_decay_converged", f"digits logistic regression (convex), 30 % label noise, {conv_epochs} "
+             f"epochs, weight decay 0.01 (converged)", "cls", "digits_noisy", (64, 10), (Stage(conv_epochs, 0.3, 6),),
+             (n,), q, label_noise=0.3, weight_decay=0.01),
     ]
     return {s.name: s for s in specs}
 
@@ -171,6 +185,8 @@ METHODS = (
     ("gradient_dot", "gradient dot", "gradient_dot", None, 3, {}),
 )
 
+DECAY_TASKS = ("digits_decay", "digits_decay_converged", "logistic_decay", "logistic_decay_converged")
+
 # Checks and ablations (reported separately from the main comparison): key, label, method, damping, segments,
 # tasks (None: all), options. options: "stages": False fits a single-stage run (all examples share one data set),
 # "loss_scale": overrides the task's, "fisher": "empirical" uses the true labels for the curvature, "score_dtype":
@@ -188,10 +204,10 @@ ABLATIONS = (
      "heuristic", 3, ("two_stage",), {}),
     ("source_loss_scale_1", "SOURCE (L=3) with loss_scale=1 (curvature 2× too small)", "source", None, 3,
      ("regression",), {"loss_scale": 1.0}),
-    ("source_no_weight_decay", "SOURCE (L=3) ignoring the weight decay", "source", None, 3, ("digits_decay",),
-     {"weight_decay": "none"}),
+    ("source_no_weight_decay", "SOURCE (L=3) ignoring the weight decay", "source", None, 3,
+     DECAY_TASKS, {"weight_decay": "none"}),
     ("source_weight_decay_on_biases", "SOURCE (L=3) with the weight decay on the biases too (uniform)", "source",
-     None, 3, ("digits_decay",), {"weight_decay": "all"}),
+     None, 3, DECAY_TASKS, {"weight_decay": "all"}),
 )
 
 
@@ -615,10 +631,15 @@ def write_figure(path: Path, rows: list[dict], tasks: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 4.2), squeeze=False, sharey=True)
+    columns = min(4, len(tasks))  # rows of four panels: eight tasks in one row would be unreadable
+    rows_of_panels = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.2 * columns, 4.6 * rows_of_panels), squeeze=False,
+                             sharey=True)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
     width = 0.38
     colors = {"same_epochs": "tab:blue", "same_steps": "tab:orange"}
-    for ax, t in zip(axes[0], tasks):
+    for ax, t in zip(axes.flat, tasks):
         xs = np.arange(len(METHODS))
         for i, p in enumerate(PROTOCOLS):
             sel = [next(r for r in rows if r["task"] == t["name"] and r["method"] == key and r["protocol"] == p)
@@ -633,12 +654,13 @@ def write_figure(path: Path, rows: list[dict], tasks: list[dict]) -> None:
         ax.set_xticks(xs)
         ax.set_xticklabels(list(t["labels"].values()), rotation=60, ha="right", fontsize=7)
         ax.set_title(t["name"], fontsize=9)
-    axes[0][0].set_ylabel("LDS (α = 0.5), 95 % CI over queries")
+    for row in axes:
+        row[0].set_ylabel("LDS (α = 0.5), 95 % CI over queries")
     handles, names = axes[0][0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="gray", linestyle="dashed", linewidth=0.8))
     names.append("split-half ceiling of the ground truth")
     fig.legend(handles, names, loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.07 / rows_of_panels))
     buffer = _io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -675,7 +697,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="smoke mode: tiny data, M, S and queries (< 1 min)")
     parser.add_argument("--full", dest="quick", action="store_false", help="the full run (default)")
     parser.add_argument("--tasks", default=None, help="comma-separated subset of: digits_brief, digits_converged, "
-                                                      "two_stage, regression, digits_decay")
+                                                      "two_stage, regression, digits_decay, digits_decay_converged, "
+                                                      "logistic_decay, logistic_decay_converged")
     parser.add_argument("--num-subsets", type=int, default=None, help="M (default 100; quick 8)")
     parser.add_argument("--num-seeds", type=int, default=None, help="S, even (default 8; quick 2)")
     parser.add_argument("--workers", type=int, default=2, help="retraining processes (0: in this process)")

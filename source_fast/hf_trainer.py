@@ -11,9 +11,11 @@ state (trainer_state.json: global step, logged learning rates) and its arguments
   bias-corrected second moment v̂ = exp_avg_sq / (1 − β₂^t) and eps, named by the Trainer's parameter groups:
   weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape;
   read on access from the memory-mapped file, so only the tracked layers' v̂ are ever read);
-- the weight decay of each parameter group (one number when every group has the same; else per parameter, named
-  as above), and whether it is decoupled (AdamW: torch's `decoupled_weight_decay`; a file without that flag is
-  taken as AdamW, the Trainer's Adam optimizers all are).
+- whether Adam's weight decay is decoupled (AdamW: torch's `decoupled_weight_decay`; a file without that flag is
+  taken as AdamW, the Trainer's Adam optimizers all are), and, with `weight_decay="optimizer"`, each parameter
+  group's weight decay (one number when every group has the same; else per parameter, named as above). By default
+  the decay is not modelled (as in the SOURCE paper, Kronfluence and Bergson): on the deep-network tasks of
+  benchmarks/lds_reproduction.py modelling it lowered the LDS (README "Weight decay").
 
 The model files are read by `io.load_state_dict` when the analyzer loads a checkpoint (a PEFT model's directories
 hold its adapter only: `io.match_to_model` puts it on the model's frozen base).
@@ -34,10 +36,14 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import logging
+
 import torch
 from torch import nn
 
 from . import io
+
+log = logging.getLogger("source_fast")
 
 _STEP_DIR = re.compile(r"^checkpoint-(\d+)$")
 
@@ -227,9 +233,10 @@ def _named_weight_decay(groups: list[dict], values: list[float], names: list[str
     return decay
 
 
-def run_arguments(source, model: nn.Module | None = None, lr=None) -> dict:
-    """`TrainingRun`'s checkpoints, steps, lr, momentum and optimizer arguments for a Trainer's run (see the module
-    doc); each checkpoint's trainer_state.json and optimizer.pt are read once."""
+def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=None) -> dict:
+    """`TrainingRun`'s checkpoints, steps, lr, momentum, optimizer and weight-decay arguments for a Trainer's run
+    (see the module doc); each checkpoint's trainer_state.json and optimizer.pt are read once. weight_decay: None
+    (not modelled), "optimizer" (the parameter groups'), or a TrainingRun weight_decay taken as given."""
     dirs = checkpoint_dirs(source)
     states = [_trainer_state(d) for d in dirs]
     steps = [int(s["global_step"]) for s in states]
@@ -249,16 +256,24 @@ def run_arguments(source, model: nn.Module | None = None, lr=None) -> dict:
     arguments = {"checkpoints": [str(d) for d in dirs], "steps": steps, "lr": lr}
     groups = saved[0]["param_groups"]
     decays = _group_weight_decays(saved)
+    read_decay = isinstance(weight_decay, str) and weight_decay == "optimizer"
+    if isinstance(weight_decay, str) and not read_decay:
+        raise ValueError(f"weight_decay must be None, 'optimizer', a number or a mapping, got {weight_decay!r}")
+    if weight_decay is None and any(decays):
+        log.info("source_fast: the run's optimizer used weight decay %s, not modelled (weight_decay='optimizer' "
+                 "models it; README 'Weight decay')", sorted(set(decays)))
     names = tied = None
-    if kinds != {"sgd"} or len(set(decays)) > 1:  # parameters to name: v̂, or groups' different weight decays
+    named_decays = read_decay and len(set(decays)) > 1
+    if kinds != {"sgd"} or named_decays:  # parameters to name: v̂, or groups' different weight decays
         if model is None:
             need = "an Adam run" if kinds != {"sgd"} else f"parameter groups with different weight decays {decays}"
             raise ValueError(f"{need} needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
                              f"model=model))")
         names = _optimizer_names(model, groups)  # the same order in every checkpoint
         tied = io.tied_names(dict(model.named_parameters(remove_duplicate=False)))
-    arguments["weight_decay"] = decays[0] if len(set(decays)) == 1 else _named_weight_decay(groups, decays, names,
-                                                                                             tied)
+    if read_decay:
+        weight_decay = _named_weight_decay(groups, decays, names, tied) if named_decays else decays[0]
+    arguments["weight_decay"] = 0.0 if weight_decay is None else weight_decay
     if kinds == {"sgd"}:
         momenta = {float(g["momentum"]) for o in saved for g in o["param_groups"]}
         if len(momenta) > 1:

@@ -285,7 +285,8 @@ class TrainingRun:
     @classmethod
     def from_hf_trainer(cls, source, model=None, *, num_segments: int | Sequence[int] = 3, lr=None,
                         loss_scale: float = 1.0, stage_boundaries: Sequence[int] | None = None,
-                        example_stages: Sequence[int] | None = None) -> "TrainingRun":
+                        example_stages: Sequence[int] | None = None,
+                        weight_decay: "str | float | Mapping[str, float] | None" = None) -> "TrainingRun":
         """The run a Hugging Face `Trainer` saved: its output_dir (every checkpoint-<step>/ in it) or a list of
         checkpoint directories (see `source_fast.hf_trainer`).
 
@@ -295,11 +296,14 @@ class TrainingRun:
         eps (`model` names the parameters: needed for Adam). `loss_scale`: the Trainer's loss is a batch mean (a
         token mean for causal LMs), so pass the optimiser's per-example loss over the task's (for `CausalLMTask`,
         its `token_mean_loss_scale(train_dataset)`); the default 1 suits a per-example mean such as
-        `ClassificationTask`'s.
+        `ClassificationTask`'s. `weight_decay`: None (default) leaves the optimizer's weight decay out of the
+        operators, as the SOURCE paper does (modelling it lowered the LDS on the deep-network tasks measured: README
+        "Weight decay"); "optimizer" takes each parameter group's from optimizer.pt; a number or mapping is taken
+        as given.
         """
         from . import hf_trainer
 
-        return cls(**hf_trainer.run_arguments(source, model, lr), num_segments=num_segments,
+        return cls(**hf_trainer.run_arguments(source, model, lr, weight_decay), num_segments=num_segments,
                    stage_boundaries=stage_boundaries, example_stages=example_stages, loss_scale=loss_scale)
 
     # --------------------------------------------------------------------------------- helpers

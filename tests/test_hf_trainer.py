@@ -28,7 +28,8 @@ def _train(tmp_path, **kwargs):
 
 def test_adamw_run_steps_schedule_second_moments_and_weight_decay(tmp_path):
     model, data, out = _train(tmp_path, weight_decay=0.1)
-    run = sf.TrainingRun.from_hf_trainer(out, model, num_segments=3)
+    assert sf.TrainingRun.from_hf_trainer(out, model, num_segments=3).weight_decay == 0.0  # not modelled by default
+    run = sf.TrainingRun.from_hf_trainer(out, model, num_segments=3, weight_decay="optimizer")
     assert run.steps == [4, 8, 12] and run.optimizer == "adamw" and run.momentum == 0.0
     assert [p.rsplit("/", 1)[-1] for p in run.checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     # the schedule: warmup 0 → 0.01 over 2 updates, then cosine to 0 over 10; every update logged
@@ -72,13 +73,17 @@ def test_sgd_momentum_run(tmp_path):
 
 
 def test_sgd_weight_decay_groups_need_the_model(tmp_path):
-    """The Trainer's SGD with weight decay: its decay group and its no-decay group differ, so naming them takes the
-    model; the groups are read into a per-parameter weight decay."""
+    """The Trainer's SGD with weight decay, read with weight_decay="optimizer": its decay group and its no-decay group
+    differ, so naming them takes the model; the groups are read into a per-parameter weight decay."""
     model, _, out = _train(tmp_path, optim="sgd", optim_args="momentum=0.9", weight_decay=0.05)
+    assert sf.TrainingRun.from_hf_trainer(out).weight_decay == 0.0  # not modelled by default: no names needed
     with pytest.raises(ValueError, match=r"parameter groups with different weight decays \[0.05, 0.0\] needs the "
                                          r"model"):
-        sf.TrainingRun.from_hf_trainer(out)
-    run = sf.TrainingRun.from_hf_trainer(out, model)
+        sf.TrainingRun.from_hf_trainer(out, weight_decay="optimizer")
+    with pytest.raises(ValueError, match="weight_decay must be None, 'optimizer', a number or a mapping, got 'adamw'"):
+        sf.TrainingRun.from_hf_trainer(out, weight_decay="adamw")
+    assert sf.TrainingRun.from_hf_trainer(out, weight_decay=0.05).weight_decay == 0.05  # as given
+    run = sf.TrainingRun.from_hf_trainer(out, model, weight_decay="optimizer")
     decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
     assert run.weight_decay == {n: 0.05 if n in decay or n == "lm_head.weight" else 0.0
                                 for n, _ in model.named_parameters(remove_duplicate=False)}

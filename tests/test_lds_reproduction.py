@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lds_reproduction.py"
-TASKS = ("digits_brief", "digits_converged", "two_stage", "regression", "digits_decay")
+TASKS = ("digits_brief", "digits_converged", "two_stage", "regression", "digits_decay", "digits_decay_converged",
+         "logistic_decay", "logistic_decay_converged")
 PROTOCOLS = ("same_epochs", "same_steps")
 
 
