@@ -6,7 +6,11 @@ state (trainer_state.json: global step, logged learning rates) and its arguments
 - checkpoints and steps: the directories, at their `global_step`;
 - the learning rate of every update: the Trainer's own scheduler rebuilt from its arguments
   (`transformers.get_scheduler` with the same type, warmup and length), checked against every learning rate the run
-  logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises;
+  logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises; times
+  the gradient clipping's factor min(1, max_grad_norm / ‖g_k‖) of each update (the Trainer clips at 1.0 by default;
+  a clipped update is a step of that much smaller learning rate along the same direction), from the gradient norms
+  the run logged when it logged every update (logging_steps=1); with fewer logged, clipping seen at a logged step
+  is warned about and the schedule taken as it is;
 - the optimizer, read from optimizer.pt: SGD (its heavy-ball momentum) or Adam/AdamW (per parameter the
   bias-corrected second moment v̂ = exp_avg_sq / (1 − β₂^t) and eps, named by the Trainer's parameter groups:
   weight-decay parameters, then the others, each in `model.named_parameters()` order, checked by count and shape;
@@ -33,6 +37,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -72,16 +77,19 @@ def _trainer_state(directory: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def learning_rates(directory: Path, total: int, max_steps: int) -> list[float]:
-    """The learning rate of updates 0 … total (one more than the run made: the next update's, which a checkpoint's
-    optimizer holds), from the Trainer's scheduler (over `max_steps` updates) rebuilt from training_args.bin."""
-    import transformers
-
+def _training_args(directory: Path):
     args_path = directory / "training_args.bin"
     if not args_path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no training_args.bin: the learning-rate schedule cannot be "
                                 f"rebuilt; pass lr= (one value per update)")
-    args = torch.load(args_path, weights_only=False)
+    return torch.load(args_path, weights_only=False)
+
+
+def learning_rates(args, total: int, max_steps: int) -> list[float]:
+    """The learning rate of updates 0 … total (one more than the run made: the next update's, which a checkpoint's
+    optimizer holds), from the Trainer's scheduler (over `max_steps` updates) rebuilt from its arguments."""
+    import transformers
+
     param = nn.Parameter(torch.zeros(()))
     optimizer = torch.optim.SGD([param], lr=float(args.learning_rate))
     lrs = []
@@ -111,6 +119,27 @@ def _check_logged(lrs: list[float], log_history: list[dict]) -> None:
     raise ValueError(f"the learning rate logged at step {step} ({lr:.6g}) is not the rebuilt schedule's "
                      f"({lrs[step - 1]:.6g}): the run's schedule is not its Trainer's default one (a custom "
                      f"scheduler or optimizer?); pass lr= (one value per update)")
+
+
+def clipping_factors(log_history: list[dict], total: int, max_grad_norm: float | None) -> list[float] | None:
+    """Per update k = 0 … total − 1, the factor min(1, max_grad_norm / (‖g_k‖ + 1e-6)) by which the Trainer's
+    clipping (torch.nn.utils.clip_grad_norm_) scaled its gradient, from the norms logged at steps 1 … total; None
+    when the run did not clip, or did not log every update's norm (then a warning if a logged one was clipped)."""
+    if not max_grad_norm or max_grad_norm <= 0:
+        return None
+    norms = {int(e["step"]): float(e["grad_norm"]) for e in log_history
+             if "grad_norm" in e and "step" in e and 0 < int(e["step"]) <= total}
+    factors = {step: min(1.0, max_grad_norm / (norm + 1e-6)) for step, norm in norms.items()}
+    if len(factors) == total:
+        return [factors[k + 1] for k in range(total)]
+    clipped = sum(f < 1 for f in factors.values())
+    if clipped:
+        warnings.warn(f"gradient clipping (max_grad_norm={max_grad_norm:g}) scaled {clipped} of the {len(factors)} "
+                      f"updates whose gradient norm the run logged, but only {len(factors)} of its {total} updates "
+                      f"were logged: the learning rates are taken unscaled, so clipped updates count as full steps "
+                      f"(train with logging_steps=1, or pass lr= with the effective rates)", RuntimeWarning,
+                      stacklevel=3)
+    return None
 
 
 def _decay_parameter_names(model: nn.Module) -> list[str]:
@@ -242,14 +271,22 @@ def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=
     steps = [int(s["global_step"]) for s in states]
     saved = [_load_optimizer(d) for d in dirs]
     if lr is None:
-        lrs = learning_rates(dirs[-1], steps[-1], int(states[-1].get("max_steps") or steps[-1]))
-        _check_logged(lrs, states[-1].get("log_history", []))
+        args = _training_args(dirs[-1])
+        history = states[-1].get("log_history", [])
+        lrs = learning_rates(args, steps[-1], int(states[-1].get("max_steps") or steps[-1]))
+        _check_logged(lrs, history)
         for directory, step, optimizer in zip(dirs, steps, saved):
             held = float(optimizer["param_groups"][0]["lr"])  # the next update's
             if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
                 raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
                                  f"rebuilt schedule {lrs[step]:.6g}: pass lr= (one value per update)")
         lr = lrs[:steps[-1]]
+        factors = clipping_factors(history, steps[-1], getattr(args, "max_grad_norm", None))
+        if factors is not None:
+            lr = [eta * f for eta, f in zip(lr, factors)]
+            if any(f < 1 for f in factors):
+                log.info("source_fast: gradient clipping scaled %d of %d updates (learning rates scaled alike, "
+                         "smallest factor %.3g)", sum(f < 1 for f in factors), len(factors), min(factors))
     kinds = {_optimizer_kind(o["param_groups"]) for o in saved}
     if len(kinds) > 1:
         raise ValueError(f"the checkpoints were saved by different optimizers: {sorted(kinds)}")

@@ -18,12 +18,35 @@ pytest.importorskip("accelerate")  # the Trainer's own dependency
 def _train(tmp_path, **kwargs):
     model = tiny_gpt2(torch.float32)
     data = TokenDataset(*padded_tokens(n=16))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                                          max_steps=12, save_steps=4, logging_steps=1, learning_rate=0.01,
-                                          warmup_steps=2, lr_scheduler_type="cosine", report_to=[], use_cpu=True,
-                                          seed=0, disable_tqdm=True, **kwargs)
-    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    settings = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=12, save_steps=4,
+                    logging_steps=1, learning_rate=0.01, warmup_steps=2, lr_scheduler_type="cosine", report_to=[],
+                    use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=1e9)  # clipping: its own test
+    settings.update(kwargs)
+    transformers.Trainer(model=model, args=transformers.TrainingArguments(**settings), train_dataset=data).train()
     return model, data, tmp_path / "out"
+
+
+SCHEDULE = [0.01 * k / 2 for k in range(2)] + [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 10)) for k in range(2, 12)]
+
+
+def test_gradient_clipping_scales_the_learning_rates(tmp_path):
+    """The Trainer clips the gradient norm (at 1.0 by default): a clipped update is a step of lr · max/‖g‖. With
+    every update's norm logged, the run's learning rates are scaled by those factors; with fewer logged, a clipped
+    one is warned about and the schedule taken unscaled."""
+    model, _, out = _train(tmp_path, optim="sgd", max_grad_norm=0.5)
+    history = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    norms = {e["step"]: e["grad_norm"] for e in history if "grad_norm" in e}
+    assert sorted(norms) == list(range(1, 13)) and sum(n > 0.5 for n in norms.values()) >= 3  # clipping was active
+    run = sf.TrainingRun.from_hf_trainer(out)
+    want = [eta * min(1.0, 0.5 / (norms[k + 1] + 1e-6)) for k, eta in enumerate(SCHEDULE)]
+    assert run.lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert sf.TrainingRun.from_hf_trainer(out, lr=SCHEDULE).lrs == pytest.approx(SCHEDULE)  # lr= taken as given
+
+    _, _, sparse = _train(tmp_path / "sparse", optim="sgd", max_grad_norm=0.5, logging_steps=3)
+    with pytest.warns(RuntimeWarning, match=r"gradient clipping \(max_grad_norm=0.5\) scaled \d of the 4 updates "
+                                            r"whose gradient norm the run logged, but only 4 of its 12"):
+        run = sf.TrainingRun.from_hf_trainer(sparse)
+    assert run.lrs == pytest.approx(SCHEDULE, rel=1e-6, abs=1e-12)
 
 
 def test_adamw_run_steps_schedule_second_moments_and_weight_decay(tmp_path):
@@ -33,8 +56,7 @@ def test_adamw_run_steps_schedule_second_moments_and_weight_decay(tmp_path):
     assert run.steps == [4, 8, 12] and run.optimizer == "adamw" and run.momentum == 0.0
     assert [p.rsplit("/", 1)[-1] for p in run.checkpoints] == ["checkpoint-4", "checkpoint-8", "checkpoint-12"]
     # the schedule: warmup 0 → 0.01 over 2 updates, then cosine to 0 over 10; every update logged
-    want = [0.01 * k / 2 for k in range(2)] + \
-        [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 10)) for k in range(2, 12)]
+    want = SCHEDULE
     assert run.lrs == pytest.approx(want, rel=1e-6, abs=1e-12)
     log = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     assert [e["learning_rate"] for e in log if "learning_rate" in e] == pytest.approx(want, rel=1e-5)
