@@ -213,6 +213,10 @@ def _adam_entries(saved: dict, names: list[str], shapes: dict[str, torch.Size],
             entry = saved["state"].get(index)
             if entry is None:  # a parameter that never got a gradient
                 continue
+            if "exp_avg_sq" not in entry or "step" not in entry:  # bitsandbytes' 8-bit Adam keeps state1/state2
+                raise ValueError(f"optimizer.pt's state holds {sorted(entry)}, not torch Adam's exp_avg_sq and step "
+                                 f"(a quantised or other Adam implementation?): pass adam_second_moments (v̂ per "
+                                 f"parameter) by hand")
             if name is None or tuple(entry["exp_avg_sq"].shape) != tuple(shapes[name]):
                 raise ValueError(f"optimizer.pt's parameter {index} ({tuple(entry['exp_avg_sq'].shape)}) does not "
                                  f"match the model's parameter {name!r} in the Trainer's order: pass "

@@ -123,6 +123,19 @@ def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
     assert list(run.lrs) == [0.01] * 12
 
 
+def test_an_adam_state_that_is_not_torchs_is_named(tmp_path):
+    """bitsandbytes' 8-bit Adam (optim="adamw_bnb_8bit") keeps quantised state1/state2, not exp_avg_sq: named."""
+    model, _, out = _train(tmp_path, max_steps=4, save_steps=2)
+    for directory in sorted(out.glob("checkpoint-*")):
+        saved = torch.load(directory / "optimizer.pt", weights_only=True)
+        for entry in saved["state"].values():
+            entry["state2"] = entry.pop("exp_avg_sq")
+        torch.save(saved, directory / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"state holds \['exp_avg', 'state2', 'step'\], not torch Adam's "
+                                         r"exp_avg_sq and step"):
+        sf.TrainingRun.from_hf_trainer(out, model)
+
+
 def test_not_a_trainer_output_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoint-<step> directories"):
         sf.TrainingRun.from_hf_trainer(tmp_path)
