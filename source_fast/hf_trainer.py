@@ -129,6 +129,10 @@ def clipping_factors(log_history: list[dict], total: int, max_grad_norm: float |
         return None
     norms = {int(e["step"]): float(e["grad_norm"]) for e in log_history
              if "grad_norm" in e and "step" in e and 0 < int(e["step"]) <= total}
+    if not norms:
+        log.info("source_fast: the run clipped gradients at norm %g but logged no gradient norm: updates it clipped (if "
+                 "any) count as full steps", max_grad_norm)
+        return None
     factors = {step: min(1.0, max_grad_norm / (norm + 1e-6)) for step, norm in norms.items()}
     if len(factors) == total:
         return [factors[k + 1] for k in range(total)]

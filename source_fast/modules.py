@@ -404,7 +404,19 @@ def find_tracked_layers(model: nn.Module, names: list[str] | None = None) -> lis
     if not layers:
         raise ValueError(f"the model ({type(model).__name__}) has no supported modules to track ({_SUPPORTED})")
     _warn_tied(selected)
+    _log_untracked(model, selected)
     return layers
+
+
+def _log_untracked(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> None:
+    """Say which trained parameters no tracked module holds (embeddings, normalisation layers, PEFT's embedding
+    adapters and DoRA magnitudes): their gradients are not part of the scores, as in Kronfluence and Bergson."""
+    tracked = {id(p) for _, m in selected for p in m.parameters(recurse=False)}
+    untracked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tracked]
+    if untracked:
+        logging.getLogger("source_fast").info(
+            "source_fast: %d trained parameters are in no tracked module (%s%s): their gradients are not part of the "
+            "scores", len(untracked), ", ".join(untracked[:4]), ", …" if len(untracked) > 4 else "")
 
 
 def _trained(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:

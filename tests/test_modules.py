@@ -220,3 +220,16 @@ def test_tracked_modules_sharing_a_weight_are_named(caplog):
     with caplog.at_level("WARNING", logger="source_fast"):
         find_tracked_layers(model, ["0", "3"])
     assert "tied" not in caplog.text
+
+
+def test_trained_parameters_outside_the_tracked_modules_are_logged(caplog):
+    model = nn.Sequential(nn.Embedding(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    with caplog.at_level("INFO", logger="source_fast"):
+        find_tracked_layers(model)
+    assert "3 trained parameters are in no tracked module (0.weight, 1.weight, 1.bias)" in caplog.text
+    caplog.clear()
+    for p in list(model[0].parameters()) + list(model[1].parameters()):
+        p.requires_grad_(False)
+    with caplog.at_level("INFO", logger="source_fast"):
+        find_tracked_layers(model)
+    assert "in no tracked module" not in caplog.text

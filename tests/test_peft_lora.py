@@ -64,3 +64,23 @@ def test_an_adapter_checkpoint_of_another_model_is_named(tmp_path):
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, progress=False)
     with pytest.raises(ValueError, match=r"missing keys \['base_model.model.2.lora_A.default.weight'"):
         analyzer.pairwise_scores(classification_data(n=4), classification_data(n=4))
+
+
+def test_lora_on_a_convolution_matches_the_dense_oracle():
+    """PEFT's LoRA on a Conv2d is two convolutions (lora_A: the layer's kernel to r channels, lora_B: 1×1 back):
+    tracked as conv layers, scored as the oracle scores them."""
+    from _models import TinyCNN
+
+    data = classification_data(n=16, image=True)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(TinyCNN().double(), peft.LoraConfig(target_modules=["conv", "fc"], r=2,
+                                                                     init_lora_weights=False))
+    ckpts, steps, lrs = train_run(model, data, steps=6, every=2, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False)
+    names = [layer.name for layer in analyzer.layers]
+    assert names == [f"base_model.model.{m}.lora_{x}.default" for m in ("conv", "fc") for x in "AB"]
+    queries = Subset(data, range(3))
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, module_names=names)
+    assert ((scores - oracle).abs().max() / oracle.abs().max()).item() <= 1e-6
