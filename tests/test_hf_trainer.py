@@ -94,6 +94,14 @@ def test_sgd_momentum_run(tmp_path):
     assert len(run.segments) == 2 and run.lrs[2] == pytest.approx(0.01) and run.weight_decay == 0.0
 
 
+def test_gradient_accumulation_counts_updates(tmp_path):
+    """With gradient_accumulation_steps = 2 a step is an optimizer update of two micro-batches: the steps, schedule
+    and checkpoints are the updates'."""
+    _, _, out = _train(tmp_path, optim="sgd", gradient_accumulation_steps=2)
+    run = sf.TrainingRun.from_hf_trainer(out)
+    assert run.steps == [4, 8, 12] and run.lrs == pytest.approx(SCHEDULE, rel=1e-6, abs=1e-12)
+
+
 def test_sgd_weight_decay_groups_need_the_model(tmp_path):
     """The Trainer's SGD with weight decay, read with weight_decay="optimizer": its decay group and its no-decay group
     differ, so naming them takes the model; the groups are read into a per-parameter weight decay."""
