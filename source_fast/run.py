@@ -70,7 +70,9 @@ class TrainingRun:
         adam_eps: Adam's epsilon in the preconditioner 1 / (sqrt(v̂) + eps).
         weight_decay: the optimizer's weight decay wd ≥ 0: one number for every parameter, or a mapping from
             parameter name to its decay (names it lacks: 0), as parameter groups set it (e.g. none on biases).
-            On SGD runs a tracked layer's operators take its weight's decay (its bias column shares it).
+            It enters SOURCE's operators (methods "source" and "fast_source"; "influence" takes its damping as
+            given). A layer whose bias is decayed otherwise than its weight gets the decay's diagonal in its
+            eigenbasis (exact when uniform).
     """
 
     def __init__(self, checkpoints: Sequence, steps: Sequence[int], lr, momentum: float = 0.0,
