@@ -75,6 +75,29 @@ def test_mlp_on_cuda_low_precision_scoring_keeps_rankings(mlp_case, score_dtype)
         assert torch.corrcoef(ranks.double())[0, 1] > 0.99, q
 
 
+@pytest.mark.parametrize("decay", ["uniform", "weights-only"])
+def test_mlp_with_weight_decay_on_cuda_matches_cpu(mlp_case, decay):
+    """Weight decay's shift of Λ on the device: uniform against the oracle; weights-only (the eigen-diagonal
+    projection, computed on the device) against the same run on CPU."""
+    model, data, ckpts, steps, lrs, _ = mlp_case
+    weight_decay = 0.2 if decay == "uniform" else {"0.weight": 0.2, "2.weight": 0.2}
+
+    def scores(device):
+        run = sf.TrainingRun(_to(ckpts, device, torch.float64), steps, lr=lrs, num_segments=3,
+                             weight_decay=weight_decay)
+        x, y = data.tensors
+        on_device = torch.utils.data.TensorDataset(x.to(device), y.to(device))
+        analyzer = sf.SourceAnalyzer(mlp(d_in=6, hidden=8).to(device, torch.float64), ClassificationTask(), run,
+                                     fisher="empirical", batch_size=16, progress=False)
+        return analyzer.pairwise_scores(Subset(on_device, range(6)), on_device), run
+
+    got, run = scores("cuda")
+    if decay == "uniform":
+        assert _rel(got, dense_source_scores(model, ClassificationTask(), run, Subset(data, range(6)), data)) <= 1e-6
+    else:
+        assert _rel(got, scores("cpu")[0]) <= 1e-9
+
+
 def test_cnn_on_cuda_matches_cpu_oracle_float64():
     model, data, ckpts, steps, lrs = tiny_cnn_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
