@@ -687,23 +687,24 @@ class Capture:
                                         retain_graph=retain_graph)
         finally:
             self._in_backward = False
-        raw: dict[str, list[torch.Tensor | None]] = {name: [] for name in names}
+        raw: dict[str, list[tuple[torch.Tensor | None, torch.Tensor]]] = {name: [] for name in names}
         for (name, out), gy in zip(outputs, grads):
-            raw[name].append(gy)
+            raw[name].append((gy, out))
         # Calls the loss does not reach are dropped where another call of the module does reach it (the class doc);
         # the forward's rows and every loss of it must agree on which (a paired loss shares the first one's a rows).
-        unused = {name: {i for i, gy in enumerate(gys) if gy is None} for name, gys in raw.items()}
-        unused = {name: u for name, u in unused.items() if u and len(u) < len(raw[name])}
+        unused = {}
+        for name, calls in raw.items():
+            missed = {i for i, (gy, _) in enumerate(calls) if gy is None}
+            if missed and len(missed) < len(calls):
+                unused[name] = missed
         if first_loss:
             self._unused = unused
         elif unused != self._unused:
             differ = sorted(set(unused) ^ set(self._unused) | {n for n in unused if unused[n] != self._unused.get(n)})
             raise RuntimeError(f"tracked modules {differ} have calls that one loss of the forward reaches and another "
                                f"does not: their rows cannot be shared between the losses")
-        outs = {name: [out for n, out in outputs if n == name] for name in names}
-        return {name: [gy.detach() if gy is not None else torch.zeros_like(out)
-                       for gy, out in self._used(name, list(zip(gys, outs[name])))]
-                for name, gys in raw.items()}
+        return {name: [gy.detach() if gy is not None else torch.zeros_like(out) for gy, out in self._used(name, calls)]
+                for name, calls in raw.items()}
 
 
 def _one_dtype(a, g: torch.Tensor) -> tuple:
