@@ -49,8 +49,8 @@ checkpoint each), with the empirical Fisher (true labels) instead of the sampled
 contraction in bf16 (score_dtype=torch.bfloat16; fp32 accumulation); EK-FAC influence with
 fixed dampings 0.01 and 0.1; on two_stage, EK-FAC influence given the staged run (a check: its curvature
 must come from every stage's data, as the main table's run without stages gives it); on regression, SOURCE with
-loss_scale=1 (a curvature 2× too small for the MSE the optimiser used); on the *_decay tasks, SOURCE ignoring the weight decay, and decaying the biases too (a uniform shift, which the
-run did not have).
+loss_scale=1 (a curvature 2× too small for the MSE the optimiser used); on the *_decay tasks, SOURCE ignoring the
+weight decay, and decaying the biases too (a uniform shift, which the run did not have).
 
     python benchmarks/lds_reproduction.py              # full run: writes benchmarks/results/lds_cpu.{csv,md,png}
     python benchmarks/lds_reproduction.py --quick      # smoke run (tiny M, S, queries; < 1 min)

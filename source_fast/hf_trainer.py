@@ -130,8 +130,8 @@ def clipping_factors(log_history: list[dict], total: int, max_grad_norm: float |
     norms = {int(e["step"]): float(e["grad_norm"]) for e in log_history
              if "grad_norm" in e and "step" in e and 0 < int(e["step"]) <= total}
     if not norms:
-        log.info("source_fast: the run clipped gradients at norm %g but logged no gradient norm: updates it clipped (if "
-                 "any) count as full steps", max_grad_norm)
+        log.info("source_fast: the run clipped gradients at norm %g but logged no gradient norm: updates it clipped "
+                 "(if any) count as full steps", max_grad_norm)
         return None
     factors = {step: min(1.0, max_grad_norm / (norm + 1e-6)) for step, norm in norms.items()}
     if len(factors) == total:
@@ -226,12 +226,18 @@ def _adam_entries(saved: dict, names: list[str], shapes: dict[str, torch.Size],
                                  f"match the model's parameter {name!r} in the Trainer's order: pass "
                                  f"adam_second_moments by hand")
             entries[name] = (index, beta2)
+    return _with_tied_aliases(entries, tied)
+
+
+def _with_tied_aliases(by_name: dict, tied: list[list[str]]) -> dict:
+    """`by_name` with each tied weight's aliases (GPT-2's lm_head.weight for transformer.wte.weight) given its
+    parameter's entry: the optimizer saw one parameter, the model has several names for it."""
     for group in tied:
-        known = [n for n in group if n in entries]
+        known = [n for n in group if n in by_name]
         for alias in group:
-            if known and alias not in entries:
-                entries[alias] = entries[known[0]]
-    return entries
+            if known and alias not in by_name:
+                by_name[alias] = by_name[known[0]]
+    return by_name
 
 
 def _optimizer_kind(groups: list[dict]) -> str:
@@ -262,12 +268,7 @@ def _named_weight_decay(groups: list[dict], values: list[float], names: list[str
                         tied: list[list[str]]) -> dict[str, float]:
     """Groups of different weight decays: each parameter's, by name (tied aliases included)."""
     decay = {names[index]: value for group, value in zip(groups, values) for index in group["params"]}
-    for group in tied:
-        known = [n for n in group if n in decay]
-        for alias in group:
-            if known and alias not in decay:
-                decay[alias] = decay[known[0]]
-    return decay
+    return _with_tied_aliases(decay, tied)
 
 
 def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=None) -> dict:

@@ -273,8 +273,9 @@ def match_to_model(state: dict, model_state: dict[str, torch.Tensor], *, constan
     """A checkpoint's tensors under the model's state_dict keys, with what a saved file may leave out restored:
     the "_orig_mod." prefix of a torch.compile'd module's state_dict dropped; tied weights (`fill_tied`); the
     adapter name PEFT removes from an adapter's keys ("…lora_A.weight" for the model's "…lora_A.default.weight",
-    one of `adapter_names`; DoRA's "…lora_magnitude_vector" for "…lora_magnitude_vector.default.weight"); and the `constant` keys it lacks (parameters frozen in
-    the model, and buffers: they did not train, as a PEFT adapter's base model), taken from `model_state`."""
+    one of `adapter_names`; DoRA's "…lora_magnitude_vector" for "…lora_magnitude_vector.default.weight"); and the
+    `constant` keys it lacks (parameters frozen in the model, and buffers: they did not train, as a PEFT adapter's
+    base model), taken from `model_state`."""
     if state and all(k.startswith(COMPILED_PREFIX) for k in state) and \
             not any(k.startswith(COMPILED_PREFIX) for k in model_state):  # saved from a torch.compile'd module
         state = {k.removeprefix(COMPILED_PREFIX): v for k, v in state.items()}

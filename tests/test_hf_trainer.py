@@ -26,7 +26,9 @@ def _train(tmp_path, **kwargs):
     return model, data, tmp_path / "out"
 
 
-SCHEDULE = [0.01 * k / 2 for k in range(2)] + [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 10)) for k in range(2, 12)]
+# warmup 0 → 0.01 over 2 updates, then cosine to 0 over 10
+SCHEDULE = [0.01 * k / 2 for k in range(2)] + [0.01 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 10))
+                                               for k in range(2, 12)]
 
 
 def test_gradient_clipping_scales_the_learning_rates(tmp_path):
