@@ -170,3 +170,17 @@ def test_alternate_stage_smoke():
     assert proc.returncode == 0, out[-4000:]
     assert re.search(r"^pair 1: Kronfluence influence [\d.]+ s, source_fast influence [\d.]+ s", proc.stdout, re.M), out
     assert re.search(r"1 alternating pairs: medians .* ratio [\d.]+ .*; SMOKE$", proc.stdout, re.M), out
+
+
+def test_lds_decay_dense_curvature_smoke(tmp_path):
+    """The weight-decay analysis script runs its quick mode (logistic regression: 650 parameters) and prints its table;
+    for this convex model the Hessian is the Gauss-Newton matrix, so their rows agree."""
+    proc = subprocess.run([sys.executable, str(BENCH / "lds_decay_dense_curvature.py"), "logistic_decay", "--quick",
+                           "--cache-dir", str(tmp_path), "--workers", "0"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in proc.stdout.splitlines()
+            if line.startswith("| GGN") or line.startswith("| Hessian")}
+    assert set(rows) == {"GGN + decay", "GGN + 1/Σηₖ", "Hessian + decay"}
+    assert rows["GGN + decay"] == rows["Hessian + decay"]
+    assert "SMOKE logistic_decay" in proc.stdout
