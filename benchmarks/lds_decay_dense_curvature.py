@@ -6,6 +6,9 @@ For the model's P parameters (4,810 for the 64-64-10 MLP) it forms, in float64:
 - the exact Gauss-Newton matrix Jᵀ(diag p − p pᵀ)J / N (PSD: it leaves out the loss's negative curvature);
 and scores influence (1/N) ∇f_qᵀ (M + D)⁻¹ ∇L_m with each M, D the decay (weights only, as trained) or the damping
 1/Σηₖ, then the LDS of each against the ground truths `lds_reproduction.py` cached (same masks, seeds, queries).
+For a one-layer model (the logistic tasks) also EK-FAC's form with exact eigenvalues: the GGN's diagonal in the
+Kronecker eigenbasis of its expected factors (A = E[a aᵀ], S = E[diag p − p pᵀ]), the decay projected on it, which
+separates what the Kronecker basis costs from what sampling the eigenvalue correction costs.
 
     python benchmarks/lds_decay_dense_curvature.py digits_decay_converged   # after lds_reproduction.py (cache)
     python benchmarks/lds_decay_dense_curvature.py digits_decay --quick     # tiny sizes: computes its own truths
@@ -99,6 +102,24 @@ def main(argv=None) -> int:
         scores = (((query_grads @ v) / w) @ (v.T @ train_grads.T) / n).numpy()
         values = [evaluation.lds(scores, masks, truth[pr], n_bootstrap=200)["mean"] for pr in lds.PROTOCOLS]
         print(f"| {label} | {values[0]:+.3f} | {values[1]:+.3f} |", flush=True)
+    if len(shapes) == 2:  # one layer: [C, I] with the bias last, as source_fast lays it out
+        inputs = torch.cat([x, torch.ones(n, 1, dtype=F64)], 1)
+        factor_a = inputs.T @ inputs / n
+        factor_s = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]).mean(0)
+        basis = torch.kron(torch.linalg.eigh(factor_s)[1], torch.linalg.eigh(factor_a)[1])
+        # source_fast's [O, I] row-major order is theta's weight-then-bias order permuted: map through it
+        out_dim, in_dim = shapes[0]
+        order = torch.tensor([o * in_dim + i if i < in_dim else out_dim * in_dim + o
+                              for o in range(out_dim) for i in range(in_dim + 1)])
+        ggn_oi = ggn[order][:, order]
+        lam = torch.diagonal(basis.T @ ggn_oi @ basis)
+        for label, shift in [("EK-FAC form, exact Λ, + decay (projected)",
+                              torch.diagonal(basis.T @ torch.diag(decay[order]) @ basis)),
+                             ("EK-FAC form, exact Λ, + 1/Σηₖ", 1.0 / sum(lrs))]:
+            scores = ((((query_grads[:, order] @ basis) / (lam + shift)) @ basis.T) @ train_grads[:, order].T / n)
+            values = [evaluation.lds(scores.numpy(), masks, truth[pr], n_bootstrap=200)["mean"]
+                      for pr in lds.PROTOCOLS]
+            print(f"| {label} | {values[0]:+.3f} | {values[1]:+.3f} |", flush=True)
     print(f"SMOKE {args.task}" if args.quick else "done")
     return 0
 

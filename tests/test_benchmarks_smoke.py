@@ -180,7 +180,8 @@ def test_lds_decay_dense_curvature_smoke(tmp_path):
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in proc.stdout.splitlines()
-            if line.startswith("| GGN") or line.startswith("| Hessian")}
-    assert set(rows) == {"GGN + decay", "GGN + 1/Σηₖ", "Hessian + decay"}
+            if line.startswith(("| GGN", "| Hessian", "| EK-FAC"))}
+    assert set(rows) == {"GGN + decay", "GGN + 1/Σηₖ", "Hessian + decay", "EK-FAC form, exact Λ, + decay (projected)",
+                         "EK-FAC form, exact Λ, + 1/Σηₖ"}
     assert rows["GGN + decay"] == rows["Hessian + decay"]
     assert "SMOKE logistic_decay" in proc.stdout
