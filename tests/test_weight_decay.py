@@ -278,3 +278,22 @@ def test_curvature_report_counts_the_decayed_argument(decayed_run):
     assert all(r["influence_like"] == 1.0 for r in decayed)
     for a, b in zip(plain, decayed):
         assert np.array_equal(a["spectrum"], b["spectrum"])
+
+
+def test_fast_source_takes_the_decay_as_source_does(decayed_run):
+    """One checkpoint per segment: Fast-SOURCE's parameter average is the checkpoint, so it is SOURCE, decay and all
+    (the decay enters both through the same decayed blocks)."""
+    model, data, ckpts, steps, lrs = decayed_run
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=len(ckpts), weight_decay={"0.weight": 0.3, "2.weight": 0.3})
+    queries = Subset(data, range(4))
+
+    def scores(method):
+        return sf.SourceAnalyzer(model, ClassificationTask(), run, method=method, fisher="empirical", batch_size=7,
+                                 progress=False).pairwise_scores(queries, data)
+
+    fast = scores("fast_source")
+    assert _rel(fast, scores("source")) <= 1e-9
+    plain = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=len(ckpts))
+    undecayed = sf.SourceAnalyzer(model, ClassificationTask(), plain, method="fast_source", fisher="empirical",
+                                  batch_size=7, progress=False).pairwise_scores(queries, data)
+    assert _rel(fast, undecayed) > 0.05
