@@ -54,7 +54,9 @@ class TrainingRun:
             (`save_pretrained`, a Trainer's checkpoint-<step>/; tied weights it stores once are filled in).
         steps: global step (number of updates done) at which each checkpoint was taken, strictly
             increasing.
-        lr: per-update learning rates (sequence, index k = update k), a callable k -> lr, or a float.
+        lr: per-update learning rates (sequence, index k = update k), a callable k -> lr, or a float. A run that
+            clipped its gradient norm at `max` took steps of η_k · min(1, max / ‖g_k‖): pass those effective rates
+            (`from_hf_trainer` does, from a Trainer's logged norms).
         momentum: heavy-ball momentum β in [0, 1) (0 for plain SGD); operators use c / (1 − β).
         num_segments: number of segments L (checkpoints are grouped evenly, segments aligned to
             stages), or a sequence of interior boundary steps (a new segment starts at each).
