@@ -285,6 +285,11 @@ def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=
         lrs = learning_rates(args, steps[-1], int(states[-1].get("max_steps") or steps[-1]))
         _check_logged(lrs, history)
         for directory, step, optimizer in zip(dirs, steps, saved):
+            group_lrs = sorted({float(g["lr"]) for g in optimizer["param_groups"]})
+            if not math.isclose(group_lrs[0], group_lrs[-1], rel_tol=1e-9, abs_tol=0.0):
+                raise ValueError(f"{str(directory)!r}: its optimizer's parameter groups hold different learning rates "
+                                 f"{group_lrs} (layer-wise rates?): TrainingRun models one rate per update for every "
+                                 f"parameter; pass lr= to choose one (an approximation for the other groups)")
             held = float(optimizer["param_groups"][0]["lr"])  # the next update's
             if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
                 raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "

@@ -121,6 +121,19 @@ def test_sgd_weight_decay_groups_need_the_model(tmp_path):
                                 for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
+def test_layer_wise_learning_rates_are_named(tmp_path):
+    """Parameter groups stepping at different rates (layer-wise lr decay, a custom optimizer) are not one schedule:
+    named, instead of taking the first group's rates for every parameter."""
+    model, _, out = _train(tmp_path, max_steps=4, save_steps=2)
+    for directory in sorted(out.glob("checkpoint-*")):
+        saved = torch.load(directory / "optimizer.pt", weights_only=True)
+        saved["param_groups"][1]["lr"] *= 0.5
+        torch.save(saved, directory / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"parameter groups hold different learning rates .* \(layer-wise rates\?\)"):
+        sf.TrainingRun.from_hf_trainer(out, model)
+    assert list(sf.TrainingRun.from_hf_trainer(out, model, lr=0.01, num_segments=2).lrs) == [0.01] * 4  # by hand
+
+
 def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
     model, _, out = _train(tmp_path)
     state_path = out / "checkpoint-12" / "trainer_state.json"
