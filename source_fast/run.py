@@ -355,13 +355,14 @@ class TrainingRun:
 
     def fingerprint(self) -> dict:
         """What identifies this run's segmentation in stored factors and scores (weight decay only when there is
-        one, so stores written before it was modelled stay valid)."""
+        one, and "adamw" as "adam" without it: the same operators, so stores written before either existed stay
+        valid)."""
         out = {
             "steps": self.steps,
             "segments": [[s.start, s.end, list(s.checkpoints), round(s.c, 12), s.stage] for s in self.segments],
             "momentum": self.momentum,
             "loss_scale": self.loss_scale,
-            "optimizer": self.optimizer,
+            "optimizer": "adam" if self.is_adam and not self.has_weight_decay else self.optimizer,
             "stage_boundaries": self.stage_boundaries,
         }
         if self.has_weight_decay:

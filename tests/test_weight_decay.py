@@ -297,3 +297,18 @@ def test_fast_source_takes_the_decay_as_source_does(decayed_run):
     undecayed = sf.SourceAnalyzer(model, ClassificationTask(), plain, method="fast_source", fisher="empirical",
                                   batch_size=7, progress=False).pairwise_scores(queries, data)
     assert _rel(fast, undecayed) > 0.05
+
+
+def test_store_fingerprints_change_only_with_a_decay(decayed_run):
+    """Stores written before weight decay was modelled stay valid for runs without one: "adamw" without a decay
+    operates as "adam", and the decay enters the fingerprint only when there is one."""
+    _, _, ckpts, steps, lrs = decayed_run
+    moments = [{k: torch.ones_like(v) for k, v in c.items()} for c in ckpts]
+
+    def fingerprint(**kw):
+        return sf.TrainingRun(ckpts, steps, lr=lrs, adam_second_moments=moments, **kw).fingerprint()
+
+    assert fingerprint(optimizer="adamw") == fingerprint(optimizer="adam")
+    assert "weight_decay" not in fingerprint(optimizer="adam")
+    assert fingerprint(optimizer="adamw", weight_decay=0.1) != fingerprint(optimizer="adam", weight_decay=0.1)
+    assert fingerprint(weight_decay=0.1)["weight_decay"] == 0.1
