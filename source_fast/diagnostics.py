@@ -24,7 +24,9 @@ a table and `plot_report` draws the spectra and shares into a PNG.
 The eigenvalues are those of the curvature of the loss the optimiser stepped on (Λ̄ already carries
 ``run.loss_scale``), so c·σ is on the scale the operators use. A run with weight decay has its operators
 evaluated on σ + wd (SGD runs: the decay's diagonal in each eigenbasis), so the regimes count c·(σ + wd); the
-spectrum columns stay Λ̄'s. For ``method="influence"`` the
+spectrum columns stay Λ̄'s. On Adam runs the walk's exponent is c·p̄ ⊙ diag H̄ per parameter (SOURCE_MATH §4), so
+the regimes count those (p̄ = 1/(sqrt(v̂) + eps) is typically 10³–10⁵: c·σ alone would call every direction
+TracIn-like). For ``method="influence"`` the
 analyzer has one block set at the final model; it is reported as one segment with c = Σ_ℓ c_ℓ (the
 mass behind ``damping="source"``).
 """
@@ -89,14 +91,23 @@ def curvature_report(analyzer: Any, *, low: float = 0.1, high: float = 10.0) -> 
         raise ValueError(f"analyzer.blocks has {len(blocks)} segments but its run has {len(info)}; was the run "
                          "replaced after fit()?")
     rows = []
-    # The operators' argument: Λ̄ + the weight decay's eigen-diagonal (SOURCE on SGD runs; `_decayed`).
-    decayed = getattr(analyzer, "_decayed", None) if method != "influence" and not analyzer.run.is_adam else None
+    adam = method != "influence" and analyzer.run.is_adam
+    # The operators' argument: Λ̄ + the weight decay's eigen-diagonal (SOURCE on SGD runs; `_decayed`); on Adam
+    # runs the exponent's rate p̄ ⊙ diag H̄ (+ the decay's), elementwise in parameter space (`_adam_terms`).
+    decayed = getattr(analyzer, "_decayed", None) if method != "influence" and not adam else None
+    pbars, _, decay_rates = analyzer._adam_terms() if adam else (None, None, None)
     for seg, (seg_blocks, (c, steps, stage)) in enumerate(zip(blocks, info)):
         operated = decayed(seg_blocks) if decayed is not None else seg_blocks
         for name, block in seg_blocks.items():
             sigma = block.lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
             spectrum = np.sort(sigma)[::-1]
-            x = c * operated[name].lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
+            if adam:
+                rate = pbars[seg][name].double().cpu() * block.diagonal().double().cpu().clamp_min(0)
+                if decay_rates is not None:
+                    rate = rate + decay_rates[seg][name][0].double().cpu()
+                x = c * rate.reshape(-1).numpy()
+            else:
+                x = c * operated[name].lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
             n = sigma.size
             tracin = float(np.count_nonzero(x < low)) / n
             influence = float(np.count_nonzero(x > high)) / n

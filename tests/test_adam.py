@@ -1,4 +1,5 @@
 """The Adam variant (SOURCE_MATH.md §4): an approximation, checked where it is exact and end to end."""
+import pytest
 import torch
 from torch.utils.data import Subset
 
@@ -48,3 +49,28 @@ def test_adam_run_end_to_end():
                          adam_second_moments=[{k: 100 * v for k, v in m.items()} for m in moments])
     other = sf.SourceAnalyzer(model, ClassificationTask(), big, batch_size=8, progress=False)
     assert not torch.allclose(scores, other.pairwise_scores(Subset(data, range(3)), data), rtol=1e-3)
+
+
+def test_curvature_report_of_an_adam_run_counts_the_preconditioned_exponent():
+    """On an Adam run the walk's exponent is c·p̄ ⊙ diag H̄: a v̂ of 1e-8 (p̄ ≈ 10⁴) makes directions influence-like
+    that c·σ alone would call TracIn-like."""
+    from source_fast.diagnostics import curvature_report
+
+    data = classification_data(n=16)
+    model = mlp()
+    ckpts, steps, _ = train_run(model, data, steps=12, every=3, lr=0.1)
+
+    def report(v_hat):
+        moments = [{k: torch.full_like(v, v_hat) for k, v in c.items()} for c in ckpts]
+        run = sf.TrainingRun(ckpts, steps, lr=1e-3, num_segments=2, optimizer="adam", adam_second_moments=moments)
+        analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, progress=False).fit(data)
+        return analyzer, curvature_report(analyzer)
+
+    analyzer, rows = report(1e-8)
+    p_bar = 1 / (1e-4 + 1e-8)
+    for row in rows:
+        block = analyzer.blocks[row["segment"]][row["layer"]]
+        x = row["c"] * p_bar * block.diagonal().clamp_min(0).reshape(-1)
+        assert row["influence_like"] == pytest.approx(float((x > row["high"]).double().mean()))
+        assert row["tracin_like"] == pytest.approx(float((x < row["low"]).double().mean()))
+    assert sum(r["influence_like"] for r in rows) > sum(r["influence_like"] for r in report(1.0)[1])
