@@ -846,21 +846,32 @@ class SourceAnalyzer:
                           adam_decay=adam_decay, backend=self.backend)
 
     def _operators(self):
-        """(r, s) spectral functions per segment (SGD forms; weight decay enters through `_decayed` blocks)."""
+        """(r, s) spectral functions per segment (SGD forms; weight decay enters through `_decayed` blocks); per
+        layer, {name: (r, s)}, when layers train at their own rate (`TrainingRun.lr_scale`: c → ratio × c)."""
         damping = 0.0 if self.damping in (None, "heuristic") else float(self.damping)
-        return [ekfac.source_operators(c, damping=damping, operator=self.operator, eta=c / max(steps, 1),
-                                       steps=steps) for c, steps, _ in self._segments()]
+
+        def pair(c, steps):
+            return ekfac.source_operators(c, damping=damping, operator=self.operator, eta=c / max(steps, 1),
+                                          steps=steps)
+
+        if not self.run.has_lr_scale:
+            return [pair(c, steps) for c, steps, _ in self._segments()]
+        scales = self._lr_scales()
+        return [{name: pair(scales[name] * c, steps) for name in scales} for c, steps, _ in self._segments()]
+
+    def _lr_scales(self) -> dict[str, float]:
+        """Per tracked layer, the ratio of its learning rate to the run's (its weight's `lr_scale`)."""
+        return {layer.name: self.run.parameter_lr_scale(layer.param_names()["weight"]) for layer in self.layers}
 
     def _check_weight_decay_names(self) -> None:
-        """A per-parameter weight decay must name the model's parameters (a misspelt or prefixed name would
-        silently give its layer none)."""
-        if not isinstance(self.run.weight_decay, dict):
-            return
+        """A per-parameter weight decay or lr_scale must name the model's parameters (a misspelt or prefixed name
+        would silently give its layer none)."""
         known = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
-        unknown = [n for n in self.run.weight_decay if n not in known]
-        if unknown:
-            raise ValueError(f"run.weight_decay names {len(unknown)} parameters the model does not have, e.g. "
-                             f"{unknown[:3]}; the model's are named like {sorted(known)[:3]}")
+        for what, names in (("weight_decay", self.run.weight_decay), ("lr_scale", self.run.lr_scale)):
+            unknown = [n for n in names if n not in known] if isinstance(names, dict) else []
+            if unknown:
+                raise ValueError(f"run.{what} names {len(unknown)} parameters the model does not have, e.g. "
+                                 f"{unknown[:3]}; the model's are named like {sorted(known)[:3]}")
 
     def _weight_decay_matrix(self, layer: TrackedLayer) -> torch.Tensor:
         """The layer's per-parameter weight decay in its [O, I] layout (bias column last), float64, on CPU."""
@@ -1453,6 +1464,8 @@ class SourceAnalyzer:
             if self.method == "tracin":
                 self._load(unit)
                 v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
+                if self.run.has_lr_scale:  # each layer's lr mass: its ratio × c
+                    v = {n: x * self._lr_scales()[n] for n, x in v.items()}
                 weight = c / members / stage_sizes[stage]
             elif self.method == "gradient_dot":
                 self._load(final_unit)
@@ -1575,8 +1588,9 @@ class SourceAnalyzer:
                 c, _, stage = segments[seg]
                 members = sum(1 for x in units if x.segment == seg)
                 w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
-                val = sum(_per_example_grads(a, g).square().sum((1, 2))
-                          for a, g in rows[unit.uid if unit.segment >= 0 else "final"].values())
+                scales = self._lr_scales() if self.method == "tracin" else {}
+                val = sum(scales.get(n, 1.0) * _per_example_grads(a, g).square().sum((1, 2))
+                          for n, (a, g) in rows[unit.uid if unit.segment >= 0 else "final"].items())
                 in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0
                 out += w * self.run.loss_scale * val * in_stage
             return out

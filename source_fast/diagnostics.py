@@ -65,7 +65,7 @@ def curvature_report(analyzer: Any, *, low: float = 0.1, high: float = 10.0) -> 
 
     Returns:
         One dict per (segment, layer), segments in training order and layers in the analyzer's
-        order, with keys ``segment``, ``stage``, ``layer``, ``c`` (c_ℓ), ``steps`` (updates in the
+        order, with keys ``segment``, ``stage``, ``layer``, ``c`` (c_ℓ; times the layer's ``lr_scale``), ``steps`` (updates in the
         segment), ``n_directions`` (O·I entries of Λ̄), ``sigma_max``, ``sigma_mean``,
         ``sigma_median``, ``frac_zero`` (share of σ ≤ 1e-12·σ_max), ``source_damping`` (1/c: the
         damping r implies), ``heuristic_damping`` (0.1·mean σ), ``tracin_like``, ``intermediate``,
@@ -96,9 +96,12 @@ def curvature_report(analyzer: Any, *, low: float = 0.1, high: float = 10.0) -> 
     # runs the exponent's rate p̄ ⊙ diag H̄ (+ the decay's), elementwise in parameter space (`_adam_terms`).
     decayed = getattr(analyzer, "_decayed", None) if method != "influence" and not adam else None
     pbars, _, decay_rates = analyzer._adam_terms() if adam else (None, None, None)
-    for seg, (seg_blocks, (c, steps, stage)) in enumerate(zip(blocks, info)):
+    # A layer trained at its own rate (`TrainingRun.lr_scale`) has its own mass: ratio × c_ℓ.
+    scales = analyzer._lr_scales() if method != "influence" and analyzer.run.has_lr_scale else {}
+    for seg, (seg_blocks, (segment_c, steps, stage)) in enumerate(zip(blocks, info)):
         operated = decayed(seg_blocks) if decayed is not None else seg_blocks
         for name, block in seg_blocks.items():
+            c = segment_c * scales.get(name, 1.0)
             sigma = block.lam.detach().double().cpu().reshape(-1).clamp_min(0).numpy()
             spectrum = np.sort(sigma)[::-1]
             if adam:

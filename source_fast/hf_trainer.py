@@ -288,8 +288,9 @@ def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=
             group_lrs = sorted({float(g["lr"]) for g in optimizer["param_groups"]})
             if not math.isclose(group_lrs[0], group_lrs[-1], rel_tol=1e-9, abs_tol=0.0):
                 raise ValueError(f"{str(directory)!r}: its optimizer's parameter groups hold different learning rates "
-                                 f"{group_lrs} (layer-wise rates?): TrainingRun models one rate per update for every "
-                                 f"parameter; pass lr= to choose one (an approximation for the other groups)")
+                                 f"{group_lrs} (layer-wise rates?): build the TrainingRun by hand with lr= and lr_scale "
+                                 f"(each parameter's ratio to lr), or pass lr= here to take one rate for every "
+                                 f"parameter (an approximation for the other groups)")
             held = float(optimizer["param_groups"][0]["lr"])  # the next update's
             if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
                 raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "

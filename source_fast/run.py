@@ -75,13 +75,17 @@ class TrainingRun:
             It enters SOURCE's operators (methods "source" and "fast_source"; "influence" takes its damping as
             given). A layer whose bias is decayed otherwise than its weight gets the decay's diagonal in its
             eigenbasis (exact when uniform).
+        lr_scale: parameters trained at their own learning rate, a constant multiple of `lr` (a head at 10× its
+            backbone's rate, layer-wise rate decay): a mapping from parameter name to that ratio (names it lacks:
+            1). A tracked layer's operators and TracIn weight take its weight's ratio, c_ℓ → ratio × c_ℓ.
     """
 
     def __init__(self, checkpoints: Sequence, steps: Sequence[int], lr, momentum: float = 0.0,
                  num_segments: int | Sequence[int] = 3, stage_boundaries: Sequence[int] | None = None,
                  example_stages: Sequence[int] | None = None, *, loss_scale: float = 1.0,
                  optimizer: str = "sgd", adam_second_moments: Sequence[Mapping[str, torch.Tensor]] | None = None,
-                 adam_eps: float = 1e-8, weight_decay: float | Mapping[str, float] = 0.0):
+                 adam_eps: float = 1e-8, weight_decay: float | Mapping[str, float] = 0.0,
+                 lr_scale: Mapping[str, float] | None = None):
         if isinstance(checkpoints, (str, os.PathLike, Mapping)) or not isinstance(checkpoints, Sequence):
             raise TypeError(f"checkpoints must be a list of state_dicts or paths, got {type(checkpoints).__name__}")
         if len(checkpoints) == 0:
@@ -118,6 +122,7 @@ class TrainingRun:
         self.adam_second_moments = list(adam_second_moments) if adam_second_moments is not None else None
         self.adam_eps = float(adam_eps)
         self.weight_decay = self._check_weight_decay(weight_decay)
+        self.lr_scale = self._check_lr_scale(lr_scale)
         self.segments = self._make_segments(num_segments)
 
     @property
@@ -131,12 +136,37 @@ class TrainingRun:
             return self.weight_decay
         return self.weight_decay.get(name, 0.0)
 
+    def parameter_lr_scale(self, name: str) -> float:
+        """The ratio of parameter `name`'s learning rate to the run's `lr` (1 unless `lr_scale` says otherwise)."""
+        return self.lr_scale.get(name, 1.0)
+
+    @property
+    def has_lr_scale(self) -> bool:
+        return any(v != 1.0 for v in self.lr_scale.values())
+
     @property
     def has_weight_decay(self) -> bool:
         values = [self.weight_decay] if isinstance(self.weight_decay, float) else self.weight_decay.values()
         return any(v > 0 for v in values)
 
     # ----------------------------------------------------------------------------------- checks
+    @staticmethod
+    def _check_lr_scale(lr_scale) -> dict[str, float]:
+        if lr_scale is None:
+            return {}
+        if not isinstance(lr_scale, Mapping):
+            raise TypeError(f"lr_scale must be a mapping from parameter name to its learning rate's ratio to lr, got "
+                            f"{type(lr_scale).__name__}")
+        out = {}
+        for key, value in lr_scale.items():
+            if not isinstance(key, str):
+                raise TypeError(f"lr_scale: keys must be parameter names (str), got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"lr_scale[{key!r}] must be a finite number > 0, got {value!r}")
+            out[key] = float(value)
+        return out
+
     @staticmethod
     def _check_weight_decay(weight_decay) -> float | dict[str, float]:
         def number(value, what):
@@ -340,7 +370,9 @@ class TrainingRun:
     def describe(self) -> str:
         rows = [f"TrainingRun: {len(self.checkpoints)} checkpoints at steps {self.steps}, T={self.total_steps}, "
                 f"momentum={self.momentum}, optimizer={self.optimizer}, loss_scale={self.loss_scale}"
-                + (f", weight_decay={self._weight_decay_summary()}" if self.has_weight_decay else "")]
+                + (f", weight_decay={self._weight_decay_summary()}" if self.has_weight_decay else "")
+                + (f", lr_scale {min(self.lr_scale.values()):g}–{max(self.lr_scale.values()):g} over "
+                   f"{len(self.lr_scale)} named parameters" if self.has_lr_scale else "")]
         for seg in self.segments:
             rows.append(f"  segment {seg.index}: updates [{seg.start}, {seg.end}), checkpoints "
                         f"{[self.steps[i] for i in seg.checkpoints]}, lr mass {seg.lr_mass:.4g}, c={seg.c:.4g}, "
@@ -355,8 +387,8 @@ class TrainingRun:
 
     def fingerprint(self) -> dict:
         """What identifies this run's segmentation in stored factors and scores (weight decay only when there is
-        one, and "adamw" as "adam" without it: the same operators, so stores written before either existed stay
-        valid)."""
+        one, "adamw" as "adam" without it: the same operators, and lr_scale only when it is not all 1; so stores
+        written before these existed stay valid)."""
         out = {
             "steps": self.steps,
             "segments": [[s.start, s.end, list(s.checkpoints), round(s.c, 12), s.stage] for s in self.segments],
@@ -367,4 +399,6 @@ class TrainingRun:
         }
         if self.has_weight_decay:
             out["weight_decay"] = self.weight_decay
+        if self.has_lr_scale:
+            out["lr_scale"] = self.lr_scale
         return out

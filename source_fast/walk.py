@@ -12,6 +12,9 @@ With weight decay (per parameter wd): E = exp(−c p̄ ⊙ (diag H̄ + wd)) for 
 exp(−c (p̄ ⊙ diag H̄ + wd)) for AdamW (decoupled), and the inverse is of H̄ + diag(wd) (Adam) or H̄ + diag(wd / p̄)
 (AdamW), that diagonal projected on the eigenbasis (`EKFACBlock.eigen_diagonal`). SGD segments take weight decay
 in their blocks' Λ (the analyzer's `_decayed`).
+
+A segment's operators are one (r, s) pair for every layer, or a mapping layer -> pair (layers trained at their own
+learning rate: `TrainingRun(lr_scale=...)`).
 """
 from __future__ import annotations
 
@@ -23,10 +26,15 @@ from . import _compiled, _extension, _linalg, ops, spectral
 from .ekfac import EKFACBlock
 
 LayerTensors = dict[str, torch.Tensor]
+Operators = "tuple[spectral.Spectral, spectral.Spectral] | Mapping[str, tuple[spectral.Spectral, spectral.Spectral]]"
 
 
-def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
-               operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
+def layer_operators(operators, name: str) -> tuple[spectral.Spectral, spectral.Spectral]:
+    """(r, s) of layer `name` from a segment's operators (one pair for all layers, or one per layer)."""
+    return operators[name] if isinstance(operators, Mapping) else operators
+
+
+def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]], operators: Sequence[Operators], *,
                adam: Sequence[dict[str, torch.Tensor] | None] | None = None,
                adam_damping: Sequence[dict[str, float]] | None = None,
                adam_decay: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None,
@@ -36,7 +44,7 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     Args:
         u: per layer, query directions ``[Q, O, I]`` at the final model.
         blocks: per segment, per layer EK-FAC block.
-        operators: per segment, (r, s) spectral functions.
+        operators: per segment, (r, s) spectral functions (or a mapping layer -> (r, s)).
         adam: per segment, per layer p̄ ``[O, I]`` (None for SGD segments).
         adam_damping: per segment, per layer δ of the Adam accumulation inverse.
         adam_decay: weight decay of Adam segments, per segment and layer: (its rate in the exponent, added to
@@ -48,10 +56,10 @@ def query_walk(u: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
     current = dict(u)
     out: list[LayerTensors] = [dict() for _ in blocks]
     for seg in reversed(range(len(blocks))):
-        r, s = operators[seg]
         p_bar = adam[seg] if adam is not None else None
         for name, direction in current.items():
             block = blocks[seg][name]
+            r, s = layer_operators(operators[seg], name)
             if p_bar is None:
                 v, nxt = ops.kron_project(direction, block.q_s, block.q_a, block.lam, (r, s), backend=backend)
             else:
@@ -122,16 +130,15 @@ class WalkPlan:
     """What a rotated walk needs per segment and layer, computed once and reused by every batch:
     r(Λ_ℓ) and s(Λ_ℓ) in the walk dtype, and the cross-basis matrices to the previous segment."""
 
-    def __init__(self, blocks: Sequence[dict[str, EKFACBlock]],
-                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], dtype: torch.dtype):
+    def __init__(self, blocks: Sequence[dict[str, EKFACBlock]], operators: Sequence[Operators], dtype: torch.dtype):
         self.num_segments = len(blocks)
         self.r: list[dict[str, torch.Tensor]] = []
         self.s: list[dict[str, torch.Tensor]] = []
         self.to_previous: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
-        for seg, (r, s) in enumerate(operators):
+        for seg, pairs in enumerate(operators):
             lam = {name: b.lam.to(dtype) for name, b in blocks[seg].items()}
-            self.r.append({name: spectral.evaluate(r, x) for name, x in lam.items()})
-            self.s.append({name: spectral.evaluate(s, x) for name, x in lam.items()})
+            self.r.append({name: spectral.evaluate(layer_operators(pairs, name)[0], x) for name, x in lam.items()})
+            self.s.append({name: spectral.evaluate(layer_operators(pairs, name)[1], x) for name, x in lam.items()})
             self.to_previous.append({} if seg == 0 else {
                 name: _cross_basis(b, blocks[seg - 1][name], dtype) for name, b in blocks[seg].items()})
 
@@ -181,8 +188,7 @@ def _check_writes() -> bool:
     return torch.equal(got, x * r) and not bool(_extension.query_padding(got).any())
 
 
-def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]],
-                 operators: Sequence[tuple[spectral.Spectral, spectral.Spectral]], *,
+def rotated_walk(u_rot: LayerTensors, blocks: Sequence[dict[str, EKFACBlock]], operators: Sequence[Operators], *,
                  plan: WalkPlan | None = None, consume: bool = False,
                  queries_innermost: Container[tuple[int, str]] = ()) -> list[LayerTensors]:
     """The query walk without leaving the eigenbases (SGD segments).
@@ -239,13 +245,12 @@ class SegmentByStepWalk:
             if isinstance(x, torch.Tensor) and _extension.is_queries_innermost(x):
                 self._spare[name] = x
 
-    def step(self, seg: int, blocks: dict[str, EKFACBlock], operators: tuple[spectral.Spectral, spectral.Spectral],
-             *, queries_innermost: Container[str] = ()) -> LayerTensors:
+    def step(self, seg: int, blocks: dict[str, EKFACBlock], operators: Operators, *,
+             queries_innermost: Container[str] = ()) -> LayerTensors:
         """W_seg per layer (segments must come L−1, L−2, …, 0); layers in queries_innermost get W as a view
         of a zero-padded [O, I, Qs] buffer, as in `rotated_walk`."""
         if self._next_segment is not None and seg != self._next_segment:
             raise ValueError(f"segments must be walked last to first: expected segment {self._next_segment}, got {seg}")
-        r, s = operators
         out: LayerTensors = {}
         for name, current in self.current.items():
             if self._above is not None:  # bring ũ from the segment above into this one's basis
@@ -255,11 +260,12 @@ class SegmentByStepWalk:
                 current = self.current[name] = _two_sided_(current.mul_(s_above[name]),
                                                            *_cross_basis(above[name], blocks[name], self.dtype),
                                                            scratch=scratch)
+            r = layer_operators(operators, name)[0]
             out[name] = _accumulation_term(current, spectral.evaluate(r, blocks[name].lam.to(self.dtype)),
                                            queries_innermost=name in queries_innermost, last_use=seg == 0,
                                            reuse=self._spare.pop(name, None))
-        self._above = (blocks, {name: spectral.evaluate(s, b.lam.to(self.dtype)) for name, b in blocks.items()
-                                if name in self.current})
+        self._above = (blocks, {name: spectral.evaluate(layer_operators(operators, name)[1], b.lam.to(self.dtype))
+                                for name, b in blocks.items() if name in self.current})
         self._next_segment = seg - 1
         return out
 

@@ -153,6 +153,8 @@ BAD_INPUTS = [
      "weight_decay must be a finite number >= 0, got -0.01"),
     ("weight decay of a parameter not a number", lambda: run(weight_decay={"0.weight": "0.1"}), ValueError,
      r"weight_decay\['0.weight'\] must be a finite number >= 0, got '0.1'"),
+    ("learning-rate ratio not positive", lambda: run(lr_scale={"0.weight": -1.0}), ValueError,
+     r"lr_scale\['0.weight'\] must be a finite number > 0, got -1.0"),
     # SourceAnalyzer
     ("model not a module", lambda: analyzer(model="net"), TypeError, "model must be a torch.nn.Module"),
     ("score_dtype not a floating dtype", lambda: analyzer(score_dtype=torch.int8), ValueError,
@@ -165,6 +167,9 @@ BAD_INPUTS = [
     ("weight decay of parameters the model lacks",
      lambda: analyzer(training_run=run(weight_decay={"module.0.weight": 0.1})), ValueError,
      r"run.weight_decay names 1 parameters the model does not have, e.g. \['module.0.weight'\]"),
+    ("learning-rate ratios of parameters the model lacks",
+     lambda: analyzer(training_run=run(lr_scale={"head.weight": 10.0})), ValueError,
+     r"run.lr_scale names 1 parameters the model does not have, e.g. \['head.weight'\]"),
     ("unknown fisher", lambda: analyzer(fisher="exact"), ValueError, "fisher must be 'sampled' or 'empirical'"),
     ("bad batch size", lambda: analyzer(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
     ("negative damping", lambda: analyzer(damping=-1.0), ValueError, "damping must be a finite float >= 0"),

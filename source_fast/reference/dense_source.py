@@ -7,7 +7,8 @@ over layers), forms exp(−cH̄) and (I − exp(−cH̄))H̄⁻¹ by dense eigen
 
     τ(z_q, z_m) = Σ_ℓ (1/N_ℓ) ∇f(z_q)ᵀ S_L ··· S_{ℓ+1} R_ℓ ḡ_ℓ(z_m)
 
-as explicit matrix products, with H̄_ℓ + diag(wd) when the run has weight decay (each parameter its own decay,
+as explicit matrix products (each layer's functions with its own c_ℓ under `TrainingRun.lr_scale`), with
+H̄_ℓ + diag(wd) when the run has weight decay (each parameter its own decay,
 the bias column included: exact where the pipeline shares a layer's weight decay with its bias column).
 Empirical Fisher only (true labels), so no sampling enters. Tokens that
 the task's attention mask marks 0 leave the activation covariance, the pipeline's convention.
@@ -183,14 +184,25 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
             lam = run.loss_scale * lam / len(members)
             blocks.append(basis @ torch.diag(lam) @ basis.T)
             offset += o * i
-        hessians.append(torch.block_diag(*blocks) + torch.diag(_weight_decays(run, layers)))
+        decays, offset = _weight_decays(run, layers), 0
+        for k, (o, i) in enumerate(sizes):  # SOURCE: each layer's block with its parameters' decay on the diagonal
+            if method == "source":
+                blocks[k] = blocks[k] + torch.diag(decays[offset:offset + o * i])
+            offset += o * i
+        hessians.append(blocks)
 
     def matfun(h, fn):
         w, v = _sym_eigh(h)
         return v @ torch.diag(fn(w)) @ v.T
 
+    # Each layer's rate relative to the run's (TrainingRun.lr_scale): its blocks' functions take ratio × c.
+    scales = [run.parameter_lr_scale(f"{name.split('[')[0]}.weight") for name, *_ in layers]
+
+    def blockwise(seg, fn):  # fn(w, c_scale): the block-diagonal matrix of fn on each layer's block
+        return torch.block_diag(*[matfun(h, lambda w, k=k: fn(w, scales[k])) for k, h in enumerate(hessians[seg])])
+
     if method == "influence":
-        inv = matfun(hessians[0], lambda w: 1.0 / (w + damping))
+        inv = matfun(torch.block_diag(*hessians[0]), lambda w: 1.0 / (w + damping))
         g = run.loss_scale * per_ckpt[final]
         return queries @ inv @ g.T / n_train
 
@@ -198,16 +210,15 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     propagate = torch.eye(queries.shape[1], dtype=torch.float64)  # S_L ··· S_{ℓ+1}
     for seg in reversed(range(len(seg_list))):
         c = seg_list[seg].c
-        h = hessians[seg]
 
-        def r_fn(w, c=c):
-            x = c * w
-            return torch.where(x < 1e-12, torch.full_like(w, c), -torch.expm1(-x) / torch.where(w > 0, w, 1.0))
+        def r_fn(w, scale, c=c):
+            x = scale * c * w
+            return torch.where(x < 1e-12, torch.full_like(w, scale * c), -torch.expm1(-x) / torch.where(w > 0, w, 1.0))
 
-        R = matfun(h, r_fn)
+        R = blockwise(seg, r_fn)
         g_bar = run.loss_scale * sum(per_ckpt[i] for i in seg_ckpts[seg]) / len(seg_ckpts[seg])
         stage = seg_list[seg].stage
         mask = torch.ones(n_train, dtype=torch.float64) if stages is None else (stages == stage).double()
         scores += (queries @ propagate @ R @ g_bar.T) * mask / stage_sizes[stage]
-        propagate = propagate @ matfun(h, lambda w, c=c: torch.exp(-c * w))
+        propagate = propagate @ blockwise(seg, lambda w, scale, c=c: torch.exp(-scale * c * w))
     return scores
