@@ -6,7 +6,9 @@ state (trainer_state.json: global step, logged learning rates) and its arguments
 - checkpoints and steps: the directories, at their `global_step`;
 - the learning rate of every update: the Trainer's own scheduler rebuilt from its arguments
   (`transformers.get_scheduler` with the same type, warmup and length), checked against every learning rate the run
-  logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises; times
+  logged and the one each optimizer.pt holds for the next update, so a schedule that was not that one raises (each
+  parameter group's rate may be a constant multiple of it: a custom optimizer's groups at their own rates, read as
+  the TrainingRun's lr_scale, the groups named by the names the optimizer saved or by the Trainer's grouping); times
   the gradient clipping's factor min(1, max_grad_norm / ‖g_k‖) of each update (the Trainer clips at 1.0 by default;
   a clipped update is a step of that much smaller learning rate along the same direction), from the gradient norms
   the run logged when it logged every update (logging_steps=1); with fewer logged, clipping seen at a logged step
@@ -159,7 +161,20 @@ def _decay_parameter_names(model: nn.Module) -> list[str]:
 
 
 def _optimizer_names(model: nn.Module, groups: list[dict]) -> list[str]:
-    """Parameter names in the optimizer's order: the Trainer's groups (weight decay, then the others)."""
+    """Parameter names in the optimizer's order: those the optimizer saved (torch keeps `param_names` when it was
+    built from named parameters, as a custom optimizer may be), else the Trainer's groups rebuilt (weight decay, then
+    the others)."""
+    if groups and all("param_names" in g for g in groups):
+        known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        names: list[str] = [""] * (1 + max(i for g in groups for i in g["params"]))
+        for group in groups:
+            for index, name in zip(group["params"], group["param_names"]):
+                names[index] = name
+        unknown = [n for n in names if n and n not in known]
+        if unknown:
+            raise ValueError(f"optimizer.pt names parameters the model does not have, e.g. {unknown[:3]}: pass the "
+                             f"model the run trained")
+        return names
     decay = set(_decay_parameter_names(model))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in params if n in decay] + [n for n, _ in params if n not in decay]
@@ -264,37 +279,54 @@ def _group_weight_decays(saved: list[dict]) -> list[float]:
     return per_checkpoint[0]
 
 
-def _named_weight_decay(groups: list[dict], values: list[float], names: list[str],
-                        tied: list[list[str]]) -> dict[str, float]:
-    """Groups of different weight decays: each parameter's, by name (tied aliases included)."""
+def _named_by_group(groups: list[dict], values: list[float], names: list[str],
+                    tied: list[list[str]]) -> dict[str, float]:
+    """A value per parameter group (weight decay, learning-rate ratio) as a value per parameter name (tied aliases
+    included)."""
     decay = {names[index]: value for group, value in zip(groups, values) for index in group["params"]}
     return _with_tied_aliases(decay, tied)
 
 
+def _group_lr_ratios(dirs: list[Path], steps: list[int], saved: list[dict], lrs: list[float]) -> list[float]:
+    """Each parameter group's learning rate over the rebuilt schedule, from the rate each checkpoint's optimizer holds
+    for its next update: constant per group when the Trainer's scheduler scaled every group alike (a custom optimizer's
+    groups at their own rates: layer-wise decay, a faster head). Raises when a group's ratio moves."""
+    ratios: list[float | None] = [None] * len(saved[0]["param_groups"])
+    for directory, step, optimizer in zip(dirs, steps, saved):
+        for g, group in enumerate(optimizer["param_groups"]):
+            held, scheduled = float(group["lr"]), lrs[step]
+            if scheduled == 0.0 or held == 0.0:  # the schedule's end: nothing to compare but both being 0
+                if held != scheduled:
+                    raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
+                                     f"rebuilt schedule {scheduled:.6g}: pass lr= (one value per update)")
+                continue
+            ratio = held / scheduled
+            if ratios[g] is None:
+                ratios[g] = ratio
+            elif not math.isclose(ratio, ratios[g], rel_tol=1e-5):
+                raise ValueError(f"{str(directory)!r}: parameter group {g} holds lr {held:.6g} for the next update, "
+                                 f"{ratio:.6g} × the rebuilt schedule's {scheduled:.6g}, but {ratios[g]:.6g} × it at an "
+                                 f"earlier checkpoint: not the Trainer's schedule; pass lr= (one value per update)")
+    return [1.0 if r is None else r for r in ratios]
+
+
 def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=None) -> dict:
-    """`TrainingRun`'s checkpoints, steps, lr, momentum, optimizer and weight-decay arguments for a Trainer's run
-    (see the module doc); each checkpoint's trainer_state.json and optimizer.pt are read once. weight_decay: None
+    """`TrainingRun`'s checkpoints, steps, lr, lr_scale, momentum, optimizer and weight-decay arguments for a Trainer's
+    run (see the module doc); each checkpoint's trainer_state.json and optimizer.pt are read once. weight_decay: None
     (not modelled), "optimizer" (the parameter groups'), or a TrainingRun weight_decay taken as given."""
     dirs = checkpoint_dirs(source)
     states = [_trainer_state(d) for d in dirs]
     steps = [int(s["global_step"]) for s in states]
     saved = [_load_optimizer(d) for d in dirs]
+    ratios = [1.0]
     if lr is None:
         args = _training_args(dirs[-1])
         history = states[-1].get("log_history", [])
         lrs = learning_rates(args, steps[-1], int(states[-1].get("max_steps") or steps[-1]))
-        _check_logged(lrs, history)
-        for directory, step, optimizer in zip(dirs, steps, saved):
-            group_lrs = sorted({float(g["lr"]) for g in optimizer["param_groups"]})
-            if not math.isclose(group_lrs[0], group_lrs[-1], rel_tol=1e-9, abs_tol=0.0):
-                raise ValueError(f"{str(directory)!r}: its optimizer's parameter groups hold different learning rates "
-                                 f"{group_lrs} (layer-wise rates?): build the TrainingRun by hand with lr= and lr_scale "
-                                 f"(each parameter's ratio to lr), or pass lr= here to take one rate for every "
-                                 f"parameter (an approximation for the other groups)")
-            held = float(optimizer["param_groups"][0]["lr"])  # the next update's
-            if not math.isclose(held, lrs[step], rel_tol=1e-5, abs_tol=1e-12):
-                raise ValueError(f"{str(directory)!r}: its optimizer holds lr {held:.6g} for the next update, the "
-                                 f"rebuilt schedule {lrs[step]:.6g}: pass lr= (one value per update)")
+        ratios = _group_lr_ratios(dirs, steps, saved, lrs)
+        if len(set(ratios)) == 1:  # every group at one rate (the Trainer's own optimizer: ratio 1)
+            lrs, ratios = [ratios[0] * x for x in lrs], [1.0]
+        _check_logged([ratios[0] * x for x in lrs], history)  # the Trainer logs its first group's rate
         lr = lrs[:steps[-1]]
         factors = clipping_factors(history, steps[-1], getattr(args, "max_grad_norm", None))
         if factors is not None:
@@ -316,15 +348,20 @@ def run_arguments(source, model: nn.Module | None = None, lr=None, weight_decay=
                  "models it; README 'Weight decay')", sorted(set(decays)))
     names = tied = None
     named_decays = read_decay and len(set(decays)) > 1
-    if kinds != {"sgd"} or named_decays:  # parameters to name: v̂, or groups' different weight decays
+    named_rates = len(ratios) > 1
+    if kinds != {"sgd"} or named_decays or named_rates:  # parameters to name: v̂, or the groups' own decays or rates
         if model is None:
-            need = "an Adam run" if kinds != {"sgd"} else f"parameter groups with different weight decays {decays}"
+            need = "an Adam run" if kinds != {"sgd"} else \
+                f"parameter groups with different weight decays {decays}" if named_decays else \
+                f"parameter groups at different learning rates ({[round(r, 6) for r in ratios]} × the schedule)"
             raise ValueError(f"{need} needs the model to name its parameters (TrainingRun.from_hf_trainer(..., "
                              f"model=model))")
         names = _optimizer_names(model, groups)  # the same order in every checkpoint
         tied = io.tied_names(dict(model.named_parameters(remove_duplicate=False)))
+    if named_rates:
+        arguments["lr_scale"] = _named_by_group(groups, ratios, names, tied)
     if read_decay:
-        weight_decay = _named_weight_decay(groups, decays, names, tied) if named_decays else decays[0]
+        weight_decay = _named_by_group(groups, decays, names, tied) if named_decays else decays[0]
     arguments["weight_decay"] = 0.0 if weight_decay is None else weight_decay
     if kinds == {"sgd"}:
         momenta = {float(g["momentum"]) for o in saved for g in o["param_groups"]}

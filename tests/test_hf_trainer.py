@@ -121,17 +121,59 @@ def test_sgd_weight_decay_groups_need_the_model(tmp_path):
                                 for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
-def test_layer_wise_learning_rates_are_named(tmp_path):
-    """Parameter groups stepping at different rates (layer-wise lr decay, a custom optimizer) are not one schedule:
-    named, instead of taking the first group's rates for every parameter."""
-    model, _, out = _train(tmp_path, max_steps=4, save_steps=2)
-    for directory in sorted(out.glob("checkpoint-*")):
+def test_groups_at_their_own_rates_become_lr_scale(tmp_path):
+    """Parameter groups whose rates are constant multiples of the schedule (the Trainer's scheduler scales every
+    group alike) are read as each parameter's lr_scale; a multiple that moves between checkpoints is named."""
+    model, _, out = _train(tmp_path, max_steps=6, save_steps=2)
+    dirs = sorted(out.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[1]))
+    for directory in dirs:
         saved = torch.load(directory / "optimizer.pt", weights_only=True)
         saved["param_groups"][1]["lr"] *= 0.5
         torch.save(saved, directory / "optimizer.pt")
-    with pytest.raises(ValueError, match=r"parameter groups hold different learning rates .* \(layer-wise rates\?\)"):
-        sf.TrainingRun.from_hf_trainer(out, model)
-    assert list(sf.TrainingRun.from_hf_trainer(out, model, lr=0.01, num_segments=2).lrs) == [0.01] * 4  # by hand
+    run = sf.TrainingRun.from_hf_trainer(out, model, num_segments=3)
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    assert {n for n, v in run.lr_scale.items() if v == pytest.approx(0.5)} == \
+        {n for n, p in model.named_parameters() if p.requires_grad and n not in decay}
+    assert all(v == pytest.approx(1.0) for n, v in run.lr_scale.items() if n in decay)
+    saved = torch.load(dirs[1] / "optimizer.pt", weights_only=True)
+    saved["param_groups"][1]["lr"] *= 1.4  # now 0.7 × the schedule at this checkpoint, 0.5 × at the others
+    torch.save(saved, dirs[1] / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"parameter group 1 holds lr .* at an earlier checkpoint: not the Trainer's"):
+        sf.TrainingRun.from_hf_trainer(out, model, num_segments=3)
+    assert list(sf.TrainingRun.from_hf_trainer(out, model, lr=0.01, num_segments=3).lrs) == [0.01] * 6  # by hand
+
+
+def test_a_custom_optimizer_with_named_groups(tmp_path):
+    """A Trainer given its own AdamW built from named parameters, the attention at 0.01 and the rest at 0.004
+    (layer-wise rates): the optimizer saves the names, so its groups are read as they are (not the Trainer's
+    grouping), each parameter's ratio to the schedule becomes its lr_scale, and the scores are those of the run
+    built by hand."""
+    model = tiny_gpt2(torch.float32)
+    data = TokenDataset(*padded_tokens(n=16))
+    named = [(n, p) for n, p in model.named_parameters()]
+    optimizer = torch.optim.AdamW([{"params": [(n, p) for n, p in named if ".attn." in n], "lr": 0.01},
+                                   {"params": [(n, p) for n, p in named if ".attn." not in n], "lr": 0.004}],
+                                  weight_decay=0.0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=6, save_steps=2, logging_steps=1, learning_rate=0.01,
+                                          report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=1e9)
+    transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+    run = sf.TrainingRun.from_hf_trainer(tmp_path / "out", model, num_segments=3)
+    assert run.optimizer == "adamw" and run.lrs == pytest.approx([0.01 * (1 - k / 6) for k in range(6)])
+    assert run.lr_scale == pytest.approx({n: 1.0 if ".attn." in n else 0.4 for n, _ in named} |
+                                         {"lm_head.weight": 0.4})  # tied to transformer.wte.weight
+    task = sf.CausalLMTask([n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"])
+    by_hand = sf.TrainingRun([load_state_dict(p) for p in run.checkpoints], run.steps, list(run.lrs),
+                             num_segments=3, optimizer="adamw", adam_second_moments=run.adam_second_moments,
+                             lr_scale=run.lr_scale)
+    queries = Subset(data, range(3))
+    got = sf.SourceAnalyzer(model, task, run, batch_size=8, progress=False).pairwise_scores(queries, data)
+    want = sf.SourceAnalyzer(model, task, by_hand, batch_size=8, progress=False).pairwise_scores(queries, data)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    plain = sf.TrainingRun(by_hand.checkpoints, run.steps, list(run.lrs), num_segments=3, optimizer="adamw",
+                           adam_second_moments=run.adam_second_moments)
+    assert not torch.allclose(got, sf.SourceAnalyzer(model, task, plain, batch_size=8,
+                                                     progress=False).pairwise_scores(queries, data), rtol=1e-3)
 
 
 def test_a_schedule_that_is_not_the_trainers_is_named(tmp_path):
