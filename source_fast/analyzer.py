@@ -310,6 +310,7 @@ class SourceAnalyzer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.layers: list[TrackedLayer] = find_tracked_layers(model, names)
         self._copied_outputs: set[int] = set()  # modules whose output the forward changes in place (Capture)
+        self._adam_cache: tuple | None = None  # (the blocks it was computed for, `_adam_terms`)
         # What a saved checkpoint may leave out and the model restores (io.match_to_model): PEFT's adapter names in
         # its keys and, in a model with both trained and frozen parameters (a PEFT adapter on a frozen base), the
         # frozen parameters and the buffers, which did not train. (A model frozen as a whole tells nothing.)
@@ -319,7 +320,7 @@ class SourceAnalyzer:
             "constant": frozen | {n for n, _ in model.named_buffers(remove_duplicate=False)} if partial else set(),
             "adapter_names": tuple(getattr(model, "peft_config", None) or ())}
         self._check_checkpoint_keys()
-        self._check_weight_decay_names()
+        self._check_parameter_names()
         if method in ("source", "fast_source", "influence"):
             self._check_factor_memory()
         self.blocks: list[dict[str, EKFACBlock]] | None = None
@@ -863,7 +864,7 @@ class SourceAnalyzer:
         """Per tracked layer, the ratio of its learning rate to the run's (its weight's `lr_scale`)."""
         return {layer.name: self.run.parameter_lr_scale(layer.param_names()["weight"]) for layer in self.layers}
 
-    def _check_weight_decay_names(self) -> None:
+    def _check_parameter_names(self) -> None:
         """A per-parameter weight decay or lr_scale must name the model's parameters (a misspelt or prefixed name
         would silently give its layer none)."""
         known = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
@@ -873,39 +874,54 @@ class SourceAnalyzer:
                 raise ValueError(f"run.{what} names {len(unknown)} parameters the model does not have, e.g. "
                                  f"{unknown[:3]}; the model's are named like {sorted(known)[:3]}")
 
-    def _weight_decay_matrix(self, layer: TrackedLayer) -> torch.Tensor:
-        """The layer's per-parameter weight decay in its [O, I] layout (bias column last), float64, on CPU."""
+    def _layer_weight_decay(self, layer: TrackedLayer) -> tuple[float, float | None]:
+        """(its weight's weight decay, its bias's or None without a bias)."""
         names = layer.param_names()
-        module = layer.module
-        weight = torch.full(module.weight.shape, self.run.parameter_weight_decay(names["weight"]), dtype=torch.float64)
-        bias = None if "bias" not in names else torch.full(module.bias.shape,
-                                                            self.run.parameter_weight_decay(names["bias"]),
-                                                            dtype=torch.float64)
-        return layer.to_matrix(weight, bias)
+        bias = self.run.parameter_weight_decay(names["bias"]) if "bias" in names else None
+        return self.run.parameter_weight_decay(names["weight"]), bias
+
+    def _weight_decay_matrix(self, layer: TrackedLayer, like: torch.Tensor) -> torch.Tensor:
+        """The layer's per-parameter weight decay in its [O, I] layout (bias column last), as `like`."""
+        weight, bias = self._layer_weight_decay(layer)
+        out = torch.full_like(like, weight)
+        if bias is not None:
+            out[:, -1] = bias
+        return out
+
+    @staticmethod
+    def _decay_shift(block: EKFACBlock, weight: float, bias: float | None) -> torch.Tensor | float:
+        """The eigenbasis diagonal (`EKFACBlock.eigen_diagonal`) of a layer's decay, wd on the weight and another on
+        the bias column, in closed form: the columns of Q_S∘Q_S and rows of Q_A∘Q_A sum to 1, so it is
+        wd + (wd_bias − wd)·Q_A[bias row, j]² ([1, I]; wd itself when the two agree: exact)."""
+        if bias is None or bias == weight:
+            return weight
+        return weight + (bias - weight) * block.q_a[-1:, :].to(block.lam.dtype) ** 2
 
     def _decayed(self, blocks: dict[str, EKFACBlock]) -> dict[str, EKFACBlock]:
         """A segment's blocks for the SGD walk: Λ + the weight decay's diagonal in each eigenbasis (r and s of
         H̄ + diag(wd)). A layer decayed uniformly shifts Λ by wd exactly; one whose bias is decayed otherwise gets
-        the projected diagonal (`EKFACBlock.eigen_diagonal`), EK-FAC's own approximation."""
+        the projected diagonal (`_decay_shift`), EK-FAC's own approximation."""
         if not self.run.has_weight_decay:
             return blocks
         out = dict(blocks)
         for layer in self.layers:
-            if layer.name not in blocks:
-                continue
-            block, wd = blocks[layer.name], self._weight_decay_matrix(layer)
-            first = float(wd.reshape(-1)[0])
-            shift = first if bool((wd == first).all()) else block.eigen_diagonal(wd.to(block.q_a.device)).to(
-                block.lam.dtype)
-            out[layer.name] = block.shifted(shift)
+            if layer.name in blocks:
+                out[layer.name] = blocks[layer.name].shifted(
+                    self._decay_shift(blocks[layer.name], *self._layer_weight_decay(layer)))
         return out
 
     def _adam_terms(self):
         """Per segment and layer: p̄, the accumulation inverse's δ, and (without weight decay: None) the weight
         decay's (rate in the exponent, shift of the inverse's Λ): (p̄ ⊙ wd, wd's eigen-diagonal) for Adam (L2 in
-        the gradient), (wd, the eigen-diagonal of wd / p̄) for AdamW (decoupled)."""
+        the gradient), (wd, the eigen-diagonal of wd / p̄) for AdamW (decoupled). Computed once per fitted curvature
+        (self-influence walks every batch)."""
         if not self.run.is_adam:
             return None, None, None
+        if self._adam_cache is None or self._adam_cache[0] is not self.blocks:
+            self._adam_cache = (self.blocks, self._compute_adam_terms())
+        return self._adam_cache[1]
+
+    def _compute_adam_terms(self):
         pbars, dampings, decays = [], [], []
         for seg in self.run.segments:
             per_layer, damp, decay = {}, {}, {}
@@ -926,11 +942,15 @@ class SourceAnalyzer:
                 damp[layer.name] = ekfac.heuristic_damping(block.lam) if self.damping in (None, "heuristic") \
                     else float(self.damping)
                 if self.run.has_weight_decay:
-                    wd = self._weight_decay_matrix(layer)
-                    decoupled = self.run.optimizer == "adamw"
-                    rate, inverse_part = (wd, wd / p_bar) if decoupled else (p_bar * wd, wd)
-                    shift = block.eigen_diagonal(inverse_part.to(block.q_a.device))
-                    decay[layer.name] = (rate.to(self.compute_dtype).to(self.device), shift.to(block.lam.dtype))
+                    wd = self._weight_decay_matrix(layer, p_bar)
+                    if self.run.optimizer == "adamw":  # decoupled: rate wd, inverse of H̄ + diag(wd / p̄)
+                        rate = wd
+                        shift = block.eigen_diagonal((wd / p_bar).to(block.q_a.device)).to(block.lam.dtype)
+                    else:  # L2 in the gradient: rate p̄ ⊙ wd, inverse of H̄ + diag(wd)
+                        rate = p_bar * wd
+                        shift = torch.as_tensor(self._decay_shift(block, *self._layer_weight_decay(layer)),
+                                                dtype=block.lam.dtype, device=block.lam.device).expand_as(block.lam)
+                    decay[layer.name] = (rate.to(self.compute_dtype).to(self.device), shift)
             pbars.append(per_layer)
             dampings.append(damp)
             decays.append(decay)
@@ -1465,7 +1485,8 @@ class SourceAnalyzer:
                 self._load(unit)
                 v = self._query_grads(query_dataset, f"query gradients {unit.uid}")
                 if self.run.has_lr_scale:  # each layer's lr mass: its ratio × c
-                    v = {n: x * self._lr_scales()[n] for n, x in v.items()}
+                    scales = self._lr_scales()
+                    v = {n: x * scales[n] for n, x in v.items()}
                 weight = c / members / stage_sizes[stage]
             elif self.method == "gradient_dot":
                 self._load(final_unit)
@@ -1583,12 +1604,12 @@ class SourceAnalyzer:
             rows["final"] = self._example_rows(chunk)
         out = torch.zeros(len(idx), dtype=self.compute_dtype, device=self.device)
         if self.method in ("tracin", "gradient_dot"):
+            scales = self._lr_scales() if self.method == "tracin" else {}  # each layer's lr mass: its ratio × c
             for unit in (units if self.method == "tracin" else [final_unit]):
                 seg = max(unit.segment, 0)
                 c, _, stage = segments[seg]
                 members = sum(1 for x in units if x.segment == seg)
                 w = (c / members / stage_sizes[stage]) if self.method == "tracin" else 1.0 / n_train
-                scales = self._lr_scales() if self.method == "tracin" else {}
                 val = sum(scales.get(n, 1.0) * _per_example_grads(a, g).square().sum((1, 2))
                           for n, (a, g) in rows[unit.uid if unit.segment >= 0 else "final"].items())
                 in_stage = self._chunk_stage(stages, idx, stage) if self.method == "tracin" else 1.0

@@ -241,18 +241,7 @@ def _adam_entries(saved: dict, names: list[str], shapes: dict[str, torch.Size],
                                  f"match the model's parameter {name!r} in the Trainer's order: pass "
                                  f"adam_second_moments by hand")
             entries[name] = (index, beta2)
-    return _with_tied_aliases(entries, tied)
-
-
-def _with_tied_aliases(by_name: dict, tied: list[list[str]]) -> dict:
-    """`by_name` with each tied weight's aliases (GPT-2's lm_head.weight for transformer.wte.weight) given its
-    parameter's entry: the optimizer saw one parameter, the model has several names for it."""
-    for group in tied:
-        known = [n for n in group if n in by_name]
-        for alias in group:
-            if known and alias not in by_name:
-                by_name[alias] = by_name[known[0]]
-    return by_name
+    return io.fill_aliases(entries, tied)  # the optimizer saw one parameter where the model has tied names
 
 
 def _optimizer_kind(groups: list[dict]) -> str:
@@ -283,8 +272,8 @@ def _named_by_group(groups: list[dict], values: list[float], names: list[str],
                     tied: list[list[str]]) -> dict[str, float]:
     """A value per parameter group (weight decay, learning-rate ratio) as a value per parameter name (tied aliases
     included)."""
-    decay = {names[index]: value for group, value in zip(groups, values) for index in group["params"]}
-    return _with_tied_aliases(decay, tied)
+    return io.fill_aliases({names[index]: value for group, value in zip(groups, values) for index in group["params"]},
+                           tied)
 
 
 def _group_lr_ratios(dirs: list[Path], steps: list[int], saved: list[dict], lrs: list[float]) -> list[float]:

@@ -252,17 +252,23 @@ def tied_names(model_state: dict[str, torch.Tensor]) -> list[list[str]]:
     return list(by_storage.values())
 
 
+def fill_aliases(by_name: dict, groups: list[list[str]]) -> dict:
+    """`by_name` with each name it lacks that shares a group with a name it has (tied weights: `tied_names`) given
+    that name's entry; a new dict."""
+    filled = dict(by_name)
+    for names in groups:
+        present = [n for n in names if n in by_name]
+        for name in names:
+            if name not in filled and present:
+                filled[name] = by_name[present[0]]
+    return filled
+
+
 def fill_tied(state: dict, model_state: dict[str, torch.Tensor]) -> dict:
     """`state` with the keys it lacks that are aliases in the model (`tied_names`) taken from the alias it has."""
     if all(k in state for k in model_state):
         return state
-    filled = dict(state)
-    for names in tied_names(model_state):
-        present = [n for n in names if n in state]
-        for name in names:
-            if name not in filled and present:
-                filled[name] = state[present[0]]
-    return filled
+    return fill_aliases(state, tied_names(model_state))
 
 
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper puts before its module's state_dict keys

@@ -22,6 +22,8 @@ from torch import nn
 
 from . import _compiled, _config, _extension
 
+log = logging.getLogger("source_fast")
+
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # Matched by name so transformers stays optional.
@@ -414,7 +416,7 @@ def _log_untracked(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> N
     tracked = {id(p) for _, m in selected for p in m.parameters(recurse=False)}
     untracked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in tracked]
     if untracked:
-        logging.getLogger("source_fast").info(
+        log.info(
             "source_fast: %d trained parameters are in no tracked module (%s%s): their gradients are not part of the "
             "scores", len(untracked), ", ".join(untracked[:4]), ", …" if len(untracked) > 4 else "")
 
@@ -428,7 +430,7 @@ def _trained(selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module
     if trained and len(trained) < len(selected):
         kept = {n for n, _ in trained}
         frozen = [n for n, _ in selected if n not in kept]
-        logging.getLogger("source_fast").info(
+        log.info(
             "source_fast: tracking the %d supported modules with parameters that require grad; left out %d frozen "
             "ones (%s%s); name the modules in the task's get_influence_tracked_modules() to choose", len(trained),
             len(frozen), ", ".join(frozen[:4]), ", …" if len(frozen) > 4 else "")
@@ -444,7 +446,7 @@ def _warn_tied(selected: list[tuple[str, nn.Module]]) -> None:
         for pname, param in module.named_parameters(recurse=False):
             first = owners.setdefault(id(param), f"{name}.{pname}")
             if first != f"{name}.{pname}":
-                logging.getLogger("source_fast").warning(
+                log.warning(
                     "source_fast: tracked parameters %s and %s are one tensor (tied weights): each module is its own "
                     "layer with its own EK-FAC block, and their gradients are not summed; track one of them to "
                     "attribute through that use only", first, f"{name}.{pname}")

@@ -29,6 +29,22 @@ from .io import load_state_dict
 CheckpointLike = "Mapping[str, torch.Tensor] | str | os.PathLike"
 
 
+def _number(value, what: str, *, positive: bool) -> float:
+    """A finite float, > 0 (positive) or >= 0, or a ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _by_parameter(values: Mapping, what: str, *, positive: bool) -> dict[str, float]:
+    """A per-parameter mapping checked: names (str) to `_number`s."""
+    for key in values:
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: keys must be parameter names (str), got {key!r}")
+    return {key: _number(value, f"{what}[{key!r}]", positive=positive) for key, value in values.items()}
+
+
 @dataclass(frozen=True)
 class Segment:
     index: int
@@ -157,30 +173,13 @@ class TrainingRun:
         if not isinstance(lr_scale, Mapping):
             raise TypeError(f"lr_scale must be a mapping from parameter name to its learning rate's ratio to lr, got "
                             f"{type(lr_scale).__name__}")
-        out = {}
-        for key, value in lr_scale.items():
-            if not isinstance(key, str):
-                raise TypeError(f"lr_scale: keys must be parameter names (str), got {key!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
-                raise ValueError(f"lr_scale[{key!r}] must be a finite number > 0, got {value!r}")
-            out[key] = float(value)
-        return out
+        return _by_parameter(lr_scale, "lr_scale", positive=True)
 
     @staticmethod
     def _check_weight_decay(weight_decay) -> float | dict[str, float]:
-        def number(value, what):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value >= 0):
-                raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
-            return float(value)
-
         if isinstance(weight_decay, Mapping):
-            for key in weight_decay:
-                if not isinstance(key, str):
-                    raise TypeError(f"weight_decay: keys must be parameter names (str), got {key!r}")
-            return {key: number(value, f"weight_decay[{key!r}]") for key, value in weight_decay.items()}
-        return number(weight_decay, "weight_decay")
+            return _by_parameter(weight_decay, "weight_decay", positive=False)
+        return _number(weight_decay, "weight_decay", positive=False)
 
     @staticmethod
     def _check_steps(steps, n):
