@@ -326,8 +326,8 @@ class TrainingRun:
         Reads the steps, the learning rate of every update (the Trainer's scheduler rebuilt from
         training_args.bin and checked against the logged rates and each optimizer.pt's, scaled by the gradient
         clipping of each update when every update's norm was logged, each parameter group's constant multiple of it
-        as `lr_scale`; or `lr` as given) and the optimizer from optimizer.pt: SGD with its heavy-ball momentum, or Adam/AdamW with each parameter's v̂ and
-        eps (`model` names the parameters: needed for Adam). `loss_scale`: the Trainer's loss is a batch mean (a
+        as `lr_scale`; or `lr` as given) and the optimizer from optimizer.pt: SGD with its heavy-ball momentum, or
+        Adam/AdamW with each parameter's v̂ and eps (`model` names the parameters: needed for Adam). `loss_scale`: the Trainer's loss is a batch mean (a
         token mean for causal LMs), so pass the optimiser's per-example loss over the task's (for `CausalLMTask`,
         its `token_mean_loss_scale(train_dataset)`); the default 1 suits a per-example mean such as
         `ClassificationTask`'s. `weight_decay`: None (default) leaves the optimizer's weight decay out of the
