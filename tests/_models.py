@@ -96,6 +96,23 @@ class TinyGroupedCNN(nn.Module):
         return self.fc(torch.tanh(self.depthwise(h)).flatten(1))
 
 
+class ResidualBatchNormCNN(nn.Module):
+    """A ResNet's pattern in miniature: bias-free convs, each followed by BatchNorm, a residual add, global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, kernel_size=3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.stem(x)))
+        h = torch.relu(h + self.bn2(self.conv(h)))
+        return self.fc(h.mean((2, 3)))
+
+
 class SharedMLP(nn.Module):
     """A Linear applied `repeats` times (weights shared across the calls, as an unrolled recurrence), between an
     input and an output layer."""

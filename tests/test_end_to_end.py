@@ -11,8 +11,8 @@ from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _backends import recording_lib_calls
-from _models import (ClassificationTask, classification_data, mlp, small_mlp_run, tiny_cnn1d_run, tiny_cnn_run,
-                     train_run)
+from _models import (ClassificationTask, ResidualBatchNormCNN, classification_data, mlp, small_mlp_run,
+                     tiny_cnn1d_run, tiny_cnn_run, train_run)
 
 
 def _setup(model, data, **train_kw):
@@ -342,6 +342,32 @@ def test_cnn1d_matches_dense_oracle_float64():
     scores = analyzer.pairwise_scores(queries, data)
     oracle = dense_source_scores(model, ClassificationTask(), run, queries, data)
     assert _rel(scores, oracle) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["source", "influence"])
+def test_residual_batchnorm_cnn_is_attributed_in_eval_mode_and_matches_the_oracle(method):
+    """A ResNet's pattern (bias-free convs, BatchNorm, a residual add) trained in train mode on mini-batches: gradients
+    are taken in eval mode (BatchNorm on each checkpoint's running statistics), the model's mode comes back, and the
+    scores match the oracle's; the same checkpoints scored with train-mode BatchNorm would differ."""
+    data = classification_data(n=16, image=True)
+    torch.manual_seed(1)
+    model = ResidualBatchNormCNN().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.2, batch=8)
+    assert model.training and not torch.equal(ckpts[0]["bn1.running_var"], ckpts[-1]["bn1.running_var"])
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    queries = Subset(data, range(3))
+    extra = {"damping": 0.05} if method == "influence" else {}
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=5, progress=False,
+                                 method=method, **extra)
+    assert [layer.name for layer in analyzer.layers] == ["stem", "conv", "fc"]  # BatchNorm's affine: not tracked
+    scores = analyzer.pairwise_scores(queries, data)
+    assert model.training
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **extra)
+    assert model.training and _rel(scores, oracle) <= 1e-6
+    train_mode = model.train
+    model.eval = lambda: train_mode(True)  # the oracle with batch statistics (one example at a time)
+    assert _rel(dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **extra),
+                oracle) > 0.1
 
 
 def test_mlp_float32_ranks_match_oracle():

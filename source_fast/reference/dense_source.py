@@ -10,7 +10,8 @@ over layers), forms exp(−cH̄) and (I − exp(−cH̄))H̄⁻¹ by dense eigen
 as explicit matrix products (each layer's functions with its own c_ℓ under `TrainingRun.lr_scale`), with
 H̄_ℓ + diag(wd) when the run has weight decay (each parameter its own decay,
 the bias column included: exact where the pipeline shares a layer's weight decay with its bias column).
-Empirical Fisher only (true labels), so no sampling enters. Tokens that
+Gradients are taken in eval mode, as the pipeline takes them (dropout off, BatchNorm on each checkpoint's running
+statistics). Empirical Fisher only (true labels), so no sampling enters. Tokens that
 the task's attention mask marks 0 leave the activation covariance, the pipeline's convention.
 Cost is O(P³) in the number of tracked parameters P: keep P ≲ 2000.
 """
@@ -125,6 +126,8 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     model = model.double()
     layers = _layers(model, module_names)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.eval()
 
     def load(i):
         model.load_state_dict({k: v.double() if v.is_floating_point() else v
@@ -163,6 +166,7 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
                                       _example_terms(model, task, query_dataset[q], layers, "measurement").values()])
                            for q in range(len(query_dataset))])
     model.load_state_dict(saved)
+    model.train(was_training)
 
     # Dense segment curvature H̄_ℓ, block diagonal over layers.
     sizes = [(_as_matrix(m, m.weight, m.bias, k, groups).shape) for _, m, k, groups in layers]
