@@ -500,7 +500,8 @@ class SourceAnalyzer:
 
     def _rows(self, dataset, *, loss: str, desc: str, seed_key: int = 0, first_batch: int = 0,
               paired: bool = False, sources: dict | None = None, gradient_form: bool = False,
-              covariance_form: bool = False, formed: str | None = None) -> Iterator[tuple]:
+              covariance_form: bool = False, formed: str | None = None, keep_positions: bool = False
+              ) -> Iterator[tuple]:
         """Yield (offset, batch_size, {layer: (a [B,T,I], g [B,T,O])}) over the dataset.
 
         loss: 'sampled' / 'empirical' (training loss with sampled / true labels) or 'measurement'.
@@ -517,7 +518,8 @@ class SourceAnalyzer:
         token rows); "all" also forms the conv layers a row cache keeps as G_n, as it forms them
         (`rows.with_formed_gradients`), for the eigen-correction pass, whose factors are then bitwise the same
         whether a batch was kept or not (not for scoring: the kernels contract those layers' rows faster than a
-        product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`.
+        product forms G_n). covariance_form: for the covariance pass, their a as a `Rebuilt`. keep_positions: no
+        padding cut (`Capture.rows`): row t of every layer is the batch's token position t.
         """
         offset = first_batch * self.batch_size
         end = len(dataset)
@@ -548,7 +550,8 @@ class SourceAnalyzer:
                     _check_scalar(value, "compute_measurement" if loss == "measurement" else "compute_train_loss")
                     try:
                         rows = capture.rows(value, mask, retain_graph=true_value is not None,
-                                            gradient_form=gradient_form, covariance_form=covariance_form)
+                                            gradient_form=gradient_form, covariance_form=covariance_form,
+                                            keep_positions=keep_positions)
                         break
                     except OutputChangedInPlace:  # those modules now hand the model copies: the forward again
                         capture.clear()
@@ -1307,6 +1310,21 @@ class SourceAnalyzer:
                                               n_fit, stage_sizes):
             values, indices = ops.topk_update(values, indices, block.cpu(), b * self.score_block, k, largest)
         return values, indices
+
+    def per_token_scores(self, query_dataset, train_dataset) -> torch.Tensor:
+        """Each training token position's share of the scores: a CPU tensor ``[n_query, n_train, T]`` whose sum over
+        the last dim is `pairwise_scores` (fp32; float64 for a float64 model).
+
+        Position t of example m contributes Σ_states weight · Σ_layers g_{m,t}ᵀ V_q a_{m,t} (the op
+        `score_per_token`; the same directions V_q and weights as pairwise_scores, for every method). T is the
+        longest row count of any training batch (a batch's shorter examples and padded positions score 0). Every
+        tracked layer must see the same positions (a transformer's Linear layers do; conv layers see their output
+        positions): track the blocks of a language model, or one layer. Makes its own scoring pass per checkpoint
+        after fit; with an output_dir each finished block of ``score_block`` examples is written to
+        ``scores/per_token_<method>/`` and a rerun resumes."""
+        from .per_token import per_token_scores
+
+        return per_token_scores(self, query_dataset, train_dataset)
 
     def _pairwise_blocks(self, query_dataset, train_dataset, pending, n_fit, stage_sizes):
         """Yield (block index, scores [n_query, block]) for the pending blocks of training examples."""

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,55 @@ class ScoreStore:
 
     def complete(self) -> bool:
         return bool(self.done.all())
+
+
+class BlockFileStore:
+    """Blocks of scores whose shapes differ (per-token scores: each block of training examples has its own token
+    count) on disk, resumable: ``<name>/block_<b>.safetensors`` per finished block, each written atomically by
+    `save_tensors` with the configuration, and ``<name>.json`` (manifest: config, number of blocks). A block is done
+    when its file loads under the same configuration; an unreadable one is recomputed (with a warning). Reopening
+    under another configuration raises StoreMismatchError unless ``overwrite=True``, which removes the blocks."""
+
+    def __init__(self, directory: str | os.PathLike, name: str, num_blocks: int, config: dict, *,
+                 overwrite: bool = False):
+        self.directory = Path(directory) / name
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.num_blocks, self.config = int(num_blocks), config
+        self.manifest_path = Path(directory) / f"{name}.json"
+        manifest = json.loads(json.dumps({"format_version": FORMAT_VERSION, "config_hash": config_hash(config),
+                                          "config": config, "num_blocks": self.num_blocks}, default=str))
+        existing = None
+        if self.manifest_path.exists():
+            try:
+                existing = json.loads(self.manifest_path.read_text())
+            except (OSError, ValueError) as exc:
+                if not overwrite:
+                    raise CorruptStoreError(f"score manifest {str(self.manifest_path)!r} is unreadable ({exc}); "
+                                            "pass overwrite=True") from exc
+        if existing is not None and existing != manifest and not overwrite:
+            raise StoreMismatchError(f"scores in {str(self.directory)!r} were computed with a different configuration "
+                                     "or block count; use another output_dir or overwrite=True")
+        if existing != manifest or overwrite:
+            for path in self.directory.glob("block_*.safetensors"):
+                path.unlink()
+            atomic_write_json(self.manifest_path, manifest)
+
+    def path(self, b: int) -> Path:
+        return self.directory / f"block_{b}.safetensors"
+
+    def read(self, b: int) -> torch.Tensor | None:
+        """Block b's scores, or None when it is not done (no file, or one that cannot be read: recomputed)."""
+        if not self.path(b).exists():
+            return None
+        try:
+            tensors, _ = load_tensors(self.path(b), self.config, expected_keys=["scores"])
+        except CorruptStoreError as exc:
+            warnings.warn(f"{exc}: recomputing block {b}", RuntimeWarning, stacklevel=2)
+            return None
+        return tensors["scores"]
+
+    def write(self, b: int, scores: torch.Tensor) -> None:
+        save_tensors(self.path(b), {"scores": scores}, self.config, block=b)
 
 
 # What a Hugging Face model directory (`save_pretrained`, a Trainer's checkpoint-<step>/) holds, in preference order:

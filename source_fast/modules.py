@@ -568,7 +568,7 @@ class Capture:
         return self._joined_calls(layer, [layer.output_rows(gy) for gy in raw[layer.name]])
 
     def rows(self, loss: torch.Tensor, mask: torch.Tensor | None = None, *, retain_graph: bool = False,
-             gradient_form: bool = False, covariance_form: bool = False):
+             gradient_form: bool = False, covariance_form: bool = False, keep_positions: bool = False):
         """Backpropagate `loss` to the tracked outputs only: returns {name: (a, g)} token rows.
         retain_graph: keep the graph for another loss of the same forward (`paired_rows`).
 
@@ -581,7 +581,8 @@ class Capture:
         layers of one input channel (a depthwise convolution's groups) on CPU without a mask are returned as
         `gradient_rows` of their per-example gradients (`one_channel_group_grads`): m tokens instead of every
         output position, and no patch rows. covariance_form: for the covariance pass, those layers' a is a
-        `Rebuilt` (their input channel, not built into patch rows; see `conv_patch_covariance`)."""
+        `Rebuilt` (their input channel, not built into patch rows; see `conv_patch_covariance`). keep_positions:
+        no padding cut, so row t is token position t of the batch (per-token scores)."""
         raw = self._output_grads(loss, retain_graph=retain_graph)
         self._gradient_form = {layer.name for layer in self.layers
                                if gradient_form and self._one_channel_forms_apply(layer, mask)}
@@ -598,8 +599,8 @@ class Capture:
         _check_examples(rows)
         # A mask's window is exact for the rows of one call (the mask zeroed their a); a shared module's joined
         # tokens are not the mask's.
-        windows = _padding_windows(mask, {n: r for n, r in rows.items()
-                                          if n not in self._gradient_form and self.calls(n) == 1})
+        windows = _padding_windows(None if keep_positions else mask, {
+            n: r for n, r in rows.items() if n not in self._gradient_form and self.calls(n) == 1})
         self._windows = {name: windows.get(name) for name in rows}
         self._sources = {
             layer.name: self._kept_input(layer, mask)

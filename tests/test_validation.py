@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 import source_fast as sf
 from source_fast import ops, spectral
 
-from _models import ClassificationTask, classification_data, mlp
+from _models import ClassificationTask, TinyCNN, classification_data, mlp
 
 
 def _ckpts(model, n=3):
@@ -50,6 +50,15 @@ def _huge_output_analyzer():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 300_000))
     ckpt = {k: v.clone() for k, v in model.state_dict().items()}
     return analyzer(model=model, training_run=sf.TrainingRun([ckpt], [4], lr=0.1, num_segments=1))
+
+
+def _per_token_scores_of_a_cnn():
+    """A conv layer (9 output positions) and a Linear head (one position): per-token scores have no common T."""
+    torch.manual_seed(0)
+    model = TinyCNN().double()
+    data = classification_data(n=4, image=True)
+    training_run = sf.TrainingRun(_ckpts(model, 1), [4], lr=0.1, num_segments=1)
+    return analyzer(model=model, training_run=training_run).per_token_scores(data, data)
 
 
 class NoMeasurement:
@@ -213,6 +222,9 @@ BAD_INPUTS = [
         "attn": nn.MultiheadAttention(4, 2), "head": nn.Linear(4, 3)}), task=type("T", (ClassificationTask,), {
             "get_influence_tracked_modules": lambda self: ["attn.out_proj"]})()), ValueError,
      "'attn.out_proj': nn.MultiheadAttention uses its out_proj's weight directly"),
+    ("per-token scores of layers that see other positions", _per_token_scores_of_a_cnn, ValueError,
+     r"per_token_scores needs every tracked layer to see the same token positions, but the layers see "
+     r"\{'conv': 9, 'fc': 1\} rows per example"),
     ("a tracked layer whose EK-FAC cannot fit in memory", lambda: _huge_output_analyzer(), ValueError,
      r"tracked module '1' \(\[300000, 5\]\) needs a 300000 × 300000 float64 eigendecomposition"),
     ("nll_pair labels of the wrong shape", lambda: sf.nll_pair(torch.zeros(3, 4), torch.zeros(4, dtype=torch.long)),

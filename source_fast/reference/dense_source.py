@@ -99,6 +99,13 @@ def _example_terms(model, task, example, layers, kind):
     return result
 
 
+def _per_position(terms: dict, layers) -> torch.Tensor:
+    """One example's per-position gradients [T, P]: row t is g_t a_tᵀ of every layer, flattened as G is."""
+    tokens = {name: terms[name][1].shape[0] for name, *_ in layers}
+    assert len(set(tokens.values())) == 1, f"per-token scores need one T for every layer, got {tokens}"
+    return torch.cat([(terms[name][2][:, :, None] * terms[name][1][:, None, :]).flatten(1) for name, *_ in layers], 1)
+
+
 def _call_rows(m, x, out, k, groups, mask):
     """(a rows [T, I], g rows [T, O]) of one call of module m (group k of `groups`) for one example."""
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -121,8 +128,10 @@ def _sym_eigh(m):
 
 
 def dense_source_scores(model: nn.Module, task, run, query_dataset, train_dataset, *, method: str = "source",
-                        damping: float = 0.0, module_names=None) -> torch.Tensor:
-    """Float64 scores [n_query, n_train] for method "source" or "influence" (damped inverse, > 0)."""
+                        damping: float = 0.0, module_names=None, per_token: bool = False) -> torch.Tensor:
+    """Float64 scores [n_query, n_train] for method "source" or "influence" (damped inverse, > 0). per_token: each
+    training token position's share, [n_query, n_train, T], from the per-position gradients g_t a_tᵀ of the
+    hooked rows (every layer must have the same T; asserted to sum to autograd's per-example gradient)."""
     model = model.double()
     layers = _layers(model, module_names)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -141,17 +150,20 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     stage_sizes = run.stage_sizes(n_train)
 
     # Per checkpoint: per-example training gradients, flattened over layers: [N, P].
-    per_ckpt = {}
+    per_ckpt, per_token_ckpt = {}, {}
     covs = {}
     for seg, members in enumerate(seg_ckpts):
         stage = seg_list[seg].stage if method == "source" else 0
         in_stage = [stages is None or method != "source" or int(stages[n]) == stage for n in range(n_train)]
         for i in members:
             load(i)
-            flats, A, S = [], {}, {}
+            flats, token_flats, A, S = [], [], {}, {}
             for n in range(n_train):
                 terms = _example_terms(model, task, train_dataset[n], layers, "loss")
                 flats.append(torch.cat([terms[name][0].reshape(-1) for name, *_ in layers]))
+                if per_token:
+                    token_flats.append(_per_position(terms, layers))
+                    assert torch.allclose(token_flats[-1].sum(0), flats[-1], rtol=1e-10, atol=1e-12)
                 if not in_stage[n]:
                     continue
                 for name, *_ in layers:
@@ -159,6 +171,10 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
                     A[name] = A.get(name, 0) + a.T @ a
                     S[name] = S.get(name, 0) + g.T @ g
             per_ckpt[i] = torch.stack(flats)
+            if per_token:
+                tokens = max(t.shape[0] for t in token_flats)
+                per_token_ckpt[i] = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, tokens - t.shape[0]))
+                                                 for t in token_flats])  # [N, T, P]
             count = sum(in_stage)
             covs[i] = ({k: v / count for k, v in A.items()}, {k: v / count for k, v in S.items()})
     load(final)
@@ -205,12 +221,17 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     def blockwise(seg, fn):  # fn(w, c_scale): the block-diagonal matrix of fn on each layer's block
         return torch.block_diag(*[matfun(h, lambda w, k=k: fn(w, scales[k])) for k, h in enumerate(hessians[seg])])
 
+    def train_side(i):  # training gradients [N, P], or per token [N, P, T]
+        return per_token_ckpt[i].transpose(1, 2) if per_token else per_ckpt[i]
+
+    def contract(left, g):  # left [Q, P] with g [N, P] or [N, P, T]: [Q, N] or [Q, N, T]
+        return left @ g.T if g.dim() == 2 else torch.einsum("qp,npt->qnt", left, g)
+
     if method == "influence":
         inv = matfun(torch.block_diag(*hessians[0]), lambda w: 1.0 / (w + damping))
-        g = run.loss_scale * per_ckpt[final]
-        return queries @ inv @ g.T / n_train
+        return contract(queries @ inv, run.loss_scale * train_side(final)) / n_train
 
-    scores = torch.zeros(len(query_dataset), n_train, dtype=torch.float64)
+    scores = 0
     propagate = torch.eye(queries.shape[1], dtype=torch.float64)  # S_L ··· S_{ℓ+1}
     for seg in reversed(range(len(seg_list))):
         c = seg_list[seg].c
@@ -220,9 +241,10 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
             return torch.where(x < 1e-12, torch.full_like(w, scale * c), -torch.expm1(-x) / torch.where(w > 0, w, 1.0))
 
         R = blockwise(seg, r_fn)
-        g_bar = run.loss_scale * sum(per_ckpt[i] for i in seg_ckpts[seg]) / len(seg_ckpts[seg])
+        g_bar = run.loss_scale * sum(train_side(i) for i in seg_ckpts[seg]) / len(seg_ckpts[seg])
         stage = seg_list[seg].stage
         mask = torch.ones(n_train, dtype=torch.float64) if stages is None else (stages == stage).double()
-        scores += (queries @ propagate @ R @ g_bar.T) * mask / stage_sizes[stage]
+        part = contract(queries @ propagate @ R, g_bar)
+        scores = scores + part * mask.reshape(-1, *[1] * (part.dim() - 2)) / stage_sizes[stage]
         propagate = propagate @ blockwise(seg, lambda w, scale, c=c: torch.exp(-scale * c * w))
     return scores

@@ -1,0 +1,117 @@
+"""Per-token scores: which token positions of a training example carry its score.
+
+τ(z_q, z_m) = Σ_states weight · Σ_layers ⟨V_q, G_m⟩ with G_m = Σ_t g_{m,t} a_{m,t}ᵀ (each state's direction V_q
+and weight as `SourceAnalyzer.pairwise_scores` plans them), so each position t contributes
+τ(z_q, z_m, t) = Σ_states weight · Σ_layers g_{m,t}ᵀ V_q a_{m,t} (the op `score_per_token`), and the contributions
+sum to the pairwise score. As in Kronfluence's per-token scores, t indexes the positions of the tracked layers'
+rows (a causal LM's input tokens; the gradient at position t carries every later token's loss through attention),
+so every tracked layer must see the same positions. Directions are rotated back to the parameters' basis once per
+segment; the training rows are scored as the layers see them (no padding cut: a padded position scores 0).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import Subset
+
+from . import _linalg, io, ops
+from .directions import as_dense
+
+log = logging.getLogger(__name__)
+
+
+def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
+    """`SourceAnalyzer.per_token_scores` (see there)."""
+    from .analyzer import _group_plan  # the analyzer imports this module
+
+    n_query = analyzer._check_dataset(query_dataset, "query_dataset")
+    n_train = analyzer._check_dataset(train_dataset, "train_dataset")
+    _check_positions(analyzer, train_dataset)
+    n_fit, stage_sizes = analyzer._ensure_fit(train_dataset)
+    config = {**analyzer._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": analyzer.damping,
+              "operator": analyzer.operator, "per_token": True, "score_block": analyzer.score_block}
+    if analyzer.score_dtype is not None:
+        config["score_dtype"] = str(analyzer.score_dtype)
+    num_blocks = analyzer._num_blocks(n_train)
+    store = None if analyzer.output_dir is None else io.BlockFileStore(
+        analyzer._path("scores"), f"per_token_{analyzer.method}", num_blocks, config, overwrite=analyzer.overwrite)
+    done = {b: scores for b in range(num_blocks) if store is not None and (scores := store.read(b)) is not None}
+    pending = [b for b in range(num_blocks) if b not in done]
+    if pending:
+        with analyzer._session():
+            plan = analyzer._score_plan(query_dataset, analyzer._units(), analyzer._final_unit(), stage_sizes, n_fit,
+                                        n_train)
+            groups = [(members, {name: analyzer._score_operands(x) for name, x in _unrotated(v, basis).items()},
+                       weight, stage) for members, v, weight, stage, basis in _group_plan(plan)]
+            del plan
+            for b in pending:
+                done[b] = _block(analyzer, b, groups, train_dataset, n_query, n_train)
+                if store is not None:
+                    store.write(b, done[b])
+    tokens = max(scores.shape[2] for scores in done.values())
+    out = torch.zeros(n_query, n_train, tokens, dtype=analyzer.compute_dtype)
+    for b, scores in done.items():
+        cols = analyzer._block_columns(b, n_train)
+        out[:, cols[0]:cols[-1] + 1, :scores.shape[2]] = scores
+    return out
+
+
+def _unrotated(directions: dict, basis: dict | None) -> dict[str, torch.Tensor]:
+    """Each layer's direction as a dense [Q, O, I] tensor in the parameters' basis (V = Q_S W Q_Aᵀ where the plan
+    holds W in an eigenbasis), laid out queries-outermost: what `score_per_token` takes."""
+    out = {}
+    for name, v in directions.items():
+        dense = as_dense(v).contiguous()  # a queries-innermost layout (the walk's, for the sparse kernels) too
+        if basis is not None:
+            block = basis[name]
+            dense = _linalg.matmul(block.q_s.to(dense.dtype), _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
+        out[name] = dense
+    return out
+
+
+def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) -> torch.Tensor:
+    """Per-token scores [n_query, block size, T] of block b's training examples (T: the block's longest rows)."""
+    cols = analyzer._block_columns(b, n_train)
+    out = torch.zeros(n_query, len(cols), 0, dtype=analyzer.compute_dtype, device=analyzer.device)
+    for members, v, weight, stage in groups:
+        in_stage = analyzer._stage_mask(n_train, stage)
+        for unit in members:
+            analyzer._load(unit)
+            for offset, size, rows in analyzer._rows(Subset(train_dataset, cols), loss="empirical",
+                                                     desc=f"per-token scores {unit.uid} block {b + 1}",
+                                                     keep_positions=True):
+                tokens = _common_tokens(rows)
+                if tokens > out.shape[2]:  # batches padded to their own longest example: the block grows to fit
+                    out = torch.nn.functional.pad(out, (0, tokens - out.shape[2]))
+                scores = out[:, offset:offset + size, :tokens]
+                for name, (a, g) in rows.items():
+                    part = ops.score_per_token(v[name], analyzer._score_operands(a), analyzer._score_operands(g),
+                                               backend=analyzer.backend, deterministic=analyzer.deterministic)
+                    if in_stage is not None:
+                        part = part * in_stage[cols[0] + offset:cols[0] + offset + size].to(part.dtype)[None, :, None]
+                    scores.add_(part.to(out.dtype), alpha=weight)
+    if analyzer.check_finite and not bool(torch.isfinite(out).all()):
+        raise FloatingPointError(f"per-token scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
+                                 "non-finite training gradients? pass check_finite=False to propagate")
+    return out.cpu()
+
+
+def _check_positions(analyzer, train_dataset) -> None:
+    """The tracked layers' positions checked on the first batch at the final checkpoint, before any fit."""
+    with analyzer._session():
+        analyzer._load(analyzer._final_unit())
+        first = Subset(train_dataset, range(min(analyzer.batch_size, len(train_dataset))))
+        for _, _, rows in analyzer._rows(first, loss="empirical", desc="per-token positions", keep_positions=True):
+            _common_tokens(rows)
+
+
+def _common_tokens(rows: dict) -> int:
+    """The token positions every tracked layer's rows share, or a ValueError naming each layer's."""
+    counts = {name: a.shape[1] for name, (a, _) in rows.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"per_token_scores needs every tracked layer to see the same token positions, but the layers "
+                         f"see {counts} rows per example (conv layers see their output positions, a module called "
+                         f"several times all its calls' tokens): pass tracked modules that share the positions, "
+                         f"e.g. a transformer's blocks, or one layer")
+    return next(iter(counts.values()))
