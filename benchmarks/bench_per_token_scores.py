@@ -6,7 +6,7 @@ queries; the blocks' 8 Conv1D layers tracked, `sf.CausalLMTask`. The factors are
 as its own stage); then, alternately, `pairwise_scores` (its own scoring pass per checkpoint after fit, as a user
 who fitted first runs it) and `per_token_scores` (also one pass per checkpoint, each layer's per-token
 contraction `score_per_token` on the rows as the layers see them) run `--repeats` times each. Peak memory is the
-process's peak RSS growth over a call. The output [50, 1000, 40] of per-token scores is 40× the pairwise matrix.
+process's peak RSS growth over a call (from its RSS at the call, which holds the fit's freed heap). The output [50, 1000, 40] of per-token scores is 40× the pairwise matrix.
 
 Gate before timing: the per-token scores summed over positions equal the pairwise scores (relative max error
 ≤ 1e-4 in float32) and padded positions score exactly 0.
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['call']} | {r['median_s']:.2f} | {' / '.join(f'{t:.2f}' for t in r['runs_s'])} | "
                      f"{r['peak_rss_growth_mib']:.0f} | {r['output_mib']:.1f} |")
     lines += ["", f"per_token_scores / pairwise_scores: {ratio:.2f}×", "",
+              "Peak RSS growth is measured from the process's RSS at the call, which still holds the heap the fit "
+              "freed (glibc keeps it): 0 means the call fitted in it.", "",
               f"torch {env['torch']}, commit {env['git_commit']}, {env['timestamp']}, load {H.load1()}"]
     print("\n".join(lines))
     if args.smoke:
