@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from . import _config, _extension, _linalg, _torch_ops, ekfac, io, modules, ops, spectral
 from .batches import batches
-from .directions import RankOneDirections, as_dense, left_product_queries_innermost, right_product_queries_innermost
+from .directions import (LowRankDirections, RankOneDirections, as_dense, left_product_queries_innermost,
+                         right_product_queries_innermost, truncated)
 from .ekfac import EKFACBlock
 from .modules import Capture, OutputChangedInPlace, Rebuilt, TrackedLayer, find_tracked_layers
 from .rows import (Formed, Pieces, RowBudget, RowCache, formed_layers, kept_nbytes, kept_rows, member_lists,
@@ -269,6 +270,11 @@ class SourceAnalyzer:
             it only adds casts). Factors, eigendecompositions and the walk keep the compute dtype. Stored
             scores record it: a rerun with another score_dtype recomputes (overwrite=True) instead of
             resuming.
+        query_rank: score each query's direction per layer and scored state by its best rank-R approximation
+            (truncated SVD, as Kronfluence's query_gradient_low_rank), contracted as Σ_t (Uᵀg_t)·(Wᵀa_t)
+            (`ops.score_lowrank`: Q·N·T·R·(O + I) multiply-adds instead of Q·N·O·I, never forming V_q or G_n).
+            None (default): exact. Layers with min(O, I) ≤ R stay exact. Applies to pairwise_scores, top_k and
+            per_token_scores; self_scores stay exact. Stored scores record it.
     """
 
     def __init__(self, model: nn.Module, task: Any, run: TrainingRun, output_dir: str | Path | None = None, *,
@@ -276,7 +282,7 @@ class SourceAnalyzer:
                  batch_size: int = 64, operator: str = "continuous", seed: int = 0, check_finite: bool = True,
                  overwrite: bool = False, backend: str | None = None, deterministic: bool | None = None,
                  collate_fn: Callable | None = None, progress: bool = True, score_block: int | None = None,
-                 score_dtype: torch.dtype | None = None):
+                 score_dtype: torch.dtype | None = None, query_rank: int | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_task(task)
@@ -294,8 +300,11 @@ class SourceAnalyzer:
         if score_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError("score_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, "
                              f"got {score_dtype!r}")
+        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int)
+                                       or query_rank < 1):
+            raise ValueError(f"query_rank must be an integer >= 1 or None, got {query_rank!r}")
         self.damping = self._check_damping(method, damping)
-        self.score_dtype = score_dtype
+        self.score_dtype, self.query_rank = score_dtype, query_rank
         self.model, self.task, self.run = model, task, run
         self.method, self.fisher, self.operator = method, fisher, operator
         self.batch_size, self.seed, self.check_finite = batch_size, int(seed), check_finite
@@ -1028,8 +1037,7 @@ class SourceAnalyzer:
         n_fit = self._n_fit if self._n_fit is not None else n_train  # an unfitted analyzer fits on train_dataset
         config = {**self._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": self.damping,
                   "operator": self.operator}
-        if self.score_dtype is not None:  # only when set: stores written before the option still resume
-            config["score_dtype"] = str(self.score_dtype)
+        config.update(self._scoring_config())
         store = self._store(f"pairwise_{self.method}", (n_query, n_train), config)
         if self._n_fit is None:  # one pass per checkpoint when fit() has not run (see _segment_major_pairwise)
             reason = self._one_pass_reason(n_train, store)
@@ -1232,6 +1240,16 @@ class SourceAnalyzer:
         return {n: (a, g) if n not in basis else (Formed(_rotate_formed(a.grads.to(dt), basis[n])), None)
                 if isinstance(a, Formed) else _rotate_rows(a.to(dt), g.to(dt), basis[n]) for n, (a, g) in rows.items()}
 
+    def _scoring_config(self) -> dict:
+        """The scoring options a stored score depends on, only those set (stores written before an option existed
+        still resume)."""
+        config = {}
+        if self.score_dtype is not None:
+            config["score_dtype"] = str(self.score_dtype)
+        if self.query_rank is not None:
+            config["query_rank"] = self.query_rank
+        return config
+
     def _score_operands(self, x: torch.Tensor) -> torch.Tensor:
         """An operand of the scoring contraction in `score_dtype`. On CPU, 16-bit values are rounded and kept in
         the compute dtype: the same products (a product of two bf16 or fp16 values is exact in fp32) through the
@@ -1251,9 +1269,10 @@ class SourceAnalyzer:
         """The group with its directions as the scoring contraction takes them: in `score_dtype`, and on CUDA
         zero-padded to aligned rows (`_aligns_rows`). Done once per group, not per block or chunk of rows."""
         members, v, weight, stage, basis = group
-        v = {name: self._score_operands(direction) for name, direction in v.items()}
+        v = {name: d.cast(self._score_operands) if isinstance(d, LowRankDirections) else self._score_operands(d)
+             for name, d in v.items()}
         if any(self._aligns_rows(x) for x in v.values()):  # zeros add nothing to the scores
-            v = {name: _row_aligned(x, 2) for name, x in v.items()}
+            v = {name: x if isinstance(x, LowRankDirections) else _row_aligned(x, 2) for name, x in v.items()}
         return members, v, weight, stage, basis
 
     def _score_group_into(self, block, first_col, group, items, n_train) -> None:
@@ -1268,8 +1287,11 @@ class SourceAnalyzer:
         def scores(name, a, g):
             if isinstance(a, Formed):  # ⟨V_q, G_n⟩ for every (q, n): one GEMM (per-example gradients, CPU)
                 if name not in flat:
-                    flat[name] = v[name].reshape(v[name].shape[0], -1)
+                    flat[name] = as_dense(v[name]).reshape(v[name].shape[0], -1)
                 return _linalg.matmul(flat[name], cast(a.grads.reshape(a.shape[0], -1)).T).to(self.compute_dtype)
+            if isinstance(v[name], LowRankDirections):
+                return ops.score_lowrank(v[name].u, v[name].w, cast(a), cast(g), backend=self.backend,
+                                         deterministic=self.deterministic).to(self.compute_dtype)
             if align:
                 a, g = _row_aligned(a, 1), _row_aligned(g, 1)
             return ops.score_pairwise(v[name], cast(a), cast(g), backend=self.backend,
@@ -1362,7 +1384,10 @@ class SourceAnalyzer:
         "direction" is also chosen where the activations have exact zeros too (a ReLU layer's inputs): no row is
         rotated and the sparse-a-and-g kernel skips both (≈ Q·nnz(a)·nnz(g)). Its V is then laid out
         queries-innermost once here, as the sparse kernels read it.
-        T and the zero fractions come from the query rows (known before the training pass)."""
+        T and the zero fractions come from the query rows (known before the training pass).
+        With query_rank, every layer's direction is truncated in the parameters' basis instead (`_low_rank`)."""
+        if self.query_rank is not None:
+            return self._low_rank(group)
         members, v, weight, stage, basis = group
         if basis is None:
             return members, {name: as_dense(x) for name, x in v.items()}, weight, stage, basis
@@ -1397,6 +1422,13 @@ class SourceAnalyzer:
                 v[name] = as_dense(v[name])
         return members, v, weight, stage, basis
 
+    def _low_rank(self, group):
+        """The group with each layer's direction rotated back to the parameters' basis (V = Q_S W Q_Aᵀ) and truncated
+        to rank query_rank per query (`directions.truncated`): the training rows are scored unrotated."""
+        members, v, weight, stage, basis = group
+        return members, {name: truncated(_parameter_basis(x, None if basis is None else basis[name]), self.query_rank)
+                         for name, x in v.items()}, weight, stage, None
+
     def _layer_rotation(self, name, shape, members, n_train, sparse_ok) -> str:
         """`_rotation_plan` for one layer's directions (shape [Q, O, I]) with the query rows' T and zeros."""
         return _rotation_plan(*shape, members, n_train, self._query_tokens, self._query_g_density.get(name, 1.0),
@@ -1412,6 +1444,8 @@ class SourceAnalyzer:
     def _output_side_layers(self, directions, members, n_train, sparse_ok) -> set[str]:
         """Layers whose directions ([Q, O, I] per layer) a segment of `members` checkpoints scores by the
         "output" rotation, so the walk writes their W in the queries-innermost layout."""
+        if self.query_rank is not None:  # truncated in the parameters' basis instead
+            return set()
         return {name for name, x in directions.items()
                 if self._layer_rotation(name, x.shape, members, n_train, sparse_ok) == "output"}
 
@@ -1785,6 +1819,15 @@ def _row_aligned(x: torch.Tensor, dims: int) -> torch.Tensor:
     for size in reversed(x.shape[-dims:]):
         pad += [0, -size % ROW_ALIGN]
     return torch.nn.functional.pad(x, pad) if any(pad) else x
+
+
+def _parameter_basis(w, block: EKFACBlock | None) -> torch.Tensor:
+    """A direction as a dense [Q, O, I] tensor in the parameters' basis, queries outermost: Q_S W Q_Aᵀ for W held in
+    block's eigenbasis (block None: already in the parameters' basis)."""
+    dense = as_dense(w).contiguous()  # (a queries-innermost layout too)
+    if block is None:
+        return dense
+    return _linalg.matmul(block.q_s.to(dense.dtype), _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
 
 
 def _rotate_formed(grads: torch.Tensor, entry) -> torch.Tensor:

@@ -6,6 +6,9 @@ rotated query gradient is rank one, and the influence walk only multiplies it by
 product is one C++ kernel on CPU (csrc/rank_one_product: the factors folded into the GEMM's operands) and
 is formed a block of columns at a time elsewhere, so the dense [Q, O, I] tensor never exists (it and its
 queries-innermost copy were the two largest allocations of an influence scoring call).
+
+`LowRankDirections` keeps a direction truncated to rank R by SVD (`SourceAnalyzer(query_rank=R)`), as Kronfluence's
+low-rank query gradients do: V_q = U_q W_qᵀ, scored by `ops.score_lowrank`.
 """
 from __future__ import annotations
 
@@ -120,8 +123,52 @@ def _padded_buffer(v: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(v, (o, i, qs), (i * qs, qs, 1))
 
 
-def as_dense(v: torch.Tensor | RankOneDirections) -> torch.Tensor:
-    return v.dense() if isinstance(v, RankOneDirections) else v
+class LowRankDirections:
+    """V[q] = u[q] w[q]ᵀ for u [Q, O, R], w [Q, I, R]: directions truncated to rank R (`truncated`), scored by
+    `ops.score_lowrank` in Q·N·T·R·(O + I) multiply-adds, without forming V_q or G_n."""
+
+    def __init__(self, u: torch.Tensor, w: torch.Tensor):
+        if u.dim() != 3 or w.dim() != 3 or u.shape[0] != w.shape[0] or u.shape[2] != w.shape[2]:
+            raise ValueError(f"u and w must be [Q, O, R] and [Q, I, R] with the same Q and R, got {tuple(u.shape)} "
+                             f"and {tuple(w.shape)}")
+        self.u, self.w = u, w
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.u.shape[0], self.u.shape[1], self.w.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.u.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[2]
+
+    def dense(self) -> torch.Tensor:
+        return torch.bmm(self.u, self.w.transpose(1, 2))
+
+    def cast(self, fn) -> "LowRankDirections":
+        """Both factors through fn (e.g. a dtype conversion)."""
+        return LowRankDirections(fn(self.u), fn(self.w))
+
+
+def truncated(v: torch.Tensor, rank: int) -> torch.Tensor | LowRankDirections:
+    """Each query's direction (v [Q, O, I]) by its best rank-`rank` approximation (truncated SVD: Eckart–Young in
+    the Frobenius norm), as factors with the singular values on u; v itself where rank ≥ min(O, I) (exact)."""
+    _, o, i = v.shape
+    if rank >= min(o, i):
+        return v
+    u, s, vh = torch.linalg.svd(v, full_matrices=False)
+    return LowRankDirections(u[:, :, :rank] * s[:, None, :rank], vh[:, :rank, :].transpose(1, 2).contiguous())
+
+
+def as_dense(v: torch.Tensor | RankOneDirections | LowRankDirections) -> torch.Tensor:
+    return v.dense() if isinstance(v, (RankOneDirections, LowRankDirections)) else v
 
 
 def _columns_per_chunk(o: int, i: int, qs: int, element_size: int) -> int:

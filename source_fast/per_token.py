@@ -15,24 +15,23 @@ import logging
 import torch
 from torch.utils.data import Subset
 
-from . import _linalg, io, ops
-from .directions import as_dense
+from . import io, ops
+from .directions import as_dense, truncated
 
 log = logging.getLogger(__name__)
 
 
 def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
     """`SourceAnalyzer.per_token_scores` (see there)."""
-    from .analyzer import _group_plan  # the analyzer imports this module
+    from .analyzer import _group_plan, _parameter_basis  # the analyzer imports this module
 
     n_query = analyzer._check_dataset(query_dataset, "query_dataset")
     n_train = analyzer._check_dataset(train_dataset, "train_dataset")
     _check_positions(analyzer, train_dataset)
     n_fit, stage_sizes = analyzer._ensure_fit(train_dataset)
     config = {**analyzer._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": analyzer.damping,
-              "operator": analyzer.operator, "per_token": True, "score_block": analyzer.score_block}
-    if analyzer.score_dtype is not None:
-        config["score_dtype"] = str(analyzer.score_dtype)
+              "operator": analyzer.operator, "per_token": True, "score_block": analyzer.score_block,
+              **analyzer._scoring_config()}
     num_blocks = analyzer._num_blocks(n_train)
     store = None if analyzer.output_dir is None else io.BlockFileStore(
         analyzer._path("scores"), f"per_token_{analyzer.method}", num_blocks, config, overwrite=analyzer.overwrite)
@@ -42,8 +41,13 @@ def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
         with analyzer._session():
             plan = analyzer._score_plan(query_dataset, analyzer._units(), analyzer._final_unit(), stage_sizes, n_fit,
                                         n_train)
-            groups = [(members, {name: analyzer._score_operands(x) for name, x in _unrotated(v, basis).items()},
-                       weight, stage) for members, v, weight, stage, basis in _group_plan(plan)]
+            groups = []
+            for members, v, weight, stage, basis in _group_plan(plan):
+                dense = {name: _parameter_basis(x, None if basis is None else basis[name]) for name, x in v.items()}
+                if analyzer.query_rank is not None:  # the same truncation as pairwise_scores', so they still agree
+                    dense = {name: as_dense(truncated(x, analyzer.query_rank)) for name, x in dense.items()}
+                groups.append((members, {name: analyzer._score_operands(x) for name, x in dense.items()}, weight,
+                               stage))
             del plan
             for b in pending:
                 done[b] = _block(analyzer, b, groups, train_dataset, n_query, n_train)
@@ -54,19 +58,6 @@ def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
     for b, scores in done.items():
         cols = analyzer._block_columns(b, n_train)
         out[:, cols[0]:cols[-1] + 1, :scores.shape[2]] = scores
-    return out
-
-
-def _unrotated(directions: dict, basis: dict | None) -> dict[str, torch.Tensor]:
-    """Each layer's direction as a dense [Q, O, I] tensor in the parameters' basis (V = Q_S W Q_Aᵀ where the plan
-    holds W in an eigenbasis), laid out queries-outermost: what `score_per_token` takes."""
-    out = {}
-    for name, v in directions.items():
-        dense = as_dense(v).contiguous()  # a queries-innermost layout (the walk's, for the sparse kernels) too
-        if basis is not None:
-            block = basis[name]
-            dense = _linalg.matmul(block.q_s.to(dense.dtype), _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
-        out[name] = dense
     return out
 
 

@@ -15,7 +15,7 @@ SCRIPTS = ["bench_covariance.py", "bench_lambda_accum.py", "bench_kron_project.p
            "bench_rank_one_product.py", "bench_to_queries_innermost.py", "bench_conv_patch_rows.py",
            "bench_conv_patch_covariance.py", "bench_conv_group_grads.py", "bench_eigh.py",
            "bench_scoring_memory.py", "bench_nll_pair.py", "bench_linear_nll_pair.py",
-           "bench_per_token_scores.py"]
+           "bench_per_token_scores.py", "bench_query_rank.py"]
 
 
 def _results_state():

@@ -180,6 +180,8 @@ BAD_INPUTS = [
      lambda: analyzer(training_run=run(lr_scale={"head.weight": 10.0})), ValueError,
      r"run.lr_scale names 1 parameters the model does not have, e.g. \['head.weight'\]"),
     ("unknown fisher", lambda: analyzer(fisher="exact"), ValueError, "fisher must be 'sampled' or 'empirical'"),
+    ("query rank not a positive integer", lambda: analyzer(query_rank=0), ValueError,
+     "query_rank must be an integer >= 1 or None, got 0"),
     ("bad batch size", lambda: analyzer(batch_size=0), ValueError, "batch_size must be an integer >= 1"),
     ("negative damping", lambda: analyzer(damping=-1.0), ValueError, "damping must be a finite float >= 0"),
     ("zero damping for influence", lambda: analyzer(method="influence", damping=0.0), ValueError,

@@ -99,6 +99,19 @@ def _example_terms(model, task, example, layers, kind):
     return result
 
 
+def _truncated(directions: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    """Flat directions [Q, P] with each layer's [O, I] block of every query replaced by its rank-`rank` SVD."""
+    out, offset = [], 0
+    for o, i in sizes:
+        block = directions[:, offset:offset + o * i].reshape(-1, o, i)
+        if rank < min(o, i):
+            u, sv, vh = torch.linalg.svd(block, full_matrices=False)
+            block = (u[:, :, :rank] * sv[:, None, :rank]) @ vh[:, :rank]
+        out.append(block.reshape(block.shape[0], -1))
+        offset += o * i
+    return torch.cat(out, 1)
+
+
 def _per_position(terms: dict, layers) -> torch.Tensor:
     """One example's per-position gradients [T, P]: row t is g_t a_tᵀ of every layer, flattened as G is."""
     tokens = {name: terms[name][1].shape[0] for name, *_ in layers}
@@ -128,10 +141,13 @@ def _sym_eigh(m):
 
 
 def dense_source_scores(model: nn.Module, task, run, query_dataset, train_dataset, *, method: str = "source",
-                        damping: float = 0.0, module_names=None, per_token: bool = False) -> torch.Tensor:
+                        damping: float = 0.0, module_names=None, per_token: bool = False,
+                        query_rank: int | None = None) -> torch.Tensor:
     """Float64 scores [n_query, n_train] for method "source" or "influence" (damped inverse, > 0). per_token: each
     training token position's share, [n_query, n_train, T], from the per-position gradients g_t a_tᵀ of the
-    hooked rows (every layer must have the same T; asserted to sum to autograd's per-example gradient)."""
+    hooked rows (every layer must have the same T; asserted to sum to autograd's per-example gradient). query_rank:
+    each query's direction per layer and segment replaced by its rank-R truncated SVD (layers with min(O, I) ≤ R
+    exact), as `SourceAnalyzer(query_rank=R)` scores."""
     model = model.double()
     layers = _layers(model, module_names)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -224,7 +240,9 @@ def dense_source_scores(model: nn.Module, task, run, query_dataset, train_datase
     def train_side(i):  # training gradients [N, P], or per token [N, P, T]
         return per_token_ckpt[i].transpose(1, 2) if per_token else per_ckpt[i]
 
-    def contract(left, g):  # left [Q, P] with g [N, P] or [N, P, T]: [Q, N] or [Q, N, T]
+    def contract(left, g):  # directions left [Q, P] with g [N, P] or [N, P, T]: [Q, N] or [Q, N, T]
+        if query_rank is not None:
+            left = _truncated(left, sizes, query_rank)
         return left @ g.T if g.dim() == 2 else torch.einsum("qp,npt->qnt", left, g)
 
     if method == "influence":

@@ -1,0 +1,136 @@
+"""SourceAnalyzer(query_rank=R): each scored direction truncated to rank R by SVD and contracted by
+ops.score_lowrank, against the dense oracle truncating its own directions (float64 SVD of its dense operators)."""
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import source_fast as sf
+from source_fast import analyzer as analyzer_module, io, ops
+from source_fast.directions import LowRankDirections, truncated
+from source_fast.reference.dense_source import dense_source_scores
+
+from _models import (ClassificationTask, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens,
+                     tiny_gpt2, train_run)
+
+
+def _rel(x, y):
+    return ((x - y).abs().max() / y.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def mlp_run():
+    """A 6-8-3 MLP (layers [8, 7] and [3, 9] with the bias column: rank 2 truncates both), 30 SGD steps."""
+    data = classification_data(n=30, d_in=6)
+    model = mlp(d_in=6, hidden=8)
+    ckpts, steps, lrs = train_run(model, data, steps=30, every=5, lr=0.3)
+    return model, data, sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+
+
+def _counting_lowrank(monkeypatch):
+    calls = []
+    real = ops.score_lowrank
+    monkeypatch.setattr(ops, "score_lowrank", lambda u, w, a, g, **kw: calls.append(u.shape[2]) or real(u, w, a, g,
+                                                                                                         **kw))
+    return calls
+
+
+def test_truncated_is_the_best_rank_r_approximation():
+    v = torch.randn(3, 7, 5, dtype=torch.float64)
+    low = truncated(v, 2)
+    assert isinstance(low, LowRankDirections) and low.shape == v.shape and low.rank == 2
+    s = torch.linalg.svdvals(v)
+    err = torch.linalg.matrix_norm(low.dense() - v) ** 2
+    assert torch.allclose(err, (s[:, 2:] ** 2).sum(1), rtol=1e-10)  # Eckart–Young: the discarded σ²
+    assert truncated(v, 5) is v and truncated(v, 9) is v  # rank ≥ min(O, I): exact, kept dense
+
+
+@pytest.mark.parametrize("schedule", ["one pass", "segment by segment", "block by block"])
+@pytest.mark.parametrize("method", ["source", "influence"])
+def test_low_rank_scores_match_the_oracle_truncating_its_own_directions(mlp_run, monkeypatch, method, schedule):
+    model, data, run = mlp_run
+    if schedule == "block by block":
+        monkeypatch.setattr(analyzer_module, "SEGMENT_MAJOR_MAX_SCORE_BYTES", 0)
+    extra = {"damping": 0.05} if method == "influence" else {}
+    queries = Subset(data, range(4))
+    calls = _counting_lowrank(monkeypatch)
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False,
+                                 method=method, query_rank=2, **extra)
+    if schedule != "one pass":
+        analyzer.fit(data)
+    scores = analyzer.pairwise_scores(queries, data)
+    assert calls and set(calls) == {2}
+    oracle = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, query_rank=2, **extra)
+    exact = dense_source_scores(model, ClassificationTask(), run, queries, data, method=method, **extra)
+    assert _rel(scores, oracle) <= 1e-8
+    assert _rel(exact, oracle) > 1e-4  # the truncation matters here (4 orders above the agreement)
+    full = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False,
+                             method=method, query_rank=7, **extra)
+    assert _rel(full.pairwise_scores(queries, data), exact) <= 1e-8  # rank ≥ min(O, I) everywhere: exact
+
+
+def test_low_rank_gpt2_with_padding_and_per_token_scores_that_still_sum():
+    pytest.importorskip("transformers")
+    model = tiny_gpt2()
+    ids, mask = padded_tokens(n=10)
+    data = TokenDataset(ids, mask)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = sf.CausalLMTask(names)
+    ckpts, steps = lm_checkpoints(model, data, task)
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=4, progress=False, query_rank=3)
+    scores = analyzer.pairwise_scores(queries, data)
+    oracle = dense_source_scores(model, task, run, queries, data, module_names=names, query_rank=3)
+    assert _rel(scores, oracle) <= 1e-8
+    assert _rel(analyzer.per_token_scores(queries, data).sum(-1), scores) <= 1e-10
+    values, indices = analyzer.top_k(queries, data, k=4)
+    assert torch.equal(indices, scores.topk(4, dim=1).indices) and torch.allclose(values, scores.topk(4, dim=1).values)
+
+
+def test_low_rank_one_channel_convs_scored_from_their_formed_gradients(monkeypatch):
+    """Layers of one input channel with two outputs per group (a Conv1d, a depthwise conv with multiplier 2) are
+    scored from their per-example gradients on CPU (rows.Formed): there the truncated direction is formed densely."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv1d(1, 2, 3, padding=1)
+            self.multiplier = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+            self.fc = nn.Linear(4 * 4 * 5, 3)
+
+        def forward(self, x):  # x [B, 1, 20]
+            h = torch.tanh(self.first(x)).reshape(x.shape[0], 2, 4, 5)
+            return self.fc(torch.tanh(self.multiplier(h)).flatten(1))
+
+    gen = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(14, 1, 20, generator=gen, dtype=torch.float64),
+                                          torch.randint(0, 3, (14,), generator=gen))
+    torch.manual_seed(4)
+    model = Net().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.2)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
+    formed = []
+    real = analyzer_module.as_dense
+    monkeypatch.setattr(analyzer_module, "as_dense", lambda v: formed.append(type(v).__name__) or real(v))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=4, progress=False,
+                                 query_rank=1)
+    queries = Subset(data, range(3))
+    scores = analyzer.pairwise_scores(queries, data)
+    assert "LowRankDirections" in formed
+    assert _rel(scores, dense_source_scores(model, ClassificationTask(), run, queries, data, query_rank=1)) <= 1e-8
+
+
+def test_stored_scores_record_the_rank(mlp_run, tmp_path):
+    model, data, run = mlp_run
+    queries = Subset(data, range(2))
+
+    def scores(rank, **kw):
+        return sf.SourceAnalyzer(model, ClassificationTask(), run, tmp_path, fisher="empirical", progress=False,
+                                 query_rank=rank, **kw).pairwise_scores(queries, data)
+
+    first = scores(2)
+    assert torch.equal(scores(2), first)
+    with pytest.raises(io.StoreMismatchError):
+        scores(3)
+    assert not torch.allclose(scores(3, overwrite=True), first)
