@@ -157,12 +157,51 @@ class LowRankDirections:
         return LowRankDirections(fn(self.u), fn(self.w))
 
 
+OVERSAMPLING = 10  # extra columns of the subspace iteration beyond the rank: faster convergence
+MAX_POWER_STEPS = 8  # then the queries whose triplets have not converged take the full SVD
+RESIDUAL_TOLERANCE = 1e3  # × machine epsilon × σ₁: a triplet (u, σ, w) has converged when ‖V w − σ u‖ is below it
+
+
 def truncated(v: torch.Tensor, rank: int) -> torch.Tensor | LowRankDirections:
-    """Each query's direction (v [Q, O, I]) by its best rank-`rank` approximation (truncated SVD: Eckart–Young in
-    the Frobenius norm), as factors with the singular values on u; v itself where rank ≥ min(O, I) (exact)."""
-    _, o, i = v.shape
+    """Each query's direction (v [Q, O, I]) by its best rank-`rank` approximation (the truncated SVD: Eckart–Young in
+    the Frobenius norm), as factors with the singular values on u; v itself where rank ≥ min(O, I) (exact).
+
+    A full SVD costs O(O·I·min(O, I)) per query (13 s for 64 queries of a 1024 × 1025 layer on 2 cores), more than
+    scoring thousands of examples, so where the rank is small next to the layer (rank + OVERSAMPLING < min(O, I)/2)
+    the top singular triplets come from a seeded block subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4:
+    GEMMs of Q·O·I·(rank + OVERSAMPLING) per step). It stops when every query's triplets have residuals
+    ‖V w_r − σ_r u_r‖ ≤ RESIDUAL_TOLERANCE·ε·σ₁ (then V_R is off the exact truncation by about that much relative to
+    ‖V‖₂); queries not converged after MAX_POWER_STEPS (flat spectra) take the full SVD. The directions SOURCE walks
+    have fast-decaying spectra (σ₈/σ₁ of 1e-3 to 1e-7 on the benchmark MLP), so one or two steps do.
+    Deterministic: the start block is seeded."""
+    q, o, i = v.shape
     if rank >= min(o, i):
         return v
+    k = rank + OVERSAMPLING
+    if 2 * k >= min(o, i):
+        return _svd_factors(v, rank)
+    gen = torch.Generator(device=v.device).manual_seed(0)
+    y = torch.linalg.qr(torch.bmm(v, torch.randn(q, i, k, generator=gen, dtype=v.dtype, device=v.device)))[0]
+    tol = RESIDUAL_TOLERANCE * torch.finfo(v.dtype).eps
+    for step in range(MAX_POWER_STEPS + 1):
+        if step:  # one power step: y ← orth(V Vᵀ y), each product orthonormalised against round-off
+            y = torch.linalg.qr(torch.bmm(v, torch.linalg.qr(torch.bmm(v.transpose(1, 2), y))[0]))[0]
+        ub, sv, vh = torch.linalg.svd(torch.bmm(y.transpose(1, 2), v), full_matrices=False)  # of V's projection
+        u = torch.bmm(y, ub[:, :, :rank]) * sv[:, None, :rank]
+        w = vh[:, :rank, :].transpose(1, 2)
+        residual = (torch.bmm(v, w) - u).norm(dim=1).amax(1)  # ‖V w_r − σ_r u_r‖, the largest over r
+        converged = residual <= tol * sv[:, 0]
+        if bool(converged.all()):
+            break
+    out = LowRankDirections(u, w.contiguous())
+    if not bool(converged.all()):
+        rest = (~converged).nonzero().flatten()
+        exact = _svd_factors(v[rest], rank)
+        out.u[rest], out.w[rest] = exact.u, exact.w
+    return out
+
+
+def _svd_factors(v: torch.Tensor, rank: int) -> LowRankDirections:
     u, s, vh = torch.linalg.svd(v, full_matrices=False)
     return LowRankDirections(u[:, :, :rank] * s[:, None, :rank], vh[:, :rank, :].transpose(1, 2).contiguous())
 

@@ -44,6 +44,27 @@ def test_truncated_is_the_best_rank_r_approximation():
     assert truncated(v, 5) is v and truncated(v, 9) is v  # rank ≥ min(O, I): exact, kept dense
 
 
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_subspace_iteration_gives_the_truncated_svd(monkeypatch, spectrum):
+    """Layers wide next to the rank take the subspace iteration: on a decaying spectrum (as walked directions have)
+    it converges in a few steps to the SVD's truncation; a flat one (Gaussian) does not converge and those queries
+    take the full SVD."""
+    from source_fast import directions
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 60, 50, generator=gen, dtype=torch.float64)
+    if spectrum == "decaying":
+        u, _, vh = torch.linalg.svd(v, full_matrices=False)
+        v = u @ torch.diag_embed(0.7 ** torch.arange(50, dtype=torch.float64)) @ vh
+    full_svds = []
+    real = directions._svd_factors
+    monkeypatch.setattr(directions, "_svd_factors", lambda x, r: full_svds.append(x.shape[0]) or real(x, r))
+    low = truncated(v, 4)
+    exact = real(v, 4).dense()
+    assert ((low.dense() - exact).norm() / exact.norm()).item() <= 1e-10
+    assert full_svds == ([] if spectrum == "decaying" else [4])
+
+
 @pytest.mark.parametrize("schedule", ["one pass", "segment by segment", "block by block"])
 @pytest.mark.parametrize("method", ["source", "influence"])
 def test_low_rank_scores_match_the_oracle_truncating_its_own_directions(mlp_run, monkeypatch, method, schedule):
@@ -66,6 +87,25 @@ def test_low_rank_scores_match_the_oracle_truncating_its_own_directions(mlp_run,
     full = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=7, progress=False,
                              method=method, query_rank=7, **extra)
     assert _rel(full.pairwise_scores(queries, data), exact) <= 1e-8  # rank ≥ min(O, I) everywhere: exact
+
+
+def test_wide_layers_truncated_by_subspace_iteration_match_the_oracle(monkeypatch):
+    """A 30-30-3 MLP at rank 2: its [30, 31] layer is wide enough for the subspace iteration (no full SVD)."""
+    from source_fast import directions
+
+    data = classification_data(n=24, d_in=30)
+    model = mlp(d_in=30, hidden=30)
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=4, lr=0.3)
+    run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=3)
+    full_svds = []
+    real = directions._svd_factors
+    monkeypatch.setattr(directions, "_svd_factors", lambda x, r: full_svds.append(tuple(x.shape)) or real(x, r))
+    queries = Subset(data, range(3))
+    analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=8, progress=False,
+                                 query_rank=2)
+    scores = analyzer.pairwise_scores(queries, data)
+    assert all(shape[1:] != (30, 31) for shape in full_svds)  # the [3, 31] head: a full SVD (small)
+    assert _rel(scores, dense_source_scores(model, ClassificationTask(), run, queries, data, query_rank=2)) <= 1e-8
 
 
 def test_low_rank_gpt2_with_padding_and_per_token_scores_that_still_sum():
