@@ -1423,11 +1423,22 @@ class SourceAnalyzer:
         return members, v, weight, stage, basis
 
     def _low_rank(self, group):
-        """The group with each layer's direction rotated back to the parameters' basis (V = Q_S W Q_Aᵀ) and truncated
-        to rank query_rank per query (`directions.truncated`): the training rows are scored unrotated."""
+        """The group with each layer's direction truncated to rank query_rank per query (`directions.truncated`) and
+        its factors rotated to the parameters' basis (U = Q_S U_W, W = Q_A W_W: the truncation of V = Q_S W Q_Aᵀ, as
+        the bases are orthogonal): the training rows are scored unrotated."""
         members, v, weight, stage, basis = group
-        return members, {name: truncated(_parameter_basis(x, None if basis is None else basis[name]), self.query_rank)
-                         for name, x in v.items()}, weight, stage, None
+        out = {}
+        for name, x in v.items():
+            low = truncated(as_dense(x).contiguous(), self.query_rank)  # (a queries-innermost layout too)
+            if basis is None:
+                out[name] = low
+            elif isinstance(low, LowRankDirections):  # orthogonal bases: rotate the factors, not V (R ≪ O, I)
+                block = basis[name]
+                out[name] = LowRankDirections(_linalg.matmul(block.q_s.to(low.dtype), low.u),
+                                              _linalg.matmul(block.q_a.to(low.dtype), low.w))
+            else:
+                out[name] = _parameter_basis(low, basis[name])
+        return members, out, weight, stage, None
 
     def _layer_rotation(self, name, shape, members, n_train, sparse_ok) -> str:
         """`_rotation_plan` for one layer's directions (shape [Q, O, I]) with the query rows' T and zeros."""

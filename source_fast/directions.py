@@ -12,9 +12,13 @@ low-rank query gradients do: V_q = U_q W_qᵀ, scored by `ops.score_lowrank`.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import _compiled, _extension, _linalg
+
+log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 16 << 20  # one block of columns of the queries-innermost product (a reused heap block)
 _COMPILED_MIN_FLOPS = 4.0e6  # below this the compiled product's setup costs more than it saves
@@ -159,7 +163,10 @@ class LowRankDirections:
 
 OVERSAMPLING = 10  # extra columns of the subspace iteration beyond the rank: faster convergence
 MAX_POWER_STEPS = 8  # then the queries whose triplets have not converged take the full SVD
-RESIDUAL_TOLERANCE = 1e3  # × machine epsilon × σ₁: a triplet (u, σ, w) has converged when ‖V w − σ u‖ is below it
+# A triplet (u, σ, w) has converged when ‖V w − σ u‖ ≤ max(ROUND_OFF·ε·σ₁, DISCARDED_FRACTION·σ_{R+1}): at round-off,
+# or far below what the truncation discards anyway (σ_{R+1} is the 2-norm of V − V_R).
+ROUND_OFF = 1e3
+DISCARDED_FRACTION = 1e-3
 
 
 def truncated(v: torch.Tensor, rank: int) -> torch.Tensor | LowRankDirections:
@@ -170,9 +177,10 @@ def truncated(v: torch.Tensor, rank: int) -> torch.Tensor | LowRankDirections:
     scoring thousands of examples, so where the rank is small next to the layer (rank + OVERSAMPLING < min(O, I)/2)
     the top singular triplets come from a seeded block subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4:
     GEMMs of Q·O·I·(rank + OVERSAMPLING) per step). It stops when every query's triplets have residuals
-    ‖V w_r − σ_r u_r‖ ≤ RESIDUAL_TOLERANCE·ε·σ₁ (then V_R is off the exact truncation by about that much relative to
-    ‖V‖₂); queries not converged after MAX_POWER_STEPS (flat spectra) take the full SVD. The directions SOURCE walks
-    have fast-decaying spectra (σ₈/σ₁ of 1e-3 to 1e-7 on the benchmark MLP), so one or two steps do.
+    ‖V w_r − σ_r u_r‖ ≤ max(ROUND_OFF·ε·σ₁, DISCARDED_FRACTION·σ_{R+1}): V_R is then off the exact truncation by
+    a thousandth of what the truncation itself discards (or by round-off); queries not converged after
+    MAX_POWER_STEPS (flat spectra) take the full SVD. The directions SOURCE walks have fast-decaying spectra (σ₈/σ₁
+    of 1e-3 to 1e-7 on the benchmark MLP), so a few steps do.
     Deterministic: the start block is seeded."""
     q, o, i = v.shape
     if rank >= min(o, i):
@@ -181,18 +189,21 @@ def truncated(v: torch.Tensor, rank: int) -> torch.Tensor | LowRankDirections:
     if 2 * k >= min(o, i):
         return _svd_factors(v, rank)
     gen = torch.Generator(device=v.device).manual_seed(0)
-    y = torch.linalg.qr(torch.bmm(v, torch.randn(q, i, k, generator=gen, dtype=v.dtype, device=v.device)))[0]
-    tol = RESIDUAL_TOLERANCE * torch.finfo(v.dtype).eps
+    mm = _linalg.matmul
+    y = torch.linalg.qr(mm(v, torch.randn(q, i, k, generator=gen, dtype=v.dtype, device=v.device)))[0]
+    round_off = ROUND_OFF * torch.finfo(v.dtype).eps
     for step in range(MAX_POWER_STEPS + 1):
         if step:  # one power step: y ← orth(V Vᵀ y), each product orthonormalised against round-off
-            y = torch.linalg.qr(torch.bmm(v, torch.linalg.qr(torch.bmm(v.transpose(1, 2), y))[0]))[0]
-        ub, sv, vh = torch.linalg.svd(torch.bmm(y.transpose(1, 2), v), full_matrices=False)  # of V's projection
-        u = torch.bmm(y, ub[:, :, :rank]) * sv[:, None, :rank]
+            y = torch.linalg.qr(mm(v, torch.linalg.qr(mm(v.transpose(1, 2), y))[0]))[0]
+        ub, sv, vh = torch.linalg.svd(mm(y.transpose(1, 2), v), full_matrices=False)  # of V's projection
+        u = mm(y, ub[:, :, :rank]) * sv[:, None, :rank]
         w = vh[:, :rank, :].transpose(1, 2)
-        residual = (torch.bmm(v, w) - u).norm(dim=1).amax(1)  # ‖V w_r − σ_r u_r‖, the largest over r
-        converged = residual <= tol * sv[:, 0]
+        residual = (mm(v, w) - u).norm(dim=1).amax(1)  # ‖V w_r − σ_r u_r‖, the largest over r
+        converged = residual <= torch.maximum(round_off * sv[:, 0], DISCARDED_FRACTION * sv[:, rank])
         if bool(converged.all()):
             break
+    log.debug("truncated %s to rank %d: %d power steps, %d of %d queries by the full SVD", tuple(v.shape), rank,
+              step, int((~converged).sum()), q)
     out = LowRankDirections(u, w.contiguous())
     if not bool(converged.all()):
         rest = (~converged).nonzero().flatten()
