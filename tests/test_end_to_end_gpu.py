@@ -137,3 +137,27 @@ def test_causal_lm_on_cuda_matches_cpu_oracle_with_padding():
     finally:
         handle.remove()
     assert torch.isfinite(sampled).all() and len(forwards) == 4 * 2 + 1  # 4 checkpoints × 2 batches + queries
+
+
+def test_per_token_and_low_rank_scores_on_cuda_match_cpu_oracle():
+    """per_token_scores (rows with every position kept, score_per_token on the device) and query_rank (the subspace
+    iteration and score_lowrank on the device) on a padded GPT-2 in float64, against the CPU dense oracle."""
+    pytest.importorskip("transformers")
+    from _models import TokenDataset, lm_checkpoints, padded_tokens, tiny_gpt2
+
+    data = TokenDataset(*padded_tokens(8))
+    model = tiny_gpt2()
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = sf.CausalLMTask(names)
+    ckpts, steps = lm_checkpoints(model, data, task)
+    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    queries = Subset(data, range(3))
+    cuda_run = sf.TrainingRun(_to(ckpts, "cuda", torch.float64), steps, lr=0.5, num_segments=2)
+    analyzer = sf.SourceAnalyzer(tiny_gpt2().to("cuda"), task, cuda_run, fisher="empirical", batch_size=4,
+                                 progress=False)
+    per_token = analyzer.per_token_scores(queries, data)
+    assert _rel(per_token, dense_source_scores(model, task, run, queries, data, module_names=names,
+                                               per_token=True)) <= 1e-6
+    low = sf.SourceAnalyzer(tiny_gpt2().to("cuda"), task, cuda_run, fisher="empirical", batch_size=4,
+                            progress=False, query_rank=2).pairwise_scores(queries, data)
+    assert _rel(low, dense_source_scores(model, task, run, queries, data, module_names=names, query_rank=2)) <= 1e-6
