@@ -343,6 +343,14 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+def write_report(out_dir: Path, stem: str, lines: list[str], payload: dict) -> None:
+    """A benchmark's table (`<stem>.md`, the printed lines) and its data (`<stem>.json`) in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {out_dir / stem}.md and .json")
+
+
 def load1() -> str:
     """1-minute load average (recorded with CPU rows: the machine may be shared)."""
     try:

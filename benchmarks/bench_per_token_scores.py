@@ -19,7 +19,6 @@ Results: benchmarks/results/per_token_scores_cpu.md and .json (full run only; th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -128,13 +127,9 @@ def main(argv=None) -> int:
     if args.smoke:
         print("SMOKE OK (nothing written)")
         return 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / "per_token_scores_cpu"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "cpu": H.cpu_description(),
-                                                     "threads": args.threads, "fit_s": fit_s, "gate_error": error,
-                                                     "rows": rows, "ratio": ratio}, indent=2) + "\n")
-    print(f"wrote {stem}.md and .json")
+    H.write_report(args.out_dir, "per_token_scores_cpu", lines, {
+        "environment": env, "cpu": H.cpu_description(), "threads": args.threads, "fit_s": fit_s, "gate_error": error,
+        "rows": rows, "ratio": ratio})
     return 0
 
 

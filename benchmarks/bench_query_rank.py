@@ -21,7 +21,6 @@ Results: benchmarks/results/query_rank_cpu.md and .json (full run only; the host
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -147,13 +146,8 @@ def main(argv=None) -> int:
     if args.smoke:
         print("SMOKE OK (nothing written)")
         return 0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / "query_rank_cpu"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "cpu": H.cpu_description(),
-                                                     "threads": args.threads, "sizes": sizes, "rows": rows},
-                                                    indent=2, default=str) + "\n")
-    print(f"wrote {stem}.md and .json")
+    H.write_report(args.out_dir, "query_rank_cpu", lines, {"environment": env, "cpu": H.cpu_description(),
+                                                          "threads": args.threads, "sizes": sizes, "rows": rows})
     return 0
 
 

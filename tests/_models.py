@@ -113,6 +113,23 @@ class ResidualBatchNormCNN(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class OneChannelConvNet(nn.Module):
+    """Layers of one input channel in every form the pipeline gives them: a Conv1d of one channel (2 outputs), a
+    depthwise conv with channel multiplier 2, a strided depthwise conv with circular padding; inputs [B, 1, 20]."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv1d(1, 2, 3, padding=1)
+        self.multiplier = nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        self.strided = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode="circular")
+        self.fc = nn.Linear(4 * 2 * 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x)).reshape(x.shape[0], 2, 4, 5)
+        h = torch.tanh(self.strided(torch.tanh(self.multiplier(h))))
+        return self.fc(h.flatten(1))
+
+
 class SharedMLP(nn.Module):
     """A Linear applied `repeats` times (weights shared across the calls, as an unrolled recurrence), between an
     input and an output layer."""
@@ -191,6 +208,18 @@ def tiny_cnn_run(padding_mode="zeros", grouped=False):
     return model, data, ckpts, steps, lrs
 
 
+def one_channel_conv_run():
+    """OneChannelConvNet (float64) on 14 sequences of 20 values, 12 SGD steps, a checkpoint every 3:
+    (model, data, ckpts, steps, lrs)."""
+    gen = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(14, 1, 20, generator=gen, dtype=torch.float64),
+                         torch.randint(0, 3, (14,), generator=gen))
+    torch.manual_seed(4)
+    model = OneChannelConvNet().double()
+    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.2)
+    return model, data, ckpts, steps, lrs
+
+
 def tiny_cnn1d_run():
     """TinyCNN1d (float64) on 16 sequences of 2 channels × 8 positions, 12 SGD steps, a checkpoint every 4."""
     gen = torch.Generator().manual_seed(2)
@@ -252,6 +281,20 @@ def tiny_gpt2(dtype=torch.float64):
     config = transformers.GPT2Config(vocab_size=LM_VOCAB, n_positions=LM_SEQ, n_embd=8, n_layer=1, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config).to(dtype)
+
+
+def padded_gpt2_run(n=10):
+    """tiny_gpt2 (float64) on n right-padded documents of 3..6 tokens, its Conv1D layers tracked, 8 SGD steps, 4
+    checkpoints, 2 segments: (model, data, mask, task, names, run)."""
+    import source_fast as sf
+
+    model = tiny_gpt2()
+    ids, mask = padded_tokens(n=n)
+    data = TokenDataset(ids, mask)
+    names = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    task = sf.CausalLMTask(names)
+    ckpts, steps = lm_checkpoints(model, data, task)
+    return model, data, mask, task, names, sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
 
 
 def lm_checkpoints(model, data, task, steps=8, every=2, lr=0.5):

@@ -11,8 +11,8 @@ from source_fast import _config
 from source_fast.reference.dense_source import dense_source_scores
 
 from _backends import recording_lib_calls
-from _models import (ClassificationTask, ResidualBatchNormCNN, classification_data, mlp, small_mlp_run,
-                     tiny_cnn1d_run, tiny_cnn_run, train_run)
+from _models import (ClassificationTask, ResidualBatchNormCNN, classification_data, mlp, one_channel_conv_run,
+                     small_mlp_run, tiny_cnn1d_run, tiny_cnn_run, train_run)
 
 
 def _setup(model, data, **train_kw):
@@ -265,27 +265,7 @@ def test_depthwise_multiplier_and_strided_one_channel_convs_match_dense_oracle_f
     2, a strided depthwise conv with circular padding, a Conv1d of one channel; covariances from the layer input):
     SOURCE scores and self-influence equal the dense oracle's, with the one-pass schedule (kept rows expanded to the
     gradient form) and with fit() first (scoring passes of their own)."""
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = nn.Conv1d(1, 2, 3, padding=1)  # one input channel, 2 outputs
-            self.multiplier = nn.Conv2d(2, 4, 3, padding=1, groups=2)  # depthwise, multiplier 2
-            self.strided = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4, padding_mode="circular")
-            self.fc = nn.Linear(4 * 2 * 3, 3)
-
-        def forward(self, x):  # x [B, 1, 20]
-            h = torch.tanh(self.first(x)).reshape(x.shape[0], 2, 4, 5)
-            h = torch.tanh(self.strided(torch.tanh(self.multiplier(h))))
-            return self.fc(h.flatten(1))
-
-    gen = torch.Generator().manual_seed(3)
-    data = torch.utils.data.TensorDataset(torch.randn(14, 1, 20, generator=gen, dtype=torch.float64),
-                                          torch.randint(0, 3, (14,), generator=gen))
-    torch.manual_seed(4)
-    model = Net().double()
-    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.2)
+    model, data, ckpts, steps, lrs = one_channel_conv_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, fisher="empirical", batch_size=4, progress=False)
     if fit_first:

@@ -10,8 +10,7 @@ import source_fast as sf
 from source_fast import io, per_token
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import (ClassificationTask, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens,
-                     tiny_cnn_run, tiny_gpt2, train_run)
+from _models import ClassificationTask, classification_data, mlp, padded_gpt2_run, tiny_cnn_run, train_run
 
 METHODS = ["source", "fast_source", "influence", "tracin", "gradient_dot"]
 
@@ -28,13 +27,7 @@ def _extra(method):
 def gpt2_run():
     """A one-block GPT-2 (float64) on 10 right-padded documents of 3..6 tokens, 8 SGD steps, 4 checkpoints."""
     pytest.importorskip("transformers")
-    model = tiny_gpt2()
-    ids, mask = padded_tokens(n=10)
-    data = TokenDataset(ids, mask)
-    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    task = sf.CausalLMTask(names)
-    ckpts, steps = lm_checkpoints(model, data, task)
-    return model, data, mask, task, names, sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    return padded_gpt2_run()
 
 
 @pytest.mark.parametrize("method", ["source", "influence"])

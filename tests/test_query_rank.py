@@ -9,8 +9,8 @@ from source_fast import analyzer as analyzer_module, io, ops
 from source_fast.directions import LowRankDirections, truncated
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import (ClassificationTask, TokenDataset, classification_data, lm_checkpoints, mlp, padded_tokens,
-                     tiny_gpt2, train_run)
+from _models import (ClassificationTask, classification_data, mlp, one_channel_conv_run, padded_gpt2_run,
+                     train_run)
 
 
 def _rel(x, y):
@@ -115,13 +115,7 @@ def test_wide_layers_truncated_by_subspace_iteration_match_the_oracle(monkeypatc
 
 def test_low_rank_gpt2_with_padding_and_per_token_scores_that_still_sum():
     pytest.importorskip("transformers")
-    model = tiny_gpt2()
-    ids, mask = padded_tokens(n=10)
-    data = TokenDataset(ids, mask)
-    names = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-    task = sf.CausalLMTask(names)
-    ckpts, steps = lm_checkpoints(model, data, task)
-    run = sf.TrainingRun(ckpts, steps, lr=0.5, num_segments=2)
+    model, data, _, task, names, run = padded_gpt2_run()
     queries = Subset(data, range(3))
     analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=4, progress=False, query_rank=3)
     scores = analyzer.pairwise_scores(queries, data)
@@ -134,26 +128,9 @@ def test_low_rank_gpt2_with_padding_and_per_token_scores_that_still_sum():
 
 def test_low_rank_one_channel_convs_scored_from_their_formed_gradients(monkeypatch):
     """Layers of one input channel with two outputs per group (a Conv1d, a depthwise conv with multiplier 2) are
-    scored from their per-example gradients on CPU (rows.Formed): there the truncated direction is formed densely."""
-    from torch import nn
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = nn.Conv1d(1, 2, 3, padding=1)
-            self.multiplier = nn.Conv2d(2, 4, 3, padding=1, groups=2)
-            self.fc = nn.Linear(4 * 4 * 5, 3)
-
-        def forward(self, x):  # x [B, 1, 20]
-            h = torch.tanh(self.first(x)).reshape(x.shape[0], 2, 4, 5)
-            return self.fc(torch.tanh(self.multiplier(h)).flatten(1))
-
-    gen = torch.Generator().manual_seed(3)
-    data = torch.utils.data.TensorDataset(torch.randn(14, 1, 20, generator=gen, dtype=torch.float64),
-                                          torch.randint(0, 3, (14,), generator=gen))
-    torch.manual_seed(4)
-    model = Net().double()
-    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.2)
+    scored from their per-example gradients on CPU (rows.Formed): there the truncated direction is formed densely
+    (the strided depthwise layer, one output per group, stays exact)."""
+    model, data, ckpts, steps, lrs = one_channel_conv_run()
     run = sf.TrainingRun(ckpts, steps, lr=lrs, num_segments=2)
     formed = []
     real = analyzer_module.as_dense
