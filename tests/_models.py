@@ -189,6 +189,21 @@ def train_run(model, dataset, *, steps=30, every=5, lr=0.3, momentum=0.0, lr_sch
     return ckpts, ckpt_steps, lrs
 
 
+def adam_mlp_run(moments_seed=0):
+    """A 4-5-3 MLP (float64) trained 12 SGD steps on 16 examples, with made-up Adam second moments per checkpoint
+    (uniform in [1e-4, 1e-2]): (model, data, ckpts, steps, moments, TrainingRun(optimizer="adam", 2 segments))."""
+    import source_fast as sf
+
+    data = classification_data(n=16)
+    model = mlp()
+    ckpts, steps, _ = train_run(model, data, steps=12, every=3, lr=0.1)
+    gen = torch.Generator().manual_seed(moments_seed)
+    moments = [{k: torch.rand(v.shape, generator=gen, dtype=v.dtype) * 1e-2 + 1e-4 for k, v in c.items()}
+               for c in ckpts]
+    run = sf.TrainingRun(ckpts, steps, lr=1e-3, num_segments=2, optimizer="adam", adam_second_moments=moments)
+    return model, data, ckpts, steps, moments, run
+
+
 def small_mlp_run():
     """The 40-example, 6-input MLP trained 30 steps with 6 checkpoints (float64): (model, data, ckpts, steps,
     lrs), shared by the float32 rank test and the CUDA pipeline tests."""

@@ -8,7 +8,7 @@ from source_fast import spectral
 from source_fast.ekfac import EKFACBlock, source_operators
 from source_fast.walk import query_walk
 
-from _models import ClassificationTask, classification_data, mlp, train_run
+from _models import ClassificationTask, adam_mlp_run, classification_data, mlp, train_run
 
 F64 = torch.float64
 
@@ -34,11 +34,7 @@ def test_adam_walk_with_unit_preconditioner_and_diagonal_curvature_equals_sgd():
 
 
 def test_adam_run_end_to_end():
-    data = classification_data(n=16)
-    model = mlp()
-    ckpts, steps, lrs = train_run(model, data, steps=12, every=3, lr=0.1)
-    moments = [{k: torch.rand_like(v) * 1e-2 + 1e-4 for k, v in c.items()} for c in ckpts]
-    run = sf.TrainingRun(ckpts, steps, lr=1e-3, num_segments=2, optimizer="adam", adam_second_moments=moments)
+    model, data, ckpts, steps, moments, run = adam_mlp_run()
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, progress=False)
     scores = analyzer.pairwise_scores(Subset(data, range(3)), data)
     assert scores.shape == (3, 16) and torch.isfinite(scores).all()

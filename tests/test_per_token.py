@@ -10,7 +10,8 @@ import source_fast as sf
 from source_fast import io, per_token
 from source_fast.reference.dense_source import dense_source_scores
 
-from _models import ClassificationTask, classification_data, mlp, padded_gpt2_run, tiny_cnn_run, train_run
+from _models import (ClassificationTask, adam_mlp_run, classification_data, mlp, padded_gpt2_run, tiny_cnn_run,
+                     train_run)
 
 METHODS = ["source", "fast_source", "influence", "tracin", "gradient_dot"]
 
@@ -100,11 +101,7 @@ def test_one_token_layers_per_token_is_pairwise_with_stage_masks():
 
 
 def test_adam_runs_per_token_scores_sum_to_pairwise():
-    data = classification_data(n=16)
-    model = mlp()
-    ckpts, steps, _ = train_run(model, data, steps=12, every=3, lr=0.1)
-    moments = [{k: torch.rand_like(v) * 1e-2 + 1e-4 for k, v in c.items()} for c in ckpts]
-    run = sf.TrainingRun(ckpts, steps, lr=1e-3, num_segments=2, optimizer="adam", adam_second_moments=moments)
+    model, data, *_, run = adam_mlp_run()
     analyzer = sf.SourceAnalyzer(model, ClassificationTask(), run, batch_size=8, progress=False)
     queries = Subset(data, range(3))
     assert _rel(analyzer.per_token_scores(queries, data)[..., 0], analyzer.pairwise_scores(queries, data)) <= 1e-10
