@@ -5,7 +5,8 @@ momentum, 6 checkpoints, SOURCE with 3 segments; 1,000 training documents of 30�
 queries; the blocks' 8 Conv1D layers tracked, `sf.CausalLMTask`. The factors are fitted once (`fit`, timed
 as its own stage); then, alternately, `pairwise_scores` (its own scoring pass per checkpoint after fit, as a user
 who fitted first runs it) and `per_token_scores` (also one pass per checkpoint, each layer's per-token
-contraction `score_per_token` on the rows as the layers see them) run `--repeats` times each. Peak memory is the
+contraction `score_per_token` on the rows as the layers see them), and both with `query_rank=8` (`--query-rank`; the
+same factors) run `--repeats` times each. Peak memory is the
 process's peak RSS growth over a call (from its RSS at the call, which holds the fit's freed heap). The output [50, 1000, 40] of per-token scores is 40× the pairwise matrix.
 
 Gate before timing: the per-token scores summed over positions equal the pairwise scores (relative max error
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--query-rank", type=int, default=8, help="the low-rank rows' query_rank (0: none)")
     parser.add_argument("--out-dir", type=Path, default=H.RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,30 +97,39 @@ def main(argv=None) -> int:
     if not ok:
         return 1
 
-    times: dict[str, list[float]] = {"pairwise_scores": [], "per_token_scores": []}
-    peaks: dict[str, list[float]] = {"pairwise_scores": [], "per_token_scores": []}
-    for _ in range(repeats):  # alternating, so a change in the host's speed reaches both
-        for name, fn in (("pairwise_scores", analyzer.pairwise_scores), ("per_token_scores",
-                                                                         analyzer.per_token_scores)):
-            out, seconds, mib = _timed(lambda fn=fn: fn(query, train), device)
-            del out
+    calls = {"pairwise_scores": analyzer.pairwise_scores, "per_token_scores": analyzer.per_token_scores}
+    if args.query_rank:  # the same fitted factors, directions truncated to rank R
+        low = sf.SourceAnalyzer(model, sf.CausalLMTask(B.tracked_modules(sizes)), run, batch_size=args.batch_size,
+                                progress=False, query_rank=args.query_rank)
+        low.blocks, low._n_fit = analyzer.blocks, analyzer._n_fit
+        calls[f"pairwise_scores, query_rank={args.query_rank}"] = low.pairwise_scores
+        calls[f"per_token_scores, query_rank={args.query_rank}"] = low.per_token_scores
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, list[float]] = {name: [] for name in calls}
+    results: dict[str, torch.Tensor] = {}
+    for _ in range(repeats):  # alternating, so a change in the host's speed reaches every call
+        for name, fn in calls.items():
+            results[name], seconds, mib = _timed(lambda fn=fn: fn(query, train), device)
             times[name].append(seconds)
             peaks[name].append(mib)
     env = H.environment(device)
-    rows = [{"call": name, "median_s": statistics.median(times[name]), "runs_s": times[name],
-             "peak_rss_growth_mib": max(peaks[name]),
-             "output_mib": (pairwise if name == "pairwise_scores" else per_token).numel() * 4 / 2**20}
-            for name in times]
+    rows = []
+    for name in calls:
+        exact = pairwise if name.startswith("pairwise") else per_token
+        rows.append({"call": name, "median_s": statistics.median(times[name]), "runs_s": times[name],
+                     "peak_rss_growth_mib": max(peaks[name]), "output_mib": results[name].numel() * 4 / 2**20,
+                     "rel_max_error_vs_exact": ((results[name] - exact).abs().max() / exact.abs().max()).item()})
     ratio = rows[1]["median_s"] / rows[0]["median_s"]
     lines = [f"# per_token_scores vs pairwise_scores ({H.cpu_description()}, {args.threads} threads)", "",
              f"Workload: bench_vs_bergson's ({n} documents of {sizes['doc_len'][0]}–{sizes['doc_len'][1]} tokens, "
              f"{len(query)} queries, GPT-2 {sizes['n_layer']} blocks × {sizes['n_embd']}, 6 checkpoints, 3 "
              f"segments); fit once ({fit_s:.2f} s, peak +{fit_mib:.0f} MiB), then each call {repeats}× alternating. "
              f"Gate: sum over positions vs pairwise {error:.1e}.", "",
-             "| call | median s | runs s | peak RSS growth MiB | output MiB |", "|---|---|---|---|---|"]
+             "| call | median s | runs s | peak RSS growth MiB | output MiB | rel. max error vs exact |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['call']} | {r['median_s']:.2f} | {' / '.join(f'{t:.2f}' for t in r['runs_s'])} | "
-                     f"{r['peak_rss_growth_mib']:.0f} | {r['output_mib']:.1f} |")
+                     f"{r['peak_rss_growth_mib']:.0f} | {r['output_mib']:.1f} | {r['rel_max_error_vs_exact']:.1e} |")
     lines += ["", f"per_token_scores / pairwise_scores: {ratio:.2f}×", "",
               "Peak RSS growth is measured from the process's RSS at the call, which still holds the heap the fit "
               "freed (glibc keeps it): 0 means the call fitted in it.", "",

@@ -15,8 +15,8 @@ import logging
 import torch
 from torch.utils.data import Subset
 
-from . import io, ops
-from .directions import as_dense, truncated
+from . import _linalg, io, ops
+from .directions import LowRankDirections
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,14 @@ def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
             plan = analyzer._score_plan(query_dataset, analyzer._units(), analyzer._final_unit(), stage_sizes, n_fit,
                                         n_train)
             groups = []
-            for members, v, weight, stage, basis in _group_plan(plan):
-                dense = {name: _parameter_basis(x, None if basis is None else basis[name]) for name, x in v.items()}
+            for group in _group_plan(plan):
                 if analyzer.query_rank is not None:  # the same truncation as pairwise_scores', so they still agree
-                    dense = {name: as_dense(truncated(x, analyzer.query_rank)) for name, x in dense.items()}
-                groups.append((members, {name: analyzer._score_operands(x) for name, x in dense.items()}, weight,
-                               stage))
+                    members, v, weight, stage, _ = analyzer._low_rank(group)
+                else:
+                    members, v, weight, stage, basis = group
+                    v = {name: _parameter_basis(x, None if basis is None else basis[name]) for name, x in v.items()}
+                groups.append((members, {name: x.cast(analyzer._score_operands) if isinstance(x, LowRankDirections)
+                                         else analyzer._score_operands(x) for name, x in v.items()}, weight, stage))
             del plan
             for b in pending:
                 done[b] = _block(analyzer, b, groups, train_dataset, n_query, n_train)
@@ -77,8 +79,9 @@ def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) 
                     out = torch.nn.functional.pad(out, (0, tokens - out.shape[2]))
                 scores = out[:, offset:offset + size, :tokens]
                 for name, (a, g) in rows.items():
-                    part = ops.score_per_token(v[name], analyzer._score_operands(a), analyzer._score_operands(g),
-                                               backend=analyzer.backend, deterministic=analyzer.deterministic)
+                    a, g = analyzer._score_operands(a), analyzer._score_operands(g)
+                    part = _low_rank_per_token(v[name], a, g) if isinstance(v[name], LowRankDirections) else \
+                        ops.score_per_token(v[name], a, g, backend=analyzer.backend, deterministic=analyzer.deterministic)
                     if in_stage is not None:
                         part = part * in_stage[cols[0] + offset:cols[0] + offset + size].to(part.dtype)[None, :, None]
                     scores.add_(part.to(out.dtype), alpha=weight)
@@ -86,6 +89,18 @@ def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) 
         raise FloatingPointError(f"per-token scores of training examples {cols[0]}..{cols[-1]} are non-finite: "
                                  "non-finite training gradients? pass check_finite=False to propagate")
     return out.cpu()
+
+
+def _low_rank_per_token(v: LowRankDirections, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-token scores [Q, N, T] of directions V_q = U_q W_qᵀ: Σ_r (g_{n,t}ᵀ U_q)_r (a_{n,t}ᵀ W_q)_r, two GEMMs
+    over all queries' factors (Q·N·T·R·(O + I) multiply-adds instead of Q·N·T·O·I), accumulated in fp32 or
+    wider."""
+    q, _, r = v.u.shape
+    n, t, _ = a.shape
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    gu = _linalg.matmul(g.reshape(n * t, -1).to(acc), v.u.to(acc).permute(1, 0, 2).reshape(-1, q * r))
+    aw = _linalg.matmul(a.reshape(n * t, -1).to(acc), v.w.to(acc).permute(1, 0, 2).reshape(-1, q * r))
+    return (gu * aw).reshape(n, t, q, r).sum(3).permute(2, 0, 1)
 
 
 def _check_positions(analyzer, train_dataset) -> None:

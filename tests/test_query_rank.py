@@ -156,3 +156,18 @@ def test_stored_scores_record_the_rank(mlp_run, tmp_path):
     with pytest.raises(io.StoreMismatchError):
         scores(3)
     assert not torch.allclose(scores(3, overwrite=True), first)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_per_token_contraction_of_low_rank_directions_equals_the_dense_op(dtype, tol):
+    """per_token's factored form Σ_r (gᵀU)_r (aᵀW)_r against ops.score_per_token on the formed V = U Wᵀ."""
+    from source_fast.per_token import _low_rank_per_token
+
+    gen = torch.Generator().manual_seed(0)
+    low = LowRankDirections(torch.randn(3, 7, 2, generator=gen, dtype=dtype),
+                            torch.randn(3, 5, 2, generator=gen, dtype=dtype))
+    a, g = torch.randn(4, 6, 5, generator=gen, dtype=dtype), torch.randn(4, 6, 7, generator=gen, dtype=dtype)
+    want = ops.score_per_token(low.dense().double(), a.double(), g.double())
+    got = _low_rank_per_token(low, a, g)
+    assert got.shape == (3, 4, 6) and got.dtype == dtype
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() <= tol
