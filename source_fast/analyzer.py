@@ -336,6 +336,7 @@ class SourceAnalyzer:
         self._n_fit: int | None = None  # N of the fitted training set: every score's 1/N uses it
         self._state_cache: dict[str, dict] = {}
         self._query_tokens = 1  # tokens per query row (set by _query_grads): a cost-model hint
+        self._costlier_low_rank: set[str] = set()  # layers logged as scored slower with query_rank than without
         self._query_g_density: dict[str, float] = {}  # nonzero fraction of query output gradients, per layer
         self._query_a_density: dict[str, float] = {}  # ... and of their (unrotated) activations
 
@@ -1429,6 +1430,12 @@ class SourceAnalyzer:
         members, v, weight, stage, basis = group
         out = {}
         for name, x in v.items():
+            _, o, i = x.shape
+            if self._query_tokens * self.query_rank * (o + i) >= o * i and name not in self._costlier_low_rank:
+                self._costlier_low_rank.add(name)
+                log.info("source_fast: query_rank=%d costs more than exact scoring for layer %r ([%d, %d]) with "
+                         "%d-token queries: T·R·(O + I) ≥ O·I multiply-adds per pair (it pays for wide layers with few "
+                         "tokens per example)", self.query_rank, name, o, i, self._query_tokens)
             low = truncated(as_dense(x).contiguous(), self.query_rank)  # (a queries-innermost layout too)
             if basis is None:
                 out[name] = low

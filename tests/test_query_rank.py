@@ -122,6 +122,7 @@ def test_low_rank_gpt2_with_padding_and_per_token_scores_that_still_sum():
     oracle = dense_source_scores(model, task, run, queries, data, module_names=names, query_rank=3)
     assert _rel(scores, oracle) <= 1e-8
     assert _rel(analyzer.per_token_scores(queries, data).sum(-1), scores) <= 1e-10
+    assert len(analyzer._costlier_low_rank) == 4  # 6-token queries on [8 .. 32, 9 .. 33] layers: logged
     values, indices = analyzer.top_k(queries, data, k=4)
     assert torch.equal(indices, scores.topk(4, dim=1).indices) and torch.allclose(values, scores.topk(4, dim=1).values)
 
