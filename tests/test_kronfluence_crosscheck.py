@@ -210,3 +210,53 @@ def test_influence_matches_kronfluence(arch, dtype, damping, rel_tol, tmp_path):
     # Self-influence of an EK-FAC inverse with damping > 0 is a positive quadratic form.
     assert bool((ours_self > 0).all())
     assert np.isfinite(ours.numpy()).all()
+
+
+class EmbedOnlyTask(ClassificationTask):
+    """Tracks TokenMLP's token layer only: per-token scores need one position count across tracked layers."""
+
+    def get_influence_tracked_modules(self):
+        return ["embed"]
+
+
+def test_per_token_and_low_rank_influence_match_kronfluence(tmp_path):
+    """Kronfluence's `compute_per_token_scores` (TokenMLP's 5 tokens, its token layer tracked) and
+    `query_gradient_low_rank` with `use_full_svd` (both layers at rank 2, below min(O, I) of each) against
+    source_fast's per_token_scores and query_rank: the same +1/N relation as the pairwise scores."""
+    model, checkpoints, steps, train, query = _problem("tokens", torch.float64)
+    run = sf.TrainingRun(checkpoints, steps, lr=LR, momentum=MOMENTUM, num_segments=1)
+    results = {}
+    for label, task, score_kw, ours_kw in [
+            ("per-token", EmbedOnlyTask(), {"compute_per_token_scores": True}, {}),
+            ("low-rank", ClassificationTask(), {"query_gradient_low_rank": 2, "use_full_svd": True,
+                                                "query_gradient_svd_dtype": torch.float64}, {"query_rank": 2})]:
+        analyzer = sf.SourceAnalyzer(model, task, run, method="influence", fisher="empirical", damping=1e-3,
+                                     batch_size=32, progress=False, **ours_kw)
+        analyzer.fit(train)
+        ours = analyzer.per_token_scores(query, train) if label == "per-token" else \
+            analyzer.pairwise_scores(query, train)
+        kmodel = kf_analyzer.prepare_model(copy.deepcopy(model), task)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kf = kf_analyzer.Analyzer(label, kmodel, task, cpu=True, disable_tqdm=True, output_dir=str(tmp_path))
+            dt = torch.float64
+            kf.fit_all_factors("factors", train, per_device_batch_size=32, overwrite_output_dir=True,
+                               factor_args=kf_arguments.FactorArguments(
+                                   strategy="ekfac", use_empirical_fisher=True, activation_covariance_dtype=dt,
+                                   gradient_covariance_dtype=dt, per_sample_gradient_dtype=dt, lambda_dtype=dt,
+                                   eigendecomposition_dtype=dt))
+            kf.compute_pairwise_scores("scores", "factors", query, train, per_device_query_batch_size=N_QUERY,
+                                       per_device_train_batch_size=32, overwrite_output_dir=True,
+                                       score_args=kf_arguments.ScoreArguments(
+                                           damping_factor=1e-3, per_sample_gradient_dtype=dt, precondition_dtype=dt,
+                                           score_dtype=dt, **score_kw))
+            theirs = kf.load_pairwise_scores("scores")["all_modules"].double()
+        assert ours.shape == theirs.shape, (label, ours.shape, theirs.shape)
+        results[label] = (ours, theirs)
+        for q in range(N_QUERY):
+            _check_relation(ours[q], theirs[q], rel_tol=1e-9, label=f"{label} query {q}")
+    per_token = results["per-token"][0]
+    assert per_token.shape == (N_QUERY, N_TRAIN, 5) and not torch.allclose(per_token[..., 0], per_token[..., 1])
+    exact = sf.SourceAnalyzer(model, ClassificationTask(), run, method="influence", fisher="empirical", damping=1e-3,
+                              batch_size=32, progress=False).pairwise_scores(query, train)
+    assert float((results["low-rank"][0] - exact).abs().max() / exact.abs().max()) > 1e-4  # rank 2 truncates
