@@ -145,3 +145,17 @@ def test_per_token_scores_resume_from_finished_blocks(gpt2_run, tmp_path, monkey
         warnings.simplefilter("error")
         again = analyzer(overwrite=True).per_token_scores(Subset(data, range(3)), data)
     assert torch.allclose(again[:2], first, rtol=1e-12, atol=0)
+
+
+def test_per_token_scores_of_a_querys_top_documents_are_columns_of_the_full_scores(gpt2_run):
+    """The large-N workflow: fit on the whole training set, top_k, then per-token scores of those documents only
+    (a Subset): the full matrix's columns, and they sum to the top-k values."""
+    model, data, _, task, _, run = gpt2_run
+    queries = Subset(data, range(2))
+    analyzer = sf.SourceAnalyzer(model, task, run, fisher="empirical", batch_size=4, progress=False)
+    analyzer.fit(data)
+    full = analyzer.per_token_scores(queries, data)
+    values, indices = analyzer.top_k(queries, data, k=3)
+    part = analyzer.per_token_scores(queries, Subset(data, indices[0].tolist()))
+    assert _rel(part, full[:, indices[0], :part.shape[2]]) <= 1e-12
+    assert _rel(part[0].sum(-1), values[0]) <= 1e-12
