@@ -216,10 +216,9 @@ class CpuBackend(ExtensionBackend):
     # fp16/bf16 are upcast to float32 by _extension (exactly), as the torch backend does on CPU: no CPU kernel
     # contracts 16-bit operands faster, and the fp32 kernels beat torch's fp32 path.
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    # Only the ops where C++/OpenMP beats the torch backend on CPU (README, benchmarks/results/ops_cpu.md);
-    # kron_project and score_lowrank are GEMMs either way (the compiled GEMM measured no consistent win for
-    # score_lowrank), so torch runs them.
-    ops = ("covariance", "lambda_accum", "score_pairwise", "score_self", "score_per_token")
+    # Only the ops where C++/OpenMP beats the torch backend on CPU (README, benchmarks/results/ops_cpu*.md);
+    # kron_project is GEMMs either way (the same speed on the compiled GEMM), so torch runs it.
+    ops = ("covariance", "lambda_accum", "score_pairwise", "score_self", "score_per_token", "score_lowrank")
 
     def slower_than_torch(self, op, tensors):
         if _narrow_covariance(op, tensors):

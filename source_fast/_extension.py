@@ -20,9 +20,10 @@ What runs where:
     spectral_eval, shared with the CUDA epilogue). Same speed as the torch backend.
   - score_per_token: score_pairwise's one-token kernels (token-wise, or sparse g) on the token rows: each
     (example, token) row is an example of one token, and the [Q, N·T] scores are the [Q, N, T] output.
-  - score_lowrank: no C++ CPU kernel; the torch backend serves CPU tensors. Its work is two GEMMs per chunk
-    (g [U_q] and a [W_q] for every query at once) and a small reduction: on the compiled GEMM it measured
-    0.73-1.51x the torch backend (Zen 4 host, 2026-11-26), no consistent win.
+  - score_lowrank: two products per chunk on the compiled GEMM (csrc/gemm): the token rows against every query's
+    factors at once (g [U_1 … U_Q] and a [W_1 … W_Q]: [rows, Q·R] each), multiplied elementwise and summed over
+    ranks and tokens. 1.4-3.0x the torch backend's einsum (MKL) on the Zen 5 host (2026-11-28,
+    benchmarks/results/ops_cpu_zen5.md); an earlier form measured 0.73-1.51x on the Zen 4 host (2026-11-26).
 * ``cuda`` (float32/float16/bfloat16 inputs, float32 accumulation and outputs): the whole op runs in
   the module's kernels (tiled shared-memory GEMMs for rotations, fused epilogues, split-K partials
   reduced in a fixed order). No float atomics: results are bitwise reproducible run to run.
@@ -370,6 +371,25 @@ def score_per_token_cpu(v: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> to
     n, t, _ = a.shape
     out = torch.empty(q, n, t, dtype=_F32)
     score_pairwise_cpu(v, token_rows(a), token_rows(g), out=out.view(q, n * t))
+    return out
+
+
+def score_lowrank_cpu(u: torch.Tensor, w: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """scores[q, n] = Σ_t Σ_r (U_qᵀ g_{n,t})_r (W_qᵀ a_{n,t})_r -> [Q, N] fp32, by two compiled GEMMs per chunk of
+    examples: [rows, O] @ [O, Q·R] and [rows, I] @ [I, Q·R], then their product summed over tokens and ranks."""
+    _require_cpu_dtype(u=u, w=w, a=a, g=g)
+    q, o, r = u.shape
+    n, t, i = a.shape
+    u_all = _f32(u).permute(1, 0, 2).reshape(o, q * r)  # column q·R + k: query q's k-th factor
+    w_all = _f32(w).permute(1, 0, 2).reshape(i, q * r)
+    out = torch.empty(q, n, dtype=_F32)
+    step = _torch_ops._chunk_rows(2 * q * t * r, _F32, n)  # the two [rows, Q·R] products per chunk
+    for start in range(0, n, step):
+        ac, gc = _f32(a[start:start + step]), _f32(g[start:start + step])
+        m = ac.shape[0]
+        gu = gemm_cpu(gc.reshape(m * t, o), u_all)
+        gu.mul_(gemm_cpu(ac.reshape(m * t, i), w_all))
+        out[:, start:start + m] = gu.view(m, t, q, r).sum((1, 3)).T
     return out
 
 
