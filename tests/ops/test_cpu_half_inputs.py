@@ -30,6 +30,9 @@ def test_half_inputs_give_the_fp32_kernels_numbers(dtype):
                        ops.lambda_accum(*up(a, g), q_a, q_s, backend="cpu"))
     assert torch.equal(ops.score_self(a, g, q_s, q_a, w, backend="cpu"),
                        ops.score_self(*up(a, g), q_s, q_a, w, backend="cpu"))
+    u, wr = torch.randn(4, 13, 2).to(dtype), torch.randn(4, 21, 2).to(dtype)
+    assert torch.equal(ops.score_lowrank(u, wr, a, g, backend="cpu"),
+                       ops.score_lowrank(*up(u, wr, a, g), backend="cpu"))
 
 
 @pytest.mark.parametrize("dtype", HALF)
