@@ -6,8 +6,9 @@ queries; the blocks' 8 Conv1D layers tracked, `sf.CausalLMTask`. The factors are
 as its own stage); then, alternately, `pairwise_scores` (its own scoring pass per checkpoint after fit, as a user
 who fitted first runs it) and `per_token_scores` (also one pass per checkpoint, each layer's per-token
 contraction `score_per_token` on the rows as the layers see them), and both with `query_rank=8` (`--query-rank`; the
-same factors) run `--repeats` times each. Peak memory is the
-process's peak RSS growth over a call (from its RSS at the call, which holds the fit's freed heap). The output [50, 1000, 40] of per-token scores is 40× the pairwise matrix.
+same factors) run `--repeats` times each. Peak memory is the process's peak RSS growth over a call (from its RSS at
+the call, which holds the fit's freed heap). The output [50, 1000, 40] of per-token scores is 40× the pairwise
+matrix.
 
 Gate before timing: the per-token scores summed over positions equal the pairwise scores (relative max error
 ≤ 1e-4 in float32) and padded positions score exactly 0.

@@ -80,8 +80,11 @@ def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) 
                 scores = out[:, offset:offset + size, :tokens]
                 for name, (a, g) in rows.items():
                     a, g = analyzer._score_operands(a), analyzer._score_operands(g)
-                    part = _low_rank_per_token(v[name], a, g) if isinstance(v[name], LowRankDirections) else \
-                        ops.score_per_token(v[name], a, g, backend=analyzer.backend, deterministic=analyzer.deterministic)
+                    if isinstance(v[name], LowRankDirections):
+                        part = _low_rank_per_token(v[name], a, g)
+                    else:
+                        part = ops.score_per_token(v[name], a, g, backend=analyzer.backend,
+                                                   deterministic=analyzer.deterministic)
                     if in_stage is not None:
                         part = part * in_stage[cols[0] + offset:cols[0] + offset + size].to(part.dtype)[None, :, None]
                     scores.add_(part.to(out.dtype), alpha=weight)
