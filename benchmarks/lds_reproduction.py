@@ -190,12 +190,17 @@ DECAY_TASKS = ("digits_decay", "digits_decay_converged", "logistic_decay", "logi
 # Checks and ablations (reported separately from the main comparison): key, label, method, damping, segments,
 # tasks (None: all), options. options: "stages": False fits a single-stage run (all examples share one data set),
 # "loss_scale": overrides the task's, "fisher": "empirical" uses the true labels for the curvature, "score_dtype":
-# the SourceAnalyzer option (a torch dtype name), "weight_decay": "none" (0) or "all" (biases too) instead of the run's.
+# the SourceAnalyzer option (a torch dtype name), "weight_decay": "none" (0) or "all" (biases too) instead of the run's,
+# "query_rank": the SourceAnalyzer option.
 ABLATIONS = (
     ("source_L6", "SOURCE (L=6, one checkpoint per segment)", "source", None, 6, None, {}),
     ("source_empirical_fisher", "SOURCE (L=3), empirical Fisher", "source", None, 3, None, {"fisher": "empirical"}),
     ("source_bf16_scores", "SOURCE (L=3), bf16 scoring contraction (score_dtype)", "source", None, 3, None,
      {"score_dtype": "bfloat16"}),
+    ("source_query_rank_8", "SOURCE (L=3), query directions at rank 8 (query_rank)", "source", None, 3, None,
+     {"query_rank": 8}),
+    ("source_query_rank_2", "SOURCE (L=3), query directions at rank 2 (query_rank)", "source", None, 3, None,
+     {"query_rank": 2}),
     ("if_damping_0.01", "EK-FAC IF, δ=0.01", "influence", 0.01, 3, None, _ONE_STAGE),
     ("if_damping_0.1", "EK-FAC IF, δ=0.1", "influence", 0.1, 3, None, _ONE_STAGE),
     ("if_source_staged_run", "EK-FAC IF, δ=1/Σηₖ, given the staged run", "influence", "source",
@@ -458,7 +463,8 @@ def attribute(spec: Spec, data: Data, ckpts, steps, lrs, bounds, progress: bool,
         t0 = time.perf_counter()
         score_dtype = getattr(torch, options["score_dtype"]) if "score_dtype" in options else None
         analyzer = SourceAnalyzer(model, task, run, method=method, damping=damping, batch_size=500,
-                                  fisher=options.get("fisher", "sampled"), progress=progress, score_dtype=score_dtype)
+                                  fisher=options.get("fisher", "sampled"), progress=progress, score_dtype=score_dtype,
+                                  query_rank=options.get("query_rank"))
         analyzer.fit(train_ds)
         scores[key] = analyzer.pairwise_scores(query_ds, train_ds).double().numpy()
         seconds[key] = time.perf_counter() - t0
