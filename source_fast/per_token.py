@@ -27,7 +27,8 @@ def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
 
     n_query = analyzer._check_dataset(query_dataset, "query_dataset")
     n_train = analyzer._check_dataset(train_dataset, "train_dataset")
-    _check_positions(analyzer, train_dataset)
+    tokens = _check_positions(analyzer, train_dataset)
+    _check_output_memory(analyzer, n_query, n_train, tokens)
     n_fit, stage_sizes = analyzer._ensure_fit(train_dataset)
     config = {**analyzer._factor_config(n_fit), "n_query": n_query, "n_scored": n_train, "damping": analyzer.damping,
               "operator": analyzer.operator, "per_token": True, "score_block": analyzer.score_block,
@@ -106,13 +107,30 @@ def _low_rank_per_token(v: LowRankDirections, a: torch.Tensor, g: torch.Tensor) 
     return (gu * aw).reshape(n, t, q, r).sum(3).permute(2, 0, 1)
 
 
-def _check_positions(analyzer, train_dataset) -> None:
-    """The tracked layers' positions checked on the first batch at the final checkpoint, before any fit."""
+def _check_positions(analyzer, train_dataset) -> int:
+    """The tracked layers' positions checked on the first batch at the final checkpoint, before any fit: their
+    count there."""
+    tokens = 0
     with analyzer._session():
         analyzer._load(analyzer._final_unit())
         first = Subset(train_dataset, range(min(analyzer.batch_size, len(train_dataset))))
         for _, _, rows in analyzer._rows(first, loss="empirical", desc="per-token positions", keep_positions=True):
-            _common_tokens(rows)
+            tokens = _common_tokens(rows)
+    return tokens
+
+
+def _check_output_memory(analyzer, n_query: int, n_train: int, tokens: int) -> None:
+    """Raise before any pass when the result cannot fit in host memory: [n_query, n_train, T] with T at least the
+    first batch's, held twice while the blocks are assembled."""
+    from .analyzer import _available_bytes
+
+    need = 2 * n_query * n_train * tokens * analyzer.compute_dtype.itemsize
+    available = _available_bytes(torch.device("cpu"))
+    if available is not None and need > available:
+        raise ValueError(f"per_token_scores would hold [{n_query}, {n_train}, >= {tokens}] scores, at least "
+                         f"{need / 2**30:.1f} GiB while they are assembled, but {available / 2**30:.1f} GiB of host "
+                         f"memory are available: score fewer training examples at once, e.g. each query's strongest "
+                         f"documents from top_k as a Subset of train_dataset (fit on all of it first)")
 
 
 def _common_tokens(rows: dict) -> int:

@@ -159,3 +159,14 @@ def test_per_token_scores_of_a_querys_top_documents_are_columns_of_the_full_scor
     part = analyzer.per_token_scores(queries, Subset(data, indices[0].tolist()))
     assert _rel(part, full[:, indices[0], :part.shape[2]]) <= 1e-12
     assert _rel(part[0].sum(-1), values[0]) <= 1e-12
+
+
+def test_a_result_larger_than_host_memory_is_refused_before_any_pass(gpt2_run, monkeypatch):
+    from source_fast import analyzer as analyzer_module
+
+    model, data, _, task, _, run = gpt2_run
+    analyzer = sf.SourceAnalyzer(model, task, run, batch_size=4, progress=False)
+    monkeypatch.setattr(analyzer_module, "_available_bytes", lambda device: 1000)
+    with pytest.raises(ValueError, match=r"would hold \[2, 10, >= 6\] scores, at least 0.0 GiB .* top_k"):
+        analyzer.per_token_scores(Subset(data, range(2)), data)
+    assert analyzer._n_fit is None
