@@ -1406,9 +1406,7 @@ class SourceAnalyzer:
                     left = left_product_queries_innermost(block.q_s, v[name])
                     v[name] = right_product_queries_innermost(left, block.q_a.T)
                 else:
-                    dense = as_dense(v[name])
-                    v[name] = _linalg.matmul(block.q_s.to(dense.dtype),
-                                             _linalg.matmul(dense, block.q_a.T.to(dense.dtype)))
+                    v[name] = _parameter_basis(v[name], block)
             elif plan == "output":
                 block = basis[name]
                 basis[name] = _InputSideOnly(block)

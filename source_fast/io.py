@@ -122,6 +122,16 @@ def load_tensors(path: str | os.PathLike, config: dict | None = None,
     return tensors, {"config": json.loads(meta.get("config", "{}")), "info": json.loads(meta.get("info", "{}"))}
 
 
+def _read_manifest(path: Path) -> dict | None:
+    """A score store's JSON manifest, None when there is none; CorruptStoreError when it cannot be read."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptStoreError(f"score manifest {str(path)!r} is unreadable ({exc}); pass overwrite=True") from exc
+
+
 class ScoreStore:
     """A score matrix on disk, written in column blocks (blocks of training examples), resumable.
 
@@ -148,7 +158,7 @@ class ScoreStore:
         manifest = {"format_version": FORMAT_VERSION, "config_hash": config_hash(config), "config": config,
                     "shape": list(self.shape), "dtype": dtype, "block": self.block}
         manifest = json.loads(json.dumps(manifest, default=str))
-        existing = self._read_manifest()
+        existing = _read_manifest(self.paths["manifest"])
         reuse = existing is not None and not overwrite
         if reuse and existing != manifest:
             if existing.get("config_hash") != manifest["config_hash"]:
@@ -177,15 +187,6 @@ class ScoreStore:
             self.done.flush()
             _fsync_dir(self.directory)
             atomic_write_json(self.paths["manifest"], manifest)
-
-    def _read_manifest(self):
-        path = self.paths["manifest"]
-        if not path.exists():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CorruptStoreError(f"score manifest {str(path)!r} is unreadable ({exc}); pass overwrite=True") from exc
 
     def columns(self, b: int) -> slice:
         return slice(b * self.block, min((b + 1) * self.block, self.shape[-1]))
@@ -218,14 +219,7 @@ class BlockFileStore:
         self.manifest_path = Path(directory) / f"{name}.json"
         manifest = json.loads(json.dumps({"format_version": FORMAT_VERSION, "config_hash": config_hash(config),
                                           "config": config, "num_blocks": self.num_blocks}, default=str))
-        existing = None
-        if self.manifest_path.exists():
-            try:
-                existing = json.loads(self.manifest_path.read_text())
-            except (OSError, ValueError) as exc:
-                if not overwrite:
-                    raise CorruptStoreError(f"score manifest {str(self.manifest_path)!r} is unreadable ({exc}); "
-                                            "pass overwrite=True") from exc
+        existing = None if overwrite else _read_manifest(self.manifest_path)
         if existing is not None and existing != manifest and not overwrite:
             raise StoreMismatchError(f"scores in {str(self.directory)!r} were computed with a different configuration "
                                      "or block count; use another output_dir or overwrite=True")

@@ -10,15 +10,12 @@ segment; the training rows are scored as the layers see them (no padding cut: a 
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.utils.data import Subset
 
-from . import _linalg, io, ops
+from . import io, ops
+from ._extension import token_rows
 from .directions import LowRankDirections
-
-log = logging.getLogger(__name__)
 
 
 def per_token_scores(analyzer, query_dataset, train_dataset) -> torch.Tensor:
@@ -82,7 +79,8 @@ def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) 
                 for name, (a, g) in rows.items():
                     a, g = analyzer._score_operands(a), analyzer._score_operands(g)
                     if isinstance(v[name], LowRankDirections):
-                        part = _low_rank_per_token(v[name], a, g)
+                        part = _low_rank_per_token(v[name], a, g, backend=analyzer.backend,
+                                                   deterministic=analyzer.deterministic)
                     else:
                         part = ops.score_per_token(v[name], a, g, backend=analyzer.backend,
                                                    deterministic=analyzer.deterministic)
@@ -95,16 +93,14 @@ def _block(analyzer, b: int, groups, train_dataset, n_query: int, n_train: int) 
     return out.cpu()
 
 
-def _low_rank_per_token(v: LowRankDirections, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-token scores [Q, N, T] of directions V_q = U_q W_qᵀ: Σ_r (g_{n,t}ᵀ U_q)_r (a_{n,t}ᵀ W_q)_r, two GEMMs
-    over all queries' factors (Q·N·T·R·(O + I) multiply-adds instead of Q·N·T·O·I), accumulated in fp32 or
-    wider."""
-    q, _, r = v.u.shape
+def _low_rank_per_token(v: LowRankDirections, a: torch.Tensor, g: torch.Tensor, *, backend=None,
+                        deterministic=None) -> torch.Tensor:
+    """Per-token scores [Q, N, T] of directions V_q = U_q W_qᵀ, Σ_r (g_{n,t}ᵀ U_q)_r (a_{n,t}ᵀ W_q)_r
+    (Q·N·T·R·(O + I) multiply-adds instead of Q·N·T·O·I): `ops.score_lowrank` on the token rows, each (example,
+    token) row an example of one token, as `score_per_token` runs `score_pairwise`'s kernels."""
     n, t, _ = a.shape
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    gu = _linalg.matmul(g.reshape(n * t, -1).to(acc), v.u.to(acc).permute(1, 0, 2).reshape(-1, q * r))
-    aw = _linalg.matmul(a.reshape(n * t, -1).to(acc), v.w.to(acc).permute(1, 0, 2).reshape(-1, q * r))
-    return (gu * aw).reshape(n, t, q, r).sum(3).permute(2, 0, 1)
+    scores = ops.score_lowrank(v.u, v.w, token_rows(a), token_rows(g), backend=backend, deterministic=deterministic)
+    return scores.view(-1, n, t)
 
 
 def _check_positions(analyzer, train_dataset) -> int:
